@@ -1,0 +1,45 @@
+# bnwatch — the README's commands.  Each target creates .venv if missing and installs the
+# pinned versions from constraints.txt into it; nothing needs to be done by hand first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PIP := $(BIN)/python -m pip
+
+.PHONY: demo test lint typecheck unit bench constraints clean help
+
+help:
+	@echo "make demo   - set up .venv and run 'bnwatch demo' on the embedded default (SQLite)"
+	@echo "make test   - set up .venv and run ruff, mypy, import-linter and pytest"
+	@echo "make bench  - run the benchmarks (prints tables of ratios)"
+	@echo "make lint   - ruff, mypy and import-linter only"
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --disable-pip-version-check --upgrade "pip>=24"
+	$(PIP) install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/bnwatch demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check bnwatch tests benchmarks
+	$(BIN)/ruff format --check bnwatch tests benchmarks
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+test: lint
+	$(BIN)/pytest
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/overhead.py
+
+constraints: $(STAMP)
+	@echo "# Pinned versions for 'make' (pip install -c constraints.txt). Regenerate: make constraints" > constraints.txt.new
+	$(PIP) freeze --exclude-editable | sed 's/^torch==\(.*\)+cpu/torch==\1/' >> constraints.txt.new
+	mv constraints.txt.new constraints.txt
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -1,0 +1,95 @@
+"""``bnwatch.watch`` and ``bnwatch.profile``: the public entry points (composition layer).
+
+``watch`` picks the sink from ``store=`` so that ``bnwatch.capture`` never imports a store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from bnwatch.capture import Monitor, discover, profile
+from bnwatch.drift import DriftConfig
+from bnwatch.errors import ConfigError
+from bnwatch.schema import Profile
+from bnwatch.sink import MemorySink, Sink
+
+__all__ = ["profile", "watch"]
+
+
+def _make_sink(store: str | Sink | None) -> Sink:
+    if store is None:
+        return MemorySink()
+    if isinstance(store, Sink):
+        return store
+    raise ConfigError(
+        "store",
+        store,
+        "None (keep windows in memory) or a Sink object; database URLs and bnwatch service "
+        "addresses are not supported by this version yet",
+    )
+
+
+def watch(
+    model: nn.Module,
+    *,
+    name: str = "model",
+    version: str = "0",
+    store: str | Sink | None = None,
+    window_seconds: float | None = 60.0,
+    reference: Profile | None = None,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    sample_every: int = 1,
+    max_samples_per_batch: int | None = None,
+    spatial_stride: int = 1,
+    overhead_budget: float | None = 0.02,
+    config: DriftConfig | None = None,
+    source: str | None = None,
+) -> Monitor:
+    """Watch every BatchNorm layer of ``model``; returns the running :class:`Monitor`.
+
+    Args:
+        model: any ``nn.Module``; all ``_BatchNorm`` subclasses at any depth are watched.
+        name, version: identify the model in reports and stores.
+        store: where closed windows go: ``None`` keeps them in memory (``mon.latest()``),
+            or any object implementing :class:`bnwatch.sink.Sink`.
+        window_seconds: a window closes after this long (and on ``flush``/``close``);
+            ``None`` closes windows only on ``flush``/``close``.
+        reference: a :func:`profile` of validation data -- the drift baseline.  Without it,
+            the first ``config.warmup_samples`` samples after attach become the baseline.
+        include, exclude: fnmatch globs on qualified layer names.
+        sample_every: measure at most one forward pass in ``sample_every``.
+        max_samples_per_batch: measure at most this many samples of each batch.
+        spatial_stride: measure every k-th position along each spatial dimension.
+        overhead_budget: the share of model time the monitor may spend (0.02 = 2 %);
+            the measured share of forwards adapts to stay within it.  ``None``: no limit.
+        config: drift, gap and small-batch thresholds (:class:`DriftConfig`).
+        source: this replica's id in stored windows (default ``host:pid``).
+
+    Raises:
+        NoBatchNormError: the model has no BatchNorm layer (or the filters leave none).
+        ConfigError: an argument is invalid; the message names it and what is allowed.
+    """
+    if not isinstance(name, str) or not name:
+        raise ConfigError("name", name, "a non-empty string")
+    if not isinstance(version, str) or not version:
+        raise ConfigError("version", version, "a non-empty string (e.g. '2025-06-01')")
+    layers = discover(model, include, exclude)
+    sink = _make_sink(store)
+    return Monitor(
+        model,
+        layers,
+        name=name,
+        version=version,
+        sink=sink,
+        window_seconds=window_seconds,
+        reference=reference,
+        sample_every=sample_every,
+        max_samples_per_batch=max_samples_per_batch,
+        spatial_stride=spatial_stride,
+        overhead_budget=overhead_budget,
+        config=config,
+        source=source,
+    )

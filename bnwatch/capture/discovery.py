@@ -1,0 +1,79 @@
+"""Find the BatchNorm layers of a model."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from bnwatch.errors import ConfigError, NoBatchNormError
+
+ROOT_NAME = "(root)"
+"""The name used when the model itself is a BatchNorm layer (its qualified name is empty)."""
+
+
+@dataclass(frozen=True, eq=False)
+class BatchNormLayer:
+    """A discovered BatchNorm layer.
+
+    Attributes:
+        name: qualified module name, as in ``model.named_modules()``.
+        module: the layer itself.
+        depth: position in forward-definition order (0 = first discovered).
+    """
+
+    name: str
+    module: _BatchNorm
+    depth: int
+
+    @property
+    def kind(self) -> str:
+        """Class name (lazy layers report the class they became once initialized)."""
+        return type(self.module).__name__
+
+
+def _patterns(argument: str, value: str | Sequence[str] | None) -> list[str] | None:
+    if value is None:
+        return None
+    items = [value] if isinstance(value, str) else list(value)
+    if not all(isinstance(p, str) and p for p in items):
+        raise ConfigError(argument, value, "a glob pattern or a list of glob patterns")
+    return items
+
+
+def discover(
+    model: nn.Module,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+) -> list[BatchNormLayer]:
+    """All BatchNorm layers of ``model`` at any depth, filtered by name.
+
+    Every subclass of ``torch.nn.modules.batchnorm._BatchNorm`` counts: BatchNorm1d/2d/3d,
+    SyncBatchNorm and the Lazy variants (watched from their first forward on).  ``include``
+    and ``exclude`` are :mod:`fnmatch` globs on qualified names (``"layer1.*"``,
+    ``"*.bn2"``): a layer is watched when it matches some ``include`` pattern (all layers if
+    none is given) and no ``exclude`` pattern.
+
+    Raises:
+        NoBatchNormError: the model has no BatchNorm layer, or the filters leave none.
+    """
+    if not isinstance(model, nn.Module):
+        raise ConfigError("model", type(model).__name__, "a torch.nn.Module")
+    inc = _patterns("include", include)
+    exc = _patterns("exclude", exclude)
+    found: list[BatchNormLayer] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, _BatchNorm):
+            continue
+        qualified = name or ROOT_NAME
+        if inc is not None and not any(fnmatch.fnmatchcase(qualified, p) for p in inc):
+            continue
+        if exc is not None and any(fnmatch.fnmatchcase(qualified, p) for p in exc):
+            continue
+        found.append(BatchNormLayer(name=qualified, module=module, depth=len(found)))
+    if not found:
+        raise NoBatchNormError(type(model).__name__, inc, exc)
+    return found

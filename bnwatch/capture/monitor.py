@@ -1,0 +1,506 @@
+"""The monitor: hooks on every watched BatchNorm layer, windows, references, decisions.
+
+Hooks.  A forward pre-hook on each BN layer measures what the layer receives; a pre-hook and
+an always-called post-hook on the model root time each forward pass and decide, once per
+forward, whether it is measured, so all layers of a forward agree.  Hooks never modify
+anything the model sees, so outputs are bit-identical with and without the monitor; every
+hook body is wrapped in ``try/except`` -- an exception is counted, logged once per layer and
+swallowed -- and in :func:`torch.compiler.disable`, so a model compiled after ``watch()``
+runs the hooks eagerly (a graph break per BN layer) instead of tracing them.
+
+Cost.  The monitor times its own hooks against the forward passes that contain them.  With
+``overhead_budget=b`` it measures a forward only while it has credit: every forward earns
+``b`` times its own model time and every measured forward spends its hook time, so the
+measured share adapts until hook time / model time ≈ ``b``.  ``sample_every=k`` additionally
+measures at most one forward in ``k``.
+
+Windows.  A window closes every ``window_seconds`` (a background thread), on :meth:`flush` and
+on :meth:`close`.  Each closed window becomes a :class:`~bnwatch.schema.WindowRecord` with one
+:class:`~bnwatch.schema.LayerReport` per layer that saw data, handed to the sink.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.parameter import UninitializedBuffer
+
+from bnwatch.capture.accumulator import LayerAccumulator
+from bnwatch.capture.discovery import BatchNormLayer
+from bnwatch.drift import DriftConfig, Reference, assess_layer, decide
+from bnwatch.errors import ConfigError, ReferenceMismatchError, check_positive_int
+from bnwatch.schema import LayerReport, Profile, WindowRecord, utcnow
+from bnwatch.sink import Sink
+from bnwatch.stats import LayerStats
+
+logger = logging.getLogger("bnwatch")
+
+ROOT_HOOKS = "(model)"
+"""Key of :attr:`MonitorStats.hook_errors` for errors in the model-level timing hooks."""
+
+
+def default_source() -> str:
+    """``host:pid`` -- distinguishes the replicas that report for one model."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class MonitorStats:
+    """The monitor's account of itself.
+
+    Attributes:
+        forwards: forward passes of the model while watched.
+        forwards_measured: of those, the ones whose BN inputs were measured.
+        hook_seconds: time spent inside bnwatch's hooks.
+        model_seconds: time of the watched forward passes excluding ``hook_seconds``.
+        overhead_ratio: ``hook_seconds / model_seconds``.
+        hook_errors: layer (or ``"(model)"`` for the timing hooks) -> exceptions caught.
+        windows_closed: windows handed to the sink.
+        windows_dropped: windows the sink could not deliver (counted, never silent).
+        window_errors: windows that failed to close (logged).
+    """
+
+    forwards: int
+    forwards_measured: int
+    hook_seconds: float
+    model_seconds: float
+    overhead_ratio: float
+    hook_errors: Mapping[str, int]
+    windows_closed: int
+    windows_dropped: int
+    window_errors: int
+
+
+class _Sampler:
+    """Decides which forwards are measured: ``sample_every`` and the overhead budget."""
+
+    def __init__(self, sample_every: int, budget: float | None) -> None:
+        self._lock = threading.Lock()
+        self.every = sample_every
+        self.budget = budget
+        self._count = 0
+        self._credit = 0.0
+        self.forwards = 0
+        self.measured = 0
+        self.hook_seconds = 0.0
+        self.model_seconds = 0.0
+
+    def decide(self) -> bool:
+        with self._lock:
+            self._count += 1
+            if (self._count - 1) % self.every:
+                return False
+            return self.budget is None or self._credit >= 0.0
+
+    def record(self, forward_seconds: float, hook_seconds: float, measured: bool) -> None:
+        model = max(forward_seconds - hook_seconds, 0.0)
+        with self._lock:
+            self.forwards += 1
+            self.measured += int(measured)
+            self.hook_seconds += hook_seconds
+            self.model_seconds += model
+            if self.budget is not None:
+                earned = self.budget * model
+                # credit is capped at a few forwards' worth so an idle spell cannot buy a burst
+                self._credit = min(self._credit + earned - hook_seconds, 8.0 * earned)
+
+    def add_hook_time(self, seconds: float) -> None:
+        with self._lock:
+            self.hook_seconds += seconds
+
+
+class Monitor:
+    """Watches the BatchNorm layers of one model.  Create it with :func:`bnwatch.watch`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: list[BatchNormLayer],
+        *,
+        name: str,
+        version: str,
+        sink: Sink,
+        window_seconds: float | None = 60.0,
+        reference: Profile | None = None,
+        sample_every: int = 1,
+        max_samples_per_batch: int | None = None,
+        spatial_stride: int = 1,
+        overhead_budget: float | None = 0.02,
+        config: DriftConfig | None = None,
+        source: str | None = None,
+    ) -> None:
+        if window_seconds is not None and (
+            isinstance(window_seconds, bool)
+            or not isinstance(window_seconds, (int, float))
+            or not 0 < window_seconds < math.inf
+        ):
+            raise ConfigError("window_seconds", window_seconds, "a number of seconds > 0, or None")
+        check_positive_int("sample_every", sample_every)
+        check_positive_int("spatial_stride", spatial_stride)
+        if max_samples_per_batch is not None:
+            check_positive_int("max_samples_per_batch", max_samples_per_batch)
+        if overhead_budget is not None and (
+            isinstance(overhead_budget, bool)
+            or not isinstance(overhead_budget, (int, float))
+            or not 0 < overhead_budget <= 1
+        ):
+            raise ConfigError("overhead_budget", overhead_budget, "a fraction in (0, 1], or None")
+        if config is not None and not isinstance(config, DriftConfig):
+            raise ConfigError("config", type(config).__name__, "a bnwatch.DriftConfig")
+        if reference is not None and not isinstance(reference, Profile):
+            raise ConfigError("reference", type(reference).__name__, "a bnwatch Profile or None")
+        self.model_name = name
+        self.version = version
+        self.source = source or default_source()
+        self.config = config or DriftConfig()
+        self.window_seconds = None if window_seconds is None else float(window_seconds)
+        self._layers = layers
+        self._sink = sink
+        self._accs = [
+            LayerAccumulator(
+                layer.name,
+                spatial_stride=spatial_stride,
+                max_samples_per_batch=max_samples_per_batch,
+            )
+            for layer in layers
+        ]
+        self._sampler = _Sampler(sample_every, overhead_budget)
+        self._standalone = [0] * len(layers)
+        self._tls = threading.local()
+        self._errors: Counter[str] = Counter()
+        self._error_lock = threading.Lock()
+        self._flush_lock = threading.Lock()
+        self._windows_closed = 0
+        self._window_errors = 0
+        self._latest: dict[str, LayerReport] = {}
+        self._closed = False
+
+        self._running: dict[str, Reference] = {}
+        self._buffers: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}
+        for layer in layers:
+            self._snapshot_running(layer)
+        self._baseline: dict[str, Reference] = {}
+        self._warmup: dict[str, LayerStats] = {}
+        self._baseline_kind = "warming_up"
+        if reference is not None:
+            self._use_profile(reference)
+
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        for idx, layer in enumerate(layers):
+            hook = _eager(functools.partial(self._bn_hook, idx))
+            self._handles.append(layer.module.register_forward_pre_hook(hook))
+        self._handles.append(
+            model.register_forward_pre_hook(_eager(self._root_pre))
+        )
+        self._handles.append(
+            model.register_forward_hook(_eager(self._root_post), always_call=True)
+        )
+
+        self._window_start = utcnow()
+        self._deadline = time.monotonic() + self.window_seconds if self.window_seconds else math.inf
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if self.window_seconds is not None:
+            self._thread = threading.Thread(
+                target=self._window_loop, name=f"bnwatch-windows-{name}", daemon=True
+            )
+            self._thread.start()
+
+    # -- references ----------------------------------------------------------------------
+    def _snapshot_running(self, layer: BatchNormLayer) -> None:
+        """Remember the running statistics as they are now (the gap's reference)."""
+        module = layer.module
+        rm, rv = module.running_mean, module.running_var
+        if rm is None or rv is None or isinstance(rm, UninitializedBuffer):
+            return
+        self._buffers[layer.name] = (rm.detach().clone(), rv.detach().clone(), _tracked(module))
+        if layer.name not in self._running:
+            self._running[layer.name] = Reference.running(
+                rm.detach().double().cpu().numpy(), rv.detach().double().cpu().numpy()
+            )
+
+    def _running_stats_mutated(self, layer: BatchNormLayer) -> bool:
+        """Did the stored buffers change since the last window closed?"""
+        module = layer.module
+        before = self._buffers.get(layer.name)
+        rm, rv = module.running_mean, module.running_var
+        if before is None or rm is None or rv is None:
+            self._snapshot_running(layer)
+            return False
+        changed = (
+            _tracked(module) != before[2]
+            or not torch.equal(rm.detach(), before[0])
+            or not torch.equal(rv.detach(), before[1])
+        )
+        if changed:
+            self._buffers[layer.name] = (rm.detach().clone(), rv.detach().clone(), _tracked(module))
+        return changed
+
+    def _use_profile(self, profile: Profile) -> None:
+        for layer, acc in zip(self._layers, self._accs, strict=True):
+            lp = profile.layers.get(layer.name)
+            channels = _channels(layer.module)
+            if lp is None:
+                raise ReferenceMismatchError(layer.name, channels, None)
+            if channels is not None and channels != lp.channels:
+                raise ReferenceMismatchError(layer.name, channels, lp.channels)
+            self._baseline[layer.name] = Reference.from_moments(lp.stats.moments)
+            if channels is None:
+                acc.channels = lp.channels
+        self._baseline_kind = "profile"
+
+    # -- hooks ---------------------------------------------------------------------------
+    def _root_pre(self, module: nn.Module, args: Any) -> None:
+        start = time.perf_counter()
+        tl = self._tls
+        try:
+            depth = getattr(tl, "depth", 0)
+            if depth == 0:
+                tl.t0 = start
+                tl.hook_time = 0.0
+                tl.measure = (not self._closed) and self._sampler.decide()
+            tl.depth = depth + 1
+            tl.hook_time += time.perf_counter() - start
+        except Exception as err:  # never let monitoring break inference
+            self._hook_failed(None, err)
+
+    def _root_post(self, module: nn.Module, args: Any, output: Any) -> None:
+        end = time.perf_counter()
+        tl = self._tls
+        try:
+            depth = getattr(tl, "depth", 0) - 1
+            tl.depth = max(depth, 0)
+            if depth == 0:
+                hook_time = tl.hook_time + (time.perf_counter() - end)
+                self._sampler.record(end - tl.t0, hook_time, tl.measure)
+        except Exception as err:
+            self._hook_failed(None, err)
+
+    def _bn_hook(self, idx: int, module: _BatchNorm, args: Any) -> None:
+        start = time.perf_counter()
+        tl = self._tls
+        inside = getattr(tl, "depth", 0) > 0
+        try:
+            x = args[0] if args else None
+            if isinstance(x, torch.Tensor) and not self._closed:
+                if inside:
+                    measure = bool(tl.measure)
+                else:  # a submodule called directly: no root forward to decide for us
+                    measure = self._standalone[idx] % self._sampler.every == 0
+                    self._standalone[idx] += 1
+                batch_stat = module.training or module.running_mean is None
+                self._accs[idx].observe(x, measure=measure, batch_stat_mode=batch_stat)
+        except Exception as err:  # never let monitoring break inference
+            self._hook_failed(idx, err)
+        finally:
+            elapsed = time.perf_counter() - start
+            if inside:
+                tl.hook_time += elapsed
+            else:
+                self._sampler.add_hook_time(elapsed)
+
+    def _hook_failed(self, idx: int | None, err: Exception) -> None:
+        where = ROOT_HOOKS if idx is None else self._layers[idx].name
+        with self._error_lock:
+            first = self._errors[where] == 0
+            self._errors[where] += 1
+        if first:
+            logger.warning(
+                "bnwatch: hook on %s raised %s: %s -- counted and ignored; the model is "
+                "unaffected (further errors on this layer are only counted)",
+                where,
+                type(err).__name__,
+                err,
+                exc_info=err,
+            )
+
+    # -- windows -------------------------------------------------------------------------
+    def _window_loop(self) -> None:
+        while not self._stop.wait(timeout=max(0.0, self._deadline - time.monotonic())):
+            if time.monotonic() >= self._deadline:
+                try:
+                    self._close_window()
+                except Exception:  # pragma: no cover - logged; the next window tries again
+                    self._window_errors += 1
+                    logger.exception("bnwatch: closing a window failed")
+                    self._deadline = time.monotonic() + (self.window_seconds or 60.0)
+
+    def _close_window(self) -> dict[str, LayerReport]:
+        with self._flush_lock:
+            end = utcnow()
+            start, self._window_start = self._window_start, end
+            if self.window_seconds is not None:
+                self._deadline = time.monotonic() + self.window_seconds
+            collected = {
+                layer.name: acc.collect()
+                for layer, acc in zip(self._layers, self._accs, strict=True)
+            }
+            assessed: dict[str, LayerReport] = {}
+            for layer in self._layers:
+                stats = collected[layer.name]
+                mutated = self._running_stats_mutated(layer)
+                if stats is None or stats.n_batches == 0:
+                    continue
+                baseline = self._baseline.get(layer.name)
+                assessed[layer.name] = assess_layer(
+                    layer.name,
+                    layer.kind,
+                    stats,
+                    eps=float(layer.module.eps),
+                    running=self._running.get(layer.name),
+                    baseline=baseline,
+                    baseline_kind=self._baseline_kind if baseline is not None else "warming_up",
+                    running_stats_mutated=mutated,
+                    config=self.config,
+                )
+            reports = decide(assessed, self.config)
+            self._advance_warmup(collected)
+            for layer, acc in zip(self._layers, self._accs, strict=True):
+                stats = collected[layer.name]
+                if stats is not None and stats.moments.n_samples:
+                    acc.update_shift(stats.moments.mean, stats.moments.var)
+            if reports:
+                record = WindowRecord(
+                    model=self.model_name,
+                    version=self.version,
+                    source=self.source,
+                    start=start,
+                    end=end,
+                    reports=reports,
+                )
+                self._sink.write(record)
+                self._windows_closed += 1
+                self._latest = reports
+            return dict(reports)
+
+    def _advance_warmup(self, collected: Mapping[str, LayerStats | None]) -> None:
+        """Until a baseline exists, merge windows into the warm-up; freeze it once large."""
+        if self._baseline_kind == "profile":
+            return
+        for name, stats in collected.items():
+            if name in self._baseline or stats is None or stats.n_batches == 0:
+                continue
+            merged = stats if name not in self._warmup else self._warmup[name].merge(stats)
+            if merged.moments.n_samples >= self.config.warmup_samples:
+                self._baseline[name] = Reference.from_moments(merged.moments)
+                self._warmup.pop(name, None)
+                self._baseline_kind = "warmup"
+            else:
+                self._warmup[name] = merged
+
+    # -- public API ----------------------------------------------------------------------
+    @property
+    def layers(self) -> list[str]:
+        """Qualified names of the watched layers, in discovery order."""
+        return [layer.name for layer in self._layers]
+
+    @property
+    def baseline_ready(self) -> bool:
+        """Whether every watched layer has a drift baseline (profile, or finished warm-up)."""
+        return all(layer.name in self._baseline for layer in self._layers)
+
+    @property
+    def sink(self) -> Sink:
+        return self._sink
+
+    def flush(self) -> dict[str, LayerReport]:
+        """Close the current window now and return its reports (layer name -> report)."""
+        return self._close_window()
+
+    def latest(self) -> dict[str, LayerReport]:
+        """The reports of the last closed window (empty before the first one)."""
+        return dict(self._latest)
+
+    def stats(self) -> MonitorStats:
+        s = self._sampler
+        with self._error_lock:
+            errors = dict(self._errors)
+        return MonitorStats(
+            forwards=s.forwards,
+            forwards_measured=s.measured,
+            hook_seconds=s.hook_seconds,
+            model_seconds=s.model_seconds,
+            overhead_ratio=s.hook_seconds / s.model_seconds if s.model_seconds else 0.0,
+            hook_errors=errors,
+            windows_closed=self._windows_closed,
+            windows_dropped=self._sink.dropped,
+            window_errors=self._window_errors,
+        )
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self, timeout: float | None = 30.0) -> dict[str, LayerReport]:
+        """Remove the hooks, close the last window, and close the sink.
+
+        Idempotent.  Returns the last window's reports (empty if it saw no data).
+        """
+        if self._closed:
+            return {}
+        self._closed = True
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        reports: dict[str, LayerReport] = {}
+        try:
+            reports = self._close_window()
+        except Exception:
+            self._window_errors += 1
+            logger.exception("bnwatch: closing the last window failed")
+        self._sink.close(timeout)
+        return reports
+
+    def __enter__(self) -> Monitor:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "watching"
+        return (
+            f"<bnwatch.Monitor {self.model_name}@{self.version} {state} "
+            f"{len(self._layers)} BatchNorm layers, window {self.window_seconds}s>"
+        )
+
+
+def _eager(fn: Callable[..., None]) -> Callable[..., None]:
+    """``fn`` run eagerly inside ``torch.compile`` (a graph break) instead of being traced."""
+    return torch.compiler.disable(fn)  # type: ignore[no-untyped-call,no-any-return]
+
+
+def _tracked(module: _BatchNorm) -> int:
+    nbt = module.num_batches_tracked
+    if nbt is None or isinstance(nbt, UninitializedBuffer):
+        return -1
+    return int(nbt.item())
+
+
+def _channels(module: _BatchNorm) -> int | None:
+    rm = module.running_mean
+    if isinstance(rm, UninitializedBuffer) or isinstance(module.weight, nn.UninitializedParameter):
+        return None
+    return int(module.num_features)

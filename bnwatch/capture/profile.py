@@ -1,0 +1,100 @@
+"""Reference profiles: what each BatchNorm layer receives on validation data."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from bnwatch.capture.accumulator import LayerAccumulator
+from bnwatch.capture.discovery import discover
+from bnwatch.errors import ConfigError, check_positive_int
+from bnwatch.inputs import iter_inputs
+from bnwatch.schema import LayerProfile, Profile, utcnow
+from bnwatch.stats import Reservoir
+
+
+def profile(
+    model: nn.Module,
+    data: Iterable[Any],
+    *,
+    name: str = "model",
+    version: str = "0",
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    reservoir_size: int = 512,
+    num_samples: int | None = None,
+    input_key: str | None = None,
+    seed: int = 0,
+) -> Profile:
+    """Record a reference profile of every BatchNorm layer from validation data.
+
+    The model runs in eval mode under ``torch.no_grad()`` (every module's mode is restored
+    afterwards, also when ``data`` raises).  Every sample is measured: per layer the profile
+    keeps the full sufficient statistics (including ``between_var``), a uniform reservoir of
+    at most ``reservoir_size`` per-sample channel means, and the running statistics at the
+    time.  Pass it to ``bnwatch.watch(..., reference=profile)`` to judge drift against it
+    from the first window on, with tighter standard errors than a warm-up baseline.
+
+    Args:
+        data: an iterable of tensors, ``(inputs, labels)`` tuples or dicts (``input_key``).
+        num_samples: stop after this many samples (all of ``data`` if ``None``).
+    """
+    check_positive_int("reservoir_size", reservoir_size)
+    if num_samples is not None:
+        check_positive_int("num_samples", num_samples)
+    layers = discover(model, include, exclude)
+    accs = [LayerAccumulator(layer.name, reservoir=reservoir_size, seed=seed) for layer in layers]
+    modes = {module: module.training for module in model.modules()}
+    device = next((p.device for p in model.parameters()), None)
+
+    def hook(acc: LayerAccumulator, module: _BatchNorm, args: Any) -> None:
+        acc.observe(args[0], measure=True, batch_stat_mode=module.training)
+
+    handles = [
+        layer.module.register_forward_pre_hook(functools.partial(hook, acc))
+        for layer, acc in zip(layers, accs, strict=True)
+    ]
+    seen = 0
+    try:
+        model.eval()
+        with torch.no_grad():
+            for x in iter_inputs(data, input_key):
+                if not isinstance(x, torch.Tensor):
+                    raise ConfigError("data", type(x).__name__, "batches of torch tensors")
+                if num_samples is not None and seen + x.shape[0] > num_samples:
+                    x = x[: num_samples - seen]
+                if device is not None and x.device != device:
+                    x = x.to(device)
+                model(x)
+                seen += int(x.shape[0])
+                if num_samples is not None and seen >= num_samples:
+                    break
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, training in modes.items():
+            module.train(training)
+    if seen == 0:
+        raise ConfigError("data", "an empty iterable", "at least one batch of validation data")
+    out: dict[str, LayerProfile] = {}
+    for layer, acc in zip(layers, accs, strict=True):
+        stats = acc.collect()
+        if stats is None:  # the layer is never reached by this data (e.g. an unused branch)
+            continue
+        reservoir = acc.take_reservoir() or Reservoir(reservoir_size, stats.moments.channels)
+        rm, rv = layer.module.running_mean, layer.module.running_var
+        out[layer.name] = LayerProfile(
+            layer=layer.name,
+            kind=layer.kind,
+            eps=float(layer.module.eps),
+            stats=stats,
+            reservoir=reservoir,
+            running_mean=None if rm is None else rm.detach().double().cpu().numpy(),
+            running_var=None if rv is None else rv.detach().double().cpu().numpy(),
+        )
+    return Profile(name=name, version=version, created=utcnow(), layers=out)

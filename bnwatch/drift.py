@@ -1,0 +1,510 @@
+"""Drift and small-batch metrics, tests and decisions (pure numpy/scipy; DESIGN §3).
+
+Notation, per channel ``c`` of one layer:
+
+``mean, var``
+    the window's population mean and variance over all elements (:class:`ChannelMoments`);
+``μr, σr²``
+    the reference's: the layer's ``running_mean`` / ``running_var`` (for the train/inference
+    *gap*) or a baseline -- a reference profile or the warm-up windows (for *drift*);
+``β = between_var``
+    the variance of per-sample means: samples, not pixels, are the unit of independence.
+
+A channel is *flagged* when its mean or log-variance shift is significant after
+Benjamini-Hochberg correction over the layer's channels **and** at least the effect-size
+tolerance (``min_shift`` for ``|d|``, ``min_log_ratio`` for ``|log r|``).  A layer's p-value
+combines all its channel tests with the Cauchy combination test (Liu & Xie 2020), which stays
+valid under the strong correlation between channels; a layer is *drifted* (or has a *gap*)
+when that p-value survives Bonferroni correction over the window's layers -- so the
+false-alarm rate per window is at most ``alpha`` across channels and layers -- **and** it has
+flagged channels.  Significance alone fires on every huge window, size alone on every tiny one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy import special
+
+from bnwatch.errors import ConfigError, ShapeError, check_positive_int, check_probability
+from bnwatch.schema import BATCH_NOISE_SIZES, BatchNoise, LayerReport
+from bnwatch.stats import F64, ChannelMoments, LayerStats
+
+Bool = NDArray[np.bool_]
+
+
+@dataclass(frozen=True)
+class DriftConfig:
+    """Thresholds of the drift, gap and small-batch decisions.
+
+    Attributes:
+        alpha: false-alarm probability per window over all channels and layers.
+        channel_fdr: Benjamini-Hochberg level for flagging individual channels.
+        min_shift: effect-size tolerance on ``|d|`` (mean shift in reference std units).
+        min_log_ratio: effect-size tolerance on ``|log r|`` (0.1 ≈ a 10 % change of std).
+        min_samples: windows with fewer samples are reported but not judged.
+        warmup_samples: samples the first windows must accumulate before they become the
+            drift baseline (used when no reference profile is given).
+        min_drifted_fraction: a drifted layer needs more than this share of flagged channels
+            (0: at least one).
+    """
+
+    alpha: float = 1e-3
+    channel_fdr: float = 0.01
+    min_shift: float = 0.2
+    min_log_ratio: float = 0.1
+    min_samples: int = 16
+    warmup_samples: int = 512
+    min_drifted_fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_probability("alpha", self.alpha)
+        check_probability("channel_fdr", self.channel_fdr)
+        for name in ("min_shift", "min_log_ratio"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ConfigError(name, value, "a number > 0")
+        check_positive_int("min_samples", self.min_samples, minimum=2)
+        check_positive_int("warmup_samples", self.warmup_samples, minimum=2)
+        check_probability("min_drifted_fraction", self.min_drifted_fraction, open_low=False)
+
+
+# --------------------------------------------------------------------------------------
+# Effect sizes (closed forms)
+# --------------------------------------------------------------------------------------
+def standardized_shift(mean: F64, ref_mean: F64, ref_var: F64, eps: float) -> F64:
+    """Batch Renorm's ``d = (mean - μr) / sqrt(σr² + eps)``."""
+    return np.asarray((mean - ref_mean) / np.sqrt(ref_var + eps), dtype=np.float64)
+
+
+def log_std_ratio(var: F64, ref_var: F64, eps: float) -> F64:
+    """Batch Renorm's ``log r = ½ log((var + eps) / (σr² + eps))``."""
+    return np.asarray(0.5 * np.log((var + eps) / (ref_var + eps)), dtype=np.float64)
+
+
+def gaussian_kl(mean: F64, var: F64, ref_mean: F64, ref_var: F64, eps: float) -> F64:
+    """``KL(N(mean, var) ‖ N(μr, σr²))`` with ``eps`` added to both variances::
+
+    KL = ½ [ log(σr²/var) + (var + (mean - μr)²) / σr² - 1 ]
+    """
+    v1 = var + eps
+    v0 = ref_var + eps
+    return np.asarray(0.5 * (np.log(v0 / v1) + (v1 + (mean - ref_mean) ** 2) / v0 - 1.0))
+
+
+def gaussian_w2(mean: F64, var: F64, ref_mean: F64, ref_var: F64, eps: float) -> F64:
+    """Wasserstein-2 distance between the two normals: ``sqrt((mean-μr)² + (σ - σr)²)``."""
+    return np.asarray(np.hypot(mean - ref_mean, np.sqrt(var + eps) - np.sqrt(ref_var + eps)))
+
+
+def rms(x: F64) -> float:
+    """Root mean square over the finite entries (NaN when there are none)."""
+    finite = x[np.isfinite(x)]
+    return float(np.sqrt(np.mean(finite * finite))) if finite.size else math.nan
+
+
+def finite_mean(x: F64) -> float:
+    finite = x[np.isfinite(x)]
+    return float(np.mean(finite)) if finite.size else math.nan
+
+
+# --------------------------------------------------------------------------------------
+# p-values and multiple testing
+# --------------------------------------------------------------------------------------
+def two_sided_p(z: F64, df: F64 | float | None = None) -> F64:
+    """``P(|T| ≥ |z|)`` for Student's t with ``df`` degrees of freedom (normal if ``None``)."""
+    az = -np.abs(np.asarray(z, dtype=np.float64))
+    if df is None:
+        return np.asarray(2.0 * special.ndtr(az))
+    return np.asarray(2.0 * special.stdtr(np.asarray(df, dtype=np.float64), az))
+
+
+def cauchy_combination(p: F64) -> float:
+    """Cauchy combination test of (possibly dependent) p-values (Liu & Xie 2020, ACAT)::
+
+        T = mean_i tan((½ - p_i) π),     p = ½ - arctan(T) / π
+
+    Valid at small levels under arbitrary correlation, and more powerful than the
+    Bonferroni minimum when evidence is spread over many channels.  NaN p-values are
+    ignored; tiny ones use ``tan((½ - p)π) ≈ 1/(pπ)``; for ``T > 0`` the tail is computed as
+    ``arctan(1/T)/π`` to avoid cancellation.
+    """
+    pv = np.asarray(p, dtype=np.float64)
+    pv = pv[np.isfinite(pv)]
+    if pv.size == 0:
+        return math.nan
+    pv = np.clip(pv, 1e-300, 1.0 - 1e-12)
+    terms = np.where(pv < 1e-15, 1.0 / (pv * np.pi), np.tan((0.5 - pv) * np.pi))
+    t = float(np.mean(terms))
+    if t > 0:
+        return float(np.arctan(1.0 / t) / np.pi)
+    return float(0.5 - np.arctan(t) / np.pi)
+
+
+def benjamini_hochberg(p: F64, q: float) -> Bool:
+    """Which hypotheses the Benjamini-Hochberg step-up procedure rejects at FDR ``q``.
+
+    NaN p-values are never rejected and do not count towards the number of tests.
+    """
+    pv = np.asarray(p, dtype=np.float64)
+    out = np.zeros(pv.shape, dtype=bool)
+    valid = np.isfinite(pv)
+    m = int(valid.sum())
+    if m == 0:
+        return out
+    vals = pv[valid]
+    order = np.argsort(vals)
+    below = vals[order] <= q * np.arange(1, m + 1) / m
+    if not below.any():
+        return out
+    k = int(np.nonzero(below)[0].max())
+    rejected = np.zeros(m, dtype=bool)
+    rejected[order[: k + 1]] = True
+    out[valid] = rejected
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# References and the shift test
+# --------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class Reference:
+    """What a window is compared with.
+
+    ``between_var``/``second_moment_var``/``n`` are ``None`` for the running statistics, which
+    are fixed numbers without a sampling distribution; a baseline built from observed data
+    (profile or warm-up) carries them so its own sampling error enters the standard errors.
+    """
+
+    mean: F64
+    var: F64
+    between_var: F64 | None = None
+    second_moment_var: F64 | None = None
+    n: F64 | None = None
+
+    @classmethod
+    def running(cls, running_mean: NDArray[Any], running_var: NDArray[Any]) -> Reference:
+        """The layer's stored ``running_mean``/``running_var``.
+
+        PyTorch stores the *unbiased* batch variance in ``running_var``; it is used as is
+        (the difference matters only when N·|S| is tiny).
+        """
+        mean = np.asarray(running_mean, dtype=np.float64)
+        var = np.asarray(running_var, dtype=np.float64)
+        if mean.shape != var.shape or mean.ndim != 1:
+            raise ShapeError("running statistics", "two [C] arrays", (mean.shape, var.shape))
+        return cls(mean=mean, var=var)
+
+    @classmethod
+    def from_moments(cls, moments: ChannelMoments) -> Reference:
+        """A baseline estimated from observed windows (a profile, or warm-up windows)."""
+        return cls(
+            mean=moments.mean,
+            var=moments.var,
+            between_var=moments.between_var,
+            second_moment_var=moments.second_moment_var,
+            n=moments.n.copy(),
+        )
+
+    @property
+    def channels(self) -> int:
+        return int(self.mean.shape[0])
+
+    @property
+    def has_dispersion(self) -> bool:
+        return self.between_var is not None and self.n is not None
+
+
+@dataclass(frozen=True, eq=False)
+class ShiftTest:
+    """Per-channel effect sizes, test statistics and flags of a window against a reference."""
+
+    d: F64
+    log_r: F64
+    z: F64
+    z_log_var: F64
+    p_mean: F64
+    p_log_var: F64
+    flagged: Bool
+    p_value: float
+
+    @property
+    def frac_flagged(self) -> float:
+        return float(self.flagged.mean()) if self.flagged.size else 0.0
+
+
+def shift_test(
+    window: ChannelMoments, ref: Reference, eps: float, config: DriftConfig
+) -> ShiftTest:
+    """Test whether a window's channel means and variances differ from a reference.
+
+    Mean shift (per channel), with ``n`` the window's samples::
+
+        z = (mean - μr) / SE,
+        SE² = β/n + eps/n                      against fixed running statistics, t(n-1)
+        SE² = β/n + βr/nr + eps/n              against a baseline (Welch; Welch-Satterthwaite df)
+
+    Log-variance shift, with ``q = v + (m - m̄)²`` the per-sample contribution to the variance
+    and ``V = Var(q) / (var + eps)²`` the delta-method variance of ``log(var̂ + eps)``::
+
+        z_logvar = (log(var + eps) - log(σr² + eps)) / SE,
+        SE² = V/n                              against running statistics, t(n-1)
+        SE² = Vr (1/n + 1/nr)                  against a baseline, normal
+
+    Against a baseline the *reference's* ``V`` is used: under the null both sides share it,
+    and the window's own fourth-moment estimate is too noisy at small ``n``.  The ``eps/n``
+    floor keeps channels whose variance is below BatchNorm's ``eps`` (which BatchNorm itself
+    ignores) from producing infinite statistics.  Windows with fewer than ``min_samples``
+    samples are not tested (p-values NaN, nothing flagged).
+    """
+    if ref.channels != window.channels:
+        raise ShapeError("reference channels", window.channels, ref.channels)
+    mean, var = window.mean, window.var
+    d = standardized_shift(mean, ref.mean, ref.var, eps)
+    log_r = log_std_ratio(var, ref.var, eps)
+    n = window.n
+    testable = (n >= config.min_samples) & np.isfinite(mean) & np.isfinite(var)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        nn = np.where(testable, n, np.nan)
+        beta = window.between_var
+        se_w2 = beta / nn
+        if ref.between_var is not None and ref.n is not None:
+            ref_n = np.where(ref.n > 1, ref.n, np.nan)
+            se_r2 = ref.between_var / ref_n
+            se2 = se_w2 + se_r2 + eps / nn
+            df: F64 = (se_w2 + se_r2) ** 2 / (se_w2**2 / (nn - 1) + se_r2**2 / (ref_n - 1))
+            df = np.where(np.isfinite(df) & (df > 0), df, nn - 1)
+            q_var = ref.second_moment_var if ref.second_moment_var is not None else np.nan
+            se_lv2 = q_var / (ref.var + eps) ** 2 * (1.0 / nn + 1.0 / ref_n)
+            df_lv: F64 | None = None
+        else:
+            se2 = se_w2 + eps / nn
+            df = nn - 1
+            v_win = window.second_moment_var / (var + eps) ** 2
+            se_lv2 = v_win / nn
+            df_lv = nn - 1
+        z = (window.sample_mean - ref.mean) / np.sqrt(se2)
+        z_lv = 2.0 * log_r / np.sqrt(se_lv2)
+        # a zero standard error with a zero shift is no evidence at all
+        z = np.where(np.isnan(z) & testable, 0.0, z)
+        z_lv = np.where(np.isnan(z_lv) & testable, 0.0, z_lv)
+    p_mean = np.where(testable, two_sided_p(z, df), np.nan)
+    p_lv = np.where(testable, two_sided_p(z_lv, df_lv), np.nan)
+    both = np.concatenate([p_mean, p_lv])
+    rejected = benjamini_hochberg(both, config.channel_fdr)
+    c = window.channels
+    flagged = (rejected[:c] & (np.abs(d) >= config.min_shift)) | (
+        rejected[c:] & (np.abs(log_r) >= config.min_log_ratio)
+    )
+    return ShiftTest(
+        d=d,
+        log_r=log_r,
+        z=np.asarray(z, dtype=np.float64),
+        z_log_var=np.asarray(z_lv, dtype=np.float64),
+        p_mean=p_mean,
+        p_log_var=p_lv,
+        flagged=flagged,
+        p_value=cauchy_combination(both),
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Batch-statistics noise (small-batch mismatch)
+# --------------------------------------------------------------------------------------
+def batch_noise_per_channel(
+    moments: ChannelMoments, batch_size: int, eps: float
+) -> tuple[F64, F64]:
+    """Predicted ``E[d²]`` and ``E[(log r)²]`` per channel at batch size ``B``.
+
+    A layer that normalizes with batch statistics uses, for a batch of ``B`` samples drawn
+    from the window's population (mean ``μ``, variance ``σ² = W + β`` with ``W`` the mean
+    within-sample variance and ``β`` the between-sample variance)::
+
+        μ_B  = mean of the B per-sample means        d = (μ_B - μ) / sqrt(σ² + eps)
+        σ²_B = mean_i v_i + (1/B) Σ (m_i - μ_B)²     log r = ½ log((σ²_B + eps)/(σ² + eps))
+
+    Exactly, for i.i.d. samples: ``E[d²] = β / (B (σ² + eps))``, ``E[σ²_B] = W + β (B-1)/B``
+    and, with ``μ4`` the fourth central moment of ``m``::
+
+        Var(σ²_B) = Var(v)/B + ((B-1)/B)² (μ4/B - β² (B-3)/(B(B-1)))
+                    + 2 Cov(v, (m-μ)²) (B-1)/B²
+
+    ``X = (σ²_B + eps)/(σ² + eps)`` is then moment-matched by a Gamma(k, θ) law -- exact for
+    Gaussian activations, where ``B σ²_B / σ²`` is χ² -- whose log moments are
+    ``E[log X] = ψ(k) + log θ`` and ``Var[log X] = ψ'(k)``, giving
+    ``E[(log r)²] = ¼ (ψ'(k) + (ψ(k) + log θ)²)``.
+    """
+    B = check_positive_int("batch_size", batch_size)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        n = np.where(moments.n >= 2, moments.n, np.nan)
+        mu2 = moments.sm2 / n
+        mu4 = moments.sm4 / n
+        within = moments.vmean
+        var_v = moments.vm2 / n
+        cov_v_a2 = moments.cvmm / n
+        total = within + mu2 + eps
+        e_d2 = mu2 / (B * total)
+        mean_sb = within + mu2 * (B - 1) / B
+        if B >= 2:
+            var_sb = ((B - 1) / B) ** 2 * (mu4 / B - mu2 * mu2 * (B - 3) / (B * (B - 1)))
+        else:
+            var_sb = np.zeros_like(mu2)
+        var_batch = var_v / B + var_sb + 2.0 * cov_v_a2 * (B - 1) / (B * B)
+        mu_x = (mean_sb + eps) / total
+        s2_x = np.maximum(var_batch, 0.0) / (total * total)
+        k = mu_x * mu_x / s2_x
+        # E[log X] = log μX + (ψ(k) - log k);  k = ∞ when σ²_B is deterministic
+        e_log = np.log(mu_x) + np.where(np.isfinite(k), special.digamma(k) - np.log(k), 0.0)
+        var_log = np.where(np.isfinite(k), special.polygamma(1, k), 0.0)
+        e_lr2 = 0.25 * (var_log + e_log * e_log)
+    return np.asarray(e_d2, dtype=np.float64), np.asarray(e_lr2, dtype=np.float64)
+
+
+def batch_noise(moments: ChannelMoments, batch_size: int, eps: float) -> BatchNoise:
+    """Layer-level predicted RMS of ``d`` and ``log r`` (RMS over channels) at ``batch_size``."""
+    e_d2, e_lr2 = batch_noise_per_channel(moments, batch_size, eps)
+    return BatchNoise(
+        batch_size=batch_size,
+        rms_d=float(np.sqrt(finite_mean(e_d2))),
+        rms_log_r=float(np.sqrt(finite_mean(e_lr2))),
+    )
+
+
+def observed_batch_noise(
+    moments: ChannelMoments, batch_sizes: Mapping[int, int], eps: float
+) -> BatchNoise | None:
+    """Batch noise averaged over the batch sizes actually seen (weighted by batches).
+
+    ``batch_size`` of the result is the most frequent observed size.
+    """
+    if not batch_sizes or moments.n_samples < 2:
+        return None
+    total = sum(batch_sizes.values())
+    d2 = lr2 = 0.0
+    for size, count in batch_sizes.items():
+        noise = batch_noise(moments, size, eps)
+        d2 += count / total * noise.rms_d**2
+        lr2 += count / total * noise.rms_log_r**2
+    typical = max(batch_sizes.items(), key=lambda kv: (kv[1], -kv[0]))[0]
+    return BatchNoise(batch_size=typical, rms_d=math.sqrt(d2), rms_log_r=math.sqrt(lr2))
+
+
+# --------------------------------------------------------------------------------------
+# One layer, one window
+# --------------------------------------------------------------------------------------
+def _nan_array(c: int) -> F64:
+    return np.full(c, np.nan)
+
+
+def assess_layer(
+    layer: str,
+    kind: str,
+    stats: LayerStats,
+    *,
+    eps: float,
+    running: Reference | None,
+    baseline: Reference | None,
+    baseline_kind: str,
+    running_stats_mutated: bool,
+    config: DriftConfig,
+) -> LayerReport:
+    """Everything :class:`LayerReport` says about one layer, before the cross-layer decision.
+
+    ``gap`` and ``drifted`` are left ``False`` here; :func:`decide` sets them once every layer
+    of the window has its p-value (the Bonferroni correction needs their number).
+    """
+    m = stats.moments
+    c = m.channels
+    nan = _nan_array(c)
+    if running is not None:
+        gap = shift_test(m, running, eps, config)
+        kl = gaussian_kl(m.mean, m.var, running.mean, running.var, eps)
+        w2 = gaussian_w2(m.mean, m.var, running.mean, running.var, eps)
+        ref_mean, ref_var = running.mean, running.var
+        d, log_r, z = gap.d, gap.log_r, gap.z
+        gap_p, frac_gap = gap.p_value, gap.frac_flagged
+    else:
+        kl = w2 = ref_mean = ref_var = d = log_r = z = nan
+        gap_p, frac_gap = math.nan, 0.0
+    if baseline is not None:
+        drift = shift_test(m, baseline, eps, config)
+        drift_kl = gaussian_kl(m.mean, m.var, baseline.mean, baseline.var, eps)
+        drift_d, drift_log_r, drift_z = drift.d, drift.log_r, drift.z
+        p_value, frac_drifted = drift.p_value, drift.frac_flagged
+    else:
+        drift_kl = drift_d = drift_log_r = drift_z = nan
+        p_value, frac_drifted = math.nan, 0.0
+    batch_stat_mode = stats.batch_stat_batches > 0
+    observed = observed_batch_noise(m, stats.batch_sizes, eps)
+    noisy = observed is not None and (
+        observed.rms_d >= config.min_shift or observed.rms_log_r >= config.min_log_ratio
+    )
+    return LayerReport(
+        layer=layer,
+        kind=kind,
+        channels=c,
+        stats=stats,
+        mean=m.mean,
+        var=m.var,
+        between_var=m.between_var,
+        within_var=m.within_var,
+        ref_mean=ref_mean,
+        ref_var=ref_var,
+        d=d,
+        log_r=log_r,
+        kl=kl,
+        w2=w2,
+        z=z,
+        kl_mean=finite_mean(kl),
+        d_rms=rms(d),
+        log_r_rms=rms(log_r),
+        gap_p_value=gap_p,
+        frac_gap=frac_gap,
+        gap=False,
+        baseline=baseline_kind,
+        drift_d=drift_d,
+        drift_log_r=drift_log_r,
+        drift_z=drift_z,
+        drift_kl_mean=finite_mean(drift_kl),
+        drift_d_rms=rms(drift_d),
+        drift_log_r_rms=rms(drift_log_r),
+        p_value=p_value,
+        frac_drifted=frac_drifted,
+        drifted=False,
+        batch_stat_mode=batch_stat_mode,
+        running_stats_mutated=running_stats_mutated,
+        batch_noise=tuple(batch_noise(m, b, eps) for b in BATCH_NOISE_SIZES),
+        observed_batch_noise=observed,
+        small_batch_mismatch=batch_stat_mode and noisy,
+    )
+
+
+def decide(reports: Mapping[str, LayerReport], config: DriftConfig) -> dict[str, LayerReport]:
+    """Set ``gap`` and ``drifted`` for every layer of one window.
+
+    With ``L`` the number of layers tested in the window, a layer is drifted when
+    ``p_value · L ≤ alpha`` (Bonferroni over layers of the within-layer Cauchy combination)
+    and its share of flagged channels exceeds ``min_drifted_fraction``; the gap likewise.
+    """
+
+    def significant(ps: Iterable[float]) -> float:
+        tested = [p for p in ps if math.isfinite(p)]
+        return config.alpha / max(1, len(tested))
+
+    gap_level = significant(r.gap_p_value for r in reports.values())
+    drift_level = significant(r.p_value for r in reports.values())
+    out: dict[str, LayerReport] = {}
+    for name, r in reports.items():
+        gap = _decided(r.gap_p_value, r.frac_gap, gap_level, config)
+        drifted = _decided(r.p_value, r.frac_drifted, drift_level, config)
+        out[name] = replace(r, gap=gap, drifted=drifted)
+    return out
+
+
+def _decided(p: float, frac: float, level: float, config: DriftConfig) -> bool:
+    return bool(math.isfinite(p) and p <= level and frac > config.min_drifted_fraction)

@@ -1,0 +1,108 @@
+"""Errors a user can act on.
+
+Every error bnwatch raises for bad input is a :class:`ValueError` subclass that carries the
+offending data as attributes, so callers can both read the message and handle it in code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+
+class BnwatchError(Exception):
+    """Base class of all bnwatch errors."""
+
+
+class ConfigError(BnwatchError, ValueError):
+    """An argument or configuration value is invalid.
+
+    Attributes:
+        argument: the argument's name, as the caller spelled it.
+        value: the rejected value.
+        allowed: a human description of what is accepted.
+    """
+
+    def __init__(self, argument: str, value: Any, allowed: str) -> None:
+        self.argument = argument
+        self.value = value
+        self.allowed = allowed
+        super().__init__(f"{argument}={value!r} is invalid: expected {allowed}")
+
+
+class NoBatchNormError(BnwatchError, ValueError):
+    """The model has no BatchNorm layer to watch (or the filters excluded all of them)."""
+
+    def __init__(
+        self, model_type: str, include: Iterable[str] | None, exclude: Iterable[str] | None
+    ):
+        self.model_type = model_type
+        self.include = list(include) if include is not None else None
+        self.exclude = list(exclude) if exclude is not None else None
+        if self.include is None and self.exclude is None:
+            hint = (
+                "bnwatch watches torch.nn BatchNorm1d/2d/3d and SyncBatchNorm layers; "
+                "this model has none"
+            )
+        else:
+            hint = (
+                f"no BatchNorm layer matches include={self.include} exclude={self.exclude}; "
+                "patterns are fnmatch globs on qualified module names such as 'layer1.*.bn2'"
+            )
+        super().__init__(f"{model_type}: nothing to watch: {hint}")
+
+
+class ReferenceMismatchError(BnwatchError, ValueError):
+    """A reference profile does not fit the watched model (layers or channel counts differ)."""
+
+    def __init__(self, layer: str, expected: int | None, found: int | None) -> None:
+        self.layer = layer
+        self.expected = expected
+        self.found = found
+        if found is None:
+            detail = "is missing from the reference profile"
+        elif expected is None:
+            detail = "is in the reference profile but not among the watched layers"
+        else:
+            detail = f"has {expected} channels in the model but {found} in the reference profile"
+        super().__init__(
+            f"layer {layer!r} {detail}; record the profile from the same model architecture "
+            "with bnwatch.profile(model, loader)"
+        )
+
+
+class ShapeError(BnwatchError, ValueError):
+    """Arrays handed to bnwatch have shapes that do not fit together."""
+
+    def __init__(self, what: str, expected: Any, found: Any) -> None:
+        self.what = what
+        self.expected = expected
+        self.found = found
+        super().__init__(f"{what}: expected shape {expected}, found {found}")
+
+
+def check_positive_int(argument: str, value: Any, *, minimum: int = 1) -> int:
+    """Return ``value`` if it is an ``int`` ≥ ``minimum``, else raise :class:`ConfigError`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(argument, value, f"an integer >= {minimum}")
+    return value
+
+
+def check_probability(argument: str, value: Any, *, open_low: bool = True) -> float:
+    """Return ``value`` as float if it lies in (0, 1) (or [0, 1) with ``open_low=False``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(argument, value, "a number between 0 and 1")
+    low_ok = value > 0 if open_low else value >= 0
+    if not (low_ok and value < 1):
+        bound = "(0, 1)" if open_low else "[0, 1)"
+        raise ConfigError(argument, value, f"a number in {bound}")
+    return float(value)
+
+
+def check_nonnegative(argument: str, value: Any) -> float:
+    """Return ``value`` as float if it is a finite number ≥ 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ConfigError(argument, value, "a finite number >= 0")
+    if value == float("inf"):
+        raise ConfigError(argument, value, "a finite number >= 0")
+    return float(value)

@@ -1,0 +1,273 @@
+"""Record types that cross module boundaries: layer reports, windows, reference profiles.
+
+Everything here is plain data (numpy arrays, numbers, strings) so that the store, the
+service, the dashboard and the exporters can read it without torch.  Changing what a record
+means bumps :data:`SCHEMA_VERSION`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from bnwatch.errors import ShapeError
+from bnwatch.stats import F64, MOMENT_FIELDS, ChannelMoments, LayerStats, Reservoir
+
+SCHEMA_VERSION = 1
+"""Version of the record and wire formats defined here."""
+
+BATCH_NOISE_SIZES: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+"""Batch sizes for which every report predicts the batch-statistics noise (DESIGN §3)."""
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware in UTC (every timestamp bnwatch records is)."""
+    return datetime.now(timezone.utc)
+
+
+@dataclass(frozen=True)
+class BatchNoise:
+    """Predicted RMS of Batch Renorm's ``d`` and ``log r`` if the layer normalized a batch of
+    ``batch_size`` samples with that batch's statistics (see :func:`bnwatch.drift.batch_noise`)."""
+
+    batch_size: int
+    rms_d: float
+    rms_log_r: float
+
+
+@dataclass(frozen=True, eq=False)
+class LayerReport:
+    """What one window says about one BatchNorm layer.
+
+    Per-channel arrays (``[C]``) ``d``, ``log_r``, ``kl``, ``w2``, ``z`` compare the window with
+    the layer's running statistics as they were when the monitor attached; the ``drift_*``
+    arrays compare it with the drift baseline (a reference profile, or the warm-up windows).
+
+    Layer-level decisions (DESIGN §3):
+        gap: the train/inference gap -- the window differs from the running statistics
+            significantly (false-alarm rate ``alpha`` across layers) *and* by more than the
+            effect-size tolerance.  Persistent on models trained with augmentation.
+        drifted: the same rule against the baseline: production *changed*.
+        small_batch_mismatch: the layer normalizes with batch statistics at inference and the
+            batches it sees are small enough for that noise to exceed the tolerance.
+    """
+
+    layer: str
+    kind: str
+    channels: int
+    stats: LayerStats
+    # what was seen
+    mean: F64
+    var: F64
+    between_var: F64
+    within_var: F64
+    # against the running statistics (the train/inference gap)
+    ref_mean: F64
+    ref_var: F64
+    d: F64
+    log_r: F64
+    kl: F64
+    w2: F64
+    z: F64
+    kl_mean: float
+    d_rms: float
+    log_r_rms: float
+    gap_p_value: float
+    frac_gap: float
+    gap: bool
+    # against the drift baseline
+    baseline: str
+    drift_d: F64
+    drift_log_r: F64
+    drift_z: F64
+    drift_kl_mean: float
+    drift_d_rms: float
+    drift_log_r_rms: float
+    p_value: float
+    frac_drifted: float
+    drifted: bool
+    # small-batch mismatch
+    batch_stat_mode: bool
+    running_stats_mutated: bool
+    batch_noise: tuple[BatchNoise, ...]
+    observed_batch_noise: BatchNoise | None
+    small_batch_mismatch: bool
+
+    @property
+    def n_samples(self) -> int:
+        return self.stats.moments.n_samples
+
+    @property
+    def n_batches(self) -> int:
+        return self.stats.n_batches
+
+    @property
+    def nonfinite(self) -> int:
+        """Non-finite input values seen (counted and excluded from every statistic)."""
+        return int(self.stats.moments.nonfinite.sum())
+
+    @property
+    def batch_sizes(self) -> Mapping[int, int]:
+        return self.stats.batch_sizes
+
+    def summary(self) -> dict[str, Any]:
+        """Layer-level fields only (no per-channel arrays), JSON-serializable."""
+        noise = self.observed_batch_noise
+        return {
+            "layer": self.layer,
+            "kind": self.kind,
+            "channels": self.channels,
+            "n_samples": self.n_samples,
+            "n_batches": self.n_batches,
+            "nonfinite": self.nonfinite,
+            "kl_mean": self.kl_mean,
+            "d_rms": self.d_rms,
+            "log_r_rms": self.log_r_rms,
+            "gap_p_value": self.gap_p_value,
+            "frac_gap": self.frac_gap,
+            "gap": self.gap,
+            "baseline": self.baseline,
+            "drift_kl_mean": self.drift_kl_mean,
+            "drift_d_rms": self.drift_d_rms,
+            "drift_log_r_rms": self.drift_log_r_rms,
+            "p_value": self.p_value,
+            "frac_drifted": self.frac_drifted,
+            "drifted": self.drifted,
+            "batch_stat_mode": self.batch_stat_mode,
+            "running_stats_mutated": self.running_stats_mutated,
+            "small_batch_mismatch": self.small_batch_mismatch,
+            "observed_batch_noise_d": None if noise is None else noise.rms_d,
+            "observed_batch_noise_log_r": None if noise is None else noise.rms_log_r,
+            "batch_sizes": {str(k): v for k, v in self.batch_sizes.items()},
+        }
+
+
+@dataclass(frozen=True, eq=False)
+class WindowRecord:
+    """A closed window of one monitor: every watched layer's statistics and report."""
+
+    model: str
+    version: str
+    source: str
+    start: datetime
+    end: datetime
+    reports: Mapping[str, LayerReport]
+    schema_version: int = SCHEMA_VERSION
+
+
+@dataclass(frozen=True, eq=False)
+class LayerProfile:
+    """Reference moments of one layer recorded from validation data by ``bnwatch.profile``."""
+
+    layer: str
+    kind: str
+    eps: float
+    stats: LayerStats
+    reservoir: Reservoir
+    running_mean: F64 | None
+    running_var: F64 | None
+
+    @property
+    def channels(self) -> int:
+        return self.stats.moments.channels
+
+
+@dataclass(frozen=True, eq=False)
+class Profile:
+    """A reference profile: per-layer moments and reservoirs of per-sample channel means.
+
+    Save with :meth:`save` and read back with :meth:`load` (a plain ``.npz``; no pickle).
+    """
+
+    name: str
+    version: str
+    created: datetime
+    layers: Mapping[str, LayerProfile] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    def save(self, path: str | Path) -> Path:
+        """Write the profile to ``path`` (``.npz``) and return the path written."""
+        arrays: dict[str, NDArray[Any]] = {}
+        meta: dict[str, Any] = {
+            "schema_version": self.schema_version,
+            "name": self.name,
+            "version": self.version,
+            "created": self.created.isoformat(),
+            "layers": [],
+        }
+        for i, (name, lp) in enumerate(self.layers.items()):
+            st = lp.stats
+            meta["layers"].append(
+                {
+                    "layer": name,
+                    "kind": lp.kind,
+                    "eps": lp.eps,
+                    "batch_sizes": {str(k): v for k, v in st.batch_sizes.items()},
+                    "n_batches": st.n_batches,
+                    "batches_seen": st.batches_seen,
+                    "samples_seen": st.samples_seen,
+                    "batch_stat_batches": st.batch_stat_batches,
+                    "reservoir_capacity": lp.reservoir.capacity,
+                    "reservoir_seen": lp.reservoir.seen,
+                    "has_running": lp.running_mean is not None,
+                }
+            )
+            arrays[f"moments_{i}"] = np.stack(st.moments.as_arrays())
+            arrays[f"reservoir_{i}"] = lp.reservoir.rows
+            if lp.running_mean is not None and lp.running_var is not None:
+                arrays[f"running_{i}"] = np.stack([lp.running_mean, lp.running_var])
+        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+        out = Path(path)
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, **arrays)  # type: ignore[arg-type]
+        out.write_bytes(buffer.getvalue())
+        return out
+
+    @classmethod
+    def load(cls, path: str | Path) -> Profile:
+        """Read a profile written by :meth:`save`."""
+        with np.load(Path(path), allow_pickle=False) as data:
+            meta = json.loads(bytes(data["meta"]).decode())
+            if meta.get("schema_version") != SCHEMA_VERSION:
+                raise ShapeError(
+                    f"profile {path} schema_version", SCHEMA_VERSION, meta.get("schema_version")
+                )
+            layers: dict[str, LayerProfile] = {}
+            for i, lm in enumerate(meta["layers"]):
+                moments = data[f"moments_{i}"]
+                if moments.shape[0] != len(MOMENT_FIELDS):
+                    raise ShapeError(f"profile layer {lm['layer']}", len(MOMENT_FIELDS), moments)
+                stats = LayerStats(
+                    moments=ChannelMoments.from_arrays(list(moments)),
+                    batch_sizes={int(k): int(v) for k, v in lm["batch_sizes"].items()},
+                    n_batches=int(lm["n_batches"]),
+                    batches_seen=int(lm["batches_seen"]),
+                    samples_seen=int(lm["samples_seen"]),
+                    batch_stat_batches=int(lm["batch_stat_batches"]),
+                )
+                running = data[f"running_{i}"] if lm["has_running"] else None
+                layers[lm["layer"]] = LayerProfile(
+                    layer=lm["layer"],
+                    kind=lm["kind"],
+                    eps=float(lm["eps"]),
+                    stats=stats,
+                    reservoir=Reservoir.from_rows(
+                        data[f"reservoir_{i}"], lm["reservoir_seen"], lm["reservoir_capacity"]
+                    ),
+                    running_mean=None if running is None else running[0].astype(np.float64),
+                    running_var=None if running is None else running[1].astype(np.float64),
+                )
+        return cls(
+            name=meta["name"],
+            version=meta["version"],
+            created=datetime.fromisoformat(meta["created"]),
+            layers=layers,
+        )
