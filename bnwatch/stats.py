@@ -239,7 +239,8 @@ class ChannelMoments:
         xs = np.asarray(x)
         if xs.ndim < 2:
             raise ShapeError("activations", "[N, C, *S]", xs.shape)
-        x64 = xs.reshape(xs.shape[0], xs.shape[1], -1).astype(np.float64)
+        spatial = int(np.prod(xs.shape[2:], dtype=np.int64))
+        x64 = xs.reshape(xs.shape[0], xs.shape[1], spatial).astype(np.float64)
         finite = np.isfinite(x64)
         w = finite.sum(axis=2).astype(np.float64)
         xz = np.where(finite, x64, 0.0)

@@ -60,7 +60,7 @@ class _Entry:
     s1: Tensor  # [N, C]: Σ (x - K) over spatial positions, or x itself for [N, C] inputs
     s2: Tensor | None  # [N, C]: Σ (x - K)²; None for [N, C] inputs
     count: int | Tensor  # finite elements per row: S, or [N, C] after masking
-    shift: Tensor | None  # K, [C] float32, or None
+    shift: Tensor | None  # K, [C] in the input's dtype, or None
     nonfinite: Tensor | None  # [C] non-finite elements counted by the masked reduction
 
 
@@ -95,6 +95,7 @@ class LayerAccumulator:
         self._rng = random.Random(seed)
         self._channels: int | None = None
         self._shift: Tensor | None = None
+        self._shift_cast: Tensor | None = None
         self._shift_decided = False
         self._reservoir_capacity = reservoir
         self._reservoir: Reservoir | None = None
@@ -170,7 +171,7 @@ class LayerAccumulator:
         size = math.prod(xs.shape[2:])
         if not self._shift_decided:
             self._decide_shift(xs, dims, size)
-        shift = self._shift if xs.dtype == torch.float32 else None
+        shift = self._shift_for(xs.dtype)
         y = xs - shift.view((channels,) + (1,) * len(dims)) if shift is not None else xs
         masked = self.masked if self.masked is not None else y.device.type != "cpu"
         if not masked:
@@ -185,11 +186,19 @@ class LayerAccumulator:
         s2 = torch.linalg.vector_norm(yz, 2, dims).square()
         return _Entry(s1, s2, count, shift, (size - count).sum(0))
 
+    def _shift_for(self, dtype: torch.dtype) -> Tensor | None:
+        """``K`` in the input's dtype (cached), or ``None`` when no shift is needed."""
+        shift = self._shift
+        if shift is None or shift.dtype == dtype:
+            return shift
+        cached = self._shift_cast
+        if cached is None or cached.dtype != dtype or cached.device != shift.device:
+            cached = shift.to(dtype)
+            self._shift_cast = cached
+        return cached
+
     def _decide_shift(self, xs: Tensor, dims: tuple[int, ...], size: int) -> None:
         """Pick the shift ``K`` from the first batch (a one-time host synchronization)."""
-        if xs.dtype != torch.float32:
-            self._shift_decided = True
-            return
         s1 = xs.sum(dims).double().cpu().numpy()
         s2 = torch.linalg.vector_norm(xs, 2, dims).double().square().cpu().numpy()
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
@@ -211,8 +220,10 @@ class LayerAccumulator:
         if finite.any() and float(ratio[finite].max()) > SHIFT_RATIO:
             if device is None:
                 device = self._shift.device if self._shift is not None else torch.device("cpu")
-            k = np.where(np.isfinite(mean), mean, 0.0)
+            # float32 K is exact in float64 too, so one K serves both input precisions
+            k = np.where(np.isfinite(mean), mean, 0.0).astype(np.float32)
             self._shift = torch.as_tensor(k, dtype=torch.float32, device=device)
+            self._shift_cast = None
         else:
             self._shift = None
         self._shift_decided = True

@@ -45,7 +45,7 @@ from bnwatch.drift import DriftConfig, Reference, assess_layer, decide
 from bnwatch.errors import ConfigError, ReferenceMismatchError, check_positive_int
 from bnwatch.schema import LayerReport, Profile, WindowRecord, utcnow
 from bnwatch.sink import Sink
-from bnwatch.stats import LayerStats
+from bnwatch.stats import ChannelMoments, LayerStats
 
 logger = logging.getLogger("bnwatch")
 
@@ -356,6 +356,12 @@ class Monitor:
                 if stats is None or stats.n_batches == 0:
                     continue
                 baseline = self._baseline.get(layer.name)
+                if baseline is not None and baseline.moments is not None:
+                    null: ChannelMoments | None = baseline.moments
+                elif layer.name in self._warmup:
+                    null = self._warmup[layer.name].moments
+                else:
+                    null = None
                 assessed[layer.name] = assess_layer(
                     layer.name,
                     layer.kind,
@@ -364,6 +370,7 @@ class Monitor:
                     running=self._running.get(layer.name),
                     baseline=baseline,
                     baseline_kind=self._baseline_kind if baseline is not None else "warming_up",
+                    null=null,
                     running_stats_mutated=mutated,
                     config=self.config,
                 )

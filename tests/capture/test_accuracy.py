@@ -1,0 +1,191 @@
+"""What a hook measures, against a float64 numpy reference (DESIGN §2: within 1e-4 relative)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from tests.capture.helpers import assert_rel, full_watch, reference
+
+RTOL = 1e-4  # the contract; the measured errors are ~1e-7
+
+
+def run(model: nn.Module, batches: list[torch.Tensor], **kwargs: object) -> dict[str, object]:
+    mon = full_watch(model, **kwargs)
+    try:
+        with torch.inference_mode():
+            for x in batches:
+                model(x)
+        return dict(mon.flush())
+    finally:
+        mon.close()
+
+
+def check(report: object, batches: list[torch.Tensor], rtol: float = RTOL) -> None:
+    want = reference(batches)
+    for field in ("mean", "var", "between_var", "within_var"):
+        got = getattr(report, field)
+        if field == "mean":
+            scale = np.sqrt(want["var"]) + np.abs(want["mean"])
+            err = np.abs(got - want["mean"]) / scale
+            assert np.all(err <= rtol), f"mean: {err.max():.3g}"
+        elif field == "within_var" and not np.any(want["within_var"]):
+            np.testing.assert_array_equal(got, 0.0)
+        else:
+            # between/within parts are compared relative to the total variance they add up to
+            err = np.abs(got - want[field]) / np.maximum(want["var"], 1e-30)
+            assert np.all(err <= rtol), f"{field}: {err.max():.3g}"
+    assert_rel(report.var, want["var"], rtol, "var")  # type: ignore[attr-defined]
+
+
+def batches_of(
+    shape: tuple[int, ...],
+    sizes: list[int],
+    seed: int = 0,
+    offset: float = 0.0,
+    std: float = 1.0,
+    channels_last: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    c = shape[0]
+    out = []
+    for n in sizes:
+        per_sample = torch.randn((n, c) + (1,) * (len(shape) - 1), generator=g, dtype=torch.float64)
+        x = per_sample + torch.randn((n, *shape), generator=g, dtype=torch.float64)
+        scale = torch.linspace(0.5, 2.0, c, dtype=torch.float64).view(
+            (1, c) + (1,) * (len(shape) - 1)
+        )
+        x = (x * scale * std + offset).to(dtype)
+        if channels_last:
+            x = x.contiguous(
+                memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+            )
+        out.append(x)
+    return out
+
+
+CASES = {
+    "BatchNorm1d [N,C]": (nn.BatchNorm1d(6), (6,)),
+    "BatchNorm1d [N,C,L]": (nn.BatchNorm1d(6), (6, 17)),
+    "BatchNorm2d": (nn.BatchNorm2d(5), (5, 9, 7)),
+    "BatchNorm3d": (nn.BatchNorm3d(3), (3, 4, 5, 6)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_contiguous_float32(case: str) -> None:
+    bn, shape = CASES[case]
+    batches = batches_of(shape, [8, 1, 3, 32])
+    reports = run(nn.Sequential(bn.eval()), batches)
+    check(reports["0"], batches)
+
+
+@pytest.mark.parametrize("dims", [4, 5])
+def test_channels_last(dims: int) -> None:
+    bn = nn.BatchNorm2d(5) if dims == 4 else nn.BatchNorm3d(5)
+    shape = (5, 9, 7) if dims == 4 else (5, 3, 4, 6)
+    batches = batches_of(shape, [4, 7], channels_last=True)
+    assert not batches[0].is_contiguous()
+    reports = run(nn.Sequential(bn.eval()), batches)
+    check(reports["0"], batches)
+
+
+def test_bfloat16_inputs() -> None:
+    batches = batches_of((4, 6, 6), [8, 8], dtype=torch.bfloat16)
+    reports = run(nn.Sequential(nn.BatchNorm2d(4).to(torch.bfloat16).eval()), batches)
+    check(reports["0"], batches)  # the reference is float64 of the same bf16 values
+
+
+def test_float64_inputs() -> None:
+    batches = batches_of((4, 6, 6), [8, 3], dtype=torch.float64, offset=1e5)
+    reports = run(nn.Sequential(nn.BatchNorm2d(4).double().eval()), batches)
+    check(reports["0"], batches, rtol=1e-10)
+
+
+@pytest.mark.parametrize("shape", [(6,), (6, 40), (6, 12, 12)])
+@pytest.mark.parametrize("running_matches", [True, False])
+def test_mean_over_std_of_1000(shape: tuple[int, ...], running_matches: bool) -> None:
+    """Raw features into a first BatchNorm: |mean|/std = 1000, with or without running stats
+    that know it (the first batch picks the summation shift either way)."""
+    bn = nn.BatchNorm1d(6) if len(shape) < 3 else nn.BatchNorm2d(6)
+    batches = batches_of(shape, [16, 16, 5], offset=1000.0, std=0.5)
+    if running_matches:
+        allx = torch.cat(batches).double()
+        dims = [0, *range(2, allx.dim())]
+        bn.running_mean.copy_(allx.mean(dims).float())
+        bn.running_var.copy_(allx.var(dims).float())
+    reports = run(nn.Sequential(bn.eval()), batches)
+    check(reports["0"], batches)
+    mean = np.asarray(reports["0"].mean)  # type: ignore[attr-defined]
+    var = np.asarray(reports["0"].var)  # type: ignore[attr-defined]
+    assert np.all(np.abs(mean) / np.sqrt(var) > 300)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_nonfinite_values_are_counted_and_excluded(masked: bool) -> None:
+    from bnwatch.capture import monitor as monitor_module  # noqa: F401 - documents the path
+
+    batches = batches_of((3, 4, 4), [6, 6])
+    dirty = [b.clone() for b in batches]
+    dirty[0][1, 0, 2, 3] = float("nan")
+    dirty[1][4, 2, :, :] = float("inf")
+    dirty[1][0, 1, 0, 0] = float("-inf")
+    model = nn.Sequential(nn.BatchNorm2d(3).eval())
+    mon = full_watch(model)
+    for acc in mon._accs:  # force the masked (CUDA) path on the CPU when asked
+        acc.masked = masked
+    with torch.inference_mode():
+        for x in dirty:
+            model(x)
+    report = mon.flush()["0"]
+    mon.close()
+    assert report.nonfinite == 1 + 16 + 1
+    np.testing.assert_array_equal(report.stats.moments.nonfinite, [1, 1, 16])
+    finite = np.ma.masked_invalid(
+        np.concatenate([d.double().numpy().transpose(1, 0, 2, 3).reshape(3, -1) for d in dirty], 1)
+    )
+    assert_rel(report.mean, finite.mean(axis=1).data, 1e-6, "mean")
+    assert_rel(report.var, finite.var(axis=1).data, 1e-6, "var")
+    np.testing.assert_array_equal(report.stats.moments.n, [12, 12, 11])
+
+
+def test_masked_path_equals_fast_path() -> None:
+    batches = batches_of((4, 5, 5), [8, 3], offset=50.0)
+    results = []
+    for masked in (False, True):
+        model = nn.Sequential(nn.BatchNorm2d(4).eval())
+        mon = full_watch(model)
+        mon._accs[0].masked = masked
+        with torch.inference_mode():
+            for x in batches:
+                model(x)
+        results.append(mon.flush()["0"].stats.moments)
+        mon.close()
+    for a, b in zip(results[0].as_arrays(), results[1].as_arrays(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+
+
+def test_spatial_stride_measures_the_strided_positions() -> None:
+    batches = batches_of((3, 10, 9), [4, 4])
+    reports = run(nn.Sequential(nn.BatchNorm2d(3).eval()), batches, spatial_stride=3)
+    check(reports["0"], [b[:, :, ::3, ::3] for b in batches])
+
+
+def test_max_samples_per_batch_counts_real_batch_sizes() -> None:
+    batches = batches_of((3, 4, 4), [32, 5, 32])
+    reports = run(nn.Sequential(nn.BatchNorm2d(3).eval()), batches, max_samples_per_batch=8)
+    r = reports["0"]
+    assert r.n_samples == 8 + 5 + 8  # type: ignore[attr-defined]
+    assert dict(r.batch_sizes) == {5: 1, 32: 2}  # type: ignore[attr-defined]
+    assert r.stats.samples_seen == 69  # type: ignore[attr-defined]
+
+
+def test_many_batches_compact_on_the_way() -> None:
+    """More batches than the compaction threshold: the merged result is still exact."""
+    batches = batches_of((8, 3, 3), [3] * 150)
+    reports = run(nn.Sequential(nn.BatchNorm2d(8).eval()), batches)
+    check(reports["0"], batches)
+    assert reports["0"].n_batches == 150  # type: ignore[attr-defined]

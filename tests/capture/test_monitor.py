@@ -1,0 +1,434 @@
+"""The Monitor: hooks, windows, sampling, references, robustness (DESIGN §4)."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+import math
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import bnwatch
+from bnwatch.capture.accumulator import LayerAccumulator
+from bnwatch.capture.monitor import _Sampler
+from bnwatch.errors import ConfigError, NoBatchNormError, ReferenceMismatchError
+from bnwatch.sink import MemorySink
+from tests.capture.helpers import full_watch, reference
+
+
+def small_cnn(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 6),
+        nn.BatchNorm1d(6),
+    )
+
+
+def inputs(n: int, batch: int = 4, seed: int = 0) -> list[torch.Tensor]:
+    """Images whose pixels share a per-sample, per-channel brightness (as real images do)."""
+    g = torch.Generator().manual_seed(seed)
+    return [
+        torch.randn(batch, 3, 8, 8, generator=g) + torch.randn(batch, 3, 1, 1, generator=g)
+        for _ in range(n)
+    ]
+
+
+def bn_hooks(model: nn.Module) -> int:
+    return sum(len(m._forward_pre_hooks) for m in model.modules())
+
+
+# -- the model is never affected -----------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_outputs_and_gradients_are_bit_identical(mode: str) -> None:
+    plain = small_cnn()
+    watched = copy.deepcopy(plain)
+    plain.train(mode == "train")
+    watched.train(mode == "train")
+    mon = full_watch(watched)
+    for x in inputs(5):
+        xa = x.clone().requires_grad_()
+        xb = x.clone().requires_grad_()
+        out_a, out_b = plain(xa), watched(xb)
+        assert torch.equal(out_a, out_b)
+        out_a.square().sum().backward()
+        out_b.square().sum().backward()
+        assert torch.equal(xa.grad, xb.grad)  # type: ignore[arg-type]
+    for (name, a), (_, b) in zip(
+        plain.state_dict().items(), watched.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    assert mon.flush()["1"].n_batches == 5
+    mon.close()
+
+
+def test_hook_exception_is_counted_logged_once_and_swallowed(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = small_cnn().eval()
+    want = [model(x) for x in inputs(3)]
+    mon = full_watch(model)
+
+    def boom(self: LayerAccumulator, x: torch.Tensor, **_: object) -> None:
+        raise RuntimeError("simulated hook failure")
+
+    monkeypatch.setattr(LayerAccumulator, "observe", boom)
+    with caplog.at_level(logging.WARNING, logger="bnwatch"):
+        got = [model(x) for x in inputs(3)]
+    assert all(torch.equal(a, b) for a, b in zip(want, got, strict=True))
+    assert mon.stats().hook_errors == {"1": 3, "3.1": 3, "7": 3}
+    warnings = [r for r in caplog.records if "simulated hook failure" in r.getMessage()]
+    assert len(warnings) == 3  # once per layer, not once per call
+    mon.close()
+
+
+def test_hooks_are_removed_on_close_and_when_the_with_body_raises() -> None:
+    model = small_cnn()
+    before = bn_hooks(model)
+    with bnwatch.watch(model, window_seconds=None) as mon:
+        assert bn_hooks(model) == before + 4  # three BN layers and the root timing hook
+    assert bn_hooks(model) == before
+    assert mon.closed
+    with pytest.raises(KeyError), bnwatch.watch(model, window_seconds=None):
+        raise KeyError("user code failed")
+    assert bn_hooks(model) == before
+    assert not model._forward_hooks
+
+
+def test_close_is_idempotent_and_returns_the_last_window() -> None:
+    model = small_cnn().eval()
+    mon = full_watch(model)
+    model(inputs(1)[0])
+    last = mon.close()
+    assert set(last) == {"1", "3.1", "7"}
+    assert mon.close() == {}
+    model(inputs(1)[0])  # no hooks left: nothing happens
+    assert mon.latest().keys() == last.keys()
+
+
+def test_flush_without_data_returns_nothing() -> None:
+    mon = full_watch(small_cnn())
+    assert mon.flush() == {}
+    assert mon.latest() == {}
+    mon.close()
+
+
+# -- statistics under concurrency ----------------------------------------------------------------
+def test_concurrent_threads_lose_nothing_and_merge_exactly() -> None:
+    model = small_cnn().eval()
+    captured: list[torch.Tensor] = []
+    lock = threading.Lock()
+
+    def capture(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        with lock:
+            captured.append(args[0].detach().clone())
+
+    handle = model[1].register_forward_pre_hook(capture)  # type: ignore[index]
+    mon = full_watch(model)
+    batches = [inputs(25, seed=s) for s in range(4)]
+    errors: list[BaseException] = []
+
+    def worker(xs: list[torch.Tensor]) -> None:
+        try:
+            with torch.inference_mode():
+                for x in xs:
+                    model(x)
+        except BaseException as err:  # pragma: no cover - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker, args=(b,)) for b in batches]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    handle.remove()
+    assert not errors
+    report = mon.flush()["1"]
+    mon.close()
+    assert report.n_batches == 100
+    assert report.n_samples == 400
+    want = reference(captured)
+    np.testing.assert_allclose(report.mean, want["mean"], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(report.var, want["var"], rtol=1e-6)
+    np.testing.assert_allclose(report.between_var, want["between_var"], rtol=1e-6, atol=1e-9)
+    assert mon.stats().forwards == 100
+
+
+# -- windows and sampling --------------------------------------------------------------------------
+def test_windows_close_on_their_own() -> None:
+    model = small_cnn().eval()
+    sink = MemorySink()
+    mon = bnwatch.watch(model, window_seconds=0.2, store=sink, overhead_budget=None)
+    deadline = time.monotonic() + 30
+    while len(sink.windows) < 2 and time.monotonic() < deadline:
+        with torch.inference_mode():
+            model(inputs(1)[0])
+    mon.close()
+    windows = sink.windows
+    assert len(windows) >= 2
+    for a, b in itertools.pairwise(windows):
+        assert a.end == b.start  # contiguous, no gap or overlap
+        assert a.model == "model" and a.source
+    assert mon.latest().keys() == windows[-1].reports.keys()
+
+
+def test_sample_every_measures_one_forward_in_k() -> None:
+    model = small_cnn().eval()
+    mon = full_watch(model, sample_every=3)
+    for x in inputs(10):
+        model(x)
+    r = mon.flush()["1"]
+    assert r.n_batches == 4  # forwards 1, 4, 7, 10
+    assert r.stats.batches_seen == 10
+    s = mon.stats()
+    assert (s.forwards, s.forwards_measured) == (10, 4)
+    mon.close()
+
+
+def test_overhead_budget_keeps_the_measured_share_at_the_budget() -> None:
+    """Deterministic clock: a measured forward costs 0.1 s of hooks, the model 1 s."""
+    sampler = _Sampler(sample_every=1, budget=0.02)
+    measured = 0
+    for _ in range(5000):
+        m = sampler.decide()
+        measured += m
+        sampler.record(
+            forward_seconds=1.0 + (0.1 if m else 0.001),
+            hook_seconds=0.1 if m else 0.001,
+            measured=m,
+        )
+    ratio = sampler.hook_seconds / sampler.model_seconds
+    assert ratio == pytest.approx(0.02, rel=0.1)
+    assert measured / 5000 == pytest.approx((0.02 - 0.001) / 0.1, rel=0.15)
+    free = _Sampler(sample_every=1, budget=None)
+    assert all(free.decide() for _ in range(10))
+
+
+def test_budget_is_reported() -> None:
+    model = small_cnn().eval()
+    mon = bnwatch.watch(model, window_seconds=None)  # default budget 2 %
+    for x in inputs(30):
+        model(x)
+    s = mon.stats()
+    assert s.forwards == 30
+    assert 1 <= s.forwards_measured <= 30
+    assert s.hook_seconds > 0 and s.model_seconds > 0
+    assert math.isclose(s.overhead_ratio, s.hook_seconds / s.model_seconds)
+    mon.close()
+
+
+# -- what the report says ----------------------------------------------------------------------
+def test_train_mode_reports_batch_stat_mode_and_mutated_running_stats() -> None:
+    model = small_cnn().eval()
+    mon = full_watch(model)
+    for x in inputs(3, batch=2):
+        model(x)
+    clean = mon.flush()
+    assert not any(r.batch_stat_mode or r.running_stats_mutated for r in clean.values())
+    model[3][1].train()  # type: ignore[index]  # one layer accidentally left in train()
+    for x in inputs(20, batch=2):
+        model(x)
+    reports = mon.flush()
+    mon.close()
+    bad = reports["3.1"]
+    assert bad.batch_stat_mode and bad.running_stats_mutated
+    assert bad.small_batch_mismatch  # batches of 2: batch statistics are very noisy
+    assert bad.observed_batch_noise is not None and bad.observed_batch_noise.batch_size == 2
+    assert not reports["1"].batch_stat_mode and not reports["1"].running_stats_mutated
+
+
+def test_running_reference_is_the_attach_snapshot() -> None:
+    model = small_cnn().eval()
+    bn = model[1]  # type: ignore[index]
+    with torch.no_grad():
+        bn.running_mean.fill_(0.5)
+    mon = full_watch(model)
+    with torch.no_grad():
+        bn.running_mean.fill_(-7.0)  # changed after attach: reported, not adopted
+    model(inputs(1)[0])
+    r = mon.flush()["1"]
+    mon.close()
+    np.testing.assert_array_equal(r.ref_mean, 0.5)
+    assert r.running_stats_mutated
+
+
+def test_warmup_baseline_then_drift() -> None:
+    model = small_cnn().eval()
+    cfg = bnwatch.DriftConfig(warmup_samples=64)
+    mon = full_watch(model, config=cfg)
+    for x in inputs(8, batch=4, seed=1):  # 32 samples: still warming up
+        model(x)
+    first = mon.flush()
+    assert all(r.baseline == "warming_up" and math.isnan(r.p_value) for r in first.values())
+    for x in inputs(8, batch=4, seed=2):
+        model(x)
+    mon.flush()
+    assert mon.baseline_ready
+    for x in inputs(16, batch=4, seed=3):
+        model(x)
+    same = mon.flush()
+    assert all(r.baseline == "warmup" and math.isfinite(r.p_value) for r in same.values())
+    assert not any(r.drifted for r in same.values())
+    for x in inputs(16, batch=4, seed=4):
+        model(x * 3 + 1)  # brighter, higher-contrast images
+    shifted = mon.flush()
+    mon.close()
+    assert shifted["1"].drifted and shifted["1"].frac_drifted > 0.5
+
+
+# -- torch.compile ---------------------------------------------------------------------------
+def test_works_on_a_model_compiled_after_watch() -> None:
+    model = small_cnn().eval()
+    xs = inputs(3)
+    want = [model(x) for x in xs]
+    mon = full_watch(model)
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        got = [compiled(x) for x in xs]
+    for a, b in zip(want, got, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    reports = mon.flush()
+    mon.close()
+    assert {k: r.n_batches for k, r in reports.items()} == {"1": 3, "3.1": 3, "7": 3}
+    assert mon.stats().hook_errors == {}
+
+
+# -- discovery and arguments -----------------------------------------------------------------------
+def test_discovers_every_kind_at_any_depth_and_filters_by_name() -> None:
+    model = nn.ModuleDict(
+        {
+            "a": nn.Sequential(nn.BatchNorm1d(3), nn.Sequential(nn.BatchNorm2d(4))),
+            "b": nn.BatchNorm3d(2),
+            "sync": nn.SyncBatchNorm(5),
+            "lazy": nn.LazyBatchNorm2d(),
+            "other": nn.LayerNorm(3),
+        }
+    )
+    names = bnwatch.watch(model, window_seconds=None).layers
+    assert names == ["a.0", "a.1.0", "b", "sync", "lazy"]
+    assert bnwatch.watch(model, include="a.*", window_seconds=None).layers == ["a.0", "a.1.0"]
+    only = bnwatch.watch(model, exclude=["a.*", "lazy"], window_seconds=None).layers
+    assert only == ["b", "sync"]
+
+
+def test_lazy_batchnorm_is_watched_from_its_first_forward() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.LazyBatchNorm2d()).eval()
+    mon = full_watch(model)
+    for x in inputs(2):
+        model(x)
+    r = mon.flush()["1"]
+    mon.close()
+    assert r.channels == 4 and r.n_batches == 2
+
+
+def test_model_without_batchnorm_is_a_clear_error() -> None:
+    with pytest.raises(NoBatchNormError, match="has none"):
+        bnwatch.watch(nn.Sequential(nn.Linear(3, 3)))
+    with pytest.raises(ValueError, match="no BatchNorm layer matches include"):
+        bnwatch.watch(small_cnn(), include="nothing*")
+
+
+@pytest.mark.parametrize(
+    ("argument", "value"),
+    [
+        ("window_seconds", 0),
+        ("window_seconds", float("inf")),
+        ("sample_every", 0),
+        ("spatial_stride", 1.5),
+        ("max_samples_per_batch", 0),
+        ("overhead_budget", 1.5),
+        ("include", [3]),
+        ("name", ""),
+        ("version", 3),
+        ("store", "sqlite:///bnwatch.db"),
+        ("config", {"alpha": 0.1}),
+        ("reference", "profile.npz"),
+    ],
+)
+def test_invalid_arguments_name_the_argument(argument: str, value: object) -> None:
+    with pytest.raises(ConfigError) as info:
+        bnwatch.watch(small_cnn(), **{argument: value})  # type: ignore[arg-type]
+    assert info.value.argument == argument
+    assert argument in str(info.value)
+
+
+# -- reference profiles ---------------------------------------------------------------------------
+def test_profile_is_the_baseline_from_the_first_window(tmp_path: object) -> None:
+    model = small_cnn().eval()
+    data = [(x, torch.zeros(4)) for x in inputs(64, seed=5)]
+    prof = bnwatch.profile(model, data, name="cnn", version="1", reservoir_size=100)
+    assert set(prof.layers) == {"1", "3.1", "7"}
+    assert prof.layers["1"].reservoir.rows.shape == (100, 8)
+    assert prof.layers["1"].stats.moments.n_samples == 256
+    mon = full_watch(model, reference=prof)
+    for x in inputs(8, seed=6):
+        model(x)
+    same = mon.flush()
+    for x in inputs(8, seed=7):
+        model(x + 0.5)
+    moved = mon.flush()
+    mon.close()
+    assert all(r.baseline == "profile" for r in same.values())
+    assert not any(r.drifted for r in same.values())
+    assert moved["1"].drifted
+
+
+def test_profile_roundtrips_through_a_file(tmp_path: pytest.TempPathFactory) -> None:
+    model = small_cnn().eval()
+    prof = bnwatch.profile(model, inputs(10), name="cnn", version="7", reservoir_size=16)
+    path = prof.save(tmp_path / "profile.npz")  # type: ignore[operator]
+    back = bnwatch.Profile.load(path)
+    assert (back.name, back.version, back.created) == ("cnn", "7", prof.created)
+    for name, lp in prof.layers.items():
+        lb = back.layers[name]
+        for a, b in zip(lp.stats.moments.as_arrays(), lb.stats.moments.as_arrays(), strict=True):
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(lp.reservoir.rows, lb.reservoir.rows)
+        assert lb.reservoir.seen == lp.reservoir.seen == 40
+        assert lb.stats.batch_sizes == lp.stats.batch_sizes
+        np.testing.assert_array_equal(lp.running_mean, lb.running_mean)  # type: ignore[arg-type]
+
+
+def test_profile_restores_modes_even_when_the_data_raises() -> None:
+    model = small_cnn().train()
+    model[3].eval()  # type: ignore[index]  # a mixed state must come back as it was
+
+    def data() -> object:
+        yield inputs(1)[0]
+        raise OSError("disk gone")
+
+    before = {n: m.training for n, m in model.named_modules()}
+    with pytest.raises(OSError, match="disk gone"):
+        bnwatch.profile(model, data())  # type: ignore[arg-type]
+    assert {n: m.training for n, m in model.named_modules()} == before
+    assert bn_hooks(model) == 0
+
+
+def test_profile_accepts_dicts_and_checks_the_key() -> None:
+    model = small_cnn()
+    data = [{"image": x, "label": 0} for x in inputs(2)]
+    assert bnwatch.profile(model, data, input_key="image").layers["1"].stats.n_batches == 2
+    with pytest.raises(ConfigError, match="input_key"):
+        bnwatch.profile(model, data)
+
+
+def test_profile_from_another_architecture_is_rejected() -> None:
+    prof = bnwatch.profile(small_cnn(), inputs(2))
+    other = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Identity(), nn.BatchNorm2d(8))
+    with pytest.raises(ReferenceMismatchError, match="'2' is missing from the reference"):
+        bnwatch.watch(other, reference=prof)
+    renamed = nn.Sequential(nn.Conv2d(3, 5, 1), nn.BatchNorm2d(5))
+    prof2 = bnwatch.profile(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)), inputs(2))
+    with pytest.raises(ReferenceMismatchError, match="5 channels in the model but 4"):
+        bnwatch.watch(renamed, reference=prof2)
