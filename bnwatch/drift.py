@@ -131,14 +131,16 @@ def cauchy_combination(p: F64) -> float:
 
     Valid at small levels under arbitrary correlation, and more powerful than the
     Bonferroni minimum when evidence is spread over many channels.  NaN p-values are
-    ignored; tiny ones use ``tan((½ - p)π) ≈ 1/(pπ)``; for ``T > 0`` the tail is computed as
-    ``arctan(1/T)/π`` to avoid cancellation.
+    ignored; p-values of (numerically) 1 become ``1 - 1/k`` for ``k`` tests (Liu & Xie's
+    remedy: a p of exactly 1 would add ``-∞`` and veto every other channel); tiny ones use
+    ``tan((½ - p)π) ≈ 1/(pπ)``; for ``T > 0`` the tail is ``arctan(1/T)/π``, which avoids
+    cancellation.
     """
     pv = np.asarray(p, dtype=np.float64)
     pv = pv[np.isfinite(pv)]
     if pv.size == 0:
         return math.nan
-    pv = np.clip(pv, 1e-300, 1.0 - 1e-12)
+    pv = np.where(pv >= 1.0 - 1e-12, 1.0 - 1.0 / max(pv.size, 2), np.maximum(pv, 1e-300))
     terms = np.where(pv < 1e-15, 1.0 / (pv * np.pi), np.tan((0.5 - pv) * np.pi))
     t = float(np.mean(terms))
     if t > 0:
@@ -273,8 +275,9 @@ def shift_test(
     in the tail.  When the null sample is small the p-values use
     Student's t with its ``n0 - 1`` degrees of freedom.  The ``eps/n`` floor keeps channels
     whose variance is below BatchNorm's ``eps`` -- which BatchNorm itself ignores -- from
-    producing infinite statistics.  Windows with fewer than ``min_samples`` samples are not
-    tested (p-values NaN, nothing flagged).
+    producing infinite statistics.  Windows with fewer than ``min_samples`` samples, and
+    channels that are constant in the pooled sample, are not tested (p-values NaN, nothing
+    flagged).
     """
     if ref.channels != window.channels:
         raise ShapeError("reference channels", window.channels, ref.channels)
@@ -300,12 +303,13 @@ def shift_test(
         skew = mu3 * (1.0 / (n * n) - inv_nr * inv_nr) / se**3
         v0 = dispersion.second_moment_var / (dispersion.var + eps) ** 2
         z_lv = 2.0 * log_r / np.sqrt(v0 * (1.0 / n + inv_nr))
-        # a zero standard error with a zero shift is no evidence at all
-        z = np.where(np.isnan(z) & testable, 0.0, z)
-        z_lv = np.where(np.isnan(z_lv) & testable, 0.0, z_lv)
+        # a channel that never varies (dead after a ReLU, say) gives no basis for a test
+        varies = dispersion.var > 0
+        testable_mean = testable & varies & ~np.isnan(z)
+        testable_var = testable & varies & ~np.isnan(z_lv)
     df = n0 - 1 if float(np.nanmax(n0, initial=0.0)) < 1000 else None
-    p_mean = np.where(testable, two_sided_p(skew_corrected(z, skew), df), np.nan)
-    p_lv = np.where(testable, two_sided_p(z_lv, df), np.nan)
+    p_mean = np.where(testable_mean, two_sided_p(skew_corrected(z, skew), df), np.nan)
+    p_lv = np.where(testable_var, two_sided_p(z_lv, df), np.nan)
     both = np.concatenate([p_mean, p_lv])
     rejected = benjamini_hochberg(both, config.channel_fdr)
     c = window.channels

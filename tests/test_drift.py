@@ -220,7 +220,7 @@ def test_batch_noise_is_exact_for_gaussian_features(B: int) -> None:
 
 @pytest.mark.parametrize("B", [2, 4, 16])
 def test_batch_noise_matches_simulation_with_spatial_structure(B: int) -> None:
-    """Skewed per-sample offsets and heteroscedastic pixels: prediction vs Monte Carlo within 10%."""
+    """Skewed per-sample offsets, heteroscedastic pixels: prediction vs Monte Carlo within 10%."""
     rng = np.random.default_rng(9)
     n, s = 60_000, 16
     offset = rng.gamma(2.0, 0.5, size=(n, 1, 1))
@@ -292,3 +292,22 @@ def test_config_errors_name_the_argument(field: str, value: float) -> None:
         DriftConfig(**{field: value})  # type: ignore[arg-type]
     assert info.value.argument == field
     assert isinstance(info.value, ValueError)
+
+
+def test_a_dead_channel_does_not_veto_the_layer() -> None:
+    """A channel that is always 0 (dead after ReLU) is untestable, not p = 1."""
+    rng = np.random.default_rng(11)
+    base = rng.normal(size=(4000, 8, 1))
+    base[:, 3] = 0.0
+    x = rng.normal(size=(512, 8, 1))
+    x[:, 3] = 0.0
+    x[:, :2] += 0.4
+    t = shift_test(
+        ChannelMoments.from_values(x),
+        Reference.from_moments(ChannelMoments.from_values(base)),
+        EPS,
+        DriftConfig(),
+    )
+    assert np.isnan(t.p_mean[3])
+    assert t.p_value < 1e-10
+    assert cauchy_combination(np.array([1e-12, 1.0, 1.0])) < 1e-10
