@@ -1,0 +1,5 @@
+"""``python -m bnwatch`` runs the command line."""
+
+from bnwatch.cli import main
+
+raise SystemExit(main())
