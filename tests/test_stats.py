@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+from typing import Any
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -117,7 +120,7 @@ def assert_moments_close(a: ChannelMoments, b: ChannelMoments) -> None:
     """Equal up to float64 rounding, with tolerances scaled to each field's magnitude."""
     n = np.maximum(a.n, 1)
     var = np.maximum(np.nan_to_num(a.var), 1e-12)
-    tol = {
+    tol: dict[str, Any] = {
         "count": 0,
         "n": 0,
         "nonfinite": 0,
@@ -142,7 +145,7 @@ def test_split_anywhere_equals_one_window(x: np.ndarray, data: st.DataObject) ->
     """Windows from any split of the samples merge to the one-window statistics."""
     cuts = sorted(data.draw(st.lists(st.integers(0, x.shape[0]), max_size=4)))
     bounds = [0, *cuts, x.shape[0]]
-    parts = [ChannelMoments.from_values(x[a:b]) for a, b in zip(bounds, bounds[1:], strict=False)]
+    parts = [ChannelMoments.from_values(x[a:b]) for a, b in itertools.pairwise(bounds)]
     merged = ChannelMoments.merge_all(parts)
     assert_moments_close(merged, ChannelMoments.from_values(x))
 

@@ -115,6 +115,7 @@ def test_mean_over_std_of_1000(shape: tuple[int, ...], running_matches: bool) ->
     if running_matches:
         allx = torch.cat(batches).double()
         dims = [0, *range(2, allx.dim())]
+        assert bn.running_mean is not None and bn.running_var is not None
         bn.running_mean.copy_(allx.mean(dims).float())
         bn.running_var.copy_(allx.var(dims).float())
     reports = run(nn.Sequential(bn.eval()), batches)

@@ -29,6 +29,8 @@ class ParallelBN(nn.Module):
         self.bns = nn.ModuleList(nn.BatchNorm2d(C) for _ in range(L))
         with torch.no_grad():
             for k, bn in enumerate(self.bns):
+                assert isinstance(bn, nn.BatchNorm2d)
+                assert bn.running_mean is not None and bn.running_var is not None
                 bn.running_mean.copy_(mean[k])
                 bn.running_var.copy_(var[k])
         self.eval()
