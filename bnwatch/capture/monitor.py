@@ -203,12 +203,8 @@ class Monitor:
         for idx, layer in enumerate(layers):
             hook = _eager(functools.partial(self._bn_hook, idx))
             self._handles.append(layer.module.register_forward_pre_hook(hook))
-        self._handles.append(
-            model.register_forward_pre_hook(_eager(self._root_pre))
-        )
-        self._handles.append(
-            model.register_forward_hook(_eager(self._root_post), always_call=True)
-        )
+        self._handles.append(model.register_forward_pre_hook(_eager(self._root_pre)))
+        self._handles.append(model.register_forward_hook(_eager(self._root_post), always_call=True))
 
         self._window_start = utcnow()
         self._deadline = time.monotonic() + self.window_seconds if self.window_seconds else math.inf
