@@ -105,6 +105,34 @@ def moments_from_rows(m: ArrayT, v: ArrayT, w: ArrayT, nonfinite: ArrayT) -> tup
     return (count, mean, m2, n, smean, sm2, sm3, sm4, vmean, vm2, cvm, cvmm, nonfinite)
 
 
+def moments_from_complete_rows(m: ArrayT, v: ArrayT, size: float) -> tuple[ArrayT, ...]:
+    """:func:`moments_from_rows` for the common case of ``R >= 1`` rows that all have ``size``
+    finite elements: element and sample levels then coincide, which halves the work.
+
+    With ``a = m - m̄`` and ``b = v - v̄``: ``count = R·size``, ``mean = m̄`` and
+    ``M2 = size·(Σv + Σa²)``.
+    """
+    mm: Any = m
+    vv: Any = v
+    rows = mm.shape[0]
+    smean = mm.mean(0)
+    a = mm - smean
+    a2 = a * a
+    sm2 = a2.sum(0)
+    sm3 = (a2 * a).sum(0)
+    sm4 = (a2 * a2).sum(0)
+    vmean = vv.mean(0)
+    b = vv - vmean
+    vm2 = (b * b).sum(0)
+    cvm = (a * b).sum(0)
+    cvmm = (a2 * b).sum(0)
+    n = smean * 0.0 + rows
+    count = n * size
+    m2 = (vmean * rows + sm2) * size
+    zero = smean * 0.0
+    return (count, smean, m2, n, smean, sm2, sm3, sm4, vmean, vm2, cvm, cvmm, zero)
+
+
 def merge_moment_arrays(a: Sequence[ArrayT], b: Sequence[ArrayT]) -> tuple[ArrayT, ...]:
     """Merge two sets of sufficient statistics (``MOMENT_FIELDS`` order) into one.
 

@@ -1,23 +1,27 @@
 """Per-layer accumulation of channel moments on the device the activations live on.
 
 A forward pre-hook hands each measured batch to :meth:`LayerAccumulator.observe`, which
-reduces it to two ``[N, C]`` row sums -- ``Σ (x - K)`` and ``Σ (x - K)²`` over the spatial
-positions, in the input's precision with torch's reductions -- and queues them.  Every few
-dozen batches the queue is *compacted* into float64 sufficient statistics on the same device
-(:func:`bnwatch.stats.moments_from_rows` / :func:`~bnwatch.stats.merge_moment_arrays`, the
-same code the host uses).  Nothing is copied to the host until :meth:`collect` at flush, so a
-CUDA model sees no per-batch host/device synchronization.
+reduces it to two ``[N, C]`` row sums -- ``Σ (x - K)`` and ``‖x - K‖²`` over the spatial
+positions, in the input's precision, with reductions that run at memory bandwidth -- written
+with ``out=`` into a preallocated row buffer.  When the buffer is full it is *compacted* into
+float64 sufficient statistics on the same device (:func:`bnwatch.stats.moments_from_rows` /
+:func:`~bnwatch.stats.merge_moment_arrays`, the same code the host uses).  Nothing is copied
+to the host until :meth:`collect` at flush, so a CUDA model sees no per-batch host/device
+synchronization, and nothing is allocated in steady state (see :class:`_RowBuffer`).
 
 Precision.  ``Σx² - (Σx)²/S`` loses ``(mean/std)²`` of float32's 24 bits, so for channels whose
 ``|mean|/std`` is large the rows are summed around a per-channel shift ``K`` close to the
-mean.  ``K`` is chosen from the first batch (one host synchronization per layer, ever) and
-refreshed at every flush from the window's mean; channels stay within ``1e-5`` relative of a
-float64 reference up to ``|mean|/std`` of several thousands.
+mean: those channels alone are copied into a per-thread scratch buffer, shifted and summed
+again, so the cost scales with the number of channels that need it.  ``K`` is chosen from the first
+batch (one host synchronization per layer, ever) and refreshed at every flush from the
+window's mean; channels stay within ``1e-6`` relative of a float64 reference at
+``|mean|/std = 1000``.
 
 Non-finite values.  A NaN or inf in ``x[i, c]`` makes that row's sums non-finite.  On the CPU
-(where checking is free) such a batch is re-reduced with a mask so that exactly the non-finite
-elements are counted and excluded; on other devices the masked reduction is always used,
-because checking would synchronize.
+(where checking is free) such a chunk is re-reduced with a mask so that exactly the
+non-finite elements are counted and excluded; on other devices the masked reduction is
+always used, because checking would synchronize.  ``[N, C]`` inputs are copied as they are
+and their non-finite values excluded at compaction.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import math
 import random
 import threading
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -40,28 +44,121 @@ from bnwatch.stats import (
     LayerStats,
     Reservoir,
     merge_moment_arrays,
+    moments_from_complete_rows,
     moments_from_rows,
 )
 
-COMPACT_VALUES = 1 << 18
-"""Compact the queue once it holds this many row values (``N·C`` summed over batches)."""
-COMPACT_ENTRIES = 64
-"""... or this many batches, whichever comes first."""
+ROW_BUFFER_VALUES = 1 << 15
+"""Rows times channels a layer's row buffer holds before it is compacted (128 KiB of float32)."""
+SCRATCH_VALUES = 1 << 21
+"""Per-thread scratch for the shifted copy of a chunk of samples (8 MiB of float32): one chunk
+holds a whole batch of 8 ResNet-50 images at the largest BN input; it grows to hold one
+sample when a single sample is larger."""
 SHIFT_RATIO = 16.0
 """Sum around a shift when some channel's ``mean²/var`` exceeds this (``|mean|/std > 4``)."""
 
 _FLOAT_TYPES = (torch.float32, torch.float64)
+_scratch = threading.local()
 
 
-@dataclass
-class _Entry:
-    """One measured batch, reduced to rows."""
+def _persistent(factory: Callable[..., Tensor], *args: Any, **kwargs: Any) -> Tensor:
+    """Create a long-lived buffer as a normal tensor even inside ``torch.inference_mode()``:
+    an inference tensor could not be updated in place later, outside inference mode."""
+    with torch.inference_mode(False):
+        return factory(*args, **kwargs)
 
-    s1: Tensor  # [N, C]: Σ (x - K) over spatial positions, or x itself for [N, C] inputs
-    s2: Tensor | None  # [N, C]: Σ (x - K)²; None for [N, C] inputs
-    count: int | Tensor  # finite elements per row: S, or [N, C] after masking
-    shift: Tensor | None  # K, [C] in the input's dtype, or None
-    nonfinite: Tensor | None  # [C] non-finite elements counted by the masked reduction
+
+def _scratch_for(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """This thread's reusable buffer, viewed as ``shape`` (allocates only to grow; the views
+    are cached, since a layer asks for the same shape batch after batch)."""
+    views: dict[tuple[object, ...], Tensor] | None = getattr(_scratch, "views", None)
+    key = (shape, dtype, device)
+    if views is not None:
+        view = views.get(key)
+        if view is not None:
+            return view
+    numel = math.prod(shape)
+    buf: Tensor | None = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
+        buf = _persistent(torch.empty, max(numel, SCRATCH_VALUES), dtype=dtype, device=device)
+        _scratch.buf = buf
+        views = _scratch.views = {}
+    elif views is None or len(views) > 256:
+        views = _scratch.views = {}
+    view = views[key] = buf[:numel].view(shape)
+    return view
+
+
+class _Shift:
+    """Per-channel shift ``K``: ``full`` is ``[C]`` (0 where no shift is needed); ``idx`` lists
+    the channels that need it and ``sel`` their ``K``.  Only those channels are copied and
+    shifted, so the cost scales with how many channels need it, not with the layer."""
+
+    def __init__(self, full: Tensor, idx: Tensor) -> None:
+        self.full = full
+        self.idx = idx
+        self.sel = full.index_select(0, idx)
+
+    def to(self, dtype: torch.dtype, device: torch.device) -> _Shift:
+        if self.full.dtype == dtype and self.full.device == device:
+            return self
+        return _Shift(self.full.to(device=device, dtype=dtype), self.idx.to(device))
+
+
+class _RowBuffer:
+    """Preallocated rows of one layer: the hot path writes into it with ``out=``.
+
+    A monitor must not allocate in steady state: large short-lived temporaries interleaved
+    with small long-lived ones fragment the heap, and the page faults land in the *model's*
+    own allocations -- a cost the hook timers never see (measured: +40 % on a ResNet-50).
+    All rows of a buffer share one kind (``[N, C]`` values or spatial sums), dtype, device
+    and shift ``K``; a change of any of them compacts the buffer first.
+    """
+
+    def __init__(self, channels: int, dtype: torch.dtype, device: torch.device, plain: bool):
+        self.capacity = max(1, ROW_BUFFER_VALUES // channels)
+        self.channels = channels
+        self.dtype = dtype
+        self.device = device
+        self.plain = plain
+        self.s1 = _persistent(torch.empty, self.capacity, channels, dtype=dtype, device=device)
+        self.s2 = _persistent(torch.empty, self.capacity, channels, dtype=dtype, device=device)
+        self.w = _persistent(torch.empty, self.capacity, channels, dtype=dtype, device=device)
+        self.nonfinite = _persistent(torch.zeros, channels, dtype=torch.float64, device=device)
+        self.shift: _Shift | None = None
+        self.used = 0
+        self.size: float | None = None  # elements of every row, while all rows are complete
+        self.complete = True
+
+    def note_size(self, rows: slice, size: int) -> None:
+        """Record that ``rows`` hold ``size`` elements each (complete, finite rows).
+
+        While every row has the same size, ``w`` is implied by :attr:`size` and never
+        written; the first row that differs materializes it for the rows before.
+        """
+        if self.complete:
+            if self.size is None:
+                self.size = float(size)
+                return
+            if self.size == size:
+                return
+            self.mark_incomplete(rows.start)
+        self.w[rows].fill_(float(size))
+
+    def mark_incomplete(self, upto: int) -> None:
+        """Rows may now differ in element counts: write ``w`` for the rows before ``upto``."""
+        if self.complete:
+            if self.size is not None and upto:
+                self.w[:upto].fill_(self.size)
+            self.complete = False
+
+    def fits(self, channels: int, dtype: torch.dtype, device: torch.device, plain: bool) -> bool:
+        return (channels, dtype, device, plain) == (
+            self.channels,
+            self.dtype,
+            self.device,
+            self.plain,
+        )
 
 
 class LayerAccumulator:
@@ -94,22 +191,18 @@ class LayerAccumulator:
         self._lock = threading.Lock()
         self._rng = random.Random(seed)
         self._channels: int | None = None
-        self._shift: Tensor | None = None
-        self._shift_cast: Tensor | None = None
+        self._shift: _Shift | None = None
         self._shift_decided = False
+        self._buffer: _RowBuffer | None = None
         self._reservoir_capacity = reservoir
         self._reservoir: Reservoir | None = None
         self._seed = seed
         self._reset_window()
 
     def _reset_window(self) -> None:
-        self._pending: list[_Entry] = []
-        self._pending_values = 0
-        self._state: tuple[Tensor, ...] | None = None
+        self._state: Tensor | None = None  # [len(MOMENT_FIELDS), C] float64 on the device
         self._batch_sizes: Counter[int] = Counter()
         self._n_batches = 0
-        self._batches_seen = 0
-        self._samples_seen = 0
         self._batch_stat_batches = 0
 
     @property
@@ -122,31 +215,23 @@ class LayerAccumulator:
         self._channels = value
 
     # -- the hot path --------------------------------------------------------------------
-    def observe(self, x: Tensor, *, measure: bool, batch_stat_mode: bool) -> None:
-        """Count a batch and, if ``measure``, reduce it and queue the rows."""
+    def observe(self, x: Tensor, *, batch_stat_mode: bool) -> None:
+        """Measure a batch: reduce it into the row buffer."""
         if x.dim() < 2:
             raise ShapeError(
                 f"input of BatchNorm layer {self.name!r}", "[N, C, *S]", tuple(x.shape)
             )
         n = int(x.shape[0])
-        with self._lock:
-            self._batches_seen += 1
-            self._samples_seen += n
-        if not measure or n == 0:
+        if n == 0:
             return
-        entry = self._reduce(x)
         with self._lock:
-            self._pending.append(entry)
-            self._pending_values += entry.s1.numel()
+            self._reduce(self._prepare(x))
             self._n_batches += 1
             self._batch_sizes[n] += 1
             self._batch_stat_batches += int(batch_stat_mode)
-            if len(self._pending) >= COMPACT_ENTRIES or self._pending_values >= COMPACT_VALUES:
-                self._state = self._compact(self._pending, self._state)
-                self._pending = []
-                self._pending_values = 0
 
-    def _reduce(self, x: Tensor) -> _Entry:
+    def _prepare(self, x: Tensor) -> Tensor:
+        """Detach, check channels, subsample and make floating point (views where possible)."""
         xs = x.detach()
         channels = int(xs.shape[1])
         if self._channels is None:
@@ -156,49 +241,110 @@ class LayerAccumulator:
         limit = self.max_samples_per_batch
         if limit is not None and xs.shape[0] > limit:
             xs = xs.narrow(0, self._rng.randrange(int(xs.shape[0]) - limit + 1), limit)
-        if xs.dtype not in _FLOAT_TYPES:
-            xs = xs.float()
-        if xs.dim() == 2:
-            # one element per (sample, channel): the row *is* the mean; copy, the caller may
-            # reuse its buffer before we compact
-            return _Entry(xs.to(torch.float64, copy=True), None, 1, None, None)
-        if self.spatial_stride > 1:
+        if xs.dim() > 2 and self.spatial_stride > 1:
             xs = xs[
                 (slice(None), slice(None))
                 + (slice(None, None, self.spatial_stride),) * (xs.dim() - 2)
             ]
+        if xs.dtype not in _FLOAT_TYPES:
+            xs = xs.float()
+        return xs
+
+    def _buffer_for(self, xs: Tensor) -> _RowBuffer:
+        """The row buffer for this input, compacting and replacing it if the input changed."""
+        plain = xs.dim() == 2
+        buf = self._buffer
+        if buf is None or not buf.fits(int(xs.shape[1]), xs.dtype, xs.device, plain):
+            if buf is not None:
+                self._compact(buf)
+            buf = self._buffer = _RowBuffer(int(xs.shape[1]), xs.dtype, xs.device, plain)
+        if not plain:
+            if not self._shift_decided:
+                self._decide_shift(xs)
+            shift = self._shift
+            if shift is not buf.shift:
+                if shift is not None:
+                    shift = self._shift = shift.to(xs.dtype, xs.device)
+                if shift is not buf.shift:
+                    self._compact(buf)  # rows summed around another K must be compacted first
+                    buf.shift = shift
+        return buf
+
+    def _reduce(self, xs: Tensor) -> None:
+        buf = self._buffer_for(xs)
+        n = int(xs.shape[0])
+        if buf.plain:
+            for start in range(0, n, buf.capacity):
+                chunk = xs.narrow(0, start, min(buf.capacity, n - start))
+                r = self._reserve(buf, int(chunk.shape[0]))
+                rows = slice(r, r + int(chunk.shape[0]))
+                buf.s1[rows].copy_(chunk)  # non-finite values are excluded at compaction
+            return
         dims = tuple(range(2, xs.dim()))
-        size = math.prod(xs.shape[2:])
-        if not self._shift_decided:
-            self._decide_shift(xs, dims, size)
-        shift = self._shift_for(xs.dtype)
-        y = xs - shift.view((channels,) + (1,) * len(dims)) if shift is not None else xs
-        masked = self.masked if self.masked is not None else y.device.type != "cpu"
-        if not masked:
-            s1 = y.sum(dims)
-            s2 = torch.linalg.vector_norm(y, 2, dims).square()
-            if bool(torch.isfinite(s2).all()):  # free on the CPU: no device to wait for
-                return _Entry(s1, s2, size, shift, None)
+        spatial = tuple(xs.shape[2:])
+        size = math.prod(spatial)
+        shift = buf.shift
+        step = buf.capacity
+        if shift is not None:
+            selected = int(shift.idx.numel())
+            step = min(step, max(1, SCRATCH_VALUES // max(1, selected * size)))
+            k_view = shift.sel.view((-1,) + (1,) * len(dims))
+        masked = self.masked if self.masked is not None else xs.device.type != "cpu"
+        for start in range(0, n, step):
+            chunk = xs if step >= n else xs.narrow(0, start, min(step, n - start))
+            k = int(chunk.shape[0])
+            r = self._reserve(buf, k)
+            rows = slice(r, r + k)
+            if masked:
+                self._reduce_masked(chunk, dims, size, buf, rows)
+                continue
+            s1 = buf.s1[rows]
+            s2 = buf.s2[rows]
+            torch.sum(chunk, dims, out=s1)
+            torch.linalg.vector_norm(chunk, 2, dims, out=s2)
+            if shift is not None:
+                # the channels whose |mean|/std is large: copy, shift and sum them again
+                sel = _scratch_for((k, selected, *spatial), chunk.dtype, chunk.device)
+                torch.index_select(chunk, 1, shift.idx, out=sel)
+                sel.sub_(k_view)
+                s1.index_copy_(1, shift.idx, sel.sum(dims))
+                s2.index_copy_(1, shift.idx, torch.linalg.vector_norm(sel, 2, dims))
+            s2.square_()
+            buf.note_size(rows, size)
+            # s2 >= 0, so its total is finite iff every row is (free on the CPU)
+            if not math.isfinite(float(s2.sum())):
+                self._reduce_masked(chunk, dims, size, buf, rows)
+
+    def _reduce_masked(
+        self, chunk: Tensor, dims: tuple[int, ...], size: int, buf: _RowBuffer, rows: slice
+    ) -> None:
+        """Exclude (and count) exactly the non-finite elements of ``chunk`` (allocates: rare
+        on the CPU, where it runs only for chunks that hold a NaN or inf)."""
+        buf.mark_incomplete(rows.start)
+        y = chunk
+        if buf.shift is not None:
+            y = chunk - buf.shift.full.view((-1,) + (1,) * len(dims))
         finite = torch.isfinite(y)
-        count = finite.sum(dims)
+        torch.sum(finite, dims, dtype=buf.dtype, out=buf.w[rows])
         yz = torch.where(finite, y, torch.zeros((), dtype=y.dtype, device=y.device))
-        s1 = yz.sum(dims)
-        s2 = torch.linalg.vector_norm(yz, 2, dims).square()
-        return _Entry(s1, s2, count, shift, (size - count).sum(0))
+        torch.sum(yz, dims, out=buf.s1[rows])
+        s2 = buf.s2[rows]
+        torch.linalg.vector_norm(yz, 2, dims, out=s2)
+        s2.square_()
+        buf.nonfinite += (size - buf.w[rows].double()).sum(0)
 
-    def _shift_for(self, dtype: torch.dtype) -> Tensor | None:
-        """``K`` in the input's dtype (cached), or ``None`` when no shift is needed."""
-        shift = self._shift
-        if shift is None or shift.dtype == dtype:
-            return shift
-        cached = self._shift_cast
-        if cached is None or cached.dtype != dtype or cached.device != shift.device:
-            cached = shift.to(dtype)
-            self._shift_cast = cached
-        return cached
+    def _reserve(self, buf: _RowBuffer, k: int) -> int:
+        """Index of ``k`` free rows in ``buf`` (compacting it when full)."""
+        if buf.used + k > buf.capacity:
+            self._compact(buf)
+        r = buf.used
+        buf.used += k
+        return r
 
-    def _decide_shift(self, xs: Tensor, dims: tuple[int, ...], size: int) -> None:
+    def _decide_shift(self, xs: Tensor) -> None:
         """Pick the shift ``K`` from the first batch (a one-time host synchronization)."""
+        dims = tuple(range(2, xs.dim()))
+        size = max(1, math.prod(xs.shape[2:]))
         s1 = xs.sum(dims).double().cpu().numpy()
         s2 = torch.linalg.vector_norm(xs, 2, dims).double().square().cpu().numpy()
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
@@ -211,104 +357,111 @@ class LayerAccumulator:
         self.update_shift(mean, var, device=xs.device)
 
     def update_shift(self, mean: Any, var: Any, *, device: torch.device | None = None) -> None:
-        """Sum around ``mean`` from now on if some channel needs it (see the module docstring)."""
+        """Sum the channels whose ``mean²/var > SHIFT_RATIO`` around ``mean`` from now on."""
         mean = np.asarray(mean, dtype=np.float64)
         var = np.asarray(var, dtype=np.float64)
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
             ratio = mean * mean / np.maximum(var, np.finfo(np.float64).tiny)
-        finite = np.isfinite(ratio)
-        if finite.any() and float(ratio[finite].max()) > SHIFT_RATIO:
-            if device is None:
-                device = self._shift.device if self._shift is not None else torch.device("cpu")
-            # float32 K is exact in float64 too, so one K serves both input precisions
-            k = np.where(np.isfinite(mean), mean, 0.0).astype(np.float32)
-            self._shift = torch.as_tensor(k, dtype=torch.float32, device=device)
-            self._shift_cast = None
-        else:
+        need = np.isfinite(ratio) & (ratio > SHIFT_RATIO) & np.isfinite(mean)
+        if not need.any():
             self._shift = None
+        else:
+            if device is None:
+                device = self._shift.full.device if self._shift is not None else torch.device("cpu")
+            # float32 K is exact in float64 too, so one K serves both input precisions
+            k = np.where(need, mean, 0.0).astype(np.float32)
+            full = _persistent(torch.as_tensor, k, dtype=torch.float32, device=device)
+            idx = _persistent(torch.as_tensor, np.nonzero(need)[0], dtype=torch.long, device=device)
+            self._shift = _Shift(full, idx)
         self._shift_decided = True
 
     # -- compaction (device, float64) ------------------------------------------------------
-    def _compact(
-        self, pending: list[_Entry], state: tuple[Tensor, ...] | None
-    ) -> tuple[Tensor, ...] | None:
-        if not pending:
-            return state
-        groups: dict[tuple[Any, ...], list[_Entry]] = {}
-        for e in pending:
-            key = (e.s2 is None, id(e.shift), e.count if isinstance(e.count, int) else -1)
-            groups.setdefault(key, []).append(e)
-        ms: list[Tensor] = []
-        vs: list[Tensor] = []
-        ws: list[Tensor] = []
-        first = pending[0].s1
-        nonfinite = torch.zeros(first.shape[1], dtype=torch.float64, device=first.device)
-        for (plain, _, count), entries in groups.items():
-            s1 = torch.cat([e.s1 for e in entries]).double()
-            if plain:
-                finite = torch.isfinite(s1)
+    def _compact(self, buf: _RowBuffer) -> None:
+        """Merge the buffer's rows into the window state (float64, on the device) and empty it."""
+        rows = buf.used
+        if rows == 0:
+            return
+        s1 = buf.s1[:rows].double()
+        w: Tensor | None = None
+        if buf.plain:
+            finite = torch.isfinite(s1)
+            size = 1.0
+            if bool(finite.all()):
+                m = s1
+            else:
                 w = finite.double()
                 m = torch.where(finite, s1, 0.0)
-                v = torch.zeros_like(m)
-                nf = (~finite).sum(0).double()
-            else:
-                s2 = torch.cat([e.s2 for e in entries if e.s2 is not None]).double()
-                if count >= 0:
-                    w = torch.full_like(s1, float(count))
-                else:
-                    w = torch.cat([torch.as_tensor(e.count) for e in entries]).double()
-                wz = w.clamp_min(1.0)
-                mu = s1 / wz
-                v = (s2 / wz - mu * mu).clamp_min(0.0)
-                shift = entries[0].shift
-                m = mu + shift.double() if shift is not None else mu
+                buf.nonfinite += (~finite).sum(0)
+            v = torch.zeros_like(m)
+        else:
+            size = buf.size or 0.0
+            s2 = buf.s2[:rows].double()
+            if not (buf.complete and buf.size is not None):
+                w = buf.w[:rows].double()
+            wz = size if w is None else w.clamp_min(1.0)
+            mu = s1 / wz
+            v = (s2 / wz - mu * mu).clamp_min(0.0)
+            m = mu + buf.shift.full.double() if buf.shift is not None else mu
+            if w is not None:
                 has = w > 0
                 m = torch.where(has, m, 0.0)
                 v = torch.where(has, v, 0.0)
-                nf = sum(
-                    (e.nonfinite.double() for e in entries if e.nonfinite is not None),
-                    torch.zeros_like(nonfinite),
-                )
-            ms.append(m)
-            vs.append(v)
-            ws.append(w)
-            nonfinite = nonfinite + nf
-        m_all = torch.cat(ms)
-        w_all = torch.cat(ws)
-        block = moments_from_rows(m_all, torch.cat(vs), w_all, nonfinite)
+        if w is None:
+            block = moments_from_complete_rows(m, v, size)
+        else:
+            block = moments_from_rows(m, v, w, buf.nonfinite.clone())
+        state = self._state
+        if state is None or state.device != m.device:
+            fresh = _persistent(
+                torch.empty, len(MOMENT_FIELDS), m.shape[1], dtype=torch.float64, device=m.device
+            )
+            if state is None:
+                fresh.copy_(torch.stack(block))
+            else:
+                previous = state.to(m.device).unbind(0)
+                fresh.copy_(torch.stack(merge_moment_arrays(previous, block)))
+            self._state = fresh
+        else:
+            state.copy_(torch.stack(merge_moment_arrays(state.unbind(0), block)))
         if self._reservoir_capacity:
-            self._keep_rows(m_all, w_all)
-        return block if state is None else merge_moment_arrays(state, block)
+            self._keep_rows(m, w)
+        buf.nonfinite.zero_()
+        buf.used = 0
+        buf.size = None
+        buf.complete = True
 
-    def _keep_rows(self, m: Tensor, w: Tensor) -> None:
-        rows = torch.where(w > 0, m, float("nan")).cpu().numpy()
+    def _keep_rows(self, m: Tensor, w: Tensor | None) -> None:
+        rows = (m if w is None else torch.where(w > 0, m, float("nan"))).cpu().numpy()
         if self._reservoir is None:
             self._reservoir = Reservoir(self._reservoir_capacity, rows.shape[1], seed=self._seed)
         self._reservoir.add(rows)
 
     # -- flush -------------------------------------------------------------------------------
-    def collect(self) -> LayerStats | None:
+    def collect(
+        self, batches_seen: int | None = None, samples_seen: int | None = None
+    ) -> LayerStats | None:
         """Close the window: return its statistics (host, float64) and start a new one.
 
-        Returns ``None`` when no batch passed through the layer in this window.
+        ``batches_seen``/``samples_seen`` count what passed through the layer, measured or
+        not (the monitor counts them); they default to the measured batches.  Returns
+        ``None`` when no batch was measured or seen in this window.
         """
         with self._lock:
-            pending, state = self._pending, self._state
+            if self._buffer is not None:
+                self._compact(self._buffer)
+            state = self._state
             sizes = dict(sorted(self._batch_sizes.items()))
-            n_batches, seen, samples = self._n_batches, self._batches_seen, self._samples_seen
-            batch_stat = self._batch_stat_batches
-            self._reset_window()
+            n_batches, batch_stat = self._n_batches, self._batch_stat_batches
             channels = self._channels
-        if seen == 0 or channels is None:
+            self._reset_window()
+        seen = n_batches if batches_seen is None else batches_seen
+        samples = sum(k * v for k, v in sizes.items()) if samples_seen is None else samples_seen
+        if (seen == 0 and n_batches == 0) or channels is None:
             return None
-        state = self._compact(pending, state)
         if state is None:
             moments = ChannelMoments.empty(channels)
         else:
-            host = torch.stack([t.to(torch.float64) for t in state]).cpu().numpy()
-            moments = ChannelMoments.from_arrays(list(host))
-            if len(host) != len(MOMENT_FIELDS):  # pragma: no cover - guarded by the stats module
-                raise ShapeError("collected moments", len(MOMENT_FIELDS), len(host))
+            moments = ChannelMoments.from_arrays(list(state.cpu().numpy()))
         return LayerStats(
             moments=moments,
             batch_sizes=sizes,

@@ -123,6 +123,41 @@ class _Sampler:
             self.hook_seconds += seconds
 
 
+class _SeenCounters:
+    """Batches and samples that passed through each layer, measured or not, counted without a
+    lock: every thread increments its own cumulative counters, and a window takes the
+    difference of the totals (the window thread never writes to them)."""
+
+    def __init__(self, layers: int) -> None:
+        self._layers = layers
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._threads: list[tuple[list[int], list[int]]] = []
+        self._last = ([0] * layers, [0] * layers)
+
+    def add(self, idx: int, samples: int) -> None:
+        counts = getattr(self._local, "counts", None)
+        if counts is None:
+            counts = ([0] * self._layers, [0] * self._layers)
+            self._local.counts = counts
+            with self._lock:
+                self._threads.append(counts)
+        counts[0][idx] += 1
+        counts[1][idx] += samples
+
+    def take(self) -> list[tuple[int, int]]:
+        """Per layer, (batches, samples) since the previous call."""
+        with self._lock:
+            threads = list(self._threads)
+        batches = [sum(t[0][i] for t in threads) for i in range(self._layers)]
+        samples = [sum(t[1][i] for t in threads) for i in range(self._layers)]
+        last_b, last_s = self._last
+        self._last = (batches, samples)
+        return [
+            (b - lb, s - ls) for b, lb, s, ls in zip(batches, last_b, samples, last_s, strict=True)
+        ]
+
+
 class Monitor:
     """Watches the BatchNorm layers of one model.  Create it with :func:`bnwatch.watch`."""
 
@@ -180,6 +215,7 @@ class Monitor:
         ]
         self._sampler = _Sampler(sample_every, overhead_budget)
         self._standalone = [0] * len(layers)
+        self._seen = _SeenCounters(len(layers))
         self._tls = threading.local()
         self._errors: Counter[str] = Counter()
         self._error_lock = threading.Lock()
@@ -291,15 +327,17 @@ class Monitor:
         tl = self._tls
         inside = getattr(tl, "depth", 0) > 0
         try:
-            x = args[0] if args else None
-            if isinstance(x, torch.Tensor) and not self._closed:
-                if inside:
-                    measure = bool(tl.measure)
-                else:  # a submodule called directly: no root forward to decide for us
-                    measure = self._standalone[idx] % self._sampler.every == 0
-                    self._standalone[idx] += 1
+            x = args[0]
+            self._seen.add(idx, int(x.shape[0]))
+            if inside:
+                measure = tl.measure and not self._closed
+            else:  # a submodule called directly: no root forward to decide for us
+                self._standalone[idx] += 1
+                measure = not (self._standalone[idx] - 1) % self._sampler.every
+                measure = measure and not self._closed
+            if measure:
                 batch_stat = module.training or module.running_mean is None
-                self._accs[idx].observe(x, measure=measure, batch_stat_mode=batch_stat)
+                self._accs[idx].observe(x, batch_stat_mode=batch_stat)
         except Exception as err:  # never let monitoring break inference
             self._hook_failed(idx, err)
         finally:
@@ -341,9 +379,10 @@ class Monitor:
             start, self._window_start = self._window_start, end
             if self.window_seconds is not None:
                 self._deadline = time.monotonic() + self.window_seconds
+            seen = self._seen.take()
             collected = {
-                layer.name: acc.collect()
-                for layer, acc in zip(self._layers, self._accs, strict=True)
+                layer.name: acc.collect(*seen[i])
+                for i, (layer, acc) in enumerate(zip(self._layers, self._accs, strict=True))
             }
             assessed: dict[str, LayerReport] = {}
             for layer in self._layers:

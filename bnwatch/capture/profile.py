@@ -53,7 +53,7 @@ def profile(
     device = next((p.device for p in model.parameters()), None)
 
     def hook(acc: LayerAccumulator, module: _BatchNorm, args: Any) -> None:
-        acc.observe(args[0], measure=True, batch_stat_mode=module.training)
+        acc.observe(args[0], batch_stat_mode=module.training)
 
     handles = [
         layer.module.register_forward_pre_hook(functools.partial(hook, acc))

@@ -190,3 +190,22 @@ def test_many_batches_compact_on_the_way() -> None:
     reports = run(nn.Sequential(nn.BatchNorm2d(8).eval()), batches)
     check(reports["0"], batches)
     assert reports["0"].n_batches == 150  # type: ignore[attr-defined]
+
+
+def test_sequences_of_varying_length_and_a_late_nan() -> None:
+    """BatchNorm1d on [N, C, L] with L changing per batch, then a NaN: rows of unequal size."""
+    g = torch.Generator().manual_seed(7)
+    batches = [torch.randn(4, 3, length, generator=g) * 2 + 5 for length in (10, 10, 7, 13, 10)]
+    dirty = [b.clone() for b in batches]
+    dirty[3][1, 2, 4] = float("nan")
+    reports = run(nn.Sequential(nn.BatchNorm1d(3).eval()), dirty)
+    r = reports["0"]
+    flat = np.ma.masked_invalid(
+        np.concatenate([d.double().numpy().transpose(1, 0, 2).reshape(3, -1) for d in dirty], 1)
+    )
+    assert_rel(r.mean, flat.mean(axis=1).data, 1e-6, "mean")  # type: ignore[attr-defined]
+    assert_rel(r.var, flat.var(axis=1).data, 1e-6, "var")  # type: ignore[attr-defined]
+    assert r.nonfinite == 1  # type: ignore[attr-defined]
+    m = [d.double().nanmean(dim=2).numpy() for d in dirty]
+    between = np.concatenate(m).var(axis=0)
+    assert_rel(r.between_var, between, 1e-6, "between_var")  # type: ignore[attr-defined]
