@@ -243,3 +243,17 @@ def test_reservoir_merge_is_uniform_over_the_union() -> None:
 def test_reservoir_rejects_bad_capacity() -> None:
     with pytest.raises(ConfigError, match="capacity"):
         Reservoir(0, 3)
+
+
+@settings(max_examples=100, deadline=None)
+@given(x=activations())
+def test_complete_rows_shortcut_equals_the_general_formula(x: np.ndarray) -> None:
+    """moments_from_complete_rows (all rows of equal size, nothing excluded) is the same math."""
+    from bnwatch.stats import moments_from_complete_rows, moments_from_rows
+
+    m = x.mean(axis=2)
+    v = x.var(axis=2)
+    size = float(x.shape[2])
+    general = moments_from_rows(m, v, np.full_like(m, size), np.zeros(m.shape[1]))
+    short = moments_from_complete_rows(m, v, size)
+    assert_moments_close(ChannelMoments.from_arrays(short), ChannelMoments.from_arrays(general))
