@@ -386,7 +386,8 @@ class LayerAccumulator:
         if buf.plain:
             finite = torch.isfinite(s1)
             size = 1.0
-            if bool(finite.all()):
+            # checking synchronizes, so only the CPU (where it is free) takes the shortcut
+            if s1.device.type == "cpu" and bool(finite.all()):
                 m = s1
             else:
                 w = finite.double()
