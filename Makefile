@@ -6,6 +6,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP := $(BIN)/python -m pip
+# the local PostgreSQL for the store tests (CI fails, rather than skips, without one)
+export BNWATCH_TEST_POSTGRES_URL ?= postgresql://postgres@127.0.0.1:5432/test
 
 .PHONY: demo test lint typecheck unit bench constraints clean help
 
@@ -25,8 +27,8 @@ demo: $(STAMP)
 	$(BIN)/bnwatch demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check bnwatch tests benchmarks
-	$(BIN)/ruff format --check bnwatch tests benchmarks
+	$(BIN)/ruff check bnwatch tests benchmarks migrations
+	$(BIN)/ruff format --check bnwatch tests benchmarks migrations
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 

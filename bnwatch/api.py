@@ -19,16 +19,23 @@ __all__ = ["profile", "watch"]
 
 
 def _make_sink(store: str | Sink | None) -> Sink:
+    """``None``: memory; a SQLAlchemy URL: the background database writer; a Sink: itself."""
     if store is None:
         return MemorySink()
     if isinstance(store, Sink):
         return store
-    raise ConfigError(
-        "store",
-        store,
-        "None (keep windows in memory) or a Sink object; database URLs and bnwatch service "
-        "addresses are not supported by this version yet",
-    )
+    if isinstance(store, str):
+        if store.startswith(("http://", "https://")):
+            raise ConfigError(
+                "store",
+                store,
+                "a database URL (sqlite:///bnwatch.db, postgresql://...), None or a Sink; "
+                "sending windows to a bnwatch service is not supported by this version yet",
+            )
+        from bnwatch.store.writer import StoreSink  # SQLAlchemy only when a store is used
+
+        return StoreSink(store)
+    raise ConfigError("store", store, "None, a database URL or a bnwatch.sink.Sink")
 
 
 def watch(
@@ -53,8 +60,10 @@ def watch(
     Args:
         model: any ``nn.Module``; all ``_BatchNorm`` subclasses at any depth are watched.
         name, version: identify the model in reports and stores.
-        store: where closed windows go: ``None`` keeps them in memory (``mon.latest()``),
-            or any object implementing :class:`bnwatch.sink.Sink`.
+        store: where closed windows go: ``None`` keeps them in memory (``mon.latest()``);
+            a SQLAlchemy URL (``sqlite:///bnwatch.db``, ``postgresql://user@host/db``) stores
+            them from a background thread (an empty database gets the schema created); or
+            any object implementing :class:`bnwatch.sink.Sink`.
         window_seconds: a window closes after this long (and on ``flush``/``close``);
             ``None`` closes windows only on ``flush``/``close``.
         reference: a :func:`profile` of validation data -- the drift baseline.  Without it,

@@ -426,6 +426,7 @@ def assess_layer(
     baseline: Reference | None,
     baseline_kind: str,
     null: ChannelMoments | None = None,
+    depth: int = 0,
     running_stats_mutated: bool,
     config: DriftConfig,
 ) -> LayerReport:
@@ -467,6 +468,9 @@ def assess_layer(
         kind=kind,
         channels=c,
         stats=stats,
+        depth=depth,
+        eps=eps,
+        baseline_moments=None if baseline is None else baseline.moments,
         mean=m.mean,
         var=m.var,
         between_var=m.between_var,

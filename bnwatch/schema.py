@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -64,6 +65,10 @@ class LayerReport:
     kind: str
     channels: int
     stats: LayerStats
+    # where the layer sits and what was compared with
+    depth: int
+    eps: float
+    baseline_moments: ChannelMoments | None
     # what was seen
     mean: F64
     var: F64
@@ -161,6 +166,8 @@ class WindowRecord:
     end: datetime
     reports: Mapping[str, LayerReport]
     schema_version: int = SCHEMA_VERSION
+    uid: str = field(default_factory=lambda: uuid.uuid4().hex)
+    """Unique id of the window: storing it twice (a retried delivery) stores it once."""
 
 
 @dataclass(frozen=True, eq=False)

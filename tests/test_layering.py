@@ -39,3 +39,19 @@ def test_top_level_api_is_lazy() -> None:
     assert bnwatch.Monitor.__name__ == "Monitor"
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         bnwatch.nope  # type: ignore[attr-defined]  # noqa: B018
+
+
+def test_every_subpackage_is_packaged() -> None:
+    """pyproject lists packages explicitly (migrations/ is mapped in): none may be missing."""
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    root = Path(__file__).resolve().parents[1]
+    listed = set(
+        tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    found = {
+        ".".join(p.parent.relative_to(root).parts) for p in (root / "bnwatch").rglob("__init__.py")
+    }
+    assert found <= listed, f"add to [tool.setuptools] packages: {sorted(found - listed)}"

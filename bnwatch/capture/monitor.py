@@ -406,6 +406,7 @@ class Monitor:
                     baseline=baseline,
                     baseline_kind=self._baseline_kind if baseline is not None else "warming_up",
                     null=null,
+                    depth=layer.depth,
                     running_stats_mutated=mutated,
                     config=self.config,
                 )

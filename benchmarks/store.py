@@ -1,0 +1,703 @@
+"""How fast does the store take windows?  Insert throughput of ResNet-50-sized windows.
+
+Run ``python benchmarks/store.py``; ``--smoke`` runs in seconds (two windows per path, one
+round), ``--backends sqlite`` skips PostgreSQL, ``--json PATH`` keeps every number, ``--help``
+lists the knobs.  PostgreSQL comes from ``--postgres-url`` (default ``$BNWATCH_BENCH_POSTGRES_URL``,
+``$BNWATCH_TEST_POSTGRES_URL`` or ``postgresql://postgres@127.0.0.1:5432/postgres``): that
+server gets a fresh database ``bnwatch_bench_<random>``, dropped at the end.
+
+What is measured
+    A *window* is one closed :class:`~bnwatch.schema.WindowRecord` of a ResNet-50: 53
+    :class:`~bnwatch.schema.LayerReport` s with 26,560 channels in all, i.e. 53 rows of the
+    ``windows`` table carrying 13 × 8 × 26,560 = 2,762,240 bytes of float64 sufficient
+    statistics (:func:`bnwatch.store.codec.raw_moment_bytes`, the yardstick of the bytes
+    columns).  Windows go into SQLite (a file in a temporary directory) and PostgreSQL (a
+    database created for the run) through the two write paths bnwatch has:
+
+    * ``repository`` -- :meth:`Repository.write_windows` called directly, ``B`` windows per
+      call (one transaction per call; default ``B`` = 1 and 8); the time is the sum of the
+      calls.
+    * ``writer`` -- the real background writer :class:`~bnwatch.store.writer.StoreSink`
+      (default batch size): ``write()`` every window, then ``flush()``; the time runs from
+      the first ``write()`` to ``flush()`` returning, i.e. until everything is stored.
+
+    Reported per backend and path: windows/s (median over rounds, with min and max), the
+    same as MB/s of raw float64 statistics, and stored bytes per window against the raw
+    bytes.  Stored bytes are the growth of ``pg_total_relation_size('windows')`` (heap,
+    TOAST and every index) on PostgreSQL, and of the database file after ``PRAGMA
+    wal_checkpoint(TRUNCATE)`` on SQLite, divided by the windows added.  Targets beside the
+    results: at least 50 windows/s into PostgreSQL, at most 1.2× raw bytes stored.
+
+Methodology
+    * No torch, no model: per layer, per-sample channel means and variances are drawn at
+      random (a ``[64, C]`` block: 8 batches of 8 samples; element counts from the layer's
+      feature-map size) and summarized with :meth:`ChannelMoments.from_rows`; the report is
+      :func:`bnwatch.drift.assess_layer` against a running reference (random means and
+      variances near the data) and a warm-up baseline (another random block), then
+      :func:`~bnwatch.drift.decide` over the 53 layers -- what a monitor sends after its
+      warm-up.  Two such sets of reports are built; every window reuses one of them under a
+      fresh ``uid`` (the store deduplicates by uid) and its own start and end.  Everything is
+      built before any timing, the windows of every round included.
+    * Steady state.  Before timing, one untimed window per backend creates the model, its
+      layers and their references (stored once, then found by digest), and every writer
+      stores one untimed window first (engine, connection, schema check).  The timed windows
+      then pay what a long-running monitor pays per window.
+    * Round-robin rounds.  Each round runs every path once with ``--records`` new windows; the
+      order rotates every round, so a disturbance of the shared machine (or a PostgreSQL
+      checkpoint) does not always hit the same path.  Throughput is the median over rounds;
+      stored bytes are summed over rounds.  Size and row counts are read between paths,
+      outside the timed region, and the rows stored are checked against windows × layers.
+    * Server settings are left as found (printed, e.g. ``synchronous_commit``, ``fsync``): the
+      benchmark measures the store as deployed, not a tuned one.  SQLite runs as bnwatch
+      configures it (WAL, ``synchronous=NORMAL``).
+    * Client CPU.  The notes give, untimed, what ``write_windows`` computes per window before
+      any SQL: the 53 rows (moments encoded by the codec) and the digests of the references.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+import bnwatch
+from bnwatch.drift import DriftConfig, Reference, assess_layer, decide
+from bnwatch.schema import LayerReport, WindowRecord
+from bnwatch.stats import ChannelMoments, LayerStats
+from bnwatch.store.codec import encode_arrays, encode_moments, raw_moment_bytes
+from bnwatch.store.engine import create_engine
+from bnwatch.store.migrate import engine_for
+from bnwatch.store.repository import Repository, window_row
+from bnwatch.store.writer import StoreSink
+
+RESNET50_STAGES: tuple[tuple[int, int], ...] = ((64, 3), (128, 4), (256, 6), (512, 3))
+"""(planes, bottlenecks) of ResNet-50's four stages."""
+RESNET50_BN_LAYERS = 53
+RESNET50_BN_CHANNELS = 26_560
+RESNET50_STEM_SIDE = 112
+"""Side of the stem's feature map for a 224 x 224 input; each later stage halves it (after 56)."""
+
+BACKENDS: tuple[str, ...] = ("sqlite", "postgresql")
+REPOSITORY = "repository"
+WRITER = "writer"
+
+DEFAULT_RECORDS = 24
+"""Timed windows per path and round."""
+DEFAULT_ROUNDS = 3
+DEFAULT_BATCH_SIZES = (1, 8)
+DEFAULT_SINK_BATCH = 32
+"""StoreSink's own default batch size."""
+SAMPLES_PER_WINDOW = 64
+BATCH = 8
+VARIANTS = 2
+"""Distinct sets of reports the windows cycle through."""
+TARGET_PG_WINDOWS_PER_S = 50.0
+TARGET_BYTES_RATIO = 1.2
+PG_ENVS = ("BNWATCH_BENCH_POSTGRES_URL", "BNWATCH_TEST_POSTGRES_URL")
+PG_FALLBACK_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+FLUSH_TIMEOUT = 600.0
+
+
+# -- the windows ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BnLayer:
+    """One BatchNorm layer of the architecture: torchvision-style name, channels, map side."""
+
+    name: str
+    channels: int
+    side: int
+
+
+def resnet50_bn_layers() -> list[BnLayer]:
+    """ResNet-50's BatchNorm layers in module order (v1.5: the 3×3 conv carries the stride).
+
+    Stem 64; per bottleneck ``planes, planes, 4·planes``, plus the downsample BN (``4·planes``)
+    in the first block of each stage.
+    """
+    layers = [BnLayer("bn1", 64, RESNET50_STEM_SIDE)]
+    side = RESNET50_STEM_SIDE // 2  # after the max-pool
+    for s, (planes, blocks) in enumerate(RESNET50_STAGES):
+        for b in range(blocks):
+            stride = 2 if s > 0 and b == 0 else 1
+            out_side = side // stride
+            prefix = f"layer{s + 1}.{b}"
+            layers.append(BnLayer(f"{prefix}.bn1", planes, side))
+            layers.append(BnLayer(f"{prefix}.bn2", planes, out_side))
+            layers.append(BnLayer(f"{prefix}.bn3", 4 * planes, out_side))
+            if b == 0:
+                layers.append(BnLayer(f"{prefix}.downsample.1", 4 * planes, out_side))
+            side = out_side
+    assert len(layers) == RESNET50_BN_LAYERS, len(layers)
+    assert sum(layer.channels for layer in layers) == RESNET50_BN_CHANNELS
+    return layers
+
+
+def _random_moments(
+    rng: np.random.Generator, mu: np.ndarray, sd: np.ndarray, side: int
+) -> ChannelMoments:
+    """Moments of ``SAMPLES_PER_WINDOW`` samples with random per-sample means and variances."""
+    shape = (SAMPLES_PER_WINDOW, mu.shape[0])
+    m = mu + 0.5 * sd * rng.standard_normal(shape)
+    v = 0.75 * sd**2 * rng.gamma(20.0, 1.0 / 20.0, shape)
+    return ChannelMoments.from_rows(m, v, float(side * side))
+
+
+def build_reports(
+    layers: Sequence[BnLayer], variants: int = VARIANTS, seed: int = 0
+) -> list[dict[str, LayerReport]]:
+    """``variants`` decided report sets of one model (shared running and baseline references)."""
+    rng = np.random.default_rng(seed)
+    config = DriftConfig()
+    refs: list[tuple[Reference, Reference, np.ndarray, np.ndarray]] = []
+    for layer in layers:
+        mu = rng.normal(0.0, 1.0, layer.channels)
+        sd = rng.uniform(0.5, 2.0, layer.channels)
+        running = Reference.running(
+            mu + rng.normal(0.0, 0.05, layer.channels),
+            sd**2 * rng.uniform(0.9, 1.1, layer.channels),
+        )
+        baseline = Reference.from_moments(_random_moments(rng, mu, sd, layer.side))
+        refs.append((running, baseline, mu, sd))
+    out: list[dict[str, LayerReport]] = []
+    for _ in range(variants):
+        assessed: dict[str, LayerReport] = {}
+        for depth, (layer, (running, baseline, mu, sd)) in enumerate(
+            zip(layers, refs, strict=True)
+        ):
+            stats = LayerStats(
+                moments=_random_moments(rng, mu, sd, layer.side),
+                batch_sizes={BATCH: SAMPLES_PER_WINDOW // BATCH},
+                n_batches=SAMPLES_PER_WINDOW // BATCH,
+                batches_seen=SAMPLES_PER_WINDOW // BATCH,
+                samples_seen=SAMPLES_PER_WINDOW,
+            )
+            assessed[layer.name] = assess_layer(
+                layer.name,
+                "BatchNorm2d",
+                stats,
+                eps=1e-5,
+                running=running,
+                baseline=baseline,
+                baseline_kind="warmup",
+                depth=depth,
+                running_stats_mutated=False,
+                config=config,
+            )
+        out.append(decide(assessed, config))
+    return out
+
+
+class RecordFactory:
+    """Fresh windows (new uid, consecutive minutes) cycling through prebuilt report sets."""
+
+    def __init__(self, reports: Sequence[dict[str, LayerReport]]) -> None:
+        self.reports = list(reports)
+        self.start = datetime(2024, 1, 1, tzinfo=timezone.utc)
+        self.made = 0
+
+    def make(self, n: int) -> list[WindowRecord]:
+        out = []
+        for _ in range(n):
+            start = self.start + timedelta(minutes=self.made)
+            out.append(
+                WindowRecord(
+                    model="resnet50",
+                    version="bench",
+                    source="bench:1",
+                    start=start,
+                    end=start + timedelta(minutes=1),
+                    reports=self.reports[self.made % len(self.reports)],
+                    uid=uuid.uuid4().hex,
+                )
+            )
+            self.made += 1
+        return out
+
+
+def client_cpu_ms(record: WindowRecord, repeats: int = 5) -> dict[str, float]:
+    """Median ms per window of the work ``write_windows`` does before any SQL."""
+    rows: list[float] = []
+    digests: list[float] = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for report in record.reports.values():
+            window_row(record, report, 1, 1, 1, 1)
+        rows.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        for report in record.reports.values():  # what Repository._running_ref/_baseline_ref do
+            hashlib.sha256(encode_arrays(np.stack([report.ref_mean, report.ref_var]))).digest()
+            base = report.baseline_moments
+            if base is not None:
+                blob = encode_arrays(np.stack([base.mean, base.var]))
+                hashlib.sha256(blob + encode_moments(base)).digest()
+        digests.append(time.perf_counter() - start)
+    return {
+        "rows_ms": 1e3 * statistics.median(rows),
+        "ref_digests_ms": 1e3 * statistics.median(digests),
+    }
+
+
+# -- databases -----------------------------------------------------------------------------------
+def default_postgres_url() -> str:
+    for name in PG_ENVS:
+        value = os.environ.get(name)
+        if value:
+            return value
+    return PG_FALLBACK_URL
+
+
+@contextlib.contextmanager
+def postgres_database(admin_url: str) -> Iterator[str]:
+    """A fresh database ``bnwatch_bench_<random>`` on the server of ``admin_url``, dropped after."""
+    admin = sa.make_url(admin_url).set(drivername="postgresql+psycopg")
+    name = f"bnwatch_bench_{uuid.uuid4().hex[:12]}"
+    engine = sa.create_engine(admin, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+        try:
+            yield admin.set(database=name).render_as_string(hide_password=False)
+        finally:
+            with engine.connect() as conn:
+                conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        engine.dispose()
+
+
+@dataclass(frozen=True)
+class Size:
+    """Stored bytes of the ``windows`` table (PostgreSQL) or the whole file (SQLite), rows."""
+
+    bytes: int
+    rows: int
+
+
+class Meter:
+    """Reads stored bytes and rows between timed sections (its own engine)."""
+
+    def __init__(self, backend: str, url: str, sqlite_path: Path | None) -> None:
+        self.backend = backend
+        self.sqlite_path = sqlite_path
+        self.engine: Engine = create_engine(url)
+
+    def read(self) -> Size:
+        with self.engine.connect() as conn:
+            rows = int(conn.execute(sa.text("SELECT count(*) FROM windows")).scalar_one())
+            if self.backend == "postgresql":
+                size = conn.execute(sa.text("SELECT pg_total_relation_size('windows')"))
+                return Size(int(size.scalar_one()), rows)
+            conn.rollback()
+            for _ in range(100):  # a reader still inside a transaction makes it busy
+                busy = conn.execute(sa.text("PRAGMA wal_checkpoint(TRUNCATE)")).one()[0]
+                if not busy:
+                    break
+                time.sleep(0.05)
+        assert self.sqlite_path is not None
+        wal = Path(f"{self.sqlite_path}-wal")
+        extra = wal.stat().st_size if wal.exists() else 0
+        return Size(self.sqlite_path.stat().st_size + extra, rows)
+
+    def server(self) -> dict[str, Any]:
+        """Version and the settings that decide commit cost."""
+        with self.engine.connect() as conn:
+            if self.backend == "sqlite":
+                return {
+                    "version": conn.execute(sa.text("SELECT sqlite_version()")).scalar_one(),
+                    "journal_mode": conn.execute(sa.text("PRAGMA journal_mode")).scalar_one(),
+                    "synchronous": conn.execute(sa.text("PRAGMA synchronous")).scalar_one(),
+                    "page_size": conn.execute(sa.text("PRAGMA page_size")).scalar_one(),
+                }
+            out: dict[str, Any] = {
+                "version": conn.execute(sa.text("SHOW server_version")).scalar_one()
+            }
+            for name in ("synchronous_commit", "fsync", "wal_compression", "max_wal_size"):
+                out[name] = conn.execute(sa.text(f"SHOW {name}")).scalar_one()
+            return out
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+# -- measurement ---------------------------------------------------------------------------------
+@dataclass
+class PathResult:
+    """Every timed round of one write path on one backend."""
+
+    backend: str
+    path: str
+    batch: int
+    seconds: list[float] = field(default_factory=list)
+    windows: list[int] = field(default_factory=list)
+    transaction_seconds: list[float] = field(default_factory=list)
+    stored_bytes: int = 0
+    rows_stored: int = 0
+    dropped: int = 0
+    complete: bool = True
+
+
+def time_repository(repo: Repository, records: Sequence[WindowRecord], batch: int) -> list[float]:
+    """Seconds of each ``write_windows`` call over ``records``, ``batch`` per call."""
+    out = []
+    for i in range(0, len(records), batch):
+        chunk = records[i : i + batch]
+        start = time.perf_counter()
+        repo.write_windows(chunk)
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def run_path(
+    result: PathResult,
+    *,
+    url: str,
+    repo: Repository,
+    meter: Meter,
+    records: Sequence[WindowRecord],
+    warmup: WindowRecord,
+) -> None:
+    """One timed round of one path; size and rows are read just outside the timed region."""
+    if result.path == REPOSITORY:
+        before = meter.read()
+        calls = time_repository(repo, records, result.batch)
+        after = meter.read()
+        result.seconds.append(sum(calls))
+        result.transaction_seconds.extend(calls)
+    else:
+        sink = StoreSink(url, batch_size=result.batch)
+        try:
+            sink.write(warmup)  # untimed: engine, connection, schema check, id cache
+            if not sink.flush(FLUSH_TIMEOUT):
+                raise RuntimeError("the writer did not store its warm-up window")
+            before = meter.read()
+            start = time.perf_counter()
+            for record in records:
+                sink.write(record)
+            result.complete &= sink.flush(FLUSH_TIMEOUT)
+            result.seconds.append(time.perf_counter() - start)
+            after = meter.read()
+        finally:
+            sink.close()
+        stats = sink.stats()
+        result.dropped += stats.dropped + stats.rejected
+    result.windows.append(len(records))
+    result.stored_bytes += after.bytes - before.bytes
+    result.rows_stored += after.rows - before.rows
+
+
+def run_backend(
+    backend: str,
+    url: str,
+    *,
+    sqlite_path: Path | None,
+    factory: RecordFactory,
+    paths: Sequence[tuple[str, int]],
+    rounds: int,
+    records: int,
+    progress: Callable[[str], None],
+) -> tuple[list[PathResult], dict[str, Any]]:
+    """Every path on one (empty) database, ``rounds`` rounds round-robin."""
+    engine = engine_for(url)  # creates the schema
+    meter = Meter(backend, url, sqlite_path)
+    try:
+        repo = Repository(engine)
+        repo.write_windows(factory.make(1))  # untimed: model, layers, references
+        results = [PathResult(backend, path, batch) for path, batch in paths]
+        # every window of every round exists before the first timing
+        planned = [
+            [(factory.make(records), factory.make(1)[0]) for _ in results] for _ in range(rounds)
+        ]
+        for r in range(rounds):
+            shift = r % len(results)
+            order = list(range(len(results)))
+            order = order[shift:] + order[:shift]
+            for i in order:
+                batch_records, warmup = planned[r][i]
+                run_path(
+                    results[i],
+                    url=url,
+                    repo=repo,
+                    meter=meter,
+                    records=batch_records,
+                    warmup=warmup,
+                )
+            progress(f" {backend}: round {r + 1}/{rounds} done")
+        server = meter.server()
+        server["final"] = vars(meter.read())
+        return results, server
+    finally:
+        meter.close()
+        engine.dispose()
+
+
+def summarize(result: PathResult, layers: int, raw_bytes: int) -> dict[str, Any]:
+    """One row of results."""
+    rates = [w / s for w, s in zip(result.windows, result.seconds, strict=True) if s > 0]
+    windows = sum(result.windows)
+    rate = statistics.median(rates) if rates else float("nan")
+    per_window = result.stored_bytes / windows if windows else float("nan")
+    goal = TARGET_PG_WINDOWS_PER_S if result.backend == "postgresql" else None
+    bytes_ratio = per_window / raw_bytes
+    tx = result.transaction_seconds
+    return {
+        "backend": result.backend,
+        "path": result.path,
+        "batch": result.batch,
+        "rounds": len(result.windows),
+        "windows": windows,
+        "rows_expected": windows * layers,
+        "rows_stored": result.rows_stored,
+        "dropped_or_rejected": result.dropped,
+        "complete": result.complete,
+        "seconds": sum(result.seconds),
+        "round_seconds": result.seconds,
+        "windows_per_s": rate,
+        "windows_per_s_min": min(rates) if rates else float("nan"),
+        "windows_per_s_max": max(rates) if rates else float("nan"),
+        "windows_per_s_overall": windows / sum(result.seconds) if sum(result.seconds) else None,
+        "raw_mb_per_s": rate * raw_bytes / 1e6,
+        "stored_mb_per_s": rate * per_window / 1e6,
+        "target_windows_per_s": goal,
+        "throughput_ratio": None if goal is None else rate / goal,
+        "meets_throughput": None if goal is None else bool(rate >= goal),
+        "ms_per_transaction_median": 1e3 * statistics.median(tx) if tx else None,
+        "stored_bytes": result.stored_bytes,
+        "stored_bytes_per_window": per_window,
+        "raw_bytes_per_window": raw_bytes,
+        "bytes_ratio": bytes_ratio,
+        "target_bytes_ratio": TARGET_BYTES_RATIO,
+        "meets_bytes": bool(bytes_ratio <= TARGET_BYTES_RATIO),
+    }
+
+
+# -- output --------------------------------------------------------------------------------------
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The results table: throughput and its target ratio, stored bytes and their ratio."""
+    header = (
+        f"{'backend':<10} {'path':<10} {'batch':>5} {'windows':>7}  "
+        f"{'windows/s median [min, max]':<26} {'÷target':>7}  {'target':<9} {'raw MB/s':>8}  "
+        f"{'ms/txn':>6}  {'stored B/window':>15} {'÷raw':>6}  {'target':<9}"
+    )
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        goal = row["target_windows_per_s"]
+        verdict = "-" if goal is None else f">={goal:.0f} {_ok(row['meets_throughput'])}"
+        ratio = "-" if goal is None else f"{row['throughput_ratio']:.2f}x"
+        rate = (
+            f"{row['windows_per_s']:7.1f} [{row['windows_per_s_min']:.1f}, "
+            f"{row['windows_per_s_max']:.1f}]"
+        )
+        bytes_verdict = f"<={row['target_bytes_ratio']:.1f} {_ok(row['meets_bytes'])}"
+        tx = row["ms_per_transaction_median"]
+        lines.append(
+            f"{row['backend']:<10} {row['path']:<10} {row['batch']:>5} {row['windows']:>7}  "
+            f"{rate:<26} {ratio:>7}  {verdict:<9} {row['raw_mb_per_s']:>8.1f}  "
+            f"{'-' if tx is None else f'{tx:.1f}':>6}  "
+            f"{row['stored_bytes_per_window']:>15,.0f} {row['bytes_ratio']:>5.3f}x  "
+            f"{bytes_verdict:<9}"
+        )
+    return "\n".join(lines)
+
+
+def _ok(met: bool) -> str:
+    return "ok" if met else "MISS"
+
+
+# -- command line --------------------------------------------------------------------------------
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Insert throughput of ResNet-50-sized windows into SQLite and PostgreSQL.",
+        epilog="Methodology: see the module docstring of benchmarks/store.py.",
+    )
+    p.add_argument(
+        "--backends",
+        nargs="+",
+        choices=BACKENDS,
+        default=list(BACKENDS),
+        help="databases to measure (default: both)",
+    )
+    p.add_argument(
+        "--postgres-url",
+        default=None,
+        metavar="URL",
+        help="PostgreSQL server to create the benchmark database on (default: "
+        f"${PG_ENVS[0]}, ${PG_ENVS[1]} or {PG_FALLBACK_URL})",
+    )
+    p.add_argument(
+        "--records",
+        type=int,
+        default=None,
+        help=f"timed windows per path and round (default {DEFAULT_RECORDS})",
+    )
+    p.add_argument("--rounds", type=int, default=None, help=f"rounds (default {DEFAULT_ROUNDS})")
+    p.add_argument(
+        "--batch-sizes",
+        type=int,
+        nargs="+",
+        default=None,
+        help="windows per write_windows call, one repository path each (default "
+        f"{' '.join(map(str, DEFAULT_BATCH_SIZES))})",
+    )
+    p.add_argument(
+        "--sink-batch-size",
+        type=int,
+        default=None,
+        help=f"StoreSink batch_size (default {DEFAULT_SINK_BATCH}, the writer's default)",
+    )
+    p.add_argument(
+        "--smoke", action="store_true", help="tiny run for tests: 2 windows, 1 round, batches 1 2"
+    )
+    p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write results here")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random statistics")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.records = 2 if args.records is None else args.records
+        args.rounds = 1 if args.rounds is None else args.rounds
+        args.batch_sizes = args.batch_sizes or [1, 2]
+        args.sink_batch_size = 2 if args.sink_batch_size is None else args.sink_batch_size
+    args.records = DEFAULT_RECORDS if args.records is None else args.records
+    args.rounds = DEFAULT_ROUNDS if args.rounds is None else args.rounds
+    args.batch_sizes = list(args.batch_sizes or DEFAULT_BATCH_SIZES)
+    args.sink_batch_size = args.sink_batch_size or DEFAULT_SINK_BATCH
+    args.backends = list(dict.fromkeys(args.backends))
+    args.postgres_url = args.postgres_url or default_postgres_url()
+    for flag, value in (
+        ("--records", args.records),
+        ("--rounds", args.rounds),
+        ("--sink-batch-size", args.sink_batch_size),
+        *(("--batch-sizes", b) for b in args.batch_sizes),
+    ):
+        if value < 1:
+            p.error(f"{flag} must be >= 1, got {value}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark, print the table, optionally write JSON; returns the results."""
+    args = parse_args(argv)
+    load_before = os.getloadavg()
+    started = time.perf_counter()
+
+    def progress(message: str) -> None:
+        if not args.quiet:
+            print(f"[{time.perf_counter() - started:6.1f}s]{message}", file=sys.stderr, flush=True)
+
+    layers = resnet50_bn_layers()
+    channels = sum(layer.channels for layer in layers)
+    raw = raw_moment_bytes(channels)
+    factory = RecordFactory(build_reports(layers, seed=args.seed))
+    sample = factory.reports[0]
+    encoded = sum(len(encode_moments(r.stats.moments)) for r in sample.values())
+    cpu = client_cpu_ms(factory.make(1)[0])
+    progress(f" {VARIANTS} report sets of {len(layers)} layers built")
+    paths = [(REPOSITORY, b) for b in args.batch_sizes] + [(WRITER, args.sink_batch_size)]
+
+    rows: list[dict[str, Any]] = []
+    servers: dict[str, dict[str, Any]] = {}
+    databases: dict[str, str] = {}
+    for backend in args.backends:
+        with contextlib.ExitStack() as stack:
+            if backend == "sqlite":
+                tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bnwatch_")))
+                sqlite_path: Path | None = tmp / "bench.db"
+                url = f"sqlite:///{sqlite_path}"
+            else:
+                sqlite_path = None
+                url = stack.enter_context(postgres_database(args.postgres_url))
+            databases[backend] = sa.make_url(url).database or ""
+            progress(f" {backend}: {len(paths)} paths x {args.rounds} rounds x {args.records}")
+            results, servers[backend] = run_backend(
+                backend,
+                url,
+                sqlite_path=sqlite_path,
+                factory=factory,
+                paths=paths,
+                rounds=args.rounds,
+                records=args.records,
+                progress=progress,
+            )
+        rows.extend(summarize(r, len(layers), raw) for r in results)
+    total = time.perf_counter() - started
+    load_after = os.getloadavg()
+
+    meta = {
+        "model": "ResNet-50 BatchNorm layers (no torch: random statistics, decided reports)",
+        "bn_layers": len(layers),
+        "bn_channels": channels,
+        "raw_bytes_per_window": raw,
+        "encoded_bytes_per_window": encoded,
+        "client_cpu_ms_per_window": cpu,
+        "samples_per_window": SAMPLES_PER_WINDOW,
+        "records_per_round": args.records,
+        "rounds": args.rounds,
+        "batch_sizes": args.batch_sizes,
+        "sink_batch_size": args.sink_batch_size,
+        "servers": servers,
+        "databases": databases,
+        "sqlalchemy": sa.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "bnwatch": bnwatch.__version__,
+        "smoke": args.smoke,
+        "total_seconds": total,
+        "load_average_1m_before_after": [load_before[0], load_after[0]],
+    }
+    print(
+        f"ResNet-50 windows: {len(layers)} layers, {channels:,} channels; raw float64 "
+        f"statistics {raw:,} B/window, codec {encoded:,} B ({encoded / raw:.3f}x raw)"
+    )
+    for backend, server in servers.items():
+        settings = ", ".join(f"{k}={v}" for k, v in server.items() if k != "final")
+        print(f"{backend}: {settings}")
+    print(
+        f"{args.rounds} round(s) round-robin, {args.records} timed windows per path and round; "
+        "windows/s = median over rounds; stored = growth per window"
+    )
+    print("  (PostgreSQL: pg_total_relation_size('windows'); SQLite: file after checkpoint)")
+    print()
+    print(format_table(rows))
+    print()
+    print(
+        f"  client CPU per window before SQL: rows (moments encoded) {cpu['rows_ms']:.1f} ms, "
+        f"reference digests {cpu['ref_digests_ms']:.1f} ms"
+    )
+    for row in rows:
+        if row["rows_stored"] != row["rows_expected"] or row["dropped_or_rejected"]:
+            print(
+                f"  WARNING {row['backend']} {row['path']} {row['batch']}: {row['rows_stored']} "
+                f"rows stored, {row['rows_expected']} expected, "
+                f"{row['dropped_or_rejected']} dropped or rejected"
+            )
+    print(
+        f"total runtime {total:.1f} s; 1-min load average {load_before[0]:.2f} before, "
+        f"{load_after[0]:.2f} after, on {os.cpu_count()} CPUs"
+    )
+
+    out = {"meta": meta, "results": rows}
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
+        print(f"results written to {args.json}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""Compact binary encoding of per-channel arrays (never JSON text).
+
+A blob is a small header followed by the arrays, all little-endian::
+
+    magic  b"BNA1"                      4 bytes
+    dtype  numpy dtype string, e.g. b"<f8", NUL-padded to 4 bytes
+    rows   uint32   number of arrays (e.g. 13 moment fields)
+    cols   uint32   length of every array (the channel count C)
+    then, per array:
+        flag  uint8  0 = C values follow, 1 = one value follows (the array is constant)
+
+Constant arrays -- the per-channel sample and element counts, which are equal for every
+channel unless non-finite values were excluded -- cost one value instead of C.  Values are
+stored bit for bit: decoding gives back exactly the float64 numbers that were encoded.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+
+import numpy as np
+from numpy.typing import NDArray
+
+from bnwatch.errors import ShapeError
+from bnwatch.stats import MOMENT_FIELDS, ChannelMoments
+
+MAGIC = b"BNA1"
+_HEADER = struct.Struct("<4s4sII")
+
+
+class CodecError(ShapeError):
+    """A stored blob is not a bnwatch array blob (or is truncated)."""
+
+
+def encode_arrays(arrays: Sequence[NDArray[np.float64]] | NDArray[np.float64]) -> bytes:
+    """Encode equal-length 1-D arrays (or a 2-D array, one row per array) as float64."""
+    stacked = np.asarray(arrays, dtype="<f8")
+    if stacked.ndim != 2:
+        raise ShapeError("arrays to encode", "[rows, C]", stacked.shape)
+    rows, cols = stacked.shape
+    parts = [_HEADER.pack(MAGIC, b"<f8\0", rows, cols)]
+    for row in stacked:
+        if cols and np.all(row.view(np.int64) == row[:1].view(np.int64)):  # bitwise constant
+            parts.append(b"\x01")
+            parts.append(row[:1].tobytes())
+        else:
+            parts.append(b"\x00")
+            parts.append(row.tobytes())
+    return b"".join(parts)
+
+
+def decode_arrays(blob: bytes | memoryview) -> NDArray[np.float64]:
+    """The ``[rows, C]`` float64 array a blob of :func:`encode_arrays` holds."""
+    data = bytes(blob)
+    if len(data) < _HEADER.size:
+        raise CodecError("array blob", f">= {_HEADER.size} bytes", len(data))
+    magic, dtype, rows, cols = _HEADER.unpack_from(data)
+    if magic != MAGIC or dtype.rstrip(b"\0") != b"<f8":
+        raise CodecError("array blob header", (MAGIC, b"<f8"), (magic, dtype))
+    out = np.empty((rows, cols), dtype=np.float64)
+    pos = _HEADER.size
+    for r in range(rows):
+        if pos >= len(data):
+            raise CodecError("array blob", f"{rows} arrays", r)
+        flag = data[pos]
+        pos += 1
+        n = 1 if flag == 1 else cols
+        end = pos + 8 * n
+        if end > len(data) or flag not in (0, 1):
+            raise CodecError("array blob", f"{rows} arrays of {cols}", f"truncated at array {r}")
+        values = np.frombuffer(data, dtype="<f8", count=n, offset=pos)
+        out[r] = values[0] if flag == 1 else values
+        pos = end
+    if pos != len(data):
+        raise CodecError("array blob", f"{pos} bytes", len(data))
+    return out
+
+
+def encode_moments(moments: ChannelMoments) -> bytes:
+    """A window's sufficient statistics, fields in :data:`~bnwatch.stats.MOMENT_FIELDS` order."""
+    return encode_arrays(np.stack(moments.as_arrays()))
+
+
+def decode_moments(blob: bytes | memoryview) -> ChannelMoments:
+    arrays = decode_arrays(blob)
+    if arrays.shape[0] != len(MOMENT_FIELDS):
+        raise CodecError("moment blob", len(MOMENT_FIELDS), arrays.shape[0])
+    return ChannelMoments.from_arrays(list(arrays))
+
+
+def raw_moment_bytes(channels: int) -> int:
+    """Bytes of the sufficient statistics as plain float64 arrays: the storage yardstick."""
+    return len(MOMENT_FIELDS) * 8 * channels

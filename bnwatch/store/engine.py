@@ -1,0 +1,86 @@
+"""Database URLs, engines and the schema-version check.
+
+SQLite (the embedded default, ``sqlite:///bnwatch.db``) runs in WAL mode with a busy timeout,
+so several processes can write one file; PostgreSQL (``postgresql+psycopg://...``; a bare
+``postgresql://`` uses psycopg 3) is the production store.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import URL, Engine
+from sqlalchemy.exc import ArgumentError
+
+from bnwatch.errors import BnwatchError, ConfigError
+
+SUPPORTED = ("sqlite", "postgresql")
+DEFAULT_URL = "sqlite:///bnwatch.db"
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+class SchemaError(BnwatchError, RuntimeError):
+    """The database schema is not the one this bnwatch version expects."""
+
+
+def parse_url(url: str | URL, *, argument: str = "store") -> URL:
+    """Validate a database URL; raises :class:`ConfigError` naming ``argument`` if unusable."""
+    try:
+        parsed = sa.make_url(url)
+    except (ArgumentError, ValueError, TypeError) as err:
+        raise ConfigError(
+            argument, url, "a database URL such as sqlite:///bnwatch.db or postgresql://host/db"
+        ) from err
+    backend = parsed.get_backend_name()
+    if backend not in SUPPORTED:
+        raise ConfigError(
+            argument,
+            url,
+            f"a SQLite or PostgreSQL URL (sqlite:///path.db, postgresql://...); {backend!r} "
+            "is not supported",
+        )
+    if backend == "postgresql" and parsed.get_driver_name() in ("psycopg2", "postgresql"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    try:
+        parsed.get_dialect()
+    except Exception as err:  # sqlalchemy.exc.NoSuchModuleError, ImportError of the driver
+        raise ConfigError(
+            argument,
+            url,
+            f"a URL whose driver is installed ({parsed.drivername!r} is not: for PostgreSQL "
+            "use postgresql:// or postgresql+psycopg://)",
+        ) from err
+    if backend == "sqlite" and parsed.database in (None, "") and "memory" not in str(parsed):
+        raise ConfigError(argument, url, "a SQLite file path, e.g. sqlite:///bnwatch.db")
+    return parsed
+
+
+def redacted(url: str | URL) -> str:
+    """The URL with its password hidden, for logs and messages."""
+    try:
+        return sa.make_url(url).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError, TypeError):
+        return "<invalid url>"
+
+
+def _sqlite_pragmas(dbapi_connection: Any, connection_record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def create_engine(url: str | URL, *, argument: str = "store", **kwargs: Any) -> Engine:
+    """An engine for a supported URL (SQLite: WAL, busy timeout, foreign keys)."""
+    parsed = parse_url(url, argument=argument)
+    if parsed.get_backend_name() == "sqlite":
+        engine = sa.create_engine(
+            parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}, **kwargs
+        )
+        sa.event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    kwargs.setdefault("pool_pre_ping", True)
+    return sa.create_engine(parsed, **kwargs)

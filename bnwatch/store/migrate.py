@@ -1,0 +1,93 @@
+"""Alembic migrations, run programmatically (``bnwatch db upgrade|downgrade``)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy.engine import URL, Engine
+
+from bnwatch.store.engine import SchemaError, create_engine, redacted
+
+logger = logging.getLogger("bnwatch")
+
+
+def migrations_dir() -> Path:
+    """The Alembic environment: ``migrations/`` of the source tree, or the packaged copy."""
+    here = Path(__file__).resolve()
+    for candidate in (here.parents[2] / "migrations", here.parents[1] / "_migrations"):
+        if (candidate / "env.py").exists():
+            return candidate
+    raise SchemaError("bnwatch's migrations are missing from this installation")
+
+
+def alembic_config(engine: Engine) -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(migrations_dir()))
+    cfg.attributes["engine"] = engine
+    return cfg
+
+
+def head_revision() -> str:
+    script = ScriptDirectory(str(migrations_dir()))
+    head = script.get_current_head()
+    if head is None:  # pragma: no cover - the package ships revisions
+        raise SchemaError("no migration revisions found")
+    return head
+
+
+def current_revision(engine: Engine) -> str | None:
+    """The revision the database is at (``None`` for a database without bnwatch tables)."""
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    command.upgrade(alembic_config(engine), revision)
+
+
+def downgrade(engine: Engine, revision: str = "-1") -> None:
+    command.downgrade(alembic_config(engine), revision)
+
+
+def ensure_schema(engine: Engine, *, create: bool = True) -> None:
+    """Make sure the database has the current schema.
+
+    An empty database is migrated to the current schema (when ``create``); a database behind
+    or ahead of this bnwatch version raises :class:`SchemaError` saying what to do.
+    """
+    current = current_revision(engine)
+    head = head_revision()
+    if current == head:
+        return
+    where = redacted(engine.url)
+    if current is None:
+        if not create:
+            raise SchemaError(
+                f"{where} has no bnwatch schema: run `bnwatch db upgrade --db {where}`"
+            )
+        logger.info("bnwatch: creating the schema in %s (revision %s)", where, head)
+        upgrade(engine)
+        return
+    script = ScriptDirectory(str(migrations_dir()))
+    known = {rev.revision for rev in script.walk_revisions()}
+    if current not in known:
+        raise SchemaError(
+            f"{where} is at schema revision {current}, which this bnwatch version does not know "
+            "(a newer bnwatch wrote it): upgrade bnwatch"
+        )
+    raise SchemaError(
+        f"{where} is at schema revision {current} but this bnwatch needs {head}: "
+        f"run `bnwatch db upgrade --db {where}`"
+    )
+
+
+def engine_for(url: str | URL, *, create: bool = True, argument: str = "store") -> Engine:
+    """An engine whose database has the current schema (see :func:`ensure_schema`)."""
+    engine = create_engine(url, argument=argument)
+    ensure_schema(engine, create=create)
+    return engine

@@ -1,0 +1,809 @@
+"""The query layer: write windows, read models, layers, windows, alerts and recalibrations.
+
+Writes take one transaction per call; validation happens before anything is written, so a
+rejected batch leaves nothing behind.  Inserts of shared rows (models, layers, references)
+are ``INSERT ... ON CONFLICT DO NOTHING`` followed by a select, so several replicas can
+write one database concurrently; windows carry a unique id, so a retried delivery is
+stored once.  Reads of a time range can be merged to a coarser resolution on the fly,
+exactly (the sufficient statistics merge exactly; metrics are recomputed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import numpy as np
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.orm import Session
+
+from bnwatch.drift import DriftConfig, Reference, assess_layer, decide
+from bnwatch.errors import ShapeError
+from bnwatch.schema import SCHEMA_VERSION, LayerReport, WindowRecord, utcnow
+from bnwatch.stats import ChannelMoments, LayerStats
+from bnwatch.store.codec import decode_arrays, decode_moments, encode_arrays, encode_moments
+from bnwatch.store.models import Alert, Layer, Model, Recalibration, Ref, Window
+
+METRIC_COLUMNS: tuple[str, ...] = (
+    "kl_mean",
+    "d_rms",
+    "log_r_rms",
+    "gap_p_value",
+    "frac_gap",
+    "gap",
+    "drift_kl_mean",
+    "drift_d_rms",
+    "drift_log_r_rms",
+    "p_value",
+    "frac_drifted",
+    "drifted",
+    "batch_stat_mode",
+    "running_stats_mutated",
+    "small_batch_mismatch",
+    "batch_noise_d",
+    "batch_noise_log_r",
+)
+"""Layer-level metrics stored as columns of ``windows`` (NULL where undefined)."""
+
+
+class ChannelMismatchError(ShapeError):
+    """A window's channel count disagrees with the layer already stored under that name."""
+
+    def __init__(self, model: str, version: str, layer: str, stored: int, found: int) -> None:
+        self.model = model
+        self.version = version
+        self.layer = layer
+        self.stored = stored
+        self.found = found
+        ValueError.__init__(
+            self,
+            f"layer {layer!r} of {model}@{version} has {stored} channels in the store but the "
+            f"window has {found}; a changed architecture needs a new model version",
+        )
+
+
+def _utc(value: datetime) -> datetime:
+    """SQLite returns naive datetimes: every timestamp bnwatch writes is UTC."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
+
+
+def _finite(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _digest(*blobs: bytes) -> str:
+    h = hashlib.sha256()
+    for b in blobs:
+        h.update(len(b).to_bytes(8, "little"))
+        h.update(b)
+    return h.hexdigest()
+
+
+def _insert_ignore(conn: Connection, table: sa.Table, rows: list[dict[str, Any]]) -> int:
+    """``INSERT ... ON CONFLICT DO NOTHING`` on PostgreSQL and SQLite; returns rows inserted."""
+    if not rows:
+        return 0
+    dialect = conn.dialect.name
+    stmt: Any
+    if dialect == "postgresql":
+        stmt = postgresql.insert(table).on_conflict_do_nothing()
+    elif dialect == "sqlite":
+        stmt = sqlite.insert(table).on_conflict_do_nothing()
+    else:  # pragma: no cover - parse_url only admits the two
+        raise ValueError(f"unsupported dialect {dialect}")
+    result = conn.execute(stmt.returning(table.c.id), rows)
+    return len(result.all())
+
+
+# --------------------------------------------------------------------------------------------
+# What reads return
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelInfo:
+    id: int
+    name: str
+    version: str
+    created_at: datetime
+    layers: int
+    windows: int
+    last_window_end: datetime | None
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    id: int
+    name: str
+    kind: str
+    channels: int
+    depth: int
+
+
+@dataclass(frozen=True, eq=False)
+class StoredWindow:
+    """A window of one layer as stored (or merged from stored windows).
+
+    ``metrics`` holds the layer-level metrics of :data:`METRIC_COLUMNS`; ``stats`` the full
+    sufficient statistics when they were asked for (``with_stats=True`` or a resolution).
+    """
+
+    model: str
+    version: str
+    layer: str
+    source: str
+    start: datetime
+    end: datetime
+    resolution_seconds: float
+    channels: int
+    n_samples: int
+    n_batches: int
+    samples_seen: int
+    batches_seen: int
+    nonfinite: int
+    batch_sizes: Mapping[int, int]
+    baseline: str
+    metrics: Mapping[str, Any]
+    stats: LayerStats | None = None
+    id: int | None = None
+    merged_from: int = 1
+
+    def __getattr__(self, name: str) -> Any:
+        metrics = self.__dict__.get("metrics", {})
+        if name in metrics:
+            return metrics[name]
+        raise AttributeError(name)
+
+
+@dataclass(frozen=True)
+class AlertInfo:
+    id: int
+    model: str
+    version: str
+    layer: str | None
+    kind: str
+    state: str
+    opened_at: datetime
+    last_seen_at: datetime
+    resolved_at: datetime | None
+    acknowledged_at: datetime | None
+    values: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class RecalibrationInfo:
+    id: int
+    model: str
+    version: str
+    alert_id: int | None
+    status: str
+    method: str
+    created_at: datetime
+    finished_at: datetime | None
+    outcome: Mapping[str, Any] | None
+
+
+@dataclass
+class _Ids:
+    models: dict[tuple[str, str], int] = field(default_factory=dict)
+    layers: dict[tuple[int, str], tuple[int, int]] = field(default_factory=dict)  # id, channels
+    refs: dict[tuple[int, str, str], int] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------
+# The repository
+# --------------------------------------------------------------------------------------------
+class Repository:
+    """Reads and writes bnwatch's tables through one engine (thread-safe like the engine)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._ids = _Ids()
+
+    # -- writes --------------------------------------------------------------------------
+    def write_windows(self, records: Sequence[WindowRecord]) -> int:
+        """Store closed windows in one transaction; returns the layer-windows inserted.
+
+        Raises:
+            ChannelMismatchError: a layer's channel count differs from the stored layer
+                (attribute ``index`` on the error: which record); nothing is written.
+        """
+        if not records:
+            return 0
+        new = _Ids()
+        with self.engine.begin() as conn:
+            rows: list[dict[str, Any]] = []
+            for index, record in enumerate(records):
+                model_id = self._model_id(conn, record.model, record.version, new)
+                layer_ids = self._layer_ids(conn, model_id, record, new, index)
+                for name, report in record.reports.items():
+                    layer_id = layer_ids[name]
+                    running = self._running_ref(conn, layer_id, report, new)
+                    baseline = self._baseline_ref(conn, layer_id, report, new)
+                    rows.append(window_row(record, report, model_id, layer_id, running, baseline))
+            inserted = _insert_ignore(conn, Window.__table__, rows)  # type: ignore[arg-type]
+        self._ids.models.update(new.models)
+        self._ids.layers.update(new.layers)
+        self._ids.refs.update(new.refs)
+        return inserted
+
+    def _model_id(self, conn: Connection, name: str, version: str, new: _Ids) -> int:
+        key = (name, version)
+        found = self._ids.models.get(key) or new.models.get(key)
+        if found is not None:
+            return found
+        _insert_ignore(
+            conn,
+            Model.__table__,  # type: ignore[arg-type]
+            [{"name": name, "version": version, "created_at": utcnow()}],
+        )
+        model_id = conn.execute(
+            sa.select(Model.id).where(Model.name == name, Model.version == version)
+        ).scalar_one()
+        new.models[key] = int(model_id)
+        return int(model_id)
+
+    def _layer_ids(
+        self, conn: Connection, model_id: int, record: WindowRecord, new: _Ids, index: int
+    ) -> dict[str, int]:
+        out: dict[str, int] = {}
+        missing: list[LayerReport] = []
+        for name, report in record.reports.items():
+            known = self._ids.layers.get((model_id, name)) or new.layers.get((model_id, name))
+            if known is None:
+                missing.append(report)
+            else:
+                out[name] = self._checked(record, name, known, report.channels, index)
+        if missing:
+            _insert_ignore(
+                conn,
+                Layer.__table__,  # type: ignore[arg-type]
+                [
+                    {
+                        "model_id": model_id,
+                        "name": r.layer,
+                        "kind": r.kind,
+                        "channels": r.channels,
+                        "depth": r.depth,
+                    }
+                    for r in missing
+                ],
+            )
+            stored = conn.execute(
+                sa.select(Layer.name, Layer.id, Layer.channels).where(
+                    Layer.model_id == model_id, Layer.name.in_([r.layer for r in missing])
+                )
+            ).all()
+            for lname, lid, channels in stored:
+                new.layers[(model_id, lname)] = (int(lid), int(channels))
+            for r in missing:
+                known = new.layers[(model_id, r.layer)]
+                out[r.layer] = self._checked(record, r.layer, known, r.channels, index)
+        return out
+
+    @staticmethod
+    def _checked(
+        record: WindowRecord, name: str, known: tuple[int, int], channels: int, index: int
+    ) -> int:
+        layer_id, stored = known
+        if stored != channels:
+            err = ChannelMismatchError(record.model, record.version, name, stored, channels)
+            err.index = index  # type: ignore[attr-defined]
+            raise err
+        return layer_id
+
+    def _ref_id(
+        self,
+        conn: Connection,
+        layer_id: int,
+        kind: str,
+        eps: float,
+        mean_var: bytes,
+        moments: bytes | None,
+        new: _Ids,
+        lineage: Mapping[str, Any] | None = None,
+        parent_id: int | None = None,
+    ) -> int:
+        digest = _digest(mean_var, moments or b"")
+        key = (layer_id, kind, digest)
+        found = self._ids.refs.get(key) or new.refs.get(key)
+        if found is not None:
+            return found
+        version = conn.execute(
+            sa.select(sa.func.count())
+            .select_from(Ref)
+            .where(Ref.layer_id == layer_id, Ref.kind == kind)
+        ).scalar_one()
+        _insert_ignore(
+            conn,
+            Ref.__table__,  # type: ignore[arg-type]
+            [
+                {
+                    "layer_id": layer_id,
+                    "kind": kind,
+                    "version": int(version) + 1,
+                    "digest": digest,
+                    "created_at": utcnow(),
+                    "eps": eps,
+                    "mean_var": mean_var,
+                    "moments": moments,
+                    "parent_id": parent_id,
+                    "lineage": dict(lineage) if lineage else None,
+                }
+            ],
+        )
+        ref_id = conn.execute(
+            sa.select(Ref.id).where(
+                Ref.layer_id == layer_id, Ref.kind == kind, Ref.digest == digest
+            )
+        ).scalar_one()
+        new.refs[key] = int(ref_id)
+        return int(ref_id)
+
+    def _running_ref(
+        self, conn: Connection, layer_id: int, report: LayerReport, new: _Ids
+    ) -> int | None:
+        if not np.isfinite(report.ref_mean).any():
+            return None
+        blob = encode_arrays(np.stack([report.ref_mean, report.ref_var]))
+        return self._ref_id(conn, layer_id, "running", report.eps, blob, None, new)
+
+    def _baseline_ref(
+        self, conn: Connection, layer_id: int, report: LayerReport, new: _Ids
+    ) -> int | None:
+        base = report.baseline_moments
+        if base is None:
+            return None
+        blob = encode_arrays(np.stack([base.mean, base.var]))
+        kind = report.baseline if report.baseline in ("profile", "warmup") else "baseline"
+        return self._ref_id(conn, layer_id, kind, report.eps, blob, encode_moments(base), new)
+
+    # -- reads -----------------------------------------------------------------------------
+    def models(self) -> list[ModelInfo]:
+        """Every stored model version, newest activity first."""
+        with Session(self.engine) as conn:
+            layers = (
+                sa.select(Layer.model_id, sa.func.count().label("n"))
+                .group_by(Layer.model_id)
+                .subquery()
+            )
+            windows = (
+                sa.select(
+                    Window.model_id,
+                    sa.func.count().label("n"),
+                    sa.func.max(Window.end).label("last"),
+                )
+                .group_by(Window.model_id)
+                .subquery()
+            )
+            rows = conn.execute(
+                sa.select(Model, layers.c.n, windows.c.n, windows.c.last)
+                .outerjoin(layers, layers.c.model_id == Model.id)
+                .outerjoin(windows, windows.c.model_id == Model.id)
+            ).all()
+        out = [
+            ModelInfo(
+                id=m.id,
+                name=m.name,
+                version=m.version,
+                created_at=_utc(m.created_at),
+                layers=int(nl or 0),
+                windows=int(nw or 0),
+                last_window_end=_utc(last) if last is not None else None,
+            )
+            for m, nl, nw, last in ((r[0], r[1], r[2], r[3]) for r in rows)
+        ]
+        never = datetime.min.replace(tzinfo=timezone.utc)
+        return sorted(out, key=lambda m: (m.last_window_end or never, m.id), reverse=True)
+
+    def _model_row(self, conn: Session, name: str, version: str) -> Model:
+        model = conn.execute(
+            sa.select(Model).where(Model.name == name, Model.version == version)
+        ).scalar_one_or_none()
+        if model is None:
+            raise KeyError(f"no model {name}@{version} in the store")
+        return model
+
+    def layers(self, model: str, version: str) -> list[LayerInfo]:
+        """The model version's layers in depth order."""
+        with Session(self.engine) as conn:
+            m = self._model_row(conn, model, version)
+            rows = conn.execute(
+                sa.select(Layer).where(Layer.model_id == m.id).order_by(Layer.depth, Layer.id)
+            ).scalars()
+            return [LayerInfo(r.id, r.name, r.kind, r.channels, r.depth) for r in rows]
+
+    def latest_windows(
+        self, model: str, version: str, *, with_stats: bool = False
+    ) -> list[StoredWindow]:
+        """The most recent window of every layer, in depth order."""
+        with Session(self.engine) as conn:
+            m = self._model_row(conn, model, version)
+            latest = (
+                sa.select(Window.layer_id, sa.func.max(Window.end).label("end"))
+                .where(Window.model_id == m.id)
+                .group_by(Window.layer_id)
+                .subquery()
+            )
+            query = (
+                sa.select(Window, Layer)
+                .join(Layer, Layer.id == Window.layer_id)
+                .join(
+                    latest,
+                    sa.and_(latest.c.layer_id == Window.layer_id, latest.c.end == Window.end),
+                )
+                .order_by(Layer.depth, Layer.id, Window.id.desc())
+            )
+            rows = conn.execute(query).all()
+        seen: set[int] = set()
+        out = []
+        for w, layer in rows:
+            if layer.id in seen:  # two sources closed a window at the same instant
+                continue
+            seen.add(layer.id)
+            out.append(self.to_stored(m, layer, w, with_stats))
+        return out
+
+    def windows(
+        self,
+        model: str,
+        version: str,
+        *,
+        layer: str | None = None,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        source: str | None = None,
+        resolution: timedelta | float | None = None,
+        with_stats: bool = False,
+        config: DriftConfig | None = None,
+    ) -> list[StoredWindow]:
+        """Windows whose end lies in ``[start, end)``, ordered by layer depth then time.
+
+        With ``resolution`` (a timedelta or seconds), the windows of each layer are merged
+        into buckets of that length aligned to the Unix epoch -- exactly: sufficient
+        statistics merge without loss, and the metrics are recomputed on the merged window
+        against the stored references (``config`` sets the thresholds).
+        """
+        with Session(self.engine) as conn:
+            m = self._model_row(conn, model, version)
+            query = (
+                sa.select(Window, Layer)
+                .join(Layer, Layer.id == Window.layer_id)
+                .where(Window.model_id == m.id)
+            )
+            if layer is not None:
+                query = query.where(Layer.name == layer)
+            if start is not None:
+                query = query.where(Window.end >= start)
+            if end is not None:
+                query = query.where(Window.end < end)
+            if source is not None:
+                query = query.where(Window.source == source)
+            rows = conn.execute(query.order_by(Layer.depth, Layer.id, Window.end, Window.id)).all()
+            refs = self.refs_for(conn, [w for w, _ in rows]) if resolution else {}
+        if resolution is None:
+            return [self.to_stored(m, lr, w, with_stats) for w, lr in rows]
+        seconds = resolution.total_seconds() if isinstance(resolution, timedelta) else resolution
+        if not seconds > 0:
+            raise ValueError(f"resolution must be > 0 seconds, got {resolution!r}")
+        return merge_stored(
+            [
+                (self.to_stored(m, lr, w, True), lr, w.running_ref_id, w.baseline_ref_id)
+                for w, lr in rows
+            ],
+            refs,
+            float(seconds),
+            config or DriftConfig(),
+        )
+
+    def refs_for(self, conn: Session, windows: Iterable[Window]) -> dict[int, Ref]:
+        ids = {i for w in windows for i in (w.running_ref_id, w.baseline_ref_id) if i is not None}
+        if not ids:
+            return {}
+        return {r.id: r for r in conn.execute(sa.select(Ref).where(Ref.id.in_(ids))).scalars()}
+
+    @staticmethod
+    def to_stored(model: Model, layer: Layer, w: Window, with_stats: bool) -> StoredWindow:
+        stats = None
+        if with_stats:
+            stats = LayerStats(
+                moments=decode_moments(w.moments),
+                batch_sizes={int(k): int(v) for k, v in w.batch_sizes.items()},
+                n_batches=w.n_batches,
+                batches_seen=w.batches_seen,
+                samples_seen=w.samples_seen,
+                batch_stat_batches=w.batch_stat_batches,
+            )
+        return StoredWindow(
+            id=w.id,
+            model=model.name,
+            version=model.version,
+            layer=layer.name,
+            source=w.source,
+            start=_utc(w.start),
+            end=_utc(w.end),
+            resolution_seconds=w.resolution_seconds,
+            channels=w.channels,
+            n_samples=w.n_samples,
+            n_batches=w.n_batches,
+            samples_seen=w.samples_seen,
+            batches_seen=w.batches_seen,
+            nonfinite=w.nonfinite,
+            batch_sizes={int(k): int(v) for k, v in w.batch_sizes.items()},
+            baseline=w.baseline,
+            metrics={c: getattr(w, c) for c in METRIC_COLUMNS},
+            stats=stats,
+        )
+
+    def window_count(self, *, resolution_seconds: float | None = None) -> int:
+        with Session(self.engine) as conn:
+            query = sa.select(sa.func.count()).select_from(Window)
+            if resolution_seconds is not None:
+                query = query.where(Window.resolution_seconds == resolution_seconds)
+            return int(conn.execute(query).scalar_one())
+
+    def alerts(
+        self, *, model: str | None = None, version: str | None = None, state: str | None = None
+    ) -> list[AlertInfo]:
+        """Alerts, newest first, optionally of one model version and state."""
+        with Session(self.engine) as conn:
+            query = (
+                sa.select(Alert, Model, Layer.name)
+                .join(Model, Model.id == Alert.model_id)
+                .outerjoin(Layer, Layer.id == Alert.layer_id)
+            )
+            if model is not None:
+                query = query.where(Model.name == model)
+            if version is not None:
+                query = query.where(Model.version == version)
+            if state is not None:
+                query = query.where(Alert.state == state)
+            rows = conn.execute(query.order_by(Alert.opened_at.desc(), Alert.id.desc())).all()
+        return [
+            AlertInfo(
+                id=a.id,
+                model=m.name,
+                version=m.version,
+                layer=lname,
+                kind=a.kind,
+                state=a.state,
+                opened_at=_utc(a.opened_at),
+                last_seen_at=_utc(a.last_seen_at),
+                resolved_at=_utc(a.resolved_at) if a.resolved_at else None,
+                acknowledged_at=_utc(a.acknowledged_at) if a.acknowledged_at else None,
+                values=a.values,
+            )
+            for a, m, lname in rows
+        ]
+
+    def recalibrations(
+        self, *, model: str | None = None, version: str | None = None
+    ) -> list[RecalibrationInfo]:
+        """Recalibrations, newest first."""
+        with Session(self.engine) as conn:
+            query = sa.select(Recalibration, Model).join(Model, Model.id == Recalibration.model_id)
+            if model is not None:
+                query = query.where(Model.name == model)
+            if version is not None:
+                query = query.where(Model.version == version)
+            rows = conn.execute(query.order_by(Recalibration.created_at.desc())).all()
+        return [
+            RecalibrationInfo(
+                id=r.id,
+                model=m.name,
+                version=m.version,
+                alert_id=r.alert_id,
+                status=r.status,
+                method=r.method,
+                created_at=_utc(r.created_at),
+                finished_at=_utc(r.finished_at) if r.finished_at else None,
+                outcome=r.outcome,
+            )
+            for r, m in rows
+        ]
+
+
+# --------------------------------------------------------------------------------------------
+# Rows and merges (shared by writes, range queries and rollups)
+# --------------------------------------------------------------------------------------------
+def window_row(
+    record: WindowRecord | None,
+    report: LayerReport,
+    model_id: int,
+    layer_id: int,
+    running_ref_id: int | None,
+    baseline_ref_id: int | None,
+    *,
+    source: str | None = None,
+    start: datetime | None = None,
+    end: datetime | None = None,
+    uid: str | None = None,
+    resolution_seconds: float = 0.0,
+) -> dict[str, Any]:
+    """The ``windows`` row of one layer report."""
+    st = report.stats
+    row: dict[str, Any] = {
+        "uid": uid or (record.uid if record else ""),
+        "model_id": model_id,
+        "layer_id": layer_id,
+        "source": source or (record.source if record else ""),
+        "start": start or (record.start if record else utcnow()),
+        "end": end or (record.end if record else utcnow()),
+        "resolution_seconds": resolution_seconds,
+        "schema_version": record.schema_version if record else SCHEMA_VERSION,
+        "running_ref_id": running_ref_id,
+        "baseline_ref_id": baseline_ref_id,
+        "baseline": report.baseline,
+        "channels": report.channels,
+        "n_samples": st.moments.n_samples,
+        "n_batches": st.n_batches,
+        "batches_seen": st.batches_seen,
+        "samples_seen": st.samples_seen,
+        "batch_stat_batches": st.batch_stat_batches,
+        "nonfinite": report.nonfinite,
+        "batch_sizes": {str(k): int(v) for k, v in st.batch_sizes.items()},
+        "moments": encode_moments(st.moments),
+    }
+    row.update(report_metrics(report))
+    return row
+
+
+def report_metrics(report: LayerReport) -> dict[str, Any]:
+    """The :data:`METRIC_COLUMNS` of a report (NaN stored as NULL)."""
+    noise = report.observed_batch_noise
+    out: dict[str, Any] = {
+        "batch_noise_d": _finite(noise.rms_d) if noise else None,
+        "batch_noise_log_r": _finite(noise.rms_log_r) if noise else None,
+    }
+    for name in METRIC_COLUMNS[:-2]:
+        value = getattr(report, name)
+        out[name] = bool(value) if isinstance(value, (bool, np.bool_)) else _finite(float(value))
+    return out
+
+
+def reference_of(ref: Ref | None, *, baseline: bool) -> Reference | None:
+    """The drift.Reference a stored reference row stands for."""
+    if ref is None:
+        return None
+    if baseline and ref.moments is not None:
+        return Reference.from_moments(decode_moments(ref.moments))
+    mean_var = decode_arrays(ref.mean_var)
+    return Reference.running(mean_var[0], mean_var[1])
+
+
+@dataclass(frozen=True, eq=False)
+class Merged:
+    """One merged window with what it takes to store it."""
+
+    window: StoredWindow
+    layer: Layer
+    running_ref_id: int | None
+    baseline_ref_id: int | None
+    bucket: int
+    source_ids: tuple[int, ...]
+
+
+def merge_groups(
+    items: Sequence[tuple[StoredWindow, Layer, int | None, int | None]],
+    refs: Mapping[int, Ref],
+    seconds: float,
+    config: DriftConfig,
+    *,
+    by_source: bool = False,
+) -> list[Merged]:
+    """Merge windows into epoch-aligned buckets of ``seconds`` per layer (and per source when
+    ``by_source``), exactly, recomputing the metrics of each merged window.
+
+    A window belongs to the bucket its ``end`` falls in (a window ending exactly on a
+    boundary, to the bucket it closes).  All layers of one bucket are decided together,
+    since the cross-layer correction needs them all.
+    """
+    buckets: dict[tuple[int, str, int], list[tuple[StoredWindow, int | None, int | None]]] = (
+        defaultdict(list)
+    )
+    layers: dict[int, Layer] = {}
+    for stored, layer, running_id, baseline_id in items:
+        end_ts = stored.end.timestamp()
+        b = math.floor(end_ts / seconds)
+        if end_ts == b * seconds:
+            b -= 1
+        source = stored.source if by_source else "*"
+        buckets[(b, source, layer.id)].append((stored, running_id, baseline_id))
+        layers[layer.id] = layer
+    assessed: dict[tuple[int, str], dict[tuple[Any, ...], tuple[LayerReport, Merged]]] = (
+        defaultdict(dict)
+    )
+    for key, members in buckets.items():
+        b, source, layer_id = key
+        layer = layers[layer_id]
+        members.sort(key=lambda m: m[0].end)
+        group = [m[0] for m in members]
+        # judged against the newest references of the bucket (a baseline may appear mid-way)
+        running_id = next((m[1] for m in reversed(members) if m[1] is not None), None)
+        baseline_id = next((m[2] for m in reversed(members) if m[2] is not None), None)
+        merged = group[0].stats
+        if merged is None:
+            raise ValueError("merging windows needs their statistics (with_stats=True)")
+        for g in group[1:]:
+            if g.stats is None:
+                raise ValueError("merging windows needs their statistics (with_stats=True)")
+            merged = merged.merge(g.stats)
+        running_ref = refs.get(running_id) if running_id is not None else None
+        baseline_ref = refs.get(baseline_id) if baseline_id is not None else None
+        some_ref = running_ref or baseline_ref
+        eps = some_ref.eps if some_ref is not None else 1e-5
+        baseline = reference_of(baseline_ref, baseline=True)
+        report = assess_layer(
+            layer.name,
+            layer.kind,
+            merged,
+            eps=eps,
+            running=reference_of(running_ref, baseline=False),
+            baseline=baseline,
+            baseline_kind=group[-1].baseline if baseline is not None else "warming_up",
+            null=baseline.moments if baseline is not None else None,
+            depth=layer.depth,
+            running_stats_mutated=any(g.metrics.get("running_stats_mutated") for g in group),
+            config=config,
+        )
+        sources = {g.source for g in group}
+        window = StoredWindow(
+            model=group[0].model,
+            version=group[0].version,
+            layer=layer.name,
+            source=sources.pop() if len(sources) == 1 else "*",
+            start=datetime.fromtimestamp(b * seconds, tz=timezone.utc),
+            end=datetime.fromtimestamp((b + 1) * seconds, tz=timezone.utc),
+            resolution_seconds=seconds,
+            channels=report.channels,
+            n_samples=report.n_samples,
+            n_batches=merged.n_batches,
+            samples_seen=merged.samples_seen,
+            batches_seen=merged.batches_seen,
+            nonfinite=report.nonfinite,
+            batch_sizes=dict(merged.batch_sizes),
+            baseline=report.baseline,
+            metrics={},
+            stats=merged,
+            merged_from=len(group),
+        )
+        ids = tuple(g.id for g in group if g.id is not None)
+        entry = Merged(window, layer, running_id, baseline_id, b, ids)
+        assessed[(b, source)][(layer_id,)] = (report, entry)
+    out: list[Merged] = []
+    for bucket_key in sorted(assessed):
+        entries = assessed[bucket_key]
+        names = {k: f"{e.layer.name}\0{k}" for k, (_, e) in entries.items()}
+        decided = decide({names[k]: r for k, (r, _) in entries.items()}, config)
+        for k, (_, e) in entries.items():
+            window = _with_metrics(e.window, report_metrics(decided[names[k]]))
+            out.append(
+                Merged(window, e.layer, e.running_ref_id, e.baseline_ref_id, e.bucket, e.source_ids)
+            )
+    return sorted(out, key=lambda m: (m.layer.depth, m.layer.id, m.window.end, m.window.source))
+
+
+def merge_stored(
+    items: Sequence[tuple[StoredWindow, Layer, int | None, int | None]],
+    refs: Mapping[int, Ref],
+    seconds: float,
+    config: DriftConfig,
+) -> list[StoredWindow]:
+    """:func:`merge_groups` over all sources, as plain windows."""
+    return [m.window for m in merge_groups(items, refs, seconds, config)]
+
+
+def _with_metrics(w: StoredWindow, metrics: Mapping[str, Any]) -> StoredWindow:
+    values = dict(w.__dict__)
+    values["metrics"] = dict(metrics)
+    return StoredWindow(**values)
+
+
+def moments_equal(a: ChannelMoments, b: ChannelMoments) -> bool:
+    """Bitwise equality of two sets of sufficient statistics (for tests and dedup)."""
+    return all(np.array_equal(x, y) for x, y in zip(a.as_arrays(), b.as_arrays(), strict=True))

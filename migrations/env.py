@@ -1,0 +1,33 @@
+"""Alembic environment for bnwatch.
+
+Run through ``bnwatch db upgrade`` (which passes its engine in ``config.attributes``) or with
+the ``alembic`` command line: ``alembic -x url=sqlite:///bnwatch.db upgrade head``.
+"""
+
+from __future__ import annotations
+
+from alembic import context
+
+from bnwatch.store.engine import DEFAULT_URL, create_engine
+from bnwatch.store.models import Base
+
+config = context.config
+target_metadata = Base.metadata
+
+
+def run_migrations() -> None:
+    engine = config.attributes.get("engine")
+    if engine is None:
+        url = context.get_x_argument(as_dictionary=True).get("url", DEFAULT_URL)
+        engine = create_engine(url)
+    with engine.begin() as connection:
+        context.configure(
+            connection=connection,
+            target_metadata=target_metadata,
+            render_as_batch=connection.dialect.name == "sqlite",
+            compare_type=True,
+        )
+        context.run_migrations()
+
+
+run_migrations()

@@ -1,0 +1,76 @@
+"""Real windows for store tests: a small CNN watched with an in-memory sink."""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+
+import torch
+from torch import nn
+
+import bnwatch
+from bnwatch.schema import WindowRecord
+from bnwatch.sink import MemorySink
+
+
+def small_cnn(seed: int = 0, width: int = 6) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, width, 3, padding=1),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        nn.Conv2d(width, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.Flatten(),
+        nn.Linear(4 * 36, 5),
+        nn.BatchNorm1d(5),
+    ).eval()
+
+
+def batches(n: int, seed: int = 0, batch: int = 4, shift: float = 0.0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        torch.randn(batch, 3, 6, 6, generator=g) + torch.randn(batch, 3, 1, 1, generator=g) + shift
+        for _ in range(n)
+    ]
+
+
+def record_windows(
+    windows: int,
+    *,
+    per_window: int = 4,
+    seed: int = 0,
+    model: nn.Module | None = None,
+    name: str = "cnn",
+    version: str = "1",
+    source: str = "test:1",
+    warmup_samples: int = 16,
+) -> list[WindowRecord]:
+    """``windows`` closed windows of ``per_window`` batches each (all data differs)."""
+    net = model or small_cnn()
+    sink = MemorySink()
+    mon = bnwatch.watch(
+        net,
+        name=name,
+        version=version,
+        store=sink,
+        window_seconds=None,
+        overhead_budget=None,
+        source=source,
+        config=bnwatch.DriftConfig(warmup_samples=warmup_samples, min_samples=4),
+    )
+    data = batches(windows * per_window, seed=seed)
+    with torch.inference_mode():
+        for w in range(windows):
+            for x in data[w * per_window : (w + 1) * per_window]:
+                net(x)
+            mon.flush()
+    mon.close()
+    return sink.windows
+
+
+def renamed(record: WindowRecord, **changes: object) -> WindowRecord:
+    """A copy with a fresh uid (and other changes)."""
+    values: dict[str, object] = {"uid": uuid.uuid4().hex}
+    values.update(changes)
+    return dataclasses.replace(record, **values)  # type: ignore[arg-type]

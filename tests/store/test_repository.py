@@ -1,0 +1,149 @@
+"""Writing and reading windows: exact round trips, merges, idempotence, rejection."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import timedelta
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+import torch
+
+import bnwatch
+from bnwatch.errors import ConfigError
+from bnwatch.store.migrate import engine_for
+from bnwatch.store.repository import ChannelMismatchError, Repository, moments_equal
+from tests.store.helpers import batches, record_windows, renamed, small_cnn
+
+
+@pytest.fixture
+def repo(db_url: str) -> Iterator[Repository]:
+    engine = engine_for(db_url)
+    yield Repository(engine)
+    engine.dispose()
+
+
+def test_windows_round_trip_bit_for_bit(repo: Repository) -> None:
+    records = record_windows(3)
+    assert repo.write_windows(records) == 9
+    stored = repo.windows("cnn", "1", with_stats=True)
+    assert [w.layer for w in stored] == ["1"] * 3 + ["4"] * 3 + ["7"] * 3
+    for w in stored:
+        rec = next(r for r in records if abs((r.end - w.end).total_seconds()) < 1e-6)
+        report = rec.reports[w.layer]
+        assert w.stats is not None
+        assert moments_equal(w.stats.moments, report.stats.moments)
+        assert w.stats.batch_sizes == report.stats.batch_sizes
+        assert w.n_samples == report.n_samples == 16
+        assert w.gap == report.gap
+        assert w.drifted == report.drifted
+        for name in ("kl_mean", "d_rms", "log_r_rms", "gap_p_value", "frac_gap"):
+            assert getattr(w, name) == pytest.approx(getattr(report, name), rel=1e-12, nan_ok=True)
+        assert w.source == "test:1"
+        assert w.start == rec.start
+    layers = repo.layers("cnn", "1")
+    assert [(lr.name, lr.kind, lr.channels, lr.depth) for lr in layers] == [
+        ("1", "BatchNorm2d", 6, 0),
+        ("4", "BatchNorm2d", 4, 1),
+        ("7", "BatchNorm1d", 5, 2),
+    ]
+    (model,) = repo.models()
+    assert (model.name, model.version, model.layers, model.windows) == ("cnn", "1", 3, 9)
+    latest = repo.latest_windows("cnn", "1")
+    assert [w.end for w in latest] == [records[-1].end] * 3
+
+
+def test_redelivered_windows_are_stored_once(repo: Repository) -> None:
+    records = record_windows(2)
+    assert repo.write_windows(records) == 6
+    assert repo.write_windows(records) == 0
+    assert repo.write_windows([renamed(records[0])]) == 3
+    assert repo.window_count() == 9
+
+
+def test_references_are_stored_once_and_versioned(repo: Repository) -> None:
+    repo.write_windows(record_windows(5))
+    with repo.engine.connect() as conn:
+        refs = conn.execute(
+            sa.text("SELECT kind, count(*) FROM refs GROUP BY kind ORDER BY kind")
+        ).all()
+    # one running reference per layer; the warm-up baseline of each layer once it was ready
+    assert dict(refs) == {"running": 3, "warmup": 3}
+
+
+def test_a_channel_mismatch_rejects_the_whole_batch(repo: Repository) -> None:
+    good = record_windows(1)
+    repo.write_windows(good)
+    other = record_windows(1, model=small_cnn(width=9), source="test:2")  # layer '1': 9 channels
+    fresh = renamed(good[0])
+    with pytest.raises(ChannelMismatchError) as info:
+        repo.write_windows([fresh, other[0]])
+    err = info.value
+    assert (err.layer, err.stored, err.found) == ("1", 6, 9)
+    assert "layer '1' of cnn@1 has 6 channels in the store but the window has 9" in str(err)
+    assert err.index == 1  # type: ignore[attr-defined]
+    assert repo.window_count() == 3  # nothing of the rejected batch was written
+
+
+def test_time_range_and_exact_merges_to_a_coarser_resolution(repo: Repository) -> None:
+    """Merging stored windows gives what one window over all the data gives."""
+    net = small_cnn()
+    records = record_windows(4, model=net, warmup_samples=10**6)
+    repo.write_windows(records)
+    one = bnwatch.watch(
+        net,
+        name="cnn",
+        version="1",
+        window_seconds=None,
+        overhead_budget=None,
+        config=bnwatch.DriftConfig(warmup_samples=10**6, min_samples=4),
+    )
+    with torch.inference_mode():
+        for x in batches(16, seed=0):
+            net(x)
+    whole = one.flush()
+    one.close()
+    merged = repo.windows("cnn", "1", resolution=timedelta(days=3650))
+    assert len(merged) == 3
+    for w in merged:
+        ref = whole[w.layer]
+        assert w.merged_from == 4
+        assert w.stats is not None
+        for a, b in zip(w.stats.moments.as_arrays(), ref.stats.moments.as_arrays(), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9 * float(np.max(np.abs(b)) or 1))
+        assert w.n_samples == 64
+        assert w.gap_p_value == pytest.approx(ref.gap_p_value, rel=1e-6)
+        assert w.kl_mean == pytest.approx(ref.kl_mean, rel=1e-9)
+        assert w.gap == ref.gap
+    middle = repo.windows("cnn", "1", layer="4", start=records[1].end, end=records[3].end)
+    assert [w.end for w in middle] == [records[1].end, records[2].end]
+
+
+def test_unknown_model_is_a_key_error(repo: Repository) -> None:
+    with pytest.raises(KeyError, match="no model nope@1"):
+        repo.layers("nope", "1")
+
+
+@pytest.mark.parametrize(
+    "url", ["nonsense", "mysql://u@h/db", "sqlite://", "postgresql+nodriver://x", 42]
+)
+def test_unusable_store_urls_fail_at_watch(url: object) -> None:
+    with pytest.raises(ConfigError) as info:
+        bnwatch.watch(small_cnn(), store=url)  # type: ignore[arg-type]
+    assert info.value.argument == "store"
+
+
+def test_the_query_layer_imports_without_torch() -> None:
+    code = (
+        "import sys\n"
+        "sys.modules['torch'] = None\n"
+        "import bnwatch.store.repository, bnwatch.store.writer, bnwatch.store.rollup\n"
+        "import bnwatch.store.migrate\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr

@@ -1,0 +1,153 @@
+"""Rollups merge exactly; retention deletes; both are safe to re-run."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+
+import numpy as np
+import pytest
+import torch
+
+import bnwatch
+from bnwatch.cli import main
+from bnwatch.schema import WindowRecord
+from bnwatch.store.migrate import engine_for
+from bnwatch.store.repository import Repository
+from bnwatch.store.rollup import compact
+from tests.store.helpers import batches, record_windows, small_cnn
+
+NOW = datetime(2026, 6, 1, 12, 0, tzinfo=timezone.utc)
+
+
+def at(record: WindowRecord, start: datetime, minutes: float = 10) -> WindowRecord:
+    return dataclasses.replace(record, start=start, end=start + timedelta(minutes=minutes))
+
+
+@pytest.fixture
+def repo(db_url: str) -> Iterator[Repository]:
+    engine = engine_for(db_url)
+    yield Repository(engine)
+    engine.dispose()
+
+
+def test_compacted_window_equals_the_one_window_computation(repo: Repository) -> None:
+    net = small_cnn()
+    config = bnwatch.DriftConfig(warmup_samples=10**6, min_samples=4)
+    records = record_windows(6, model=net, warmup_samples=10**6)
+    hour = NOW - timedelta(days=2, hours=3)  # 09:00 two days ago: one whole hour bucket
+    old = [at(r, hour + timedelta(minutes=10 * i)) for i, r in enumerate(records)]
+    recent = record_windows(2, seed=9)  # now-ish: must stay raw
+    repo.write_windows(old + [dataclasses.replace(r, start=NOW, end=NOW) for r in recent])
+
+    result = compact(
+        repo.engine,
+        older_than=timedelta(days=1),
+        resolution=timedelta(hours=1),
+        now=NOW,
+        config=config,
+    )
+    assert (result.windows_merged, result.windows_created) == (18, 3)
+
+    one = bnwatch.watch(
+        net, name="cnn", version="1", window_seconds=None, overhead_budget=None, config=config
+    )
+    with torch.inference_mode():
+        for x in batches(24, seed=0):
+            net(x)
+    whole = one.flush()
+    one.close()
+
+    rolled = [w for w in repo.windows("cnn", "1", with_stats=True) if w.resolution_seconds == 3600]
+    assert len(rolled) == 3
+    for w in rolled:
+        ref = whole[w.layer]
+        assert w.stats is not None
+        for a, b in zip(w.stats.moments.as_arrays(), ref.stats.moments.as_arrays(), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9 * float(np.max(np.abs(b)) or 1))
+        assert (w.start, w.end) == (hour, hour + timedelta(hours=1))
+        assert w.n_samples == 96
+        assert w.n_batches == 24
+        assert w.gap == ref.gap
+        assert w.gap_p_value == pytest.approx(ref.gap_p_value, rel=1e-6)
+        assert w.d_rms == pytest.approx(ref.d_rms, rel=1e-9)
+    assert repo.window_count(resolution_seconds=0.0) == 6  # the recent windows stay raw
+
+    again = compact(
+        repo.engine,
+        older_than=timedelta(days=1),
+        resolution=timedelta(hours=1),
+        now=NOW,
+        config=config,
+    )
+    assert (again.windows_merged, again.windows_created) == (0, 0)
+
+
+def test_only_whole_buckets_before_the_cutoff_are_compacted(repo: Repository) -> None:
+    records = record_windows(4)
+    cutoff_hour = (NOW - timedelta(days=1)).replace(minute=0)
+    spans = [
+        cutoff_hour - timedelta(minutes=20),
+        cutoff_hour - timedelta(minutes=10),
+        cutoff_hour + timedelta(minutes=5),
+        cutoff_hour + timedelta(minutes=15),
+    ]
+    repo.write_windows([at(r, s, minutes=5) for r, s in zip(records, spans, strict=True)])
+    result = compact(
+        repo.engine, older_than=timedelta(days=1), resolution=timedelta(hours=1), now=NOW
+    )
+    assert (result.windows_merged, result.windows_created) == (6, 3)
+    assert repo.window_count(resolution_seconds=0.0) == 6
+
+
+def test_retention_drops_old_windows(repo: Repository) -> None:
+    records = record_windows(3)
+    ages = [timedelta(days=100), timedelta(days=95), timedelta(days=1)]
+    repo.write_windows([at(r, NOW - a) for r, a in zip(records, ages, strict=True)])
+    result = compact(
+        repo.engine,
+        older_than=timedelta(days=7),
+        resolution=timedelta(hours=1),
+        drop_older_than=timedelta(days=90),
+        now=NOW,
+    )
+    assert result.windows_dropped == 6
+    assert repo.window_count() == 3
+
+
+def test_cli_compact(db_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    engine = engine_for(db_url)
+    records = record_windows(3)
+    old = datetime.now(timezone.utc) - timedelta(days=3)
+    Repository(engine).write_windows(
+        [at(r, old + timedelta(minutes=i)) for i, r in enumerate(records)]
+    )
+    engine.dispose()
+    assert (
+        main(
+            [
+                "db",
+                "compact",
+                "--db",
+                db_url,
+                "--older-than",
+                "1d",
+                "--resolution",
+                "1h",
+                "--drop-older-than",
+                "90d",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "compacted 9 windows into" in out
+    assert "dropped 0" in out
+
+
+def test_cli_rejects_bad_durations(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["db", "compact", "--older-than", "yesterday"])
+    assert info.value.code == 2
+    assert "expected a duration like 45s, 30m, 1h, 1d or 2w" in capsys.readouterr().err

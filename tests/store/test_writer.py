@@ -1,0 +1,148 @@
+"""The background writer: non-blocking, batched, retried, drained on close, never silent."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+import torch
+
+import bnwatch
+from bnwatch.store.migrate import engine_for
+from bnwatch.store.repository import Repository
+from bnwatch.store.writer import StoreSink
+from tests.store.helpers import batches, record_windows, renamed, small_cnn
+
+
+def stored(url: str) -> int:
+    engine = engine_for(url)
+    try:
+        return Repository(engine).window_count()
+    finally:
+        engine.dispose()
+
+
+def wait_for(condition, timeout: float = 60.0) -> bool:  # type: ignore[no-untyped-def]
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_watch_with_a_database_url_stores_every_window(db_url: str) -> None:
+    net = small_cnn()
+    mon = bnwatch.watch(
+        net, name="cnn", version="1", store=db_url, window_seconds=None, overhead_budget=None
+    )
+    with torch.inference_mode():
+        for i, x in enumerate(batches(20)):
+            net(x)
+            if i % 4 == 3:
+                mon.flush()
+    mon.close()
+    assert stored(db_url) == 5 * 3
+    assert mon.stats().windows_dropped == 0
+    sink = mon.sink
+    assert isinstance(sink, StoreSink)
+    assert sink.stats().written == 5
+
+
+def test_close_drains_the_queue(db_url: str) -> None:
+    records = record_windows(1)
+    sink = StoreSink(db_url, batch_size=7)
+    for _ in range(120):
+        sink.write(renamed(records[0]))
+    sink.close(timeout=60)
+    assert sink.stats().written == 120
+    assert sink.dropped == 0
+    assert stored(db_url) == 360
+
+
+def test_write_never_blocks_and_a_full_queue_drops_and_counts(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    records = record_windows(1)
+    sink = StoreSink("postgresql://nobody@127.0.0.1:1/none", queue_size=10, retry_initial=5.0)
+    started = time.perf_counter()
+    with caplog.at_level(logging.WARNING, logger="bnwatch"):
+        for _ in range(50):
+            sink.write(renamed(records[0]))
+    assert time.perf_counter() - started < 1.0  # generous: the database is never touched here
+    assert sink.dropped >= 39  # 10 queued, at most one batch in hand
+    assert any("queue is full" in r.getMessage() for r in caplog.records)
+    sink.close(timeout=0.5)
+    stats = sink.stats()
+    assert stats.dropped == 50  # the undelivered ones are counted too, never silently lost
+    assert stats.written == 0
+    assert stats.failures >= 1
+
+
+def test_a_database_down_at_start_is_retried_until_it_comes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = tmp_path / "not-yet"
+    url = f"sqlite:///{folder / 'bnwatch.db'}"
+    records = record_windows(3)
+    with caplog.at_level(logging.WARNING, logger="bnwatch"):
+        sink = StoreSink(url, retry_initial=0.05, retry_max=0.2)
+        for r in records:
+            sink.write(r)
+        assert wait_for(lambda: sink.stats().failures >= 2)
+    assert any("cannot store windows" in r.getMessage() for r in caplog.records)
+    folder.mkdir()  # the "database" comes up
+    assert wait_for(lambda: sink.stats().written == 3)
+    sink.close()
+    assert stored(url) == 9
+
+
+def test_postgres_created_late_and_connections_killed_mid_run(postgres_url: str) -> None:
+    admin = sa.create_engine(
+        sa.make_url(postgres_url).set(database="postgres", drivername="postgresql+psycopg"),
+        isolation_level="AUTOCOMMIT",
+    )
+    name = sa.make_url(postgres_url).database
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+    records = record_windows(1)
+    sink = StoreSink(postgres_url, retry_initial=0.05, retry_max=0.2, batch_size=4)
+    for _ in range(20):
+        sink.write(renamed(records[0]))
+    assert wait_for(lambda: sink.stats().failures >= 1)
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    assert wait_for(lambda: sink.stats().written == 20)
+    # the server drops every connection of the writer: it reconnects and goes on
+    with admin.connect() as conn:
+        conn.execute(
+            sa.text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                f"WHERE datname = '{name}' AND pid <> pg_backend_pid()"
+            )
+        )
+    for _ in range(20):
+        sink.write(renamed(records[0]))
+    sink.close(timeout=60)
+    admin.dispose()
+    assert sink.stats().written == 40
+    assert sink.dropped == 0
+    assert stored(postgres_url) == 120
+
+
+def test_a_rejected_window_is_counted_and_the_rest_stored(db_url: str) -> None:
+    good = record_windows(2)
+    bad = record_windows(1, model=small_cnn(width=9))
+    sink = StoreSink(db_url)
+    sink.write(good[0])
+    assert sink.flush()
+    sink.write(bad[0])
+    sink.write(good[1])
+    sink.close()
+    stats = sink.stats()
+    assert (stats.written, stats.rejected) == (2, 1)
+    assert "has 6 channels in the store but the window has 9" in (stats.last_error or "")
+    assert stored(db_url) == 6
