@@ -5,17 +5,47 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from torch import nn
 
-from bnwatch.capture import Monitor, discover, profile
+from bnwatch.capture import Monitor, discover
+from bnwatch.capture import profile as _profile
 from bnwatch.drift import DriftConfig
 from bnwatch.errors import ConfigError
 from bnwatch.schema import Profile
 from bnwatch.sink import MemorySink, Sink
 
 __all__ = ["profile", "watch"]
+
+
+def profile(
+    model: nn.Module,
+    data: Iterable[Any],
+    *,
+    name: str = "model",
+    version: str = "0",
+    store: str | None = None,
+    **kwargs: Any,
+) -> Profile:
+    """Record a reference profile of every BatchNorm layer from validation data.
+
+    See :func:`bnwatch.capture.profile` for the arguments.  With ``store`` (a database URL)
+    the profile is also stored as the model version's reference (kind ``profile``, with its
+    reservoirs), for reports and the dashboard.
+    """
+    result = _profile(model, data, name=name, version=version, **kwargs)
+    if store is not None:
+        from bnwatch.store.migrate import engine_for
+        from bnwatch.store.repository import Repository
+
+        engine = engine_for(store)
+        try:
+            Repository(engine).write_profile(result)
+        finally:
+            engine.dispose()
+    return result
 
 
 def _make_sink(store: str | Sink | None) -> Sink:

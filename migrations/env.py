@@ -20,14 +20,24 @@ def run_migrations() -> None:
     if engine is None:
         url = context.get_x_argument(as_dictionary=True).get("url", DEFAULT_URL)
         engine = create_engine(url)
-    with engine.begin() as connection:
+    with engine.connect() as connection:
+        sqlite = connection.dialect.name == "sqlite"
+        if sqlite:
+            # batch migrations recreate tables; SQLite would refuse to drop referenced ones
+            connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            connection.commit()
         context.configure(
             connection=connection,
             target_metadata=target_metadata,
-            render_as_batch=connection.dialect.name == "sqlite",
+            render_as_batch=sqlite,
             compare_type=True,
         )
-        context.run_migrations()
+        with context.begin_transaction():
+            context.run_migrations()
+        connection.commit()
+        if sqlite:
+            connection.exec_driver_sql("PRAGMA foreign_keys=ON")
+            connection.commit()
 
 
 run_migrations()

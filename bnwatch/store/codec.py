@@ -3,7 +3,7 @@
 A blob is a small header followed by the arrays, all little-endian::
 
     magic  b"BNA1"                      4 bytes
-    dtype  numpy dtype string, e.g. b"<f8", NUL-padded to 4 bytes
+    dtype  b"<f8" (float64) or b"<f4" (float32), NUL-padded to 4 bytes
     rows   uint32   number of arrays (e.g. 13 moment fields)
     cols   uint32   length of every array (the channel count C)
     then, per array:
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -33,15 +34,26 @@ class CodecError(ShapeError):
     """A stored blob is not a bnwatch array blob (or is truncated)."""
 
 
-def encode_arrays(arrays: Sequence[NDArray[np.float64]] | NDArray[np.float64]) -> bytes:
-    """Encode equal-length 1-D arrays (or a 2-D array, one row per array) as float64."""
-    stacked = np.asarray(arrays, dtype="<f8")
+_DTYPES: dict[bytes, tuple[np.dtype[Any], type[np.signedinteger[Any]]]] = {
+    b"<f8": (np.dtype("<f8"), np.int64),
+    b"<f4": (np.dtype("<f4"), np.int32),
+}
+
+
+def encode_arrays(arrays: Sequence[NDArray[Any]] | NDArray[Any], dtype: str = "<f8") -> bytes:
+    """Encode equal-length 1-D arrays (or a 2-D array, one row per array) as ``dtype``
+    (``"<f8"``, exact for statistics, or ``"<f4"`` for samples such as reservoirs)."""
+    code = dtype.encode()
+    if code not in _DTYPES:
+        raise ShapeError("array dtype", sorted(k.decode() for k in _DTYPES), dtype)
+    np_dtype, bits = _DTYPES[code]
+    stacked = np.asarray(arrays, dtype=np_dtype)
     if stacked.ndim != 2:
         raise ShapeError("arrays to encode", "[rows, C]", stacked.shape)
     rows, cols = stacked.shape
-    parts = [_HEADER.pack(MAGIC, b"<f8\0", rows, cols)]
+    parts = [_HEADER.pack(MAGIC, code.ljust(4, b"\0"), rows, cols)]
     for row in stacked:
-        if cols and np.all(row.view(np.int64) == row[:1].view(np.int64)):  # bitwise constant
+        if cols and np.all(row.view(bits) == row[:1].view(bits)):  # bitwise constant
             parts.append(b"\x01")
             parts.append(row[:1].tobytes())
         else:
@@ -50,15 +62,18 @@ def encode_arrays(arrays: Sequence[NDArray[np.float64]] | NDArray[np.float64]) -
     return b"".join(parts)
 
 
-def decode_arrays(blob: bytes | memoryview) -> NDArray[np.float64]:
-    """The ``[rows, C]`` float64 array a blob of :func:`encode_arrays` holds."""
+def decode_arrays(blob: bytes | memoryview) -> NDArray[Any]:
+    """The ``[rows, C]`` array a blob of :func:`encode_arrays` holds, in its stored dtype."""
     data = bytes(blob)
     if len(data) < _HEADER.size:
         raise CodecError("array blob", f">= {_HEADER.size} bytes", len(data))
     magic, dtype, rows, cols = _HEADER.unpack_from(data)
-    if magic != MAGIC or dtype.rstrip(b"\0") != b"<f8":
-        raise CodecError("array blob header", (MAGIC, b"<f8"), (magic, dtype))
-    out = np.empty((rows, cols), dtype=np.float64)
+    code = dtype.rstrip(b"\0")
+    if magic != MAGIC or code not in _DTYPES:
+        raise CodecError("array blob header", (MAGIC, sorted(_DTYPES)), (magic, dtype))
+    np_dtype = _DTYPES[code][0]
+    width = np_dtype.itemsize
+    out = np.empty((rows, cols), dtype=np_dtype)
     pos = _HEADER.size
     for r in range(rows):
         if pos >= len(data):
@@ -66,10 +81,10 @@ def decode_arrays(blob: bytes | memoryview) -> NDArray[np.float64]:
         flag = data[pos]
         pos += 1
         n = 1 if flag == 1 else cols
-        end = pos + 8 * n
+        end = pos + width * n
         if end > len(data) or flag not in (0, 1):
             raise CodecError("array blob", f"{rows} arrays of {cols}", f"truncated at array {r}")
-        values = np.frombuffer(data, dtype="<f8", count=n, offset=pos)
+        values = np.frombuffer(data, dtype=np_dtype, count=n, offset=pos)
         out[r] = values[0] if flag == 1 else values
         pos = end
     if pos != len(data):

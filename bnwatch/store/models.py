@@ -96,6 +96,8 @@ class Ref(Base):
     eps: Mapped[float] = mapped_column(Float)
     mean_var: Mapped[bytes] = mapped_column(LargeBinary)  # [2, C]: mean, var
     moments: Mapped[bytes | None] = mapped_column(LargeBinary)  # baselines: full moments
+    reservoir: Mapped[bytes | None] = mapped_column(LargeBinary)  # profiles: [k, C] float32
+    reservoir_seen: Mapped[int | None] = mapped_column(BigInteger)
     parent_id: Mapped[int | None] = mapped_column(ForeignKey("refs.id", ondelete="SET NULL"))
     lineage: Mapped[dict[str, Any] | None]
 

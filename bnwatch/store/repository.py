@@ -26,8 +26,15 @@ from sqlalchemy.orm import Session
 
 from bnwatch.drift import DriftConfig, Reference, assess_layer, decide
 from bnwatch.errors import ShapeError
-from bnwatch.schema import SCHEMA_VERSION, LayerReport, WindowRecord, utcnow
-from bnwatch.stats import ChannelMoments, LayerStats
+from bnwatch.schema import (
+    SCHEMA_VERSION,
+    LayerProfile,
+    LayerReport,
+    Profile,
+    WindowRecord,
+    utcnow,
+)
+from bnwatch.stats import ChannelMoments, LayerStats, Reservoir
 from bnwatch.store.codec import decode_arrays, decode_moments, encode_arrays, encode_moments
 from bnwatch.store.models import Alert, Layer, Model, Recalibration, Ref, Window
 
@@ -308,8 +315,10 @@ class Repository:
         new: _Ids,
         lineage: Mapping[str, Any] | None = None,
         parent_id: int | None = None,
+        reservoir: bytes | None = None,
+        reservoir_seen: int | None = None,
     ) -> int:
-        digest = _digest(mean_var, moments or b"")
+        digest = _digest(mean_var, moments or b"", reservoir or b"")
         key = (layer_id, kind, digest)
         found = self._ids.refs.get(key) or new.refs.get(key)
         if found is not None:
@@ -334,6 +343,8 @@ class Repository:
                     "moments": moments,
                     "parent_id": parent_id,
                     "lineage": dict(lineage) if lineage else None,
+                    "reservoir": reservoir,
+                    "reservoir_seen": reservoir_seen,
                 }
             ],
         )
@@ -362,6 +373,103 @@ class Repository:
         blob = encode_arrays(np.stack([base.mean, base.var]))
         kind = report.baseline if report.baseline in ("profile", "warmup") else "baseline"
         return self._ref_id(conn, layer_id, kind, report.eps, blob, encode_moments(base), new)
+
+    def write_profile(self, profile: Profile) -> dict[str, int]:
+        """Store a reference profile (kind ``profile``); returns layer name -> reference id."""
+        new = _Ids()
+        out: dict[str, int] = {}
+        with self.engine.begin() as conn:
+            model_id = self._model_id(conn, profile.name, profile.version, new)
+            missing = [
+                {
+                    "model_id": model_id,
+                    "name": name,
+                    "kind": lp.kind,
+                    "channels": lp.channels,
+                    "depth": depth,
+                }
+                for depth, (name, lp) in enumerate(profile.layers.items())
+            ]
+            _insert_ignore(conn, Layer.__table__, missing)  # type: ignore[arg-type]
+            stored = dict(
+                (name, (int(lid), int(ch)))
+                for name, lid, ch in conn.execute(
+                    sa.select(Layer.name, Layer.id, Layer.channels).where(
+                        Layer.model_id == model_id
+                    )
+                ).all()
+            )
+            for name, lp in profile.layers.items():
+                layer_id, channels = stored[name]
+                if channels != lp.channels:
+                    raise ChannelMismatchError(
+                        profile.name, profile.version, name, channels, lp.channels
+                    )
+                m = lp.stats.moments
+                st = lp.stats
+                out[name] = self._ref_id(
+                    conn,
+                    layer_id,
+                    "profile",
+                    lp.eps,
+                    encode_arrays(np.stack([m.mean, m.var])),
+                    encode_moments(m),
+                    new,
+                    lineage={
+                        "created": profile.created.isoformat(),
+                        "n_batches": st.n_batches,
+                        "batch_sizes": {str(k): v for k, v in st.batch_sizes.items()},
+                        "samples_seen": st.samples_seen,
+                    },
+                    reservoir=encode_arrays(lp.reservoir.rows, dtype="<f4"),
+                    reservoir_seen=lp.reservoir.seen,
+                )
+        self._ids.models.update(new.models)
+        self._ids.refs.update(new.refs)
+        return out
+
+    def load_profile(self, model: str, version: str) -> Profile | None:
+        """The newest stored reference profile of a model version (``None`` if there is none)."""
+        with Session(self.engine) as conn:
+            m = self._model_row(conn, model, version)
+            rows = conn.execute(
+                sa.select(Ref, Layer)
+                .join(Layer, Layer.id == Ref.layer_id)
+                .where(Layer.model_id == m.id, Ref.kind == "profile")
+                .order_by(Layer.depth, Layer.id, Ref.version)
+            ).all()
+        newest: dict[str, tuple[Ref, Layer]] = {}
+        for ref, layer in rows:
+            newest[layer.name] = (ref, layer)  # ordered by version: the last one wins
+        if not newest:
+            return None
+        layers: dict[str, LayerProfile] = {}
+        created = None
+        for name, (ref, layer) in newest.items():
+            meta = ref.lineage or {}
+            moments = decode_moments(ref.moments) if ref.moments else None
+            if moments is None:
+                continue
+            rows_ = decode_arrays(ref.reservoir) if ref.reservoir else np.empty((0, layer.channels))
+            layers[name] = LayerProfile(
+                layer=name,
+                kind=layer.kind,
+                eps=ref.eps,
+                stats=LayerStats(
+                    moments=moments,
+                    batch_sizes={int(k): int(v) for k, v in meta.get("batch_sizes", {}).items()},
+                    n_batches=int(meta.get("n_batches", 0)),
+                    batches_seen=int(meta.get("n_batches", 0)),
+                    samples_seen=int(meta.get("samples_seen", moments.n_samples)),
+                ),
+                reservoir=Reservoir.from_rows(
+                    rows_, int(ref.reservoir_seen or rows_.shape[0]), max(1, rows_.shape[0])
+                ),
+                running_mean=None,
+                running_var=None,
+            )
+            created = created or _utc(ref.created_at)
+        return Profile(name=model, version=version, created=created or utcnow(), layers=layers)
 
     # -- reads -----------------------------------------------------------------------------
     def models(self) -> list[ModelInfo]:

@@ -147,3 +147,32 @@ def test_the_query_layer_imports_without_torch() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_a_profile_is_stored_and_loaded_back(db_url: str) -> None:
+    net = small_cnn()
+    prof = bnwatch.profile(
+        net, batches(10, seed=3), name="cnn", version="2", store=db_url, reservoir_size=16
+    )
+    engine = engine_for(db_url)
+    repo = Repository(engine)
+    back = repo.load_profile("cnn", "2")
+    assert back is not None
+    assert list(back.layers) == list(prof.layers)
+    for name, lp in prof.layers.items():
+        lb = back.layers[name]
+        assert moments_equal(lp.stats.moments, lb.stats.moments)
+        np.testing.assert_array_equal(lp.reservoir.rows, lb.reservoir.rows)
+        assert lb.reservoir.seen == lp.reservoir.seen == 40
+        assert lb.stats.batch_sizes == lp.stats.batch_sizes
+    # storing the same profile again stores nothing new; the loaded one serves as a reference
+    repo.write_profile(prof)
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM refs")).scalar_one() == 3
+    engine.dispose()
+    mon = bnwatch.watch(net, reference=back, window_seconds=None, overhead_budget=None)
+    with torch.inference_mode():
+        for x in batches(4, seed=4):
+            net(x)
+    assert all(r.baseline == "profile" for r in mon.flush().values())
+    mon.close()
