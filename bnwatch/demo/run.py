@@ -200,7 +200,8 @@ def _run(
     checkpoint = _state_bytes(model)
 
     val_loader = DataLoader(TensorDataset(splits.val_x, splits.val_y), batch_size=64)
-    profile = bnwatch.profile(model, val_loader, name=MODEL_NAME, version=version)
+    store = _fresh_database(out)
+    profile = bnwatch.profile(model, val_loader, name=MODEL_NAME, version=version, store=store)
     layers = tuple(profile.layers)
     emit(f"profile   bnwatch.profile(model, validation images): {n_val} samples per layer")
     emit(f"          {len(layers)} BatchNorm layers: {', '.join(layers)}")
@@ -242,6 +243,7 @@ def _run(
         name=MODEL_NAME,
         version=version,
         reference=profile,
+        store=store,
         window_seconds=None,
         overhead_budget=None,
     ) as mon:
@@ -271,6 +273,8 @@ def _run(
         files = _write_outputs(out, checkpoint, profile, phases, seed=seed, version=version)
         emit(f"wrote     {', '.join(f.name for f in files)} (weights, profile, reports)")
         emit(f"          in {out}")
+        emit(f"stored    every window and the profile in {store}")
+        emit(f"          (bnwatch db current --db {store})")
     seconds = time.perf_counter() - start
     emit(f"done in {seconds:.1f} s")
     return DemoResult(
@@ -421,6 +425,19 @@ def _replacing(path: Path) -> Iterator[Path]:
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+DATABASE_FILE = "bnwatch.db"
+
+
+def _fresh_database(out: Path | None) -> str | None:
+    """The demo's SQLite URL in ``out`` (a previous run's database is replaced), or ``None``
+    (memory only) when the demo writes no files."""
+    if out is None:
+        return None
+    for suffix in ("", "-wal", "-shm"):
+        (out / f"{DATABASE_FILE}{suffix}").unlink(missing_ok=True)
+    return f"sqlite:///{out / DATABASE_FILE}"
 
 
 def _write_outputs(

@@ -161,6 +161,13 @@ class StoreSink:
         return batch
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            if self._repo is not None and self._engine is None:
+                self._repo.engine.dispose()  # our engine: release its connections
+
+    def _loop(self) -> None:
         backoff = self._retry_initial
         batch: list[WindowRecord] = []
         while True:

@@ -103,7 +103,12 @@ def test_output_has_a_table_per_phase_within_100_columns(run: Run) -> None:
 
 
 def test_files_are_written_and_readable(run: Run) -> None:
-    assert {p.name for p in run.out_dir.iterdir()} == {"model.pt", "profile.npz", "reports.json"}
+    assert {p.name for p in run.out_dir.iterdir()} == {
+        "model.pt",
+        "profile.npz",
+        "reports.json",
+        "bnwatch.db",
+    }
     assert run.result.files == tuple(
         run.out_dir / name for name in ("model.pt", "profile.npz", "reports.json")
     )
@@ -129,7 +134,12 @@ def test_rerun_through_the_cli_is_safe_and_deterministic(
     before = (run.out_dir / "reports.json").read_text()
     assert main(["demo", "--quick", "--seed", "0", "--out", str(run.out_dir)]) == 0
     out = capsys.readouterr().out
-    assert {p.name for p in run.out_dir.iterdir()} == {"model.pt", "profile.npz", "reports.json"}
+    assert {p.name for p in run.out_dir.iterdir()} == {
+        "model.pt",
+        "profile.npz",
+        "reports.json",
+        "bnwatch.db",
+    }
     # same seed, same numbers: the reports are identical and so is the printout (but timings)
     assert (run.out_dir / "reports.json").read_text() == before
 
@@ -169,3 +179,22 @@ def test_missing_scikit_learn_is_a_clear_error(
     err = capsys.readouterr().err
     assert err.startswith("bnwatch demo: error: the demo needs scikit-learn")
     assert "pip install 'bnwatch[demo]'" in err
+
+
+def test_every_window_and_the_profile_are_in_the_database(run: Run) -> None:
+    from bnwatch.store.migrate import engine_for
+    from bnwatch.store.repository import Repository
+
+    engine = engine_for(f"sqlite:///{run.out_dir / 'bnwatch.db'}", create=False)
+    repo = Repository(engine)
+    (model,) = repo.models()
+    layers = len(run.result.phases[0].reports)
+    assert model.windows == len(run.result.phases) * layers
+    profile = repo.load_profile(model.name, model.version)
+    assert profile is not None
+    assert len(profile.layers) == layers
+    latest = repo.latest_windows(model.name, model.version)
+    assert {w.layer for w in latest if w.batch_stat_mode} == set(
+        run.result.phases[-1].train_mode_layers
+    )
+    engine.dispose()
