@@ -98,9 +98,9 @@ BACKENDS: tuple[str, ...] = ("sqlite", "postgresql")
 REPOSITORY = "repository"
 WRITER = "writer"
 
-DEFAULT_RECORDS = 24
+DEFAULT_RECORDS = 32
 """Timed windows per path and round."""
-DEFAULT_ROUNDS = 3
+DEFAULT_ROUNDS = 5
 DEFAULT_BATCH_SIZES = (1, 8)
 DEFAULT_SINK_BATCH = 32
 """StoreSink's own default batch size."""

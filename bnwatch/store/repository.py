@@ -105,8 +105,10 @@ def _insert_ignore(conn: Connection, table: sa.Table, rows: list[dict[str, Any]]
         stmt = sqlite.insert(table).on_conflict_do_nothing()
     else:  # pragma: no cover - parse_url only admits the two
         raise ValueError(f"unsupported dialect {dialect}")
-    result = conn.execute(stmt.returning(table.c.id), rows)
-    return len(result.all())
+    # no RETURNING: psycopg's executemany then runs one short statement per row instead of
+    # parsing one statement with thousands of placeholders (2.6x faster on windows)
+    result = conn.execute(stmt.execution_options(preserve_rowcount=True), rows)
+    return max(int(result.rowcount), 0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,6 +202,8 @@ class _Ids:
     models: dict[tuple[str, str], int] = field(default_factory=dict)
     layers: dict[tuple[int, str], tuple[int, int]] = field(default_factory=dict)  # id, channels
     refs: dict[tuple[int, str, str], int] = field(default_factory=dict)
+    # (layer id, kind, id(arrays)) -> (reference id, the arrays, kept alive so the id is theirs)
+    by_identity: dict[tuple[int, str, int], tuple[int, object]] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,6 +241,7 @@ class Repository:
         self._ids.models.update(new.models)
         self._ids.layers.update(new.layers)
         self._ids.refs.update(new.refs)
+        self._ids.by_identity.update(new.by_identity)
         return inserted
 
     def _model_id(self, conn: Connection, name: str, version: str, new: _Ids) -> int:
@@ -356,13 +361,26 @@ class Repository:
         new.refs[key] = int(ref_id)
         return int(ref_id)
 
+    def _known(self, new: _Ids, key: tuple[int, str, int]) -> int | None:
+        """A reference id remembered for these very arrays (a monitor sends the same
+        reference objects window after window: encoding and hashing them again would cost
+        more than storing the window)."""
+        hit = self._ids.by_identity.get(key) or new.by_identity.get(key)
+        return hit[0] if hit is not None else None
+
     def _running_ref(
         self, conn: Connection, layer_id: int, report: LayerReport, new: _Ids
     ) -> int | None:
         if not np.isfinite(report.ref_mean).any():
             return None
+        key = (layer_id, "running", id(report.ref_mean))
+        known = self._known(new, key)
+        if known is not None:
+            return known
         blob = encode_arrays(np.stack([report.ref_mean, report.ref_var]))
-        return self._ref_id(conn, layer_id, "running", report.eps, blob, None, new)
+        ref_id = self._ref_id(conn, layer_id, "running", report.eps, blob, None, new)
+        new.by_identity[key] = (ref_id, report.ref_mean)
+        return ref_id
 
     def _baseline_ref(
         self, conn: Connection, layer_id: int, report: LayerReport, new: _Ids
@@ -370,9 +388,15 @@ class Repository:
         base = report.baseline_moments
         if base is None:
             return None
-        blob = encode_arrays(np.stack([base.mean, base.var]))
         kind = report.baseline if report.baseline in ("profile", "warmup") else "baseline"
-        return self._ref_id(conn, layer_id, kind, report.eps, blob, encode_moments(base), new)
+        key = (layer_id, kind, id(base))
+        known = self._known(new, key)
+        if known is not None:
+            return known
+        blob = encode_arrays(np.stack([base.mean, base.var]))
+        ref_id = self._ref_id(conn, layer_id, kind, report.eps, blob, encode_moments(base), new)
+        new.by_identity[key] = (ref_id, base)
+        return ref_id
 
     def write_profile(self, profile: Profile) -> dict[str, int]:
         """Store a reference profile (kind ``profile``); returns layer name -> reference id."""

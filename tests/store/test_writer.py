@@ -73,7 +73,7 @@ def test_write_never_blocks_and_a_full_queue_drops_and_counts(
         for _ in range(50):
             sink.write(renamed(records[0]))
     assert time.perf_counter() - started < 1.0  # generous: the database is never touched here
-    assert sink.dropped >= 39  # 10 queued, at most one batch in hand
+    assert sink.dropped >= 30  # 10 queued and at most 10 more taken into the batch in hand
     assert any("queue is full" in r.getMessage() for r in caplog.records)
     sink.close(timeout=0.5)
     stats = sink.stats()
