@@ -37,6 +37,7 @@ test: lint
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/overhead.py
+	$(BIN)/python benchmarks/store.py
 
 constraints: $(STAMP)
 	@echo "# Pinned versions for 'make' (pip install -c constraints.txt). Regenerate: make constraints" > constraints.txt.new

@@ -677,7 +677,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print()
     print(
         f"  client CPU per window before SQL: rows (moments encoded) {cpu['rows_ms']:.1f} ms, "
-        f"reference digests {cpu['ref_digests_ms']:.1f} ms"
+        f"reference digests {cpu['ref_digests_ms']:.1f} ms (paid once per monitor: the "
+        "repository remembers reference ids by identity)"
     )
     for row in rows:
         if row["rows_stored"] != row["rows_expected"] or row["dropped_or_rejected"]:
