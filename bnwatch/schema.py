@@ -28,6 +28,9 @@ SCHEMA_VERSION = 1
 BATCH_NOISE_SIZES: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 """Batch sizes for which every report predicts the batch-statistics noise (DESIGN §3)."""
 
+BATCH_SIZE_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+"""Upper bounds of the batch-size histogram (store totals, Prometheus); +Inf follows."""
+
 
 def utcnow() -> datetime:
     """The current time, timezone-aware in UTC (every timestamp bnwatch records is)."""
@@ -168,6 +171,9 @@ class WindowRecord:
     schema_version: int = SCHEMA_VERSION
     uid: str = field(default_factory=lambda: uuid.uuid4().hex)
     """Unique id of the window: storing it twice (a retried delivery) stores it once."""
+    monitor: Mapping[str, float] = field(default_factory=dict)
+    """The sending monitor's account of itself when the window closed: ``overhead_ratio``,
+    ``windows_dropped``, ``hook_errors``, ``forwards``, ``forwards_measured``."""
 
 
 @dataclass(frozen=True, eq=False)

@@ -417,6 +417,7 @@ class Monitor:
                 if stats is not None and stats.moments.n_samples:
                     acc.update_shift(stats.moments.mean, stats.moments.var)
             if reports:
+                own = self.stats()
                 record = WindowRecord(
                     model=self.model_name,
                     version=self.version,
@@ -424,6 +425,13 @@ class Monitor:
                     start=start,
                     end=end,
                     reports=reports,
+                    monitor={
+                        "overhead_ratio": own.overhead_ratio,
+                        "windows_dropped": float(own.windows_dropped),
+                        "hook_errors": float(sum(own.hook_errors.values())),
+                        "forwards": float(own.forwards),
+                        "forwards_measured": float(own.forwards_measured),
+                    },
                 )
                 self._sink.write(record)
                 self._windows_closed += 1

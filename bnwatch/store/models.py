@@ -156,6 +156,50 @@ class Window(Base):
     batch_noise_log_r: Mapped[float | None] = mapped_column(Float)
 
 
+class LayerTotal(Base):
+    """Running totals of one layer, additive and monotonic (Prometheus counters): windows,
+    samples, batches, non-finite values and the batch-size histogram (batches per bucket of
+    :data:`bnwatch.schema.BATCH_SIZE_BUCKETS`, not cumulative).  Compaction and retention
+    leave them alone."""
+
+    __tablename__ = "layer_totals"
+
+    layer_id: Mapped[int] = mapped_column(
+        ForeignKey("layers.id", ondelete="CASCADE"), primary_key=True
+    )
+    windows: Mapped[int] = mapped_column(BigInteger)
+    samples: Mapped[int] = mapped_column(BigInteger)
+    batches: Mapped[int] = mapped_column(BigInteger)
+    nonfinite: Mapped[int] = mapped_column(BigInteger)
+    batches_le_1: Mapped[int] = mapped_column(BigInteger)
+    batches_le_2: Mapped[int] = mapped_column(BigInteger)
+    batches_le_4: Mapped[int] = mapped_column(BigInteger)
+    batches_le_8: Mapped[int] = mapped_column(BigInteger)
+    batches_le_16: Mapped[int] = mapped_column(BigInteger)
+    batches_le_32: Mapped[int] = mapped_column(BigInteger)
+    batches_le_64: Mapped[int] = mapped_column(BigInteger)
+    batches_le_128: Mapped[int] = mapped_column(BigInteger)
+    batches_le_256: Mapped[int] = mapped_column(BigInteger)
+    batches_le_inf: Mapped[int] = mapped_column(BigInteger)
+
+
+class Source(Base):
+    """A monitor (replica) reporting for a model version, with its last account of itself."""
+
+    __tablename__ = "sources"
+    __table_args__ = (UniqueConstraint("model_id", "source"),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
+    source: Mapped[str] = mapped_column(String(200))
+    first_seen: Mapped[datetime]
+    last_window_end: Mapped[datetime]
+    windows: Mapped[int] = mapped_column(BigInteger)
+    overhead_ratio: Mapped[float | None] = mapped_column(Float)
+    windows_dropped: Mapped[int] = mapped_column(BigInteger)
+    hook_errors: Mapped[int] = mapped_column(BigInteger)
+
+
 class Alert(Base):
     """An alert: opened after its condition held for K windows, resolved with hysteresis."""
 

@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session
 from bnwatch.drift import DriftConfig, Reference, assess_layer, decide
 from bnwatch.errors import ShapeError
 from bnwatch.schema import (
+    BATCH_SIZE_BUCKETS,
     SCHEMA_VERSION,
     LayerProfile,
     LayerReport,
@@ -36,7 +37,16 @@ from bnwatch.schema import (
 )
 from bnwatch.stats import ChannelMoments, LayerStats, Reservoir
 from bnwatch.store.codec import decode_arrays, decode_moments, encode_arrays, encode_moments
-from bnwatch.store.models import Alert, Layer, Model, Recalibration, Ref, Window
+from bnwatch.store.models import (
+    Alert,
+    Layer,
+    LayerTotal,
+    Model,
+    Recalibration,
+    Ref,
+    Source,
+    Window,
+)
 
 METRIC_COLUMNS: tuple[str, ...] = (
     "kl_mean",
@@ -170,6 +180,34 @@ class StoredWindow:
 
 
 @dataclass(frozen=True)
+class LayerTotals:
+    """Monotonic totals of one layer; ``batch_size_buckets`` pairs an upper bound (``None``
+    for +Inf) with the batches of that bucket (not cumulative)."""
+
+    model: str
+    version: str
+    layer: str
+    windows: int
+    samples: int
+    batches: int
+    nonfinite: int
+    batch_size_buckets: tuple[tuple[int | None, int], ...]
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    model: str
+    version: str
+    source: str
+    first_seen: datetime
+    last_window_end: datetime
+    windows: int
+    overhead_ratio: float | None
+    windows_dropped: int
+    hook_errors: int
+
+
+@dataclass(frozen=True)
 class AlertInfo:
     id: int
     model: str
@@ -228,21 +266,52 @@ class Repository:
             return 0
         new = _Ids()
         with self.engine.begin() as conn:
-            rows: list[dict[str, Any]] = []
+            resolved = []
             for index, record in enumerate(records):
                 model_id = self._model_id(conn, record.model, record.version, new)
                 layer_ids = self._layer_ids(conn, model_id, record, new, index)
+                resolved.append((record, model_id, layer_ids))
+            fresh = self._not_stored(conn, resolved)
+            rows: list[dict[str, Any]] = []
+            for record, model_id, layer_ids in fresh:
                 for name, report in record.reports.items():
                     layer_id = layer_ids[name]
                     running = self._running_ref(conn, layer_id, report, new)
                     baseline = self._baseline_ref(conn, layer_id, report, new)
                     rows.append(window_row(record, report, model_id, layer_id, running, baseline))
             inserted = _insert_ignore(conn, Window.__table__, rows)  # type: ignore[arg-type]
+            _add_totals(conn, [(r, ids) for r, _, ids in fresh])
+            _add_sources(conn, [(r, model_id) for r, model_id, _ in fresh])
         self._ids.models.update(new.models)
         self._ids.layers.update(new.layers)
         self._ids.refs.update(new.refs)
         self._ids.by_identity.update(new.by_identity)
         return inserted
+
+    @staticmethod
+    def _not_stored(
+        conn: Connection, resolved: list[tuple[WindowRecord, int, dict[str, int]]]
+    ) -> list[tuple[WindowRecord, int, dict[str, int]]]:
+        """The records whose windows are not stored yet (a retried delivery is a no-op)."""
+        layer_ids = {i for _, _, ids in resolved for i in ids.values()}
+        uids = {r.uid for r, _, _ in resolved}
+        if not layer_ids:
+            return []
+        stored = set(
+            conn.execute(
+                sa.select(Window.uid)
+                .where(Window.layer_id.in_(layer_ids), Window.uid.in_(uids))
+                .distinct()
+            ).scalars()
+        )
+        seen: set[str] = set()
+        out = []
+        for item in resolved:
+            uid = item[0].uid
+            if uid not in stored and uid not in seen:
+                seen.add(uid)
+                out.append(item)
+        return out
 
     def _model_id(self, conn: Connection, name: str, version: str, new: _Ids) -> int:
         key = (name, version)
@@ -672,6 +741,82 @@ class Repository:
             stats=stats,
         )
 
+    def totals(self) -> list[LayerTotals]:
+        """Running totals of every layer of every model version (monotonic counters)."""
+        buckets = [bucket_column(b) for b in (*BATCH_SIZE_BUCKETS, None)]
+        with Session(self.engine) as conn:
+            rows = conn.execute(
+                sa.select(LayerTotal, Layer.name, Model.name, Model.version)
+                .join(Layer, Layer.id == LayerTotal.layer_id)
+                .join(Model, Model.id == Layer.model_id)
+                .order_by(Model.name, Model.version, Layer.depth, Layer.id)
+            ).all()
+        return [
+            LayerTotals(
+                model=model,
+                version=version,
+                layer=layer,
+                windows=t.windows,
+                samples=t.samples,
+                batches=t.batches,
+                nonfinite=t.nonfinite,
+                batch_size_buckets=tuple(
+                    (bound, int(getattr(t, col)))
+                    for bound, col in zip((*BATCH_SIZE_BUCKETS, None), buckets, strict=True)
+                ),
+            )
+            for t, layer, model, version in rows
+        ]
+
+    def sources(self) -> list[SourceInfo]:
+        """Every monitor that reported, with its last account of itself."""
+        with Session(self.engine) as conn:
+            rows = conn.execute(
+                sa.select(Source, Model.name, Model.version)
+                .join(Model, Model.id == Source.model_id)
+                .order_by(Model.name, Model.version, Source.source)
+            ).all()
+        return [
+            SourceInfo(
+                model=model,
+                version=version,
+                source=src.source,
+                first_seen=_utc(src.first_seen),
+                last_window_end=_utc(src.last_window_end),
+                windows=src.windows,
+                overhead_ratio=src.overhead_ratio,
+                windows_dropped=src.windows_dropped,
+                hook_errors=src.hook_errors,
+            )
+            for src, model, version in rows
+        ]
+
+    def latest_metrics(self) -> list[StoredWindow]:
+        """The latest window of every layer of every model version, without statistics."""
+        with Session(self.engine) as conn:
+            latest = (
+                sa.select(Window.layer_id, sa.func.max(Window.end).label("end"))
+                .group_by(Window.layer_id)
+                .subquery()
+            )
+            rows = conn.execute(
+                sa.select(Window, Layer, Model)
+                .join(Layer, Layer.id == Window.layer_id)
+                .join(Model, Model.id == Window.model_id)
+                .join(
+                    latest,
+                    sa.and_(latest.c.layer_id == Window.layer_id, latest.c.end == Window.end),
+                )
+                .order_by(Model.name, Model.version, Layer.depth, Layer.id, Window.id.desc())
+            ).all()
+        seen: set[int] = set()
+        out = []
+        for w, layer, model in rows:
+            if layer.id not in seen:
+                seen.add(layer.id)
+                out.append(self.to_stored(model, layer, w, False))
+        return out
+
     def window_count(self, *, resolution_seconds: float | None = None) -> int:
         with Session(self.engine) as conn:
             query = sa.select(sa.func.count()).select_from(Window)
@@ -738,6 +883,94 @@ class Repository:
             )
             for r, m in rows
         ]
+
+
+def bucket_column(bound: int | None) -> str:
+    """The ``layer_totals`` column of a batch-size bucket (``None``: the +Inf bucket)."""
+    return f"batches_le_{bound}" if bound is not None else "batches_le_inf"
+
+
+def _bucket_of(size: int) -> str:
+    for bound in BATCH_SIZE_BUCKETS:
+        if size <= bound:
+            return bucket_column(bound)
+    return bucket_column(None)
+
+
+def _upsert(
+    conn: Connection,
+    table: sa.Table,
+    key: list[str],
+    row: dict[str, Any],
+    updates: Mapping[str, Any],
+) -> None:
+    """``INSERT ... ON CONFLICT (key) DO UPDATE``; ``updates`` map a column to a function of
+    (the table's columns, the excluded row) giving its new value."""
+    dialect: Any = postgresql if conn.dialect.name == "postgresql" else sqlite
+    insert = dialect.insert(table)
+    set_ = {name: update(table.c, insert.excluded) for name, update in updates.items()}
+    conn.execute(insert.values(**row).on_conflict_do_update(index_elements=key, set_=set_))
+
+
+def _add_totals(conn: Connection, fresh: list[tuple[WindowRecord, dict[str, int]]]) -> None:
+    """Add newly stored windows to the per-layer running totals (one upsert per layer)."""
+    sums: dict[int, dict[str, int]] = {}
+    for record, layer_ids in fresh:
+        for name, report in record.reports.items():
+            st = report.stats
+            acc = sums.setdefault(layer_ids[name], defaultdict(int))
+            acc["windows"] += 1
+            acc["samples"] += st.samples_seen
+            acc["batches"] += st.batches_seen
+            acc["nonfinite"] += report.nonfinite
+            for size, count in st.batch_sizes.items():
+                acc[_bucket_of(size)] += count
+    columns = ["windows", "samples", "batches", "nonfinite"] + [
+        bucket_column(b) for b in (*BATCH_SIZE_BUCKETS, None)
+    ]
+    table: sa.Table = LayerTotal.__table__  # type: ignore[assignment]
+    updates = {c: (lambda cols, exc, c=c: cols[c] + exc[c]) for c in columns}
+    for layer_id in sorted(sums):  # a fixed order: no deadlocks between concurrent writers
+        row = {"layer_id": layer_id, **{c: int(sums[layer_id].get(c, 0)) for c in columns}}
+        _upsert(conn, table, ["layer_id"], row, updates)
+
+
+def _newer(cols: Any, exc: Any, column: str) -> Any:
+    """The excluded row's value if its window ended later, else the stored one."""
+    return sa.case((exc.last_window_end > cols.last_window_end, exc[column]), else_=cols[column])
+
+
+def _add_sources(conn: Connection, fresh: list[tuple[WindowRecord, int]]) -> None:
+    """Record each sending monitor's last window and its account of itself."""
+    latest: dict[tuple[int, str], WindowRecord] = {}
+    counts: dict[tuple[int, str], int] = defaultdict(int)
+    for record, model_id in fresh:
+        key = (model_id, record.source)
+        counts[key] += 1
+        if key not in latest or record.end >= latest[key].end:
+            latest[key] = record
+    table: sa.Table = Source.__table__  # type: ignore[assignment]
+    last_fields = ("overhead_ratio", "windows_dropped", "hook_errors")
+    updates: dict[str, Any] = {
+        "windows": lambda cols, exc: cols.windows + exc.windows,
+        **{f: (lambda cols, exc, f=f: _newer(cols, exc, f)) for f in last_fields},
+        # SET expressions see the stored row whatever their order, so this may come last
+        "last_window_end": lambda cols, exc: _newer(cols, exc, "last_window_end"),
+    }
+    for key in sorted(latest):
+        record = latest[key]
+        monitor = record.monitor
+        row = {
+            "model_id": key[0],
+            "source": key[1],
+            "first_seen": utcnow(),
+            "last_window_end": record.end,
+            "windows": counts[key],
+            "overhead_ratio": _finite(monitor.get("overhead_ratio")),
+            "windows_dropped": int(monitor.get("windows_dropped", 0)),
+            "hook_errors": int(monitor.get("hook_errors", 0)),
+        }
+        _upsert(conn, table, ["model_id", "source"], row, updates)
 
 
 # --------------------------------------------------------------------------------------------

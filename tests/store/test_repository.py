@@ -176,3 +176,23 @@ def test_a_profile_is_stored_and_loaded_back(db_url: str) -> None:
             net(x)
     assert all(r.baseline == "profile" for r in mon.flush().values())
     mon.close()
+
+
+def test_totals_and_sources_count_each_window_once(repo: Repository) -> None:
+    records = record_windows(3, source="replica-a") + record_windows(2, seed=5, source="replica-b")
+    repo.write_windows(records)
+    repo.write_windows(records[:2])  # re-delivered: no double counting
+    totals = {t.layer: t for t in repo.totals()}
+    assert set(totals) == {"1", "4", "7"}
+    for t in totals.values():
+        assert (t.windows, t.samples, t.batches) == (5, 80, 20)
+        assert dict(t.batch_size_buckets)[4] == 20
+        assert sum(n for _, n in t.batch_size_buckets) == 20
+    sources = {s.source: s for s in repo.sources()}
+    assert sources["replica-a"].windows == 3
+    assert sources["replica-b"].windows == 2
+    assert sources["replica-a"].last_window_end == records[2].end
+    assert sources["replica-a"].overhead_ratio is not None
+    latest = repo.latest_metrics()
+    assert [w.layer for w in latest] == ["1", "4", "7"]
+    assert all(w.end == max(r.end for r in records) for w in latest)
