@@ -10,7 +10,7 @@ What is measured
     A *window* is one closed :class:`~bnwatch.schema.WindowRecord` of a ResNet-50: 53
     :class:`~bnwatch.schema.LayerReport` s with 26,560 channels in all, i.e. 53 rows of the
     ``windows`` table carrying 13 × 8 × 26,560 = 2,762,240 bytes of float64 sufficient
-    statistics (:func:`bnwatch.store.codec.raw_moment_bytes`, the yardstick of the bytes
+    statistics (:func:`bnwatch.codec.raw_moment_bytes`, the yardstick of the bytes
     columns).  Windows go into SQLite (a file in a temporary directory) and PostgreSQL (a
     database created for the run) through the two write paths bnwatch has:
 
@@ -81,7 +81,7 @@ import bnwatch
 from bnwatch.drift import DriftConfig, Reference, assess_layer, decide
 from bnwatch.schema import LayerReport, WindowRecord
 from bnwatch.stats import ChannelMoments, LayerStats
-from bnwatch.store.codec import encode_arrays, encode_moments, raw_moment_bytes
+from bnwatch.codec import encode_arrays, encode_moments, raw_moment_bytes
 from bnwatch.store.engine import create_engine
 from bnwatch.store.migrate import engine_for
 from bnwatch.store.repository import Repository, window_row

@@ -134,7 +134,7 @@ class Window(Base):
     batch_stat_batches: Mapped[int]
     nonfinite: Mapped[int]
     batch_sizes: Mapped[dict[str, Any]]
-    # the full sufficient statistics (bnwatch.store.codec)
+    # the full sufficient statistics (bnwatch.codec)
     moments: Mapped[bytes] = mapped_column(LargeBinary)
     # layer-level metrics (DESIGN §3), NULL where undefined
     kl_mean: Mapped[float | None] = mapped_column(Float)

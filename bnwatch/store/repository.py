@@ -24,6 +24,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
+from bnwatch.codec import decode_arrays, decode_moments, encode_arrays, encode_moments
 from bnwatch.drift import DriftConfig, Reference, assess_layer, decide
 from bnwatch.errors import ShapeError
 from bnwatch.schema import (
@@ -36,7 +37,6 @@ from bnwatch.schema import (
     utcnow,
 )
 from bnwatch.stats import ChannelMoments, LayerStats, Reservoir
-from bnwatch.store.codec import decode_arrays, decode_moments, encode_arrays, encode_moments
 from bnwatch.store.models import (
     Alert,
     Layer,

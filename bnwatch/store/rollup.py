@@ -16,9 +16,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
+from bnwatch.codec import encode_moments
 from bnwatch.drift import DriftConfig
 from bnwatch.schema import utcnow
-from bnwatch.store.codec import encode_moments
 from bnwatch.store.models import Layer, Model, Window
 from bnwatch.store.repository import Repository, merge_groups
 

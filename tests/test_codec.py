@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from bnwatch.stats import ChannelMoments
-from bnwatch.store.codec import (
+from bnwatch.codec import (
     CodecError,
     decode_arrays,
     decode_moments,

@@ -1,0 +1,271 @@
+"""The wire format: windows sent by remote monitors to ``POST /api/v1/windows``.
+
+A :class:`WindowBatch` (JSON, ``schema_version`` 1) carries closed windows.  Each layer sends
+its exact sufficient statistics and the references it was compared with -- per-channel arrays
+as base64 of :mod:`bnwatch.codec` blobs, never as JSON number lists -- and the receiver
+recomputes every metric and decision (:func:`to_record`), so a store holds one consistent
+judgement whoever sent the windows.  Validation errors name the field to fix.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from numpy.typing import NDArray
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
+
+from bnwatch.codec import CodecError, decode_arrays, encode_arrays, encode_moments
+from bnwatch.drift import DriftConfig, Reference, assess_layer, decide
+from bnwatch.schema import SCHEMA_VERSION, LayerReport, WindowRecord
+from bnwatch.stats import MOMENT_FIELDS, ChannelMoments, LayerStats
+
+MAX_CHANNELS = 1 << 20
+MAX_LAYERS = 4096
+MAX_WINDOWS = 1000
+_COUNT_FIELDS = ("count", "n", "nonfinite")
+_NONNEGATIVE_FIELDS = ("count", "m2", "n", "sm2", "sm4", "vmean", "vm2", "nonfinite")
+
+Name = Annotated[str, Field(min_length=1, max_length=200)]
+
+
+def _b64(blob: bytes) -> str:
+    return base64.b64encode(blob).decode("ascii")
+
+
+def decode_blob(text: str, rows: int, channels: int, what: str) -> NDArray[np.float64]:
+    """Decode a base64 codec blob of ``rows`` finite float64 arrays of ``channels`` values."""
+    try:
+        arrays = decode_arrays(base64.b64decode(text, validate=True))
+    except (binascii.Error, ValueError, CodecError) as err:
+        raise ValueError(f"{what}: not a base64 bnwatch array blob ({err})") from None
+    if arrays.shape != (rows, channels):
+        raise ValueError(
+            f"{what}: expected {rows} arrays of {channels} channels, got {arrays.shape}"
+        )
+    if arrays.dtype != np.float64:
+        raise ValueError(f"{what}: expected float64 arrays, got {arrays.dtype}")
+    if not np.isfinite(arrays).all():
+        raise ValueError(f"{what}: NaN or infinite values are not allowed")
+    return arrays
+
+
+def _is_uid(value: str) -> str:
+    if not (1 <= len(value) <= 32) or not all(c.isalnum() or c in "-_" for c in value):
+        raise ValueError("1 to 32 letters, digits, '-' or '_'")
+    return value
+
+
+class WireBaseline(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["profile", "warmup"]
+    moments: str = Field(description="base64 bnwatch array blob: 13 arrays of `channels` values")
+
+
+class WireLayer(BaseModel):
+    """One layer of one window."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    layer: Annotated[str, Field(min_length=1, max_length=500)]
+    kind: Annotated[str, Field(min_length=1, max_length=100)]
+    channels: Annotated[int, Field(ge=1, le=MAX_CHANNELS)]
+    depth: Annotated[int, Field(ge=0, le=1_000_000)]
+    eps: Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)]
+    moments: str = Field(description="base64 bnwatch array blob: 13 arrays of `channels` values")
+    running: str | None = Field(
+        default=None, description="base64 bnwatch array blob: running_mean, running_var"
+    )
+    baseline: WireBaseline | None = None
+    batch_sizes: dict[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=0)]]
+    n_batches: Annotated[int, Field(ge=0)]
+    batches_seen: Annotated[int, Field(ge=0)]
+    samples_seen: Annotated[int, Field(ge=0)]
+    batch_stat_batches: Annotated[int, Field(ge=0)]
+    running_stats_mutated: bool = False
+
+    @field_validator("moments")
+    @classmethod
+    def _moments_decode(cls, value: str) -> str:
+        base64.b64decode(value, validate=True)  # the shape is checked against channels below
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> WireLayer:
+        moments = decode_blob(self.moments, len(MOMENT_FIELDS), self.channels, "moments")
+        for name in _NONNEGATIVE_FIELDS:
+            if (moments[MOMENT_FIELDS.index(name)] < 0).any():
+                raise ValueError(f"moments: {name} must not be negative")
+        for name in _COUNT_FIELDS:
+            values = moments[MOMENT_FIELDS.index(name)]
+            if not np.array_equal(values, np.round(values)):
+                raise ValueError(f"moments: {name} must hold whole numbers")
+        if self.running is not None:
+            running = decode_blob(self.running, 2, self.channels, "running")
+            if (running[1] < 0).any():
+                raise ValueError("running: running_var must not be negative")
+        if self.baseline is not None:
+            decode_blob(
+                self.baseline.moments, len(MOMENT_FIELDS), self.channels, "baseline.moments"
+            )
+        if self.batch_stat_batches > self.n_batches:
+            raise ValueError("batch_stat_batches must not exceed n_batches")
+        if sum(self.batch_sizes.values()) != self.n_batches:
+            raise ValueError("batch_sizes must count exactly n_batches batches")
+        return self
+
+
+class WireWindow(BaseModel):
+    """One closed window of one monitor."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    uid: Annotated[str, AfterValidator(_is_uid)] = Field(
+        description="unique id of the window: a re-delivered window is stored once"
+    )
+    model: Name
+    version: Name
+    source: Name
+    start: AwareDatetime
+    end: AwareDatetime
+    monitor: dict[
+        Annotated[str, Field(max_length=64)], Annotated[float, Field(allow_inf_nan=False)]
+    ] = Field(default_factory=dict, max_length=32)
+    layers: Annotated[list[WireLayer], Field(min_length=1, max_length=MAX_LAYERS)]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> WireWindow:
+        if self.end < self.start:
+            raise ValueError("end must not be before start")
+        names = [layer.layer for layer in self.layers]
+        if len(set(names)) != len(names):
+            raise ValueError("layers: layer names must be unique within a window")
+        return self
+
+
+class WindowBatch(BaseModel):
+    """The body of ``POST /api/v1/windows``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: Literal[1] = Field(description="the wire format version (1)")
+    windows: Annotated[list[WireWindow], Field(min_length=1, max_length=MAX_WINDOWS)]
+
+
+class IngestResult(BaseModel):
+    """The answer to ``POST /api/v1/windows``."""
+
+    received: int
+    stored: int
+    duplicates: int
+
+
+# ------------------------------------------------------------------------------------------
+# Conversions
+# ------------------------------------------------------------------------------------------
+def from_record(record: WindowRecord) -> dict[str, Any]:
+    """The wire form (a JSON-ready dict) of a closed window."""
+    layers = []
+    for name, r in record.reports.items():
+        st = r.stats
+        running = None
+        if np.isfinite(r.ref_mean).all() and np.isfinite(r.ref_var).all():
+            running = _b64(encode_arrays(np.stack([r.ref_mean, r.ref_var])))
+        baseline = None
+        if r.baseline_moments is not None and r.baseline in ("profile", "warmup"):
+            baseline = {"kind": r.baseline, "moments": _b64(encode_moments(r.baseline_moments))}
+        layers.append(
+            {
+                "layer": name,
+                "kind": r.kind,
+                "channels": r.channels,
+                "depth": r.depth,
+                "eps": r.eps,
+                "moments": _b64(encode_moments(st.moments)),
+                "running": running,
+                "baseline": baseline,
+                "batch_sizes": {str(k): v for k, v in st.batch_sizes.items()},
+                "n_batches": st.n_batches,
+                "batches_seen": st.batches_seen,
+                "samples_seen": st.samples_seen,
+                "batch_stat_batches": st.batch_stat_batches,
+                "running_stats_mutated": r.running_stats_mutated,
+            }
+        )
+    return {
+        "uid": record.uid,
+        "model": record.model,
+        "version": record.version,
+        "source": record.source,
+        "start": record.start.isoformat(),
+        "end": record.end.isoformat(),
+        "monitor": {k: float(v) for k, v in record.monitor.items() if math.isfinite(v)},
+        "layers": layers,
+    }
+
+
+def batch_of(records: list[WindowRecord]) -> dict[str, Any]:
+    """A :class:`WindowBatch` body for ``records``."""
+    return {"schema_version": SCHEMA_VERSION, "windows": [from_record(r) for r in records]}
+
+
+def to_record(window: WireWindow, config: DriftConfig) -> WindowRecord:
+    """The :class:`WindowRecord` a validated wire window stands for, metrics recomputed."""
+    reports: dict[str, LayerReport] = {}
+    for w in window.layers:
+        moments = ChannelMoments.from_arrays(
+            list(decode_blob(w.moments, len(MOMENT_FIELDS), w.channels, "moments"))
+        )
+        stats = LayerStats(
+            moments=moments,
+            batch_sizes=dict(sorted(w.batch_sizes.items())),
+            n_batches=w.n_batches,
+            batches_seen=w.batches_seen,
+            samples_seen=w.samples_seen,
+            batch_stat_batches=w.batch_stat_batches,
+        )
+        running = None
+        if w.running is not None:
+            arrays = decode_blob(w.running, 2, w.channels, "running")
+            running = Reference.running(arrays[0], arrays[1])
+        baseline = None
+        kind = "warming_up"
+        if w.baseline is not None:
+            base = decode_blob(w.baseline.moments, len(MOMENT_FIELDS), w.channels, "baseline")
+            baseline = Reference.from_moments(ChannelMoments.from_arrays(list(base)))
+            kind = w.baseline.kind
+        reports[w.layer] = assess_layer(
+            w.layer,
+            w.kind,
+            stats,
+            eps=w.eps,
+            running=running,
+            baseline=baseline,
+            baseline_kind=kind,
+            null=baseline.moments if baseline is not None else None,
+            depth=w.depth,
+            running_stats_mutated=w.running_stats_mutated,
+            config=config,
+        )
+    return WindowRecord(
+        model=window.model,
+        version=window.version,
+        source=window.source,
+        start=window.start,
+        end=window.end,
+        reports=decide(reports, config),
+        uid=window.uid,
+        monitor=dict(window.monitor),
+    )

@@ -1,0 +1,106 @@
+"""The wire format: exact round trips, recomputed metrics, errors that name the field."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+from typing import Any
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from bnwatch.codec import encode_arrays
+from bnwatch.drift import DriftConfig
+from bnwatch.store.repository import moments_equal
+from bnwatch.wire import WindowBatch, batch_of, to_record
+from tests.store.helpers import record_windows
+
+CONFIG = DriftConfig(warmup_samples=16, min_samples=4)
+
+
+@pytest.fixture(scope="module")
+def records() -> list[Any]:
+    return record_windows(3)
+
+
+def test_round_trip_recomputes_the_same_reports(records: list[Any]) -> None:
+    body = json.loads(json.dumps(batch_of(records)))  # through real JSON
+    batch = WindowBatch.model_validate(body)
+    for wire, original in zip(batch.windows, records, strict=True):
+        back = to_record(wire, CONFIG)
+        assert (back.uid, back.model, back.version, back.source) == (
+            original.uid,
+            original.model,
+            original.version,
+            original.source,
+        )
+        assert back.start == original.start
+        assert back.end == original.end
+        assert back.monitor == pytest.approx(dict(original.monitor))
+        for name, r in original.reports.items():
+            b = back.reports[name]
+            assert moments_equal(b.stats.moments, r.stats.moments)
+            assert b.stats.batch_sizes == r.stats.batch_sizes
+            assert (b.gap, b.drifted, b.baseline) == (r.gap, r.drifted, r.baseline)
+            assert b.gap_p_value == pytest.approx(r.gap_p_value, rel=1e-9, nan_ok=True)
+            assert b.p_value == pytest.approx(r.p_value, rel=1e-9, nan_ok=True)
+            np.testing.assert_array_equal(b.ref_mean, r.ref_mean)
+
+
+def broken(records: list[Any], change: Any) -> dict[str, Any]:
+    body = copy.deepcopy(batch_of(records[:1]))
+    change(body)
+    return body
+
+
+def blob(arrays: np.ndarray) -> str:
+    return base64.b64encode(encode_arrays(arrays)).decode()
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "message"),
+    [
+        (lambda b: b.update(schema_version=2), "schema_version", "Input should be 1"),
+        (
+            lambda b: b["windows"][0]["layers"][0].update(channels=7),
+            "windows.0.layers.0",
+            "expected 13 arrays of 7 channels",
+        ),
+        (
+            lambda b: b["windows"][0]["layers"][0].update(n_batches=-1),
+            "n_batches",
+            "greater than or equal to 0",
+        ),
+        (
+            lambda b: b["windows"][0]["layers"][0].update(moments=blob(np.full((13, 6), np.nan))),
+            "windows.0.layers.0",
+            "NaN or infinite values are not allowed",
+        ),
+        (
+            lambda b: b["windows"][0]["layers"][0].update(moments=blob(-np.ones((13, 6)))),
+            "windows.0.layers.0",
+            "count must not be negative",
+        ),
+        (lambda b: b["windows"][0]["layers"][0].update(moments="not base64!"), "moments", "base64"),
+        (lambda b: b["windows"][0].update(uid="a b"), "uid", "letters, digits"),
+        (
+            lambda b: b["windows"][0].update(end="2020-01-01T00:00:00+00:00"),
+            "windows.0",
+            "end must not be before start",
+        ),
+        (lambda b: b["windows"][0].update(start="2020-01-01T00:00:00"), "start", "timezone"),
+        (lambda b: b["windows"][0].update(unknown=1), "unknown", "Extra inputs"),
+    ],
+)
+def test_bad_input_names_the_field(
+    records: list[Any], change: Any, field: str, message: str
+) -> None:
+    with pytest.raises(ValidationError) as info:
+        WindowBatch.model_validate(broken(records, change))
+    text = str(info.value)
+    assert field in text.replace("\n", " ").replace("  ", " ") or field in json.dumps(
+        info.value.errors(include_url=False, include_input=False), default=str
+    )
+    assert message in text
