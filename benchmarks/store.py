@@ -78,10 +78,10 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 import bnwatch
+from bnwatch.codec import encode_arrays, encode_moments, raw_moment_bytes
 from bnwatch.drift import DriftConfig, Reference, assess_layer, decide
 from bnwatch.schema import LayerReport, WindowRecord
 from bnwatch.stats import ChannelMoments, LayerStats
-from bnwatch.codec import encode_arrays, encode_moments, raw_moment_bytes
 from bnwatch.store.engine import create_engine
 from bnwatch.store.migrate import engine_for
 from bnwatch.store.repository import Repository, window_row

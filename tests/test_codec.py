@@ -8,7 +8,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from bnwatch.stats import ChannelMoments
 from bnwatch.codec import (
     CodecError,
     decode_arrays,
@@ -17,6 +16,7 @@ from bnwatch.codec import (
     encode_moments,
     raw_moment_bytes,
 )
+from bnwatch.stats import ChannelMoments
 
 
 @settings(max_examples=200, deadline=None)
