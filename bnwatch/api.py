@@ -6,13 +6,16 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from bnwatch.capture import Monitor, discover
 from bnwatch.capture import profile as _profile
 from bnwatch.drift import DriftConfig
+
+if TYPE_CHECKING:
+    from bnwatch.alerts import AlertConfig
 from bnwatch.errors import ConfigError
 from bnwatch.schema import Profile
 from bnwatch.sink import MemorySink, Sink
@@ -48,8 +51,9 @@ def profile(
     return result
 
 
-def _make_sink(store: str | Sink | None) -> Sink:
-    """``None``: memory; a SQLAlchemy URL: the background database writer; a Sink: itself."""
+def _make_sink(store: str | Sink | None, alerts: AlertConfig | None = None) -> Sink:
+    """``None``: memory; a SQLAlchemy URL: the background database writer (evaluating the
+    alerts after each stored batch); a Sink: itself."""
     if store is None:
         return MemorySink()
     if isinstance(store, Sink):
@@ -62,9 +66,10 @@ def _make_sink(store: str | Sink | None) -> Sink:
                 "a database URL (sqlite:///bnwatch.db, postgresql://...), None or a Sink; "
                 "sending windows to a bnwatch service is not supported by this version yet",
             )
-        from bnwatch.store.writer import StoreSink  # SQLAlchemy only when a store is used
+        from bnwatch.alerts import AlertEngine  # SQLAlchemy only when a store is used
+        from bnwatch.store.writer import StoreSink
 
-        return StoreSink(store)
+        return StoreSink(store, on_stored=AlertEngine(alerts).on_stored)
     raise ConfigError("store", store, "None, a database URL or a bnwatch.sink.Sink")
 
 
@@ -83,6 +88,7 @@ def watch(
     spatial_stride: int = 1,
     overhead_budget: float | None = 0.02,
     config: DriftConfig | None = None,
+    alerts: AlertConfig | None = None,
     source: str | None = None,
 ) -> Monitor:
     """Watch every BatchNorm layer of ``model``; returns the running :class:`Monitor`.
@@ -105,6 +111,8 @@ def watch(
         overhead_budget: the share of model time the monitor may spend (0.02 = 2 %);
             the measured share of forwards adapts to stay within it.  ``None``: no limit.
         config: drift, gap and small-batch thresholds (:class:`DriftConfig`).
+        alerts: alert rules (:class:`bnwatch.alerts.AlertConfig`) evaluated after each
+            batch of windows stored in a database.
         source: this replica's id in stored windows (default ``host:pid``).
 
     Raises:
@@ -116,7 +124,7 @@ def watch(
     if not isinstance(version, str) or not version:
         raise ConfigError("version", version, "a non-empty string (e.g. '2025-06-01')")
     layers = discover(model, include, exclude)
-    sink = _make_sink(store)
+    sink = _make_sink(store, alerts)
     return Monitor(
         model,
         layers,

@@ -15,6 +15,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy.engine import URL, Engine
@@ -51,6 +52,8 @@ class StoreSink:
         batch_size: windows stored per transaction.
         retry_initial, retry_max: exponential backoff between failed attempts (seconds).
         create: create the schema in an empty database (``bnwatch db upgrade`` otherwise).
+        on_stored: called with the repository and the windows after each stored batch (the
+            alert engine's hook); its exceptions are logged, never propagated.
     """
 
     def __init__(
@@ -63,6 +66,7 @@ class StoreSink:
         retry_max: float = 30.0,
         create: bool = True,
         engine: Engine | None = None,
+        on_stored: Callable[[Repository, list[WindowRecord]], object] | None = None,
     ) -> None:
         self.url = parse_url(url)
         check_positive_int("queue_size", queue_size)
@@ -73,6 +77,7 @@ class StoreSink:
         self._retry_max = retry_max
         self._create = create
         self._engine = engine
+        self._on_stored = on_stored
         self._repo: Repository | None = None
         self._lock = threading.Lock()
         self._written = 0
@@ -232,6 +237,11 @@ class StoreSink:
                 if self._failures:
                     logger.info("bnwatch: the store at %s is back", redacted(self.url))
                     self._failures = 0
+            if self._on_stored is not None:
+                try:
+                    self._on_stored(self._repo, pending)
+                except Exception:  # e.g. alert evaluation: never lose the writer over it
+                    logger.exception("bnwatch: the after-store hook failed")
             return
 
     def _failed(self, err: Exception, backoff: float) -> None:

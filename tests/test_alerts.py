@@ -1,0 +1,174 @@
+"""The alert engine: persistence before opening, hysteresis, dedup, no_data, configuration."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from bnwatch.alerts import AlertConfig, AlertEngine, Rule, evaluate_all
+from bnwatch.errors import ConfigError
+from bnwatch.schema import WindowRecord
+from bnwatch.store.migrate import engine_for
+from bnwatch.store.repository import Repository
+from tests.store.helpers import record_windows
+
+T0 = datetime(2026, 6, 1, 12, 0, tzinfo=timezone.utc)
+
+
+@pytest.fixture
+def repo(db_url: str) -> Iterator[Repository]:
+    engine = engine_for(db_url)
+    yield Repository(engine)
+    engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def template() -> WindowRecord:
+    return record_windows(1, warmup_samples=10**6)[0]
+
+
+def window(
+    template: WindowRecord, i: int, *, drifted: bool = False, nonfinite: int = 0, layer: str = "4"
+) -> WindowRecord:
+    """The i-th one-minute window; ``layer`` drifted (or showed NaNs) when asked."""
+    reports = {}
+    for name, r in template.reports.items():
+        if name == layer:
+            moments = r.stats.moments
+            if nonfinite:
+                nf = moments.nonfinite.copy()
+                nf[0] = nonfinite
+                moments = dataclasses.replace(moments, nonfinite=nf)
+            r = dataclasses.replace(
+                r, drifted=drifted, stats=dataclasses.replace(r.stats, moments=moments)
+            )
+        reports[name] = r
+    start = T0 + timedelta(minutes=i)
+    return dataclasses.replace(
+        template, uid=f"w{i:04d}", start=start, end=start + timedelta(minutes=1), reports=reports
+    )
+
+
+def feed(repo: Repository, engine: AlertEngine, records: list[WindowRecord]) -> list[list[str]]:
+    """Store windows one at a time, evaluating after each; the actions each evaluation took."""
+    actions = []
+    for r in records:
+        repo.write_windows([r])
+        changes = engine.evaluate(repo, r.model, r.version, now=r.end)
+        actions.append([f"{c.action}:{c.kind}:{c.layer}" for c in changes])
+    return actions
+
+
+def test_opens_after_k_windows_and_resolves_with_hysteresis(
+    repo: Repository, template: WindowRecord
+) -> None:
+    engine = AlertEngine(AlertConfig(drift=Rule(open_after=3, resolve_after=2)))
+    pattern = [False, True, True, False, True, True, True, True, False, True, False, False, False]
+    actions = feed(repo, engine, [window(template, i, drifted=d) for i, d in enumerate(pattern)])
+    # two drifted windows are not enough; three in a row open it (window 6)
+    assert [i for i, a in enumerate(actions) if "opened:drift:4" in a] == [6]
+    # one clear window does not resolve it (window 8); two in a row do (window 11)
+    assert [i for i, a in enumerate(actions) if "resolved:drift:4" in a] == [11]
+    (alert,) = [a for a in repo.alerts() if a.kind == "drift"]
+    assert alert.state == "resolved"
+    assert alert.layer == "4"
+    assert alert.opened_at == T0 + timedelta(minutes=7)
+    assert alert.resolved_at == T0 + timedelta(minutes=12)
+    assert alert.values["windows"] >= 2  # flagged windows among the recent ones
+    assert "p_value" in alert.values
+
+
+def test_evaluation_is_idempotent_and_alerts_are_deduplicated(
+    repo: Repository, template: WindowRecord
+) -> None:
+    engine = AlertEngine(AlertConfig(drift=Rule(open_after=1, resolve_after=1)))
+    repo.write_windows([window(template, i, drifted=True) for i in range(3)])
+    for _ in range(3):
+        engine.evaluate(repo, "cnn", "1", now=T0)
+    other = AlertEngine(AlertConfig(drift=Rule(open_after=1, resolve_after=1)))
+    other.evaluate(repo, "cnn", "1", now=T0)  # a second evaluator (another worker)
+    open_drift = [a for a in repo.alerts(state="open") if a.kind == "drift"]
+    assert len(open_drift) == 1
+
+
+def test_nonfinite_and_mode_alerts(repo: Repository, template: WindowRecord) -> None:
+    engine = AlertEngine()
+    actions = feed(repo, engine, [window(template, 0, nonfinite=5, layer="7")])
+    assert "opened:nonfinite_activations:7" in actions[0]
+    assert not any("batch_stat_mode" in a for a in actions[0])
+
+
+def test_no_data_opens_and_resolves(repo: Repository, template: WindowRecord) -> None:
+    engine = AlertEngine(AlertConfig(no_data_seconds=300))
+    repo.write_windows([window(template, 0)])
+    assert engine.check_silence(repo, now=T0 + timedelta(minutes=3)) == []
+    (opened,) = engine.check_silence(repo, now=T0 + timedelta(minutes=7))
+    assert (opened.action, opened.kind, opened.layer) == ("opened", "no_data", None)
+    assert engine.check_silence(repo, now=T0 + timedelta(minutes=8)) == []  # still open, once
+    repo.write_windows([window(template, 9)])
+    changes = evaluate_all(repo, engine, now=T0 + timedelta(minutes=10))
+    assert [(c.action, c.kind) for c in changes] == [("resolved", "no_data")]
+
+
+def test_config_from_toml_and_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "bnwatch.toml"
+    path.write_text(
+        "[alerts]\nno_data_seconds = 120\n[alerts.drift]\nopen_after = 5\n[other]\nx = 1\n"
+    )
+    config = AlertConfig.from_toml(path)
+    assert config.no_data_seconds == 120
+    assert config.drift == Rule(open_after=5, resolve_after=3)
+    assert config.with_overrides(drift_resolve_after=7, nonfinite_min=3).drift.resolve_after == 7
+    assert config.history == 5
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("[alerts]\nno_data_seconds = -1\n", "alerts.no_data_seconds"),
+        ("[alerts.drift]\nopen_after = 0\n", "alerts.drift.open_after"),
+        ("[alerts.drift]\nopen_afterr = 2\n", "alerts.drift.open_afterr"),
+        ("[alerts]\nfoo = 1\n", "alerts.foo"),
+        ("[alerts.drift]\nenabled = 'yes'\n", "alerts.drift.enabled"),
+        ("[alerts\n", "alerts config"),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path: Path, text: str, key: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        AlertConfig.from_toml(path)
+    assert info.value.argument == key
+
+
+def test_overrides_reject_unknown_names() -> None:
+    with pytest.raises(ConfigError, match="drift_sometimes"):
+        AlertConfig().with_overrides(drift_sometimes=1)
+
+
+def test_a_watched_model_left_in_train_mode_raises_alerts_in_the_store(db_url: str) -> None:
+    import torch
+
+    import bnwatch
+    from tests.store.helpers import batches, small_cnn
+
+    net = small_cnn()
+    net[4].train()  # the second BatchNorm2d left in train() by mistake
+    mon = bnwatch.watch(
+        net, name="cnn", version="1", store=db_url, window_seconds=None, overhead_budget=None
+    )
+    with torch.no_grad():
+        for x in batches(6, batch=2):
+            net(x)
+            mon.flush()
+    mon.close()
+    engine = engine_for(db_url)
+    kinds = {(a.kind, a.layer) for a in Repository(engine).alerts(state="open")}
+    engine.dispose()
+    assert ("batch_stat_mode", "4") in kinds
+    assert ("running_stats_mutated", "4") in kinds
+    assert not any(layer == "1" for _, layer in kinds)
