@@ -24,8 +24,14 @@ __version__ = "0.1.0.dev0"
 if TYPE_CHECKING:
     from bnwatch.api import profile, watch
     from bnwatch.capture import Monitor
+    from bnwatch.recalibration import recalibrate
 
-_LAZY = {"watch": "bnwatch.api", "profile": "bnwatch.api", "Monitor": "bnwatch.capture"}
+_LAZY = {
+    "watch": "bnwatch.api",
+    "profile": "bnwatch.api",
+    "recalibrate": "bnwatch.recalibration",
+    "Monitor": "bnwatch.capture",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -52,5 +58,6 @@ __all__ = [
     "WindowRecord",
     "__version__",
     "profile",
+    "recalibrate",
     "watch",
 ]

@@ -472,6 +472,14 @@ class LayerAccumulator:
             batch_stat_batches=batch_stat,
         )
 
+    def peek(self) -> ChannelMoments | None:
+        """The statistics of the window so far, without closing it (host, float64)."""
+        with self._lock:
+            if self._buffer is not None:
+                self._compact(self._buffer)
+            state = self._state
+            return None if state is None else ChannelMoments.from_arrays(list(state.cpu().numpy()))
+
     def take_reservoir(self) -> Reservoir | None:
         """The reservoir kept so far (profile mode), or ``None``."""
         return self._reservoir

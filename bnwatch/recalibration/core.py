@@ -1,0 +1,378 @@
+"""Re-estimate BatchNorm statistics: ``bnwatch.recalibrate``.
+
+Methods (per layer, with ``μs, σs²`` the current running statistics and ``μt, σt²`` the
+population statistics of the recalibration data, ``n`` its samples):
+
+``precise``
+    ``running_mean = μt``, ``running_var = σt² · N/(N - 1)`` with ``N`` the elements seen:
+    the population statistics pooled over every element (PreciseBN's estimator, with the
+    between-batch variance included, so unequal batches weigh by their elements).  During
+    the pass every recalibrated layer normalizes with batch statistics, so downstream layers
+    see what training would show them.
+``mix``
+    Schneider et al. (2020): ``μ = w μs + (1 - w) μt`` and ``σ² = w σs² + (1 - w) σt²`` with
+    ``w = N/(N + n)`` for a prior strength of ``N`` samples -- for few target samples.  During
+    the pass layers normalize with the mixed statistics of the layers above them, as they
+    will at inference.
+
+Only the BatchNorm layers being recalibrated change mode; dropout and every other module keep
+theirs (``torch.optim.swa_utils.update_bn`` switches the whole model to train mode).  Modes,
+momenta, hooks and buffers are restored even when the data raises midway.  With
+``torch.distributed`` initialized, the sufficient statistics of all ranks are merged, so
+every rank ends with identical statistics.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from bnwatch.capture.accumulator import LayerAccumulator
+from bnwatch.capture.discovery import BatchNormLayer, discover
+from bnwatch.errors import BnwatchError, ConfigError, ShapeError, check_positive_int
+from bnwatch.inputs import model_input
+from bnwatch.recalibration.result import LayerUpdate, RecalibrationResult, evaluate
+from bnwatch.stats import ChannelMoments
+
+Method = Literal["precise", "mix"]
+METHODS: tuple[str, ...] = ("precise", "mix")
+
+
+class NotEnoughDataError(BnwatchError, ValueError):
+    """The data held fewer samples than the recalibration needs."""
+
+    def __init__(self, seen: int, needed: int) -> None:
+        self.seen = seen
+        self.needed = needed
+        super().__init__(
+            f"recalibration saw {seen} samples but needs at least {needed}: pass more data "
+            "(or lower min_samples)"
+        )
+
+
+def recalibrate(
+    model: nn.Module,
+    data: Iterable[Any],
+    *,
+    num_samples: int = 8192,
+    method: Method = "precise",
+    prior_strength: float = 16.0,
+    layers: str | Sequence[str] | None = None,
+    input_key: str | None = None,
+    min_samples: int = 16,
+    held_out: Iterable[Any] | None = None,
+    apply: bool | Literal["if_better"] = "if_better",
+    progress: bool | None = None,
+    device: torch.device | str | None = None,
+) -> RecalibrationResult:
+    """Re-estimate the running statistics of a model's BatchNorm layers.
+
+    Args:
+        model: the model; its BatchNorm buffers change only when the result is applied.
+        data: recalibration inputs: an iterable of tensors, ``(inputs, ...)`` tuples or dicts
+            (``input_key``), e.g. a DataLoader or ``mon.inputs()`` of a monitor that kept
+            recent production inputs.
+        num_samples: use at most this many samples.
+        method: ``"precise"`` or ``"mix"`` (see the module docstring).
+        prior_strength: ``N`` of the ``mix`` method, in samples.
+        layers: recalibrate only layers whose qualified name matches these globs.
+        min_samples: fewer samples than this is an error (statistics would be noise).
+        held_out: data to judge the result on -- the gap between what each layer receives
+            and its running statistics before and after, and the accuracy when it yields
+            ``(inputs, labels)``.
+        apply: ``True`` applies the new statistics, ``False`` leaves the model as it was,
+            ``"if_better"`` applies them unless the held-out data shows no improvement
+            (always when there is no held-out data).
+        progress: show a progress bar (default: when stderr is a terminal).
+        device: move inputs there (default: the device of the model's first parameter).
+
+    Raises:
+        NoBatchNormError: the model (or ``layers``) has no BatchNorm layer.
+        NotEnoughDataError: fewer than ``min_samples`` samples.
+        ShapeError: the data does not fit the model; the model is left untouched.
+    """
+    if method not in METHODS:
+        raise ConfigError("method", method, f"one of {list(METHODS)}")
+    check_positive_int("num_samples", num_samples)
+    check_positive_int("min_samples", min_samples)
+    if (
+        isinstance(prior_strength, bool)
+        or not isinstance(prior_strength, (int, float))
+        or not (0 <= prior_strength < math.inf)
+    ):
+        raise ConfigError("prior_strength", prior_strength, "a number of samples >= 0")
+    if apply not in (True, False, "if_better"):
+        raise ConfigError("apply", apply, "True, False or 'if_better'")
+    selected = _select(model, layers)
+    target_device = torch.device(device) if device is not None else _model_device(model)
+    before = {layer.name: _buffers(layer.module) for layer in selected}
+
+    moments, seen = _estimate(
+        model,
+        selected,
+        data,
+        method,
+        prior_strength,
+        num_samples,
+        input_key,
+        target_device,
+        _show_progress(progress),
+    )
+    if seen < min_samples:
+        raise NotEnoughDataError(seen, min_samples)
+    updates = []
+    for layer in selected:
+        m = moments[layer.name]
+        old_mean, old_var = before[layer.name]
+        mean, var = _new_statistics(m, old_mean, old_var, method, prior_strength)
+        updates.append(
+            LayerUpdate(
+                name=layer.name,
+                module=layer.module,
+                old_mean=old_mean,
+                old_var=old_var,
+                new_mean=torch.as_tensor(mean, dtype=old_mean.dtype, device=old_mean.device),
+                new_var=torch.as_tensor(var, dtype=old_var.dtype, device=old_var.device),
+                samples=m.n_samples,
+            )
+        )
+    result = RecalibrationResult(
+        model=model,
+        method=method,
+        prior_strength=prior_strength if method == "mix" else None,
+        samples=seen,
+        updates=updates,
+    )
+    if held_out is not None:
+        evaluate(result, held_out, input_key=input_key, device=target_device)
+    if apply is True or (apply == "if_better" and result.improved is not False):
+        result.apply()
+    elif apply == "if_better":
+        result.status = "rejected"
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+def _select(model: nn.Module, layers: str | Sequence[str] | None) -> list[BatchNormLayer]:
+    found = discover(model, include=layers)
+    for layer in found:
+        bn = layer.module
+        if bn.running_mean is None or bn.running_var is None:
+            raise ConfigError(
+                "layers",
+                layer.name,
+                "BatchNorm layers with running statistics (track_running_stats=True)",
+            )
+    return found
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+def _running(bn: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's running buffers (``_select`` admits only layers that have them)."""
+    mean, var = bn.running_mean, bn.running_var
+    if mean is None or var is None:  # pragma: no cover - excluded by _select
+        raise ConfigError("layers", type(bn).__name__, "layers with running statistics")
+    return mean, var
+
+
+def _buffers(bn: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    mean, var = _running(bn)
+    return mean.detach().clone(), var.detach().clone()
+
+
+def _show_progress(progress: bool | None) -> bool:
+    return sys.stderr.isatty() if progress is None else progress
+
+
+def _batches(
+    data: Iterable[Any], input_key: str | None, num_samples: int, device: torch.device
+) -> Iterator[torch.Tensor]:
+    seen = 0
+    for item in data:
+        x = model_input(item, input_key)
+        if not isinstance(x, torch.Tensor):
+            raise ConfigError(
+                "data", type(x).__name__, "batches of tensors (or tuples/dicts of them)"
+            )
+        if seen + x.shape[0] > num_samples:
+            x = x[: num_samples - seen]
+        if x.device != device:
+            x = x.to(device)
+        yield x
+        seen += int(x.shape[0])
+        if seen >= num_samples:
+            return
+
+
+def _estimate(
+    model: nn.Module,
+    selected: list[BatchNormLayer],
+    data: Iterable[Any],
+    method: str,
+    prior_strength: float,
+    num_samples: int,
+    input_key: str | None,
+    device: torch.device,
+    progress: bool,
+) -> tuple[dict[str, ChannelMoments], int]:
+    """One pass over the data with the selected layers normalizing as the method says,
+    measuring exactly what each receives.  Everything is restored afterwards."""
+    accs = {layer.name: LayerAccumulator(layer.name) for layer in selected}
+    modes = {module: module.training for module in model.modules()}
+    saved = {
+        layer.name: (
+            layer.module.momentum,
+            _buffers(layer.module),
+            None
+            if layer.module.num_batches_tracked is None
+            else layer.module.num_batches_tracked.detach().clone(),
+        )
+        for layer in selected
+    }
+    handles = []
+    seen = 0
+    bar: Any = None
+    try:
+        for layer in selected:
+            bn = layer.module
+            acc = accs[layer.name]
+            if method == "precise":
+                bn.train()  # normalize with batch statistics, as training would
+                bn.momentum = 0.0  # ... without touching the stored statistics
+                handles.append(bn.register_forward_pre_hook(_measuring(acc)))
+            else:
+                bn.eval()  # normalize with the mixed statistics of this batch
+                handles.append(
+                    bn.register_forward_pre_hook(
+                        _mixing(acc, bn, saved[layer.name][1], prior_strength)
+                    )
+                )
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=num_samples, unit="sample", desc=f"bnwatch recalibrate ({method})")
+        with torch.no_grad():
+            for x in _batches(data, input_key, num_samples, device):
+                try:
+                    model(x)
+                except (RuntimeError, ValueError) as err:
+                    raise ShapeError(
+                        "recalibration data", "inputs the model accepts", f"{tuple(x.shape)}: {err}"
+                    ) from err
+                seen += int(x.shape[0])
+                if bar is not None:
+                    bar.update(int(x.shape[0]))
+        moments = {name: _collect(acc) for name, acc in accs.items()}
+        moments = _all_reduce(moments)
+        seen = _all_reduce_count(seen)
+    finally:
+        if bar is not None:
+            bar.close()
+        for handle in handles:
+            handle.remove()
+        for layer in selected:
+            momentum, (mean, var), tracked = saved[layer.name]
+            bn = layer.module
+            bn.momentum = momentum
+            with torch.no_grad():
+                running_mean, running_var = _running(bn)
+                running_mean.copy_(mean)
+                running_var.copy_(var)
+                if tracked is not None and bn.num_batches_tracked is not None:
+                    bn.num_batches_tracked.copy_(tracked)
+        for module, training in modes.items():
+            module.train(training)
+    return moments, seen
+
+
+def _measuring(acc: LayerAccumulator) -> Callable[[nn.Module, Any], None]:
+    def hook(module: nn.Module, args: Any) -> None:
+        acc.observe(args[0], batch_stat_mode=True)
+
+    return hook
+
+
+def _mixing(
+    acc: LayerAccumulator,
+    bn: _BatchNorm,
+    source: tuple[torch.Tensor, torch.Tensor],
+    prior: float,
+) -> Callable[[nn.Module, Any], None]:
+    """Measure the batch, then let the layer normalize with prior-mixed statistics of the
+    target data seen so far (as it will after recalibration)."""
+
+    def hook(module: nn.Module, args: Any) -> None:
+        acc.observe(args[0], batch_stat_mode=False)
+        so_far = acc.peek()
+        if so_far is None:
+            return
+        mean, var = _new_statistics(so_far, source[0], source[1], "mix", prior)
+        running_mean, running_var = _running(bn)
+        running_mean.copy_(torch.as_tensor(mean, dtype=running_mean.dtype))
+        running_var.copy_(torch.as_tensor(var, dtype=running_var.dtype))
+
+    return hook
+
+
+def _collect(acc: LayerAccumulator) -> ChannelMoments:
+    stats = acc.collect()
+    if stats is None:
+        raise BnwatchError(f"layer {acc.name!r} received no data during recalibration")
+    return stats.moments
+
+
+def _new_statistics(
+    m: ChannelMoments,
+    old_mean: torch.Tensor,
+    old_var: torch.Tensor,
+    method: str,
+    prior: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    count = np.maximum(m.count, 2.0)
+    mean = m.mean
+    var = m.m2 / (count - 1.0)  # unbiased, as PyTorch stores running_var
+    if method == "mix":
+        n = float(m.n_samples)
+        w = prior / (prior + n) if prior + n > 0 else 0.0
+        mean = w * old_mean.double().cpu().numpy() + (1 - w) * mean
+        var = w * old_var.double().cpu().numpy() + (1 - w) * var
+    return np.asarray(mean), np.asarray(var)
+
+
+def _all_reduce(moments: dict[str, ChannelMoments]) -> dict[str, ChannelMoments]:
+    """Merge every rank's statistics (identical result on all ranks)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return moments
+    out = {}
+    for name, m in moments.items():
+        local = torch.from_numpy(np.stack(m.as_arrays())).contiguous()
+        gathered = [torch.empty_like(local) for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather(gathered, local)
+        parts = [ChannelMoments.from_arrays(list(t.numpy())) for t in gathered]
+        merged = parts[0]
+        for p in parts[1:]:
+            merged = merged.merge(p)  # rank order: the same on every rank
+        out[name] = merged
+    return out
+
+
+def _all_reduce_count(seen: int) -> int:
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return seen
+    t = torch.tensor([seen], dtype=torch.int64)
+    torch.distributed.all_reduce(t)
+    return int(t.item())

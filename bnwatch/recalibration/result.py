@@ -1,0 +1,210 @@
+"""What a recalibration produced: new buffers, their judgement, apply and rollback."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from bnwatch.capture.discovery import ROOT_NAME, BatchNormLayer
+from bnwatch.capture.monitor import Monitor
+from bnwatch.inputs import model_input
+from bnwatch.sink import MemorySink
+
+
+@dataclass
+class LayerUpdate:
+    """New running statistics for one layer (and the ones they replace)."""
+
+    name: str
+    module: _BatchNorm
+    old_mean: torch.Tensor
+    old_var: torch.Tensor
+    new_mean: torch.Tensor
+    new_var: torch.Tensor
+    samples: int
+
+    @property
+    def key(self) -> str:
+        """The layer's prefix in ``model.state_dict()``."""
+        return "" if self.name == ROOT_NAME else self.name + "."
+
+
+@dataclass
+class LayerJudgement:
+    """How far a layer's held-out inputs are from its running statistics, before and after:
+    the mean Gaussian KL over channels and the RMS standardized mean shift ``d``."""
+
+    kl_before: float
+    kl_after: float
+    d_rms_before: float
+    d_rms_after: float
+
+
+@dataclass
+class RecalibrationResult:
+    """The outcome of :func:`bnwatch.recalibrate`.
+
+    ``status`` is ``pending`` (computed, not applied), ``applied``, ``rejected`` (held-out data
+    showed no improvement; not applied) or ``rolled_back``.
+    """
+
+    model: nn.Module
+    method: str
+    prior_strength: float | None
+    samples: int
+    updates: list[LayerUpdate]
+    status: str = "pending"
+    layers: dict[str, LayerJudgement] = field(default_factory=dict)
+    accuracy_before: float | None = None
+    accuracy_after: float | None = None
+
+    # -- the judgement -----------------------------------------------------------------------
+    @property
+    def kl_before(self) -> float | None:
+        values = [j.kl_before for j in self.layers.values() if math.isfinite(j.kl_before)]
+        return sum(values) / len(values) if values else None
+
+    @property
+    def kl_after(self) -> float | None:
+        values = [j.kl_after for j in self.layers.values() if math.isfinite(j.kl_after)]
+        return sum(values) / len(values) if values else None
+
+    @property
+    def improved(self) -> bool | None:
+        """Whether held-out data is closer to the new statistics (``None``: not judged)."""
+        before, after = self.kl_before, self.kl_after
+        if before is None or after is None:
+            return None
+        return after < before
+
+    # -- buffers -----------------------------------------------------------------------------
+    def apply(self) -> None:
+        """Write the new statistics into the model."""
+        self._write(new=True)
+        self.status = "applied"
+
+    def rollback(self) -> None:
+        """Put back the statistics the model had before."""
+        self._write(new=False)
+        self.status = "rolled_back"
+
+    def _write(self, *, new: bool) -> None:
+        with torch.no_grad():
+            for u in self.updates:
+                mean, var = (u.new_mean, u.new_var) if new else (u.old_mean, u.old_var)
+                if u.module.running_mean is None or u.module.running_var is None:
+                    raise ValueError(f"layer {u.name!r} lost its running statistics")
+                u.module.running_mean.copy_(mean)
+                u.module.running_var.copy_(var)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Only the new BatchNorm buffers, keyed as in ``model.state_dict()``:
+        ``model.load_state_dict(result.state_dict(), strict=False)`` applies them."""
+        out: dict[str, torch.Tensor] = {}
+        for u in self.updates:
+            out[f"{u.key}running_mean"] = u.new_mean.detach().cpu().clone()
+            out[f"{u.key}running_var"] = u.new_var.detach().cpu().clone()
+        return out
+
+    def save(self, path: str | Path) -> Path:
+        """Write :meth:`state_dict` with ``torch.save``."""
+        out = Path(path)
+        torch.save(self.state_dict(), out)
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready description (for logs, the store and triggers)."""
+        return {
+            "method": self.method,
+            "prior_strength": self.prior_strength,
+            "samples": self.samples,
+            "status": self.status,
+            "layers": [u.name for u in self.updates],
+            "kl_before": self.kl_before,
+            "kl_after": self.kl_after,
+            "improved": self.improved,
+            "accuracy_before": self.accuracy_before,
+            "accuracy_after": self.accuracy_after,
+            "per_layer": {
+                name: {
+                    "kl_before": j.kl_before,
+                    "kl_after": j.kl_after,
+                    "d_rms_before": j.d_rms_before,
+                    "d_rms_after": j.d_rms_after,
+                }
+                for name, j in self.layers.items()
+            },
+        }
+
+
+def evaluate(
+    result: RecalibrationResult,
+    held_out: Iterable[Any],
+    *,
+    input_key: str | None = None,
+    device: torch.device | None = None,
+) -> None:
+    """Judge ``result`` on held-out data: per-layer gap before/after, accuracy if labelled.
+
+    The model runs as deployed (its modes unchanged) once with its current statistics and
+    once with the new ones; its buffers are the current ones again afterwards.
+    """
+    items = list(held_out)  # iterated twice
+    layers = [BatchNormLayer(u.name, u.module, i) for i, u in enumerate(result.updates)]
+    before = _gap(result.model, layers, items, input_key, device)
+    result._write(new=True)
+    try:
+        after = _gap(result.model, layers, items, input_key, device)
+    finally:
+        result._write(new=False)
+    for name in before[0]:
+        kb, db = before[0][name]
+        ka, da = after[0].get(name, (math.nan, math.nan))
+        result.layers[name] = LayerJudgement(kb, ka, db, da)
+    result.accuracy_before, result.accuracy_after = before[1], after[1]
+
+
+def _gap(
+    model: nn.Module,
+    layers: list[BatchNormLayer],
+    items: list[Any],
+    input_key: str | None,
+    device: torch.device | None,
+) -> tuple[Mapping[str, tuple[float, float]], float | None]:
+    mon = Monitor(
+        model,
+        layers,
+        name="recalibration",
+        version="held-out",
+        sink=MemorySink(),
+        window_seconds=None,
+        overhead_budget=None,
+    )
+    correct = total = 0
+    labelled = True
+    try:
+        with torch.no_grad():
+            for item in items:
+                x = model_input(item, input_key)
+                if device is not None:
+                    x = x.to(device)
+                out = model(x)
+                y = item[1] if isinstance(item, (tuple, list)) and len(item) > 1 else None
+                if isinstance(y, torch.Tensor) and isinstance(out, torch.Tensor) and out.dim() == 2:
+                    correct += int((out.argmax(dim=1).cpu() == y.cpu()).sum())
+                    total += int(y.shape[0])
+                else:
+                    labelled = False
+        reports = mon.flush()
+    finally:
+        mon.close()
+    gaps = {name: (r.kl_mean, r.d_rms) for name, r in reports.items()}
+    accuracy = correct / total if labelled and total else None
+    return gaps, accuracy

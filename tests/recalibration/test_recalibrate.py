@@ -1,0 +1,263 @@
+"""bnwatch.recalibrate against float64 references, torch's update_bn, and under failure."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.optim.swa_utils import update_bn
+
+import bnwatch
+from bnwatch.errors import NoBatchNormError, ShapeError
+from bnwatch.recalibration import NotEnoughDataError, recalibrate
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def net(dropout: float = 0.0, seed: int = 0) -> Any:  # Any: tests reach into submodules
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.Dropout(dropout),
+        nn.Conv2d(6, 5, 3, padding=1),
+        nn.BatchNorm2d(5),
+        nn.Flatten(),
+        nn.Linear(5 * 25, 4),
+        nn.BatchNorm1d(4),
+    ).eval()
+
+
+def data(batches: int, size: int = 8, seed: int = 1, shift: float = 0.0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(size, 3, 5, 5, generator=g) * 2 + 1 + shift for _ in range(batches)]
+
+
+def bn_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def population_reference(
+    model: nn.Module, xs: list[torch.Tensor]
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Independent float64 reference: BN layers normalize with batch statistics (train mode,
+    nothing else), inputs recorded, pooled mean and unbiased variance over all elements."""
+    ref = copy.deepcopy(model)
+    inputs: dict[str, list[torch.Tensor]] = {n: [] for n in bn_names(ref)}
+    for name, m in ref.named_modules():
+        if name in inputs:
+            m.train()
+            m.register_forward_pre_hook(
+                lambda mod, a, name=name: inputs[name].append(a[0].double())
+            )
+    with torch.no_grad():
+        for x in xs:
+            ref(x)
+    out = {}
+    for name, chunks in inputs.items():
+        x = torch.cat(chunks)
+        flat = x.transpose(0, 1).reshape(x.shape[1], -1)
+        out[name] = (flat.mean(1).numpy(), flat.var(1, unbiased=True).numpy())
+    return out
+
+
+def buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "tracked" in k}
+
+
+def test_precise_equals_the_population_statistics() -> None:
+    model = net()
+    xs = data(12)
+    want = population_reference(model, xs)
+    result = recalibrate(model, xs, apply=True)
+    assert result.status == "applied"
+    assert result.samples == 96
+    for name, (mean, var) in want.items():
+        bn = model.get_submodule(name)
+        np.testing.assert_allclose(bn.running_mean.double().numpy(), mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(bn.running_var.double().numpy(), var, rtol=1e-5)
+
+
+def test_agrees_with_update_bn_where_they_should() -> None:
+    """Equal batch sizes, no dropout: identical means; update_bn's variance is the average
+    within-batch variance, ours the pooled one: pooled = ((n-1) B v + n Σ(m_b - m)²)/(Bn - 1)."""
+    model, theirs = net(), net()
+    xs = data(10)
+    recalibrate(model, xs, apply=True)
+    update_bn(xs, theirs)
+    theirs.eval()
+    reference = population_reference(net(), xs)
+    batch_means: dict[str, list[torch.Tensor]] = {n: [] for n in bn_names(theirs)}
+    probe = copy.deepcopy(net())
+    for name, m in probe.named_modules():
+        if name in batch_means:
+            m.train()
+            dims = (0, 2, 3) if name != "8" else (0,)
+            m.register_forward_pre_hook(
+                lambda mod, a, name=name, dims=dims: batch_means[name].append(
+                    a[0].double().mean(dims)
+                )
+            )
+    with torch.no_grad():
+        for x in xs:
+            probe(x)
+    for name in bn_names(model):
+        ours, other = model.get_submodule(name), theirs.get_submodule(name)
+        torch.testing.assert_close(ours.running_mean, other.running_mean, rtol=1e-5, atol=1e-6)
+        per = 8 * (25 if name != "8" else 1)  # elements per batch and channel
+        B = len(xs)
+        means = torch.stack(batch_means[name])
+        between = ((means - means.mean(0)) ** 2).sum(0) * per
+        pooled = ((per - 1) * B * other.running_var.double() + between) / (B * per - 1)
+        torch.testing.assert_close(ours.running_var.double(), pooled, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(pooled.numpy(), reference[name][1], rtol=1e-5)
+
+
+def test_dropout_stays_off_unlike_update_bn() -> None:
+    """update_bn puts the whole model in train mode (dropout on); we touch only BatchNorm."""
+    model, theirs = net(dropout=0.5), net(dropout=0.5)
+    xs = data(10)
+    recalibrate(model, xs, apply=True)
+    torch.manual_seed(0)
+    update_bn(xs, theirs)
+    want = population_reference(net(dropout=0.5), xs)  # the reference keeps dropout in eval
+    second = model.get_submodule("5")
+    np.testing.assert_allclose(second.running_var.double().numpy(), want["5"][1], rtol=1e-5)
+    assert not torch.allclose(theirs.get_submodule("5").running_var, second.running_var, rtol=1e-2)
+    assert not model[3].training  # dropout was never switched on
+
+
+def test_mix_weights_source_and_target() -> None:
+    model = net()
+    xs = data(2)  # n = 16 samples
+    target = population_reference(model, xs)
+    old = {
+        n: (model.get_submodule(n).running_mean.clone(), model.get_submodule(n).running_var.clone())
+        for n in bn_names(model)
+    }
+    result = recalibrate(model, xs, method="mix", prior_strength=48, layers="1", apply=True)
+    w = 48 / (48 + 16)
+    bn = model.get_submodule("1")  # the first layer sees the same inputs in either mode
+    np.testing.assert_allclose(
+        bn.running_mean.double().numpy(),
+        w * old["1"][0].double().numpy() + (1 - w) * target["1"][0],
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    np.testing.assert_allclose(
+        bn.running_var.double().numpy(),
+        w * old["1"][1].double().numpy() + (1 - w) * target["1"][1],
+        rtol=1e-5,
+    )
+    assert [u.name for u in result.updates] == ["1"]
+    torch.testing.assert_close(model.get_submodule("5").running_mean, old["5"][0])
+
+
+def test_modes_momentum_buffers_and_hooks_are_restored_when_data_raises() -> None:
+    model = net()
+    model[1].momentum = 0.3
+    model[3].train()
+    before = buffers(model)
+    modes = {n: m.training for n, m in model.named_modules()}
+
+    def flaky():  # type: ignore[no-untyped-def]
+        yield data(1)[0]
+        raise OSError("disk gone")
+
+    with pytest.raises(OSError, match="disk gone"):
+        recalibrate(model, flaky())
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    assert model[1].momentum == 0.3
+    for k, v in buffers(model).items():
+        assert torch.equal(v, before[k]), k
+    assert all(not m._forward_pre_hooks for m in model.modules())
+
+
+def test_apply_rollback_and_the_exported_buffers() -> None:
+    model = net()
+    before = buffers(model)
+    result = recalibrate(model, data(6), apply=False)
+    assert result.status == "pending"
+    assert all(torch.equal(v, before[k]) for k, v in buffers(model).items())
+    result.apply()
+    changed = buffers(model)
+    assert not torch.equal(changed["1.running_mean"], before["1.running_mean"])
+    result.rollback()
+    assert all(torch.equal(v, before[k]) for k, v in buffers(model).items())
+    fresh = net()
+    _missing, unexpected = fresh.load_state_dict(result.state_dict(), strict=False)
+    assert not unexpected
+    assert torch.equal(fresh.get_submodule("5").running_var, changed["5.running_var"])
+
+
+def test_held_out_judgement_applies_only_improvements() -> None:
+    model = net()
+    shifted = data(12, shift=3.0)  # production drifted: recalibrating on it helps on it
+    labelled = [(x, torch.zeros(x.shape[0], dtype=torch.long)) for x in data(4, seed=9, shift=3.0)]
+    good = recalibrate(model, shifted, held_out=labelled)
+    assert good.improved is True
+    assert good.status == "applied"
+    assert good.kl_after is not None and good.kl_before is not None
+    assert good.kl_after < good.kl_before
+    assert good.accuracy_before is not None and good.accuracy_after is not None
+    bad = recalibrate(model, data(12, shift=-6.0), held_out=labelled)  # the wrong data
+    assert bad.improved is False
+    assert bad.status == "rejected"
+    after_good = model.get_submodule("1").running_mean.clone()
+    assert torch.equal(model.get_submodule("1").running_mean, after_good)
+
+
+def test_bad_input_leaves_the_model_untouched() -> None:
+    model = net()
+    before = buffers(model)
+    with pytest.raises(NotEnoughDataError, match="saw 8 samples but needs at least 16"):
+        recalibrate(model, data(1))
+    with pytest.raises(ShapeError, match="recalibration data"):
+        recalibrate(model, [torch.randn(8, 4, 5, 5)])
+    with pytest.raises(NoBatchNormError):
+        recalibrate(nn.Linear(3, 3), data(2))
+    with pytest.raises(ValueError, match="method"):
+        recalibrate(model, data(2), method="magic")  # type: ignore[arg-type]
+    for k, v in buffers(model).items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_is_exported_at_the_top_level() -> None:
+    assert bnwatch.recalibrate is recalibrate
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
+def test_distributed_ranks_end_identical_and_equal_to_one_process(tmp_path: Path) -> None:
+    out = tmp_path / "rank{}.pt"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    script = ROOT / "tests" / "recalibration" / "distributed_worker.py"
+    init = f"file://{tmp_path / 'init'}"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), init, str(rank), "2", str(out).format(rank)],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=240)
+        assert p.returncode == 0, stdout + stderr
+    r0, r1 = (torch.load(str(out).format(r)) for r in range(2))
+    single = net()
+    recalibrate(single, data(12), apply=True)
+    for key, value in r0.items():
+        assert torch.equal(value, r1[key]), key  # bitwise identical on both ranks
+        torch.testing.assert_close(value, single.state_dict()[key], rtol=1e-6, atol=1e-7)
