@@ -16,6 +16,7 @@ from bnwatch.drift import DriftConfig
 
 if TYPE_CHECKING:
     from bnwatch.alerts import AlertConfig
+    from bnwatch.triggers import AlertPipeline, Trigger, TriggerPolicy
 from bnwatch.errors import ConfigError
 from bnwatch.schema import Profile
 from bnwatch.sink import MemorySink, Sink
@@ -51,9 +52,9 @@ def profile(
     return result
 
 
-def _make_sink(store: str | Sink | None, alerts: AlertConfig | None = None) -> Sink:
-    """``None``: memory; a SQLAlchemy URL: the background database writer (evaluating the
-    alerts after each stored batch); a Sink: itself."""
+def _make_sink(store: str | Sink | None, pipeline: AlertPipeline | None) -> Sink:
+    """``None``: memory; a SQLAlchemy URL: the background database writer (running the
+    alert pipeline after each stored batch); a Sink: itself."""
     if store is None:
         return MemorySink()
     if isinstance(store, Sink):
@@ -66,10 +67,9 @@ def _make_sink(store: str | Sink | None, alerts: AlertConfig | None = None) -> S
                 "a database URL (sqlite:///bnwatch.db, postgresql://...), None or a Sink; "
                 "sending windows to a bnwatch service is not supported by this version yet",
             )
-        from bnwatch.alerts import AlertEngine  # SQLAlchemy only when a store is used
-        from bnwatch.store.writer import StoreSink
+        from bnwatch.store.writer import StoreSink  # SQLAlchemy only when a store is used
 
-        return StoreSink(store, on_stored=AlertEngine(alerts).on_stored)
+        return StoreSink(store, on_stored=pipeline.on_stored if pipeline else None)
     raise ConfigError("store", store, "None, a database URL or a bnwatch.sink.Sink")
 
 
@@ -89,7 +89,10 @@ def watch(
     overhead_budget: float | None = 0.02,
     config: DriftConfig | None = None,
     alerts: AlertConfig | None = None,
+    triggers: Sequence[Trigger] = (),
+    recalibrate: TriggerPolicy | bool = False,
     source: str | None = None,
+    keep_inputs: int = 0,
 ) -> Monitor:
     """Watch every BatchNorm layer of ``model``; returns the running :class:`Monitor`.
 
@@ -114,6 +117,13 @@ def watch(
         alerts: alert rules (:class:`bnwatch.alerts.AlertConfig`) evaluated after each
             batch of windows stored in a database.
         source: this replica's id in stored windows (default ``host:pid``).
+        keep_inputs: keep copies of the last ``keep_inputs`` input samples of measured
+            forwards (``mon.inputs()``), e.g. to recalibrate on recent production data.
+        triggers: :class:`bnwatch.triggers.Trigger` objects run after the alerts of each
+            stored batch (a callback, a signed webhook, ...).
+        recalibrate: ``True`` or a :class:`bnwatch.triggers.TriggerPolicy`: recalibrate in
+            process, on the kept inputs, when a drift alert opens (needs a database
+            ``store`` and ``keep_inputs``); applied only if held-out inputs improve.
 
     Raises:
         NoBatchNormError: the model has no BatchNorm layer (or the filters leave none).
@@ -124,8 +134,18 @@ def watch(
     if not isinstance(version, str) or not version:
         raise ConfigError("version", version, "a non-empty string (e.g. '2025-06-01')")
     layers = discover(model, include, exclude)
-    sink = _make_sink(store, alerts)
-    return Monitor(
+    pipeline = None
+    if isinstance(store, str):
+        from bnwatch.alerts import AlertEngine
+        from bnwatch.triggers import AlertPipeline
+
+        pipeline = AlertPipeline(AlertEngine(alerts), triggers)
+    elif triggers or recalibrate:
+        raise ConfigError("store", store, "a database URL when triggers or recalibrate are set")
+    if recalibrate and keep_inputs < 1:
+        raise ConfigError("keep_inputs", keep_inputs, "> 0 when recalibrate is set")
+    sink = _make_sink(store, pipeline)
+    monitor = Monitor(
         model,
         layers,
         name=name,
@@ -139,4 +159,11 @@ def watch(
         overhead_budget=overhead_budget,
         config=config,
         source=source,
+        keep_inputs=keep_inputs,
     )
+    if recalibrate and pipeline is not None:
+        from bnwatch.triggers import RecalibrateAction, Trigger, TriggerPolicy
+
+        policy = recalibrate if isinstance(recalibrate, TriggerPolicy) else TriggerPolicy()
+        pipeline.triggers.append(Trigger(RecalibrateAction(model, monitor), policy))
+    return monitor

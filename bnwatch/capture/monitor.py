@@ -123,6 +123,54 @@ class _Sampler:
             self.hook_seconds += seconds
 
 
+class InputRing:
+    """The last ``capacity`` samples of the model's tensor input, on the input's device.
+
+    A preallocated ring written with ``index_copy_``: no per-batch allocation and no
+    host/device synchronization.  Inputs of another shape or dtype restart the ring.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._lock = threading.Lock()
+        self._buffer: torch.Tensor | None = None
+        self._next = 0
+        self._filled = 0
+
+    def add(self, x: Any) -> None:
+        if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[0] == 0:
+            return
+        x = x.detach()
+        if x.shape[0] > self.capacity:
+            x = x[-self.capacity :]
+        n = int(x.shape[0])
+        with self._lock:
+            buf = self._buffer
+            if (
+                buf is None
+                or buf.shape[1:] != x.shape[1:]
+                or buf.dtype != x.dtype
+                or buf.device != x.device
+            ):
+                with torch.inference_mode(False):
+                    buf = self._buffer = torch.empty(
+                        (self.capacity, *x.shape[1:]), dtype=x.dtype, device=x.device
+                    )
+                self._next = self._filled = 0
+            idx = (torch.arange(n, device=x.device) + self._next) % self.capacity
+            buf.index_copy_(0, idx, x)
+            self._next = (self._next + n) % self.capacity
+            self._filled = min(self.capacity, self._filled + n)
+
+    def snapshot(self) -> torch.Tensor | None:
+        with self._lock:
+            if self._buffer is None or self._filled == 0:
+                return None
+            if self._filled < self.capacity:
+                return self._buffer[: self._filled].clone()
+            return torch.cat([self._buffer[self._next :], self._buffer[: self._next]])
+
+
 class _SeenCounters:
     """Batches and samples that passed through each layer, measured or not, counted without a
     lock: every thread increments its own cumulative counters, and a window takes the
@@ -177,6 +225,7 @@ class Monitor:
         overhead_budget: float | None = 0.02,
         config: DriftConfig | None = None,
         source: str | None = None,
+        keep_inputs: int = 0,
     ) -> None:
         if window_seconds is not None and (
             isinstance(window_seconds, bool)
@@ -214,6 +263,8 @@ class Monitor:
             for layer in layers
         ]
         self._sampler = _Sampler(sample_every, overhead_budget)
+        check_positive_int("keep_inputs", keep_inputs, minimum=0)
+        self._inputs = InputRing(keep_inputs) if keep_inputs else None
         self._standalone = [0] * len(layers)
         self._seen = _SeenCounters(len(layers))
         self._tls = threading.local()
@@ -305,6 +356,8 @@ class Monitor:
                 tl.t0 = start
                 tl.hook_time = 0.0
                 tl.measure = (not self._closed) and self._sampler.decide()
+                if tl.measure and self._inputs is not None and args:
+                    self._inputs.add(args[0])
             tl.depth = depth + 1
             tl.hook_time += time.perf_counter() - start
         except Exception as err:  # never let monitoring break inference
@@ -471,6 +524,23 @@ class Monitor:
     def flush(self) -> dict[str, LayerReport]:
         """Close the current window now and return its reports (layer name -> report)."""
         return self._close_window()
+
+    def adopt_running_statistics(self) -> None:
+        """Take the layers' current running statistics as the new reference of the
+        train/inference gap (after a recalibration was applied on purpose), so the change is
+        not reported as ``running_stats_mutated``."""
+        with self._flush_lock:
+            for layer in self._layers:
+                self._running.pop(layer.name, None)
+                self._snapshot_running(layer)
+
+    def inputs(self) -> torch.Tensor | None:
+        """The most recent model inputs kept with ``keep_inputs`` (oldest first), or ``None``.
+
+        They are copies taken on measured forwards -- recent production data to recalibrate
+        on: ``bnwatch.recalibrate(model, mon.inputs().split(64))``.
+        """
+        return None if self._inputs is None else self._inputs.snapshot()
 
     def latest(self) -> dict[str, LayerReport]:
         """The reports of the last closed window (empty before the first one)."""

@@ -84,6 +84,40 @@ class RecalibrationResult:
             return None
         return after < before
 
+    def bound_to(self, model: nn.Module) -> RecalibrationResult:
+        """The same new statistics for another instance of the architecture (e.g. the live
+        model when a copy was recalibrated); its current buffers become the rollback point."""
+        modules = dict(model.named_modules())
+        updates = []
+        for u in self.updates:
+            target = modules.get("" if u.name == ROOT_NAME else u.name)
+            if not isinstance(target, _BatchNorm):
+                raise ValueError(f"{type(model).__name__} has no BatchNorm layer {u.name!r}")
+            if target.running_mean is None or target.running_var is None:
+                raise ValueError(f"layer {u.name!r} has no running statistics")
+            updates.append(
+                LayerUpdate(
+                    name=u.name,
+                    module=target,
+                    old_mean=target.running_mean.detach().clone(),
+                    old_var=target.running_var.detach().clone(),
+                    new_mean=u.new_mean.to(target.running_mean.device),
+                    new_var=u.new_var.to(target.running_var.device),
+                    samples=u.samples,
+                )
+            )
+        return RecalibrationResult(
+            model=model,
+            method=self.method,
+            prior_strength=self.prior_strength,
+            samples=self.samples,
+            updates=updates,
+            status="pending",
+            layers=dict(self.layers),
+            accuracy_before=self.accuracy_before,
+            accuracy_after=self.accuracy_after,
+        )
+
     # -- buffers -----------------------------------------------------------------------------
     def apply(self) -> None:
         """Write the new statistics into the model."""

@@ -91,6 +91,21 @@ def _utc(value: datetime) -> datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
 
 
+def _json_ready(value: Any) -> Any:
+    """``value`` with NaN/inf as None and numpy scalars as Python numbers (JSON columns)."""
+    if isinstance(value, Mapping):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        return float(value) if math.isfinite(float(value)) else None
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.bool_,)):
+        return bool(value)
+    return value
+
+
 def _finite(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
@@ -563,6 +578,106 @@ class Repository:
             )
             created = created or _utc(ref.created_at)
         return Profile(name=model, version=version, created=created or utcnow(), layers=layers)
+
+    # -- recalibrations ----------------------------------------------------------------------
+    def start_recalibration(
+        self, model: str, version: str, *, method: str, alert_id: int | None = None
+    ) -> int:
+        """Record a triggered recalibration (status ``pending``); returns its id."""
+        new = _Ids()
+        with self.engine.begin() as conn:
+            model_id = self._model_id(conn, model, version, new)
+            row = conn.execute(
+                sa.insert(Recalibration)
+                .values(
+                    model_id=model_id,
+                    alert_id=alert_id,
+                    status="pending",
+                    method=method,
+                    created_at=utcnow(),
+                )
+                .returning(Recalibration.id)
+            ).scalar_one()
+        self._ids.models.update(new.models)
+        return int(row)
+
+    def finish_recalibration(
+        self,
+        recalibration_id: int,
+        *,
+        status: str,
+        outcome: Mapping[str, Any],
+        buffers: Mapping[str, tuple[Any, Any, float]] | None = None,
+    ) -> None:
+        """Close a recalibration: ``applied``, ``rejected`` or ``failed``, with its outcome.
+
+        ``buffers`` (layer -> (running_mean, running_var, eps)) are stored as references of
+        kind ``recalibrated``, each with its lineage: the recalibration, its alert, method.
+        """
+        if status not in ("applied", "rejected", "failed", "pending"):
+            raise ValueError(f"unknown recalibration status {status!r}")
+        new = _Ids()
+        with self.engine.begin() as conn:
+            rec = conn.execute(
+                sa.select(
+                    Recalibration.model_id, Recalibration.alert_id, Recalibration.method
+                ).where(Recalibration.id == recalibration_id)
+            ).one()
+            ref_ids: dict[str, int] = {}
+            if buffers:
+                layers = dict(
+                    conn.execute(
+                        sa.select(Layer.name, Layer.id).where(Layer.model_id == rec.model_id)
+                    ).all()
+                )
+                lineage = {
+                    "recalibration_id": recalibration_id,
+                    "alert_id": rec.alert_id,
+                    "method": rec.method,
+                    "samples": outcome.get("samples"),
+                }
+                for name, (mean, var, eps) in buffers.items():
+                    if name not in layers:
+                        continue
+                    blob = encode_arrays(np.stack([np.asarray(mean), np.asarray(var)]))
+                    ref_ids[name] = self._ref_id(
+                        conn,
+                        int(layers[name]),
+                        "recalibrated",
+                        eps,
+                        blob,
+                        None,
+                        new,
+                        lineage=lineage,
+                    )
+            conn.execute(
+                sa.update(Recalibration)
+                .where(Recalibration.id == recalibration_id)
+                .values(
+                    status=status,
+                    finished_at=utcnow(),
+                    outcome={**_json_ready(outcome), "references": ref_ids},
+                )
+            )
+        self._ids.refs.update(new.refs)
+
+    def recent_recalibrations(
+        self, model: str, version: str, *, since: datetime
+    ) -> tuple[int, datetime | None]:
+        """How many recalibrations were started since ``since``, and when the last one was."""
+        with Session(self.engine) as conn:
+            m = self._model_row(conn, model, version)
+            count = conn.execute(
+                sa.select(sa.func.count())
+                .select_from(Recalibration)
+                .where(Recalibration.model_id == m.id, Recalibration.created_at >= since)
+            ).scalar_one()
+            latest = conn.execute(
+                sa.select(sa.func.max(Recalibration.created_at)).where(
+                    Recalibration.model_id == m.id
+                )
+            ).scalar_one_or_none()
+        return int(count), _utc(latest) if latest is not None else None
 
     # -- reads -----------------------------------------------------------------------------
     def models(self) -> list[ModelInfo]:

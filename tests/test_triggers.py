@@ -1,0 +1,219 @@
+"""Recalibration triggers: signed webhooks, callbacks, policy limits, in-process recalibration."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import Any
+
+import pytest
+import torch
+from sqlalchemy.orm import Session
+
+import bnwatch
+from bnwatch.alerts import AlertChange, AlertConfig, Rule
+from bnwatch.errors import ConfigError
+from bnwatch.schema import utcnow
+from bnwatch.store.migrate import engine_for
+from bnwatch.store.models import Alert
+from bnwatch.store.repository import Repository
+from bnwatch.triggers import (
+    CallbackAction,
+    Outcome,
+    Trigger,
+    TriggerPolicy,
+    WebhookAction,
+    hook_free_copy,
+    sign,
+    verify_signature,
+)
+from tests.store.helpers import batches, record_windows, small_cnn
+
+
+def test_signatures_verify_and_reject_tampering_and_replays() -> None:
+    body = b'{"a": 1}'
+    header = sign(body, "s3cret", int(time.time()))
+    assert verify_signature(body, header, "s3cret")
+    assert not verify_signature(body + b" ", header, "s3cret")
+    assert not verify_signature(body, header, "other")
+    old = sign(body, "s3cret", int(time.time()) - 3600)
+    assert not verify_signature(body, old, "s3cret")
+    assert not verify_signature(body, "garbage", "s3cret")
+
+
+class Receiver:
+    """A webhook receiver on 127.0.0.1 that answers with the configured status codes."""
+
+    def __init__(self, statuses: list[int]) -> None:
+        self.statuses = statuses
+        self.received: list[tuple[bytes, str]] = []
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                owner.received.append((body, self.headers["X-Bnwatch-Signature"]))
+                status = owner.statuses.pop(0) if owner.statuses else 200
+                self.send_response(status)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver([503, 200])
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def repo(db_url: str) -> Iterator[Repository]:
+    engine = engine_for(db_url)
+    repository = Repository(engine)
+    repository.write_windows(record_windows(1))
+    with Session(engine) as session, session.begin():  # alerts the triggers can refer to
+        for alert_id in (1, 2, 3, 4, 9):
+            session.add(
+                Alert(
+                    id=alert_id,
+                    model_id=1,
+                    layer_id=None,
+                    kind="drift",
+                    state="resolved",
+                    opened_at=utcnow(),
+                    last_seen_at=utcnow(),
+                    values={},
+                )
+            )
+    yield repository
+    engine.dispose()
+
+
+def drift_alert(alert_id: int = 1) -> AlertChange:
+    return AlertChange("opened", alert_id, "drift", "cnn", "1", "4", {"p_value": 1e-9})
+
+
+def test_webhook_is_signed_retried_and_recorded(repo: Repository, receiver: Receiver) -> None:
+    trigger = Trigger(WebhookAction(receiver.url, "s3cret"), TriggerPolicy(cooldown_seconds=0))
+    ((rid, outcome),) = trigger.on_alerts(repo, [drift_alert()])
+    assert outcome.status == "pending"  # delivered: the receiver recalibrates
+    assert len(receiver.received) == 2  # one 503, then success
+    body, header = receiver.received[-1]
+    assert verify_signature(body, header, "s3cret")
+    event = json.loads(body)
+    assert event["recalibration_id"] == rid
+    assert event["alert"]["kind"] == "drift"
+    (rec,) = repo.recalibrations()
+    assert (rec.id, rec.status, rec.method) == (rid, "pending", "WebhookAction")
+    assert rec.outcome is not None and rec.outcome["http_status"] == 200
+
+
+def test_policy_cooldown_daily_cap_and_kinds(repo: Repository) -> None:
+    calls: list[int] = []
+
+    def record(event: Any) -> Outcome:
+        calls.append(event.alert_id)
+        return Outcome("applied")
+
+    action = CallbackAction(record)
+    trigger = Trigger(action, TriggerPolicy(cooldown_seconds=600, daily_cap=2))
+    now = utcnow()
+    assert trigger.on_alerts(repo, [drift_alert(1)], now=now)
+    assert not trigger.on_alerts(repo, [drift_alert(2)], now=now + timedelta(minutes=5))  # cooldown
+    assert trigger.on_alerts(repo, [drift_alert(3)], now=now + timedelta(minutes=11))
+    assert not trigger.on_alerts(repo, [drift_alert(4)], now=now + timedelta(minutes=30))  # cap
+    other = AlertChange("opened", 9, "no_data", "cnn", "1", None, {})
+    assert not trigger.on_alerts(repo, [other], now=now + timedelta(days=2))  # not its kind
+    assert calls == [1, 3]
+    assert [r.status for r in repo.recalibrations()] == ["applied", "applied"]
+
+
+def test_a_failing_action_is_recorded_as_failed(repo: Repository) -> None:
+    def boom(event: Any) -> None:
+        raise RuntimeError("no GPU today")
+
+    ((_, outcome),) = Trigger(CallbackAction(boom)).on_alerts(repo, [drift_alert()])
+    assert outcome.status == "failed"
+    (rec,) = repo.recalibrations()
+    assert rec.status == "failed"
+    assert "no GPU today" in rec.outcome["error"]  # type: ignore[index]
+
+
+def test_policy_validation_names_the_field() -> None:
+    with pytest.raises(ConfigError, match="kinds"):
+        TriggerPolicy(kinds=("weather",))
+    with pytest.raises(ConfigError, match="daily_cap"):
+        TriggerPolicy(daily_cap=0)
+    with pytest.raises(ConfigError, match="secret"):
+        WebhookAction("http://x", "")
+
+
+def test_hook_free_copy_keeps_the_original_watched() -> None:
+    model = small_cnn()
+    mon = bnwatch.watch(model, window_seconds=None)
+    clone = hook_free_copy(model)
+    assert not any(m._forward_pre_hooks for m in clone.modules())
+    assert not clone._forward_hooks
+    assert model[1]._forward_pre_hooks  # type: ignore[index]
+    assert torch.equal(clone[1].running_mean, model[1].running_mean)  # type: ignore[index]
+    mon.close()
+
+
+def test_drift_recalibrates_in_process_and_records_everything(db_url: str) -> None:
+    """Production shifts; a drift alert opens; the monitor's kept inputs recalibrate the live
+    model, which is judged on held-out kept inputs, applied, stored with its lineage."""
+    model = small_cnn()
+    mon = bnwatch.watch(
+        model,
+        name="cnn",
+        version="1",
+        store=db_url,
+        window_seconds=None,
+        overhead_budget=None,
+        keep_inputs=256,
+        recalibrate=TriggerPolicy(cooldown_seconds=0),
+        alerts=AlertConfig(drift=Rule(open_after=1, resolve_after=1)),
+        config=bnwatch.DriftConfig(warmup_samples=64, min_samples=8),
+    )
+    before = model[4].running_mean.clone()  # type: ignore[index]
+    with torch.no_grad():
+        for i, x in enumerate(batches(32, seed=1)):  # clean traffic: the warm-up baseline
+            model(x)
+            if i % 8 == 7:
+                mon.flush()
+        for i, x in enumerate(batches(96, seed=2, shift=2.5)):  # drifted traffic
+            model(x)
+            if i % 16 == 15:
+                mon.flush()
+    assert isinstance(mon.sink, object)
+    mon.close()
+    engine = engine_for(db_url)
+    repo = Repository(engine)
+    recs = repo.recalibrations()
+    assert recs, "no recalibration was triggered"
+    assert recs[-1].status == "applied", recs[-1].outcome
+    assert recs[-1].outcome is not None and recs[-1].outcome["improved"] is True
+    assert not torch.equal(model[4].running_mean, before)  # type: ignore[index]
+    with engine.connect() as conn:
+        import sqlalchemy as sa
+
+        rows = conn.execute(sa.text("SELECT kind, count(*) FROM refs GROUP BY kind")).all()
+        kinds: dict[str, int] = {str(k): int(n) for k, n in rows}
+    assert kinds.get("recalibrated", 0) >= 1
+    assert not [a for a in repo.alerts() if a.kind == "running_stats_mutated"]
+    engine.dispose()
