@@ -9,7 +9,7 @@ PIP := $(BIN)/python -m pip
 # the local PostgreSQL for the store tests (CI fails, rather than skips, without one)
 export BNWATCH_TEST_POSTGRES_URL ?= postgresql://postgres@127.0.0.1:5432/test
 
-.PHONY: demo test lint typecheck unit bench constraints clean help
+.PHONY: demo test lint bench constraints clean help prometheus-tools
 
 help:
 	@echo "make demo   - set up .venv and run 'bnwatch demo' on the embedded default (SQLite)"
@@ -32,7 +32,19 @@ lint: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-test: lint
+# promtool + prometheus for tests/export and deploy/prometheus (skipped locally without them,
+# required in CI): installed from Debian when make runs as root, otherwise a hint
+prometheus-tools:
+	@if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	      apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	  else \
+	    echo "promtool/prometheus not found: apt-get install prometheus (tests/export skip them; CI fails)"; \
+	  fi; \
+	fi
+
+test: lint prometheus-tools
 	$(BIN)/pytest
 
 bench: $(STAMP)

@@ -39,7 +39,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from bnwatch.errors import ConfigError
-from bnwatch.schema import WindowRecord, utcnow
+from bnwatch.schema import ALERT_KINDS, WindowRecord, utcnow
 from bnwatch.store.models import Alert, Layer, Model, Window
 from bnwatch.store.repository import Repository
 
@@ -50,14 +50,6 @@ else:  # pragma: no cover - Python 3.10
 
 logger = logging.getLogger("bnwatch")
 
-ALERT_KINDS: tuple[str, ...] = (
-    "drift",
-    "small_batch_mismatch",
-    "batch_stat_mode",
-    "running_stats_mutated",
-    "nonfinite_activations",
-    "no_data",
-)
 LAYER_KINDS = ALERT_KINDS[:-1]
 _CONDITION_COLUMN = {
     "drift": "drifted",

@@ -93,6 +93,7 @@ def watch(
     recalibrate: TriggerPolicy | bool = False,
     source: str | None = None,
     keep_inputs: int = 0,
+    metrics_port: int | None = None,
 ) -> Monitor:
     """Watch every BatchNorm layer of ``model``; returns the running :class:`Monitor`.
 
@@ -119,6 +120,10 @@ def watch(
         source: this replica's id in stored windows (default ``host:pid``).
         keep_inputs: keep copies of the last ``keep_inputs`` input samples of measured
             forwards (``mon.inputs()``), e.g. to recalibrate on recent production data.
+        metrics_port: serve the monitor's own Prometheus metrics on
+            ``http://127.0.0.1:<port>/metrics`` (``0`` picks a free port); under a
+            multi-process server set ``PROMETHEUS_MULTIPROC_DIR`` (prometheus_client's
+            multiprocess mode): the first process to bind the port serves them all.
         triggers: :class:`bnwatch.triggers.Trigger` objects run after the alerts of each
             stored batch (a callback, a signed webhook, ...).
         recalibrate: ``True`` or a :class:`bnwatch.triggers.TriggerPolicy`: recalibrate in
@@ -145,6 +150,18 @@ def watch(
     if recalibrate and keep_inputs < 1:
         raise ConfigError("keep_inputs", keep_inputs, "> 0 when recalibrate is set")
     sink = _make_sink(store, pipeline)
+    if metrics_port is not None:
+        if (
+            isinstance(metrics_port, bool)
+            or not isinstance(metrics_port, int)
+            or not (0 <= metrics_port < 65536)
+        ):
+            raise ConfigError("metrics_port", metrics_port, "a TCP port number (0: any free one)")
+        from bnwatch.export import MonitorExporter
+
+        exporter = MonitorExporter(sink)
+        exporter.serve(metrics_port)
+        sink = exporter
     monitor = Monitor(
         model,
         layers,

@@ -28,6 +28,17 @@ SCHEMA_VERSION = 1
 BATCH_NOISE_SIZES: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 """Batch sizes for which every report predicts the batch-statistics noise (DESIGN §3)."""
 
+ALERT_KINDS: tuple[str, ...] = (
+    "drift",
+    "small_batch_mismatch",
+    "batch_stat_mode",
+    "running_stats_mutated",
+    "nonfinite_activations",
+    "no_data",
+)
+"""Every alert kind bnwatch raises (``bnwatch.alerts``), exported by ``bnwatch.export`` and
+matched by ``deploy/prometheus/alerts.yml``."""
+
 BATCH_SIZE_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 """Upper bounds of the batch-size histogram (store totals, Prometheus); +Inf follows."""
 

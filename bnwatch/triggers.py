@@ -37,11 +37,11 @@ import httpx
 import torch
 from torch import nn
 
-from bnwatch.alerts import ALERT_KINDS, AlertChange, AlertEngine
+from bnwatch.alerts import AlertChange, AlertEngine
 from bnwatch.capture import Monitor
 from bnwatch.errors import ConfigError
 from bnwatch.recalibration import RecalibrationResult, recalibrate
-from bnwatch.schema import WindowRecord, utcnow
+from bnwatch.schema import ALERT_KINDS, WindowRecord, utcnow
 from bnwatch.store.repository import Repository
 
 logger = logging.getLogger("bnwatch")

@@ -171,6 +171,7 @@ class LayerTotal(Base):
     samples: Mapped[int] = mapped_column(BigInteger)
     batches: Mapped[int] = mapped_column(BigInteger)
     nonfinite: Mapped[int] = mapped_column(BigInteger)
+    measured_samples: Mapped[int] = mapped_column(BigInteger)  # Σ sizes of measured batches
     batches_le_1: Mapped[int] = mapped_column(BigInteger)
     batches_le_2: Mapped[int] = mapped_column(BigInteger)
     batches_le_4: Mapped[int] = mapped_column(BigInteger)

@@ -196,8 +196,9 @@ class StoredWindow:
 
 @dataclass(frozen=True)
 class LayerTotals:
-    """Monotonic totals of one layer; ``batch_size_buckets`` pairs an upper bound (``None``
-    for +Inf) with the batches of that bucket (not cumulative)."""
+    """Monotonic totals of one layer.  ``batch_size_buckets`` pairs an upper bound (``None``
+    for +Inf) with the measured batches of that bucket (not cumulative); ``measured_samples``
+    is the sum of their sizes (the histogram's ``_sum``)."""
 
     model: str
     version: str
@@ -206,6 +207,7 @@ class LayerTotals:
     samples: int
     batches: int
     nonfinite: int
+    measured_samples: int
     batch_size_buckets: tuple[tuple[int | None, int], ...]
 
 
@@ -875,6 +877,7 @@ class Repository:
                 samples=t.samples,
                 batches=t.batches,
                 nonfinite=t.nonfinite,
+                measured_samples=t.measured_samples,
                 batch_size_buckets=tuple(
                     (bound, int(getattr(t, col)))
                     for bound, col in zip((*BATCH_SIZE_BUCKETS, None), buckets, strict=True)
@@ -1040,7 +1043,8 @@ def _add_totals(conn: Connection, fresh: list[tuple[WindowRecord, dict[str, int]
             acc["nonfinite"] += report.nonfinite
             for size, count in st.batch_sizes.items():
                 acc[_bucket_of(size)] += count
-    columns = ["windows", "samples", "batches", "nonfinite"] + [
+                acc["measured_samples"] += size * count
+    columns = ["windows", "samples", "batches", "nonfinite", "measured_samples"] + [
         bucket_column(b) for b in (*BATCH_SIZE_BUCKETS, None)
     ]
     table: sa.Table = LayerTotal.__table__  # type: ignore[assignment]

@@ -42,6 +42,7 @@ def upgrade() -> None:
         sa.Column("samples", sa.BigInteger(), nullable=False),
         sa.Column("batches", sa.BigInteger(), nullable=False),
         sa.Column("nonfinite", sa.BigInteger(), nullable=False),
+        sa.Column("measured_samples", sa.BigInteger(), nullable=False),
         sa.Column("batches_le_1", sa.BigInteger(), nullable=False),
         sa.Column("batches_le_2", sa.BigInteger(), nullable=False),
         sa.Column("batches_le_4", sa.BigInteger(), nullable=False),
