@@ -157,7 +157,7 @@ def test_a_watched_model_left_in_train_mode_raises_alerts_in_the_store(db_url: s
     from tests.store.helpers import batches, small_cnn
 
     net = small_cnn()
-    net[4].train()  # the second BatchNorm2d left in train() by mistake
+    net.get_submodule("4").train()  # the second BatchNorm2d left in train() by mistake
     mon = bnwatch.watch(
         net, name="cnn", version="1", store=db_url, window_seconds=None, overhead_budget=None
     )

@@ -254,10 +254,12 @@ class MonitorExporter:
     @property
     def urls(self) -> list[str]:
         """Where this exporter serves its metrics (``http://addr:port/metrics``)."""
-        return [
-            f"http://{server.server_address[0]}:{server.server_port}/metrics"
-            for server, _ in self._servers
-        ]
+        out = []
+        for server, _ in self._servers:
+            host = server.server_address[0]
+            name = host.decode() if isinstance(host, bytes) else str(host)
+            out.append(f"http://{name}:{server.server_port}/metrics")
+        return out
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> WSGIServer | None:
         """Serve the metrics on ``http://addr:port/metrics`` from a daemon thread.
