@@ -52,25 +52,35 @@ def profile(
     return result
 
 
-def _make_sink(store: str | Sink | None, pipeline: AlertPipeline | None) -> Sink:
-    """``None``: memory; a SQLAlchemy URL: the background database writer (running the
-    alert pipeline after each stored batch); a Sink: itself."""
+def _is_service_url(store: object) -> bool:
+    return isinstance(store, str) and store.strip().lower().startswith(("http://", "https://"))
+
+
+def _make_sink(
+    store: str | Sink | None,
+    pipeline: AlertPipeline | None,
+    *,
+    token: str | None = None,
+    source: str | None = None,
+) -> Sink:
+    """``None``: memory; an ``http(s)://`` URL: the HTTP sink to a bnwatch service; a
+    SQLAlchemy URL: the background database writer (running the alert pipeline after each
+    stored batch); a Sink: itself."""
     if store is None:
         return MemorySink()
     if isinstance(store, Sink):
         return store
     if isinstance(store, str):
-        if store.startswith(("http://", "https://")):
-            raise ConfigError(
-                "store",
-                store,
-                "a database URL (sqlite:///bnwatch.db, postgresql://...), None or a Sink; "
-                "sending windows to a bnwatch service is not supported by this version yet",
-            )
+        if _is_service_url(store):
+            from bnwatch.client import HttpSink  # httpx only when a service is used
+
+            return HttpSink(store, token=token, source=source)
         from bnwatch.store.writer import StoreSink  # SQLAlchemy only when a store is used
 
         return StoreSink(store, on_stored=pipeline.on_stored if pipeline else None)
-    raise ConfigError("store", store, "None, a database URL or a bnwatch.sink.Sink")
+    raise ConfigError(
+        "store", store, "None, a database URL, a bnwatch service URL or a bnwatch.sink.Sink"
+    )
 
 
 def watch(
@@ -94,6 +104,7 @@ def watch(
     source: str | None = None,
     keep_inputs: int = 0,
     metrics_port: int | None = None,
+    token: str | None = None,
 ) -> Monitor:
     """Watch every BatchNorm layer of ``model``; returns the running :class:`Monitor`.
 
@@ -102,8 +113,13 @@ def watch(
         name, version: identify the model in reports and stores.
         store: where closed windows go: ``None`` keeps them in memory (``mon.latest()``);
             a SQLAlchemy URL (``sqlite:///bnwatch.db``, ``postgresql://user@host/db``) stores
-            them from a background thread (an empty database gets the schema created); or
+            them from a background thread (an empty database gets the schema created); the
+            URL of a bnwatch service (``http://bnwatch:8000``, ``https://...``) sends them to
+            it (:class:`bnwatch.client.HttpSink`: spooled to disk while the service is
+            unreachable, delivered when it is back; alerts are evaluated by the service); or
             any object implementing :class:`bnwatch.sink.Sink`.
+        token: the service's API token when ``store`` is a service URL (default
+            ``$BNWATCH_API_TOKEN``).
         window_seconds: a window closes after this long (and on ``flush``/``close``);
             ``None`` closes windows only on ``flush``/``close``.
         reference: a :func:`profile` of validation data -- the drift baseline.  Without it,
@@ -140,7 +156,17 @@ def watch(
         raise ConfigError("version", version, "a non-empty string (e.g. '2025-06-01')")
     layers = discover(model, include, exclude)
     pipeline = None
-    if isinstance(store, str):
+    if token is not None and not _is_service_url(store):
+        raise ConfigError("token", "<hidden>", "None unless store is an http(s):// service URL")
+    if _is_service_url(store):
+        if triggers or recalibrate:
+            raise ConfigError(
+                "store",
+                store,
+                "a database URL when triggers or recalibrate are set (a bnwatch service "
+                "evaluates alerts itself)",
+            )
+    elif isinstance(store, str):
         from bnwatch.alerts import AlertEngine
         from bnwatch.triggers import AlertPipeline
 
@@ -149,7 +175,7 @@ def watch(
         raise ConfigError("store", store, "a database URL when triggers or recalibrate are set")
     if recalibrate and keep_inputs < 1:
         raise ConfigError("keep_inputs", keep_inputs, "> 0 when recalibrate is set")
-    sink = _make_sink(store, pipeline)
+    sink = _make_sink(store, pipeline, token=token, source=source)
     if metrics_port is not None:
         if (
             isinstance(metrics_port, bool)

@@ -1,0 +1,597 @@
+"""The HTTP sink against the stand-in service: delivery, retries, rejections, the spool."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import bnwatch
+from bnwatch.client import ENDPOINT, HttpSink, _encode_window, _join
+from bnwatch.errors import ConfigError
+from bnwatch.schema import WindowRecord
+from bnwatch.sink import Sink
+from bnwatch.wire import batch_of
+from tests.client.conftest import ROOT, free_port, python_module, wait_for
+from tests.client.server import LOSE_ANSWER, FakeService
+from tests.store.helpers import batches, renamed, small_cnn
+
+Windows = Callable[[int], list[WindowRecord]]
+FAST: dict[str, Any] = {"retry_initial": 0.02, "retry_max": 0.1, "timeout": 5.0}
+
+
+@pytest.fixture
+def sinks() -> Iterator[list[HttpSink]]:
+    """Sinks to close at the end of a test, whatever happens."""
+    opened: list[HttpSink] = []
+    yield opened
+    for sink in opened:
+        sink.close(timeout=1.0)
+
+
+def spool_files(directory: Path) -> list[Path]:
+    return sorted(directory.glob("*.json"))
+
+
+def body_size(record: WindowRecord) -> int:
+    return len(_join([_encode_window(record)]).body)
+
+
+# ------------------------------------------------------------------------------------------
+# configuration
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "url", ["ftp://host/x", "localhost:8000", "", "http://", "http://h:99999", "http://h/?a=1", 42]
+)
+def test_an_unusable_url_is_a_config_error_naming_store(url: object, spool: Path) -> None:
+    with pytest.raises(ConfigError, match="http:// or https://") as info:
+        HttpSink(url, spool_dir=spool)  # type: ignore[arg-type]
+    assert info.value.argument == "store"
+
+
+def test_credentials_in_the_url_are_refused_and_not_echoed(spool: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        HttpSink("https://me:s3cret@bnwatch.example", spool_dir=spool)
+    assert info.value.argument == "store"
+    assert "s3cret" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "endpoint"),
+    [
+        ("http://127.0.0.1:8000", "http://127.0.0.1:8000/api/v1/windows"),
+        ("https://bnwatch.example/prefix/", "https://bnwatch.example/prefix/api/v1/windows"),
+        ("http://h:1/api/v1/windows", "http://h:1/api/v1/windows"),
+    ],
+)
+def test_the_endpoint_is_derived_from_the_service_url(
+    url: str, endpoint: str, spool: Path, sinks: list[HttpSink]
+) -> None:
+    sink = HttpSink(url, spool_dir=spool)
+    sinks.append(sink)
+    assert sink.endpoint == endpoint
+
+
+@pytest.mark.parametrize(
+    ("argument", "value"),
+    [
+        ("queue_size", 0),
+        ("batch_size", 0),
+        ("spool_max_bytes", 0),
+        ("timeout", 0),
+        ("retry_initial", float("inf")),
+        ("retry_max", 0.01),
+        ("token", "two words"),
+    ],
+)
+def test_bad_settings_name_the_argument(argument: str, value: object, spool: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        HttpSink("http://h:1", spool_dir=spool, **{argument: value})  # type: ignore[arg-type]
+    assert info.value.argument == argument
+    if argument == "token":
+        assert "two words" not in str(info.value)
+
+
+def test_imports_without_torch() -> None:
+    code = (
+        "import sys\n"
+        "sys.modules['torch'] = None\n"
+        "import bnwatch.client\n"
+        "assert not {k for k, v in sys.modules.items() if v is not None and 'torch' in k}\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr
+
+
+# ------------------------------------------------------------------------------------------
+# delivery
+# ------------------------------------------------------------------------------------------
+def test_the_body_is_the_wire_batch(windows: Windows) -> None:
+    records = windows(3)
+    ours = json.loads(_join([_encode_window(r) for r in records]).body)
+    assert ours == json.loads(json.dumps(batch_of(records)))
+
+
+def test_delivers_every_window(
+    service: FakeService, windows: Windows, spool: Path, sinks: list[HttpSink]
+) -> None:
+    records = windows(20)
+    sink = HttpSink(service.url, spool_dir=spool, batch_size=8, **FAST)
+    sinks.append(sink)
+    assert isinstance(sink, Sink)
+    for r in records:
+        sink.write(r)
+    assert sink.flush(timeout=30)
+    stats = sink.stats()
+    assert (stats.written, stats.duplicates, stats.dropped, stats.rejected) == (20, 0, 0, 0)
+    assert (stats.spooled, stats.queued, stats.failures) == (0, 0, 0)
+    assert sorted(service.stored) == sorted(r.uid for r in records)
+    posts = service.posts()
+    assert all(len(p.uids) <= 8 for p in posts)
+    assert {p.authorization for p in posts} == {None}
+    assert {p.content_encoding for p in posts} == {None}  # plain JSON
+    assert spool_files(spool) == []
+
+
+def test_a_redelivered_window_counts_as_duplicate(
+    service: FakeService, windows: Windows, spool: Path, sinks: list[HttpSink]
+) -> None:
+    record = windows(1)[0]
+    sink = HttpSink(service.url, spool_dir=spool, **FAST)
+    sinks.append(sink)
+    sink.write(record)
+    assert sink.flush()
+    sink.write(record)
+    assert sink.flush()
+    stats = sink.stats()
+    assert (stats.written, stats.duplicates) == (1, 1)
+    assert service.stored == [record.uid]
+
+
+def test_close_delivers_what_is_queued(service: FakeService, windows: Windows, spool: Path) -> None:
+    sink = HttpSink(service.url, spool_dir=spool, batch_size=5, **FAST)
+    for r in windows(40):
+        sink.write(r)
+    sink.close(timeout=30)
+    stats = sink.stats()
+    assert (stats.written, stats.dropped, stats.spooled) == (40, 0, 0)
+    assert len(service.stored) == 40
+
+
+def test_watch_streams_windows_to_the_sink(
+    service: FakeService, spool: Path, sinks: list[HttpSink]
+) -> None:
+    net = small_cnn()
+    sink = HttpSink(service.url, spool_dir=spool, **FAST)
+    mon = bnwatch.watch(net, store=sink, window_seconds=None, overhead_budget=None)
+    with torch.inference_mode():
+        for i, x in enumerate(batches(12)):
+            net(x)
+            if i % 3 == 2:
+                mon.flush()
+    mon.close(timeout=30)
+    assert sink.stats().written == 4
+    assert mon.stats().windows_dropped == 0
+    assert len(service.stored) == 4
+
+
+def test_the_token_comes_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, windows: Windows, spool: Path, sinks: list[HttpSink]
+) -> None:
+    monkeypatch.setenv("BNWATCH_API_TOKEN", "from-env")
+    with FakeService(token="from-env") as service:
+        sink = HttpSink(service.url, spool_dir=spool, **FAST)
+        sinks.append(sink)
+        sink.write(windows(1)[0])
+        assert sink.flush()
+        assert service.posts()[0].authorization == "Bearer from-env"
+        assert "from-env" not in repr(sink)
+
+
+# ------------------------------------------------------------------------------------------
+# failures
+# ------------------------------------------------------------------------------------------
+def test_503s_are_retried_until_delivered(
+    service: FakeService,
+    windows: Windows,
+    spool: Path,
+    sinks: list[HttpSink],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    service.plan.extend([503, 503, 503])
+    records = windows(3)
+    with caplog.at_level(logging.INFO, logger="bnwatch"):
+        sink = HttpSink(service.url, spool_dir=spool, **FAST)
+        sinks.append(sink)
+        for r in records:
+            sink.write(r)
+        assert wait_for(lambda: sink.stats().written == 3)
+    stats = sink.stats()
+    assert stats.failures == 3
+    assert stats.last_error is not None and "503" in stats.last_error
+    assert (stats.dropped, stats.rejected, stats.spooled) == (0, 0, 0)
+    assert [p.status for p in service.posts()][-1] == 200
+    assert sorted(service.stored) == sorted(r.uid for r in records)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("cannot send windows" in m and "503" in m for m in messages)
+    assert any("is back after 3 failed attempt(s)" in m for m in messages)
+    assert spool_files(spool) == []  # deleted after the 200
+
+
+def test_a_lost_answer_is_resent_and_stored_once(
+    service: FakeService, windows: Windows, spool: Path, sinks: list[HttpSink]
+) -> None:
+    service.plan.append(LOSE_ANSWER)  # stored, then the connection drops: the sink retries
+    records = windows(3)
+    sink = HttpSink(service.url, spool_dir=spool, **FAST)
+    sinks.append(sink)
+    for r in records:
+        sink.write(r)
+    assert sink.flush(timeout=30)
+    stats = sink.stats()
+    # the sink never saw the first answer: the service reports the re-sent windows as
+    # duplicates; written + duplicates counts every window delivered
+    assert (stats.written, stats.duplicates, stats.failures) == (0, 3, 1)
+    assert [p.status for p in service.posts()] == [LOSE_ANSWER, 200]
+    assert sorted(service.stored) == sorted(r.uid for r in records)  # once each
+
+
+def test_backoff_grows_exponentially_up_to_retry_max(
+    service: FakeService, windows: Windows, spool: Path, sinks: list[HttpSink]
+) -> None:
+    service.plan.extend([503] * 4)
+    sink = HttpSink(service.url, spool_dir=spool, retry_initial=0.1, retry_max=10.0)
+    sinks.append(sink)
+    sink.write(windows(1)[0])
+    assert wait_for(lambda: sink.stats().written == 1)
+    times = [p.at for p in service.posts()]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert len(gaps) == 4
+    for i, gap in enumerate(gaps):  # 0.1, 0.2, 0.4, 0.8 s, ± 20 % jitter, + scheduling
+        nominal = 0.1 * 2**i
+        assert 0.8 * nominal - 0.01 <= gap <= 1.2 * nominal + 0.3, (i, gaps)
+
+    service.plan.extend([503] * 6)
+    capped = HttpSink(
+        service.url, spool_dir=spool.parent / "capped", retry_initial=0.05, retry_max=0.1
+    )
+    sinks.append(capped)
+    start = len(service.posts())
+    capped.write(windows(1)[0])
+    assert wait_for(lambda: capped.stats().written == 1)
+    times = [p.at for p in service.posts()[start:]]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert len(gaps) == 6
+    assert min(gaps[1:]) >= 0.08 - 0.01  # 0.1 s from the second retry on ...
+    assert max(gaps[3:]) <= 0.12 + 0.3, gaps  # ... not 0.4, 0.8, 1.6 s: capped
+
+
+def test_retry_after_is_honoured(
+    service: FakeService, windows: Windows, spool: Path, sinks: list[HttpSink]
+) -> None:
+    service.plan.append((503, {"Retry-After": "1"}))
+    sink = HttpSink(service.url, spool_dir=spool, retry_initial=0.01, retry_max=5.0)
+    sinks.append(sink)
+    sink.write(windows(1)[0])
+    assert wait_for(lambda: sink.stats().written == 1)
+    first, second = (p.at for p in service.posts())
+    assert second - first >= 0.95
+
+
+def test_an_invalid_window_is_rejected_counted_and_not_retried(
+    service: FakeService,
+    windows: Windows,
+    spool: Path,
+    sinks: list[HttpSink],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    good = windows(4)
+    bad = renamed(good[0], uid="not a uid!")  # the service's validation refuses it: 422
+    sink = HttpSink(service.url, spool_dir=spool, batch_size=8, **FAST)
+    sinks.append(sink)
+    with caplog.at_level(logging.ERROR, logger="bnwatch"):
+        for r in [good[0], good[1], bad, good[2], good[3]]:
+            sink.write(r)
+        assert sink.flush(timeout=30)  # nothing left to retry
+    stats = sink.stats()
+    assert (stats.written, stats.rejected, stats.dropped, stats.spooled) == (4, 1, 0, 0)
+    assert stats.failures == 0  # a rejection is not an outage
+    assert stats.last_error is not None and "422" in stats.last_error
+    assert "uid" in stats.last_error  # the service's detail says which field
+    assert sorted(service.stored) == sorted(r.uid for r in good)
+    # the bad window was sent while bisecting (5, 2 or 3, 1 windows), never once rejected
+    with_bad = [p for p in service.posts() if bad.uid in p.uids]
+    assert with_bad[-1].uids == (bad.uid,) and with_bad[-1].status == 422
+    assert len(with_bad) <= 4
+    assert any("rejected 1 window(s)" in r.getMessage() for r in caplog.records)
+
+
+def test_413_splits_the_batch(
+    windows: Windows, spool: Path, sinks: list[HttpSink], base_records: list[WindowRecord]
+) -> None:
+    records = [renamed(base_records[0]) for _ in range(7)]
+    limit = int(2.5 * body_size(records[0]))  # two windows per request fit
+    with FakeService(max_bytes=limit) as service:
+        sink = HttpSink(service.url, spool_dir=spool, batch_size=8, **FAST)
+        sinks.append(sink)
+        for r in records:
+            sink.write(r)
+        assert sink.flush(timeout=30)
+        stats = sink.stats()
+        assert (stats.written, stats.rejected, stats.failures) == (7, 0, 0)
+        statuses = [p.status for p in service.posts()]
+        assert statuses[0] == 413 and 413 in statuses and statuses.count(200) >= 4
+        assert all(p.size <= limit for p in service.posts() if p.status == 200)
+        assert sorted(service.stored) == sorted(r.uid for r in records)
+
+
+def test_a_single_window_too_large_is_rejected(
+    windows: Windows, spool: Path, sinks: list[HttpSink]
+) -> None:
+    with FakeService(max_bytes=100) as service:
+        sink = HttpSink(service.url, spool_dir=spool, **FAST)
+        sinks.append(sink)
+        sink.write(windows(1)[0])
+        assert sink.flush()
+        stats = sink.stats()
+        assert (stats.written, stats.rejected, stats.spooled) == (0, 1, 0)
+        assert stats.last_error is not None and "413" in stats.last_error
+        assert len(service.posts()) == 1
+
+
+def test_a_refused_token_is_logged_loudly_spooled_and_probed_slowly(
+    windows: Windows, spool: Path, sinks: list[HttpSink], caplog: pytest.LogCaptureFixture
+) -> None:
+    secret = "wrong-secret-123"
+    records = windows(3)
+    with FakeService(token="right") as service, caplog.at_level(logging.DEBUG, logger="bnwatch"):
+        sink = HttpSink(
+            service.url, token=secret, spool_dir=spool, retry_initial=0.01, retry_max=0.3
+        )
+        sinks.append(sink)
+        for r in records:
+            sink.write(r)
+        assert wait_for(lambda: sink.stats().spooled == 3 and sink.stats().failures >= 2)
+        stats = sink.stats()
+        assert (stats.written, stats.dropped, stats.rejected) == (0, 0, 0)
+        assert stats.last_error is not None and "401" in stats.last_error
+        assert "token" in stats.last_error
+        posts = service.posts()
+        gaps = [b.at - a.at for a, b in itertools.pairwise(posts)]
+        assert gaps and min(gaps) >= 0.25  # probed at retry_max, not retry_initial
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert any("401" in r.getMessage() for r in errors)
+        service.token = secret  # the service is fixed: delivery resumes without a restart
+        assert wait_for(lambda: sink.stats().written == 3)
+        assert sorted(service.stored) == sorted(r.uid for r in records)
+    assert all(secret not in r.getMessage() for r in caplog.records)
+    assert secret not in repr(sink)
+
+
+def test_close_does_not_wait_out_a_refused_token(
+    windows: Windows, spool: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with FakeService(token="right") as service:
+        sink = HttpSink(service.url, token="wrong", spool_dir=spool, retry_max=30.0)
+        for r in windows(4):
+            sink.write(r)
+        assert wait_for(lambda: sink.stats().failures >= 1)
+        started = time.monotonic()
+        sink.close(timeout=20)
+        assert time.monotonic() - started < 5
+    stats = sink.stats()
+    assert (stats.spooled, stats.dropped) == (4, 0)
+
+
+def test_a_wrong_path_is_a_configuration_error(
+    service: FakeService,
+    windows: Windows,
+    spool: Path,
+    sinks: list[HttpSink],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.ERROR, logger="bnwatch"):
+        sink = HttpSink(service.url + "/not-here", spool_dir=spool, **FAST)
+        sinks.append(sink)
+        sink.write(windows(1)[0])
+        assert wait_for(lambda: sink.stats().failures >= 1 and sink.stats().spooled == 1)
+    assert any("404" in r.getMessage() for r in caplog.records)
+
+
+# ------------------------------------------------------------------------------------------
+# the spool
+# ------------------------------------------------------------------------------------------
+def test_close_timeout_leaves_the_spool_for_the_next_sink(windows: Windows, spool: Path) -> None:
+    port = free_port()  # nobody listens
+    url = f"http://127.0.0.1:{port}"
+    records = windows(5)
+    sink = HttpSink(url, spool_dir=spool, batch_size=2, retry_initial=0.05, retry_max=0.2)
+    for r in records:
+        sink.write(r)
+    started = time.monotonic()
+    sink.close(timeout=0.5)
+    assert time.monotonic() - started < 3.0
+    stats = sink.stats()
+    assert (stats.spooled, stats.dropped, stats.written, stats.queued) == (5, 0, 0, 0)
+    assert stats.failures >= 1
+    assert sum(int(p.name.split("_")[1][:-6]) for p in spool_files(spool)) == 5
+    with FakeService(port=port) as service:
+        again = HttpSink(url, spool_dir=spool, **FAST)
+        assert again.stats().spooled == 5
+        assert wait_for(lambda: again.stats().written == 5)
+        again.close()
+        assert sorted(service.stored) == sorted(r.uid for r in records)
+    assert spool_files(spool) == []
+
+
+def test_spooled_windows_go_first_in_order(
+    windows: Windows, spool: Path, sinks: list[HttpSink]
+) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    early, late = windows(6), windows(6)
+    sink = HttpSink(url, spool_dir=spool, batch_size=2, retry_initial=0.05, retry_max=0.3)
+    sinks.append(sink)
+    for r in early:
+        sink.write(r)
+    assert wait_for(lambda: sink.stats().spooled == 6)
+    with FakeService(port=port) as service:
+        for r in late:
+            sink.write(r)
+        assert sink.flush(timeout=30)
+        assert service.stored == [r.uid for r in early + late]
+
+
+def test_the_spool_bound_drops_the_oldest_and_counts_them(
+    base_records: list[WindowRecord],
+    spool: Path,
+    sinks: list[HttpSink],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    records = [renamed(base_records[0]) for _ in range(10)]
+    bound = int(3.5 * body_size(records[0]))  # room for three one-window batches
+    with caplog.at_level(logging.WARNING, logger="bnwatch"):
+        sink = HttpSink(
+            url,
+            spool_dir=spool,
+            batch_size=1,
+            spool_max_bytes=bound,
+            retry_initial=5.0,
+            retry_max=5.0,
+        )
+        sinks.append(sink)
+        for r in records:
+            sink.write(r)
+        assert wait_for(lambda: sink.stats().dropped + sink.stats().spooled == 10)
+    stats = sink.stats()
+    assert (stats.dropped, stats.spooled) == (7, 3)
+    assert sum(p.stat().st_size for p in spool_files(spool)) <= bound
+    assert any("spool" in r.getMessage() and "full" in r.getMessage() for r in caplog.records)
+    with FakeService(port=port) as service:
+        sink.close(timeout=10)  # one more attempt at once, then the spool is delivered
+        assert service.stored == [r.uid for r in records[-3:]]  # the newest survived
+    assert sink.stats().written == 3
+
+
+def test_a_restarted_process_delivers_the_previous_processes_spool(
+    spool: Path, sinks: list[HttpSink]
+) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    result = subprocess.run(
+        python_module("tests.client.sender", url, str(spool), "10"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    sent = json.loads(result.stdout)
+    assert sent["stats"]["spooled"] == 10 and sent["stats"]["dropped"] == 0
+    with FakeService(port=port) as service:
+        sink = HttpSink(url, spool_dir=spool, **FAST)
+        sinks.append(sink)
+        assert wait_for(lambda: sink.stats().written == 10)
+        assert service.stored == sent["uids"]  # oldest first
+    assert spool_files(spool) == []
+
+
+def test_partial_writes_of_a_crash_are_ignored(
+    service: FakeService, spool: Path, sinks: list[HttpSink]
+) -> None:
+    spool.mkdir()
+    (spool / ".tmp-00000000000000000001-1_1w.json").write_text('{"schema_version":1,"win')
+    (spool / "notes.txt").write_text("not a spool file")
+    sink = HttpSink(service.url, spool_dir=spool, **FAST)
+    sinks.append(sink)
+    assert sink.stats().spooled == 0
+    assert sink.flush()
+    assert not (spool / ".tmp-00000000000000000001-1_1w.json").exists()
+    assert (spool / "notes.txt").exists()
+    assert service.posts() == []
+
+
+def test_one_sink_per_spool_directory(spool: Path, sinks: list[HttpSink]) -> None:
+    sinks.append(HttpSink("http://127.0.0.1:1", spool_dir=spool))
+    with pytest.raises(ConfigError, match="no other open HttpSink") as info:
+        HttpSink("http://127.0.0.1:1", spool_dir=spool)
+    assert info.value.argument == "spool_dir"
+    sinks.pop().close(timeout=0)
+    sinks.append(HttpSink("http://127.0.0.1:1", spool_dir=spool))  # free again
+
+
+def test_default_spools_take_free_slots_and_adopt_orphans(windows: Windows) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    first = HttpSink(url, source="replica", retry_initial=5.0, retry_max=5.0)
+    second = HttpSink(url, source="replica", retry_initial=5.0, retry_max=5.0)
+    other = HttpSink(url, source="elsewhere", retry_initial=5.0, retry_max=5.0)
+    assert first.spool_dir.parent == second.spool_dir.parent
+    assert (first.spool_dir.name, second.spool_dir.name) == ("0", "1")
+    assert other.spool_dir.parent != first.spool_dir.parent
+    records = windows(6)
+    for r in records[:2]:
+        first.write(r)
+    for r in records[2:]:
+        second.write(r)
+    for sink in (first, second, other):
+        sink.close(timeout=0.2)
+    assert (first.stats().spooled, second.stats().spooled) == (2, 4)
+    with FakeService(port=port) as service:
+        restarted = HttpSink(url, source="replica", **FAST)  # one replica now
+        assert restarted.spool_dir == first.spool_dir
+        assert restarted.stats().spooled == 6  # slot 1's orphans adopted
+        assert wait_for(lambda: restarted.stats().written == 6)
+        restarted.close()
+        assert sorted(service.stored) == sorted(r.uid for r in records)
+
+
+def test_write_never_blocks_and_a_full_queue_drops_and_counts(
+    windows: Windows, spool: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with socket.socket() as hung:  # accepts connections (backlog) and never answers
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(16)
+        url = f"http://127.0.0.1:{hung.getsockname()[1]}"
+        records = windows(50)
+        sink = HttpSink(url, spool_dir=spool, queue_size=5, batch_size=2, timeout=1.0)
+        with caplog.at_level(logging.WARNING, logger="bnwatch"):
+            sink.write(records[0])
+            assert wait_for(lambda: sink.stats().queued == 0)  # the thread has it, in flight
+            started = time.perf_counter()
+            for r in records[1:]:
+                sink.write(r)
+            assert time.perf_counter() - started < 0.5
+        assert sink.dropped == 44  # 5 queued, 1 in flight
+        assert any("queue is full" in r.getMessage() for r in caplog.records)
+        started = time.perf_counter()
+        sink.close(timeout=0.2)
+        assert time.perf_counter() - started < 0.2 + 1.0 + 2.0  # timeout + HTTP timeout
+        stats = sink.stats()
+        assert (stats.dropped, stats.spooled, stats.written) == (44, 6, 0)
+
+
+def test_write_after_close_is_counted(windows: Windows, spool: Path) -> None:
+    sink = HttpSink("http://127.0.0.1:1", spool_dir=spool)
+    sink.close(timeout=0)
+    sink.write(windows(1)[0])
+    assert sink.dropped == 1
+
+
+def test_endpoint_constant_matches_the_service() -> None:
+    assert ENDPOINT == "/api/v1/windows"
