@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from bnwatch import __version__
 from bnwatch.errors import BnwatchError
@@ -230,9 +230,220 @@ def _run_db_compact(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------
+# bnwatch alerts
+# --------------------------------------------------------------------------------------
+def _add_alerts(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "alerts",
+        help="list alerts (and evaluate the rules now)",
+        description="List the alerts in the database.  With --evaluate, first run the alert "
+        "rules over the stored windows (and the no-data check), as the service does "
+        "periodically.",
+    )
+    _add_db_option(parser)
+    parser.add_argument("--model", help="only this model")
+    parser.add_argument("--version", help="only this model version")
+    parser.add_argument(
+        "--state", choices=["open", "resolved", "all"], default="open", help="default: open"
+    )
+    parser.add_argument("--evaluate", action="store_true", help="evaluate the rules first")
+    parser.add_argument(
+        "--config", metavar="TOML", help="alert thresholds: the [alerts] table of a TOML file"
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.set_defaults(handler=_run_alerts)
+
+
+def _run_alerts(args: argparse.Namespace) -> int:
+    import json
+
+    from bnwatch.alerts import AlertConfig, AlertEngine, evaluate_all
+    from bnwatch.store.migrate import engine_for
+    from bnwatch.store.repository import Repository
+
+    config = AlertConfig.from_toml(args.config) if args.config else AlertConfig()
+    engine = engine_for(args.db, create=False, argument="--db")
+    try:
+        repo = Repository(engine)
+        if args.evaluate:
+            changes = evaluate_all(repo, AlertEngine(config))
+            print(
+                f"evaluated: {sum(c.action == 'opened' for c in changes)} opened, "
+                f"{sum(c.action == 'resolved' for c in changes)} resolved"
+            )
+        state = None if args.state == "all" else args.state
+        alerts = repo.alerts(model=args.model, version=args.version, state=state)
+    finally:
+        engine.dispose()
+    if args.json:
+        print(
+            json.dumps(
+                [
+                    {
+                        "id": a.id,
+                        "model": a.model,
+                        "version": a.version,
+                        "layer": a.layer,
+                        "kind": a.kind,
+                        "state": a.state,
+                        "opened_at": a.opened_at.isoformat(),
+                        "resolved_at": a.resolved_at.isoformat() if a.resolved_at else None,
+                        "values": a.values,
+                    }
+                    for a in alerts
+                ],
+                indent=2,
+                default=str,
+            )
+        )
+        return 0
+    if not alerts:
+        print(f"no {'' if state is None else state + ' '}alerts")
+        return 0
+    print(f"{'id':>5}  {'state':<9} {'kind':<22} {'model@version':<28} {'layer':<20} opened")
+    for a in alerts:
+        where = f"{a.model}@{a.version}"
+        print(
+            f"{a.id:>5}  {a.state:<9} {a.kind:<22} {where[:28]:<28} {(a.layer or '-')[:20]:<20} "
+            f"{a.opened_at:%Y-%m-%d %H:%M}"
+        )
+    return 0
+
+
+# --------------------------------------------------------------------------------------
+# bnwatch recalibrate
+# --------------------------------------------------------------------------------------
+def _load_object(spec: str, argument: str) -> object:
+    """``pkg.module:attribute`` -> the attribute (a clear error otherwise)."""
+    import importlib
+
+    from bnwatch.errors import ConfigError
+
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(argument, spec, "pkg.module:name")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ConfigError(argument, spec, f"an importable module ({err})") from err
+    try:
+        return getattr(module, attr)
+    except AttributeError as err:
+        raise ConfigError(argument, spec, f"a name defined in {module_name}") from err
+
+
+def _add_recalibrate(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "recalibrate",
+        help="re-estimate a model's BatchNorm statistics on data",
+        description="Load a model (factory + checkpoint), re-estimate its BatchNorm running "
+        "statistics on data, and write the new buffers to --out as a file that "
+        "model.load_state_dict(torch.load(OUT), strict=False) accepts.  With --held-out the "
+        "result is judged (and not written if it does not improve).",
+    )
+    parser.add_argument(
+        "--model",
+        required=True,
+        metavar="PKG.MODULE:FACTORY",
+        help="a callable returning the nn.Module",
+    )
+    parser.add_argument("--checkpoint", metavar="PATH", help="a state_dict to load (torch.save)")
+    parser.add_argument(
+        "--data",
+        required=True,
+        metavar="PKG.MODULE:LOADER",
+        help="an iterable of batches, or a callable returning one",
+    )
+    parser.add_argument(
+        "--held-out",
+        metavar="PKG.MODULE:LOADER",
+        help="held-out batches to judge on ((inputs, labels) give accuracy)",
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        metavar="PATH",
+        help="where to write the new BatchNorm buffers",
+    )
+    parser.add_argument("--method", choices=["precise", "mix"], default="precise")
+    parser.add_argument("--num-samples", type=_positive_int, default=8192, metavar="N")
+    parser.add_argument(
+        "--prior-strength",
+        type=float,
+        default=16.0,
+        metavar="N",
+        help="prior strength of --method mix, in samples (default 16)",
+    )
+    parser.add_argument("--layers", nargs="+", metavar="GLOB", help="only these layers")
+    parser.add_argument("--input-key", help="the input's key when batches are dicts")
+    parser.set_defaults(handler=_run_recalibrate)
+
+
+def _positive_int(text: str) -> int:
+    value = _non_negative_int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _iterable(spec: str, argument: str) -> Any:
+    obj = _load_object(spec, argument)
+    return obj() if callable(obj) and not hasattr(obj, "__iter__") else obj
+
+
+def _run_recalibrate(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from bnwatch.errors import ConfigError
+    from bnwatch.recalibration import recalibrate
+
+    factory = _load_object(args.model, "--model")
+    if not callable(factory):
+        raise ConfigError("--model", args.model, "a callable returning an nn.Module")
+    model = factory()
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError("--model", args.model, "a factory returning a torch.nn.Module")
+    if args.checkpoint:
+        state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    model.eval()
+    result = recalibrate(
+        model,
+        _iterable(args.data, "--data"),
+        num_samples=args.num_samples,
+        method=args.method,
+        prior_strength=args.prior_strength,
+        layers=args.layers,
+        input_key=args.input_key,
+        held_out=_iterable(args.held_out, "--held-out") if args.held_out else None,
+        apply="if_better",
+    )
+    summary = result.summary()
+    if result.status == "rejected":
+        print(json.dumps(summary, indent=2, default=str))
+        print(
+            f"{PROG} recalibrate: rejected (held-out data did not improve); nothing written",
+            file=sys.stderr,
+        )
+        return 1
+    result.save(args.out)
+    print(json.dumps(summary, indent=2, default=str))
+    print(f"wrote {len(result.updates)} layers' running_mean/running_var to {args.out}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------
 # The parser
 # --------------------------------------------------------------------------------------
-SUBCOMMANDS: tuple[Callable[[Subparsers], None], ...] = (_add_demo, _add_db)
+SUBCOMMANDS: tuple[Callable[[Subparsers], None], ...] = (
+    _add_demo,
+    _add_db,
+    _add_alerts,
+    _add_recalibrate,
+)
 """Functions that each add one subcommand, in the order ``--help`` lists them."""
 
 

@@ -1,0 +1,24 @@
+"""A model factory and data loaders for the `bnwatch recalibrate` command-line tests."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tests.recalibration.test_recalibrate import data, net
+
+
+def factory() -> nn.Module:
+    model: nn.Module = net()
+    return model
+
+
+def loader() -> list[torch.Tensor]:
+    return data(8, shift=3.0)
+
+
+def held_out() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(x, torch.zeros(x.shape[0], dtype=torch.long)) for x in data(3, seed=7, shift=3.0)]
+
+
+wrong = [torch.randn(8, 4, 5, 5)]

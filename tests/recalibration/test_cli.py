@@ -1,0 +1,98 @@
+"""`bnwatch recalibrate` and `bnwatch alerts` from the command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from bnwatch.cli import main
+from tests.recalibration.test_recalibrate import net
+
+FIX = "tests.recalibration.cli_fixture"
+
+
+def test_recalibrate_writes_loadable_buffers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    checkpoint = tmp_path / "model.pt"
+    torch.save(net().state_dict(), checkpoint)
+    out = tmp_path / "bn.pt"
+    code = main(
+        [
+            "recalibrate",
+            "--model",
+            f"{FIX}:factory",
+            "--checkpoint",
+            str(checkpoint),
+            "--data",
+            f"{FIX}:loader",
+            "--held-out",
+            f"{FIX}:held_out",
+            "--out",
+            str(out),
+            "--num-samples",
+            "64",
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    summary = json.loads(printed[: printed.rindex("}") + 1])
+    assert summary["status"] == "applied"
+    assert summary["improved"] is True
+    model = net()
+    _missing, unexpected = model.load_state_dict(torch.load(out), strict=False)
+    assert not unexpected
+    assert {k for k in torch.load(out)} == {
+        f"{n}.{b}" for n in ("1", "5", "8") for b in ("running_mean", "running_var")
+    }
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "nope.module:factory"], "--model='nope.module:factory' is invalid"),
+        (["--model", f"{FIX}"], "pkg.module:name"),
+        (["--data", f"{FIX}:wrong"], "recalibration data"),
+    ],
+)
+def test_recalibrate_errors_are_clear(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    base = {"--model": f"{FIX}:factory", "--data": f"{FIX}:loader"}
+    for flag, value in zip(args[::2], args[1::2], strict=True):
+        base[flag] = value
+    argv = ["recalibrate", "--out", str(tmp_path / "x.pt")]
+    for flag, value in base.items():
+        argv += [flag, value]
+    assert main(argv) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_alerts_lists_and_evaluates(db_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    import dataclasses
+    from datetime import timedelta
+
+    from bnwatch.store.migrate import engine_for
+    from bnwatch.store.repository import Repository
+    from tests.store.helpers import record_windows
+
+    hours_ago = timedelta(hours=2)
+    records = [
+        dataclasses.replace(r, start=r.start - hours_ago, end=r.end - hours_ago)
+        for r in record_windows(2)
+    ]
+    engine = engine_for(db_url)
+    Repository(engine).write_windows(records)
+    engine.dispose()
+    assert main(["alerts", "--db", db_url]) == 0
+    assert "no open alerts" in capsys.readouterr().out
+    assert main(["alerts", "--db", db_url, "--evaluate", "--state", "all"]) == 0
+    out = capsys.readouterr().out
+    assert "evaluated:" in out
+    assert "no_data" in out  # the windows closed two hours ago
+    assert main(["alerts", "--db", db_url, "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert {a["kind"] for a in listed} >= {"no_data"}
