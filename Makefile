@@ -50,6 +50,7 @@ test: lint prometheus-tools
 bench: $(STAMP)
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/store.py
+	$(BIN)/python benchmarks/recalibration.py
 
 constraints: $(STAMP)
 	@echo "# Pinned versions for 'make' (pip install -c constraints.txt). Regenerate: make constraints" > constraints.txt.new

@@ -8,7 +8,12 @@ population statistics of the recalibration data, ``n`` its samples):
     the population statistics pooled over every element (PreciseBN's estimator, with the
     between-batch variance included, so unequal batches weigh by their elements).  During
     the pass every recalibrated layer normalizes with batch statistics, so downstream layers
-    see what training would show them.
+    see what training would show them.  The layer computes those batch statistics anyway:
+    with momentum 1 its running buffers hold them after each call, and a forward hook keeps
+    them (pooled in float64 at the end) instead of reducing the input a second time.
+    Batches whose statistics are not finite, inputs off the CPU (where checking would
+    synchronize) and ``SyncBatchNorm`` (whose batch statistics are already global) are
+    measured from the input instead, excluding non-finite elements as the monitor does.
 ``mix``
     Schneider et al. (2020): ``μ = w μs + (1 - w) μt`` and ``σ² = w σs² + (1 - w) σt²`` with
     ``w = N/(N + n)`` for a prior strength of ``N`` samples -- for few target samples.  During
@@ -39,7 +44,7 @@ from bnwatch.capture.discovery import BatchNormLayer, discover
 from bnwatch.errors import BnwatchError, ConfigError, ShapeError, check_positive_int
 from bnwatch.inputs import model_input
 from bnwatch.recalibration.result import LayerUpdate, RecalibrationResult, evaluate
-from bnwatch.stats import ChannelMoments
+from bnwatch.stats import MOMENT_FIELDS, ChannelMoments
 
 Method = Literal["precise", "mix"]
 METHODS: tuple[str, ...] = ("precise", "mix")
@@ -232,6 +237,7 @@ def _estimate(
     """One pass over the data with the selected layers normalizing as the method says,
     measuring exactly what each receives.  Everything is restored afterwards."""
     accs = {layer.name: LayerAccumulator(layer.name) for layer in selected}
+    pooled = {layer.name: _Pooled() for layer in selected}
     modes = {module: module.training for module in model.modules()}
     saved = {
         layer.name: (
@@ -252,8 +258,8 @@ def _estimate(
             acc = accs[layer.name]
             if method == "precise":
                 bn.train()  # normalize with batch statistics, as training would
-                bn.momentum = 0.0  # ... without touching the stored statistics
-                handles.append(bn.register_forward_pre_hook(_measuring(acc)))
+                bn.momentum = 1.0  # ... and leave them in the running buffers after each call
+                handles.append(bn.register_forward_hook(_harvesting(acc, pooled[layer.name])))
             else:
                 bn.eval()  # normalize with the mixed statistics of this batch
                 handles.append(
@@ -276,7 +282,7 @@ def _estimate(
                 seen += int(x.shape[0])
                 if bar is not None:
                     bar.update(int(x.shape[0]))
-        moments = {name: _collect(acc) for name, acc in accs.items()}
+        moments = {name: _collect(acc, pooled[name]) for name, acc in accs.items()}
         moments = _all_reduce(moments)
         seen = _all_reduce_count(seen)
     finally:
@@ -297,13 +303,6 @@ def _estimate(
         for module, training in modes.items():
             module.train(training)
     return moments, seen
-
-
-def _measuring(acc: LayerAccumulator) -> Callable[[nn.Module, Any], None]:
-    def hook(module: nn.Module, args: Any) -> None:
-        acc.observe(args[0], batch_stat_mode=True)
-
-    return hook
 
 
 def _mixing(
@@ -328,11 +327,75 @@ def _mixing(
     return hook
 
 
-def _collect(acc: LayerAccumulator) -> ChannelMoments:
+class _Pooled:
+    """Element-level moments pooled from the batch statistics a layer computed itself.
+
+    Each call contributes its mean and unbiased variance over ``k`` elements per channel; they
+    are kept as they come and pooled once, in float64, at the end (two passes: the pooled
+    mean, then the within- plus between-batch sums of squares).  Only ``count``, ``mean``,
+    ``m2`` and the sample count are known -- all that the recalibration uses; the sample-level
+    moments are left at zero.
+    """
+
+    def __init__(self) -> None:
+        self.stats: list[torch.Tensor] = []  # [2, C] per call: mean, unbiased variance
+        self.elements: list[int] = []
+        self.samples = 0
+
+    def add(self, stats: torch.Tensor, elements: int, samples: int) -> None:
+        self.stats.append(stats)
+        self.elements.append(elements)
+        self.samples += samples
+
+    def moments(self) -> ChannelMoments | None:
+        if not self.stats:
+            return None
+        s = torch.stack(self.stats).double()  # [B, 2, C]
+        k = torch.tensor(self.elements, dtype=torch.float64, device=s.device)[:, None]
+        count = float(k.sum())
+        mean = (k * s[:, 0]).sum(0) / count
+        m2 = ((k - 1) * s[:, 1]).sum(0) + (k * (s[:, 0] - mean) ** 2).sum(0)
+        mean_np = mean.cpu().numpy()
+        zero = np.zeros_like(mean_np)
+        fields = dict.fromkeys(MOMENT_FIELDS, zero)
+        fields.update(
+            count=zero + count,
+            mean=mean_np,
+            m2=m2.cpu().numpy(),
+            n=zero + self.samples,
+            smean=mean_np,  # every sample has as many elements: the mean of sample means
+        )
+        return ChannelMoments(**fields)
+
+
+def _harvesting(acc: LayerAccumulator, pooled: _Pooled) -> Callable[[nn.Module, Any, Any], None]:
+    """Keep the batch statistics the layer just computed (and left in its running buffers,
+    momentum 1); measure the input instead where they cannot be trusted or checked cheaply."""
+
+    def hook(module: nn.Module, args: Any, output: Any) -> None:
+        x = args[0]
+        mean, var = _running(module)  # type: ignore[arg-type]
+        elements = x.numel() // int(x.shape[1]) if x.dim() >= 2 else 0
+        if x.device.type == "cpu" and not isinstance(module, nn.SyncBatchNorm) and elements >= 2:
+            stats = torch.stack((mean, var))
+            if math.isfinite(float(stats.sum())):  # free on the CPU
+                pooled.add(stats, elements, int(x.shape[0]))
+                return
+        acc.observe(x, batch_stat_mode=True)
+        with torch.no_grad():  # momentum 1 would carry a non-finite value to the next call
+            mean.zero_()
+            var.fill_(1.0)
+
+    return hook
+
+
+def _collect(acc: LayerAccumulator, pooled: _Pooled | None = None) -> ChannelMoments:
     stats = acc.collect()
-    if stats is None:
+    harvested = None if pooled is None else pooled.moments()
+    parts = [m for m in (harvested, None if stats is None else stats.moments) if m is not None]
+    if not parts:
         raise BnwatchError(f"layer {acc.name!r} received no data during recalibration")
-    return stats.moments
+    return parts[0] if len(parts) == 1 else parts[0].merge(parts[1])
 
 
 def _new_statistics(
