@@ -51,6 +51,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/store.py
 	$(BIN)/python benchmarks/recalibration.py
+	$(BIN)/python benchmarks/ingest.py
 
 constraints: $(STAMP)
 	@echo "# Pinned versions for 'make' (pip install -c constraints.txt). Regenerate: make constraints" > constraints.txt.new

@@ -436,6 +436,91 @@ def _run_recalibrate(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------
+# bnwatch serve
+# --------------------------------------------------------------------------------------
+def _add_serve(subparsers: Subparsers) -> None:
+    def port(text: str) -> int:
+        value = _non_negative_int(text)
+        if value > 65535:
+            raise argparse.ArgumentTypeError(f"expected a port from 0 to 65535, got {value}")
+        return value
+
+    def workers(text: str) -> int:
+        value = _non_negative_int(text)
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"expected at least 1 worker, got {value}")
+        return value
+
+    parser = subparsers.add_parser(
+        "serve",
+        help="run the HTTP service: ingest from remote monitors, reads, /metrics, /healthz",
+        description="Run bnwatch's HTTP service (FastAPI on uvicorn): POST /api/v1/windows "
+        "for remote monitors (bearer token from $BNWATCH_API_TOKEN; without it ingest answers "
+        "503), read endpoints under /api/v1, GET /metrics for Prometheus and GET /healthz.  "
+        "An empty database gets the current schema; a database at an older schema is refused "
+        "(run `bnwatch db upgrade`).  Alerts are evaluated after every stored batch "
+        "(thresholds from $BNWATCH_ALERTS_CONFIG, a TOML file, if set).  The API is "
+        "described at /docs.",
+    )
+    _add_db_option(parser)
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="interface to listen on (default: 127.0.0.1)"
+    )
+    parser.add_argument("--port", type=port, default=8000, help="TCP port (default: 8000)")
+    parser.add_argument(
+        "--workers",
+        type=workers,
+        default=1,
+        metavar="N",
+        help="worker processes (default: 1); ingest is CPU-bound, so up to one per core",
+    )
+    parser.add_argument(
+        "--log-level",
+        choices=["critical", "error", "warning", "info", "debug"],
+        default="info",
+        help="uvicorn's and bnwatch's log level (default: info)",
+    )
+    parser.set_defaults(handler=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from bnwatch.service.app import LOG_LEVEL_ENV, alert_hook_from_env
+    from bnwatch.service.settings import TOKEN_ENV, Settings
+    from bnwatch.store.engine import redacted
+    from bnwatch.store.migrate import engine_for
+
+    settings = Settings.from_env(database_url=args.db)  # a bad token or limit fails here
+    alert_hook_from_env()  # and a bad alert configuration
+    engine = engine_for(args.db, argument="--db")  # creates or checks the schema, once
+    engine.dispose()
+    # the workers build their settings from the environment
+    os.environ[DATABASE_ENV] = args.db
+    os.environ[LOG_LEVEL_ENV] = args.log_level
+    if settings.api_token is None:
+        print(
+            f"{PROG} serve: warning: {TOKEN_ENV} is not set: POST /api/v1/windows answers 503 "
+            "until the service is restarted with a token",
+            file=sys.stderr,
+        )
+    print(
+        f"{PROG} serve: store {redacted(args.db)}, http://{args.host}:{args.port} "
+        f"({args.workers} worker{'s' if args.workers > 1 else ''})",
+        file=sys.stderr,
+    )
+    uvicorn.run(
+        "bnwatch.service.app:app_from_env",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        log_level=args.log_level,
+    )
+    return 0
+
+
+# --------------------------------------------------------------------------------------
 # The parser
 # --------------------------------------------------------------------------------------
 SUBCOMMANDS: tuple[Callable[[Subparsers], None], ...] = (
@@ -443,6 +528,7 @@ SUBCOMMANDS: tuple[Callable[[Subparsers], None], ...] = (
     _add_db,
     _add_alerts,
     _add_recalibrate,
+    _add_serve,
 )
 """Functions that each add one subcommand, in the order ``--help`` lists them."""
 

@@ -1,0 +1,157 @@
+"""The application factory: ``create_app(settings, engine=..., on_stored=...)``.
+
+No module-level engine or app: each :func:`create_app` call builds one app around one engine
+(injected, or created from ``settings.database_url``), so tests and processes build as many
+as they need.  ``bnwatch serve`` runs :func:`app_from_env` in each uvicorn worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from importlib import metadata
+from typing import Any
+
+from fastapi import FastAPI
+from sqlalchemy.engine import Engine
+
+from bnwatch.service import errors
+from bnwatch.service.deps import ServiceState
+from bnwatch.service.ingest import Ingestor, OnStored
+from bnwatch.service.routes import alerts, health, metrics, models, recalibrations, windows
+from bnwatch.service.settings import TOKEN_ENV, Settings
+from bnwatch.store.engine import redacted
+from bnwatch.store.migrate import engine_for, ensure_schema, head_revision
+from bnwatch.store.repository import Repository
+from bnwatch.wire import WindowBatch
+
+logger = logging.getLogger("bnwatch.service")
+
+LOG_LEVEL_ENV = "BNWATCH_LOG_LEVEL"
+ALERTS_CONFIG_ENV = "BNWATCH_ALERTS_CONFIG"
+"""A TOML file with the alert thresholds (``[alerts]`` table) of ``bnwatch serve``."""
+
+DESCRIPTION = """\
+bnwatch's service: remote monitors POST closed windows of BatchNorm statistics; the
+dashboard, Prometheus and operators read models, layers, windows, alerts and recalibrations.
+
+Ingest requires `Authorization: Bearer <BNWATCH_API_TOKEN>`.  Every error is JSON:
+`{"error": {"message": "...", "field": "windows.0.layers.3.channels" | null}}`.
+"""
+
+
+def _version() -> str:
+    # not ``bnwatch.__version__``: importing the top-level package would bring its lazy
+    # torch-backed API into the service's import graph (import-linter counts it)
+    try:
+        return metadata.version("bnwatch")
+    except metadata.PackageNotFoundError:  # running from a source tree
+        return "unknown"
+
+
+def create_app(
+    settings: Settings,
+    *,
+    engine: Engine | None = None,
+    on_stored: OnStored | None = None,
+) -> FastAPI:
+    """The bnwatch FastAPI app.
+
+    Args:
+        settings: the service's settings (``Settings.from_env()`` in ``bnwatch serve``).
+        engine: the store's engine; by default one is created from ``settings.database_url``
+            and disposed when the app shuts down (an injected engine is left to its owner).
+            Either way an empty database gets the current schema, and a database at another
+            schema revision raises :class:`~bnwatch.store.engine.SchemaError` saying what
+            to do.
+        on_stored: called as ``on_stored(repository, records)`` in the ingest thread after
+            every ingest transaction that stored at least one window (e.g.
+            ``AlertEngine().on_stored``); its exceptions are logged and never fail the
+            request.
+    """
+    owns_engine = engine is None
+    if engine is None:
+        engine = engine_for(settings.database_url, argument="database_url")
+    else:
+        ensure_schema(engine)
+    repository = Repository(engine)
+    state = ServiceState(
+        settings=settings,
+        engine=engine,
+        repository=repository,
+        ingestor=Ingestor(repository, settings.drift, on_stored),
+        head_revision=head_revision(),
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        logger.info(
+            "bnwatch service: store %s; ingest %s",
+            redacted(engine.url),
+            "requires a bearer token"
+            if settings.api_token
+            else f"DISABLED (set {TOKEN_ENV} to accept windows)",
+        )
+        try:
+            yield
+        finally:
+            if owns_engine:
+                engine.dispose()
+
+    app = FastAPI(
+        title="bnwatch",
+        version=_version(),
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.bnwatch = state
+    errors.install(app)
+    for module in (windows, models, alerts, recalibrations, health, metrics):
+        app.include_router(module.router)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            _document_ingest_body(FastAPI.openapi(app))
+        return app.openapi_schema  # type: ignore[return-value]
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app
+
+
+def _document_ingest_body(schema: dict[str, Any]) -> None:
+    """Add :class:`WindowBatch` (and an example) for the body ``POST /api/v1/windows`` reads
+    itself."""
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    body = WindowBatch.model_json_schema(ref_template="#/components/schemas/{model}")
+    for name, definition in body.pop("$defs", {}).items():
+        components.setdefault(name, definition)
+    components["WindowBatch"] = body
+    content = schema["paths"]["/api/v1/windows"]["post"]["requestBody"]["content"]
+    content["application/json"]["examples"] = {
+        "one window": {
+            "summary": "one window of one layer with two channels",
+            "value": windows.example_batch(),
+        }
+    }
+
+
+def alert_hook_from_env(environ: Mapping[str, str] | None = None) -> OnStored:
+    """``AlertEngine(config).on_stored``, thresholds from the TOML file named by
+    ``$BNWATCH_ALERTS_CONFIG`` (the defaults when unset)."""
+    from bnwatch.alerts import AlertConfig, AlertEngine
+
+    path = (os.environ if environ is None else environ).get(ALERTS_CONFIG_ENV, "").strip()
+    config = AlertConfig.from_toml(path) if path else AlertConfig()
+    return AlertEngine(config).on_stored
+
+
+def app_from_env() -> FastAPI:
+    """The app of one ``bnwatch serve`` worker: settings from ``BNWATCH_*`` variables, alerts
+    evaluated after every stored batch, bnwatch's log records at ``$BNWATCH_LOG_LEVEL``
+    (default ``info``) on stderr (each worker is a process of its own)."""
+    level = os.environ.get(LOG_LEVEL_ENV, "info").strip().upper() or "INFO"
+    logging.basicConfig(format="%(levelname)s:     %(message)s")
+    logging.getLogger("bnwatch").setLevel(level)
+    return create_app(Settings.from_env(), on_stored=alert_hook_from_env())
