@@ -191,6 +191,19 @@ class AlertChange:
     values: Mapping[str, Any]
 
 
+_LOCK_SPACE = 0x626E77  # "bnw": the advisory-lock keys of alert evaluation
+
+
+def _serialize(session: Session, model_id: int) -> None:
+    """One evaluator per model version at a time (service workers, replicas' writers): on
+    PostgreSQL a transaction-scoped advisory lock; SQLite serializes writers itself."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(
+            sa.text("SELECT pg_advisory_xact_lock(:space, :key)"),
+            {"space": _LOCK_SPACE, "key": model_id},
+        )
+
+
 def _aware(value: datetime) -> datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
 
@@ -235,6 +248,7 @@ class AlertEngine:
             ).scalar_one_or_none()
             if m is None:
                 return []
+            _serialize(session, m.id)
             history = self._history(session, m.id)
             open_alerts = self._open(session, m.id)
             changes: list[AlertChange] = []
@@ -261,7 +275,8 @@ class AlertEngine:
         now = now or utcnow()
         changes: list[AlertChange] = []
         with Session(repository.engine) as session, session.begin():
-            for m in session.execute(sa.select(Model)).scalars():
+            for m in session.execute(sa.select(Model).order_by(Model.id)).scalars():
+                _serialize(session, m.id)
                 self._no_data(session, m, self._open(session, m.id), now, changes)
         self._log(changes)
         return changes

@@ -23,7 +23,7 @@ flagged channels.  Significance alone fires on every huge window, size alone on 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -354,7 +354,19 @@ def batch_noise_per_channel(
     ``E[log X] = ψ(k) + log θ`` and ``Var[log X] = ψ'(k)``, giving
     ``E[(log r)²] = ¼ (ψ'(k) + (ψ(k) + log θ)²)``.
     """
-    B = check_positive_int("batch_size", batch_size)
+    check_positive_int("batch_size", batch_size)
+    e_d2, e_lr2 = batch_noise_curve(moments, [batch_size], eps)
+    return e_d2[0], e_lr2[0]
+
+
+def batch_noise_curve(
+    moments: ChannelMoments, batch_sizes: Sequence[int], eps: float
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """:func:`batch_noise_per_channel` for several batch sizes at once: ``[len(sizes), C]``
+    arrays (one vectorized pass; the special functions dominate the cost)."""
+    if not batch_sizes or any(isinstance(b, bool) or int(b) < 1 for b in batch_sizes):
+        raise ConfigError("batch_sizes", list(batch_sizes), "batch sizes >= 1")
+    B = np.asarray(batch_sizes, dtype=np.float64)[:, None]
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         n = np.where(moments.n >= 2, moments.n, np.nan)
         mu2 = moments.sm2 / n
@@ -365,46 +377,63 @@ def batch_noise_per_channel(
         total = within + mu2 + eps
         e_d2 = mu2 / (B * total)
         mean_sb = within + mu2 * (B - 1) / B
-        if B >= 2:
-            var_sb = ((B - 1) / B) ** 2 * (mu4 / B - mu2 * mu2 * (B - 3) / (B * (B - 1)))
-        else:
-            var_sb = np.zeros_like(mu2)
+        b_minus = np.where(B >= 2, B - 1, 1.0)  # B = 1: a single sample has no spread
+        var_sb = np.where(
+            B >= 2, ((B - 1) / B) ** 2 * (mu4 / B - mu2 * mu2 * (B - 3) / (B * b_minus)), 0.0
+        )
         var_batch = var_v / B + var_sb + 2.0 * cov_v_a2 * (B - 1) / (B * B)
         mu_x = (mean_sb + eps) / total
         s2_x = np.maximum(var_batch, 0.0) / (total * total)
         k = mu_x * mu_x / s2_x
+        finite = np.isfinite(k)
+        kk = np.where(finite, k, 1.0)
         # E[log X] = log μX + (ψ(k) - log k);  k = ∞ when σ²_B is deterministic
-        e_log = np.log(mu_x) + np.where(np.isfinite(k), special.digamma(k) - np.log(k), 0.0)
-        var_log = np.where(np.isfinite(k), special.polygamma(1, k), 0.0)
+        e_log = np.log(mu_x) + np.where(finite, special.digamma(kk) - np.log(kk), 0.0)
+        var_log = np.where(finite, special.polygamma(1, kk), 0.0)
         e_lr2 = 0.25 * (var_log + e_log * e_log)
     return np.asarray(e_d2, dtype=np.float64), np.asarray(e_lr2, dtype=np.float64)
 
 
 def batch_noise(moments: ChannelMoments, batch_size: int, eps: float) -> BatchNoise:
     """Layer-level predicted RMS of ``d`` and ``log r`` (RMS over channels) at ``batch_size``."""
-    e_d2, e_lr2 = batch_noise_per_channel(moments, batch_size, eps)
-    return BatchNoise(
-        batch_size=batch_size,
-        rms_d=float(np.sqrt(finite_mean(e_d2))),
-        rms_log_r=float(np.sqrt(finite_mean(e_lr2))),
-    )
+    return batch_noise_levels(moments, [batch_size], eps)[0]
+
+
+def batch_noise_levels(
+    moments: ChannelMoments, batch_sizes: Sequence[int], eps: float
+) -> list[BatchNoise]:
+    """:func:`batch_noise` for several batch sizes in one vectorized pass."""
+    e_d2, e_lr2 = batch_noise_curve(moments, batch_sizes, eps)
+    return [
+        BatchNoise(
+            batch_size=int(b),
+            rms_d=float(np.sqrt(finite_mean(d2))),
+            rms_log_r=float(np.sqrt(finite_mean(lr2))),
+        )
+        for b, d2, lr2 in zip(batch_sizes, e_d2, e_lr2, strict=True)
+    ]
 
 
 def observed_batch_noise(
-    moments: ChannelMoments, batch_sizes: Mapping[int, int], eps: float
+    moments: ChannelMoments,
+    batch_sizes: Mapping[int, int],
+    eps: float,
+    levels: Mapping[int, BatchNoise] | None = None,
 ) -> BatchNoise | None:
     """Batch noise averaged over the batch sizes actually seen (weighted by batches).
 
-    ``batch_size`` of the result is the most frequent observed size.
+    ``batch_size`` of the result is the most frequent observed size; ``levels`` may hold
+    already computed noise levels by batch size.
     """
     if not batch_sizes or moments.n_samples < 2:
         return None
+    known = dict(levels or {})
+    missing = [b for b in batch_sizes if b not in known]
+    if missing:
+        known.update({n.batch_size: n for n in batch_noise_levels(moments, missing, eps)})
     total = sum(batch_sizes.values())
-    d2 = lr2 = 0.0
-    for size, count in batch_sizes.items():
-        noise = batch_noise(moments, size, eps)
-        d2 += count / total * noise.rms_d**2
-        lr2 += count / total * noise.rms_log_r**2
+    d2 = sum(count / total * known[size].rms_d ** 2 for size, count in batch_sizes.items())
+    lr2 = sum(count / total * known[size].rms_log_r ** 2 for size, count in batch_sizes.items())
     typical = max(batch_sizes.items(), key=lambda kv: (kv[1], -kv[0]))[0]
     return BatchNoise(batch_size=typical, rms_d=math.sqrt(d2), rms_log_r=math.sqrt(lr2))
 
@@ -459,7 +488,9 @@ def assess_layer(
         drift_kl = drift_d = drift_log_r = drift_z = nan
         p_value, frac_drifted = math.nan, 0.0
     batch_stat_mode = stats.batch_stat_batches > 0
-    observed = observed_batch_noise(m, stats.batch_sizes, eps)
+    sizes = sorted(set(BATCH_NOISE_SIZES) | set(stats.batch_sizes))
+    levels = {n.batch_size: n for n in batch_noise_levels(m, sizes, eps)}
+    observed = observed_batch_noise(m, stats.batch_sizes, eps, levels)
     noisy = observed is not None and (
         observed.rms_d >= config.min_shift or observed.rms_log_r >= config.min_log_ratio
     )
@@ -500,7 +531,7 @@ def assess_layer(
         drifted=False,
         batch_stat_mode=batch_stat_mode,
         running_stats_mutated=running_stats_mutated,
-        batch_noise=tuple(batch_noise(m, b, eps) for b in BATCH_NOISE_SIZES),
+        batch_noise=tuple(levels[b] for b in BATCH_NOISE_SIZES),
         observed_batch_noise=observed,
         small_batch_mismatch=batch_stat_mode and noisy,
     )

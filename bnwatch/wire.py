@@ -22,6 +22,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     field_validator,
     model_validator,
 )
@@ -34,6 +35,7 @@ from bnwatch.stats import MOMENT_FIELDS, ChannelMoments, LayerStats
 MAX_CHANNELS = 1 << 20
 MAX_LAYERS = 4096
 MAX_WINDOWS = 1000
+MAX_COUNT = 2**31 - 1  # the store's count columns are 32-bit
 _COUNT_FIELDS = ("count", "n", "nonfinite")
 _NONNEGATIVE_FIELDS = ("count", "m2", "n", "sm2", "sm4", "vmean", "vm2", "nonfinite")
 
@@ -89,11 +91,13 @@ class WireLayer(BaseModel):
         default=None, description="base64 bnwatch array blob: running_mean, running_var"
     )
     baseline: WireBaseline | None = None
-    batch_sizes: dict[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=0)]]
-    n_batches: Annotated[int, Field(ge=0)]
-    batches_seen: Annotated[int, Field(ge=0)]
-    samples_seen: Annotated[int, Field(ge=0)]
-    batch_stat_batches: Annotated[int, Field(ge=0)]
+    batch_sizes: dict[
+        Annotated[int, Field(ge=1, le=MAX_COUNT)], Annotated[int, Field(ge=0, le=MAX_COUNT)]
+    ]
+    n_batches: Annotated[int, Field(ge=0, le=MAX_COUNT)]
+    batches_seen: Annotated[int, Field(ge=0, le=MAX_COUNT)]
+    samples_seen: Annotated[int, Field(ge=0, le=MAX_COUNT)]
+    batch_stat_batches: Annotated[int, Field(ge=0, le=MAX_COUNT)]
     running_stats_mutated: bool = False
 
     @field_validator("moments")
@@ -102,9 +106,17 @@ class WireLayer(BaseModel):
         base64.b64decode(value, validate=True)  # the shape is checked against channels below
         return value
 
+    _decoded: dict[str, NDArray[np.float64]] = PrivateAttr(default_factory=dict)
+
+    def arrays(self, what: str) -> NDArray[np.float64] | None:
+        """The decoded ``moments``, ``running`` or ``baseline`` arrays (decoded once, when
+        the layer was validated)."""
+        return self._decoded.get(what)
+
     @model_validator(mode="after")
     def _consistent(self) -> WireLayer:
         moments = decode_blob(self.moments, len(MOMENT_FIELDS), self.channels, "moments")
+        self._decoded["moments"] = moments
         for name in _NONNEGATIVE_FIELDS:
             if (moments[MOMENT_FIELDS.index(name)] < 0).any():
                 raise ValueError(f"moments: {name} must not be negative")
@@ -112,12 +124,15 @@ class WireLayer(BaseModel):
             values = moments[MOMENT_FIELDS.index(name)]
             if not np.array_equal(values, np.round(values)):
                 raise ValueError(f"moments: {name} must hold whole numbers")
+        if (moments[MOMENT_FIELDS.index("n")] > MAX_COUNT).any():
+            raise ValueError(f"moments: n must not exceed {MAX_COUNT}")
         if self.running is not None:
             running = decode_blob(self.running, 2, self.channels, "running")
             if (running[1] < 0).any():
                 raise ValueError("running: running_var must not be negative")
+            self._decoded["running"] = running
         if self.baseline is not None:
-            decode_blob(
+            self._decoded["baseline"] = decode_blob(
                 self.baseline.moments, len(MOMENT_FIELDS), self.channels, "baseline.moments"
             )
         if self.batch_stat_batches > self.n_batches:
@@ -221,13 +236,23 @@ def batch_of(records: list[WindowRecord]) -> dict[str, Any]:
     return {"schema_version": SCHEMA_VERSION, "windows": [from_record(r) for r in records]}
 
 
+def _decoded(w: WireLayer, what: str, rows: int) -> NDArray[np.float64]:
+    cached = w.arrays(what)
+    if cached is not None:
+        return cached
+    text = w.moments if what == "moments" else w.running if what == "running" else None
+    if text is None and w.baseline is not None:
+        text = w.baseline.moments
+    if text is None:
+        raise ValueError(f"{what}: missing")
+    return decode_blob(text, rows, w.channels, what)
+
+
 def to_record(window: WireWindow, config: DriftConfig) -> WindowRecord:
     """The :class:`WindowRecord` a validated wire window stands for, metrics recomputed."""
     reports: dict[str, LayerReport] = {}
     for w in window.layers:
-        moments = ChannelMoments.from_arrays(
-            list(decode_blob(w.moments, len(MOMENT_FIELDS), w.channels, "moments"))
-        )
+        moments = ChannelMoments.from_arrays(list(_decoded(w, "moments", len(MOMENT_FIELDS))))
         stats = LayerStats(
             moments=moments,
             batch_sizes=dict(sorted(w.batch_sizes.items())),
@@ -238,12 +263,12 @@ def to_record(window: WireWindow, config: DriftConfig) -> WindowRecord:
         )
         running = None
         if w.running is not None:
-            arrays = decode_blob(w.running, 2, w.channels, "running")
+            arrays = _decoded(w, "running", 2)
             running = Reference.running(arrays[0], arrays[1])
         baseline = None
         kind = "warming_up"
         if w.baseline is not None:
-            base = decode_blob(w.baseline.moments, len(MOMENT_FIELDS), w.channels, "baseline")
+            base = _decoded(w, "baseline", len(MOMENT_FIELDS))
             baseline = Reference.from_moments(ChannelMoments.from_arrays(list(base)))
             kind = w.baseline.kind
         reports[w.layer] = assess_layer(

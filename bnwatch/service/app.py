@@ -7,12 +7,14 @@ as they need.  ``bnwatch serve`` runs :func:`app_from_env` in each uvicorn worke
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from importlib import metadata
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from sqlalchemy.engine import Engine
@@ -26,6 +28,9 @@ from bnwatch.store.engine import redacted
 from bnwatch.store.migrate import engine_for, ensure_schema, head_revision
 from bnwatch.store.repository import Repository
 from bnwatch.wire import WindowBatch
+
+if TYPE_CHECKING:
+    from bnwatch.alerts import AlertConfig
 
 logger = logging.getLogger("bnwatch.service")
 
@@ -56,6 +61,8 @@ def create_app(
     *,
     engine: Engine | None = None,
     on_stored: OnStored | None = None,
+    periodic: Callable[[Repository], object] | None = None,
+    period_seconds: float = 60.0,
 ) -> FastAPI:
     """The bnwatch FastAPI app.
 
@@ -70,6 +77,9 @@ def create_app(
             every ingest transaction that stored at least one window (e.g.
             ``AlertEngine().on_stored``); its exceptions are logged and never fail the
             request.
+        periodic: run as ``periodic(repository)`` in a worker thread every
+            ``period_seconds`` while the app is up (``AlertEngine().check_silence``: the
+            no-data alerts, which no ingest can raise); exceptions are logged.
     """
     owns_engine = engine is None
     if engine is None:
@@ -94,9 +104,16 @@ def create_app(
             if settings.api_token
             else f"DISABLED (set {TOKEN_ENV} to accept windows)",
         )
+        task = (
+            asyncio.create_task(_every(period_seconds, periodic, repository)) if periodic else None
+        )
         try:
             yield
         finally:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             if owns_engine:
                 engine.dispose()
 
@@ -137,14 +154,33 @@ def _document_ingest_body(schema: dict[str, Any]) -> None:
     }
 
 
+async def _every(
+    seconds: float, job: Callable[[Repository], object], repository: Repository
+) -> None:
+    """Run ``job(repository)`` in a thread every ``seconds`` until cancelled."""
+    while True:
+        await asyncio.sleep(seconds)
+        try:
+            await asyncio.to_thread(job, repository)
+        except Exception:
+            logger.exception("bnwatch service: the periodic job failed")
+
+
+def alert_config_from_env(environ: Mapping[str, str] | None = None) -> AlertConfig:
+    """Alert thresholds from the TOML file named by ``$BNWATCH_ALERTS_CONFIG`` (defaults
+    when unset)."""
+    from bnwatch.alerts import AlertConfig
+
+    path = (os.environ if environ is None else environ).get(ALERTS_CONFIG_ENV, "").strip()
+    return AlertConfig.from_toml(path) if path else AlertConfig()
+
+
 def alert_hook_from_env(environ: Mapping[str, str] | None = None) -> OnStored:
     """``AlertEngine(config).on_stored``, thresholds from the TOML file named by
     ``$BNWATCH_ALERTS_CONFIG`` (the defaults when unset)."""
-    from bnwatch.alerts import AlertConfig, AlertEngine
+    from bnwatch.alerts import AlertEngine
 
-    path = (os.environ if environ is None else environ).get(ALERTS_CONFIG_ENV, "").strip()
-    config = AlertConfig.from_toml(path) if path else AlertConfig()
-    return AlertEngine(config).on_stored
+    return AlertEngine(alert_config_from_env(environ)).on_stored
 
 
 def app_from_env() -> FastAPI:
@@ -154,4 +190,9 @@ def app_from_env() -> FastAPI:
     level = os.environ.get(LOG_LEVEL_ENV, "info").strip().upper() or "INFO"
     logging.basicConfig(format="%(levelname)s:     %(message)s")
     logging.getLogger("bnwatch").setLevel(level)
-    return create_app(Settings.from_env(), on_stored=alert_hook_from_env())
+    from bnwatch.alerts import AlertEngine
+
+    engine = AlertEngine(alert_config_from_env())
+    return create_app(
+        Settings.from_env(), on_stored=engine.on_stored, periodic=engine.check_silence
+    )

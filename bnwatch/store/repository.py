@@ -70,6 +70,10 @@ METRIC_COLUMNS: tuple[str, ...] = (
 """Layer-level metrics stored as columns of ``windows`` (NULL where undefined)."""
 
 
+IDENTITY_CACHE = 4096
+"""Reference arrays remembered by identity (two per layer of each attached monitor)."""
+
+
 class ChannelMismatchError(ShapeError):
     """A window's channel count disagrees with the layer already stored under that name."""
 
@@ -106,6 +110,12 @@ def _json_ready(value: Any) -> Any:
     return value
 
 
+def _to_utc(value: datetime) -> datetime:
+    """Store every timestamp in UTC (SQLite keeps no offset: anything else would read back
+    wrong)."""
+    return value.astimezone(timezone.utc) if value.tzinfo is not None else value
+
+
 def _finite(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
@@ -134,6 +144,17 @@ def _insert_ignore(conn: Connection, table: sa.Table, rows: list[dict[str, Any]]
     # parsing one statement with thousands of placeholders (2.6x faster on windows)
     result = conn.execute(stmt.execution_options(preserve_rowcount=True), rows)
     return max(int(result.rowcount), 0)
+
+
+def _insert_ignore_returning(
+    conn: Connection, table: sa.Table, rows: list[dict[str, Any]]
+) -> list[str]:
+    """``INSERT ... ON CONFLICT DO NOTHING RETURNING uid``: the uids actually inserted."""
+    if not rows:
+        return []
+    dialect: Any = postgresql if conn.dialect.name == "postgresql" else sqlite
+    stmt = dialect.insert(table).on_conflict_do_nothing().returning(table.c.uid)
+    return [str(u) for u in conn.execute(stmt, rows).scalars()]
 
 
 # --------------------------------------------------------------------------------------------
@@ -289,20 +310,31 @@ class Repository:
                 layer_ids = self._layer_ids(conn, model_id, record, new, index)
                 resolved.append((record, model_id, layer_ids))
             fresh = self._not_stored(conn, resolved)
-            rows: list[dict[str, Any]] = []
+            per_record: list[list[dict[str, Any]]] = []
             for record, model_id, layer_ids in fresh:
+                rows: list[dict[str, Any]] = []
                 for name, report in record.reports.items():
                     layer_id = layer_ids[name]
                     running = self._running_ref(conn, layer_id, report, new)
                     baseline = self._baseline_ref(conn, layer_id, report, new)
                     rows.append(window_row(record, report, model_id, layer_id, running, baseline))
-            inserted = _insert_ignore(conn, Window.__table__, rows)  # type: ignore[arg-type]
-            _add_totals(conn, [(r, ids) for r, _, ids in fresh])
-            _add_sources(conn, [(r, model_id) for r, model_id, _ in fresh])
+                per_record.append(rows)
+            # Claim each record with its first row (a short INSERT ... RETURNING): a concurrent
+            # writer of the same window blocks on the unique index and then claims nothing,
+            # so a window -- its rows, totals and source counts -- is stored exactly once.
+            table: sa.Table = Window.__table__  # type: ignore[assignment]
+            claimed = set(_insert_ignore_returning(conn, table, [r[0] for r in per_record]))
+            mine = [i for i, rows in enumerate(per_record) if rows[0]["uid"] in claimed]
+            rest = [row for i in mine for row in per_record[i][1:]]
+            inserted = len(mine) + _insert_ignore(conn, table, rest)
+            _add_totals(conn, [(fresh[i][0], fresh[i][2]) for i in mine])
+            _add_sources(conn, [(fresh[i][0], fresh[i][1]) for i in mine])
         self._ids.models.update(new.models)
         self._ids.layers.update(new.layers)
         self._ids.refs.update(new.refs)
         self._ids.by_identity.update(new.by_identity)
+        while len(self._ids.by_identity) > IDENTITY_CACHE:  # the oldest go first
+            del self._ids.by_identity[next(iter(self._ids.by_identity))]
         return inserted
 
     @staticmethod
@@ -1019,15 +1051,17 @@ def _upsert(
     conn: Connection,
     table: sa.Table,
     key: list[str],
-    row: dict[str, Any],
+    rows: list[dict[str, Any]],
     updates: Mapping[str, Any],
 ) -> None:
-    """``INSERT ... ON CONFLICT (key) DO UPDATE``; ``updates`` map a column to a function of
-    (the table's columns, the excluded row) giving its new value."""
+    """``INSERT ... ON CONFLICT (key) DO UPDATE`` for ``rows`` (one executemany); ``updates``
+    map a column to a function of (the table's columns, the excluded row) giving its value."""
+    if not rows:
+        return
     dialect: Any = postgresql if conn.dialect.name == "postgresql" else sqlite
     insert = dialect.insert(table)
     set_ = {name: update(table.c, insert.excluded) for name, update in updates.items()}
-    conn.execute(insert.values(**row).on_conflict_do_update(index_elements=key, set_=set_))
+    conn.execute(insert.on_conflict_do_update(index_elements=key, set_=set_), rows)
 
 
 def _add_totals(conn: Connection, fresh: list[tuple[WindowRecord, dict[str, int]]]) -> None:
@@ -1049,9 +1083,12 @@ def _add_totals(conn: Connection, fresh: list[tuple[WindowRecord, dict[str, int]
     ]
     table: sa.Table = LayerTotal.__table__  # type: ignore[assignment]
     updates = {c: (lambda cols, exc, c=c: cols[c] + exc[c]) for c in columns}
-    for layer_id in sorted(sums):  # a fixed order: no deadlocks between concurrent writers
-        row = {"layer_id": layer_id, **{c: int(sums[layer_id].get(c, 0)) for c in columns}}
-        _upsert(conn, table, ["layer_id"], row, updates)
+    # one executemany, in a fixed order: no deadlocks between concurrent writers
+    rows = [
+        {"layer_id": layer_id, **{c: int(sums[layer_id].get(c, 0)) for c in columns}}
+        for layer_id in sorted(sums)
+    ]
+    _upsert(conn, table, ["layer_id"], rows, updates)
 
 
 def _newer(cols: Any, exc: Any, column: str) -> Any:
@@ -1076,20 +1113,23 @@ def _add_sources(conn: Connection, fresh: list[tuple[WindowRecord, int]]) -> Non
         # SET expressions see the stored row whatever their order, so this may come last
         "last_window_end": lambda cols, exc: _newer(cols, exc, "last_window_end"),
     }
+    rows = []
     for key in sorted(latest):
         record = latest[key]
         monitor = record.monitor
-        row = {
-            "model_id": key[0],
-            "source": key[1],
-            "first_seen": utcnow(),
-            "last_window_end": record.end,
-            "windows": counts[key],
-            "overhead_ratio": _finite(monitor.get("overhead_ratio")),
-            "windows_dropped": int(monitor.get("windows_dropped", 0)),
-            "hook_errors": int(monitor.get("hook_errors", 0)),
-        }
-        _upsert(conn, table, ["model_id", "source"], row, updates)
+        rows.append(
+            {
+                "model_id": key[0],
+                "source": key[1],
+                "first_seen": utcnow(),
+                "last_window_end": _to_utc(record.end),
+                "windows": counts[key],
+                "overhead_ratio": _finite(monitor.get("overhead_ratio")),
+                "windows_dropped": int(monitor.get("windows_dropped", 0)),
+                "hook_errors": int(monitor.get("hook_errors", 0)),
+            }
+        )
+    _upsert(conn, table, ["model_id", "source"], rows, updates)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1116,8 +1156,8 @@ def window_row(
         "model_id": model_id,
         "layer_id": layer_id,
         "source": source or (record.source if record else ""),
-        "start": start or (record.start if record else utcnow()),
-        "end": end or (record.end if record else utcnow()),
+        "start": _to_utc(start or (record.start if record else utcnow())),
+        "end": _to_utc(end or (record.end if record else utcnow())),
         "resolution_seconds": resolution_seconds,
         "schema_version": record.schema_version if record else SCHEMA_VERSION,
         "running_ref_id": running_ref_id,

@@ -248,13 +248,13 @@ REJECTED: dict[str, tuple[Callable[[dict[str, Any]], dict[str, Any]], int, str, 
         lambda b: edited(b, "windows.0.layers.1.samples_seen", 2**40),
         422,
         "windows.0.layers.1.samples_seen",
-        "at most",
+        "less than or equal to 2147483647",
     ),
     "moment counts beyond the store": (
         lambda b: _with_moments(b, 2, "n", 1e300),
         422,
         "windows.0.layers.2.moments",
-        "at most",
+        "n must not exceed 2147483647",
     ),
     "timestamp overflows in UTC": (
         lambda b: edited(
