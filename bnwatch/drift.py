@@ -537,6 +537,77 @@ def assess_layer(
     )
 
 
+def report_from_metrics(
+    layer: str,
+    kind: str,
+    stats: LayerStats,
+    *,
+    eps: float,
+    depth: int,
+    running: Reference | None,
+    baseline: Reference | None,
+    baseline_kind: str,
+    metrics: Mapping[str, float | bool | None],
+) -> LayerReport:
+    """A report that carries metrics already computed (by the monitor that sent the window)
+    instead of recomputing them: the layer-level fields come from ``metrics``; per-channel
+    comparisons are not computed (NaN) -- the store keeps the statistics and references they
+    can be recomputed from."""
+    m = stats.moments
+    c = m.channels
+    nan = _nan_array(c)
+
+    def number(name: str) -> float:
+        value = metrics.get(name)
+        return math.nan if value is None else float(value)
+
+    noise = None
+    if metrics.get("batch_noise_d") is not None and stats.batch_sizes:
+        typical = max(stats.batch_sizes.items(), key=lambda kv: (kv[1], -kv[0]))[0]
+        noise = BatchNoise(typical, number("batch_noise_d"), number("batch_noise_log_r"))
+    return LayerReport(
+        layer=layer,
+        kind=kind,
+        channels=c,
+        stats=stats,
+        depth=depth,
+        eps=eps,
+        baseline_moments=None if baseline is None else baseline.moments,
+        mean=m.mean,
+        var=m.var,
+        between_var=m.between_var,
+        within_var=m.within_var,
+        ref_mean=nan if running is None else running.mean,
+        ref_var=nan if running is None else running.var,
+        d=nan,
+        log_r=nan,
+        kl=nan,
+        w2=nan,
+        z=nan,
+        kl_mean=number("kl_mean"),
+        d_rms=number("d_rms"),
+        log_r_rms=number("log_r_rms"),
+        gap_p_value=number("gap_p_value"),
+        frac_gap=number("frac_gap") if metrics.get("frac_gap") is not None else 0.0,
+        gap=bool(metrics.get("gap")),
+        baseline=baseline_kind,
+        drift_d=nan,
+        drift_log_r=nan,
+        drift_z=nan,
+        drift_kl_mean=number("drift_kl_mean"),
+        drift_d_rms=number("drift_d_rms"),
+        drift_log_r_rms=number("drift_log_r_rms"),
+        p_value=number("p_value"),
+        frac_drifted=number("frac_drifted") if metrics.get("frac_drifted") is not None else 0.0,
+        drifted=bool(metrics.get("drifted")),
+        batch_stat_mode=bool(metrics.get("batch_stat_mode")),
+        running_stats_mutated=bool(metrics.get("running_stats_mutated")),
+        batch_noise=(),
+        observed_batch_noise=noise,
+        small_batch_mismatch=bool(metrics.get("small_batch_mismatch")),
+    )
+
+
 def decide(reports: Mapping[str, LayerReport], config: DriftConfig) -> dict[str, LayerReport]:
     """Set ``gap`` and ``drifted`` for every layer of one window.
 

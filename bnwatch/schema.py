@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -39,8 +40,37 @@ ALERT_KINDS: tuple[str, ...] = (
 """Every alert kind bnwatch raises (``bnwatch.alerts``), exported by ``bnwatch.export`` and
 matched by ``deploy/prometheus/alerts.yml``."""
 
+LAYER_METRICS: tuple[str, ...] = (
+    "kl_mean",
+    "d_rms",
+    "log_r_rms",
+    "gap_p_value",
+    "frac_gap",
+    "gap",
+    "drift_kl_mean",
+    "drift_d_rms",
+    "drift_log_r_rms",
+    "p_value",
+    "frac_drifted",
+    "drifted",
+    "batch_stat_mode",
+    "running_stats_mutated",
+    "small_batch_mismatch",
+    "batch_noise_d",
+    "batch_noise_log_r",
+)
+"""The layer-level metrics of a report (:meth:`LayerReport.metrics`): stored as columns,
+sent on the wire, exported to Prometheus."""
+_FLAGS = frozenset(
+    {"gap", "drifted", "batch_stat_mode", "running_stats_mutated", "small_batch_mismatch"}
+)
+
 BATCH_SIZE_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 """Upper bounds of the batch-size histogram (store totals, Prometheus); +Inf follows."""
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
 def utcnow() -> datetime:
@@ -136,6 +166,18 @@ class LayerReport:
     @property
     def batch_sizes(self) -> Mapping[int, int]:
         return self.stats.batch_sizes
+
+    def metrics(self) -> dict[str, float | bool | None]:
+        """The :data:`LAYER_METRICS` of this report (undefined values as ``None``)."""
+        noise = self.observed_batch_noise
+        out: dict[str, float | bool | None] = {
+            "batch_noise_d": _finite(noise.rms_d) if noise else None,
+            "batch_noise_log_r": _finite(noise.rms_log_r) if noise else None,
+        }
+        for name in LAYER_METRICS[:-2]:
+            value = getattr(self, name)
+            out[name] = bool(value) if name in _FLAGS else _finite(float(value))
+        return out
 
     def summary(self) -> dict[str, Any]:
         """Layer-level fields only (no per-channel arrays), JSON-serializable."""

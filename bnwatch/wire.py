@@ -28,7 +28,7 @@ from pydantic import (
 )
 
 from bnwatch.codec import CodecError, decode_arrays, encode_arrays, encode_moments
-from bnwatch.drift import DriftConfig, Reference, assess_layer, decide
+from bnwatch.drift import DriftConfig, Reference, assess_layer, decide, report_from_metrics
 from bnwatch.schema import SCHEMA_VERSION, LayerReport, WindowRecord
 from bnwatch.stats import MOMENT_FIELDS, ChannelMoments, LayerStats
 
@@ -76,6 +76,33 @@ class WireBaseline(BaseModel):
     moments: str = Field(description="base64 bnwatch array blob: 13 arrays of `channels` values")
 
 
+Metric = Annotated[float, Field(allow_inf_nan=False)] | None
+
+
+class WireMetrics(BaseModel):
+    """Layer-level metrics as the sending monitor computed them (:data:`LAYER_METRICS`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kl_mean: Metric = None
+    d_rms: Metric = None
+    log_r_rms: Metric = None
+    gap_p_value: Annotated[float, Field(ge=0, le=1)] | None = None
+    frac_gap: Annotated[float, Field(ge=0, le=1)] | None = None
+    gap: bool = False
+    drift_kl_mean: Metric = None
+    drift_d_rms: Metric = None
+    drift_log_r_rms: Metric = None
+    p_value: Annotated[float, Field(ge=0, le=1)] | None = None
+    frac_drifted: Annotated[float, Field(ge=0, le=1)] | None = None
+    drifted: bool = False
+    batch_stat_mode: bool = False
+    running_stats_mutated: bool = False
+    small_batch_mismatch: bool = False
+    batch_noise_d: Metric = None
+    batch_noise_log_r: Metric = None
+
+
 class WireLayer(BaseModel):
     """One layer of one window."""
 
@@ -99,6 +126,11 @@ class WireLayer(BaseModel):
     samples_seen: Annotated[int, Field(ge=0, le=MAX_COUNT)]
     batch_stat_batches: Annotated[int, Field(ge=0, le=MAX_COUNT)]
     running_stats_mutated: bool = False
+    metrics: WireMetrics | None = Field(
+        default=None,
+        description="the monitor's layer-level metrics; stored as sent unless the service "
+        "recomputes them (BNWATCH_RECOMPUTE=1) -- windows without them are always recomputed",
+    )
 
     @field_validator("moments")
     @classmethod
@@ -217,6 +249,7 @@ def from_record(record: WindowRecord) -> dict[str, Any]:
                 "samples_seen": st.samples_seen,
                 "batch_stat_batches": st.batch_stat_batches,
                 "running_stats_mutated": r.running_stats_mutated,
+                "metrics": r.metrics(),
             }
         )
     return {
@@ -248,8 +281,15 @@ def _decoded(w: WireLayer, what: str, rows: int) -> NDArray[np.float64]:
     return decode_blob(text, rows, w.channels, what)
 
 
-def to_record(window: WireWindow, config: DriftConfig) -> WindowRecord:
-    """The :class:`WindowRecord` a validated wire window stands for, metrics recomputed."""
+def to_record(window: WireWindow, config: DriftConfig, *, recompute: bool = False) -> WindowRecord:
+    """The :class:`WindowRecord` a validated wire window stands for.
+
+    The metrics the monitor sent are kept (its ``DriftConfig`` decided them); with
+    ``recompute``, or when a layer came without metrics, every metric and decision is
+    recomputed with ``config``.
+    """
+    if not recompute and all(w.metrics is not None for w in window.layers):
+        return _as_sent(window)
     reports: dict[str, LayerReport] = {}
     for w in window.layers:
         moments = ChannelMoments.from_arrays(list(_decoded(w, "moments", len(MOMENT_FIELDS))))
@@ -291,6 +331,59 @@ def to_record(window: WireWindow, config: DriftConfig) -> WindowRecord:
         start=window.start,
         end=window.end,
         reports=decide(reports, config),
+        uid=window.uid,
+        monitor=dict(window.monitor),
+    )
+
+
+def _references(w: WireLayer) -> tuple[Reference | None, Reference | None, str]:
+    running = None
+    if w.running is not None:
+        arrays = _decoded(w, "running", 2)
+        running = Reference.running(arrays[0], arrays[1])
+    baseline = None
+    kind = "warming_up"
+    if w.baseline is not None:
+        base = _decoded(w, "baseline", len(MOMENT_FIELDS))
+        baseline = Reference.from_moments(ChannelMoments.from_arrays(list(base)))
+        kind = w.baseline.kind
+    return running, baseline, kind
+
+
+def _stats(w: WireLayer) -> LayerStats:
+    return LayerStats(
+        moments=ChannelMoments.from_arrays(list(_decoded(w, "moments", len(MOMENT_FIELDS)))),
+        batch_sizes=dict(sorted(w.batch_sizes.items())),
+        n_batches=w.n_batches,
+        batches_seen=w.batches_seen,
+        samples_seen=w.samples_seen,
+        batch_stat_batches=w.batch_stat_batches,
+    )
+
+
+def _as_sent(window: WireWindow) -> WindowRecord:
+    reports: dict[str, LayerReport] = {}
+    for w in window.layers:
+        running, baseline, kind = _references(w)
+        metrics = w.metrics.model_dump() if w.metrics is not None else {}
+        reports[w.layer] = report_from_metrics(
+            w.layer,
+            w.kind,
+            _stats(w),
+            eps=w.eps,
+            depth=w.depth,
+            running=running,
+            baseline=baseline,
+            baseline_kind=kind,
+            metrics=metrics,
+        )
+    return WindowRecord(
+        model=window.model,
+        version=window.version,
+        source=window.source,
+        start=window.start,
+        end=window.end,
+        reports=reports,
         uid=window.uid,
         monitor=dict(window.monitor),
     )

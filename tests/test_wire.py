@@ -104,3 +104,37 @@ def test_bad_input_names_the_field(
         info.value.errors(include_url=False, include_input=False), default=str
     )
     assert message in text
+
+
+def test_the_monitors_metrics_are_kept_unless_recomputed(records: list[Any]) -> None:
+    batch = WindowBatch.model_validate(json.loads(json.dumps(batch_of(records))))
+    strict = DriftConfig(
+        alpha=0.5,
+        channel_fdr=0.5,
+        min_shift=1e-9,
+        min_log_ratio=1e-9,
+        warmup_samples=16,
+        min_samples=4,
+    )
+    for wire, original in zip(batch.windows, records, strict=True):
+        kept = to_record(wire, strict)
+        again = to_record(wire, strict, recompute=True)
+        for name, r in original.reports.items():
+            assert kept.reports[name].metrics() == pytest.approx(r.metrics(), nan_ok=True)
+            assert moments_equal(kept.reports[name].stats.moments, r.stats.moments)
+        # with a lax configuration the recomputed judgement differs from the monitor's
+        assert any(
+            again.reports[n].gap != original.reports[n].gap
+            or again.reports[n].frac_gap != original.reports[n].frac_gap
+            for n in original.reports
+        )
+
+
+def test_windows_without_metrics_are_recomputed(records: list[Any]) -> None:
+    body = batch_of(records[:1])
+    for layer in body["windows"][0]["layers"]:
+        del layer["metrics"]
+    (wire,) = WindowBatch.model_validate(body).windows
+    back = to_record(wire, CONFIG)
+    for name, r in records[0].reports.items():
+        assert back.reports[name].gap_p_value == pytest.approx(r.gap_p_value, rel=1e-9, nan_ok=True)

@@ -91,7 +91,7 @@ def create_app(
         settings=settings,
         engine=engine,
         repository=repository,
-        ingestor=Ingestor(repository, settings.drift, on_stored),
+        ingestor=Ingestor(repository, settings.drift, on_stored, recompute=settings.recompute),
         head_revision=head_revision(),
     )
 

@@ -1,8 +1,7 @@
 """Ingest: a :class:`~bnwatch.wire.WindowBatch` body in, one transaction of stored windows out.
 
 :meth:`Ingestor.ingest` is synchronous and CPU-bound (JSON parsing and validation in
-pydantic, base64 and numpy decoding, every metric recomputed by :func:`bnwatch.wire.to_record`,
-the database write): the route runs it in a worker thread, never on the event loop.
+pydantic, base64 and numpy decoding, :func:`bnwatch.wire.to_record`, the database write): the route runs it in a worker thread, never on the event loop.
 
 Order of work, so that a rejected request writes nothing:
 
@@ -11,8 +10,9 @@ Order of work, so that a rejected request writes nothing:
 2. check what the store cannot hold although the wire format allows it -- NUL characters,
    timestamps that overflow once converted to UTC, counts beyond the store's 32-bit count
    columns -- (422);
-3. recompute every window's record (:func:`~bnwatch.wire.to_record` with the service's
-   :class:`~bnwatch.drift.DriftConfig`), timestamps normalized to UTC;
+3. build every window's record (:func:`~bnwatch.wire.to_record`): the metrics its monitor
+   computed, or -- for windows without them, or all windows with ``Settings.recompute`` --
+   recomputed with the service's :class:`~bnwatch.drift.DriftConfig`; timestamps in UTC;
 4. one :meth:`Repository.write_windows` call: one transaction, all or nothing
    (:class:`~bnwatch.store.repository.ChannelMismatchError` -> 409 naming the layer);
 5. the ``on_stored`` hook (alert evaluation), whose failures are logged, never returned.
@@ -184,9 +184,12 @@ class Ingestor:
         repository: Repository,
         drift: DriftConfig,
         on_stored: OnStored | None = None,
+        *,
+        recompute: bool = False,
     ) -> None:
         self.repository = repository
         self.drift = drift
+        self.recompute = recompute
         self.on_stored = on_stored
         self.interner = ReferenceInterner()
 
@@ -228,7 +231,7 @@ class Ingestor:
         try:
             # extreme (valid) statistics overflow to inf/NaN metrics, stored as NULL: no warnings
             with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
-                record = to_record(window, self.drift)
+                record = to_record(window, self.drift, recompute=self.recompute)
             record = dataclasses.replace(
                 record,
                 start=record.start.astimezone(timezone.utc),

@@ -32,6 +32,7 @@ DATABASE_ENV = "BNWATCH_DATABASE_URL"
 TOKEN_ENV = "BNWATCH_API_TOKEN"
 MAX_BODY_ENV = "BNWATCH_MAX_BODY_BYTES"
 INGEST_THREADS_ENV = "BNWATCH_INGEST_THREADS"
+RECOMPUTE_ENV = "BNWATCH_RECOMPUTE"
 
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 DEFAULT_INGEST_THREADS = 4
@@ -50,7 +51,11 @@ class Settings:
             shown in ``repr``.
         max_body_bytes: request bodies above this are refused with 413 (checked against
             ``Content-Length`` before reading, and counted while a chunked body streams).
-        drift: thresholds the service recomputes every received window's metrics with.
+        drift: thresholds the service recomputes received windows' metrics with (windows that
+            arrive without metrics, or all of them with ``recompute``).
+        recompute: recompute every received window's metrics and decisions with ``drift``
+            instead of storing the metrics its monitor computed (one judgement for the whole
+            fleet, at several times the ingest CPU).
         ingest_threads: ingest requests parsed, assessed and written at once in one process
             (each holds its body in memory: memory grows up to ``ingest_threads`` times
             ``max_body_bytes`` plus the bodies being read).
@@ -61,6 +66,7 @@ class Settings:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     drift: DriftConfig = field(default_factory=DriftConfig)
     ingest_threads: int = DEFAULT_INGEST_THREADS
+    recompute: bool = False
 
     def __post_init__(self) -> None:
         check_positive_int("max_body_bytes", self.max_body_bytes)
@@ -101,6 +107,11 @@ class Settings:
                     values[attribute] = int(text)
                 except ValueError:
                     raise ConfigError(name, text, "a whole number, e.g. 67108864") from None
+        recompute = get(RECOMPUTE_ENV)
+        if recompute is not None:
+            if recompute.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ConfigError(RECOMPUTE_ENV, recompute, "1 or 0 (true/false)")
+            values["recompute"] = recompute.lower() in ("1", "true", "yes")
         values.update(overrides)
         return cls(**values)
 

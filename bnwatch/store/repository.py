@@ -29,6 +29,7 @@ from bnwatch.drift import DriftConfig, Reference, assess_layer, decide
 from bnwatch.errors import ShapeError
 from bnwatch.schema import (
     BATCH_SIZE_BUCKETS,
+    LAYER_METRICS,
     SCHEMA_VERSION,
     LayerProfile,
     LayerReport,
@@ -48,25 +49,7 @@ from bnwatch.store.models import (
     Window,
 )
 
-METRIC_COLUMNS: tuple[str, ...] = (
-    "kl_mean",
-    "d_rms",
-    "log_r_rms",
-    "gap_p_value",
-    "frac_gap",
-    "gap",
-    "drift_kl_mean",
-    "drift_d_rms",
-    "drift_log_r_rms",
-    "p_value",
-    "frac_drifted",
-    "drifted",
-    "batch_stat_mode",
-    "running_stats_mutated",
-    "small_batch_mismatch",
-    "batch_noise_d",
-    "batch_noise_log_r",
-)
+METRIC_COLUMNS: tuple[str, ...] = LAYER_METRICS
 """Layer-level metrics stored as columns of ``windows`` (NULL where undefined)."""
 
 
@@ -1179,15 +1162,7 @@ def window_row(
 
 def report_metrics(report: LayerReport) -> dict[str, Any]:
     """The :data:`METRIC_COLUMNS` of a report (NaN stored as NULL)."""
-    noise = report.observed_batch_noise
-    out: dict[str, Any] = {
-        "batch_noise_d": _finite(noise.rms_d) if noise else None,
-        "batch_noise_log_r": _finite(noise.rms_log_r) if noise else None,
-    }
-    for name in METRIC_COLUMNS[:-2]:
-        value = getattr(report, name)
-        out[name] = bool(value) if isinstance(value, (bool, np.bool_)) else _finite(float(value))
-    return out
+    return dict(report.metrics())
 
 
 def reference_of(ref: Ref | None, *, baseline: bool) -> Reference | None:
