@@ -1,7 +1,8 @@
 """Ingest: a :class:`~bnwatch.wire.WindowBatch` body in, one transaction of stored windows out.
 
 :meth:`Ingestor.ingest` is synchronous and CPU-bound (JSON parsing and validation in
-pydantic, base64 and numpy decoding, :func:`bnwatch.wire.to_record`, the database write): the route runs it in a worker thread, never on the event loop.
+pydantic, base64 and numpy decoding, :func:`bnwatch.wire.to_record`, the database write):
+the route runs it in a worker thread, never on the event loop.
 
 Order of work, so that a rejected request writes nothing:
 
