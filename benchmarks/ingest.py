@@ -18,7 +18,7 @@ What is measured
     metric of the 53 layers (:func:`bnwatch.wire.to_record`), writes the window in one
     transaction and evaluates the alert rules, as ``bnwatch serve`` does in production.
 
-    For each number of concurrent clients ``C`` (default 1 and 4): windows/s (median over
+    For each number of concurrent clients ``C`` (default 1 to 4): windows/s (median over
     rounds, with min and max) and the request latency (client-side, from sending the
     request to reading the answer) at p50 and p99 over every timed request.  Targets beside
     the results: at least 20 windows/s with p99 at most 250 ms.
@@ -91,7 +91,7 @@ from bnwatch.wire import WindowBatch, batch_of, to_record  # noqa: E402
 
 ENDPOINT = "/api/v1/windows"
 TOKEN = "bench-token"
-DEFAULT_CLIENTS = (1, 4)
+DEFAULT_CLIENTS = (1, 2, 3, 4)
 DEFAULT_WINDOWS = 16
 """Timed windows per client and round."""
 DEFAULT_ROUNDS = 3
