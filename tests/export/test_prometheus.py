@@ -206,3 +206,58 @@ def check_prometheus(prometheus: Prometheus, registry: CollectorRegistry, target
         return active or None
 
     assert prometheus.wait_for("BnwatchDrift to fire", firing) == {"BnwatchDrift"}
+
+
+def test_prometheus_scrapes_a_real_bnwatch_serve(tmp_path: Path, store: Repository) -> None:
+    """The deployment path: Prometheus scraping `bnwatch serve`'s /metrics."""
+    import os
+    import sys
+
+    url = str(store.engine.url)
+    port = free_port()
+    env = {**os.environ, "BNWATCH_API_TOKEN": "test-token"}
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        serve = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "bnwatch",
+                "serve",
+                "--db",
+                url,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if serve.poll() is not None:
+                pytest.fail(f"bnwatch serve exited: {log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"bnwatch serve did not come up: {log.read_text()[-3000:]}")
+            time.sleep(0.1)
+        registry = CollectorRegistry()  # the expected values, from the same store
+        registry.register(StoreCollector(store))
+        target = f"127.0.0.1:{port}"
+        with start_prometheus(tmp_path, target) as prometheus:
+            check_prometheus(prometheus, registry, target)
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        try:
+            serve.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            serve.kill()
+            serve.wait()
