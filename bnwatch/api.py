@@ -17,7 +17,7 @@ from bnwatch.drift import DriftConfig
 if TYPE_CHECKING:
     from bnwatch.alerts import AlertConfig
     from bnwatch.triggers import AlertPipeline, Trigger, TriggerPolicy
-from bnwatch.errors import ConfigError
+from bnwatch.errors import ConfigError, check_positive_int
 from bnwatch.schema import Profile
 from bnwatch.sink import MemorySink, Sink
 
@@ -105,6 +105,7 @@ def watch(
     keep_inputs: int = 0,
     metrics_port: int | None = None,
     token: str | None = None,
+    reservoir: int | None = None,
 ) -> Monitor:
     """Watch every BatchNorm layer of ``model``; returns the running :class:`Monitor`.
 
@@ -136,6 +137,13 @@ def watch(
         source: this replica's id in stored windows (default ``host:pid``).
         keep_inputs: keep copies of the last ``keep_inputs`` input samples of measured
             forwards (``mon.inputs()``), e.g. to recalibrate on recent production data.
+        reservoir: per layer and window, keep a uniform sample of at most this many
+            per-sample channel means (float32 ``[k, C]``; 0 keeps none; ``None``, the
+            default: 8 rows, fewer for wide models so that a window's reservoirs stay within
+            256 KiB -- 2 rows on ResNet-50, see ``bnwatch.stats.default_reservoir_rows``).
+            Stored with the window, they are what ``bnwatch report`` compares with the
+            reference profile's reservoir (Evidently drift reports).  The rows are those
+            compaction computes anyway: no extra host/device synchronization.
         metrics_port: serve the monitor's own Prometheus metrics on
             ``http://127.0.0.1:<port>/metrics`` (``0`` picks a free port); under a
             multi-process server set ``PROMETHEUS_MULTIPROC_DIR`` (prometheus_client's
@@ -173,6 +181,8 @@ def watch(
         pipeline = AlertPipeline(AlertEngine(alerts), triggers)
     elif triggers or recalibrate:
         raise ConfigError("store", store, "a database URL when triggers or recalibrate are set")
+    if reservoir is not None:
+        check_positive_int("reservoir", reservoir, minimum=0)
     if recalibrate and keep_inputs < 1:
         raise ConfigError("keep_inputs", keep_inputs, "> 0 when recalibrate is set")
     sink = _make_sink(store, pipeline, token=token, source=source)
@@ -203,6 +213,7 @@ def watch(
         config=config,
         source=source,
         keep_inputs=keep_inputs,
+        reservoir=reservoir,
     )
     if recalibrate and pipeline is not None:
         from bnwatch.triggers import RecalibrateAction, Trigger, TriggerPolicy

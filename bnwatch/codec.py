@@ -62,6 +62,19 @@ def encode_arrays(arrays: Sequence[NDArray[Any]] | NDArray[Any], dtype: str = "<
     return b"".join(parts)
 
 
+def blob_shape(blob: bytes | memoryview) -> tuple[str, int, int]:
+    """``(dtype, rows, cols)`` from a blob's header alone -- to check what a blob claims to hold
+    before :func:`decode_arrays` allocates it."""
+    data = bytes(blob[: _HEADER.size])
+    if len(data) < _HEADER.size:
+        raise CodecError("array blob", f">= {_HEADER.size} bytes", len(data))
+    magic, dtype, rows, cols = _HEADER.unpack_from(data)
+    code = dtype.rstrip(b"\0")
+    if magic != MAGIC or code not in _DTYPES:
+        raise CodecError("array blob header", (MAGIC, sorted(_DTYPES)), (magic, dtype))
+    return code.decode(), int(rows), int(cols)
+
+
 def decode_arrays(blob: bytes | memoryview) -> NDArray[Any]:
     """The ``[rows, C]`` array a blob of :func:`encode_arrays` holds, in its stored dtype."""
     data = bytes(blob)

@@ -61,9 +61,10 @@ LAYER_METRICS: tuple[str, ...] = (
 )
 """The layer-level metrics of a report (:meth:`LayerReport.metrics`): stored as columns,
 sent on the wire, exported to Prometheus."""
-_FLAGS = frozenset(
+FLAG_METRICS = frozenset(
     {"gap", "drifted", "batch_stat_mode", "running_stats_mutated", "small_batch_mismatch"}
 )
+"""The boolean ones among :data:`LAYER_METRICS`."""
 
 BATCH_SIZE_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 """Upper bounds of the batch-size histogram (store totals, Prometheus); +Inf follows."""
@@ -167,6 +168,12 @@ class LayerReport:
     def batch_sizes(self) -> Mapping[int, int]:
         return self.stats.batch_sizes
 
+    @property
+    def reservoir(self) -> Reservoir | None:
+        """The window's uniform sample of per-sample channel means (``stats.reservoir``;
+        ``None`` when the monitor kept none)."""
+        return self.stats.reservoir
+
     def metrics(self) -> dict[str, float | bool | None]:
         """The :data:`LAYER_METRICS` of this report (undefined values as ``None``)."""
         noise = self.observed_batch_noise
@@ -176,7 +183,7 @@ class LayerReport:
         }
         for name in LAYER_METRICS[:-2]:
             value = getattr(self, name)
-            out[name] = bool(value) if name in _FLAGS else _finite(float(value))
+            out[name] = bool(value) if name in FLAG_METRICS else _finite(float(value))
         return out
 
     def summary(self) -> dict[str, Any]:
@@ -213,7 +220,8 @@ class LayerReport:
 
 @dataclass(frozen=True, eq=False)
 class WindowRecord:
-    """A closed window of one monitor: every watched layer's statistics and report."""
+    """A closed window of one monitor: every watched layer's statistics and report (with the
+    layer's reservoir of per-sample channel means in ``reports[layer].stats.reservoir``)."""
 
     model: str
     version: str

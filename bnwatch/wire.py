@@ -5,6 +5,10 @@ its exact sufficient statistics and the references it was compared with -- per-c
 as base64 of :mod:`bnwatch.codec` blobs, never as JSON number lists -- and the receiver
 recomputes every metric and decision (:func:`to_record`), so a store holds one consistent
 judgement whoever sent the windows.  Validation errors name the field to fix.
+
+A layer may also carry its window's reservoir of per-sample channel means (``reservoir``: a
+float32 blob of ``k <= min(capacity, seen)`` rows, with ``seen`` and ``capacity``); payloads
+without it stay valid.
 """
 
 from __future__ import annotations
@@ -27,15 +31,18 @@ from pydantic import (
     model_validator,
 )
 
-from bnwatch.codec import CodecError, decode_arrays, encode_arrays, encode_moments
+from bnwatch.codec import CodecError, blob_shape, decode_arrays, encode_arrays, encode_moments
 from bnwatch.drift import DriftConfig, Reference, assess_layer, decide, report_from_metrics
 from bnwatch.schema import SCHEMA_VERSION, LayerReport, WindowRecord
-from bnwatch.stats import MOMENT_FIELDS, ChannelMoments, LayerStats
+from bnwatch.stats import MOMENT_FIELDS, ChannelMoments, LayerStats, Reservoir
 
 MAX_CHANNELS = 1 << 20
 MAX_LAYERS = 4096
 MAX_WINDOWS = 1000
 MAX_COUNT = 2**31 - 1  # the store's count columns are 32-bit
+MAX_RESERVOIR = 1 << 16
+"""Largest reservoir capacity (rows per layer and window) the wire accepts."""
+MAX_SEEN = 2**62  # the store's reservoir_seen column is 64-bit
 _COUNT_FIELDS = ("count", "n", "nonfinite")
 _NONNEGATIVE_FIELDS = ("count", "m2", "n", "sm2", "sm4", "vmean", "vm2", "nonfinite")
 
@@ -63,6 +70,26 @@ def decode_blob(text: str, rows: int, channels: int, what: str) -> NDArray[np.fl
     return arrays
 
 
+def decode_reservoir_rows(text: str, channels: int, limit: int) -> NDArray[np.float32]:
+    """Decode a base64 float32 codec blob of at most ``limit`` rows of ``channels`` values
+    (the shape is checked from the header before anything is allocated)."""
+    what = "reservoir.rows"
+    try:
+        raw = base64.b64decode(text, validate=True)
+        dtype, rows, cols = blob_shape(raw)
+        if cols != channels or rows > limit:
+            raise ValueError(
+                f"{what}: expected at most {limit} rows (min(capacity, seen)) of {channels} "
+                f"channels, got [{rows}, {cols}]"
+            )
+        if dtype != "<f4":
+            raise ValueError(f"{what}: expected float32 rows (dtype '<f4'), got {dtype!r}")
+        arrays = decode_arrays(raw)
+    except (binascii.Error, CodecError) as err:
+        raise ValueError(f"{what}: not a base64 bnwatch array blob ({err})") from None
+    return arrays
+
+
 def _is_uid(value: str) -> str:
     if not (1 <= len(value) <= 32) or not all(c.isalnum() or c in "-_" for c in value):
         raise ValueError("1 to 32 letters, digits, '-' or '_'")
@@ -74,6 +101,23 @@ class WireBaseline(BaseModel):
 
     kind: Literal["profile", "warmup"]
     moments: str = Field(description="base64 bnwatch array blob: 13 arrays of `channels` values")
+
+
+class WireReservoir(BaseModel):
+    """A uniform sample of the window's per-sample channel means (``watch(reservoir=k)``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rows: str = Field(
+        description="base64 bnwatch array blob, float32: at most min(capacity, seen) rows of "
+        "`channels` per-sample channel means (NaN where a channel had no finite value)"
+    )
+    seen: Annotated[int, Field(ge=0, le=MAX_SEEN)] = Field(
+        description="samples the reservoir was drawn from"
+    )
+    capacity: Annotated[int, Field(ge=1, le=MAX_RESERVOIR)] = Field(
+        description="the most rows the reservoir keeps"
+    )
 
 
 Metric = Annotated[float, Field(allow_inf_nan=False)] | None
@@ -126,6 +170,10 @@ class WireLayer(BaseModel):
     samples_seen: Annotated[int, Field(ge=0, le=MAX_COUNT)]
     batch_stat_batches: Annotated[int, Field(ge=0, le=MAX_COUNT)]
     running_stats_mutated: bool = False
+    reservoir: WireReservoir | None = Field(
+        default=None,
+        description="the window's sample of per-sample channel means, if the monitor kept one",
+    )
     metrics: WireMetrics | None = Field(
         default=None,
         description="the monitor's layer-level metrics; stored as sent unless the service "
@@ -138,11 +186,11 @@ class WireLayer(BaseModel):
         base64.b64decode(value, validate=True)  # the shape is checked against channels below
         return value
 
-    _decoded: dict[str, NDArray[np.float64]] = PrivateAttr(default_factory=dict)
+    _decoded: dict[str, NDArray[Any]] = PrivateAttr(default_factory=dict)
 
-    def arrays(self, what: str) -> NDArray[np.float64] | None:
-        """The decoded ``moments``, ``running`` or ``baseline`` arrays (decoded once, when
-        the layer was validated)."""
+    def arrays(self, what: str) -> NDArray[Any] | None:
+        """The decoded ``moments``, ``running``, ``baseline`` (float64) or ``reservoir``
+        (float32) arrays (decoded once, when the layer was validated)."""
         return self._decoded.get(what)
 
     @model_validator(mode="after")
@@ -167,6 +215,10 @@ class WireLayer(BaseModel):
             self._decoded["baseline"] = decode_blob(
                 self.baseline.moments, len(MOMENT_FIELDS), self.channels, "baseline.moments"
             )
+        if self.reservoir is not None:
+            r = self.reservoir
+            limit = min(r.capacity, r.seen)
+            self._decoded["reservoir"] = decode_reservoir_rows(r.rows, self.channels, limit)
         if self.batch_stat_batches > self.n_batches:
             raise ValueError("batch_stat_batches must not exceed n_batches")
         if sum(self.batch_sizes.values()) != self.n_batches:
@@ -233,25 +285,30 @@ def from_record(record: WindowRecord) -> dict[str, Any]:
         baseline = None
         if r.baseline_moments is not None and r.baseline in ("profile", "warmup"):
             baseline = {"kind": r.baseline, "moments": _b64(encode_moments(r.baseline_moments))}
-        layers.append(
-            {
-                "layer": name,
-                "kind": r.kind,
-                "channels": r.channels,
-                "depth": r.depth,
-                "eps": r.eps,
-                "moments": _b64(encode_moments(st.moments)),
-                "running": running,
-                "baseline": baseline,
-                "batch_sizes": {str(k): v for k, v in st.batch_sizes.items()},
-                "n_batches": st.n_batches,
-                "batches_seen": st.batches_seen,
-                "samples_seen": st.samples_seen,
-                "batch_stat_batches": st.batch_stat_batches,
-                "running_stats_mutated": r.running_stats_mutated,
-                "metrics": r.metrics(),
+        layer: dict[str, Any] = {
+            "layer": name,
+            "kind": r.kind,
+            "channels": r.channels,
+            "depth": r.depth,
+            "eps": r.eps,
+            "moments": _b64(encode_moments(st.moments)),
+            "running": running,
+            "baseline": baseline,
+            "batch_sizes": {str(k): v for k, v in st.batch_sizes.items()},
+            "n_batches": st.n_batches,
+            "batches_seen": st.batches_seen,
+            "samples_seen": st.samples_seen,
+            "batch_stat_batches": st.batch_stat_batches,
+            "running_stats_mutated": r.running_stats_mutated,
+            "metrics": r.metrics(),
+        }
+        if st.reservoir is not None:  # omitted (not null) without one, as before reservoirs
+            layer["reservoir"] = {
+                "rows": _b64(encode_arrays(st.reservoir.rows, dtype="<f4")),
+                "seen": st.reservoir.seen,
+                "capacity": st.reservoir.capacity,
             }
-        )
+        layers.append(layer)
     return {
         "uid": record.uid,
         "model": record.model,
@@ -292,29 +349,11 @@ def to_record(window: WireWindow, config: DriftConfig, *, recompute: bool = Fals
         return _as_sent(window)
     reports: dict[str, LayerReport] = {}
     for w in window.layers:
-        moments = ChannelMoments.from_arrays(list(_decoded(w, "moments", len(MOMENT_FIELDS))))
-        stats = LayerStats(
-            moments=moments,
-            batch_sizes=dict(sorted(w.batch_sizes.items())),
-            n_batches=w.n_batches,
-            batches_seen=w.batches_seen,
-            samples_seen=w.samples_seen,
-            batch_stat_batches=w.batch_stat_batches,
-        )
-        running = None
-        if w.running is not None:
-            arrays = _decoded(w, "running", 2)
-            running = Reference.running(arrays[0], arrays[1])
-        baseline = None
-        kind = "warming_up"
-        if w.baseline is not None:
-            base = _decoded(w, "baseline", len(MOMENT_FIELDS))
-            baseline = Reference.from_moments(ChannelMoments.from_arrays(list(base)))
-            kind = w.baseline.kind
+        running, baseline, kind = _references(w)
         reports[w.layer] = assess_layer(
             w.layer,
             w.kind,
-            stats,
+            _stats(w),
             eps=w.eps,
             running=running,
             baseline=baseline,
@@ -351,6 +390,13 @@ def _references(w: WireLayer) -> tuple[Reference | None, Reference | None, str]:
 
 
 def _stats(w: WireLayer) -> LayerStats:
+    reservoir = None
+    if w.reservoir is not None:
+        rows = w.arrays("reservoir")
+        if rows is None:
+            limit = min(w.reservoir.capacity, w.reservoir.seen)
+            rows = decode_reservoir_rows(w.reservoir.rows, w.channels, limit)
+        reservoir = Reservoir.from_rows(rows, w.reservoir.seen, w.reservoir.capacity)
     return LayerStats(
         moments=ChannelMoments.from_arrays(list(_decoded(w, "moments", len(MOMENT_FIELDS)))),
         batch_sizes=dict(sorted(w.batch_sizes.items())),
@@ -358,6 +404,7 @@ def _stats(w: WireLayer) -> LayerStats:
         batches_seen=w.batches_seen,
         samples_seen=w.samples_seen,
         batch_stat_batches=w.batch_stat_batches,
+        reservoir=reservoir,
     )
 
 

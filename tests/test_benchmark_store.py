@@ -81,6 +81,9 @@ def _check_smoke(results: dict[str, Any], backends: list[str], json_path: Path, 
     assert (meta["bn_layers"], meta["bn_channels"]) == (53, 26_560)
     assert meta["raw_bytes_per_window"] == 13 * 8 * 26_560
     assert 0 < meta["encoded_bytes_per_window"] < meta["raw_bytes_per_window"]
+    # reservoirs of 2 float32 rows per layer (watch's default for ResNet-50): reported apart
+    assert meta["reservoir_rows"] == 2
+    assert meta["reservoir_bytes_per_window"] > 2 * 4 * 26_560
     rows = results["results"]
     paths = [(store.REPOSITORY, 1), (store.REPOSITORY, 2), (store.WRITER, 2)]
     assert [(r["backend"], r["path"], r["batch"]) for r in rows] == [
@@ -95,6 +98,13 @@ def _check_smoke(results: dict[str, Any], backends: list[str], json_path: Path, 
         assert math.isfinite(row["bytes_ratio"]) and row["bytes_ratio"] > 0
         assert math.isfinite(row["stored_bytes_per_window"])
         assert row["stored_bytes"] > 0
+        assert row["reservoir_bytes_per_window"] == meta["reservoir_bytes_per_window"]
+        assert row["statistics_bytes_per_window"] + row["reservoir_bytes_per_window"] == (
+            pytest.approx(row["stored_bytes_per_window"])
+        )
+        assert row["bytes_ratio"] == pytest.approx(
+            row["statistics_bytes_per_window"] / row["raw_bytes_per_window"]
+        )
         assert (row["target_windows_per_s"] is not None) == (row["backend"] == "postgresql")
     for backend in backends:
         assert backend in table

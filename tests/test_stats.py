@@ -257,3 +257,94 @@ def test_complete_rows_shortcut_equals_the_general_formula(x: np.ndarray) -> Non
     general = moments_from_rows(m, v, np.full_like(m, size), np.zeros(m.shape[1]))
     short = moments_from_complete_rows(m, v, size)
     assert_moments_close(ChannelMoments.from_arrays(short), ChannelMoments.from_arrays(general))
+
+
+def _ids(start: int, n: int) -> np.ndarray:
+    """``n`` rows whose first column identifies them (``start`` ... ``start + n - 1``)."""
+    ids = np.arange(start, start + n, dtype=np.float32)
+    return np.stack([ids, np.full(n, float(start), dtype=np.float32)], axis=1)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    cap_a=st.integers(1, 12),
+    cap_b=st.integers(1, 12),
+    n_a=st.integers(0, 40),
+    n_b=st.integers(0, 40),
+    seed=st.integers(0, 2**31),
+)
+def test_reservoir_merge_keeps_capacity_and_membership(
+    cap_a: int, cap_b: int, n_a: int, n_b: int, seed: int
+) -> None:
+    a = Reservoir(cap_a, 2, seed=seed)
+    a.add(_ids(0, n_a))
+    b = Reservoir(cap_b, 2, seed=seed + 1)
+    b.add(_ids(1000, n_b))
+    merged = a.merge(b)
+    assert merged.capacity == max(cap_a, cap_b)
+    assert merged.seen == n_a + n_b
+    assert merged.rows.shape[0] <= min(merged.capacity, merged.seen)
+    if n_a <= cap_a and n_b <= cap_b:  # both sides kept everything: the union sample is full
+        assert merged.rows.shape[0] == min(merged.capacity, n_a + n_b)
+    ids = merged.rows[:, 0].tolist()
+    assert len(set(ids)) == len(ids)  # no row twice
+    assert set(ids) <= set(a.rows[:, 0].tolist()) | set(b.rows[:, 0].tolist())
+    # whole rows travel together
+    np.testing.assert_array_equal(merged.rows[:, 1], np.where(merged.rows[:, 0] >= 1000, 1000, 0))
+    # merging is also how LayerStats merge their reservoirs
+    sa = LayerStats(ChannelMoments.empty(2), reservoir=a)
+    sb = LayerStats(ChannelMoments.empty(2), reservoir=b)
+    both = sa.merge(sb).reservoir
+    assert both is not None and both.seen == n_a + n_b and both.capacity == merged.capacity
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    sizes=st.lists(st.tuples(st.integers(1, 8), st.integers(0, 30)), min_size=1, max_size=6),
+    cap=st.none() | st.integers(1, 50),
+    seed=st.integers(0, 2**31),
+)
+def test_reservoir_merge_all_keeps_membership(
+    sizes: list[tuple[int, int]], cap: int | None, seed: int
+) -> None:
+    parts = []
+    for i, (capacity, n) in enumerate(sizes):
+        r = Reservoir(capacity, 2, seed=seed + i)
+        r.add(_ids(1000 * i, n))
+        parts.append(r)
+    pooled = Reservoir.merge_all(parts, capacity=cap, seed=seed)
+    assert pooled.seen == sum(n for _, n in sizes)
+    kept = sum(r.rows.shape[0] for r in parts)
+    assert pooled.rows.shape[0] <= min(kept, cap if cap is not None else kept)
+    ids = pooled.rows[:, 0].tolist()
+    assert len(set(ids)) == len(ids)
+    assert set(ids) <= {x for r in parts for x in r.rows[:, 0].tolist()}
+    if cap is None and len({n for _, n in sizes}) == 1 and len({c for c, _ in sizes}) == 1:
+        assert pooled.rows.shape[0] == kept  # equal windows give back every row they kept
+
+
+def test_reservoir_merge_all_includes_every_sample_with_the_same_chance() -> None:
+    """A stream of 300 and one of 100 samples, 20 kept of each: the pool keeps
+    k = min(20 * 400 // 300, 20 * 400 // 100) = 26 rows, 3/4 of them from the first stream."""
+    a = Reservoir(20, 1, seed=1)
+    a.add(np.zeros((300, 1), dtype=np.float32))
+    b = Reservoir(20, 1, seed=2)
+    b.add(np.ones((100, 1), dtype=np.float32))
+    pooled = Reservoir.merge_all([a, b], seed=3)
+    assert pooled.rows.shape == (26, 1)
+    assert pooled.seen == 400
+    assert int((pooled.rows == 0).sum()) in (19, 20)  # 26 * 3/4 = 19.5
+    with pytest.raises(ValueError, match="at least one"):
+        Reservoir.merge_all([])
+    with pytest.raises(ShapeError, match="merging reservoirs"):
+        Reservoir.merge_all([a, Reservoir(3, 2)])
+
+
+def test_layer_stats_keep_the_one_reservoir_there_is() -> None:
+    r = Reservoir(4, 2, seed=0)
+    r.add(_ids(0, 10))
+    with_one = LayerStats(ChannelMoments.empty(2), reservoir=r)
+    without = LayerStats(ChannelMoments.empty(2))
+    assert with_one.merge(without).reservoir is r
+    assert without.merge(with_one).reservoir is r
+    assert without.merge(without).reservoir is None

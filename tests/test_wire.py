@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import dataclasses
 import json
 from typing import Any
 
@@ -13,6 +14,7 @@ from pydantic import ValidationError
 
 from bnwatch.codec import encode_arrays
 from bnwatch.drift import DriftConfig
+from bnwatch.stats import DEFAULT_RESERVOIR as RESERVOIR
 from bnwatch.store.repository import moments_equal
 from bnwatch.wire import WindowBatch, batch_of, to_record
 from tests.store.helpers import record_windows
@@ -138,3 +140,71 @@ def test_windows_without_metrics_are_recomputed(records: list[Any]) -> None:
     back = to_record(wire, CONFIG)
     for name, r in records[0].reports.items():
         assert back.reports[name].gap_p_value == pytest.approx(r.gap_p_value, rel=1e-9, nan_ok=True)
+
+
+# -- reservoirs ------------------------------------------------------------------------------
+def f32_blob(rows: np.ndarray) -> str:
+    return base64.b64encode(encode_arrays(rows, dtype="<f4")).decode()
+
+
+def test_reservoirs_round_trip_bit_for_bit_with_and_without_recomputing(
+    records: list[Any],
+) -> None:
+    body = json.loads(json.dumps(batch_of(records)))
+    layer = body["windows"][0]["layers"][0]
+    assert set(layer["reservoir"]) == {"rows", "seen", "capacity"}
+    batch = WindowBatch.model_validate(body)
+    for wire, original in zip(batch.windows, records, strict=True):
+        for back in (to_record(wire, CONFIG), to_record(wire, CONFIG, recompute=True)):
+            for name, r in original.reports.items():
+                sent, got = r.stats.reservoir, back.reports[name].stats.reservoir
+                assert sent is not None and got is not None
+                assert got.rows.dtype == np.float32
+                np.testing.assert_array_equal(got.rows, sent.rows)
+                assert (got.seen, got.capacity) == (sent.seen, sent.capacity)
+
+
+def test_windows_without_reservoirs_stay_valid(records: list[Any]) -> None:
+    """Payloads from before reservoirs (or from reservoir=0) carry no such key."""
+    body = batch_of(records[:1])
+    for layer in body["windows"][0]["layers"]:
+        del layer["reservoir"]
+    (wire,) = WindowBatch.model_validate(body).windows
+    for recompute in (False, True):
+        back = to_record(wire, CONFIG, recompute=recompute)
+        assert all(r.stats.reservoir is None for r in back.reports.values())
+    no_reservoir = dataclasses.replace(
+        records[0],
+        reports={
+            name: dataclasses.replace(r, stats=dataclasses.replace(r.stats, reservoir=None))
+            for name, r in records[0].reports.items()
+        },
+    )
+    assert all(
+        "reservoir" not in layer for layer in batch_of([no_reservoir])["windows"][0]["layers"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"rows": "not base64!"}, "reservoir.rows: not a base64 bnwatch array blob"),
+        ({"rows": f32_blob(np.zeros((2, 7)))}, "got [2, 7]"),
+        # the records' windows saw 16 samples with the default capacity
+        ({"rows": f32_blob(np.zeros((40, 6)))}, f"expected at most {min(16, RESERVOIR)} rows"),
+        ({"seen": 1}, "expected at most 1 rows"),
+        ({"rows": blob(np.zeros((2, 6)))}, "expected float32 rows"),
+        ({"capacity": 0}, "greater than or equal to 1"),
+        ({"seen": -1}, "greater than or equal to 0"),
+        ({"extra": 1}, "Extra inputs"),
+    ],
+)
+def test_bad_reservoirs_name_the_field(
+    records: list[Any], change: dict[str, Any], message: str
+) -> None:
+    body = broken(records, lambda b: b["windows"][0]["layers"][0]["reservoir"].update(change))
+    with pytest.raises(ValidationError) as info:
+        WindowBatch.model_validate(body)
+    text = str(info.value)
+    assert "windows.0.layers.0" in text
+    assert message in text

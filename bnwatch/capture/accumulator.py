@@ -17,6 +17,12 @@ batch (one host synchronization per layer, ever) and refreshed at every flush fr
 window's mean; channels stay within ``1e-6`` relative of a float64 reference at
 ``|mean|/std = 1000``.
 
+Reservoirs.  With ``reservoir=k`` a window also keeps a uniform sample of at most ``k`` of the
+per-sample channel means that compaction computes anyway (:class:`_WindowSample`): which rows
+are kept depends only on how many came before, so the choice is made on the host without
+looking at the data, and the chosen rows are copied on the device into a preallocated
+``[k, C]`` buffer -- no host/device synchronization, no allocation in steady state.
+
 Non-finite values.  A NaN or inf in ``x[i, c]`` makes that row's sums non-finite.  On the CPU
 (where checking is free) such a chunk is re-reduced with a mask so that exactly the
 non-finite elements are counted and excluded; on other devices the masked reduction is
@@ -37,7 +43,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bnwatch.errors import ShapeError
+from bnwatch.errors import ShapeError, check_positive_int
 from bnwatch.stats import (
     MOMENT_FIELDS,
     ChannelMoments,
@@ -161,6 +167,104 @@ class _RowBuffer:
         )
 
 
+def _put(dest: Tensor, rows: Tensor, counts: Tensor | None) -> None:
+    """Copy kept rows into the sample buffer; channels with no finite element hold NaN."""
+    dest.copy_(rows)
+    if counts is not None:
+        dest.masked_fill_(counts == 0, math.nan)
+
+
+class _WindowSample:
+    """A uniform sample of at most ``capacity`` per-sample channel-mean rows of one window.
+
+    Rows arrive in blocks (one per compaction) as the float64 ``[R, C]`` means compaction
+    computed.  Which rows are kept is decided from their positions alone by Li's
+    Algorithm L (ACM TOMS 20(4), 1994), which draws the *gaps* between kept rows: with the
+    sample full at ``k`` rows, ``W ← W·U^(1/k)`` and the next kept row comes
+    ``⌊log U' / log(1 - W)⌋ + 1`` rows later, replacing a uniformly chosen slot -- the same
+    distribution as Vitter's Algorithm R, but a block that holds no kept row costs one
+    comparison, and no random number is drawn per row.  Kept rows are copied on the device
+    (``copy_`` into a preallocated float32 buffer): no synchronization, no allocation.  Rows
+    with no finite element in a channel (``w == 0``) hold NaN there.
+    """
+
+    def __init__(self, capacity: int, rng: random.Random) -> None:
+        self.capacity = capacity
+        self._rng = rng
+        self._rows: Tensor | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        self.seen = 0
+        self.filled = 0
+        self._w = 1.0
+        self._next = -1  # stream position of the next row to keep once full (-1: filling)
+
+    def _uniform(self) -> float:
+        """A uniform number in (0, 1)."""
+        u = self._rng.random()
+        while u <= 0.0:
+            u = self._rng.random()
+        return u
+
+    def _gap(self) -> int:
+        """Rows skipped before the next kept one (Algorithm L)."""
+        w = self._w
+        if w >= 1.0:
+            return 0
+        if w <= 0.0:
+            return 1 << 62
+        return math.floor(math.log(self._uniform()) / math.log1p(-w))
+
+    def _advance(self, position: int) -> None:
+        """Draw the position of the next kept row after ``position``."""
+        self._w *= math.exp(math.log(self._uniform()) / self.capacity)
+        self._next = position + self._gap() + 1
+
+    def _buffer(self, m: Tensor) -> Tensor:
+        rows = self._rows
+        channels = int(m.shape[1])
+        if rows is None or rows.shape[1] != channels or rows.device != m.device:
+            fresh = _persistent(
+                torch.empty, self.capacity, channels, dtype=torch.float32, device=m.device
+            )
+            if rows is not None and self.filled and rows.shape[1] == channels:
+                fresh[: self.filled].copy_(rows[: self.filled])
+            rows = self._rows = fresh
+        return rows
+
+    def offer(self, m: Tensor, w: Tensor | None) -> None:
+        """Offer the rows of one compacted block (``[R, C]``; ``w`` element counts or None)."""
+        count = int(m.shape[0])
+        if count == 0:
+            return
+        rows = self._buffer(m)
+        start = self.seen
+        free = min(self.capacity - self.filled, count)
+        if free:
+            _put(rows[self.filled : self.filled + free], m[:free], None if w is None else w[:free])
+            self.filled += free
+            if self.filled == self.capacity:
+                self._w = 1.0
+                self._advance(start + free - 1)
+        end = start + count
+        while 0 <= self._next < end:
+            i = self._next - start
+            _put(rows[self._rng.randrange(self.capacity)], m[i], None if w is None else w[i])
+            self._advance(self._next)
+        self.seen = end
+
+    def take(self, seed: int) -> Reservoir | None:
+        """The window's sample as a host :class:`Reservoir` (``None`` if no row came); resets."""
+        if self.seen == 0 or self._rows is None:
+            self.reset()
+            return None
+        rows = self._rows[: self.filled].to("cpu", copy=True).numpy()
+        out = Reservoir.from_rows(rows, self.seen, self.capacity, seed=seed)
+        self.reset()
+        return out
+
+
 class LayerAccumulator:
     """Thread-safe accumulator of one layer's window.
 
@@ -171,7 +275,8 @@ class LayerAccumulator:
             contiguous slice, so no copy is made).
         masked: force (True) or forbid (False) the masked reduction; ``None`` picks it per
             device as described in the module docstring.
-        reservoir: keep a uniform sample of at most this many per-sample channel-mean rows.
+        reservoir: keep, per window, a uniform sample of at most this many per-sample
+            channel-mean rows (0: none); :meth:`collect` returns it in ``LayerStats.reservoir``.
     """
 
     def __init__(
@@ -194,9 +299,8 @@ class LayerAccumulator:
         self._shift: _Shift | None = None
         self._shift_decided = False
         self._buffer: _RowBuffer | None = None
-        self._reservoir_capacity = reservoir
-        self._reservoir: Reservoir | None = None
-        self._seed = seed
+        check_positive_int("reservoir", reservoir, minimum=0)
+        self._sample = _WindowSample(reservoir, self._rng) if reservoir else None
         self._reset_window()
 
     def _reset_window(self) -> None:
@@ -424,18 +528,12 @@ class LayerAccumulator:
             self._state = fresh
         else:
             state.copy_(torch.stack(merge_moment_arrays(state.unbind(0), block)))
-        if self._reservoir_capacity:
-            self._keep_rows(m, w)
+        if self._sample is not None:
+            self._sample.offer(m, w)
         buf.nonfinite.zero_()
         buf.used = 0
         buf.size = None
         buf.complete = True
-
-    def _keep_rows(self, m: Tensor, w: Tensor | None) -> None:
-        rows = (m if w is None else torch.where(w > 0, m, float("nan"))).cpu().numpy()
-        if self._reservoir is None:
-            self._reservoir = Reservoir(self._reservoir_capacity, rows.shape[1], seed=self._seed)
-        self._reservoir.add(rows)
 
     # -- flush -------------------------------------------------------------------------------
     def collect(
@@ -454,6 +552,8 @@ class LayerAccumulator:
             sizes = dict(sorted(self._batch_sizes.items()))
             n_batches, batch_stat = self._n_batches, self._batch_stat_batches
             channels = self._channels
+            sample = self._sample
+            reservoir = sample.take(self._rng.getrandbits(63)) if sample is not None else None
             self._reset_window()
         seen = n_batches if batches_seen is None else batches_seen
         samples = sum(k * v for k, v in sizes.items()) if samples_seen is None else samples_seen
@@ -470,6 +570,7 @@ class LayerAccumulator:
             batches_seen=seen,
             samples_seen=samples,
             batch_stat_batches=batch_stat,
+            reservoir=reservoir,
         )
 
     def peek(self) -> ChannelMoments | None:
@@ -479,7 +580,3 @@ class LayerAccumulator:
                 self._compact(self._buffer)
             state = self._state
             return None if state is None else ChannelMoments.from_arrays(list(state.cpu().numpy()))
-
-    def take_reservoir(self) -> Reservoir | None:
-        """The reservoir kept so far (profile mode), or ``None``."""
-        return self._reservoir

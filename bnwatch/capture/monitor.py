@@ -16,11 +16,15 @@ measures at most one forward in ``k``.
 
 Windows.  A window closes every ``window_seconds`` (a background thread), on :meth:`flush` and
 on :meth:`close`.  Each closed window becomes a :class:`~bnwatch.schema.WindowRecord` with one
-:class:`~bnwatch.schema.LayerReport` per layer that saw data, handed to the sink.
+:class:`~bnwatch.schema.LayerReport` per layer that saw data, handed to the sink.  With
+``reservoir=k`` (default ``None``: :func:`~bnwatch.stats.default_reservoir_rows` of the
+model's channels) each layer's window also carries a uniform sample of at most ``k``
+per-sample channel means (``LayerReport.reservoir``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -45,7 +49,7 @@ from bnwatch.drift import DriftConfig, Reference, assess_layer, decide
 from bnwatch.errors import ConfigError, ReferenceMismatchError, check_positive_int
 from bnwatch.schema import LayerReport, Profile, WindowRecord, utcnow
 from bnwatch.sink import Sink
-from bnwatch.stats import ChannelMoments, LayerStats
+from bnwatch.stats import ChannelMoments, LayerStats, default_reservoir_rows
 
 logger = logging.getLogger("bnwatch")
 
@@ -226,6 +230,7 @@ class Monitor:
         config: DriftConfig | None = None,
         source: str | None = None,
         keep_inputs: int = 0,
+        reservoir: int | None = None,
     ) -> None:
         if window_seconds is not None and (
             isinstance(window_seconds, bool)
@@ -235,6 +240,11 @@ class Monitor:
             raise ConfigError("window_seconds", window_seconds, "a number of seconds > 0, or None")
         check_positive_int("sample_every", sample_every)
         check_positive_int("spatial_stride", spatial_stride)
+        if reservoir is None:
+            reservoir = default_reservoir_rows(
+                sum(int(getattr(layer.module, "num_features", 0) or 0) for layer in layers)
+            )
+        check_positive_int("reservoir", reservoir, minimum=0)
         if max_samples_per_batch is not None:
             check_positive_int("max_samples_per_batch", max_samples_per_batch)
         if overhead_budget is not None and (
@@ -259,6 +269,7 @@ class Monitor:
                 layer.name,
                 spatial_stride=spatial_stride,
                 max_samples_per_batch=max_samples_per_batch,
+                reservoir=reservoir,
             )
             for layer in layers
         ]
@@ -498,6 +509,7 @@ class Monitor:
         for name, stats in collected.items():
             if name in self._baseline or stats is None or stats.n_batches == 0:
                 continue
+            stats = dataclasses.replace(stats, reservoir=None)  # the baseline is moments only
             merged = stats if name not in self._warmup else self._warmup[name].merge(stats)
             if merged.moments.n_samples >= self.config.warmup_samples:
                 self._baseline[name] = Reference.from_moments(merged.moments)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -86,13 +87,13 @@ def profile(
         stats = acc.collect()
         if stats is None:  # the layer is never reached by this data (e.g. an unused branch)
             continue
-        reservoir = acc.take_reservoir() or Reservoir(reservoir_size, stats.moments.channels)
+        reservoir = stats.reservoir or Reservoir(reservoir_size, stats.moments.channels)
         rm, rv = layer.module.running_mean, layer.module.running_var
         out[layer.name] = LayerProfile(
             layer=layer.name,
             kind=layer.kind,
             eps=float(layer.module.eps),
-            stats=stats,
+            stats=dataclasses.replace(stats, reservoir=None),  # kept once, as ``reservoir``
             reservoir=reservoir,
             running_mean=None if rm is None else rm.detach().double().cpu().numpy(),
             running_var=None if rv is None else rv.detach().double().cpu().numpy(),

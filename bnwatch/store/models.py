@@ -3,8 +3,9 @@
 Tables: ``models`` (name, version), ``layers`` (a model's BatchNorm layers), ``refs``
 (reference statistics: running statistics captured at attach, profiles, warm-up baselines,
 recalibrated buffers -- versioned per layer, with lineage), ``windows`` (one row per layer
-and window, with the full sufficient statistics as a compact blob and the layer-level
-metrics as columns so that listing layers never decodes arrays), ``alerts`` and
+and window, with the full sufficient statistics as a compact blob, the layer-level
+metrics as columns so that listing layers never decodes arrays, and a bounded reservoir of
+per-sample channel means), ``alerts`` and
 ``recalibrations``.  A naming convention keeps Alembic autogenerate stable.  Migrations in
 ``migrations/`` must produce exactly this schema (a test diffs them).
 """
@@ -136,6 +137,11 @@ class Window(Base):
     batch_sizes: Mapped[dict[str, Any]]
     # the full sufficient statistics (bnwatch.codec)
     moments: Mapped[bytes] = mapped_column(LargeBinary)
+    # a uniform sample of per-sample channel means ([k, C] float32 codec blob), NULL if none was
+    # kept; loaded only when asked for (``undefer``): metric reads never pay for it
+    reservoir: Mapped[bytes | None] = mapped_column(LargeBinary, deferred=True)
+    reservoir_seen: Mapped[int | None] = mapped_column(BigInteger)
+    reservoir_capacity: Mapped[int | None] = mapped_column(Integer)
     # layer-level metrics (DESIGN §3), NULL where undefined
     kl_mean: Mapped[float | None] = mapped_column(Float)
     d_rms: Mapped[float | None] = mapped_column(Float)

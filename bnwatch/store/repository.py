@@ -14,21 +14,23 @@ import hashlib
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, undefer
+from typing_extensions import Unpack
 
 from bnwatch.codec import decode_arrays, decode_moments, encode_arrays, encode_moments
 from bnwatch.drift import DriftConfig, Reference, assess_layer, decide
-from bnwatch.errors import ShapeError
+from bnwatch.errors import BnwatchError, ShapeError
 from bnwatch.schema import (
     BATCH_SIZE_BUCKETS,
+    FLAG_METRICS,
     LAYER_METRICS,
     SCHEMA_VERSION,
     LayerProfile,
@@ -37,7 +39,7 @@ from bnwatch.schema import (
     WindowRecord,
     utcnow,
 )
-from bnwatch.stats import ChannelMoments, LayerStats, Reservoir
+from bnwatch.stats import DEFAULT_RESERVOIR, ChannelMoments, LayerStats, Reservoir
 from bnwatch.store.models import (
     Alert,
     Layer,
@@ -49,12 +51,22 @@ from bnwatch.store.models import (
     Window,
 )
 
+_Query = TypeVar("_Query", bound="sa.Select[Unpack[tuple[Any, ...]]]")
+
 METRIC_COLUMNS: tuple[str, ...] = LAYER_METRICS
 """Layer-level metrics stored as columns of ``windows`` (NULL where undefined)."""
 
 
 IDENTITY_CACHE = 4096
 """Reference arrays remembered by identity (two per layer of each attached monitor)."""
+
+POOLED_ROWS = 5000
+"""Most rows a reservoir pooled from many windows keeps (:meth:`Repository.production_reservoir`):
+plenty for a two-sample test, bounded memory for any range."""
+POOL_CHUNK = 256
+"""Windows decoded at a time while pooling reservoirs."""
+WARMING_UP = "warming_up"
+"""The ``baseline`` of windows closed before the drift baseline existed (the warm-up)."""
 
 
 class ChannelMismatchError(ShapeError):
@@ -71,6 +83,21 @@ class ChannelMismatchError(ShapeError):
             f"layer {layer!r} of {model}@{version} has {stored} channels in the store but the "
             f"window has {found}; a changed architecture needs a new model version",
         )
+
+
+class NoReservoirError(BnwatchError, LookupError):
+    """The store holds no reservoir of per-sample channel means for what was asked.
+
+    Attributes: ``model``, ``version``, ``layer`` and ``which`` (``reference`` or
+    ``production``); the message says what to do.
+    """
+
+    def __init__(self, model: str, version: str, layer: str, which: str, message: str) -> None:
+        self.model = model
+        self.version = version
+        self.layer = layer
+        self.which = which
+        super().__init__(message)
 
 
 def _utc(value: datetime) -> datetime:
@@ -196,6 +223,26 @@ class StoredWindow:
         if name in metrics:
             return metrics[name]
         raise AttributeError(name)
+
+
+@dataclass(frozen=True, eq=False)
+class StoredReservoir:
+    """A reservoir of one layer's per-sample channel means, read from the store.
+
+    ``kind`` is ``profile`` (a reference profile's reservoir), ``warmup`` (pooled from the
+    windows of the warm-up that formed the drift baseline) or ``production`` (pooled from the
+    windows of a time range).  ``windows`` counts the windows pooled (0 for a profile) and
+    ``start``/``end`` span them.
+    """
+
+    model: str
+    version: str
+    layer: str
+    kind: str
+    reservoir: Reservoir
+    windows: int = 0
+    start: datetime | None = None
+    end: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -772,6 +819,8 @@ class Repository:
                 )
                 .order_by(Layer.depth, Layer.id, Window.id.desc())
             )
+            if with_stats:
+                query = query.options(undefer(Window.reservoir))
             rows = conn.execute(query).all()
         seen: set[int] = set()
         out = []
@@ -804,35 +853,388 @@ class Repository:
         """
         with Session(self.engine) as conn:
             m = self._model_row(conn, model, version)
-            query = (
-                sa.select(Window, Layer)
-                .join(Layer, Layer.id == Window.layer_id)
-                .where(Window.model_id == m.id)
+            query = self._range(
+                sa.select(Window, Layer), m, layer=layer, start=start, end=end, source=source
             )
-            if layer is not None:
-                query = query.where(Layer.name == layer)
-            if start is not None:
-                query = query.where(Window.end >= start)
-            if end is not None:
-                query = query.where(Window.end < end)
-            if source is not None:
-                query = query.where(Window.source == source)
+            if with_stats or resolution:  # merged windows merge their reservoirs too
+                query = query.options(undefer(Window.reservoir))
             rows = conn.execute(query.order_by(Layer.depth, Layer.id, Window.end, Window.id)).all()
             refs = self.refs_for(conn, [w for w, _ in rows]) if resolution else {}
         if resolution is None:
             return [self.to_stored(m, lr, w, with_stats) for w, lr in rows]
-        seconds = resolution.total_seconds() if isinstance(resolution, timedelta) else resolution
-        if not seconds > 0:
-            raise ValueError(f"resolution must be > 0 seconds, got {resolution!r}")
         return merge_stored(
             [
                 (self.to_stored(m, lr, w, True), lr, w.running_ref_id, w.baseline_ref_id)
                 for w, lr in rows
             ],
             refs,
-            float(seconds),
+            _seconds(resolution),
             config or DriftConfig(),
         )
+
+    @staticmethod
+    def _range(
+        query: _Query,
+        model: Model,
+        *,
+        layer: str | None = None,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        source: str | None = None,
+    ) -> _Query:
+        """``query`` (selecting from ``windows``) restricted to one model version's windows
+        of ``layer`` and ``source`` whose end lies in ``[start, end)``."""
+        query = query.join(Layer, Layer.id == Window.layer_id).where(Window.model_id == model.id)
+        if layer is not None:
+            query = query.where(Layer.name == layer)
+        if start is not None:
+            query = query.where(Window.end >= start)
+        if end is not None:
+            query = query.where(Window.end < end)
+        if source is not None:
+            query = query.where(Window.source == source)
+        return query
+
+    def layer_reports(
+        self,
+        model: str,
+        version: str,
+        layer: str,
+        *,
+        resolution: timedelta | float | None,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        config: DriftConfig | None = None,
+    ) -> list[tuple[StoredWindow, LayerReport]]:
+        """One layer's windows merged exactly into epoch-aligned buckets of ``resolution``,
+        each with its full :class:`LayerReport` (per-channel ``d``, ``log_r``, ``z``, drift
+        arrays, batch noise) -- what a per-channel view over time needs.  ``resolution=None``
+        merges the whole range into one window (from its first start to its last end).
+
+        Raises:
+            KeyError: the model version or the layer is not stored (the message lists the
+                layers there are).
+        """
+        return self.layer_reports_at(
+            model, version, layer, resolutions=[resolution], start=start, end=end, config=config
+        )[0]
+
+    def layer_reports_at(
+        self,
+        model: str,
+        version: str,
+        layer: str,
+        *,
+        resolutions: Sequence[timedelta | float | None],
+        start: datetime | None = None,
+        end: datetime | None = None,
+        config: DriftConfig | None = None,
+    ) -> list[list[tuple[StoredWindow, LayerReport]]]:
+        """:meth:`layer_reports` at several resolutions from one read of the windows (e.g.
+        buckets for a time axis and ``None`` for the whole range)."""
+        with Session(self.engine) as conn:
+            m = self._model_row(conn, model, version)
+            known = conn.execute(
+                sa.select(Layer.name).where(Layer.model_id == m.id, Layer.name == layer)
+            ).scalar_one_or_none()
+            if known is None:
+                names = conn.execute(
+                    sa.select(Layer.name).where(Layer.model_id == m.id).order_by(Layer.depth)
+                ).scalars()
+                raise KeyError(
+                    f"no layer {layer!r} in {model}@{version}; layers: {', '.join(names)}"
+                )
+            query = self._range(sa.select(Window, Layer), m, layer=layer, start=start, end=end)
+            rows = conn.execute(query.order_by(Window.end, Window.id)).all()
+            refs = self.refs_for(conn, [w for w, _ in rows])
+        items = [
+            (self.to_stored(m, lr, w, True), lr, w.running_ref_id, w.baseline_ref_id)
+            for w, lr in rows
+        ]
+        views = []
+        for resolution in resolutions:
+            seconds = _seconds(resolution) if resolution is not None else _WHOLE_RANGE
+            merged = merge_groups(items, refs, seconds, config or DriftConfig())
+            out = [(g.window, g.report) for g in merged if g.report is not None]
+            if resolution is None and out:
+                first = _utc(min(w.start for w, _ in rows))
+                last = _utc(max(w.end for w, _ in rows))
+                out = [(replace(w, start=first, end=last), r) for w, r in out]
+            views.append(out)
+        return views
+
+    def window_span(
+        self,
+        model: str,
+        version: str,
+        *,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        layer: str | None = None,
+    ) -> tuple[datetime, datetime, int, float] | None:
+        """``(first start, last end, rows, newest window's length in seconds)`` of the
+        windows in ``[start, end)`` (one row per layer and window), or ``None`` when there
+        are none -- what a time axis needs to choose its resolution (the newest windows are
+        the finest: compaction only coarsens old ones)."""
+        with Session(self.engine) as conn:
+            m = self._model_row(conn, model, version)
+            query = self._range(
+                sa.select(
+                    sa.func.min(Window.start),
+                    sa.func.max(Window.end),
+                    sa.func.count(),
+                ),
+                m,
+                layer=layer,
+                start=start,
+                end=end,
+            )
+            first, last, count = conn.execute(query).one()
+            if not count:
+                return None
+            latest = conn.execute(
+                self._range(sa.select(Window.start, Window.end), m, layer=layer, end=end)
+                .order_by(Window.end.desc())
+                .limit(1)
+            ).one()
+        shortest = (_utc(latest[1]) - _utc(latest[0])).total_seconds()
+        return _utc(first), _utc(last), int(count), max(shortest, 1e-3)
+
+    def metric_buckets(
+        self,
+        model: str,
+        version: str,
+        *,
+        seconds: float | None,
+        columns: Sequence[str],
+        start: datetime | None = None,
+        end: datetime | None = None,
+        layer: str | None = None,
+    ) -> tuple[tuple[str, ...], list[tuple[Any, ...]]]:
+        """Layer metrics aggregated in the database per layer and epoch-aligned time bucket
+        of ``seconds`` (``None``: one bucket over the whole range) -- for heatmaps,
+        sparklines and per-layer summaries over months of windows without moving every row.
+
+        Returns ``(names, rows)``: ``layer``, ``depth``, ``bucket_start`` (UTC), ``windows``,
+        ``samples``, then ``max_<c>`` and ``avg_<c>`` for every column ``c`` of ``columns``
+        (flags as 0/1, so ``max`` is "any" and ``avg`` the share of windows).  A window
+        belongs to the bucket its end falls in (within a millisecond: bucket boundaries are
+        computed in floating point; exact merges are :meth:`windows` with a resolution).
+        """
+        _check_metric_columns(columns)
+        width = _seconds(seconds) if seconds is not None else _WHOLE_RANGE
+        if self.engine.dialect.name == "sqlite":
+            epoch: Any = (sa.func.julianday(Window.end) - 2440587.5) * 86400.0
+            bucket: Any = sa.cast((epoch - 1e-3) / width, sa.Integer)
+        else:
+            epoch = sa.extract("epoch", Window.end)
+            bucket = sa.cast(sa.func.floor((epoch - 1e-3) / width), sa.BigInteger)
+        bucket = bucket.label("bucket")
+        aggregates: list[Any] = []
+        for c in columns:
+            col: Any = getattr(Window, c)
+            value = sa.cast(col, sa.Integer) if c in FLAG_METRICS else col
+            aggregates += [sa.func.max(value), sa.func.avg(value)]
+        with Session(self.engine) as conn:
+            m = self._model_row(conn, model, version)
+            query = self._range(
+                sa.select(
+                    Layer.name,
+                    Layer.depth,
+                    bucket,
+                    sa.func.count(),
+                    sa.func.sum(Window.n_samples),
+                    *aggregates,
+                ),
+                m,
+                layer=layer,
+                start=start,
+                end=end,
+            ).group_by(Layer.id, Layer.name, Layer.depth, bucket)
+            rows = conn.execute(query.order_by(Layer.depth, Layer.id, bucket)).all()
+        names = (
+            "layer",
+            "depth",
+            "bucket_start",
+            "windows",
+            "samples",
+            *(f"{agg}_{c}" for c in columns for agg in ("max", "avg")),
+        )
+        out = []
+        for name, depth, b, n, samples, *values in rows:
+            begins = (
+                datetime.fromtimestamp(int(b) * width, tz=timezone.utc)
+                if seconds is not None
+                else None
+            )
+            floats = [None if v is None else float(v) for v in values]
+            out.append((name, depth, begins, int(n), int(samples or 0), *floats))
+        return names, out
+
+    def metric_rows(
+        self,
+        model: str,
+        version: str,
+        *,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        layer: str | None = None,
+        columns: Sequence[str] = METRIC_COLUMNS,
+    ) -> tuple[tuple[str, ...], list[tuple[Any, ...]]]:
+        """The layer-level metrics of every window in ``[start, end)`` as plain rows, decoding
+        no arrays: what tables, heatmaps and sparklines over many windows read.
+
+        Returns ``(names, rows)``: the names are ``layer``, ``depth``, ``source``, ``start``,
+        ``end``, ``resolution_seconds``, ``n_samples``, ``n_batches``, ``batch_sizes`` (a
+        ``{size: batches}`` mapping with string keys), then ``columns`` (a subset of
+        :data:`METRIC_COLUMNS`); rows are in depth order, then by time; times are UTC.
+        """
+        _check_metric_columns(columns)
+        fixed = (
+            Layer.name.label("layer"),
+            Layer.depth,
+            Window.source,
+            Window.start,
+            Window.end,
+            Window.resolution_seconds,
+            Window.n_samples,
+            Window.n_batches,
+            Window.batch_sizes,
+        )
+        names = (*(c.key for c in fixed), *columns)
+        with Session(self.engine) as conn:
+            m = self._model_row(conn, model, version)
+            query = self._range(
+                sa.select(*fixed, *(getattr(Window, c) for c in columns)),
+                m,
+                layer=layer,
+                start=start,
+                end=end,
+            )
+            rows = conn.execute(query.order_by(Layer.depth, Layer.id, Window.end)).all()
+        at_start, at_end = names.index("start"), names.index("end")
+        out = []
+        for row in rows:
+            values = list(row)
+            values[at_start] = _utc(values[at_start])
+            values[at_end] = _utc(values[at_end])
+            out.append(tuple(values))
+        return names, out
+
+    # -- reservoirs ------------------------------------------------------------------------
+    @staticmethod
+    def _layer_row(conn: Session, model: Model, name: str) -> Layer:
+        found = conn.execute(
+            sa.select(Layer).where(Layer.model_id == model.id, Layer.name == name)
+        ).scalar_one_or_none()
+        if found is None:
+            names = conn.execute(
+                sa.select(Layer.name)
+                .where(Layer.model_id == model.id)
+                .order_by(Layer.depth, Layer.id)
+            ).scalars()
+            raise KeyError(
+                f"no layer {name!r} in {model.name}@{model.version}; "
+                f"layers: {', '.join(names) or '(none)'}"
+            )
+        return found
+
+    def production_reservoir(
+        self,
+        model: str,
+        version: str,
+        layer: str,
+        *,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        after_warmup: bool = False,
+        max_rows: int = POOLED_ROWS,
+        seed: int = 0,
+    ) -> StoredReservoir:
+        """One layer's reservoirs of the windows whose end lies in ``[start, end)``, pooled.
+
+        The windows' reservoirs are pooled with :meth:`Reservoir.merge_all`: every sample of
+        the range had the same chance to be kept (at most ``max_rows`` rows; ``seed`` makes
+        the draw reproducible).  ``after_warmup`` leaves out the warm-up windows (those that
+        formed a warm-up baseline: compare with them, not with themselves).
+
+        Raises:
+            KeyError: the model version or the layer is not stored (the message lists the
+                layers there are).
+            NoReservoirError: no window of the range kept a reservoir.
+        """
+        with Session(self.engine) as conn:
+            m = self._model_row(conn, model, version)
+            lr = self._layer_row(conn, m, layer)
+            query = _reservoir_query(lr).where(Window.reservoir.is_not(None))
+            if start is not None:
+                query = query.where(Window.end >= _to_utc(start))
+            if end is not None:
+                query = query.where(Window.end < _to_utc(end))
+            if after_warmup:
+                query = query.where(Window.baseline != WARMING_UP)
+            pooled = _pool(conn, query, max_rows, seed)
+        if pooled is None:
+            span = "" if start is None and end is None else f" ending in [{start}, {end})"
+            after = " after the warm-up" if after_warmup else ""
+            raise NoReservoirError(
+                model,
+                version,
+                layer,
+                "production",
+                f"no window of layer {layer!r} of {model}@{version}{span}{after} kept a reservoir "
+                "of per-sample channel means: watch with bnwatch.watch(..., reservoir=N), N > 0 "
+                f"(the default keeps up to {DEFAULT_RESERVOIR} rows per window; windows recorded "
+                "with reservoir=0, or stored before windows kept reservoirs, have none)",
+            )
+        return StoredReservoir(model, version, layer, "production", *pooled)
+
+    def reference_reservoir(
+        self, model: str, version: str, layer: str, *, max_rows: int = POOLED_ROWS, seed: int = 0
+    ) -> StoredReservoir:
+        """The reference reservoir of one layer: the newest reference profile's
+        (``bnwatch.profile(..., store=URL)``); without a profile, the reservoirs of the
+        warm-up windows that formed the drift baseline, pooled (kind ``warmup``).
+
+        Raises:
+            KeyError: the model version or the layer is not stored.
+            NoReservoirError: neither exists; the message says how to record one.
+        """
+        with Session(self.engine) as conn:
+            m = self._model_row(conn, model, version)
+            lr = self._layer_row(conn, m, layer)
+            ref = conn.execute(
+                sa.select(Ref)
+                # windows judged against a profile store its moments as a reference of kind
+                # ``profile`` without the reservoir: the newest one that has it
+                .where(Ref.layer_id == lr.id, Ref.kind == "profile", Ref.reservoir.is_not(None))
+                .order_by(Ref.version.desc())
+                .limit(1)
+            ).scalar_one_or_none()
+            if ref is not None and ref.reservoir is not None:
+                rows = decode_arrays(ref.reservoir)
+                if rows.shape[0]:
+                    seen = int(ref.reservoir_seen or rows.shape[0])
+                    profile = Reservoir.from_rows(rows, seen, rows.shape[0])
+                    created = _utc(ref.created_at)
+                    return StoredReservoir(model, version, layer, "profile", profile, 0, created)
+            query = _reservoir_query(lr).where(
+                Window.baseline == WARMING_UP, Window.reservoir.is_not(None)
+            )
+            pooled = _pool(conn, query, max_rows, seed)
+        if pooled is None:
+            raise NoReservoirError(
+                model,
+                version,
+                layer,
+                "reference",
+                f"no reference reservoir for layer {layer!r} of {model}@{version}: record a "
+                f"reference profile with bnwatch.profile(model, validation_data, name={model!r}, "
+                f"version={version!r}, store=URL), or watch with bnwatch.watch(..., "
+                "reservoir=N), N > 0 (the default), and no profile, so that the warm-up "
+                "windows keep the reservoirs of the drift baseline",
+            )
+        return StoredReservoir(model, version, layer, "warmup", *pooled)
 
     def refs_for(self, conn: Session, windows: Iterable[Window]) -> dict[int, Ref]:
         ids = {i for w in windows for i in (w.running_ref_id, w.baseline_ref_id) if i is not None}
@@ -851,6 +1253,7 @@ class Repository:
                 batches_seen=w.batches_seen,
                 samples_seen=w.samples_seen,
                 batch_stat_batches=w.batch_stat_batches,
+                reservoir=_loaded_reservoir(w),
             )
         return StoredWindow(
             id=w.id,
@@ -991,6 +1394,28 @@ class Repository:
             for a, m, lname in rows
         ]
 
+    def acknowledge_alert(self, alert_id: int) -> bool:
+        """Mark an alert as seen by a person (it stays open until its condition clears).
+        Returns ``False`` when it was acknowledged already.
+
+        Raises:
+            KeyError: there is no alert ``alert_id``.
+        """
+        with self.engine.begin() as conn:
+            found = conn.execute(
+                sa.select(Alert.acknowledged_at).where(Alert.id == alert_id)
+            ).one_or_none()
+            if found is None:
+                raise KeyError(f"no alert with id {alert_id}")
+            if found[0] is not None:
+                return False
+            conn.execute(
+                sa.update(Alert)
+                .where(Alert.id == alert_id, Alert.acknowledged_at.is_(None))
+                .values(acknowledged_at=utcnow())
+            )
+        return True
+
     def recalibrations(
         self, *, model: str | None = None, version: str | None = None
     ) -> list[RecalibrationInfo]:
@@ -1016,6 +1441,23 @@ class Repository:
             )
             for r, m in rows
         ]
+
+
+def _check_metric_columns(columns: Sequence[str]) -> None:
+    unknown = [c for c in columns if c not in METRIC_COLUMNS]
+    if unknown:
+        raise ValueError(f"unknown metric columns {unknown}; known: {list(METRIC_COLUMNS)}")
+
+
+_WHOLE_RANGE = float(2**37)
+"""A bucket length (about 4,355 years from the epoch) that puts every window in one bucket."""
+
+
+def _seconds(resolution: timedelta | float) -> float:
+    seconds = resolution.total_seconds() if isinstance(resolution, timedelta) else resolution
+    if not seconds > 0:
+        raise ValueError(f"resolution must be > 0 seconds, got {resolution!r}")
+    return float(seconds)
 
 
 def bucket_column(bound: int | None) -> str:
@@ -1155,9 +1597,80 @@ def window_row(
         "nonfinite": report.nonfinite,
         "batch_sizes": {str(k): int(v) for k, v in st.batch_sizes.items()},
         "moments": encode_moments(st.moments),
+        **reservoir_columns(st.reservoir),
     }
     row.update(report_metrics(report))
     return row
+
+
+def reservoir_columns(reservoir: Reservoir | None) -> dict[str, Any]:
+    """The ``windows`` columns of a window's reservoir (NULL when it kept none)."""
+    if reservoir is None:
+        return {"reservoir": None, "reservoir_seen": None, "reservoir_capacity": None}
+    return {
+        "reservoir": encode_arrays(reservoir.rows, dtype="<f4"),
+        "reservoir_seen": reservoir.seen,
+        "reservoir_capacity": reservoir.capacity,
+    }
+
+
+def reservoir_from(blob: bytes, seen: int | None, capacity: int | None) -> Reservoir:
+    """The :class:`Reservoir` of stored columns (``seen``/``capacity`` default to the rows)."""
+    rows = decode_arrays(blob)
+    kept = rows.shape[0]
+    return Reservoir.from_rows(
+        rows, kept if seen is None else int(seen), int(capacity or max(1, kept))
+    )
+
+
+def _loaded_reservoir(w: Window) -> Reservoir | None:
+    """A window row's reservoir if it was loaded (the column is deferred) and kept."""
+    if "reservoir" in sa.inspect(w).unloaded or w.reservoir is None:
+        return None
+    return reservoir_from(w.reservoir, w.reservoir_seen, w.reservoir_capacity)
+
+
+def _reservoir_query(layer: Layer) -> Any:
+    """Reservoir columns of one layer's windows, oldest first."""
+    return (
+        sa.select(
+            Window.reservoir,
+            Window.reservoir_seen,
+            Window.reservoir_capacity,
+            Window.start,
+            Window.end,
+        )
+        .where(Window.layer_id == layer.id)
+        .order_by(Window.end, Window.id)
+    )
+
+
+def _pool(
+    conn: Session, query: Any, max_rows: int, seed: int
+) -> tuple[Reservoir, int, datetime, datetime] | None:
+    """Pool the reservoirs ``query`` yields (:func:`_reservoir_query`), ``POOL_CHUNK`` windows
+    at a time: each chunk with :meth:`Reservoir.merge_all`, then the chunks the same way --
+    every sample keeps the same chance to be kept.  Returns the pooled reservoir, the number
+    of windows and the span of their starts and ends, or ``None`` without any window."""
+    chunks: list[Reservoir] = []
+    windows = 0
+    first: datetime | None = None
+    last: datetime | None = None
+    result = conn.execute(query.execution_options(yield_per=POOL_CHUNK))
+    for part in result.partitions():
+        items = [reservoir_from(blob, seen, capacity) for blob, seen, capacity, _, _ in part]
+        chunks.append(Reservoir.merge_all(items, capacity=max_rows, seed=seed + len(chunks)))
+        windows += len(items)
+        part_first = min(_utc(row[3]) for row in part)
+        part_last = max(_utc(row[4]) for row in part)
+        first = part_first if first is None else min(first, part_first)
+        last = part_last if last is None else max(last, part_last)
+    if not windows or first is None or last is None:
+        return None
+    pooled = (
+        chunks[0] if len(chunks) == 1 else Reservoir.merge_all(chunks, capacity=max_rows, seed=seed)
+    )
+    return pooled, windows, first, last
 
 
 def report_metrics(report: LayerReport) -> dict[str, Any]:
@@ -1185,6 +1698,8 @@ class Merged:
     baseline_ref_id: int | None
     bucket: int
     source_ids: tuple[int, ...]
+    report: LayerReport | None = None
+    """The merged window's full report (per-channel arrays), once decided."""
 
 
 def merge_groups(
@@ -1282,7 +1797,15 @@ def merge_groups(
         for k, (_, e) in entries.items():
             window = _with_metrics(e.window, report_metrics(decided[names[k]]))
             out.append(
-                Merged(window, e.layer, e.running_ref_id, e.baseline_ref_id, e.bucket, e.source_ids)
+                Merged(
+                    window,
+                    e.layer,
+                    e.running_ref_id,
+                    e.baseline_ref_id,
+                    e.bucket,
+                    e.source_ids,
+                    decided[names[k]],
+                )
             )
     return sorted(out, key=lambda m: (m.layer.depth, m.layer.id, m.window.end, m.window.source))
 

@@ -1,7 +1,9 @@
 """Rollups and retention: ``bnwatch db compact``.
 
 Compaction merges the windows of each layer and source older than a cutoff into windows of a
-coarser resolution -- exactly, since the sufficient statistics merge without loss -- and
+coarser resolution -- exactly, since the sufficient statistics merge without loss; their
+reservoirs of per-sample channel means merge with :meth:`~bnwatch.stats.Reservoir.merge`
+into one uniform sample of the bucket, as bounded as each window's -- and
 replaces them in the same transaction, so an interrupted run loses nothing and a re-run
 finds nothing left to do.  Retention deletes windows older than an age.
 """
@@ -14,13 +16,13 @@ from datetime import datetime, timedelta, timezone
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, undefer
 
 from bnwatch.codec import encode_moments
 from bnwatch.drift import DriftConfig
 from bnwatch.schema import utcnow
 from bnwatch.store.models import Layer, Model, Window
-from bnwatch.store.repository import Repository, merge_groups
+from bnwatch.store.repository import Repository, merge_groups, reservoir_columns
 
 CHUNK_BUCKETS = 24
 """Buckets compacted per transaction (24 one-hour buckets: a day)."""
@@ -102,6 +104,7 @@ def _compact_chunk(
                 Window.end <= end,
                 Window.resolution_seconds < seconds,
             )
+            .options(undefer(Window.reservoir))
             .order_by(Window.id)
         ).all()
         if not rows:
@@ -139,6 +142,7 @@ def _compact_chunk(
                 "nonfinite": w.nonfinite,
                 "batch_sizes": {str(k): int(v) for k, v in w.batch_sizes.items()},
                 "moments": encode_moments(w.stats.moments),
+                **reservoir_columns(w.stats.reservoir),
             }
             row.update(w.metrics)
             new_rows.append(row)
