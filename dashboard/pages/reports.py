@@ -1,0 +1,45 @@
+"""Reports: Evidently's data drift report of one layer's per-sample channel means, reference
+profile against production, shown inline and downloadable as HTML or JSON."""
+
+from __future__ import annotations
+
+import streamlit as st
+import streamlit.components.v1 as components
+
+import data
+import ui
+from bnwatch.errors import BnwatchError
+
+ctx = ui.current()
+st.title("Drift report")
+st.caption(
+    "Evidently's data drift report per channel: the reference reservoir of per-sample channel "
+    "means (the profile's, or the warm-up windows') against the production reservoirs of the "
+    f"{ctx.range_label}. Each channel is tested at alpha / channels (Bonferroni), so a report "
+    "on an unchanged layer flags no channel 95% of the time."
+)
+layers = data.layers(ctx.url, ctx.model, ctx.version)
+if layers.empty:
+    ui.no_windows(ctx)
+    st.stop()
+layer = ui.layer_picker(layers)
+try:
+    report = data.drift_report(ctx.url, ctx.model, ctx.version, layer, ctx.start, ctx.end)
+except (KeyError, ValueError, BnwatchError) as err:
+    st.warning(str(err).strip("'\""))
+    st.stop()
+
+a, b, c = st.columns(3)
+a.metric("Reference samples", report.reference_rows)
+b.metric("Production samples", report.current_rows)
+c.metric("Drifted channels", len(report.drifted_channels))
+if report.drifted_channels:
+    st.warning("Drifted channels: " + ", ".join(str(ch) for ch in report.drifted_channels))
+else:
+    st.success("No channel drifted.")
+stem = f"bnwatch-{ctx.model}-{ctx.version}-{layer}".replace("/", "_").replace(" ", "_")
+left, right = st.columns(2)
+left.download_button("Download HTML", report.html, f"{stem}.html", mime="text/html")
+right.download_button("Download JSON", report.json, f"{stem}.json", mime="application/json")
+st.dataframe(report.table, hide_index=True, width="stretch")
+components.html(report.html, height=900, scrolling=True)

@@ -1,0 +1,197 @@
+"""What the pages share: the sidebar pickers (model version, time range, auto-refresh), the
+empty-database guide and a few chart helpers.
+
+The sidebar is drawn by ``app.py`` on every run, before the page, so its choices hold across
+pages; :func:`current` gives a page the :class:`Context` they make.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+import data
+from bnwatch.store.engine import redacted
+
+RANGES: dict[str, timedelta | None] = {
+    "last hour": timedelta(hours=1),
+    "last 6 hours": timedelta(hours=6),
+    "last 24 hours": timedelta(days=1),
+    "last 7 days": timedelta(days=7),
+    "last 30 days": timedelta(days=30),
+    "all time": None,
+}
+REFRESH: dict[str, int | None] = {
+    "off": None,
+    "every 30 s": 30,
+    "every minute": 60,
+    "every 5 min": 300,
+}
+_CONTEXT = "bnwatch_context"
+_LAST_RUN = "bnwatch_last_full_run"
+_LAYER = "bnwatch_layer"
+
+
+@dataclass(frozen=True)
+class Context:
+    """The choices of the sidebar: which database, model version and time range."""
+
+    url: str
+    model: str
+    version: str
+    range_label: str
+    start: datetime | None
+    end: datetime | None = None
+
+    @property
+    def span_seconds(self) -> float | None:
+        delta = RANGES[self.range_label]
+        return delta.total_seconds() if delta is not None else None
+
+
+def current() -> Context:
+    """The context the sidebar set up for this run (``app.py`` draws it before any page)."""
+    ctx = st.session_state.get(_CONTEXT)
+    if not isinstance(ctx, Context):
+        st.error("Open the dashboard through its entry script: `bnwatch dashboard`.")
+        st.stop()
+    return ctx
+
+
+def sidebar(url: str, models: pd.DataFrame) -> Context:
+    """Draw the pickers and remember the :class:`Context` they make for the pages."""
+    st.session_state[_LAST_RUN] = time.monotonic()
+    with st.sidebar:
+        labels = [f"{r.name} @ {r.version}" for r in models.itertuples()]
+        keys = list(zip(models["name"], models["version"], strict=True))
+        chosen = st.selectbox(
+            "Model version",
+            range(len(labels)),
+            format_func=lambda i: labels[i],
+            key="model_version",
+            help="Every model version that reported windows, newest activity first.",
+        )
+        model, version = keys[chosen or 0]
+        range_label = str(st.selectbox("Time range", list(RANGES), index=2, key="time_range"))
+        refresh = str(st.selectbox("Auto-refresh", list(REFRESH), index=0, key="auto_refresh"))
+        if st.button("Refresh now", help="Read the database again, ignoring the cache."):
+            data.clear()
+        st.caption(f"Database: `{redacted(url)}`")
+    seconds = REFRESH[refresh]
+    if seconds:
+        _auto_refresh(seconds)
+    ctx = Context(url, model, version, range_label, data.since(RANGES[range_label]))
+    st.session_state[_CONTEXT] = ctx
+    return ctx
+
+
+def _auto_refresh(seconds: int) -> None:
+    """Rerun the whole app every ``seconds`` (a timed fragment that reruns the app once the
+    interval has passed since the last full run)."""
+
+    @st.fragment(run_every=seconds)
+    def tick() -> None:
+        if time.monotonic() - st.session_state.get(_LAST_RUN, 0.0) >= 0.9 * seconds:
+            st.rerun(scope="app")
+
+    tick()
+
+
+def layer_picker(layers: pd.DataFrame) -> str:
+    """A layer select box whose choice holds across pages and reruns."""
+    names = list(layers["layer"])
+    remembered = st.session_state.get(_LAYER)
+    index = names.index(remembered) if remembered in names else 0
+    label = {r.layer: f"{r.layer} ({r.kind}, {r.channels} channels)" for r in layers.itertuples()}
+    chosen = st.selectbox("Layer", names, index=index, format_func=label.__getitem__)
+    st.session_state[_LAYER] = chosen
+    return str(chosen)
+
+
+def getting_started(url: str, reason: str | None = None) -> None:
+    """What an empty or missing database shows instead of data."""
+    st.title("bnwatch")
+    if reason:
+        st.subheader("Cannot read this database")
+        st.error(reason)
+    else:
+        st.subheader("No monitored models here yet")
+    st.markdown(
+        f"""
+The dashboard reads `{redacted(url)}` and found nothing to show. To fill it:
+
+1. **See it work in one command** -- trains a small CNN on scikit-learn digits and sends it
+   clean, corrupted and misconfigured traffic:
+   ```bash
+   bnwatch demo
+   bnwatch dashboard --db sqlite:///bnwatch-demo/bnwatch.db
+   ```
+2. **Watch your own model** -- windows of BatchNorm statistics land in the database:
+   ```python
+   import bnwatch
+   mon = bnwatch.watch(model, name="resnet50", version="2025-06-01",
+                       store="{url}")
+   ```
+3. **A database created by hand** needs the schema: `bnwatch db upgrade --db URL`.
+
+Pick another database with `bnwatch dashboard --db URL` or `$BNWATCH_DATABASE_URL`.
+"""
+    )
+
+
+def no_windows(ctx: Context) -> None:
+    st.info(
+        f"{ctx.model} @ {ctx.version} has no windows in the {ctx.range_label}: "
+        "choose a longer time range in the sidebar."
+    )
+
+
+def format_time(value: datetime | pd.Timestamp | None) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)) or pd.isna(value):
+        return "-"
+    return str(pd.Timestamp(value).strftime("%Y-%m-%d %H:%M:%S UTC"))
+
+
+def duration(seconds: float) -> str:
+    """``60`` -> ``"1 min"``, ``3600`` -> ``"1 h"``, ``86400`` -> ``"1 day"``."""
+    for unit, size in (("week", 7 * 86400), ("day", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size and seconds % size == 0:
+            count = int(seconds // size)
+            plural = "s" if count > 1 and unit in ("week", "day") else ""
+            return f"{count} {unit}{plural}"
+    return f"{seconds:g} s"
+
+
+def heatmap_figure(
+    table: pd.DataFrame, *, title: str, colorbar: str, diverging: bool = False
+) -> go.Figure:
+    """A heatmap of a (rows x time) table; diverging colors centered on 0 for signed values."""
+    z = table.to_numpy(dtype=float)
+    if diverging:
+        bound = float(np.nanmax(np.abs(z))) if np.isfinite(z).any() else 1.0
+        colors: dict[str, object] = {"colorscale": "RdBu_r", "zmin": -bound, "zmax": bound}
+    else:
+        colors = {"colorscale": "Viridis", "zmin": 0.0}
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=list(table.columns),
+            y=[str(i) for i in table.index],
+            colorbar={"title": {"text": colorbar}},
+            hoverongaps=False,
+            **colors,
+        )
+    )
+    fig.update_layout(
+        title=title,
+        height=max(280, 18 * len(table.index) + 120),
+        margin={"l": 10, "r": 10, "t": 40, "b": 10},
+        yaxis={"autorange": "reversed"},
+    )
+    return fig

@@ -1,0 +1,44 @@
+"""Seeded databases for the dashboard tests, one per backend, shared by the whole session
+(seeding runs a real model and the alert engine: seconds, not milliseconds)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from tests.conftest import postgres_admin_url
+from tests.dashboard.seed import Seeded, seed
+
+
+@pytest.fixture(scope="session")
+def _postgres_database() -> Iterator[str]:
+    admin_url = sa.make_url(postgres_admin_url()).set(drivername="postgresql+psycopg")
+    name = f"bnwatch_dash_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield admin_url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
+def seeded(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Seeded:
+    """A database holding the seed story (tests/dashboard/seed.py)."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path_factory.mktemp('dash') / 'bnwatch.db'}"
+    else:
+        url = request.getfixturevalue("_postgres_database")
+    return seed(url)
+
+
+@pytest.fixture
+def app_path() -> Path:
+    return Path(__file__).resolve().parents[2] / "dashboard" / "app.py"

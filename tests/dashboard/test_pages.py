@@ -1,0 +1,257 @@
+"""Every dashboard page under Streamlit's AppTest against a seeded database (SQLite and the
+real PostgreSQL): no exception, the expected widgets and the values the seed implies."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import sqlalchemy as sa
+from streamlit.testing.v1 import AppTest
+
+import data
+from bnwatch.store.engine import create_engine
+from bnwatch.store.migrate import engine_for, upgrade
+from tests.dashboard.seed import (
+    CLEAN_WINDOWS,
+    LAYERS,
+    MODEL,
+    VERSION,
+    WINDOWS,
+    Seeded,
+)
+
+TIMEOUT = 60
+
+
+@pytest.fixture
+def app(seeded: Seeded, app_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[AppTest]:
+    monkeypatch.setenv(data.DATABASE_ENV, seeded.url)
+    data.clear()
+    at = AppTest.from_file(str(app_path), default_timeout=TIMEOUT)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    yield at
+    data.clear()
+
+
+def open_page(at: AppTest, page: str) -> AppTest:
+    at.switch_page(f"pages/{page}.py")
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def metrics(at: AppTest) -> dict[str, str]:
+    return {m.label: m.value for m in at.metric}
+
+
+def test_overview(app: AppTest) -> None:
+    assert [t.value for t in app.title] == ["Overview"]
+    assert metrics(app) == {"Model versions": "1", "With open alerts": "1", "Drifting now": "1"}
+    models = app.dataframe[0].value
+    assert list(models["name"]) == [MODEL]
+    row = models.iloc[0]
+    assert row["status"] == "alert"
+    assert row["drifted_layers"] == len(LAYERS)
+    assert row["windows"] == WINDOWS * len(LAYERS)  # one row per layer and window
+    assert set(row["alert_kinds"].split(", ")) == {
+        "drift",
+        "batch_stat_mode",
+        "running_stats_mutated",
+    }
+    # the sparkline: low while clean, high once drifted (one bucket per one-minute window)
+    spark = row["drift"]
+    assert len(spark) == WINDOWS
+    assert max(spark[:CLEAN_WINDOWS]) < 0.3 < min(spark[CLEAN_WINDOWS:])
+    opened = app.dataframe[1].value
+    assert len(opened) == 5 and set(opened["model"]) == {MODEL}
+    # the shared pickers
+    assert app.sidebar.selectbox(key="model_version").value == 0
+    assert app.sidebar.selectbox(key="time_range").value == "last 24 hours"
+
+
+def test_model_page(app: AppTest) -> None:
+    at = open_page(app, "model")
+    assert at.title[0].value == f"Model {MODEL} @ {VERSION}"
+    assert len(at.get("plotly_chart")) == 2  # heatmap and depth profile
+    table = at.dataframe[0].value
+    assert list(table.index) == list(LAYERS)  # depth order
+    assert table["drifted"].all() and table["gap"].any()
+    assert table.loc["4", "batch_stat_mode"]
+    # another metric redraws without error
+    at.selectbox(key="model_metric").set_value("frac_drifted").run()
+    assert not at.exception
+
+
+@pytest.mark.parametrize("seconds", [60, 180, 3600, None])
+def test_buckets_aggregate_like_pandas_over_every_window(
+    seeded: Seeded, seconds: int | None
+) -> None:
+    """The database's per-bucket aggregates equal pandas' over the raw rows."""
+    names, rows = data.repository(seeded.url).metric_rows(MODEL, VERSION)
+    raw = pd.DataFrame.from_records(rows, columns=list(names))
+    ends = pd.to_datetime(raw["end"], utc=True).astype("int64") // 1000  # microseconds
+    width = (seconds or 2**37) * 1_000_000
+    raw["bucket"] = (ends - 1000) // width  # the bucket the end falls in
+    raw["drifted"] = raw["drifted"].astype(int)
+    expected = raw.groupby(["layer", "bucket"]).agg(
+        windows=("end", "size"),
+        samples=("n_samples", "sum"),
+        max_drift_d_rms=("drift_d_rms", "max"),
+        avg_drift_d_rms=("drift_d_rms", "mean"),
+        max_drifted=("drifted", "max"),
+        avg_drifted=("drifted", "mean"),
+    )
+    got = data.buckets(seeded.url, MODEL, VERSION, None, None, seconds, ("drift_d_rms", "drifted"))
+    assert len(got) == len(expected)
+    got = got.set_index("layer")
+    for layer, group in expected.groupby(level="layer"):
+        mine = got.loc[[layer]]
+        assert list(mine["windows"]) == list(group["windows"])
+        assert list(mine["samples"]) == list(group["samples"])
+        for column in ("max_drift_d_rms", "avg_drift_d_rms", "max_drifted", "avg_drifted"):
+            assert abs(mine[column].to_numpy() - group[column].to_numpy()).max() < 1e-9
+    if seconds is not None:
+        starts = pd.to_datetime(got["bucket_start"]).astype("int64") // 1000
+        assert (starts % width == 0).all()
+    table = data.heatmap(got.reset_index(), "drift_d_rms")
+    if seconds is not None:
+        assert list(table.index) == list(LAYERS)
+        by_layer = raw.groupby("layer")["drift_d_rms"].max()
+        assert abs(table.max(axis=1) - by_layer.reindex(table.index)).max() < 1e-12
+
+
+def test_layer_page(app: AppTest) -> None:
+    at = open_page(app, "layer")
+    assert at.title[0].value == "Layer"
+    shown = metrics(at)
+    assert shown["Channels"] == "8" and shown["Drifted (range)"] == "yes"
+    assert len(at.get("plotly_chart")) == 3  # channel heatmap, means, stds
+    top = at.dataframe[0].value
+    assert len(top) == 8
+    z = top["z (vs baseline)"].abs().to_numpy()
+    assert (z[:-1] >= z[1:]).all()  # most drifting first
+    at.selectbox[-1].set_value("7").run()  # the page's layer picker
+    assert not at.exception and metrics(at)["Channels"] == str(6 * 36)
+    at.radio[0].set_value("log_r").run()
+    assert not at.exception
+
+
+def test_channel_view_matches_one_merged_window(seeded: Seeded) -> None:
+    """The page's per-channel statistics are the exact merge of the stored windows."""
+    repo = data.repository(seeded.url)
+    view = data.channel_view(seeded.url, MODEL, VERSION, "1", None, None, 60)
+    assert view is not None
+    stored = repo.windows(MODEL, VERSION, layer="1", with_stats=True)
+    merged = stored[0].stats
+    assert merged is not None
+    for w in stored[1:]:
+        assert w.stats is not None
+        merged = merged.merge(w.stats)
+    m = merged.moments
+    assert view.range_samples == m.n_samples == sum(w.n_samples for w in stored)
+    pd.testing.assert_index_equal(pd.Index(view.mean), pd.Index(m.mean), exact=False)
+    assert abs(view.std**2 - m.var).max() < 1e-9 * max(1.0, float(m.var.max()))
+    assert view.d.shape == (WINDOWS, 8)  # one bucket per one-minute window
+
+
+def test_batch_size_page(app: AppTest) -> None:
+    at = open_page(app, "batch_size")
+    shown = metrics(at)
+    # per clean or drifted window batches of 1, 8, 32, 16; per train-mode window 24 of 2
+    train_mode = 3
+    regular = WINDOWS - train_mode
+    assert shown["Batches"] == str(4 * regular + 24 * train_mode)
+    assert shown["Samples"] == str(57 * regular + 48 * train_mode)
+    assert [w.value for w in at.warning] == [
+        "1 layer(s) normalized with batch statistics in this range."
+    ]
+    flagged = at.dataframe[0].value
+    assert list(flagged.index) == ["4"] and flagged.loc["4", "batch_stat_mode"]
+    curve = at.dataframe[1].value
+    assert list(curve["batch_size"]) == [1, 2, 4, 8, 16, 32, 64, 128, 256]
+    assert (curve["rms_d"].diff().dropna() <= 1e-12).all()  # noise falls with batch size
+    assert len(at.get("plotly_chart")) == 2
+
+
+def test_alerts_page_acknowledges_and_requests(app: AppTest, seeded: Seeded) -> None:
+    at = open_page(app, "alerts")
+    alerts = at.dataframe[0].value
+    assert len(alerts) == 5 and set(alerts["state"]) == {"open"}
+    recals = at.dataframe[1].value
+    assert list(recals["status"]) == ["applied"]
+
+    at.multiselect[1].set_value(["drift"]).run()  # filter by kind
+    assert set(at.dataframe[0].value["kind"]) == {"drift"}
+
+    target = int(alerts["id"].iloc[0])
+    at.selectbox[-3].set_value(target)  # the acknowledge form's alert
+    at.button[-2].click().run()  # "Acknowledge"
+    assert not at.exception
+    repo = data.repository(seeded.url)
+    acked = {a.id for a in repo.alerts() if a.acknowledged_at is not None}
+    assert target in acked
+
+    at.button[-1].click().run()  # "Request recalibration" (method precise)
+    assert not at.exception
+    statuses = sorted(r.status for r in repo.recalibrations(model=MODEL, version=VERSION))
+    assert statuses == ["applied", "pending"]
+
+
+def test_reports_page(app: AppTest) -> None:
+    at = open_page(app, "reports")
+    assert at.title[0].value == "Drift report"
+    shown = metrics(at)
+    assert int(shown["Reference samples"]) > 0 and int(shown["Production samples"]) > 0
+    assert int(shown["Drifted channels"]) > 0  # the seed's shift moves every channel
+    assert len(at.get("download_button")) == 2
+
+
+def test_time_range_without_windows(app: AppTest) -> None:
+    app.sidebar.selectbox(key="time_range").set_value("last hour").run()
+    assert not app.exception
+    at = open_page(app, "model")
+    assert len(at.get("plotly_chart")) == 2
+
+
+@pytest.mark.parametrize("kind", ["missing file", "empty schema", "outdated schema"])
+def test_unusable_database_shows_how_to_start(
+    kind: str, app_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"sqlite:///{tmp_path / 'bnwatch.db'}"
+    if kind == "empty schema":
+        engine_for(url).dispose()
+    elif kind == "outdated schema":
+        engine = create_engine(url)
+        upgrade(engine, "0001")
+        engine.dispose()
+    monkeypatch.setenv(data.DATABASE_ENV, url)
+    at = AppTest.from_file(str(app_path), default_timeout=TIMEOUT)
+    at.run()
+    assert not at.exception
+    text = " ".join(m.value for m in at.markdown)
+    assert "bnwatch demo" in text
+    if kind == "empty schema":
+        assert at.subheader[0].value == "No monitored models here yet"
+    else:
+        assert at.subheader[0].value == "Cannot read this database"
+        hint = "bnwatch db upgrade" if kind == "outdated schema" else "no database file"
+        assert hint in at.error[0].value
+    if kind == "missing file":
+        assert not (tmp_path / "bnwatch.db").exists()  # looking does not create it
+
+
+def test_dashboard_never_imports_torch(app_path: Path) -> None:
+    """The dashboard runs where torch is not installed (a separate process: no torch yet)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import data, ui; "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    subprocess.run([sys.executable, "-c", code, str(app_path.parent)], check=True)
+    assert sa  # the module's imports are used
