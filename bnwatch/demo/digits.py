@@ -13,6 +13,7 @@ the persistent train/inference *gap* of DESIGN §3.  The corruptions (:func:`gau
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -157,12 +158,14 @@ def train(
     seed: int,
     batch_size: int = 32,
     lr: float = 0.01,
+    on_epoch: Callable[[int], object] | None = None,
 ) -> TrainResult:
     """Fit ``model`` with Adam and ±1-pixel shift augmentation; leaves it in ``eval()`` mode.
 
     Deterministic for a given model initialization and ``seed`` (shuffling and shifts draw
     from a generator seeded with it; the model has no dropout).  The running statistics end up
-    as the EMA (momentum 0.1) over the *augmented* training batches.
+    as the EMA (momentum 0.1) over the *augmented* training batches.  ``on_epoch(epoch)`` is
+    called after each epoch (1-based), e.g. to advance a progress bar.
     """
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
@@ -171,7 +174,7 @@ def train(
         optimizer, max_lr=lr, total_steps=epochs * -(-len(y) // batch_size)
     )
     model.train()
-    for _ in range(epochs):
+    for epoch in range(1, epochs + 1):
         order = torch.randperm(len(y), generator=generator)
         for i in range(0, len(y), batch_size):
             idx = order[i : i + batch_size]
@@ -182,6 +185,8 @@ def train(
             loss.backward()  # type: ignore[no-untyped-call]
             optimizer.step()
             scheduler.step()
+        if on_epoch is not None:
+            on_epoch(epoch)
     model.eval()
     return TrainResult(
         epochs=epochs,
