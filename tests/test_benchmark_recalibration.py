@@ -17,6 +17,8 @@ import pytest
 import torch
 from torch import nn
 
+import bnwatch
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # ``benchmarks`` is not an installed package
     sys.path.insert(0, str(ROOT))
@@ -148,3 +150,28 @@ def test_smoke_run_reports_every_case_and_configuration(
     assert gap["max_mean_diff_in_sd"] < 1e-3  # the same estimator, up to rounding
     assert gap["max_var_rel_diff"] < 1e-2  # biased (fvcore) vs unbiased (bnwatch) variance
     assert "MISS" in printed or "ok" in printed
+
+
+def test_labelled_bound_lowers_the_loss_and_leaves_the_model_clean() -> None:
+    model = _net()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(48, 1, 4, 4, generator=g) * 2 + 1
+    y = torch.randint(0, 3, (48,), generator=g)
+    bnwatch_model = copy.deepcopy(model)
+    bnwatch.recalibrate(bnwatch_model, [x], num_samples=48, apply=True, progress=False)
+    with torch.no_grad():
+        start = float(torch.nn.functional.cross_entropy(bnwatch_model(x), y))
+    weights = {k: v.clone() for k, v in model.named_parameters()}
+
+    bench.fit_statistics_with_labels(model, x, y, steps=50, lr=0.05)
+    with torch.no_grad():
+        fitted = float(torch.nn.functional.cross_entropy(model(x), y))
+    assert fitted < start
+    assert not model.training
+    for name, p in model.named_parameters():
+        assert p.requires_grad, name
+        assert torch.equal(p, weights[name]), name  # only the statistics moved
+    for m in (model[1], model[5]):
+        assert not m._forward_hooks
+        assert bool((bench._buffer(m, "var") >= 0).all())
+        assert not bench._buffer(m, "mean").requires_grad
