@@ -9,7 +9,7 @@ PIP := $(BIN)/python -m pip
 # the local PostgreSQL for the store tests (CI fails, rather than skips, without one)
 export BNWATCH_TEST_POSTGRES_URL ?= postgresql://postgres@127.0.0.1:5432/test
 
-.PHONY: demo test lint bench constraints clean help prometheus-tools
+.PHONY: demo test lint bench constraints clean help prometheus-tools deploy-tools browser-tools
 
 help:
 	@echo "make demo   - set up .venv and run 'bnwatch demo' on the embedded default (SQLite)"
@@ -27,8 +27,8 @@ demo: $(STAMP)
 	$(BIN)/bnwatch demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check bnwatch tests benchmarks migrations
-	$(BIN)/ruff format --check bnwatch tests benchmarks migrations
+	$(BIN)/ruff check bnwatch tests benchmarks migrations dashboard
+	$(BIN)/ruff format --check bnwatch tests benchmarks migrations dashboard
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
@@ -44,14 +44,40 @@ prometheus-tools:
 	  fi; \
 	fi
 
-test: lint prometheus-tools
+# docker-compose (Debian's parser validates docker-compose.yml without an engine) and amtool for
+# tests/deploy (skipped locally without them, required in CI): from Debian as root, else a hint
+deploy-tools:
+	@if ! command -v docker-compose >/dev/null || ! command -v amtool >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	      apt-get install -y -qq --no-install-recommends docker-compose prometheus-alertmanager >/dev/null; \
+	  else \
+	    echo "docker-compose/amtool not found: apt-get install docker-compose prometheus-alertmanager (tests/deploy skip them; CI fails)"; \
+	  fi; \
+	fi
+
+# Debian's chromium for the dashboard's browser test (tests/dashboard/test_browser.py; skipped
+# locally without it, required in CI): from Debian as root, else a hint
+browser-tools:
+	@if ! command -v chromium >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	      apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
+	  else \
+	    echo "chromium not found: apt-get install chromium (the browser test skips; CI fails)"; \
+	  fi; \
+	fi
+
+test: lint prometheus-tools deploy-tools browser-tools
 	$(BIN)/pytest
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/store.py
 	$(BIN)/python benchmarks/recalibration.py
+	$(BIN)/python benchmarks/detection.py
 	$(BIN)/python benchmarks/ingest.py
+	$(BIN)/python benchmarks/dashboard.py
 
 constraints: $(STAMP)
 	@echo "# Pinned versions for 'make' (pip install -c constraints.txt). Regenerate: make constraints" > constraints.txt.new

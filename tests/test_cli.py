@@ -84,7 +84,7 @@ def test_demo_arguments_reach_run_demo(tmp_path: Path, monkeypatch: pytest.Monke
     calls: list[tuple[Any, dict[str, Any]]] = []
     monkeypatch.setattr(bnwatch.demo, "run_demo", lambda *a, **kw: calls.append((a, kw)))
     assert main(["demo", "--out", str(tmp_path / "d"), "--seed", "7", "--quick"]) == 0
-    assert calls == [((tmp_path / "d",), {"seed": 7, "quick": True})]
+    assert calls == [((tmp_path / "d",), {"seed": 7, "quick": True, "store": None})]
 
 
 def test_demo_defaults() -> None:
