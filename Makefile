@@ -5,7 +5,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DEMO_STAMP := $(VENV)/.installed-demo
 PIP := $(BIN)/python -m pip
+PIP_INSTALL := $(PIP) install --quiet --disable-pip-version-check -c constraints.txt
 # the local PostgreSQL for the store tests (CI fails, rather than skips, without one)
 export BNWATCH_TEST_POSTGRES_URL ?= postgresql://postgres@127.0.0.1:5432/test
 
@@ -17,13 +19,18 @@ help:
 	@echo "make bench  - run the benchmarks (prints tables of ratios)"
 	@echo "make lint   - ruff, mypy and import-linter only"
 
-$(STAMP): pyproject.toml constraints.txt
+# the demo needs the runtime and scikit-learn only; the tests add the dev tools on top
+$(DEMO_STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --disable-pip-version-check --upgrade "pip>=24"
-	$(PIP) install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	$(PIP_INSTALL) -e '.[demo]'
+	touch $(DEMO_STAMP)
+
+$(STAMP): $(DEMO_STAMP)
+	$(PIP_INSTALL) -e '.[dev]'
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	$(BIN)/bnwatch demo
 
 lint: $(STAMP)
