@@ -68,7 +68,7 @@ def _add_demo(subparsers: Subparsers) -> None:
             "     the model on the inputs it kept; accuracy before/after is printed;\n"
             "  3. a layer left in train() with batches of 2: small-batch-mismatch,\n"
             "     batch-stat-mode and mutated-running-stats alerts open;\n"
-            "  4. recalibrating the trained model on clean validation data closes the gap.\n"
+            "  4. recalibrating the trained model on clean data closes the gap.\n"
             "\n"
             "Prints a row per window, the alerts and the recalibration as they happen, a\n"
             "summary, and the command that opens the dashboard on the result; the monitor's\n"

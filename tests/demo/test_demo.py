@@ -268,7 +268,7 @@ def test_output_tells_the_story_within_100_columns(run: Run) -> None:
     assert "        ! alert opened: drift on bn1, bn2, bn3, head_bn" in lines
     assert "        ! recalibration 1 triggered by the drift alert on bn1: applied" in lines
     assert f"        ! alert opened: small_batch_mismatch on {TRAIN_MODE_LAYER}" in lines
-    assert "[4/4] recalibrate: the trained model on clean validation images" in lines
+    assert "[4/4] recalibrate: the trained model on clean training + validation images" in lines
     assert "summary" in lines
     before, after = run.result.drift_accuracy
     assert f"               accuracy on the drifted images {before:.1%} -> {after:.1%}" in lines
