@@ -34,7 +34,7 @@ What is measured
       ``Report.run`` on a sample of windows in the run (``--evidently-checks``; the output
       says how many agreed).
 
-    A window is ``n`` = 16, 32, 64, 128 or 256 distinct images of a test pool (a simple random
+    A window is ``n`` = 4, 8, 16, 32, 64, 128 or 256 distinct images of a test pool (a simple random
     sample, without replacement).  A corrupted window applies one of the 12 corruptions of
     ``benchmarks/recalibration.py`` at one of 5 severities to its images (the noise is drawn
     per window).  Severities 1-3 are the recalibration benchmark's (chosen there to cost about
@@ -80,7 +80,7 @@ from benchmarks import recalibration  # noqa: E402
 from bnwatch.demo import digits  # noqa: E402
 
 DETECTORS = ("bnwatch", "BBSD", "Evidently")
-SIZES = (16, 32, 64, 128, 256)
+SIZES = (4, 8, 16, 32, 64, 128, 256)
 SEVERITIES = (1, 2, 3, 4, 5)
 DEFAULT_WINDOWS = 50
 """Corrupted windows per (corruption, severity, n) cell."""
@@ -628,8 +628,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     at_target = {
         d: mean_rate(select(cells, n=TARGET_N, min_severity=TARGET_SEVERITY), d) for d in DETECTORS
     }
-    ours = smallest["bnwatch"]["sev >=3"]
-    baselines = [smallest[d]["sev >=3"] for d in DETECTORS[1:]]
+    # the issue's comparison is at severity 3 ("BBSD-KS reaches 90 % average detection at
+    # severity 3 with 32 samples"); the pooled severities >= 3 are printed beside it
+    fewer = f"sev {TARGET_SEVERITY}"
+    ours = smallest["bnwatch"][fewer]
+    baselines = [smallest[d][fewer] for d in DETECTORS[1:]]
+    ours_pooled = smallest["bnwatch"]["sev >=3"]
+    baselines_pooled = [smallest[d]["sev >=3"] for d in DETECTORS[1:]]
     targets = {
         "false_alarms_at_most_1pct": worst_false_alarm["bnwatch"] <= TARGET_FALSE_ALARMS,
         "detects_90pct_at_sev3_n64": at_target["bnwatch"] is not None
@@ -700,10 +705,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"{verdict(targets['detects_90pct_at_sev3_n64'])}"
     )
     print(
-        f"  {100 * TARGET_DETECTION:.0f}% with fewer samples than both baselines: n={ours} vs "
-        f"BBSD {baselines[0]}, Evidently {baselines[1]}  "
+        f"  {100 * TARGET_DETECTION:.0f}% at severity {TARGET_SEVERITY} with fewer samples than "
+        f"both baselines: n={ours} vs BBSD {baselines[0]}, Evidently {baselines[1]}  "
         f"{verdict(targets['fewer_samples_than_both_baselines'])}"
-        + (" (a tie at the smallest n tried)" if ours == sizes[0] and sizes[0] in baselines else "")
+    )
+    print(
+        f"  (severity >= {TARGET_SEVERITY} pooled: n={ours_pooled} vs BBSD "
+        f"{baselines_pooled[0]}, Evidently {baselines_pooled[1]})"
     )
     if agreement:
         print(

@@ -58,7 +58,7 @@ class DriftConfig:
     channel_fdr: float = 0.01
     min_shift: float = 0.2
     min_log_ratio: float = 0.1
-    min_samples: int = 16
+    min_samples: int = 8
     warmup_samples: int = 2048
     min_drifted_fraction: float = 0.0
 

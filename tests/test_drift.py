@@ -126,9 +126,10 @@ def _skewed_windows(rng: np.random.Generator, n: int, c: int, s: int) -> np.ndar
     return offset + rng.normal(size=(n, c, s)) * math.sqrt(0.3)
 
 
+@pytest.mark.parametrize("n", [8, 16])  # 8: the smallest window judged by default
 @pytest.mark.parametrize("against", ["running", "baseline"])
 @pytest.mark.parametrize("shape", ["normal", "skewed"])
-def test_null_p_values_are_calibrated(against: str, shape: str) -> None:
+def test_null_p_values_are_calibrated(against: str, shape: str, n: int) -> None:
     """Under no change, p-values are uniform and their small tail is not inflated."""
     rng = np.random.default_rng(3)
     gen = _windows if shape == "normal" else _skewed_windows
@@ -140,7 +141,7 @@ def test_null_p_values_are_calibrated(against: str, shape: str) -> None:
         ref, null = Reference.from_moments(base), None
     p_mean, p_var = [], []
     for _ in range(2500):
-        t = shift_test(ChannelMoments.from_values(gen(rng, 16, 4, 16)), ref, EPS, cfg, null=null)
+        t = shift_test(ChannelMoments.from_values(gen(rng, n, 4, 16)), ref, EPS, cfg, null=null)
         p_mean.append(t.p_mean)
         p_var.append(t.p_log_var)
     pm = np.concatenate(p_mean)
@@ -164,7 +165,8 @@ def test_variance_ratio_p_matches_scipy() -> None:
     np.testing.assert_allclose(got, want, rtol=1e-9)
 
 
-def test_variance_test_is_calibrated_in_the_lower_tail_of_few_skewed_samples() -> None:
+@pytest.mark.parametrize("n", [8, 16])
+def test_variance_test_is_calibrated_in_the_lower_tail_of_few_skewed_samples(n: int) -> None:
     """[N, C] features with gamma(0.5) per-sample values (kurtosis 15), as class-selective
     pooled features are: the sample variance of 16 has a long lower tail, where the normal law
     of log var rejected 0.33 % at nominal 0.1 % (1.6 % at 1 %)."""
@@ -173,7 +175,7 @@ def test_variance_test_is_calibrated_in_the_lower_tail_of_few_skewed_samples() -
     ref = Reference.from_moments(ChannelMoments.from_values(rng.gamma(0.5, size=(2000, 4, 1))))
     p_var = [
         shift_test(
-            ChannelMoments.from_values(rng.gamma(0.5, size=(16, 4, 1))), ref, EPS, cfg
+            ChannelMoments.from_values(rng.gamma(0.5, size=(n, 4, 1))), ref, EPS, cfg
         ).p_log_var
         for _ in range(2500)
     ]
