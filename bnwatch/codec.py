@@ -77,14 +77,9 @@ def blob_shape(blob: bytes | memoryview) -> tuple[str, int, int]:
 
 def decode_arrays(blob: bytes | memoryview) -> NDArray[Any]:
     """The ``[rows, C]`` array a blob of :func:`encode_arrays` holds, in its stored dtype."""
+    code, rows, cols = blob_shape(blob)
     data = bytes(blob)
-    if len(data) < _HEADER.size:
-        raise CodecError("array blob", f">= {_HEADER.size} bytes", len(data))
-    magic, dtype, rows, cols = _HEADER.unpack_from(data)
-    code = dtype.rstrip(b"\0")
-    if magic != MAGIC or code not in _DTYPES:
-        raise CodecError("array blob header", (MAGIC, sorted(_DTYPES)), (magic, dtype))
-    np_dtype = _DTYPES[code][0]
+    np_dtype = _DTYPES[code.encode()][0]
     width = np_dtype.itemsize
     out = np.empty((rows, cols), dtype=np_dtype)
     pos = _HEADER.size

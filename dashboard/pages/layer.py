@@ -57,39 +57,58 @@ st.plotly_chart(
 
 st.subheader(f"Observed and reference statistics over the {ctx.range_label}")
 channels = np.arange(view.channels)
-mean_fig = go.Figure()
-mean_fig.add_trace(
-    go.Scatter(
-        x=channels,
-        y=view.mean,
-        error_y={"type": "data", "array": 1.96 * view.mean_stderr, "visible": True},
-        mode="markers",
-        name="observed mean (95% CI)",
-    )
-)
-mean_fig.add_trace(go.Scatter(x=channels, y=view.running_mean, mode="markers", name="running_mean"))
-if view.baseline_mean is not None:
-    mean_fig.add_trace(
-        go.Scatter(x=channels, y=view.baseline_mean, mode="markers", name=f"{view.baseline} mean")
-    )
-mean_fig.update_layout(
-    xaxis_title="channel", yaxis_title="mean", height=320, margin={"t": 10, "b": 10}
-)
-st.plotly_chart(mean_fig, key="means")
 
-std_fig = go.Figure()
-std_fig.add_trace(go.Scatter(x=channels, y=view.std, mode="markers", name="observed std"))
-std_fig.add_trace(
-    go.Scatter(x=channels, y=view.running_std, mode="markers", name="sqrt(running_var)")
-)
-if view.baseline_std is not None:
-    std_fig.add_trace(
-        go.Scatter(x=channels, y=view.baseline_std, mode="markers", name=f"{view.baseline} std")
+
+def observed_vs_reference(
+    what: str,
+    observed: np.ndarray,
+    running: np.ndarray,
+    running_name: str,
+    baseline: np.ndarray | None,
+    baseline_name: str,
+    error: np.ndarray | None = None,
+) -> go.Figure:
+    """Per channel: the observed ``what`` (with 95 % error bars when given), the running
+    statistic and, when there is one, the baseline's."""
+    fig = go.Figure()
+    fig.add_trace(
+        go.Scatter(
+            x=channels,
+            y=observed,
+            error_y=None if error is None else {"type": "data", "array": error, "visible": True},
+            mode="markers",
+            name=f"observed {what}" + ("" if error is None else " (95% CI)"),
+        )
     )
-std_fig.update_layout(
-    xaxis_title="channel", yaxis_title="std", height=320, margin={"t": 10, "b": 10}
+    fig.add_trace(go.Scatter(x=channels, y=running, mode="markers", name=running_name))
+    if baseline is not None:
+        fig.add_trace(
+            go.Scatter(x=channels, y=baseline, mode="markers", name=f"{baseline_name} {what}")
+        )
+    fig.update_layout(
+        xaxis_title="channel", yaxis_title=what, height=320, margin={"t": 10, "b": 10}
+    )
+    return fig
+
+
+st.plotly_chart(
+    observed_vs_reference(
+        "mean",
+        view.mean,
+        view.running_mean,
+        "running_mean",
+        view.baseline_mean,
+        view.baseline,
+        error=1.96 * view.mean_stderr,
+    ),
+    key="means",
 )
-st.plotly_chart(std_fig, key="stds")
+st.plotly_chart(
+    observed_vs_reference(
+        "std", view.std, view.running_std, "sqrt(running_var)", view.baseline_std, view.baseline
+    ),
+    key="stds",
+)
 
 st.subheader("Top drifting channels")
 top = pd.DataFrame(

@@ -62,9 +62,9 @@ def test_reservoirs_round_trip_bit_for_bit(repo: Repository) -> None:
     assert all(w.stats is not None and w.stats.reservoir is not None for w in latest)
 
 
-def test_windows_without_reservoirs_read_as_none(repo: Repository) -> None:
-    records = record_windows(2)
-    bare = [
+def without_reservoirs(records: list[WindowRecord]) -> list[WindowRecord]:
+    """The same windows as a monitor that keeps no reservoirs would send them."""
+    return [
         dataclasses.replace(
             r,
             reports={
@@ -74,6 +74,10 @@ def test_windows_without_reservoirs_read_as_none(repo: Repository) -> None:
         )
         for r in records
     ]
+
+
+def test_windows_without_reservoirs_read_as_none(repo: Repository) -> None:
+    bare = without_reservoirs(record_windows(2))
     repo.write_windows(bare)
     assert all(
         w.stats and w.stats.reservoir is None for w in repo.windows("cnn", "1", with_stats=True)
@@ -165,17 +169,7 @@ def test_reference_reservoir_is_the_profiles_else_the_warmup(repo: Repository) -
 
 
 def test_no_reference_says_how_to_record_one(repo: Repository) -> None:
-    records = record_windows(2, warmup_samples=10**6)  # never leaves the warm-up
-    bare = [
-        dataclasses.replace(
-            r,
-            reports={
-                n: dataclasses.replace(rep, stats=dataclasses.replace(rep.stats, reservoir=None))
-                for n, rep in r.reports.items()
-            },
-        )
-        for r in records
-    ]
+    bare = without_reservoirs(record_windows(2, warmup_samples=10**6))  # never leaves the warm-up
     repo.write_windows(bare)
     with pytest.raises(NoReservoirError, match=r"bnwatch\.profile\(model") as info:
         repo.reference_reservoir("cnn", "1", "4")
