@@ -243,8 +243,8 @@ class RecalibrateAction:
             )
             if result.status == "applied":
                 live = result.bound_to(self.model)
-                live.apply()
-                self.monitor.adopt_running_statistics()  # intended: not a "mutation"
+                # applied and adopted at once: intended, not a "mutation" of a closing window
+                self.monitor.adopt_running_statistics(live.apply)
                 return Outcome("applied", result.summary(), live)
         return Outcome("rejected", result.summary(), result)
 

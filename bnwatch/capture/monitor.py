@@ -537,11 +537,18 @@ class Monitor:
         """Close the current window now and return its reports (layer name -> report)."""
         return self._close_window()
 
-    def adopt_running_statistics(self) -> None:
+    def adopt_running_statistics(self, change: Callable[[], object] | None = None) -> None:
         """Take the layers' current running statistics as the new reference of the
         train/inference gap (after a recalibration was applied on purpose), so the change is
-        not reported as ``running_stats_mutated``."""
+        not reported as ``running_stats_mutated``.
+
+        ``change``, when given, is what changes them (``RecalibrationResult.apply``, say): it
+        runs under the lock that closing a window takes, so that no window can close between
+        the change and its adoption and report it as a mutation.
+        """
         with self._flush_lock:
+            if change is not None:
+                change()
             for layer in self._layers:
                 self._running.pop(layer.name, None)
                 self._snapshot_running(layer)
