@@ -52,8 +52,11 @@ def encode_arrays(arrays: Sequence[NDArray[Any]] | NDArray[Any], dtype: str = "<
         raise ShapeError("arrays to encode", "[rows, C]", stacked.shape)
     rows, cols = stacked.shape
     parts = [_HEADER.pack(MAGIC, code.ljust(4, b"\0"), rows, cols)]
-    for row in stacked:
-        if cols and np.all(row.view(bits) == row[:1].view(bits)):  # bitwise constant
+    # one vectorized test for every row: is it bitwise constant?
+    as_bits = stacked.view(bits)
+    constant = (as_bits == as_bits[:, :1]).all(axis=1) if cols else np.zeros(rows, bool)
+    for row, flat in zip(stacked, constant.tolist(), strict=True):
+        if flat:
             parts.append(b"\x01")
             parts.append(row[:1].tobytes())
         else:

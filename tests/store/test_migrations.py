@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
@@ -11,7 +12,7 @@ from bnwatch.cli import main
 from bnwatch.store.engine import SchemaError, create_engine
 from bnwatch.store.migrate import current_revision, downgrade, engine_for, head_revision, upgrade
 from bnwatch.store.models import Base
-from bnwatch.store.repository import Repository
+from bnwatch.store.repository import Repository, moments_equal
 from tests.store.helpers import record_windows
 
 
@@ -33,14 +34,63 @@ def test_upgrade_downgrade_upgrade_keeps_data(db_url: str) -> None:
     repo.write_windows(record_windows(3))
     before = repo.window_count()
     assert before == 9
-    downgrade(engine)  # one revision back
-    assert current_revision(engine) != head_revision()
+    downgrade(engine, "0004")  # back past the storage setting and the reservoir columns
+    assert current_revision(engine) == "0004"
     with engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM windows")).scalar_one() == before
     upgrade(engine)
     assert Repository(engine).window_count() == before
     assert len(Repository(engine).windows("cnn", "1", resolution=3600.0)) == 3
     engine.dispose()
+
+
+ARRAY_COLUMNS = {
+    ("windows", "moments"),
+    ("windows", "reservoir"),
+    ("refs", "mean_var"),
+    ("refs", "moments"),
+    ("refs", "reservoir"),
+}
+
+
+def _storage(engine: sa.Engine) -> dict[tuple[str, str], str]:
+    """``pg_attribute.attstorage`` of every bytea column bnwatch owns ('e' external, 'x'
+    extended: compressed when it saves 25 %)."""
+    query = sa.text(
+        "SELECT c.relname, a.attname, a.attstorage FROM pg_attribute a "
+        "JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = current_schema() AND a.atttypid = 'bytea'::regtype "
+        "AND a.attnum > 0 AND NOT a.attisdropped"
+    )
+    with engine.connect() as conn:
+        return {(t, c): s for t, c, s in conn.execute(query)}
+
+
+def test_postgres_stores_array_blobs_uncompressed(postgres_url: str) -> None:
+    """Float statistics do not compress: pglz would spend a full pass on every value and keep
+    nothing (0006), so the blobs are ``STORAGE EXTERNAL``; downgrading restores the default."""
+    engine = engine_for(postgres_url)
+    try:
+        assert _storage(engine) == {key: "e" for key in ARRAY_COLUMNS}
+        downgrade(engine, "0005")
+        assert _storage(engine) == {key: "x" for key in ARRAY_COLUMNS}
+        upgrade(engine)
+        assert _storage(engine) == {key: "e" for key in ARRAY_COLUMNS}
+        # windows read back bit for bit through the uncompressed columns
+        repo = Repository(engine)
+        records = record_windows(2)
+        repo.write_windows(records)
+        stored = repo.windows("cnn", "1", with_stats=True)
+        assert len(stored) == 6
+        for w in stored:
+            (record,) = [r for r in records if r.end == w.end]
+            sent = record.reports[w.layer].stats
+            assert w.stats is not None
+            assert moments_equal(w.stats.moments, sent.moments)
+            assert sent.reservoir is not None and w.stats.reservoir is not None
+            np.testing.assert_array_equal(w.stats.reservoir.rows, sent.reservoir.rows)
+    finally:
+        engine.dispose()
 
 
 def test_a_database_behind_says_to_upgrade(db_url: str) -> None:
