@@ -17,6 +17,11 @@ What is measured
     * ``repository`` -- :meth:`Repository.write_windows` called directly, ``B`` windows per
       call (one transaction per call; default ``B`` = 1 and 8); the time is the sum of the
       calls.
+    * ``pglz`` (PostgreSQL only; ``--no-compare-storage`` skips it) -- the repository path
+      at the largest batch size with the array columns set back to TOAST's default
+      ``STORAGE EXTENDED`` for its timed writes (and to bnwatch's ``EXTERNAL`` after): the
+      store as it was before migration 0006, in the same rounds as the rest, so the ratio of
+      the two rows is the effect of not compressing incompressible float blobs.
     * ``writer`` -- the real background writer :class:`~bnwatch.store.writer.StoreSink`
       (default batch size): ``write()`` every window, then ``flush()``; the time runs from
       the first ``write()`` to ``flush()`` returning, i.e. until everything is stored.
@@ -115,6 +120,11 @@ RESNET50_STEM_SIDE = 112
 BACKENDS: tuple[str, ...] = ("sqlite", "postgresql")
 REPOSITORY = "repository"
 WRITER = "writer"
+PGLZ = "pglz"
+"""PostgreSQL only: the repository path with the array columns set back to TOAST's default
+(``STORAGE EXTENDED``: pglz tries every value) for the timed writes -- the store as it was
+before migration 0006, measured in the same rounds as the rest."""
+ARRAY_COLUMNS = ("moments", "reservoir")
 
 DEFAULT_RECORDS = 32
 """Timed windows per path and round."""
@@ -359,6 +369,13 @@ class Meter:
         extra = wal.stat().st_size if wal.exists() else 0
         return Size(self.sqlite_path.stat().st_size + extra, rows)
 
+    def set_storage(self, storage: str) -> None:
+        """``ALTER TABLE windows ... SET STORAGE`` for the array columns (PostgreSQL): it
+        applies to values written from then on."""
+        alters = ", ".join(f"ALTER COLUMN {c} SET STORAGE {storage}" for c in ARRAY_COLUMNS)
+        with self.engine.begin() as conn:
+            conn.execute(sa.text(f"ALTER TABLE windows {alters}"))
+
     def server(self) -> dict[str, Any]:
         """Version and the settings that decide commit cost."""
         with self.engine.connect() as conn:
@@ -418,10 +435,14 @@ def run_path(
     warmup: WindowRecord,
 ) -> None:
     """One timed round of one path; size and rows are read just outside the timed region."""
-    if result.path == REPOSITORY:
+    if result.path in (REPOSITORY, PGLZ):
+        if result.path == PGLZ:
+            meter.set_storage("EXTENDED")
         before = meter.read()
         calls = time_repository(repo, records, result.batch)
         after = meter.read()
+        if result.path == PGLZ:
+            meter.set_storage("EXTERNAL")
         result.seconds.append(sum(calls))
         result.transaction_seconds.extend(calls)
     else:
@@ -616,6 +637,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help=f"StoreSink batch_size (default {DEFAULT_SINK_BATCH}, the writer's default)",
     )
     p.add_argument(
+        "--no-compare-storage",
+        dest="compare_storage",
+        action="store_false",
+        help="skip the PostgreSQL 'pglz' row (the repository path at the largest batch size "
+        "with the array columns at TOAST's compressing default, as before migration 0006)",
+    )
+    p.add_argument(
         "--smoke", action="store_true", help="tiny run for tests: 2 windows, 1 round, batches 1 2"
     )
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write results here")
@@ -675,6 +703,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cpu = client_cpu_ms(factory.make(1)[0])
     progress(f" {VARIANTS} report sets of {len(layers)} layers built")
     paths = [(REPOSITORY, b) for b in args.batch_sizes] + [(WRITER, args.sink_batch_size)]
+    compare = [(PGLZ, max(args.batch_sizes))] if args.compare_storage else []
 
     rows: list[dict[str, Any]] = []
     servers: dict[str, dict[str, Any]] = {}
@@ -689,13 +718,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 sqlite_path = None
                 url = stack.enter_context(postgres_database(args.postgres_url))
             databases[backend] = sa.make_url(url).database or ""
-            progress(f" {backend}: {len(paths)} paths x {args.rounds} rounds x {args.records}")
+            measured = paths + (compare if backend == "postgresql" else [])
+            progress(f" {backend}: {len(measured)} paths x {args.rounds} rounds x {args.records}")
             results, servers[backend] = run_backend(
                 backend,
                 url,
                 sqlite_path=sqlite_path,
                 factory=factory,
-                paths=paths,
+                paths=measured,
                 rounds=args.rounds,
                 records=args.records,
                 progress=progress,

@@ -12,7 +12,7 @@ import torch
 
 import bnwatch
 from bnwatch.store.migrate import engine_for
-from bnwatch.store.repository import Repository
+from bnwatch.store.repository import Repository, moments_equal
 from bnwatch.store.writer import StoreSink
 from tests.store.helpers import batches, record_windows, renamed, small_cnn
 
@@ -146,3 +146,28 @@ def test_a_rejected_window_is_counted_and_the_rest_stored(db_url: str) -> None:
     assert (stats.written, stats.rejected) == (2, 1)
     assert "has 6 channels in the store but the window has 9" in (stats.last_error or "")
     assert stored(db_url) == 6
+
+
+def test_a_window_rejected_mid_stream_takes_only_itself_out(db_url: str) -> None:
+    """Whichever batch the rejected window lands in, the others of the stream are stored,
+    each with its own statistics."""
+    good = record_windows(7)
+    bad = record_windows(1, model=small_cnn(width=9))[0]
+    sink = StoreSink(db_url, batch_size=2)
+    sink.write(good[0])
+    assert sink.flush()  # the model and its layers exist before the bad window comes
+    for record in [*good[1:4], bad, *good[4:]]:
+        sink.write(record)
+    sink.close()
+    stats = sink.stats()
+    assert (stats.written, stats.rejected, stats.dropped) == (7, 1, 0)
+    engine = engine_for(db_url)
+    try:
+        repo = Repository(engine)
+        assert repo.window_count() == 21
+        for w in repo.windows("cnn", "1", with_stats=True):
+            (sent,) = [r for r in good if r.end == w.end]
+            assert w.stats is not None
+            assert moments_equal(w.stats.moments, sent.reports[w.layer].stats.moments)
+    finally:
+        engine.dispose()
