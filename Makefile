@@ -75,8 +75,10 @@ browser-tools:
 	  fi; \
 	fi
 
+# pytest-xdist: one worker per core (every test has its own database, ports and temp files)
+PYTEST_WORKERS ?= auto
 test: lint prometheus-tools deploy-tools browser-tools
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist worksteal
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/overhead.py
