@@ -29,14 +29,24 @@ def _postgres_database() -> Iterator[str]:
         admin.dispose()
 
 
+_SEEDED: dict[str, Seeded] = {}
+"""Each backend is seeded once per session (per pytest-xdist worker).  pytest sets a
+parametrized session fixture up again whenever the tests it gets alternate between params
+(as pytest-xdist's work stealing orders them), and seeding the same database twice doubles
+its windows."""
+
+
 @pytest.fixture(scope="session", params=["sqlite", "postgresql"])
 def seeded(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Seeded:
     """A database holding the seed story (tests/dashboard/seed.py)."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path_factory.mktemp('dash') / 'bnwatch.db'}"
-    else:
-        url = request.getfixturevalue("_postgres_database")
-    return seed(url)
+    backend: str = request.param
+    if backend not in _SEEDED:
+        if backend == "sqlite":
+            url = f"sqlite:///{tmp_path_factory.mktemp('dash') / 'bnwatch.db'}"
+        else:
+            url = request.getfixturevalue("_postgres_database")
+        _SEEDED[backend] = seed(url)
+    return _SEEDED[backend]
 
 
 @pytest.fixture
