@@ -18,8 +18,8 @@ What is measured
       call (one transaction per call; default ``B`` = 1 and 8); the time is the sum of the
       calls.
     * ``pglz`` (PostgreSQL only; ``--no-compare-storage`` skips it) -- the repository path
-      at the largest batch size with the array columns set back to TOAST's default
-      ``STORAGE EXTENDED`` for its timed writes (and to bnwatch's ``EXTERNAL`` after): the
+      at the largest batch size on the schema migrated down to 0005 for its timed writes
+      (array columns at TOAST's default ``STORAGE EXTENDED``) and back to head after: the
       store as it was before migration 0006, in the same rounds as the rest, so the ratio of
       the two rows is the effect of not compressing incompressible float blobs.
     * ``writer`` -- the real background writer :class:`~bnwatch.store.writer.StoreSink`
@@ -106,7 +106,7 @@ from bnwatch.stats import (
     default_reservoir_rows,
 )
 from bnwatch.store.engine import create_engine
-from bnwatch.store.migrate import engine_for
+from bnwatch.store.migrate import downgrade, engine_for, upgrade
 from bnwatch.store.repository import Repository, window_row
 from bnwatch.store.writer import StoreSink
 
@@ -121,10 +121,10 @@ BACKENDS: tuple[str, ...] = ("sqlite", "postgresql")
 REPOSITORY = "repository"
 WRITER = "writer"
 PGLZ = "pglz"
-"""PostgreSQL only: the repository path with the array columns set back to TOAST's default
-(``STORAGE EXTENDED``: pglz tries every value) for the timed writes -- the store as it was
-before migration 0006, measured in the same rounds as the rest."""
-ARRAY_COLUMNS = ("moments", "reservoir")
+"""PostgreSQL only: the repository path on the schema migrated down to 0005 for its timed
+writes (array columns at TOAST's default ``STORAGE EXTENDED``: pglz tries every value) -- the
+store as it was before migration 0006, measured in the same rounds as the rest."""
+BEFORE_EXTERNAL_STORAGE = "0005"
 
 DEFAULT_RECORDS = 32
 """Timed windows per path and round."""
@@ -369,12 +369,15 @@ class Meter:
         extra = wal.stat().st_size if wal.exists() else 0
         return Size(self.sqlite_path.stat().st_size + extra, rows)
 
-    def set_storage(self, storage: str) -> None:
-        """``ALTER TABLE windows ... SET STORAGE`` for the array columns (PostgreSQL): it
-        applies to values written from then on."""
-        alters = ", ".join(f"ALTER COLUMN {c} SET STORAGE {storage}" for c in ARRAY_COLUMNS)
-        with self.engine.begin() as conn:
-            conn.execute(sa.text(f"ALTER TABLE windows {alters}"))
+    @contextlib.contextmanager
+    def schema_at(self, revision: str) -> Iterator[None]:
+        """The schema migrated down to ``revision`` inside, back to head after (outside any
+        timing: the storage settings apply to values written while they hold)."""
+        downgrade(self.engine, revision)
+        try:
+            yield
+        finally:
+            upgrade(self.engine)
 
     def server(self) -> dict[str, Any]:
         """Version and the settings that decide commit cost."""
@@ -436,13 +439,15 @@ def run_path(
 ) -> None:
     """One timed round of one path; size and rows are read just outside the timed region."""
     if result.path in (REPOSITORY, PGLZ):
-        if result.path == PGLZ:
-            meter.set_storage("EXTENDED")
-        before = meter.read()
-        calls = time_repository(repo, records, result.batch)
-        after = meter.read()
-        if result.path == PGLZ:
-            meter.set_storage("EXTERNAL")
+        schema = (
+            meter.schema_at(BEFORE_EXTERNAL_STORAGE)
+            if result.path == PGLZ
+            else contextlib.nullcontext()
+        )
+        with schema:
+            before = meter.read()
+            calls = time_repository(repo, records, result.batch)
+            after = meter.read()
         result.seconds.append(sum(calls))
         result.transaction_seconds.extend(calls)
     else:

@@ -86,7 +86,7 @@ def _check_smoke(results: dict[str, Any], backends: list[str], json_path: Path, 
     assert meta["reservoir_bytes_per_window"] > 2 * 4 * 26_560
     rows = results["results"]
     paths = [(store.REPOSITORY, 1), (store.REPOSITORY, 2), (store.WRITER, 2)]
-    compared = {"sqlite": [], "postgresql": [(store.PGLZ, 2)]}  # TOAST storage: PostgreSQL's
+    compared = {"sqlite": [], "postgresql": [(store.PGLZ, 2)]}  # the pglz row: PostgreSQL only
     assert [(r["backend"], r["path"], r["batch"]) for r in rows] == [
         (backend, path, batch) for backend in backends for path, batch in paths + compared[backend]
     ]
