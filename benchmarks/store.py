@@ -22,6 +22,14 @@ What is measured
       (array columns at TOAST's default ``STORAGE EXTENDED``) and back to head after: the
       store as it was before migration 0006, in the same rounds as the rest, so the ratio of
       the two rows is the effect of not compressing incompressible float blobs.
+    * ``driver`` -- the ceiling: the very bytes bnwatch stores for each window (53 rows of
+      encoded moments and reservoir blobs, encoded before the timing) inserted by the database
+      driver alone -- DB-API ``executemany`` into a bare table (id, uid, layer, the two blobs;
+      on PostgreSQL at ``STORAGE EXTERNAL`` as migration 0006 sets) at the largest batch size,
+      one transaction per batch.  No bnwatch code runs in its timing, so it is what the server
+      and its disk take for these bytes; every other row is also given as a share of it
+      (``÷driver``), which separates "bnwatch is slow" from "this disk is slow".
+      ``--no-driver`` skips it.
     * ``writer`` -- the real background writer :class:`~bnwatch.store.writer.StoreSink`
       (default batch size): ``write()`` every window, then ``flush()``; the time runs from
       the first ``write()`` to ``flush()`` returning, i.e. until everything is stored.
@@ -121,6 +129,9 @@ BACKENDS: tuple[str, ...] = ("sqlite", "postgresql")
 REPOSITORY = "repository"
 WRITER = "writer"
 PGLZ = "pglz"
+DRIVER = "driver"
+"""The ceiling: the same encoded bytes inserted by the DB-API driver alone into a bare table."""
+DRIVER_TABLE = "bench_driver"
 """PostgreSQL only: the repository path on the schema migrated down to 0005 for its timed
 writes (array columns at TOAST's default ``STORAGE EXTENDED``: pglz tries every value) -- the
 store as it was before migration 0006, measured in the same rounds as the rest."""
@@ -352,11 +363,11 @@ class Meter:
         self.sqlite_path = sqlite_path
         self.engine: Engine = create_engine(url)
 
-    def read(self) -> Size:
+    def read(self, table: str = "windows") -> Size:
         with self.engine.connect() as conn:
-            rows = int(conn.execute(sa.text("SELECT count(*) FROM windows")).scalar_one())
+            rows = int(conn.execute(sa.text(f"SELECT count(*) FROM {table}")).scalar_one())
             if self.backend == "postgresql":
-                size = conn.execute(sa.text("SELECT pg_total_relation_size('windows')"))
+                size = conn.execute(sa.text(f"SELECT pg_total_relation_size('{table}')"))
                 return Size(int(size.scalar_one()), rows)
             conn.rollback()
             for _ in range(100):  # a reader still inside a transaction makes it busy
@@ -378,6 +389,30 @@ class Meter:
             yield
         finally:
             upgrade(self.engine)
+
+    def create_driver_table(self) -> None:
+        """The bare table of the ``driver`` row (blob columns stored as bnwatch stores them)."""
+        with self.engine.begin() as conn:
+            if self.backend == "postgresql":
+                conn.execute(
+                    sa.text(
+                        f"CREATE TABLE {DRIVER_TABLE} (id bigserial PRIMARY KEY, uid text NOT NULL,"
+                        " layer integer NOT NULL, moments bytea NOT NULL, reservoir bytea)"
+                    )
+                )
+                conn.execute(
+                    sa.text(
+                        f"ALTER TABLE {DRIVER_TABLE} ALTER COLUMN moments SET STORAGE EXTERNAL,"
+                        " ALTER COLUMN reservoir SET STORAGE EXTERNAL"
+                    )
+                )
+            else:
+                conn.execute(
+                    sa.text(
+                        f"CREATE TABLE {DRIVER_TABLE} (id INTEGER PRIMARY KEY, uid TEXT NOT NULL,"
+                        " layer INTEGER NOT NULL, moments BLOB NOT NULL, reservoir BLOB)"
+                    )
+                )
 
     def server(self) -> dict[str, Any]:
         """Version and the settings that decide commit cost."""
@@ -428,6 +463,47 @@ def time_repository(repo: Repository, records: Sequence[WindowRecord], batch: in
     return out
 
 
+DriverRow = tuple[str, int, bytes, bytes | None]
+
+
+def driver_rows(records: Sequence[WindowRecord]) -> list[list[DriverRow]]:
+    """Per window, the rows of the ``driver`` path: the blobs :func:`window_row` encodes."""
+    blobs: dict[int, list[tuple[bytes, bytes | None]]] = {}
+    out = []
+    for record in records:
+        key = id(record.reports)
+        if key not in blobs:
+            blobs[key] = []
+            for report in record.reports.values():
+                row = window_row(record, report, 0, 0, None, None)
+                blobs[key].append((row["moments"], row["reservoir"]))
+        out.append([(record.uid, i, m, r) for i, (m, r) in enumerate(blobs[key])])
+    return out
+
+
+def time_driver(engine: Engine, windows: Sequence[list[DriverRow]], batch: int) -> list[float]:
+    """Seconds of each DB-API ``executemany`` + commit of ``batch`` windows' rows."""
+    marker = "?" if engine.dialect.paramstyle == "qmark" else "%s"
+    sql = (
+        f"INSERT INTO {DRIVER_TABLE} (uid, layer, moments, reservoir) "
+        f"VALUES ({', '.join([marker] * 4)})"
+    )
+    dbapi = engine.raw_connection()  # untimed: the connection exists before the first batch
+    try:
+        out = []
+        for i in range(0, len(windows), batch):
+            rows = [row for window in windows[i : i + batch] for row in window]
+            start = time.perf_counter()
+            cursor = dbapi.cursor()
+            cursor.executemany(sql, rows)
+            cursor.close()
+            dbapi.commit()
+            out.append(time.perf_counter() - start)
+        return out
+    finally:
+        dbapi.close()
+
+
 def run_path(
     result: PathResult,
     *,
@@ -438,7 +514,14 @@ def run_path(
     warmup: WindowRecord,
 ) -> None:
     """One timed round of one path; size and rows are read just outside the timed region."""
-    if result.path in (REPOSITORY, PGLZ):
+    if result.path == DRIVER:
+        windows = driver_rows(records)
+        before = meter.read(DRIVER_TABLE)
+        calls = time_driver(meter.engine, windows, result.batch)
+        after = meter.read(DRIVER_TABLE)
+        result.seconds.append(sum(calls))
+        result.transaction_seconds.extend(calls)
+    elif result.path in (REPOSITORY, PGLZ):
         schema = (
             meter.schema_at(BEFORE_EXTERNAL_STORAGE)
             if result.path == PGLZ
@@ -489,6 +572,8 @@ def run_backend(
     try:
         repo = Repository(engine)
         repo.write_windows(factory.make(1))  # untimed: model, layers, references
+        if any(path == DRIVER for path, _ in paths):
+            meter.create_driver_table()
         results = [PathResult(backend, path, batch) for path, batch in paths]
         # every window of every round exists before the first timing
         planned = [
@@ -564,13 +649,23 @@ def summarize(
     }
 
 
+def with_driver_ratio(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each row's windows/s as a share of the ``driver`` row's (one backend's rows; None
+    without a driver row)."""
+    ceiling = next((r["windows_per_s"] for r in rows if r["path"] == DRIVER), None)
+    for row in rows:
+        row["driver_ratio"] = None if not ceiling else row["windows_per_s"] / ceiling
+    return rows
+
+
 # -- output --------------------------------------------------------------------------------------
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """The results table: throughput and its target ratio; stored bytes per window split into
     statistics (against the raw float64 statistics and the 1.2× target) and reservoirs."""
     header = (
         f"{'backend':<10} {'path':<10} {'batch':>5} {'windows':>7}  "
-        f"{'windows/s median [min, max]':<26} {'÷target':>7}  {'target':<9} {'raw MB/s':>8}  "
+        f"{'windows/s median [min, max]':<26} {'÷target':>7}  {'target':<9} {'÷driver':>7}  "
+        f"{'raw MB/s':>8}  "
         f"{'ms/txn':>6}  {'stats B/window':>14} {'÷raw':>6}  {'target':<9} "
         f"{'reservoir B/window':>18} {'÷raw':>6}  {'total ÷raw':>10}"
     )
@@ -585,9 +680,10 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
         )
         bytes_verdict = f"<={row['target_bytes_ratio']:.1f} {_ok(row['meets_bytes'])}"
         tx = row["ms_per_transaction_median"]
+        share = "-" if row.get("driver_ratio") is None else f"{row['driver_ratio']:.2f}x"
         lines.append(
             f"{row['backend']:<10} {row['path']:<10} {row['batch']:>5} {row['windows']:>7}  "
-            f"{rate:<26} {ratio:>7}  {verdict:<9} {row['raw_mb_per_s']:>8.1f}  "
+            f"{rate:<26} {ratio:>7}  {verdict:<9} {share:>7}  {row['raw_mb_per_s']:>8.1f}  "
             f"{'-' if tx is None else f'{tx:.1f}':>6}  "
             f"{row['statistics_bytes_per_window']:>14,.0f} {row['bytes_ratio']:>5.3f}x  "
             f"{bytes_verdict:<9} {row['reservoir_bytes_per_window']:>18,.0f} "
@@ -649,6 +745,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "with the array columns at TOAST's compressing default, as before migration 0006)",
     )
     p.add_argument(
+        "--no-driver",
+        dest="driver",
+        action="store_false",
+        help="skip the 'driver' row (the same encoded bytes inserted by the DB-API driver alone "
+        "into a bare table: the ceiling the server and disk allow)",
+    )
+    p.add_argument(
         "--smoke", action="store_true", help="tiny run for tests: 2 windows, 1 round, batches 1 2"
     )
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write results here")
@@ -708,6 +811,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cpu = client_cpu_ms(factory.make(1)[0])
     progress(f" {VARIANTS} report sets of {len(layers)} layers built")
     paths = [(REPOSITORY, b) for b in args.batch_sizes] + [(WRITER, args.sink_batch_size)]
+    if args.driver:
+        paths.append((DRIVER, max(args.batch_sizes)))
     compare = [(PGLZ, max(args.batch_sizes))] if args.compare_storage else []
 
     rows: list[dict[str, Any]] = []
@@ -735,7 +840,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 records=args.records,
                 progress=progress,
             )
-        rows.extend(summarize(r, len(layers), raw, kept) for r in results)
+        rows.extend(with_driver_ratio([summarize(r, len(layers), raw, kept) for r in results]))
     total = time.perf_counter() - started
     load_after = os.getloadavg()
 

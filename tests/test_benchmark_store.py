@@ -85,7 +85,7 @@ def _check_smoke(results: dict[str, Any], backends: list[str], json_path: Path, 
     assert meta["reservoir_rows"] == 2
     assert meta["reservoir_bytes_per_window"] > 2 * 4 * 26_560
     rows = results["results"]
-    paths = [(store.REPOSITORY, 1), (store.REPOSITORY, 2), (store.WRITER, 2)]
+    paths = [(store.REPOSITORY, 1), (store.REPOSITORY, 2), (store.WRITER, 2), (store.DRIVER, 2)]
     compared = {"sqlite": [], "postgresql": [(store.PGLZ, 2)]}  # the pglz row: PostgreSQL only
     assert [(r["backend"], r["path"], r["batch"]) for r in rows] == [
         (backend, path, batch) for backend in backends for path, batch in paths + compared[backend]
@@ -107,6 +107,14 @@ def _check_smoke(results: dict[str, Any], backends: list[str], json_path: Path, 
             row["statistics_bytes_per_window"] / row["raw_bytes_per_window"]
         )
         assert (row["target_windows_per_s"] is not None) == (row["backend"] == "postgresql")
+    for backend in backends:  # every row is also a share of its backend's driver ceiling
+        mine = [r for r in rows if r["backend"] == backend]
+        (driver,) = [r for r in mine if r["path"] == store.DRIVER]
+        assert driver["driver_ratio"] == 1.0
+        for row in mine:
+            assert row["driver_ratio"] == pytest.approx(
+                row["windows_per_s"] / driver["windows_per_s"]
+            )
     for backend in backends:
         assert backend in table
 
