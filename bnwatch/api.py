@@ -31,16 +31,50 @@ def profile(
     name: str = "model",
     version: str = "0",
     store: str | None = None,
+    token: str | None = None,
     **kwargs: Any,
 ) -> Profile:
     """Record a reference profile of every BatchNorm layer from validation data.
 
-    See :func:`bnwatch.capture.profile` for the arguments.  With ``store`` (a database URL)
-    the profile is also stored as the model version's reference (kind ``profile``, with its
-    reservoirs), for reports and the dashboard.
+    See :func:`bnwatch.capture.profile` for the arguments.  With ``store`` the profile is also
+    stored as the model version's reference (kind ``profile``, with its reservoirs), for
+    reports and the dashboard:
+
+    * a SQLAlchemy URL (``sqlite:///bnwatch.db``, ``postgresql://user@host/db``): written to
+      that database (an empty one gets the schema created);
+    * the URL of a bnwatch service (``http://bnwatch:8000``, ``https://...``): uploaded to
+      its ``POST /api/v1/profiles`` (:func:`bnwatch.client.send_profile`), which writes it to
+      the service's database -- for deployments whose monitors talk only to the service.
+
+    Storing the same profile again stores nothing (references are deduplicated by their
+    statistics).  A layer whose channel count differs from the layer already stored for this
+    model version is refused and nothing is stored: a changed architecture needs a new
+    ``version``.
+
+    Args:
+        token: the service's API token when ``store`` is a service URL (default
+            ``$BNWATCH_API_TOKEN``); not allowed with any other ``store``.
+
+    Raises:
+        ConfigError: an argument is invalid (checked before any data is read).
+        bnwatch.client.ServiceError: the service was unreachable or refused the profile
+            (the HTTP status and the service's message say why).
+        bnwatch.store.repository.ChannelMismatchError: a database ``store`` holds a layer of
+            that name with another channel count.
     """
+    service = _is_service_url(store)
+    if token is not None and not service:
+        raise ConfigError("token", "<hidden>", "None unless store is an http(s):// service URL")
+    if service:
+        from bnwatch.client import profiles_endpoint  # httpx only when a service is used
+
+        profiles_endpoint(store)  # a bad URL fails now, not after the profiling pass
     result = _profile(model, data, name=name, version=version, **kwargs)
-    if store is not None:
+    if store is not None and service:
+        from bnwatch.client import send_profile
+
+        send_profile(store, result, token=token)
+    elif store is not None:
         from bnwatch.store.migrate import engine_for
         from bnwatch.store.repository import Repository
 

@@ -477,8 +477,10 @@ def _add_serve(subparsers: Subparsers) -> None:
         "serve",
         help="run the HTTP service: ingest from remote monitors, reads, /metrics, /healthz",
         description="Run bnwatch's HTTP service (FastAPI on uvicorn): POST /api/v1/windows "
-        "for remote monitors (bearer token from $BNWATCH_API_TOKEN; without it ingest answers "
-        "503), read endpoints under /api/v1, GET /metrics for Prometheus and GET /healthz.  "
+        "for remote monitors and POST /api/v1/profiles for bnwatch.profile(..., "
+        "store='http://...'), both with the bearer token from $BNWATCH_API_TOKEN (without "
+        "it ingest answers 503), read endpoints under /api/v1, GET /metrics for Prometheus "
+        "and GET /healthz.  "
         "An empty database gets the current schema; a database at an older schema is refused "
         "(run `bnwatch db upgrade`).  Alerts are evaluated after every stored batch "
         "(thresholds from $BNWATCH_ALERTS_CONFIG, a TOML file, if set).  The API is "

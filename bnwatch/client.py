@@ -38,6 +38,10 @@ windows in the in-memory queue (and a batch in flight) die with a killed process
 ``close(timeout)`` tries to deliver everything until ``timeout`` expires, then moves what is
 left to the spool, counted as ``spooled`` (not dropped) -- the next process with the same
 spool directory delivers it.
+
+:func:`send_profile` uploads a reference profile (``bnwatch.profile(..., store=URL)``) to
+``POST {url}/api/v1/profiles`` in one synchronous request: a one-off upload, so no queue and no
+spool -- a failure raises :class:`ServiceError` with the status and the service's message.
 """
 
 from __future__ import annotations
@@ -68,18 +72,29 @@ from urllib.parse import urlsplit
 import httpx
 from pydantic import ValidationError
 
-from bnwatch.errors import ConfigError, check_positive_int
-from bnwatch.schema import SCHEMA_VERSION, WindowRecord
-from bnwatch.wire import IngestResult, from_record
+from bnwatch.errors import BnwatchError, ConfigError, check_positive_int
+from bnwatch.schema import SCHEMA_VERSION, Profile, WindowRecord
+from bnwatch.wire import IngestResult, ProfileResult, from_record, profile_body
 
 if sys.platform != "win32":
     import fcntl
 
-__all__ = ["ENDPOINT", "TOKEN_ENV", "HttpSink", "HttpSinkStats", "default_spool_base"]
+__all__ = [
+    "ENDPOINT",
+    "PROFILES_ENDPOINT",
+    "TOKEN_ENV",
+    "HttpSink",
+    "HttpSinkStats",
+    "ServiceError",
+    "default_spool_base",
+    "profiles_endpoint",
+    "send_profile",
+]
 
 logger = logging.getLogger("bnwatch")
 
 ENDPOINT = "/api/v1/windows"
+PROFILES_ENDPOINT = "/api/v1/profiles"
 TOKEN_ENV = "BNWATCH_API_TOKEN"
 SPOOL_ENV = "BNWATCH_SPOOL_DIR"
 """Overrides the base directory of default spool directories."""
@@ -1060,3 +1075,127 @@ class HttpSink:
             pending.appendleft(part)
             return list(pending)
         return []
+
+
+# ------------------------------------------------------------------------------------------
+# Profiles
+# ------------------------------------------------------------------------------------------
+class ServiceError(BnwatchError, RuntimeError):
+    """The bnwatch service could not be reached, or refused a request.
+
+    Attributes:
+        url: the endpoint the request went to.
+        status: the HTTP status of the answer (``None``: no answer -- connection refused, a
+            timeout, ...).
+        detail: what the service said (its error message), or what went wrong.
+    """
+
+    def __init__(self, url: str, status: int | None, detail: str, message: str) -> None:
+        self.url = url
+        self.status = status
+        self.detail = detail
+        super().__init__(message)
+
+
+def profiles_endpoint(url: object) -> str:
+    """The profile upload URL (``.../api/v1/profiles``) of a bnwatch service URL.
+
+    Raises:
+        ConfigError: ``url`` is not an ``http(s)://`` URL of a service (naming ``store``).
+    """
+    base = _endpoint(url)[: -len(ENDPOINT)]
+    if base.endswith(PROFILES_ENDPOINT):  # the user gave the endpoint itself
+        base = base[: -len(PROFILES_ENDPOINT)]
+    return base + PROFILES_ENDPOINT
+
+
+def _service_message(response: httpx.Response) -> str:
+    """The ``error.message`` of a bnwatch error answer, else the start of the body."""
+    try:
+        error = response.json().get("error")
+        message = error.get("message") if isinstance(error, dict) else None
+    except (ValueError, AttributeError):
+        message = None
+    return message if isinstance(message, str) and message else _detail(response)
+
+
+def send_profile(
+    url: str, profile: Profile, *, token: str | None = None, timeout: float = 60.0
+) -> dict[str, int]:
+    """Store a reference profile in a bnwatch service (``POST {url}/api/v1/profiles``).
+
+    One request, one transaction in the service.  Sending a profile the service already has
+    stores nothing and answers the same references, so a failed upload can simply be
+    repeated.
+
+    Args:
+        url: the service, ``http://host:port`` (a path prefix is kept).
+        profile: what :func:`bnwatch.profile` recorded.
+        token: sent as ``Authorization: Bearer <token>``; default ``$BNWATCH_API_TOKEN``.
+        timeout: HTTP timeout (connect, read, write), seconds.
+
+    Returns:
+        layer name -> the id of the layer's stored reference (as
+        :meth:`bnwatch.store.repository.Repository.write_profile` returns).
+
+    Raises:
+        ConfigError: ``url``, ``token``, ``timeout`` or ``profile`` is invalid.
+        ServiceError: the service was unreachable or refused the profile (its status and
+            message are in the error: e.g. 401 for a wrong token, 409 when a layer's channel
+            count differs from the layer stored for this model version, 413 when the body
+            exceeds the service's limit).
+    """
+    endpoint = profiles_endpoint(url)
+    seconds = _seconds("timeout", timeout)
+    secret = _token(token)
+    if not isinstance(profile, Profile):
+        raise ConfigError("profile", type(profile).__name__, "a Profile from bnwatch.profile()")
+    if not profile.layers:
+        raise ConfigError(
+            "profile",
+            f"a profile of {profile.name}@{profile.version} without layers",
+            "a profile with at least one layer (did the data reach the BatchNorm layers?)",
+        )
+    body = json.dumps(profile_body(profile), separators=(",", ":"), allow_nan=False).encode()
+    headers = {
+        "Content-Type": "application/json",
+        "Accept": "application/json",
+        "User-Agent": _user_agent(),
+    }
+    if secret is not None:
+        headers["Authorization"] = f"Bearer {secret}"
+    what = f"the profile of {profile.name}@{profile.version}"
+    try:
+        response = httpx.post(endpoint, content=body, headers=headers, timeout=seconds)
+    except httpx.TimeoutException as err:
+        detail = f"no answer within {seconds:g} s ({type(err).__name__})"
+        raise ServiceError(
+            endpoint, None, detail, f"{what} was not stored: {endpoint}: {detail}"
+        ) from err
+    except httpx.TransportError as err:
+        detail = f"{type(err).__name__}: {err}"
+        raise ServiceError(
+            endpoint, None, detail, f"{what} was not stored: cannot reach {endpoint} ({detail})"
+        ) from err
+    status = response.status_code
+    if not 200 <= status < 300:
+        detail = _service_message(response)
+        hint = ""
+        if status in (401, 403):
+            hint = f" (check token= or ${TOKEN_ENV})"
+        elif 300 <= status < 400:
+            hint = f" (redirected to {response.headers.get('location', '?')}; use that URL)"
+        raise ServiceError(
+            endpoint,
+            status,
+            detail,
+            f"{endpoint} refused {what}: HTTP {status} {response.reason_phrase}: {detail}{hint}",
+        )
+    try:
+        result = ProfileResult.model_validate_json(response.content)
+    except ValidationError:
+        detail = f"HTTP {status} without a ProfileResult: {_detail(response)}"
+        raise ServiceError(
+            endpoint, status, detail, f"{endpoint}: {detail} (is this a bnwatch service?)"
+        ) from None
+    return dict(result.references)

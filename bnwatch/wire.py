@@ -9,6 +9,12 @@ judgement whoever sent the windows.  Validation errors name the field to fix.
 A layer may also carry its window's reservoir of per-sample channel means (``reservoir``: a
 float32 blob of ``k <= min(capacity, seen)`` rows, with ``seen`` and ``capacity``); payloads
 without it stay valid.
+
+A :class:`WireProfile` (``schema_version`` 1) is the body of ``POST /api/v1/profiles``: a
+reference profile (:func:`bnwatch.profile`) in the same conventions -- per layer its exact
+sufficient statistics, batch counters, reservoir and (optionally) the running statistics it was
+recorded with.  :func:`profile_body` and :func:`to_profile` convert; the float64 statistics
+and the float32 reservoir rows survive the round trip bit for bit.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from pydantic import (
 
 from bnwatch.codec import CodecError, blob_shape, decode_arrays, encode_arrays, encode_moments
 from bnwatch.drift import DriftConfig, Reference, assess_layer, decide, report_from_metrics
-from bnwatch.schema import SCHEMA_VERSION, LayerReport, WindowRecord
+from bnwatch.schema import SCHEMA_VERSION, LayerProfile, LayerReport, Profile, WindowRecord
 from bnwatch.stats import MOMENT_FIELDS, ChannelMoments, LayerStats, Reservoir
 
 MAX_CHANNELS = 1 << 20
@@ -90,10 +96,42 @@ def decode_reservoir_rows(text: str, channels: int, limit: int) -> NDArray[np.fl
     return arrays
 
 
+def decode_moment_blob(text: str, channels: int) -> NDArray[np.float64]:
+    """Decode and check a ``moments`` blob: the 13 :data:`MOMENT_FIELDS` arrays of
+    ``channels`` values, counts whole and non-negative (``ValueError`` naming the field)."""
+    moments = decode_blob(text, len(MOMENT_FIELDS), channels, "moments")
+    for name in _NONNEGATIVE_FIELDS:
+        if (moments[MOMENT_FIELDS.index(name)] < 0).any():
+            raise ValueError(f"moments: {name} must not be negative")
+    for name in _COUNT_FIELDS:
+        values = moments[MOMENT_FIELDS.index(name)]
+        if not np.array_equal(values, np.round(values)):
+            raise ValueError(f"moments: {name} must hold whole numbers")
+    if (moments[MOMENT_FIELDS.index("n")] > MAX_COUNT).any():
+        raise ValueError(f"moments: n must not exceed {MAX_COUNT}")
+    return moments
+
+
+def decode_running_blob(text: str, channels: int) -> NDArray[np.float64]:
+    """Decode and check a ``running`` blob: ``running_mean`` and ``running_var``."""
+    running = decode_blob(text, 2, channels, "running")
+    if (running[1] < 0).any():
+        raise ValueError("running: running_var must not be negative")
+    return running
+
+
 def _is_uid(value: str) -> str:
     if not (1 <= len(value) <= 32) or not all(c.isalnum() or c in "-_" for c in value):
         raise ValueError("1 to 32 letters, digits, '-' or '_'")
     return value
+
+
+def _check_batch_counts(n_batches: int, batch_stat_batches: int, sizes: dict[int, int]) -> None:
+    """A layer's batch counts agree: its batch-size histogram counts every batch once."""
+    if batch_stat_batches > n_batches:
+        raise ValueError("batch_stat_batches must not exceed n_batches")
+    if sum(sizes.values()) != n_batches:
+        raise ValueError("batch_sizes must count exactly n_batches batches")
 
 
 class WireBaseline(BaseModel):
@@ -195,22 +233,9 @@ class WireLayer(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> WireLayer:
-        moments = decode_blob(self.moments, len(MOMENT_FIELDS), self.channels, "moments")
-        self._decoded["moments"] = moments
-        for name in _NONNEGATIVE_FIELDS:
-            if (moments[MOMENT_FIELDS.index(name)] < 0).any():
-                raise ValueError(f"moments: {name} must not be negative")
-        for name in _COUNT_FIELDS:
-            values = moments[MOMENT_FIELDS.index(name)]
-            if not np.array_equal(values, np.round(values)):
-                raise ValueError(f"moments: {name} must hold whole numbers")
-        if (moments[MOMENT_FIELDS.index("n")] > MAX_COUNT).any():
-            raise ValueError(f"moments: n must not exceed {MAX_COUNT}")
+        self._decoded["moments"] = decode_moment_blob(self.moments, self.channels)
         if self.running is not None:
-            running = decode_blob(self.running, 2, self.channels, "running")
-            if (running[1] < 0).any():
-                raise ValueError("running: running_var must not be negative")
-            self._decoded["running"] = running
+            self._decoded["running"] = decode_running_blob(self.running, self.channels)
         if self.baseline is not None:
             self._decoded["baseline"] = decode_blob(
                 self.baseline.moments, len(MOMENT_FIELDS), self.channels, "baseline.moments"
@@ -219,10 +244,7 @@ class WireLayer(BaseModel):
             r = self.reservoir
             limit = min(r.capacity, r.seen)
             self._decoded["reservoir"] = decode_reservoir_rows(r.rows, self.channels, limit)
-        if self.batch_stat_batches > self.n_batches:
-            raise ValueError("batch_stat_batches must not exceed n_batches")
-        if sum(self.batch_sizes.values()) != self.n_batches:
-            raise ValueError("batch_sizes must count exactly n_batches batches")
+        _check_batch_counts(self.n_batches, self.batch_stat_batches, self.batch_sizes)
         return self
 
 
@@ -269,6 +291,85 @@ class IngestResult(BaseModel):
     received: int
     stored: int
     duplicates: int
+
+
+class WireProfileLayer(BaseModel):
+    """One layer of a reference profile."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    layer: Annotated[str, Field(min_length=1, max_length=500)]
+    kind: Annotated[str, Field(min_length=1, max_length=100)]
+    channels: Annotated[int, Field(ge=1, le=MAX_CHANNELS)]
+    eps: Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)]
+    moments: str = Field(description="base64 bnwatch array blob: 13 arrays of `channels` values")
+    running: str | None = Field(
+        default=None,
+        description="base64 bnwatch array blob: running_mean, running_var when the profile "
+        "was recorded (null: the layer keeps no running statistics)",
+    )
+    batch_sizes: dict[
+        Annotated[int, Field(ge=1, le=MAX_COUNT)], Annotated[int, Field(ge=0, le=MAX_COUNT)]
+    ]
+    n_batches: Annotated[int, Field(ge=0, le=MAX_COUNT)]
+    batches_seen: Annotated[int, Field(ge=0, le=MAX_COUNT)]
+    samples_seen: Annotated[int, Field(ge=0, le=MAX_COUNT)]
+    batch_stat_batches: Annotated[int, Field(ge=0, le=MAX_COUNT)] = 0
+    reservoir: WireReservoir = Field(
+        description="the profile's uniform sample of per-sample channel means"
+    )
+
+    _decoded: dict[str, NDArray[Any]] = PrivateAttr(default_factory=dict)
+
+    def arrays(self, what: str) -> NDArray[Any] | None:
+        """The decoded ``moments``, ``running`` (float64) or ``reservoir`` (float32) arrays
+        (decoded once, when the layer was validated)."""
+        return self._decoded.get(what)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> WireProfileLayer:
+        self._decoded["moments"] = decode_moment_blob(self.moments, self.channels)
+        if self.running is not None:
+            self._decoded["running"] = decode_running_blob(self.running, self.channels)
+        r = self.reservoir
+        self._decoded["reservoir"] = decode_reservoir_rows(
+            r.rows, self.channels, min(r.capacity, r.seen)
+        )
+        _check_batch_counts(self.n_batches, self.batch_stat_batches, self.batch_sizes)
+        return self
+
+
+class WireProfile(BaseModel):
+    """The body of ``POST /api/v1/profiles``: a reference profile of one model version."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: Literal[1] = Field(description="the wire format version (1)")
+    model: Name
+    version: Name
+    created: AwareDatetime = Field(description="when the profile was recorded")
+    layers: Annotated[list[WireProfileLayer], Field(min_length=1, max_length=MAX_LAYERS)] = Field(
+        description="the profiled layers in model order (a new layer's depth is its position)"
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> WireProfile:
+        names = [layer.layer for layer in self.layers]
+        if len(set(names)) != len(names):
+            raise ValueError("layers: layer names must be unique within a profile")
+        return self
+
+
+class ProfileResult(BaseModel):
+    """The answer to ``POST /api/v1/profiles``: the stored reference of every layer.
+
+    A profile already stored (same statistics and reservoir) keeps its references: sending it
+    again answers the same ids and stores nothing.
+    """
+
+    model: str
+    version: str
+    references: dict[str, int] = Field(description="layer name -> reference id in the store")
 
 
 # ------------------------------------------------------------------------------------------
@@ -434,3 +535,92 @@ def _as_sent(window: WireWindow) -> WindowRecord:
         uid=window.uid,
         monitor=dict(window.monitor),
     )
+
+
+# ------------------------------------------------------------------------------------------
+# Profiles
+# ------------------------------------------------------------------------------------------
+def _running_blob(lp: LayerProfile) -> str | None:
+    rm, rv = lp.running_mean, lp.running_var
+    if rm is None or rv is None or not (np.isfinite(rm).all() and np.isfinite(rv).all()):
+        return None  # like a window's running statistics: sent only when finite
+    return _b64(encode_arrays(np.stack([rm, rv])))
+
+
+def profile_body(profile: Profile) -> dict[str, Any]:
+    """The :class:`WireProfile` body (a JSON-ready dict) of a reference profile.
+
+    Running statistics that are not finite are left out (``running: null``); everything else
+    is carried exactly: the moments as float64 and the reservoir rows as float32, their
+    dtypes in the profile.
+    """
+    layers = []
+    for name, lp in profile.layers.items():
+        st = lp.stats
+        layers.append(
+            {
+                "layer": name,
+                "kind": lp.kind,
+                "channels": lp.channels,
+                "eps": lp.eps,
+                "moments": _b64(encode_moments(st.moments)),
+                "running": _running_blob(lp),
+                "batch_sizes": {str(k): v for k, v in st.batch_sizes.items()},
+                "n_batches": st.n_batches,
+                "batches_seen": st.batches_seen,
+                "samples_seen": st.samples_seen,
+                "batch_stat_batches": st.batch_stat_batches,
+                "reservoir": {
+                    "rows": _b64(encode_arrays(lp.reservoir.rows, dtype="<f4")),
+                    "seen": lp.reservoir.seen,
+                    "capacity": lp.reservoir.capacity,
+                },
+            }
+        )
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "model": profile.name,
+        "version": profile.version,
+        "created": profile.created.isoformat(),
+        "layers": layers,
+    }
+
+
+def _profile_arrays(w: WireProfileLayer, what: str) -> NDArray[Any] | None:
+    cached = w.arrays(what)
+    if cached is not None:
+        return cached
+    if what == "moments":
+        return decode_moment_blob(w.moments, w.channels)
+    if what == "running":
+        return None if w.running is None else decode_running_blob(w.running, w.channels)
+    r = w.reservoir
+    return decode_reservoir_rows(r.rows, w.channels, min(r.capacity, r.seen))
+
+
+def to_profile(wire: WireProfile) -> Profile:
+    """The :class:`~bnwatch.schema.Profile` a validated wire profile stands for."""
+    layers: dict[str, LayerProfile] = {}
+    for w in wire.layers:
+        moments = _profile_arrays(w, "moments")
+        rows = _profile_arrays(w, "reservoir")
+        if moments is None or rows is None:  # pragma: no cover - both are always decoded
+            raise ValueError(f"layer {w.layer!r}: moments or reservoir missing")
+        running = _profile_arrays(w, "running")
+        layers[w.layer] = LayerProfile(
+            layer=w.layer,
+            kind=w.kind,
+            eps=w.eps,
+            stats=LayerStats(
+                moments=ChannelMoments.from_arrays(list(moments)),
+                batch_sizes=dict(sorted(w.batch_sizes.items())),
+                n_batches=w.n_batches,
+                batches_seen=w.batches_seen,
+                samples_seen=w.samples_seen,
+                batch_stat_batches=w.batch_stat_batches,
+            ),
+            reservoir=Reservoir.from_rows(rows, w.reservoir.seen, w.reservoir.capacity),
+            running_mean=None if running is None else running[0],
+            running_var=None if running is None else running[1],
+        )
+    return Profile(name=wire.model, version=wire.version, created=wire.created, layers=layers)

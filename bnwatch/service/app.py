@@ -17,17 +17,26 @@ from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
+from pydantic import BaseModel
 from sqlalchemy.engine import Engine
 
 from bnwatch.service import errors
 from bnwatch.service.deps import ServiceState
 from bnwatch.service.ingest import Ingestor, OnStored
-from bnwatch.service.routes import alerts, health, metrics, models, recalibrations, windows
+from bnwatch.service.routes import (
+    alerts,
+    health,
+    metrics,
+    models,
+    profiles,
+    recalibrations,
+    windows,
+)
 from bnwatch.service.settings import TOKEN_ENV, Settings
 from bnwatch.store.engine import redacted
 from bnwatch.store.migrate import engine_for, ensure_schema, head_revision
 from bnwatch.store.repository import Repository
-from bnwatch.wire import WindowBatch
+from bnwatch.wire import WindowBatch, WireProfile
 
 if TYPE_CHECKING:
     from bnwatch.alerts import AlertConfig
@@ -39,11 +48,12 @@ ALERTS_CONFIG_ENV = "BNWATCH_ALERTS_CONFIG"
 """A TOML file with the alert thresholds (``[alerts]`` table) of ``bnwatch serve``."""
 
 DESCRIPTION = """\
-bnwatch's service: remote monitors POST closed windows of BatchNorm statistics; the
-dashboard, Prometheus and operators read models, layers, windows, alerts and recalibrations.
+bnwatch's service: remote monitors POST closed windows of BatchNorm statistics and reference
+profiles; the dashboard, Prometheus and operators read models, layers, windows, alerts and
+recalibrations.
 
-Ingest requires `Authorization: Bearer <BNWATCH_API_TOKEN>`.  Every error is JSON:
-`{"error": {"message": "...", "field": "windows.0.layers.3.channels" | null}}`.
+Ingest (windows and profiles) requires `Authorization: Bearer <BNWATCH_API_TOKEN>`.  Every
+error is JSON: `{"error": {"message": "...", "field": "windows.0.layers.3.channels" | null}}`.
 """
 
 
@@ -125,33 +135,50 @@ def create_app(
     )
     app.state.bnwatch = state
     errors.install(app)
-    for module in (windows, models, alerts, recalibrations, health, metrics):
+    for module in (windows, profiles, models, alerts, recalibrations, health, metrics):
         app.include_router(module.router)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            _document_ingest_body(FastAPI.openapi(app))
+            schema = FastAPI.openapi(app)
+            _document_body(
+                schema,
+                "/api/v1/windows",
+                WindowBatch,
+                "one window",
+                "one window of one layer with two channels",
+                windows.example_batch(),
+            )
+            _document_body(
+                schema,
+                profiles.ENDPOINT,
+                WireProfile,
+                "one layer",
+                "a profile of one layer with two channels",
+                profiles.example_profile(),
+            )
         return app.openapi_schema  # type: ignore[return-value]
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 
-def _document_ingest_body(schema: dict[str, Any]) -> None:
-    """Add :class:`WindowBatch` (and an example) for the body ``POST /api/v1/windows`` reads
-    itself."""
+def _document_body(
+    schema: dict[str, Any],
+    path: str,
+    model: type[BaseModel],
+    example: str,
+    summary: str,
+    value: dict[str, Any],
+) -> None:
+    """Add ``model``'s schema (and an example) for the body ``POST path`` reads itself."""
     components = schema.setdefault("components", {}).setdefault("schemas", {})
-    body = WindowBatch.model_json_schema(ref_template="#/components/schemas/{model}")
+    body = model.model_json_schema(ref_template="#/components/schemas/{model}")
     for name, definition in body.pop("$defs", {}).items():
         components.setdefault(name, definition)
-    components["WindowBatch"] = body
-    content = schema["paths"]["/api/v1/windows"]["post"]["requestBody"]["content"]
-    content["application/json"]["examples"] = {
-        "one window": {
-            "summary": "one window of one layer with two channels",
-            "value": windows.example_batch(),
-        }
-    }
+    components[model.__name__] = body
+    content = schema["paths"][path]["post"]["requestBody"]["content"]
+    content["application/json"]["examples"] = {example: {"summary": summary, "value": value}}
 
 
 async def _every(

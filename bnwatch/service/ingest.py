@@ -18,6 +18,11 @@ Order of work, so that a rejected request writes nothing:
    (:class:`~bnwatch.store.repository.ChannelMismatchError` -> 409 naming the layer);
 5. the ``on_stored`` hook (alert evaluation), whose failures are logged, never returned.
 
+Profiles (``POST /api/v1/profiles``, :func:`ingest_profile`) follow the same order: validate
+the whole :class:`~bnwatch.wire.WireProfile` (422), check what the store cannot hold (422),
+then one :meth:`Repository.write_profile` transaction (409 on a channel mismatch, nothing
+written).  References are deduplicated by digest, so a profile sent twice is stored once.
+
 **Counting stored windows.**  ``write_windows`` returns the layer rows it inserted, and the
 store stores a window all or nothing: a window whose uid is already stored is skipped as a
 whole, and a concurrent delivery of the same window either wins every one of its layer rows
@@ -47,7 +52,15 @@ from bnwatch.service.errors import ApiError, validation_error
 from bnwatch.stats import ChannelMoments
 from bnwatch.store.models import Layer, Model, Window
 from bnwatch.store.repository import ChannelMismatchError, Repository, moments_equal
-from bnwatch.wire import IngestResult, WindowBatch, WireWindow, to_record
+from bnwatch.wire import (
+    IngestResult,
+    ProfileResult,
+    WindowBatch,
+    WireProfile,
+    WireWindow,
+    to_profile,
+    to_record,
+)
 
 logger = logging.getLogger("bnwatch.service")
 
@@ -298,3 +311,47 @@ class Ingestor:
             "request; the stored/duplicates split is apportioned"
         )
         return min(len(fresh), max(1, round(inserted * len(fresh) / max(sum(fresh), 1))))
+
+
+# ------------------------------------------------------------------------------------------
+# Profiles
+# ------------------------------------------------------------------------------------------
+def parse_profile(body: bytes | bytearray) -> WireProfile:
+    """The validated profile of a request body (422 naming the field otherwise)."""
+    try:
+        return WireProfile.model_validate_json(body)
+    except ValidationError as err:
+        raise validation_error(err.errors(include_url=False)) from None
+
+
+def ingest_profile(repository: Repository, body: bytes | bytearray) -> ProfileResult:
+    """Validate and store the reference profile of one request body (one transaction).
+
+    Raises:
+        ApiError: 422 for an invalid body (the field is named), 409 when a layer's channel
+            count differs from the layer stored under that name (nothing is written).
+    """
+    wire = parse_profile(body)
+    for name in ("model", "version"):
+        _check_text(name, getattr(wire, name))
+    for j, layer in enumerate(wire.layers):
+        _check_text(f"layers.{j}.layer", layer.layer)
+        _check_text(f"layers.{j}.kind", layer.kind)
+    try:
+        references = repository.write_profile(to_profile(wire))
+    except ChannelMismatchError as err:
+        index = next((j for j, w in enumerate(wire.layers) if w.layer == err.layer), None)
+        raise ApiError(
+            409,
+            f"layer {err.layer!r} of {err.model}@{err.version} has {err.stored} channels in "
+            f"the store but the profile has {err.found}; a changed architecture needs a new "
+            "model version; nothing was stored",
+            field=None if index is None else f"layers.{index}.channels",
+        ) from None
+    logger.debug(
+        "bnwatch service: profile of %s@%s: %d layer reference(s)",
+        wire.model,
+        wire.version,
+        len(references),
+    )
+    return ProfileResult(model=wire.model, version=wire.version, references=references)

@@ -1,19 +1,21 @@
 """The service's settings: one frozen value, built from the environment by ``bnwatch serve``.
 
-===========================  ===============================================  =================
-environment variable         meaning                                          default
-===========================  ===============================================  =================
-``BNWATCH_DATABASE_URL``     SQLAlchemy URL of the store                      ``sqlite:///bnwatch.db``
-``BNWATCH_API_TOKEN``        bearer token that ``POST /api/v1/windows``       unset: ingest is
-                             requires                                         refused (503)
-``BNWATCH_MAX_BODY_BYTES``   largest request body accepted (413 above)        64 MiB
-``BNWATCH_INGEST_THREADS``   ingest requests processed at once per process    4
-===========================  ===============================================  =================
+===============================  ===============================================  =================
+environment variable             meaning                                          default
+===============================  ===============================================  =================
+``BNWATCH_DATABASE_URL``         SQLAlchemy URL of the store                      ``sqlite:///bnwatch.db``
+``BNWATCH_API_TOKEN``            bearer token that ``POST /api/v1/windows``       unset: ingest is
+                                 and ``/api/v1/profiles`` require                 refused (503)
+``BNWATCH_MAX_BODY_BYTES``       largest request body accepted (413 above)        64 MiB
+``BNWATCH_MAX_PROFILE_BYTES``    largest profile upload accepted (413 above)      256 MiB
+``BNWATCH_INGEST_THREADS``       ingest requests processed at once per process    4
+===============================  ===============================================  =================
 
 Ingest **requires** a token: a service started without ``BNWATCH_API_TOKEN`` serves every read
-endpoint but answers ``POST /api/v1/windows`` with 503 and a message saying to set it (503,
-not 401: the sender's token is not wrong, the service is not configured -- and HTTP sinks
-retry a 503 with backoff, so delivery resumes once the operator sets the token).
+endpoint but answers ``POST /api/v1/windows`` and ``POST /api/v1/profiles`` with 503 and a
+message saying to set it (503, not 401: the sender's token is not wrong, the service is not
+configured -- and HTTP sinks retry a 503 with backoff, so delivery resumes once the operator
+sets the token).
 """
 
 from __future__ import annotations
@@ -31,10 +33,14 @@ from bnwatch.store.engine import DEFAULT_URL
 DATABASE_ENV = "BNWATCH_DATABASE_URL"
 TOKEN_ENV = "BNWATCH_API_TOKEN"
 MAX_BODY_ENV = "BNWATCH_MAX_BODY_BYTES"
+MAX_PROFILE_ENV = "BNWATCH_MAX_PROFILE_BYTES"
 INGEST_THREADS_ENV = "BNWATCH_INGEST_THREADS"
 RECOMPUTE_ENV = "BNWATCH_RECOMPUTE"
 
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_PROFILE_BYTES = 256 * 1024 * 1024
+"""A profile keeps up to 512 float32 rows of reservoir per layer: ResNet-50's is ~72 MB of JSON
+(base64), uploaded once per model version."""
 DEFAULT_INGEST_THREADS = 4
 
 # RFC 6750 b64token: what may follow "Bearer " in an Authorization header
@@ -51,6 +57,8 @@ class Settings:
             shown in ``repr``.
         max_body_bytes: request bodies above this are refused with 413 (checked against
             ``Content-Length`` before reading, and counted while a chunked body streams).
+        max_profile_bytes: the same for ``POST /api/v1/profiles``: a profile's reservoirs
+            make it larger than any batch of windows, and it comes once per model version.
         drift: thresholds the service recomputes received windows' metrics with (windows that
             arrive without metrics, or all of them with ``recompute``).
         recompute: recompute every received window's metrics and decisions with ``drift``
@@ -64,12 +72,14 @@ class Settings:
     database_url: str = DEFAULT_URL
     api_token: str | None = field(default=None, repr=False)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_profile_bytes: int = DEFAULT_MAX_PROFILE_BYTES
     drift: DriftConfig = field(default_factory=DriftConfig)
     ingest_threads: int = DEFAULT_INGEST_THREADS
     recompute: bool = False
 
     def __post_init__(self) -> None:
         check_positive_int("max_body_bytes", self.max_body_bytes)
+        check_positive_int("max_profile_bytes", self.max_profile_bytes)
         check_positive_int("ingest_threads", self.ingest_threads)
         if not isinstance(self.drift, DriftConfig):
             raise ConfigError("drift", self.drift, "a bnwatch.DriftConfig")
@@ -99,6 +109,7 @@ class Settings:
         }
         for attribute, name in (
             ("max_body_bytes", MAX_BODY_ENV),
+            ("max_profile_bytes", MAX_PROFILE_ENV),
             ("ingest_threads", INGEST_THREADS_ENV),
         ):
             text = get(name)

@@ -54,6 +54,7 @@ def test_the_schema_documents_every_endpoint(app: FastAPI) -> None:
     labels = {op.label for op in _operations(app)}
     assert labels == {
         "POST /api/v1/windows",
+        "POST /api/v1/profiles",
         "GET /api/v1/models",
         "GET /api/v1/models/{model}/versions/{version}/layers",
         "GET /api/v1/models/{model}/versions/{version}/windows",

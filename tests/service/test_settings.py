@@ -9,7 +9,7 @@ import pytest
 from bnwatch.cli import main
 from bnwatch.errors import ConfigError
 from bnwatch.service.app import alert_hook_from_env
-from bnwatch.service.settings import DEFAULT_MAX_BODY_BYTES, Settings
+from bnwatch.service.settings import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_PROFILE_BYTES, Settings
 
 
 def test_from_env() -> None:
@@ -18,12 +18,14 @@ def test_from_env() -> None:
             "BNWATCH_DATABASE_URL": "postgresql://db/bnwatch",
             "BNWATCH_API_TOKEN": " s3cret-token ",
             "BNWATCH_MAX_BODY_BYTES": "1024",
+            "BNWATCH_MAX_PROFILE_BYTES": "4096",
             "BNWATCH_INGEST_THREADS": "2",
         }
     )
     assert settings.database_url == "postgresql://db/bnwatch"
     assert settings.api_token == "s3cret-token"
     assert (settings.max_body_bytes, settings.ingest_threads) == (1024, 2)
+    assert settings.max_profile_bytes == 4096
     assert "s3cret" not in repr(settings)
 
 
@@ -32,6 +34,7 @@ def test_defaults_and_empty_variables() -> None:
     assert settings.api_token is None
     assert settings.database_url == "sqlite:///bnwatch.db"
     assert settings.max_body_bytes == DEFAULT_MAX_BODY_BYTES == 64 * 1024 * 1024
+    assert settings.max_profile_bytes == DEFAULT_MAX_PROFILE_BYTES == 256 * 1024 * 1024
     assert Settings.from_env({}, database_url="sqlite:///x.db").database_url == "sqlite:///x.db"
 
 
@@ -40,6 +43,8 @@ def test_defaults_and_empty_variables() -> None:
     [
         ({"BNWATCH_MAX_BODY_BYTES": "64MB"}, "BNWATCH_MAX_BODY_BYTES"),
         ({"BNWATCH_MAX_BODY_BYTES": "0"}, "max_body_bytes"),
+        ({"BNWATCH_MAX_PROFILE_BYTES": "256MiB"}, "BNWATCH_MAX_PROFILE_BYTES"),
+        ({"BNWATCH_MAX_PROFILE_BYTES": "0"}, "max_profile_bytes"),
         ({"BNWATCH_INGEST_THREADS": "-1"}, "ingest_threads"),
         ({"BNWATCH_API_TOKEN": "two words"}, "api_token"),
         ({"BNWATCH_API_TOKEN": '"quoted-token"'}, "api_token"),

@@ -14,8 +14,17 @@ from pydantic import AwareDatetime
 from bnwatch.codec import encode_arrays, encode_moments
 from bnwatch.schema import SCHEMA_VERSION
 from bnwatch.service.deps import Authorized, RepositoryDep, SettingsDep, StateDep
-from bnwatch.service.errors import ApiError, ErrorResponse
-from bnwatch.service.routes.common import ModelName, Text, VersionName, not_found
+from bnwatch.service.errors import ApiError
+from bnwatch.service.routes.common import (
+    ModelName,
+    Text,
+    VersionName,
+    check_content_type,
+    error_response,
+    ingest_responses,
+    not_found,
+    read_body,
+)
 from bnwatch.service.schemas import WindowPublic
 from bnwatch.stats import ChannelMoments
 from bnwatch.store.repository import Repository, StoredWindow
@@ -25,11 +34,6 @@ router = APIRouter(tags=["windows"])
 
 MAX_RESOLUTION_SECONDS = 10 * 366 * 86400
 """Coarsest ``resolution`` of a windows query (ten years)."""
-_JSON_TYPES = ("application/json",)
-
-
-def _error(description: str) -> dict[str, Any]:
-    return {"model": ErrorResponse, "description": description}
 
 
 def example_batch() -> dict[str, Any]:
@@ -84,66 +88,11 @@ thread (FastAPI would parse it on the event loop).  ``create_app`` adds the sche
 example."""
 
 
-def _check_content_type(request: Request) -> None:
-    content_type = request.headers.get("content-type")
-    if content_type is not None:
-        media = content_type.split(";", 1)[0].strip().lower()
-        if media not in _JSON_TYPES and not media.endswith("+json"):
-            raise ApiError(
-                415,
-                f"the body must be JSON: send Content-Type: application/json, not {media!r}",
-            )
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
-    if encoding not in ("", "identity"):
-        raise ApiError(
-            415, f"Content-Encoding {encoding!r} is not supported: send the body uncompressed"
-        )
-
-
-def _too_large(limit: int) -> ApiError:
-    return ApiError(
-        413,
-        f"the request body exceeds the service's limit of {limit:,} bytes "
-        "(BNWATCH_MAX_BODY_BYTES): send fewer windows per request",
-    )
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes:
-    from ``Content-Length`` before reading, or while a chunked body streams in."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            length = int(declared)
-        except ValueError:
-            length = -1
-        if length < 0:
-            raise ApiError(400, f"Content-Length {declared!r} is not a byte count")
-        if length > limit:
-            raise _too_large(limit)
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(limit)
-        chunks.append(chunk)
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
 @router.post(
     "/api/v1/windows",
     response_model=IngestResult,
     summary="Store closed windows (bulk, one transaction)",
-    responses={
-        400: _error("a malformed request (e.g. Content-Length)"),
-        401: _error("missing or wrong bearer token"),
-        409: _error("a layer's channel count differs from the stored layer; nothing stored"),
-        413: _error("the body exceeds the service's limit"),
-        415: _error("the body is not JSON, or compressed"),
-        422: _error("the body is not a valid WindowBatch; the field is named"),
-        503: _error("the service has no API token, or the database is unavailable"),
-    },
+    responses=ingest_responses("WindowBatch"),
     openapi_extra=INGEST_BODY,
 )
 async def ingest_windows(request: Request, state: StateDep, _: Authorized) -> IngestResult:
@@ -153,7 +102,7 @@ async def ingest_windows(request: Request, state: StateDep, _: Authorized) -> In
     configuration.  A window whose ``uid`` is already stored (a retried delivery) counts as a
     duplicate and is not stored again.
     """
-    _check_content_type(request)
+    check_content_type(request)
     body = await read_body(request, state.settings.max_body_bytes)
     return await anyio.to_thread.run_sync(
         state.ingestor.ingest, body, limiter=state.ingest_limiter()
@@ -188,7 +137,10 @@ def _check_exists(repository: Repository, model: str, version: str, layer: str |
     "/api/v1/models/{model}/versions/{version}/windows",
     response_model=list[WindowPublic],
     summary="Windows of a model version",
-    responses={404: _error("unknown model version or layer"), 422: _error("invalid parameter")},
+    responses={
+        404: error_response("unknown model version or layer"),
+        422: error_response("invalid parameter"),
+    },
 )
 def list_windows(
     model: ModelName,
@@ -240,7 +192,10 @@ def list_windows(
     "/api/v1/models/{model}/versions/{version}/windows/latest",
     response_model=list[WindowPublic],
     summary="The latest window of every layer",
-    responses={404: _error("unknown model version"), 422: _error("invalid parameter")},
+    responses={
+        404: error_response("unknown model version"),
+        422: error_response("invalid parameter"),
+    },
 )
 def latest_windows(
     model: ModelName,
