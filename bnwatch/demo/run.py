@@ -42,8 +42,9 @@ run succeeds; the trained weights (``model.pt``), the profile (``profile.npz``) 
 (``reports.json``) are replaced atomically too, so re-running is safe.  ``store=`` sends the
 windows elsewhere: another database (a new, time-stamped model version per run, so a re-run
 opens its own alerts), or a bnwatch service (``http(s)://``), which stores the windows and
-evaluates the alerts itself; a service takes no profiles and records no recalibrations, so the
-demo then acts on the drift alert the service reports and says that nothing was recorded.
+evaluates the alerts itself, and takes the profile (``POST /api/v1/profiles``); a service
+records no recalibrations, so the demo then acts on the drift alert the service reports and
+says that the recalibration was not recorded.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import bnwatch
 from bnwatch.alerts import AlertConfig
 from bnwatch.capture import Monitor
-from bnwatch.client import HttpSink
+from bnwatch.client import HttpSink, ServiceError
 from bnwatch.demo import digits
 from bnwatch.errors import BnwatchError, ConfigError
 from bnwatch.export import MonitorExporter
@@ -267,8 +268,8 @@ class DemoResult:
         clean_recalibration: step 4, recalibrating the trained model on clean data.
         store: where the windows went (a database URL or a service URL; password hidden);
             ``None`` when the demo's database was temporary (no output directory).
-        profile_stored: whether the whole profile is in the store; a service receives only
-            its moments, with each window (the drift baseline), not its reservoir.
+        profile_stored: whether the whole profile (with its reservoir, the reference of
+            drift reports) is in the store: always, since services take profiles too.
         layer_windows_stored: rows in the store's ``windows`` table for this model version
             (one per layer and window).
         metrics_url: the monitor's Prometheus endpoint while the demo ran.
@@ -643,21 +644,17 @@ def _run(
     emit(f"          {where}")
     emit(f"          model {MODEL_NAME}, version {version}")
     val_loader = DataLoader(TensorDataset(splits.val_x, splits.val_y), batch_size=64)
-    profile = bnwatch.profile(
-        model,
-        val_loader,
-        name=MODEL_NAME,
-        version=version,
-        store=None if target.service else target.url,
-    )
+    try:
+        profile = bnwatch.profile(
+            model, val_loader, name=MODEL_NAME, version=version, store=target.url
+        )
+    except ServiceError as err:
+        raise DemoStoreError(f"the bnwatch service did not take the profile: {err}") from err
     layers = tuple(profile.layers)
-    stored = "kept here" if target.service else "stored"
+    stored = "uploaded to the service" if target.service else "stored"
     emit(
         f"profile   bnwatch.profile(model, validation images): {n_val} samples per layer, {stored}"
     )
-    if target.service:  # the service's API takes windows, not profiles
-        emit("          (the service gets its moments with each window, as the drift baseline,")
-        emit("          not its reservoir of per-sample means for drift reports)")
     emit(f"          {len(layers)} BatchNorm layers: {', '.join(layers)}")
 
     alert_config = AlertConfig()
@@ -755,7 +752,7 @@ def _run(
         drift_accuracy=drift_accuracy,
         clean_recalibration=clean,
         store=target.shown,
-        profile_stored=not target.service,
+        profile_stored=True,
         layer_windows_stored=layer_windows,
         metrics_url=metrics_url,
         metrics_sample=run.metrics_sample,

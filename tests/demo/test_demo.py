@@ -19,6 +19,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -339,8 +340,8 @@ def test_store_in_a_bnwatch_service(tmp_path: Path, monkeypatch: pytest.MonkeyPa
             tmp_path / "out", quick=True, store=server.url, stream=stream, progress=False
         )
     output = stream.getvalue()
-    assert result.store == server.url and not result.profile_stored
-    assert "(the service gets its moments with each window, as the drift baseline," in output
+    assert result.store == server.url and result.profile_stored
+    assert "samples per layer, uploaded to the service" in output
     # the service evaluated the alerts; the demo read them back from its API
     assert {kind for kind, _ in opened(result, "drift")} == {"drift"}
     assert {kind for kind, _ in opened(result, "train-mode")} >= SMALL_BATCH_KINDS
@@ -357,10 +358,14 @@ def test_store_in_a_bnwatch_service(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         repo = Repository(engine)
         (model,) = repo.models()
         assert model.windows == result.windows * len(LAYERS) == result.layer_windows_stored
-        # the baseline's moments came with the windows; the profile's reservoir did not
-        baseline = repo.load_profile(model.name, model.version)
-        assert baseline is not None and list(baseline.layers) == list(LAYERS)
-        assert all(lp.reservoir.rows.shape[0] == 0 for lp in baseline.layers.values())
+        # the profile went up whole (POST /api/v1/profiles): its reservoir is the drift
+        # reports' reference, exactly the demo's profile
+        for layer in LAYERS:
+            kept = repo.reference_reservoir(model.name, model.version, layer)
+            assert kept.kind == "profile"
+            np.testing.assert_array_equal(
+                kept.reservoir.rows, result.profile.layers[layer].reservoir.rows
+            )
         assert repo.recalibrations() == []
     finally:
         engine.dispose()
