@@ -52,8 +52,13 @@ What is measured
     seed 0); mapping the corrupted statistics onto clean reference statistics, so that clean
     data would keep the running statistics and the train/inference gap of the shift
     augmentation (-1 point); entropy minimization of the statistics without labels (collapses
-    at high severity).  Nor is ``DigitsCNN`` merely a weak case for recalibration: two deeper
-    BatchNorm nets, defined once and trained with the same :func:`~bnwatch.demo.digits.train`
+    at high severity); information maximization instead (mean prediction entropy minus the
+    entropy of the mean prediction, SHOT-style, which cannot collapse to one class), fitted
+    like the labelled bound from ``precise`` -- on seed 0 over gaussian_noise, contrast,
+    gamma, rotate and shear it recovered 46.2 % (50 Adam steps at 0.01) and 49.9 % (20 at
+    0.003) against ``precise``'s 53.7 %.  Nor is ``DigitsCNN`` merely a weak case for
+    recalibration: two deeper BatchNorm nets, defined once and trained with the same
+    :func:`~bnwatch.demo.digits.train`
     recipe -- a residual net (stem and three basic blocks, 9 BN layers, 38k parameters) and
     a VGG-style net (six conv-BN-ReLU, 7 BN layers, 35k parameters) -- were run through this
     file's functions (main configurations and the labelled bound; seeds 0 and 1).  ``precise
