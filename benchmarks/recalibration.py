@@ -44,27 +44,26 @@ What is measured
 
     Tried and not kept (measured on ``--seed 1`` unless said; none gained more than a point,
     most lost): recalibrating only the drifted or the earliest layers (on seed 0 every subset
-    loses 2-12 points against all layers, see the ablations); re-estimating only the means
-    (-5 points); an empirical-Bayes (James-Stein) per-channel mix towards the running
-    statistics, with the shift's standard error from the between-sample variance, instead of
+    loses 2-12 points against all layers, see the ablations); re-estimating only the means (-5
+    points); an empirical-Bayes (James-Stein) per-channel mix towards the running statistics,
+    with the shift's standard error from the between-sample variance, instead of
     ``prior_strength`` (n = 16: -1.4 to +0.5, n = 64: -1.4 to -2.0 points); Wiener-style
     variance inflation where the variance grew, as noise makes it (+0.7 on seed 1, -1.5 on
     seed 0); mapping the corrupted statistics onto clean reference statistics, so that clean
-    data would keep the running statistics and the train/inference gap of the shift
-    augmentation (-1 point); entropy minimization of the statistics without labels (collapses
-    at high severity); information maximization instead (mean prediction entropy minus the
-    entropy of the mean prediction, SHOT-style, which cannot collapse to one class), fitted
-    like the labelled bound from ``precise`` -- on seed 0 over gaussian_noise, contrast,
-    gamma, rotate and shear it recovered 46.2 % (50 Adam steps at 0.01) and 49.9 % (20 at
-    0.003) against ``precise``'s 53.7 %.  Nor is ``DigitsCNN`` merely a weak case for
-    recalibration: two deeper BatchNorm nets, defined once and trained with the same
-    :func:`~bnwatch.demo.digits.train`
-    recipe -- a residual net (stem and three basic blocks, 9 BN layers, 38k parameters) and
-    a VGG-style net (six conv-BN-ReLU, 7 BN layers, 35k parameters) -- were run through this
-    file's functions (main configurations and the labelled bound; seeds 0 and 1).  ``precise
+    data would keep the running statistics and the train/inference gap of the shift augmentation
+    (-1 point); entropy minimization of the statistics without labels (collapses at high
+    severity); information maximization instead (mean prediction entropy minus the entropy of
+    the mean prediction, SHOT-style, which cannot collapse to one class), fitted like the
+    labelled bound from ``precise`` -- on seed 0 over gaussian_noise, contrast, gamma, rotate
+    and shear it recovered 46.2 % (50 Adam steps at 0.01) and 49.9 % (20 at 0.003) against
+    ``precise``'s 53.7 %. Nor is ``DigitsCNN`` merely a weak case for recalibration: two deeper
+    BatchNorm nets, defined once and trained with the same :func:`~bnwatch.demo.digits.train`
+    recipe -- a residual net (stem and three basic blocks, 9 BN layers, 38k parameters) and a
+    VGG-style net (six conv-BN-ReLU, 7 BN layers, 35k parameters) -- were run through this
+    file's functions (main configurations and the labelled bound; seeds 0 and 1). ``precise
     512`` recovered 43.4 % and 48.3 % on average against DigitsCNN's 53.5 %, while their
-    labelled bounds rose to 77.5 % and 70.4 % (DigitsCNN 66.8 %): more BatchNorm layers
-    leave more to win, and unlabeled statistics win a smaller share of it.
+    labelled bounds rose to 77.5 % and 70.4 % (DigitsCNN 66.8 %): more BatchNorm layers leave
+    more to win, and unlabeled statistics win a smaller share of it.
 
 Methodology
     * Recalibration data never overlaps evaluation data (cross-fitting).  The test images are
