@@ -542,9 +542,38 @@ class Repository:
         if known is not None:
             return known
         blob = encode_arrays(np.stack([base.mean, base.var]))
-        ref_id = self._ref_id(conn, layer_id, kind, report.eps, blob, encode_moments(base), new)
+        moments = encode_moments(base)
+        stored = self._stored_profile(conn, layer_id, blob, moments) if kind == "profile" else None
+        ref_id = (
+            stored
+            if stored is not None
+            else self._ref_id(conn, layer_id, kind, report.eps, blob, moments, new)
+        )
         new.by_identity[key] = (ref_id, base)
         return ref_id
+
+    @staticmethod
+    def _stored_profile(
+        conn: Connection, layer_id: int, mean_var: bytes, moments: bytes
+    ) -> int | None:
+        """The newest stored profile of the layer with exactly these statistics, if any.
+
+        A window judged against a profile carries the profile's moments but not its reservoir
+        (which is part of a reference's digest): without this, every such window would store
+        the profile a second time, reservoir-less, as a newer ``profile`` reference.
+        """
+        found = conn.execute(
+            sa.select(Ref.id)
+            .where(
+                Ref.layer_id == layer_id,
+                Ref.kind == "profile",
+                Ref.mean_var == mean_var,
+                Ref.moments == moments,
+            )
+            .order_by(Ref.version.desc())
+            .limit(1)
+        ).scalar_one_or_none()
+        return None if found is None else int(found)
 
     def write_profile(self, profile: Profile) -> dict[str, int]:
         """Store a reference profile (kind ``profile``); returns layer name -> reference id."""
@@ -1205,8 +1234,8 @@ class Repository:
             lr = self._layer_row(conn, m, layer)
             ref = conn.execute(
                 sa.select(Ref)
-                # windows judged against a profile store its moments as a reference of kind
-                # ``profile`` without the reservoir: the newest one that has it
+                # windows judged against a profile that was never stored store its moments as
+                # a reference of kind ``profile`` without a reservoir: the newest one with it
                 .where(Ref.layer_id == lr.id, Ref.kind == "profile", Ref.reservoir.is_not(None))
                 .order_by(Ref.version.desc())
                 .limit(1)

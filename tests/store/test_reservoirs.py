@@ -9,6 +9,7 @@ from datetime import datetime, timedelta, timezone
 
 import numpy as np
 import pytest
+import sqlalchemy as sa
 import torch
 
 import bnwatch
@@ -166,6 +167,56 @@ def test_reference_reservoir_is_the_profiles_else_the_warmup(repo: Repository) -
     assert ref.kind == "profile"
     np.testing.assert_array_equal(ref.reservoir.rows, prof.layers["1"].reservoir.rows)
     assert ref.reservoir.seen == prof.layers["1"].reservoir.seen == 40
+
+
+def test_windows_judged_against_a_stored_profile_point_at_it(db_url: str) -> None:
+    # the windows carry the profile's moments, not its reservoir: they must reuse the stored
+    # profile, not store it again reservoir-less as a newer one (which load_profile would return)
+    net = small_cnn()
+    prof = bnwatch.profile(
+        net, batches(10, seed=3), name="cnn", version="1", store=db_url, reservoir_size=24
+    )
+    with (
+        bnwatch.watch(
+            net,
+            name="cnn",
+            version="1",
+            store=db_url,
+            reference=prof,
+            window_seconds=None,
+            overhead_budget=None,
+        ) as mon,
+        torch.inference_mode(),
+    ):
+        for x in batches(3):
+            net(x)
+        assert {r.baseline for r in mon.flush().values()} == {"profile"}
+    engine = engine_for(db_url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                sa.text(
+                    "SELECT l.name, r.id FROM refs r JOIN layers l ON l.id = r.layer_id "
+                    "WHERE r.kind = 'profile'"
+                )
+            ).all()
+            pointed = dict(
+                conn.execute(
+                    sa.text(
+                        "SELECT DISTINCT l.name, w.baseline_ref_id FROM windows w "
+                        "JOIN layers l ON l.id = w.layer_id"
+                    )
+                ).all()
+            )
+        # one profile reference per layer, and the windows point at it
+        assert sorted(name for name, _ in rows) == sorted(prof.layers)
+        assert pointed == dict(rows)
+        back = Repository(engine).load_profile("cnn", "1")
+        assert back is not None
+        for name, lp in prof.layers.items():
+            np.testing.assert_array_equal(back.layers[name].reservoir.rows, lp.reservoir.rows)
+    finally:
+        engine.dispose()
 
 
 def test_no_reference_says_how_to_record_one(repo: Repository) -> None:
