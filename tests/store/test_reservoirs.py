@@ -200,17 +200,18 @@ def test_windows_judged_against_a_stored_profile_point_at_it(db_url: str) -> Non
                     "WHERE r.kind = 'profile'"
                 )
             ).all()
-            pointed = dict(
-                conn.execute(
+            pointed: dict[str, int] = {
+                name: ref_id
+                for name, ref_id in conn.execute(
                     sa.text(
                         "SELECT DISTINCT l.name, w.baseline_ref_id FROM windows w "
                         "JOIN layers l ON l.id = w.layer_id"
                     )
                 ).all()
-            )
+            }
         # one profile reference per layer, and the windows point at it
         assert sorted(name for name, _ in rows) == sorted(prof.layers)
-        assert pointed == dict(rows)
+        assert pointed == {name: ref_id for name, ref_id in rows}
         back = Repository(engine).load_profile("cnn", "1")
         assert back is not None
         for name, lp in prof.layers.items():
