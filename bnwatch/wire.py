@@ -323,11 +323,13 @@ class WireProfileLayer(BaseModel):
 
     def arrays(self, what: str) -> NDArray[Any] | None:
         """The decoded ``moments``, ``running`` (float64) or ``reservoir`` (float32) arrays
-        (decoded once, when the layer was validated)."""
+        (decoded once, when the layer was validated -- or now, for a layer built without
+        validation); ``running`` is ``None`` when the profile carries none."""
+        if not self._decoded:
+            self._decode()
         return self._decoded.get(what)
 
-    @model_validator(mode="after")
-    def _consistent(self) -> WireProfileLayer:
+    def _decode(self) -> None:
         self._decoded["moments"] = decode_moment_blob(self.moments, self.channels)
         if self.running is not None:
             self._decoded["running"] = decode_running_blob(self.running, self.channels)
@@ -335,6 +337,10 @@ class WireProfileLayer(BaseModel):
         self._decoded["reservoir"] = decode_reservoir_rows(
             r.rows, self.channels, min(r.capacity, r.seen)
         )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> WireProfileLayer:
+        self._decode()
         _check_batch_counts(self.n_batches, self.batch_stat_batches, self.batch_sizes)
         return self
 
@@ -586,27 +592,14 @@ def profile_body(profile: Profile) -> dict[str, Any]:
     }
 
 
-def _profile_arrays(w: WireProfileLayer, what: str) -> NDArray[Any] | None:
-    cached = w.arrays(what)
-    if cached is not None:
-        return cached
-    if what == "moments":
-        return decode_moment_blob(w.moments, w.channels)
-    if what == "running":
-        return None if w.running is None else decode_running_blob(w.running, w.channels)
-    r = w.reservoir
-    return decode_reservoir_rows(r.rows, w.channels, min(r.capacity, r.seen))
-
-
 def to_profile(wire: WireProfile) -> Profile:
     """The :class:`~bnwatch.schema.Profile` a validated wire profile stands for."""
     layers: dict[str, LayerProfile] = {}
     for w in wire.layers:
-        moments = _profile_arrays(w, "moments")
-        rows = _profile_arrays(w, "reservoir")
-        if moments is None or rows is None:  # pragma: no cover - both are always decoded
-            raise ValueError(f"layer {w.layer!r}: moments or reservoir missing")
-        running = _profile_arrays(w, "running")
+        moments = w.arrays("moments")
+        rows = w.arrays("reservoir")
+        assert moments is not None and rows is not None  # always decoded
+        running = w.arrays("running")
         layers[w.layer] = LayerProfile(
             layer=w.layer,
             kind=w.kind,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ import sqlalchemy as sa
 import torch
 
 import bnwatch
-from bnwatch.schema import WindowRecord
+from bnwatch.schema import LayerReport, WindowRecord
 from bnwatch.stats import DEFAULT_RESERVOIR as D
 from bnwatch.stats import Reservoir
 from bnwatch.store.migrate import engine_for
@@ -39,6 +40,25 @@ def reservoir(record: WindowRecord, layer: str) -> Reservoir:
     found = record.reports[layer].stats.reservoir
     assert found is not None
     return found
+
+
+def watch_one_window(net: torch.nn.Module, db_url: str, **options: Any) -> dict[str, LayerReport]:
+    """Watch ``net`` (model cnn@1, stored in ``db_url``) over 3 batches closed as one window."""
+    with (
+        bnwatch.watch(
+            net,
+            name="cnn",
+            version="1",
+            store=db_url,
+            window_seconds=None,
+            overhead_budget=None,
+            **options,
+        ) as mon,
+        torch.inference_mode(),
+    ):
+        for x in batches(3):
+            net(x)
+        return mon.flush()
 
 
 def row_set(rows: np.ndarray) -> set[bytes]:
@@ -176,21 +196,8 @@ def test_windows_judged_against_a_stored_profile_point_at_it(db_url: str) -> Non
     prof = bnwatch.profile(
         net, batches(10, seed=3), name="cnn", version="1", store=db_url, reservoir_size=24
     )
-    with (
-        bnwatch.watch(
-            net,
-            name="cnn",
-            version="1",
-            store=db_url,
-            reference=prof,
-            window_seconds=None,
-            overhead_budget=None,
-        ) as mon,
-        torch.inference_mode(),
-    ):
-        for x in batches(3):
-            net(x)
-        assert {r.baseline for r in mon.flush().values()} == {"profile"}
+    reports = watch_one_window(net, db_url, reference=prof)
+    assert {r.baseline for r in reports.values()} == {"profile"}
     engine = engine_for(db_url)
     try:
         with engine.connect() as conn:
@@ -230,22 +237,7 @@ def test_no_reference_says_how_to_record_one(repo: Repository) -> None:
 
 
 def test_a_monitor_stores_its_reservoirs(db_url: str) -> None:
-    net = small_cnn()
-    with (
-        bnwatch.watch(
-            net,
-            name="cnn",
-            version="1",
-            store=db_url,
-            window_seconds=None,
-            overhead_budget=None,
-            reservoir=5,
-        ) as mon,
-        torch.inference_mode(),
-    ):
-        for x in batches(3):
-            net(x)
-        mon.flush()
+    watch_one_window(small_cnn(), db_url, reservoir=5)
     engine = engine_for(db_url)
     try:
         stored = Repository(engine).windows("cnn", "1", with_stats=True)
