@@ -55,6 +55,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import sqlite3
 import sys
@@ -1244,6 +1245,7 @@ def _prepare_out_dir(out_dir: str | os.PathLike[str] | None) -> Path | None:
     if out.exists() and not out.is_dir():
         raise ConfigError("out_dir", str(out), "a directory (a file of that name exists)")
     out.mkdir(parents=True, exist_ok=True)
+    remove_orphans(out)
     return out
 
 
@@ -1251,6 +1253,55 @@ def _state_bytes(model: nn.Module) -> bytes:
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     return buffer.getvalue()
+
+
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp(-wal|-shm|-journal)?")
+ORPHAN_AGE_SECONDS = 600.0
+"""A temporary file is an orphan only once it is this old: a demo takes about a minute."""
+
+
+def remove_orphans(directory: Path, *, now: float | None = None) -> list[Path]:
+    """Remove the temporary files (see :func:`_replacing`) that a killed demo left in
+    ``directory``; returns them.
+
+    A file is removed only when the process named in it is gone *and* the file is older than
+    :data:`ORPHAN_AGE_SECONDS` (another machine's demo writing to a shared directory has a
+    process id that means nothing here).  A clean or interrupted run removes its own files;
+    only ``kill -9`` (or a crash) leaves them behind.
+    """
+    now = time.time() if now is None else now
+    removed = []
+    for path in directory.glob(".*.tmp*"):
+        match = _TEMPORARY.fullmatch(path.name)
+        if match is None or _alive(int(match["pid"])):
+            continue
+        try:
+            if now - path.stat().st_mtime < ORPHAN_AGE_SECONDS:
+                continue
+            path.unlink()
+        except FileNotFoundError:  # another demo removed it first
+            continue
+        removed.append(path)
+    if removed:
+        logging.getLogger("bnwatch").info(
+            "removed %d temporary file(s) a killed demo left in %s", len(removed), directory
+        )
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this machine (one we may not signal counts)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OverflowError:  # not a process id at all
+        return False
+    return True
 
 
 @contextmanager

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
 import sys
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -33,8 +36,11 @@ from bnwatch.demo.run import (
     KEEP_INPUTS,
     LINE_WIDTH,
     MODEL_NAME,
+    ORPHAN_AGE_SECONDS,
     TRAIN_MODE_LAYER,
     WINDOWS_PER_PASS,
+    _prepare_out_dir,
+    remove_orphans,
 )
 from bnwatch.store.migrate import engine_for
 from bnwatch.store.repository import Repository
@@ -399,6 +405,43 @@ def test_out_dir_that_is_a_file(tmp_path: Path) -> None:
     target.write_text("")
     with pytest.raises(ConfigError, match="out_dir"):
         run_demo(target, quick=True)
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_files_a_killed_demo_left_are_removed_on_the_next_run(tmp_path: Path) -> None:
+    """kill -9 skips every ``finally``: the next demo in that directory removes what the dead
+    one left -- but never a file of a live process, nor a fresh one (another machine's demo
+    writing to a shared directory), nor anything that is not a demo temporary."""
+    dead, live = _dead_pid(), os.getppid()
+    left = [
+        f".{DATABASE_FILE}.{dead}.0123abcd.tmp",
+        f".{DATABASE_FILE}.{dead}.0123abcd.tmp-wal",
+        f".{DATABASE_FILE}.{dead}.0123abcd.tmp-shm",
+        f".model.pt.{dead}.89abcdef.tmp",
+    ]
+    kept_old = [f".{DATABASE_FILE}.{live}.0123abcd.tmp", ".notes.tmp", f".x.{dead}.nothex12.tmp"]
+    fresh = f".reports.json.{dead}.fedcba98.tmp"
+    old = time.time() - 2 * ORPHAN_AGE_SECONDS
+    for name in [*left, *kept_old, fresh]:
+        (tmp_path / name).write_bytes(b"partial")
+    for name in [*left, *kept_old]:
+        os.utime(tmp_path / name, (old, old))
+    (tmp_path / DATABASE_FILE).write_bytes(b"a finished run's database")
+
+    removed = remove_orphans(tmp_path)
+
+    assert sorted(p.name for p in removed) == sorted(left)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*kept_old, fresh, DATABASE_FILE])
+    # the demo runs it when it prepares its output directory
+    (tmp_path / left[0]).write_bytes(b"partial")
+    os.utime(tmp_path / left[0], (old, old))
+    assert _prepare_out_dir(tmp_path) == tmp_path
+    assert not (tmp_path / left[0]).exists()
 
 
 @pytest.mark.parametrize("store", ["", "not a url", "mysql://host/db"])
