@@ -1,7 +1,8 @@
 """bnwatch: watch the BatchNorm layers of PyTorch models in production.
 
-``import bnwatch`` is cheap and does not import torch; ``bnwatch.watch`` and
-``bnwatch.profile`` load the capture machinery on first use.
+``import bnwatch`` is cheap and does not import torch; ``bnwatch.watch``,
+``bnwatch.profile`` and ``bnwatch.report_recalibration`` load the capture machinery on first
+use.
 """
 
 from __future__ import annotations
@@ -22,13 +23,14 @@ from bnwatch.stats import ChannelMoments, LayerStats
 __version__ = "0.1.0.dev0"
 
 if TYPE_CHECKING:
-    from bnwatch.api import profile, watch
+    from bnwatch.api import profile, report_recalibration, watch
     from bnwatch.capture import Monitor
     from bnwatch.recalibration import recalibrate
 
 _LAZY = {
     "watch": "bnwatch.api",
     "profile": "bnwatch.api",
+    "report_recalibration": "bnwatch.api",
     "recalibrate": "bnwatch.recalibration",
     "Monitor": "bnwatch.capture",
 }
@@ -59,5 +61,6 @@ __all__ = [
     "__version__",
     "profile",
     "recalibrate",
+    "report_recalibration",
     "watch",
 ]

@@ -1,11 +1,12 @@
-"""``bnwatch.watch`` and ``bnwatch.profile``: the public entry points (composition layer).
+"""``bnwatch.watch``, ``bnwatch.profile`` and ``bnwatch.report_recalibration``: the public entry
+points (composition layer).
 
 ``watch`` picks the sink from ``store=`` so that ``bnwatch.capture`` never imports a store.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
@@ -16,12 +17,14 @@ from bnwatch.drift import DriftConfig
 
 if TYPE_CHECKING:
     from bnwatch.alerts import AlertConfig
+    from bnwatch.recalibration import RecalibrationResult
+    from bnwatch.store.repository import RecalibrationInfo
     from bnwatch.triggers import AlertPipeline, Trigger, TriggerPolicy
 from bnwatch.errors import ConfigError, check_positive_int
 from bnwatch.schema import Profile
 from bnwatch.sink import MemorySink, Sink
 
-__all__ = ["profile", "watch"]
+__all__ = ["profile", "report_recalibration", "watch"]
 
 
 def profile(
@@ -206,7 +209,8 @@ def watch(
                 "store",
                 store,
                 "a database URL when triggers or recalibrate are set (a bnwatch service "
-                "evaluates alerts itself)",
+                "evaluates alerts itself: set BNWATCH_WEBHOOK_URL and BNWATCH_WEBHOOK_SECRET "
+                "on the service for its webhook triggers)",
             )
     elif isinstance(store, str):
         from bnwatch.alerts import AlertEngine
@@ -255,3 +259,141 @@ def watch(
         policy = recalibrate if isinstance(recalibrate, TriggerPolicy) else TriggerPolicy()
         pipeline.triggers.append(Trigger(RecalibrateAction(model, monitor), policy))
     return monitor
+
+
+def report_recalibration(
+    store: str,
+    recalibration_id: int,
+    result: RecalibrationResult | None = None,
+    *,
+    status: str | None = None,
+    outcome: Mapping[str, Any] | None = None,
+    token: str | None = None,
+) -> RecalibrationInfo:
+    """Report how a pending recalibration ended: the way back of a webhook trigger's receiver
+    (the event's ``recalibration_id``) and of a recalibration requested from the dashboard.
+
+    Either a ``result`` of :func:`bnwatch.recalibrate` says it:
+
+    * ``applied`` -> ``applied``, with its new statistics (stored as references of kind
+      ``recalibrated``, with their lineage) and ``result.summary()`` as the outcome;
+    * ``rejected`` (held-out data did not improve), or not applied and judged not better ->
+      ``rejected`` with the summary;
+    * computed but neither applied nor judged, or rolled back -> :class:`ConfigError`: apply
+      it (``result.apply()``) or pass ``status=`` instead;
+
+    or an explicit ``status`` (``applied``, ``rejected`` or ``failed``) and ``outcome``, e.g.
+    ``status="failed", outcome={"error": str(err)}``.
+
+    A recalibration is finished once, in one transaction, all or nothing: reporting one that
+    is no longer pending raises, and so do new statistics of a layer the store does not hold
+    for the model version or with another channel count (recalibrate only the watched layers:
+    ``bnwatch.recalibrate(..., layers=...)``) -- and nothing is stored.
+
+    Args:
+        store: where the recalibration is recorded: a SQLAlchemy URL (``sqlite:///bnwatch.db``,
+            ``postgresql://user@host/db``), or the URL of a bnwatch service (``http://...``,
+            ``POST /api/v1/recalibrations/{id}/outcome``).
+        recalibration_id: the recalibration's id (``event["recalibration_id"]`` of a webhook).
+        result: what :func:`bnwatch.recalibrate` returned.
+        status: instead of ``result``: ``applied``, ``rejected`` or ``failed``.
+        outcome: with ``status``: what happened (a JSON object); with ``result``: entries
+            added to its summary (e.g. where the buffers were written).
+        token: the service's API token when ``store`` is a service URL (default
+            ``$BNWATCH_API_TOKEN``); not allowed with any other ``store``.
+
+    Returns:
+        The recalibration as stored now (:class:`bnwatch.store.repository.RecalibrationInfo`).
+
+    Raises:
+        ConfigError: an argument is invalid (before anything is sent or written).
+        bnwatch.errors.RecalibrationNotFoundError, bnwatch.errors.RecalibrationStateError,
+        bnwatch.errors.RecalibrationBuffersError: with a database ``store``: no such
+            recalibration; it is no longer pending (its status is named); new statistics
+            that do not fit the stored layers (the layer and the counts are named).
+        bnwatch.client.ServiceError: with a service ``store``: unreachable, or the report was
+            refused -- the HTTP status (404, 409, 422, ...) and the service's message say why.
+    """
+    check_positive_int("recalibration_id", recalibration_id)
+    service = _is_service_url(store)
+    if not isinstance(store, str) or not store.strip():
+        raise ConfigError("store", store, "a database URL or a bnwatch service URL")
+    if token is not None and not service:
+        raise ConfigError("token", "<hidden>", "None unless store is an http(s):// service URL")
+    if outcome is not None and not isinstance(outcome, Mapping):
+        raise ConfigError("outcome", type(outcome).__name__, "a mapping (a JSON object) or None")
+    final, details, buffers = _reported(result, status, outcome)
+    if service:
+        from pydantic import TypeAdapter
+
+        from bnwatch.client import send_recalibration_outcome
+        from bnwatch.store.repository import RecalibrationInfo
+
+        answer = send_recalibration_outcome(
+            store, recalibration_id, status=final, outcome=details, buffers=buffers, token=token
+        )
+        return TypeAdapter(RecalibrationInfo).validate_python(answer)
+    from bnwatch.store.migrate import engine_for
+    from bnwatch.store.repository import Repository
+
+    engine = engine_for(store, create=False)
+    try:
+        return Repository(engine).finish_recalibration(
+            recalibration_id,
+            status=final,
+            outcome=details,
+            buffers=buffers,
+            unknown_layers="error",
+        )
+    finally:
+        engine.dispose()
+
+
+_REPORTED = ("applied", "rejected", "failed")
+
+
+def _reported(
+    result: RecalibrationResult | None, status: str | None, outcome: Mapping[str, Any] | None
+) -> tuple[str, dict[str, Any], dict[str, tuple[Any, Any, float]] | None]:
+    """``(status, outcome, buffers)`` of a report (see :func:`report_recalibration`)."""
+    from bnwatch.recalibration import RecalibrationResult
+
+    if result is None:
+        if status is None:
+            raise ConfigError("status", None, f"one of {list(_REPORTED)} when no result is given")
+        if status not in _REPORTED:
+            raise ConfigError("status", status, f"one of {list(_REPORTED)}")
+        return status, dict(outcome or {}), None
+    if not isinstance(result, RecalibrationResult):
+        raise ConfigError(
+            "result", type(result).__name__, "a RecalibrationResult from bnwatch.recalibrate()"
+        )
+    if status is not None:
+        raise ConfigError("status", status, "None when a result is given (its status decides)")
+    details = {**result.summary(), **(outcome or {})}
+    if result.status == "applied":
+        buffers = {
+            u.name: (
+                u.new_mean.detach().double().cpu().numpy(),
+                u.new_var.detach().double().cpu().numpy(),
+                float(u.module.eps),
+            )
+            for u in result.updates
+        }
+        return "applied", details, buffers
+    if result.status == "rejected" or (result.status == "pending" and result.improved is False):
+        return "rejected", details, None
+    if result.status == "rolled_back":
+        raise ConfigError(
+            "result",
+            "a rolled-back result",
+            "an applied or rejected result: its statistics were applied and taken back, so "
+            "pass status= ('rejected' or 'failed') and outcome= saying why instead",
+        )
+    judged = "judged better" if result.improved else "not judged (no held_out data)"
+    raise ConfigError(
+        "result",
+        f"a result computed but not applied ({judged})",
+        "an applied or rejected result: call result.apply() first (or recalibrate with "
+        "apply=True or 'if_better'), or pass status= and outcome= instead",
+    )

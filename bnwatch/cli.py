@@ -359,7 +359,12 @@ def _add_recalibrate(subparsers: Subparsers) -> None:
         description="Load a model (factory + checkpoint), re-estimate its BatchNorm running "
         "statistics on data, and write the new buffers to --out as a file that "
         "model.load_state_dict(torch.load(OUT), strict=False) accepts.  With --held-out the "
-        "result is judged (and not written if it does not improve).",
+        "result is judged (and not written if it does not improve: exit code 1).  With "
+        "--recalibration ID the run finishes that pending recalibration (a webhook trigger's "
+        "recalibration_id, or one requested from the dashboard) in the database (--db) or "
+        "through a bnwatch service (--service): applied (with the new buffers and where they "
+        "were written), rejected, or failed (when the run raises; the error is printed and "
+        "the exit code is 1).",
     )
     parser.add_argument(
         "--model",
@@ -397,6 +402,33 @@ def _add_recalibrate(subparsers: Subparsers) -> None:
     )
     parser.add_argument("--layers", nargs="+", metavar="GLOB", help="only these layers")
     parser.add_argument("--input-key", help="the input's key when batches are dicts")
+    report = parser.add_argument_group(
+        "reporting back",
+        "finish a pending recalibration with this run's outcome (its references and lineage "
+        "are stored with it)",
+    )
+    report.add_argument(
+        "--recalibration",
+        type=_positive_int,
+        metavar="ID",
+        help="the id of the pending recalibration this run carries out",
+    )
+    where = report.add_mutually_exclusive_group()
+    where.add_argument(
+        "--db",
+        metavar="URL",
+        help="with --recalibration: the database that records it (SQLAlchemy URL; default: "
+        f"${DATABASE_ENV} or {DEFAULT_DATABASE_URL})",
+    )
+    where.add_argument(
+        "--service",
+        metavar="URL",
+        help="with --recalibration: report through this bnwatch service instead (http://host:port)",
+    )
+    report.add_argument(
+        "--token",
+        help="with --service: the service's API token (default: $BNWATCH_API_TOKEN)",
+    )
     parser.set_defaults(handler=_run_recalibrate)
 
 
@@ -407,9 +439,37 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _iterable(spec: str, argument: str) -> Any:
-    obj = _load_object(spec, argument)
+def _iterable(obj: object) -> Any:
+    """A loaded ``--data``/``--held-out`` object: the iterable itself, or what calling it
+    returns."""
     return obj() if callable(obj) and not hasattr(obj, "__iter__") else obj
+
+
+def _report_target(args: argparse.Namespace) -> str | None:
+    """Where the run reports to (``None`` without ``--recalibration``), checked before the
+    run: a bad URL fails now, not after the recalibration."""
+    from bnwatch.errors import ConfigError
+
+    if args.recalibration is None:
+        for flag in ("db", "service", "token"):
+            if getattr(args, flag) is not None:
+                value = "<hidden>" if flag == "token" else getattr(args, flag)
+                raise ConfigError(
+                    f"--{flag}", value, f"--recalibration ID as well (--{flag} is for reporting)"
+                )
+        return None
+    if args.token is not None and args.service is None:
+        raise ConfigError("--token", "<hidden>", "--service URL as well (a database needs none)")
+    if args.service is not None:
+        from bnwatch.client import outcome_endpoint
+
+        outcome_endpoint(args.service, args.recalibration)
+        return str(args.service)
+    from bnwatch.store.engine import parse_url
+
+    url: str = args.db or os.environ.get(DATABASE_ENV) or DEFAULT_DATABASE_URL
+    parse_url(url, argument="--db")
+    return url
 
 
 def _run_recalibrate(args: argparse.Namespace) -> int:
@@ -420,39 +480,87 @@ def _run_recalibrate(args: argparse.Namespace) -> int:
     from bnwatch.errors import ConfigError
     from bnwatch.recalibration import recalibrate
 
+    target = _report_target(args)
     factory = _load_object(args.model, "--model")
     if not callable(factory):
         raise ConfigError("--model", args.model, "a callable returning an nn.Module")
-    model = factory()
-    if not isinstance(model, torch.nn.Module):
-        raise ConfigError("--model", args.model, "a factory returning a torch.nn.Module")
-    if args.checkpoint:
-        state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
-    model.eval()
-    result = recalibrate(
-        model,
-        _iterable(args.data, "--data"),
-        num_samples=args.num_samples,
-        method=args.method,
-        prior_strength=args.prior_strength,
-        layers=args.layers,
-        input_key=args.input_key,
-        held_out=_iterable(args.held_out, "--held-out") if args.held_out else None,
-        apply="if_better",
-    )
+    data = _load_object(args.data, "--data")
+    held_out = _load_object(args.held_out, "--held-out") if args.held_out else None
+    # from here on the run is the recalibration's: a failure is reported as such (a wrong
+    # --model/--data name above is not: fix it and run again with the same --recalibration)
+    try:
+        model = factory()
+        if not isinstance(model, torch.nn.Module):
+            raise ConfigError("--model", args.model, "a factory returning a torch.nn.Module")
+        if args.checkpoint:
+            state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+            model.load_state_dict(state)
+        model.eval()
+        result = recalibrate(
+            model,
+            _iterable(data),
+            num_samples=args.num_samples,
+            method=args.method,
+            prior_strength=args.prior_strength,
+            layers=args.layers,
+            input_key=args.input_key,
+            held_out=_iterable(held_out) if held_out is not None else None,
+            apply="if_better",
+        )
+        if result.status != "rejected":
+            result.save(args.out)
+    except Exception as err:
+        if target is not None:  # report the failure, then fail with the run's error
+            _report(args, target, None, {"error": f"{type(err).__name__}: {err}"})
+        raise
     summary = result.summary()
+    print(json.dumps(summary, indent=2, default=str))
     if result.status == "rejected":
-        print(json.dumps(summary, indent=2, default=str))
+        if target is not None:
+            _report(args, target, result, None)
         print(
             f"{PROG} recalibrate: rejected (held-out data did not improve); nothing written",
             file=sys.stderr,
         )
         return 1
-    result.save(args.out)
-    print(json.dumps(summary, indent=2, default=str))
     print(f"wrote {len(result.updates)} layers' running_mean/running_var to {args.out}")
+    if target is not None and not _report(
+        args, target, result, {"out": str(Path(args.out).resolve())}
+    ):
+        return 1
     return 0
+
+
+def _report(
+    args: argparse.Namespace, store: str, result: Any, outcome: dict[str, Any] | None
+) -> bool:
+    """Finish recalibration ``args.recalibration`` with the run's outcome (``result=None``:
+    the run failed, ``outcome["error"]`` says how); whether it was reported (why not is
+    printed)."""
+    from bnwatch.api import report_recalibration
+    from bnwatch.store.engine import redacted
+
+    rid = args.recalibration
+    where = store if args.service is not None else redacted(store)
+    try:
+        if result is None:
+            info = report_recalibration(
+                store, rid, status="failed", outcome=outcome, token=args.token
+            )
+        else:
+            info = report_recalibration(store, rid, result, outcome=outcome, token=args.token)
+    except BnwatchError as err:
+        print(
+            f"{PROG} recalibrate: error: recalibration {rid} was not reported to {where}: {err}",
+            file=sys.stderr,
+        )
+        return False
+    print(
+        f"{PROG} recalibrate: recalibration {rid} of {info.model}@{info.version} reported "
+        f"{info.status} to {where}",
+        file=sys.stderr,
+    )
+    return True
 
 
 # --------------------------------------------------------------------------------------

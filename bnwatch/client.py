@@ -42,6 +42,9 @@ spool directory delivers it.
 :func:`send_profile` uploads a reference profile (``bnwatch.profile(..., store=URL)``) to
 ``POST {url}/api/v1/profiles`` in one synchronous request: a one-off upload, so no queue and no
 spool -- a failure raises :class:`ServiceError` with the status and the service's message.
+:func:`send_recalibration_outcome` reports how a pending recalibration ended
+(``POST {url}/api/v1/recalibrations/{id}/outcome``, ``bnwatch.report_recalibration``) the same
+way.
 """
 
 from __future__ import annotations
@@ -62,11 +65,13 @@ import tempfile
 import threading
 import time
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 from importlib import metadata
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -74,7 +79,14 @@ from pydantic import ValidationError
 
 from bnwatch.errors import BnwatchError, ConfigError, check_positive_int
 from bnwatch.schema import SCHEMA_VERSION, Profile, WindowRecord
-from bnwatch.wire import IngestResult, ProfileResult, from_record, profile_body
+from bnwatch.wire import (
+    RECALIBRATION_STATUSES,
+    IngestResult,
+    ProfileResult,
+    from_record,
+    outcome_body,
+    profile_body,
+)
 
 if sys.platform != "win32":
     import fcntl
@@ -87,14 +99,17 @@ __all__ = [
     "HttpSinkStats",
     "ServiceError",
     "default_spool_base",
+    "outcome_endpoint",
     "profiles_endpoint",
     "send_profile",
+    "send_recalibration_outcome",
 ]
 
 logger = logging.getLogger("bnwatch")
 
 ENDPOINT = "/api/v1/windows"
 PROFILES_ENDPOINT = "/api/v1/profiles"
+RECALIBRATIONS_ENDPOINT = "/api/v1/recalibrations"
 TOKEN_ENV = "BNWATCH_API_TOKEN"
 SPOOL_ENV = "BNWATCH_SPOOL_DIR"
 """Overrides the base directory of default spool directories."""
@@ -1119,6 +1134,47 @@ def _service_message(response: httpx.Response) -> str:
     return message if isinstance(message, str) and message else _detail(response)
 
 
+def _post_json(
+    endpoint: str, body: bytes, secret: str | None, seconds: float, *, what: str, undone: str
+) -> httpx.Response:
+    """POST a JSON ``body`` once; the 2xx answer, else :class:`ServiceError` saying that
+    ``what`` ``undone`` (e.g. "the profile of m@v" "was not stored") and why."""
+    headers = {
+        "Content-Type": "application/json",
+        "Accept": "application/json",
+        "User-Agent": _user_agent(),
+    }
+    if secret is not None:
+        headers["Authorization"] = f"Bearer {secret}"
+    try:
+        response = httpx.post(endpoint, content=body, headers=headers, timeout=seconds)
+    except httpx.TimeoutException as err:
+        detail = f"no answer within {seconds:g} s ({type(err).__name__})"
+        raise ServiceError(
+            endpoint, None, detail, f"{what} {undone}: {endpoint}: {detail}"
+        ) from err
+    except httpx.TransportError as err:
+        detail = f"{type(err).__name__}: {err}"
+        raise ServiceError(
+            endpoint, None, detail, f"{what} {undone}: cannot reach {endpoint} ({detail})"
+        ) from err
+    status = response.status_code
+    if not 200 <= status < 300:
+        detail = _service_message(response)
+        hint = ""
+        if status in (401, 403):
+            hint = f" (check token= or ${TOKEN_ENV})"
+        elif 300 <= status < 400:
+            hint = f" (redirected to {response.headers.get('location', '?')}; use that URL)"
+        raise ServiceError(
+            endpoint,
+            status,
+            detail,
+            f"{endpoint} refused {what}: HTTP {status} {response.reason_phrase}: {detail}{hint}",
+        )
+    return response
+
+
 def send_profile(
     url: str, profile: Profile, *, token: str | None = None, timeout: float = 60.0
 ) -> dict[str, int]:
@@ -1157,40 +1213,9 @@ def send_profile(
             "a profile with at least one layer (did the data reach the BatchNorm layers?)",
         )
     body = json.dumps(profile_body(profile), separators=(",", ":"), allow_nan=False).encode()
-    headers = {
-        "Content-Type": "application/json",
-        "Accept": "application/json",
-        "User-Agent": _user_agent(),
-    }
-    if secret is not None:
-        headers["Authorization"] = f"Bearer {secret}"
     what = f"the profile of {profile.name}@{profile.version}"
-    try:
-        response = httpx.post(endpoint, content=body, headers=headers, timeout=seconds)
-    except httpx.TimeoutException as err:
-        detail = f"no answer within {seconds:g} s ({type(err).__name__})"
-        raise ServiceError(
-            endpoint, None, detail, f"{what} was not stored: {endpoint}: {detail}"
-        ) from err
-    except httpx.TransportError as err:
-        detail = f"{type(err).__name__}: {err}"
-        raise ServiceError(
-            endpoint, None, detail, f"{what} was not stored: cannot reach {endpoint} ({detail})"
-        ) from err
+    response = _post_json(endpoint, body, secret, seconds, what=what, undone="was not stored")
     status = response.status_code
-    if not 200 <= status < 300:
-        detail = _service_message(response)
-        hint = ""
-        if status in (401, 403):
-            hint = f" (check token= or ${TOKEN_ENV})"
-        elif 300 <= status < 400:
-            hint = f" (redirected to {response.headers.get('location', '?')}; use that URL)"
-        raise ServiceError(
-            endpoint,
-            status,
-            detail,
-            f"{endpoint} refused {what}: HTTP {status} {response.reason_phrase}: {detail}{hint}",
-        )
     try:
         result = ProfileResult.model_validate_json(response.content)
     except ValidationError:
@@ -1199,3 +1224,86 @@ def send_profile(
             endpoint, status, detail, f"{endpoint}: {detail} (is this a bnwatch service?)"
         ) from None
     return dict(result.references)
+
+
+def outcome_endpoint(url: object, recalibration_id: int) -> str:
+    """The report URL (``.../api/v1/recalibrations/{id}/outcome``) of a bnwatch service URL.
+
+    Raises:
+        ConfigError: ``url`` is not an ``http(s)://`` URL of a service (naming ``store``), or
+            ``recalibration_id`` is not an integer >= 1.
+    """
+    check_positive_int("recalibration_id", recalibration_id)
+    base = _endpoint(url)[: -len(ENDPOINT)]
+    return f"{base}{RECALIBRATIONS_ENDPOINT}/{recalibration_id}/outcome"
+
+
+def send_recalibration_outcome(
+    url: str,
+    recalibration_id: int,
+    *,
+    status: str,
+    outcome: Mapping[str, Any] | None = None,
+    buffers: Mapping[str, tuple[Any, Any, float]] | None = None,
+    token: str | None = None,
+    timeout: float = 60.0,
+) -> dict[str, Any]:
+    """Report how a pending recalibration ended to a bnwatch service
+    (``POST {url}/api/v1/recalibrations/{id}/outcome``): the way back of a webhook trigger's
+    receiver, and of ``bnwatch recalibrate --recalibration ID``.
+
+    One request, one transaction in the service, and -- like :func:`send_profile` -- no
+    retries: a recalibration is finished once, so a report whose answer was lost is refused
+    when repeated (HTTP 409 naming the status it got; ``GET /api/v1/recalibrations`` shows it).
+
+    Args:
+        url: the service, ``http://host:port`` (a path prefix is kept).
+        recalibration_id: the trigger event's ``recalibration_id`` (or a requested one's id).
+        status: ``applied``, ``rejected`` or ``failed``.
+        outcome: what happened (a JSON-ready mapping of at most 64 KiB as JSON; NaN and
+            infinities are sent as null), e.g. ``RecalibrationResult.summary()`` or
+            ``{"error": "..."}``.
+        buffers: with ``applied`` only: layer -> ``(running_mean, running_var, eps)``, the new
+            statistics (array-likes of the layer's channel count), stored as references of
+            kind ``recalibrated``.
+        token: sent as ``Authorization: Bearer <token>``; default ``$BNWATCH_API_TOKEN``.
+        timeout: HTTP timeout (connect, read, write), seconds.
+
+    Returns:
+        The recalibration as the service stored it (``RecalibrationPublic`` as a dict: ``id``,
+        ``model``, ``version``, ``alert_id``, ``status``, ``method``, ``created_at``,
+        ``finished_at``, ``outcome`` -- with ``references``, layer -> reference id).
+
+    Raises:
+        ConfigError: an argument is invalid (checked before anything is sent).
+        ServiceError: the service was unreachable or refused the report (its status and
+            message are in the error: 401 a wrong token, 404 an unknown recalibration, 409 it
+            is no longer pending, 422 a bad field or a layer that does not fit the stored one).
+    """
+    endpoint = outcome_endpoint(url, recalibration_id)
+    seconds = _seconds("timeout", timeout)
+    secret = _token(token)
+    if status not in RECALIBRATION_STATUSES:
+        raise ConfigError("status", status, f"one of {list(RECALIBRATION_STATUSES)}")
+    if outcome is not None and not isinstance(outcome, Mapping):
+        raise ConfigError("outcome", type(outcome).__name__, "a mapping (a JSON object) or None")
+    if buffers is not None and not isinstance(buffers, Mapping):
+        raise ConfigError("buffers", type(buffers).__name__, "a mapping layer -> (mean, var, eps)")
+    body = json.dumps(
+        outcome_body(status, outcome or {}, buffers), separators=(",", ":"), allow_nan=False
+    ).encode()
+    what = f"the {status} outcome of recalibration {recalibration_id}"
+    response = _post_json(endpoint, body, secret, seconds, what=what, undone="was not reported")
+    try:
+        answer = response.json()
+    except ValueError:
+        answer = None
+    if not isinstance(answer, dict) or answer.get("id") != recalibration_id:
+        detail = f"HTTP {response.status_code} without the recalibration: {_detail(response)}"
+        raise ServiceError(
+            endpoint,
+            response.status_code,
+            detail,
+            f"{endpoint}: {detail} (is this a bnwatch service?)",
+        )
+    return answer

@@ -81,6 +81,66 @@ class ShapeError(BnwatchError, ValueError):
         super().__init__(f"{what}: expected shape {expected}, found {found}")
 
 
+class RecalibrationNotFoundError(BnwatchError, LookupError):
+    """No recalibration with this id is stored.
+
+    Attributes:
+        recalibration_id: the id that was asked for.
+    """
+
+    def __init__(self, recalibration_id: int) -> None:
+        self.recalibration_id = recalibration_id
+        super().__init__(
+            f"no recalibration {recalibration_id} in the store: use the id of the trigger's "
+            "event (recalibration_id) or of a requested recalibration (GET /api/v1/recalibrations "
+            "lists them)"
+        )
+
+
+class RecalibrationStateError(BnwatchError, ValueError):
+    """A recalibration cannot be finished because it is no longer ``pending``.
+
+    Attributes:
+        recalibration_id: the recalibration.
+        status: its current status (``applied``, ``rejected`` or ``failed``).
+    """
+
+    def __init__(self, recalibration_id: int, status: str) -> None:
+        self.recalibration_id = recalibration_id
+        self.status = status
+        super().__init__(
+            f"recalibration {recalibration_id} is already {status}: only a pending "
+            "recalibration can be finished, once (request a new recalibration to report "
+            "another run)"
+        )
+
+
+class RecalibrationBuffersError(BnwatchError, ValueError):
+    """Recalibrated buffers do not fit the model version they were reported for.
+
+    Attributes:
+        layer: the layer whose buffers are refused.
+        field: ``running_mean``, ``running_var``, ``eps`` or ``None`` (the layer itself).
+        expected: what the store holds (e.g. the stored channel count), if that is the point.
+        found: what was reported.
+    """
+
+    def __init__(
+        self,
+        layer: str,
+        message: str,
+        *,
+        field: str | None = None,
+        expected: Any = None,
+        found: Any = None,
+    ) -> None:
+        self.layer = layer
+        self.field = field
+        self.expected = expected
+        self.found = found
+        super().__init__(message)
+
+
 def check_positive_int(argument: str, value: Any, *, minimum: int = 1) -> int:
     """Return ``value`` if it is an ``int`` ≥ ``minimum``, else raise :class:`ConfigError`."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:

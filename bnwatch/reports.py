@@ -45,6 +45,7 @@ from numpy.typing import NDArray
 
 from bnwatch.errors import BnwatchError, ConfigError, check_probability
 from bnwatch.store.repository import Repository, StoredReservoir
+from bnwatch.wire import json_ready
 
 __all__ = [
     "REPORT_FORMATS",
@@ -187,7 +188,7 @@ class DriftReport:
             "bnwatch": {**self.summary(), "table": self.table.to_dict(orient="records")},
             "evidently": evidently,
         }
-        return json.dumps(_json_ready(payload), indent=2, allow_nan=False)
+        return json.dumps(json_ready(payload), indent=2, allow_nan=False)
 
     def html(self) -> str:
         """Evidently's standalone HTML report, headed by bnwatch's summary and the test's
@@ -398,21 +399,6 @@ def _iso(value: datetime | None) -> str | None:
 
 def _esc(text: str) -> str:
     return html_lib.escape(text, quote=True)
-
-
-def _json_ready(value: Any) -> Any:
-    """``value`` with NaN/inf as None and numpy scalars as Python values (strict JSON)."""
-    if isinstance(value, Mapping):
-        return {str(k): _json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_ready(v) for v in value]
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(float(value)) else None
-    return value
 
 
 def _write_atomic(path: Path, text: str) -> None:

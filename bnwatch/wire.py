@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import math
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -376,6 +378,191 @@ class ProfileResult(BaseModel):
     model: str
     version: str
     references: dict[str, int] = Field(description="layer name -> reference id in the store")
+
+
+# ------------------------------------------------------------------------------------------
+# Recalibration outcomes
+# ------------------------------------------------------------------------------------------
+RECALIBRATION_STATUSES = ("applied", "rejected", "failed")
+"""How a reported recalibration ended (``pending`` is where it starts, never reported)."""
+MAX_OUTCOME_BYTES = 64 * 1024
+"""Largest ``outcome`` of a report, as compact JSON: a summary, not a log."""
+_RESERVED_OUTCOME_KEYS = ("references", "skipped_layers")
+
+LayerName = Annotated[str, Field(min_length=1, max_length=500, pattern=r"^[^\x00]+$")]
+
+
+def decode_buffer(text: str, what: str) -> NDArray[np.float64]:
+    """Decode a base64 codec blob of one finite float64 array of 1 to :data:`MAX_CHANNELS`
+    values (the shape is checked from the header before anything is allocated)."""
+    try:
+        raw = base64.b64decode(text, validate=True)
+        dtype, rows, cols = blob_shape(raw)
+    except (binascii.Error, ValueError) as err:
+        raise ValueError(f"{what}: not a base64 bnwatch array blob ({err})") from None
+    if rows != 1 or not 1 <= cols <= MAX_CHANNELS:
+        raise ValueError(
+            f"{what}: expected one array of 1 to {MAX_CHANNELS} channels, got [{rows}, {cols}]"
+        )
+    if dtype != "<f8":
+        raise ValueError(f"{what}: expected float64 values (dtype '<f8'), got {dtype!r}")
+    try:
+        values: NDArray[np.float64] = decode_arrays(raw)[0]
+    except ValueError as err:
+        raise ValueError(f"{what}: not a base64 bnwatch array blob ({err})") from None
+    if not np.isfinite(values).all():
+        raise ValueError(f"{what}: NaN or infinite values are not allowed")
+    return values
+
+
+class WireBuffers(BaseModel):
+    """The new running statistics of one layer: what ``model.load_state_dict`` would load."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    running_mean: str = Field(description="base64 bnwatch array blob: one array of C float64")
+    running_var: str = Field(
+        description="base64 bnwatch array blob: one array of C float64, none negative"
+    )
+    eps: Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)] = Field(
+        description="the layer's eps"
+    )
+
+    _decoded: tuple[NDArray[np.float64], NDArray[np.float64]] | None = PrivateAttr(default=None)
+
+    def arrays(self) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+        """``(running_mean, running_var)`` decoded (once, when the layer was validated)."""
+        if self._decoded is None:
+            self._decode()
+        assert self._decoded is not None  # set by _decode
+        return self._decoded
+
+    def _decode(self) -> None:
+        mean = decode_buffer(self.running_mean, "running_mean")
+        var = decode_buffer(self.running_var, "running_var")
+        if var.shape != mean.shape:
+            raise ValueError(
+                f"running_var: expected {mean.shape[0]} values like running_mean, "
+                f"got {var.shape[0]}"
+            )
+        if (var < 0).any():
+            raise ValueError("running_var: must not be negative")
+        self._decoded = (mean, var)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> WireBuffers:
+        self._decode()
+        return self
+
+
+def _check_json_text(value: Any, path: str) -> None:
+    """Reject text the store cannot hold in a JSON column (NUL, unpaired surrogates)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_json_text(key, path)
+            _check_json_text(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_json_text(item, f"{path}.{index}" if path else str(index))
+    elif isinstance(value, str):
+        where = f"{path}: " if path else ""
+        if "\x00" in value:
+            raise ValueError(f"{where}NUL characters are not allowed (the store cannot hold them)")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{where}not valid Unicode text (unpaired surrogate)") from None
+
+
+class WireRecalibrationOutcome(BaseModel):
+    """The body of ``POST /api/v1/recalibrations/{id}/outcome``: how a pending
+    recalibration ended, what it found, and (when applied) the statistics now in use."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: Literal[1] = Field(default=1, description="the wire format version (1)")
+    status: Literal["applied", "rejected", "failed"] = Field(
+        description="applied: the new statistics are in use; rejected: judged and not used; "
+        "failed: the recalibration could not run"
+    )
+    outcome: dict[str, Any] = Field(
+        description=f"what happened, as a JSON object of at most {MAX_OUTCOME_BYTES} bytes "
+        "(e.g. RecalibrationResult.summary(), or an error message); the keys "
+        f"{' and '.join(_RESERVED_OUTCOME_KEYS)} are the store's"
+    )
+    buffers: Annotated[dict[LayerName, WireBuffers] | None, Field(max_length=MAX_LAYERS)] = Field(
+        default=None,
+        description="status applied only: layer -> its new running statistics, stored as "
+        "references of kind 'recalibrated' (every layer must be a stored layer of the model "
+        "version, with its channel count)",
+    )
+
+    @field_validator("outcome")
+    @classmethod
+    def _bounded(cls, value: dict[str, Any]) -> dict[str, Any]:
+        size = len(json.dumps(value, separators=(",", ":")).encode())
+        if size > MAX_OUTCOME_BYTES:
+            raise ValueError(
+                f"{size} bytes as JSON: at most {MAX_OUTCOME_BYTES} (send a summary, not a log)"
+            )
+        for key in _RESERVED_OUTCOME_KEYS:
+            if key in value:
+                raise ValueError(f"{key}: reserved: the store records it; use another key")
+        _check_json_text(value, "")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> WireRecalibrationOutcome:
+        if self.buffers and self.status != "applied":
+            raise ValueError(
+                f"buffers: only an applied recalibration has statistics to store (status is "
+                f"{self.status!r}): leave them out"
+            )
+        return self
+
+
+def json_ready(value: Any) -> Any:
+    """``value`` with NaN/inf as ``None``, numpy scalars and arrays as Python numbers and
+    lists, tuples as lists and keys as strings: what strict JSON can carry (a summary's
+    undefined metrics are NaN)."""
+    if isinstance(value, Mapping):
+        return {str(k): json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return json_ready(value.tolist())
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(float(value)) else None
+    return value
+
+
+def outcome_body(
+    status: str,
+    outcome: Mapping[str, Any],
+    buffers: Mapping[str, tuple[Any, Any, float]] | None = None,
+) -> dict[str, Any]:
+    """The :class:`WireRecalibrationOutcome` body (a JSON-ready dict) of a report: ``buffers``
+    maps a layer to ``(running_mean, running_var, eps)`` (array-likes of C values each),
+    sent as float64 blobs, bit for bit; ``outcome`` is made JSON-ready (:func:`json_ready`)."""
+    body: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "status": status,
+        "outcome": json_ready(outcome),
+    }
+    if buffers is not None:
+        body["buffers"] = {
+            name: {
+                "running_mean": _b64(encode_arrays(np.asarray(mean, dtype=np.float64)[None, :])),
+                "running_var": _b64(encode_arrays(np.asarray(var, dtype=np.float64)[None, :])),
+                "eps": float(eps),
+            }
+            for name, (mean, var, eps) in buffers.items()
+        }
+    return body
 
 
 # ------------------------------------------------------------------------------------------

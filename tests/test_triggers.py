@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
 from datetime import timedelta
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
 import pytest
 import torch
-from sqlalchemy.orm import Session
 
 import bnwatch
 from bnwatch.alerts import AlertChange, AlertConfig, Rule
 from bnwatch.errors import ConfigError
 from bnwatch.schema import utcnow
 from bnwatch.store.migrate import engine_for
-from bnwatch.store.models import Alert
 from bnwatch.store.repository import Repository
 from bnwatch.triggers import (
     CallbackAction,
@@ -31,6 +27,8 @@ from bnwatch.triggers import (
     sign,
     verify_signature,
 )
+from tests.service.webhook import Receiver
+from tests.store.alerts import add_alerts
 from tests.store.helpers import batches, record_windows, small_cnn
 
 
@@ -45,35 +43,6 @@ def test_signatures_verify_and_reject_tampering_and_replays() -> None:
     assert not verify_signature(body, "garbage", "s3cret")
 
 
-class Receiver:
-    """A webhook receiver on 127.0.0.1 that answers with the configured status codes."""
-
-    def __init__(self, statuses: list[int]) -> None:
-        self.statuses = statuses
-        self.received: list[tuple[bytes, str]] = []
-        owner = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                owner.received.append((body, self.headers["X-Bnwatch-Signature"]))
-                status = owner.statuses.pop(0) if owner.statuses else 200
-                self.send_response(status)
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = HTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture
 def receiver() -> Iterator[Receiver]:
     r = Receiver([503, 200])
@@ -86,20 +55,7 @@ def repo(db_url: str) -> Iterator[Repository]:
     engine = engine_for(db_url)
     repository = Repository(engine)
     repository.write_windows(record_windows(1))
-    with Session(engine) as session, session.begin():  # alerts the triggers can refer to
-        for alert_id in (1, 2, 3, 4, 9):
-            session.add(
-                Alert(
-                    id=alert_id,
-                    model_id=1,
-                    layer_id=None,
-                    kind="drift",
-                    state="resolved",
-                    opened_at=utcnow(),
-                    last_seen_at=utcnow(),
-                    values={},
-                )
-            )
+    add_alerts(engine, (1, 2, 3, 4, 9), state="resolved")  # alerts the triggers can refer to
     yield repository
     engine.dispose()
 

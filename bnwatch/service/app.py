@@ -20,6 +20,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel
 from sqlalchemy.engine import Engine
 
+from bnwatch.alerts import AlertChange
 from bnwatch.service import errors
 from bnwatch.service.deps import ServiceState
 from bnwatch.service.ingest import Ingestor, OnStored
@@ -32,11 +33,12 @@ from bnwatch.service.routes import (
     recalibrations,
     windows,
 )
-from bnwatch.service.settings import TOKEN_ENV, Settings
+from bnwatch.service.settings import TOKEN_ENV, WEBHOOK_SECRET_ENV, WEBHOOK_URL_ENV, Settings
+from bnwatch.service.triggers import TriggerRunner
 from bnwatch.store.engine import redacted
 from bnwatch.store.migrate import engine_for, ensure_schema, head_revision
 from bnwatch.store.repository import Repository
-from bnwatch.wire import WindowBatch, WireProfile
+from bnwatch.wire import WindowBatch, WireProfile, WireRecalibrationOutcome
 
 if TYPE_CHECKING:
     from bnwatch.alerts import AlertConfig
@@ -52,7 +54,8 @@ bnwatch's service: remote monitors POST closed windows of BatchNorm statistics a
 profiles; the dashboard, Prometheus and operators read models, layers, windows, alerts and
 recalibrations.
 
-Ingest (windows and profiles) requires `Authorization: Bearer <BNWATCH_API_TOKEN>`.  Every
+Ingest (windows, profiles and recalibration outcomes) requires `Authorization: Bearer
+<BNWATCH_API_TOKEN>`.  Every
 error is JSON: `{"error": {"message": "...", "field": "windows.0.layers.3.channels" | null}}`.
 """
 
@@ -73,6 +76,7 @@ def create_app(
     on_stored: OnStored | None = None,
     periodic: Callable[[Repository], object] | None = None,
     period_seconds: float = 60.0,
+    triggers: TriggerRunner | None = None,
 ) -> FastAPI:
     """The bnwatch FastAPI app.
 
@@ -90,6 +94,14 @@ def create_app(
         periodic: run as ``periodic(repository)`` in a worker thread every
             ``period_seconds`` while the app is up (``AlertEngine().check_silence``: the
             no-data alerts, which no ingest can raise); exceptions are logged.
+        triggers: the recalibration triggers; by default the webhook trigger of
+            ``settings`` (:meth:`TriggerRunner.from_settings
+            <bnwatch.service.triggers.TriggerRunner.from_settings>`; ``None`` without
+            ``settings.webhook_url``).  The alert changes that ``on_stored`` and ``periodic``
+            return (``AlertEngine.on_stored`` and ``check_silence`` return theirs) are claimed
+            in the calling thread, and the periodic job also claims the open alerts
+            (:meth:`~bnwatch.triggers.Trigger.claim_open`: ``persist_seconds``); the actions
+            run on the runner's background thread, started and stopped with the app.
     """
     owns_engine = engine is None
     if engine is None:
@@ -97,12 +109,18 @@ def create_app(
     else:
         ensure_schema(engine)
     repository = Repository(engine)
+    if triggers is None:
+        triggers = TriggerRunner.from_settings(settings)
+    if triggers is not None:
+        on_stored = _triggering(on_stored, triggers)
+        periodic = _triggering_periodic(periodic, triggers)
     state = ServiceState(
         settings=settings,
         engine=engine,
         repository=repository,
         ingestor=Ingestor(repository, settings.drift, on_stored, recompute=settings.recompute),
         head_revision=head_revision(),
+        triggers=triggers,
     )
 
     @asynccontextmanager
@@ -114,6 +132,15 @@ def create_app(
             if settings.api_token
             else f"DISABLED (set {TOKEN_ENV} to accept windows)",
         )
+        if triggers is not None:
+            logger.info("bnwatch service: recalibration triggers ON: %s", triggers.describe())
+            triggers.start()
+        else:
+            logger.info(
+                "bnwatch service: recalibration triggers off (set %s and %s to turn them on)",
+                WEBHOOK_URL_ENV,
+                WEBHOOK_SECRET_ENV,
+            )
         task = (
             asyncio.create_task(_every(period_seconds, periodic, repository)) if periodic else None
         )
@@ -124,6 +151,8 @@ def create_app(
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            if triggers is not None:
+                await asyncio.to_thread(triggers.stop)
             if owns_engine:
                 engine.dispose()
 
@@ -157,6 +186,14 @@ def create_app(
                 "a profile of one layer with two channels",
                 profiles.example_profile(),
             )
+            _document_body(
+                schema,
+                recalibrations.OUTCOME_ENDPOINT,
+                WireRecalibrationOutcome,
+                "applied",
+                "an applied recalibration of one layer with two channels",
+                recalibrations.example_outcome(),
+            )
         return app.openapi_schema  # type: ignore[return-value]
 
     app.openapi = openapi  # type: ignore[method-assign]
@@ -178,7 +215,49 @@ def _document_body(
         components.setdefault(name, definition)
     components[model.__name__] = body
     content = schema["paths"][path]["post"]["requestBody"]["content"]
-    content["application/json"]["examples"] = {example: {"summary": summary, "value": value}}
+    examples = content["application/json"].setdefault("examples", {})  # keep the route's own
+    content["application/json"]["examples"] = {
+        example: {"summary": summary, "value": value},
+        **examples,
+    }
+
+
+def _alert_changes(value: object) -> list[AlertChange]:
+    """The alert changes a hook returned (``AlertEngine.on_stored``/``check_silence``), else
+    none."""
+    if isinstance(value, (list, tuple)):
+        return [change for change in value if isinstance(change, AlertChange)]
+    return []
+
+
+def _triggering(on_stored: OnStored | None, triggers: TriggerRunner) -> OnStored:
+    """``on_stored``, then the triggers claim (and queue) the alerts it opened."""
+
+    def hook(repository: Repository, records: list[Any]) -> object:
+        changes = on_stored(repository, records) if on_stored is not None else None
+        triggers.on_alerts(repository, _alert_changes(changes))
+        return changes
+
+    return hook
+
+
+def _triggering_periodic(
+    periodic: Callable[[Repository], object] | None, triggers: TriggerRunner
+) -> Callable[[Repository], object]:
+    """``periodic``, then the triggers claim the alerts it opened and the open alerts whose
+    time has come (even when ``periodic`` failed)."""
+
+    def job(repository: Repository) -> None:
+        changes: list[AlertChange] = []
+        if periodic is not None:
+            try:
+                changes = _alert_changes(periodic(repository))
+            except Exception:
+                logger.exception("bnwatch service: the periodic job failed")
+        triggers.on_alerts(repository, changes)
+        triggers.check_open(repository)
+
+    return job
 
 
 async def _every(

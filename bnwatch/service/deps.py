@@ -20,6 +20,7 @@ from sqlalchemy.engine import Engine
 from bnwatch.service.errors import ApiError
 from bnwatch.service.ingest import Ingestor
 from bnwatch.service.settings import TOKEN_ENV, Settings
+from bnwatch.service.triggers import TriggerRunner
 from bnwatch.store.repository import Repository
 
 
@@ -32,6 +33,7 @@ class ServiceState:
     repository: Repository
     ingestor: Ingestor
     head_revision: str
+    triggers: TriggerRunner | None = None
     _limiter: anyio.CapacityLimiter | None = field(default=None, repr=False)
     _registry: Any = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)

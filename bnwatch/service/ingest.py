@@ -23,6 +23,12 @@ the whole :class:`~bnwatch.wire.WireProfile` (422), check what the store cannot 
 then one :meth:`Repository.write_profile` transaction (409 on a channel mismatch, nothing
 written).  References are deduplicated by digest, so a profile sent twice is stored once.
 
+Recalibration outcomes (``POST /api/v1/recalibrations/{id}/outcome``, :func:`ingest_outcome`)
+too: validate the whole :class:`~bnwatch.wire.WireRecalibrationOutcome` (422), then one
+:meth:`Repository.finish_recalibration` transaction that checks every layer's buffers against
+the stored layers (422 naming the layer) and finishes the recalibration only if it is still
+``pending`` (404 for an unknown id, 409 naming its status otherwise), all or nothing.
+
 **Counting stored windows.**  ``write_windows`` returns the layer rows it inserted, and the
 store stores a window all or nothing: a window whose uid is already stored is skipped as a
 whole, and a concurrent delivery of the same window either wins every one of its layer rows
@@ -47,16 +53,27 @@ import sqlalchemy as sa
 from pydantic import ValidationError
 
 from bnwatch.drift import DriftConfig
+from bnwatch.errors import (
+    RecalibrationBuffersError,
+    RecalibrationNotFoundError,
+    RecalibrationStateError,
+)
 from bnwatch.schema import LayerReport, WindowRecord
 from bnwatch.service.errors import ApiError, validation_error
 from bnwatch.stats import ChannelMoments
 from bnwatch.store.models import Layer, Model, Window
-from bnwatch.store.repository import ChannelMismatchError, Repository, moments_equal
+from bnwatch.store.repository import (
+    ChannelMismatchError,
+    RecalibrationInfo,
+    Repository,
+    moments_equal,
+)
 from bnwatch.wire import (
     IngestResult,
     ProfileResult,
     WindowBatch,
     WireProfile,
+    WireRecalibrationOutcome,
     WireWindow,
     to_profile,
     to_record,
@@ -355,3 +372,54 @@ def ingest_profile(repository: Repository, body: bytes | bytearray) -> ProfileRe
         len(references),
     )
     return ProfileResult(model=wire.model, version=wire.version, references=references)
+
+
+# ------------------------------------------------------------------------------------------
+# Recalibration outcomes
+# ------------------------------------------------------------------------------------------
+def parse_outcome(body: bytes | bytearray) -> WireRecalibrationOutcome:
+    """The validated report of a request body (422 naming the field otherwise)."""
+    try:
+        return WireRecalibrationOutcome.model_validate_json(body)
+    except ValidationError as err:
+        raise validation_error(err.errors(include_url=False)) from None
+
+
+def ingest_outcome(
+    repository: Repository, recalibration_id: int, body: bytes | bytearray
+) -> RecalibrationInfo:
+    """Validate a report and finish the pending recalibration with it (one transaction).
+
+    Raises:
+        ApiError: 422 for an invalid body or buffers that do not fit the stored layers (the
+            field -- ``buffers.<layer>...`` -- is named), 404 for an unknown recalibration,
+            409 when it is no longer pending (its status is named); nothing is written.
+    """
+    wire = parse_outcome(body)
+    buffers = None
+    if wire.buffers:
+        buffers = {name: (*b.arrays(), b.eps) for name, b in wire.buffers.items()}
+    try:
+        info = repository.finish_recalibration(
+            recalibration_id,
+            status=wire.status,
+            outcome=wire.outcome,
+            buffers=buffers,
+            unknown_layers="error",
+        )
+    except RecalibrationNotFoundError as err:
+        raise ApiError(404, str(err)) from None
+    except RecalibrationStateError as err:
+        raise ApiError(409, str(err), field="status") from None
+    except RecalibrationBuffersError as err:
+        field = f"buffers.{err.layer}" + (f".{err.field}" if err.field else "")
+        raise ApiError(422, f"{field}: {err}", field=field) from None
+    logger.info(
+        "bnwatch service: recalibration %d of %s@%s reported %s (%d layer(s) stored)",
+        info.id,
+        info.model,
+        info.version,
+        info.status,
+        len((info.outcome or {}).get("references", {})),
+    )
+    return info

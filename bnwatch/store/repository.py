@@ -16,7 +16,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import sqlalchemy as sa
@@ -27,7 +27,14 @@ from typing_extensions import Unpack
 
 from bnwatch.codec import decode_arrays, decode_moments, encode_arrays, encode_moments
 from bnwatch.drift import DriftConfig, Reference, assess_layer, decide
-from bnwatch.errors import BnwatchError, ShapeError
+from bnwatch.errors import (
+    BnwatchError,
+    ConfigError,
+    RecalibrationBuffersError,
+    RecalibrationNotFoundError,
+    RecalibrationStateError,
+    ShapeError,
+)
 from bnwatch.schema import (
     BATCH_SIZE_BUCKETS,
     FLAG_METRICS,
@@ -50,6 +57,7 @@ from bnwatch.store.models import (
     Source,
     Window,
 )
+from bnwatch.wire import json_ready
 
 _Query = TypeVar("_Query", bound="sa.Select[Unpack[tuple[Any, ...]]]")
 
@@ -103,21 +111,6 @@ class NoReservoirError(BnwatchError, LookupError):
 def _utc(value: datetime) -> datetime:
     """SQLite returns naive datetimes: every timestamp bnwatch writes is UTC."""
     return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
-
-
-def _json_ready(value: Any) -> Any:
-    """``value`` with NaN/inf as None and numpy scalars as Python numbers (JSON columns)."""
-    if isinstance(value, Mapping):
-        return {str(k): _json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_ready(v) for v in value]
-    if isinstance(value, (np.floating, float)):
-        return float(value) if math.isfinite(float(value)) else None
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.bool_,)):
-        return bool(value)
-    return value
 
 
 def _to_utc(value: datetime) -> datetime:
@@ -301,6 +294,25 @@ class RecalibrationInfo:
     created_at: datetime
     finished_at: datetime | None
     outcome: Mapping[str, Any] | None
+
+
+@dataclass(frozen=True)
+class RecalibrationClaim:
+    """What :meth:`Repository.claim_recalibration` decided.
+
+    Attributes:
+        recalibration_id: the ``pending`` recalibration it recorded, or ``None`` if refused.
+        refused: ``None`` (claimed), ``"alert"`` (the alert already has a recalibration that
+            did not fail), ``"daily_cap"`` or ``"cooldown"``.
+        recent: recalibrations of the model version started in the 24 hours before ``now``
+            (not counting the one just claimed).
+        last_started: when the model version's latest recalibration before this claim started.
+    """
+
+    recalibration_id: int | None
+    refused: str | None
+    recent: int
+    last_started: datetime | None
 
 
 @dataclass
@@ -680,19 +692,9 @@ class Repository:
         new = _Ids()
         with self.engine.begin() as conn:
             model_id = self._model_id(conn, model, version, new)
-            row = conn.execute(
-                sa.insert(Recalibration)
-                .values(
-                    model_id=model_id,
-                    alert_id=alert_id,
-                    status="pending",
-                    method=method,
-                    created_at=utcnow(),
-                )
-                .returning(Recalibration.id)
-            ).scalar_one()
+            rid = _insert_pending(conn, model_id, alert_id, method, utcnow())
         self._ids.models.update(new.models)
-        return int(row)
+        return rid
 
     def finish_recalibration(
         self,
@@ -701,58 +703,225 @@ class Repository:
         status: str,
         outcome: Mapping[str, Any],
         buffers: Mapping[str, tuple[Any, Any, float]] | None = None,
-    ) -> None:
-        """Close a recalibration: ``applied``, ``rejected`` or ``failed``, with its outcome.
+        unknown_layers: Literal["skip", "error"] = "skip",
+    ) -> RecalibrationInfo:
+        """Close a pending recalibration: ``applied``, ``rejected`` or ``failed``, with its outcome.
 
-        ``buffers`` (layer -> (running_mean, running_var, eps)) are stored as references of
-        kind ``recalibrated``, each with its lineage: the recalibration, its alert, method.
+        ``buffers`` (layer -> (running_mean, running_var, eps); only with ``applied``) are
+        stored as references of kind ``recalibrated``, each with its lineage: the
+        recalibration, its alert, its method and ``outcome["samples"]``.  The outcome is stored
+        with ``references`` (layer -> reference id) added.
+
+        Safe for remote callers: one transaction, all or nothing.  Every buffer is checked
+        against the stored layers before anything is written, and the status changes only
+        from ``pending`` (``UPDATE ... WHERE id = :id AND status = 'pending'``, its row count
+        checked), so of two concurrent reports exactly one wins; the other raises
+        :class:`RecalibrationStateError` and writes nothing.
+
+        ``status="pending"`` is for in-process actions that hand the work on (a delivered
+        webhook): it records their outcome (the URL, the HTTP status) and leaves the
+        recalibration pending.  When the receiver has already reported its decision -- it may
+        answer before the webhook's HTTP request returns -- that decision stays as it is.
+
+        Args:
+            unknown_layers: buffers of a layer that is not stored for the model version are
+                ``"skip"``-ped -- for in-process triggers: a model watched with ``include`` /
+                ``exclude`` is recalibrated whole; the skipped names are listed in the stored
+                outcome as ``skipped_layers`` -- or refused (``"error"``, for reports from
+                elsewhere).
+
+        Returns:
+            The recalibration as stored now.
+
+        Raises:
+            RecalibrationNotFoundError: no recalibration ``recalibration_id`` is stored.
+            RecalibrationStateError: it is no longer pending (the error names its status).
+            RecalibrationBuffersError: a layer's buffers do not fit (nothing is written): an
+                unknown layer (with ``unknown_layers="error"``), another channel count than
+                the stored layer, running_mean and running_var of different lengths,
+                non-finite values, a negative variance, an eps that is not finite and > 0.
+            ConfigError: an unknown ``status``, or ``buffers`` with another status than
+                ``applied``.
         """
         if status not in ("applied", "rejected", "failed", "pending"):
-            raise ValueError(f"unknown recalibration status {status!r}")
+            raise ConfigError(
+                "status",
+                status,
+                "'applied', 'rejected' or 'failed' ('pending' only to record a hand-off)",
+            )
+        if buffers and status != "applied":
+            raise ConfigError(
+                "buffers",
+                sorted(buffers),
+                "None unless status is 'applied' (only statistics in use are stored)",
+            )
+        if unknown_layers not in ("skip", "error"):
+            raise ConfigError("unknown_layers", unknown_layers, "'skip' or 'error'")
+        arrays = {
+            name: self._recalibrated_arrays(name, mean, var, eps)
+            for name, (mean, var, eps) in (buffers or {}).items()
+        }
         new = _Ids()
+        this = Recalibration.id == recalibration_id
         with self.engine.begin() as conn:
             rec = conn.execute(
                 sa.select(
-                    Recalibration.model_id, Recalibration.alert_id, Recalibration.method
-                ).where(Recalibration.id == recalibration_id)
-            ).one()
-            ref_ids: dict[str, int] = {}
-            if buffers:
-                layers = dict(
-                    conn.execute(
-                        sa.select(Layer.name, Layer.id).where(Layer.model_id == rec.model_id)
+                    Recalibration.model_id,
+                    Recalibration.alert_id,
+                    Recalibration.method,
+                    Recalibration.status,
+                ).where(this)
+            ).one_or_none()
+            if rec is None:
+                raise RecalibrationNotFoundError(recalibration_id)
+            still_pending = sa.and_(this, Recalibration.status == "pending")
+            if status == "pending":
+                # a no-op when the receiver reported first: its decision stays
+                conn.execute(
+                    sa.update(Recalibration)
+                    .where(still_pending)
+                    .values(outcome={**json_ready(outcome), "references": {}})
+                )
+                return self._recalibration_info(conn, recalibration_id)
+            if rec.status != "pending":
+                raise RecalibrationStateError(recalibration_id, rec.status)
+            stored: dict[str, tuple[int, int]] = {}
+            if arrays:
+                stored = {
+                    str(name): (int(lid), int(channels))
+                    for name, lid, channels in conn.execute(
+                        sa.select(Layer.name, Layer.id, Layer.channels).where(
+                            Layer.model_id == rec.model_id
+                        )
                     ).all()
-                )
-                lineage = {
-                    "recalibration_id": recalibration_id,
-                    "alert_id": rec.alert_id,
-                    "method": rec.method,
-                    "samples": outcome.get("samples"),
                 }
-                for name, (mean, var, eps) in buffers.items():
-                    if name not in layers:
-                        continue
-                    blob = encode_arrays(np.stack([np.asarray(mean), np.asarray(var)]))
-                    ref_ids[name] = self._ref_id(
-                        conn,
-                        int(layers[name]),
-                        "recalibrated",
-                        eps,
-                        blob,
-                        None,
-                        new,
-                        lineage=lineage,
-                    )
-            conn.execute(
-                sa.update(Recalibration)
-                .where(Recalibration.id == recalibration_id)
-                .values(
-                    status=status,
-                    finished_at=utcnow(),
-                    outcome={**_json_ready(outcome), "references": ref_ids},
+            skipped = [name for name in arrays if name not in stored]
+            if skipped and unknown_layers == "error":
+                model_name, model_version = conn.execute(
+                    sa.select(Model.name, Model.version).where(Model.id == rec.model_id)
+                ).one()
+                raise RecalibrationBuffersError(
+                    skipped[0],
+                    f"layer {skipped[0]!r} is not a stored layer of {model_name}@{model_version} "
+                    f"({len(stored)} stored layer(s)"
+                    + (f": {', '.join(sorted(stored)[:10])}" if stored else "")
+                    + ("..." if len(stored) > 10 else "")
+                    + "); send buffers of the watched layers only",
+                    expected=sorted(stored),
+                    found=skipped[0],
                 )
-            )
+            for name, (mean, _var, _eps) in arrays.items():
+                if name in stored and stored[name][1] != mean.shape[0]:
+                    raise RecalibrationBuffersError(
+                        name,
+                        f"layer {name!r} has {stored[name][1]} channels in the store but its "
+                        f"buffers have {mean.shape[0]}; a changed architecture needs a new "
+                        "model version",
+                        field="running_mean",
+                        expected=stored[name][1],
+                        found=mean.shape[0],
+                    )
+            claimed = conn.execute(
+                sa.update(Recalibration)
+                .where(still_pending)
+                .values(status=status, finished_at=utcnow())
+            ).rowcount
+            if claimed != 1:  # finished concurrently since the read above
+                now = conn.execute(sa.select(Recalibration.status).where(this)).scalar_one()
+                raise RecalibrationStateError(recalibration_id, str(now))
+            lineage = {
+                "recalibration_id": recalibration_id,
+                "alert_id": rec.alert_id,
+                "method": rec.method,
+                "samples": outcome.get("samples"),
+            }
+            ref_ids: dict[str, int] = {}
+            for name, (mean, var, eps) in arrays.items():
+                if name not in stored:
+                    continue
+                ref_ids[name] = self._ref_id(
+                    conn,
+                    stored[name][0],
+                    "recalibrated",
+                    eps,
+                    encode_arrays(np.stack([mean, var])),
+                    None,
+                    new,
+                    lineage=json_ready(lineage),
+                )
+            record = {**json_ready(outcome), "references": ref_ids}
+            if skipped:
+                record["skipped_layers"] = skipped
+            conn.execute(sa.update(Recalibration).where(this).values(outcome=record))
+            info = self._recalibration_info(conn, recalibration_id)
         self._ids.refs.update(new.refs)
+        return info
+
+    @staticmethod
+    def _recalibrated_arrays(
+        name: str, mean: Any, var: Any, eps: Any
+    ) -> tuple[np.ndarray, np.ndarray, float]:
+        """One layer's reported buffers as float64 arrays, checked (see
+        :meth:`finish_recalibration`)."""
+        arrays = []
+        for field_name, value in (("running_mean", mean), ("running_var", var)):
+            try:
+                array = np.asarray(value, dtype=np.float64)
+            except (TypeError, ValueError) as err:
+                raise RecalibrationBuffersError(
+                    name,
+                    f"layer {name!r}: {field_name} is not an array of numbers ({err})",
+                    field=field_name,
+                ) from None
+            if array.ndim != 1 or array.shape[0] < 1:
+                raise RecalibrationBuffersError(
+                    name,
+                    f"layer {name!r}: {field_name} must be one value per channel, got shape "
+                    f"{array.shape}",
+                    field=field_name,
+                    expected="[C]",
+                    found=array.shape,
+                )
+            if not np.isfinite(array).all():
+                raise RecalibrationBuffersError(
+                    name,
+                    f"layer {name!r}: {field_name} holds NaN or infinite values",
+                    field=field_name,
+                )
+            arrays.append(array)
+        mean_, var_ = arrays
+        if var_.shape != mean_.shape:
+            raise RecalibrationBuffersError(
+                name,
+                f"layer {name!r}: running_var has {var_.shape[0]} channels but running_mean "
+                f"has {mean_.shape[0]}",
+                field="running_var",
+                expected=mean_.shape[0],
+                found=var_.shape[0],
+            )
+        if (var_ < 0).any():
+            raise RecalibrationBuffersError(
+                name,
+                f"layer {name!r}: running_var must not be negative (channel "
+                f"{int(np.argmax(var_ < 0))} is {float(var_[var_ < 0][0])!r})",
+                field="running_var",
+            )
+        if (
+            isinstance(eps, bool)
+            or not isinstance(eps, (int, float, np.floating))
+            or not 0 < float(eps) < math.inf
+        ):
+            raise RecalibrationBuffersError(
+                name, f"layer {name!r}: eps={eps!r} must be a finite number > 0", field="eps"
+            )
+        return mean_, var_, float(eps)
+
+    @staticmethod
+    def _recalibration_info(conn: Connection, recalibration_id: int) -> RecalibrationInfo:
+        row = conn.execute(
+            _recalibration_select().where(Recalibration.id == recalibration_id)
+        ).one()
+        return _recalibration_of(row)
 
     def recent_recalibrations(
         self, model: str, version: str, *, since: datetime
@@ -771,6 +940,79 @@ class Repository:
                 )
             ).scalar_one_or_none()
         return int(count), _utc(latest) if latest is not None else None
+
+    def claim_recalibration(
+        self,
+        model: str,
+        version: str,
+        *,
+        method: str,
+        alert_id: int | None = None,
+        cooldown_seconds: float,
+        daily_cap: int,
+        now: datetime | None = None,
+    ) -> RecalibrationClaim:
+        """Record a ``pending`` recalibration only if the limits allow one now -- atomically.
+
+        The checks and the insert are one transaction that holds the model version's lock, so
+        that processes sharing the database (the workers of ``bnwatch serve``, several
+        writers) cannot both pass the checks and both insert: on PostgreSQL the model row is
+        locked ``FOR NO KEY UPDATE`` (it serializes claims of one model version without
+        blocking the window inserts that reference the row); SQLite takes its write lock up
+        front (``BEGIN IMMEDIATE``, waiting up to the busy timeout), which serializes every
+        writer of the file.  Refused, in this order, when:
+
+        * ``alert_id`` already has a recalibration that did not fail (``alert``);
+        * ``daily_cap`` recalibrations of the model version started in the 24 hours before
+          ``now`` (``daily_cap``);
+        * its latest recalibration started less than ``cooldown_seconds`` before ``now``
+          (``cooldown``).
+
+        The recalibration's ``created_at`` is ``now`` (default: the current UTC time).
+        """
+        now = _to_utc(now) if now is not None else utcnow()
+        new = _Ids()
+        with self.engine.connect() as conn:
+            sqlite_file = conn.dialect.name == "sqlite"
+            if sqlite_file:
+                # pysqlite begins deferred transactions: a read first, then a write, could
+                # both pass the checks in two processes.  Take the write lock now.
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            model_id = self._model_id(conn, model, version, new)
+            if not sqlite_file:
+                conn.execute(
+                    sa.select(Model.id).where(Model.id == model_id).with_for_update(key_share=True)
+                ).scalar_one()
+            mine = Recalibration.model_id == model_id
+            recent = conn.execute(
+                sa.select(sa.func.count())
+                .select_from(Recalibration)
+                .where(mine, Recalibration.created_at >= now - timedelta(days=1))
+            ).scalar_one()
+            latest = conn.execute(
+                sa.select(sa.func.max(Recalibration.created_at)).where(mine)
+            ).scalar_one_or_none()
+            last = _utc(latest) if latest is not None else None
+            refused: str | None = None
+            if (
+                alert_id is not None
+                and conn.execute(
+                    sa.select(Recalibration.id)
+                    .where(Recalibration.alert_id == alert_id, Recalibration.status != "failed")
+                    .limit(1)
+                ).first()
+            ):
+                refused = "alert"
+            elif recent >= daily_cap:
+                refused = "daily_cap"
+            elif last is not None and (now - last).total_seconds() < cooldown_seconds:
+                refused = "cooldown"
+            rid: int | None = None
+            if refused is None:
+                rid = _insert_pending(conn, model_id, alert_id, method, now)
+            conn.commit()
+        self._ids.models.update(new.models)
+        return RecalibrationClaim(rid, refused, int(recent), last)
 
     # -- reads -----------------------------------------------------------------------------
     def models(self) -> list[ModelInfo]:
@@ -1449,27 +1691,61 @@ class Repository:
         self, *, model: str | None = None, version: str | None = None
     ) -> list[RecalibrationInfo]:
         """Recalibrations, newest first."""
-        with Session(self.engine) as conn:
-            query = sa.select(Recalibration, Model).join(Model, Model.id == Recalibration.model_id)
-            if model is not None:
-                query = query.where(Model.name == model)
-            if version is not None:
-                query = query.where(Model.version == version)
+        query = _recalibration_select()
+        if model is not None:
+            query = query.where(Model.name == model)
+        if version is not None:
+            query = query.where(Model.version == version)
+        with self.engine.connect() as conn:
             rows = conn.execute(query.order_by(Recalibration.created_at.desc())).all()
-        return [
-            RecalibrationInfo(
-                id=r.id,
-                model=m.name,
-                version=m.version,
-                alert_id=r.alert_id,
-                status=r.status,
-                method=r.method,
-                created_at=_utc(r.created_at),
-                finished_at=_utc(r.finished_at) if r.finished_at else None,
-                outcome=r.outcome,
-            )
-            for r, m in rows
-        ]
+        return [_recalibration_of(row) for row in rows]
+
+
+def _insert_pending(
+    conn: Connection, model_id: int, alert_id: int | None, method: str, created: datetime
+) -> int:
+    """Insert a ``pending`` recalibration; returns its id."""
+    row = conn.execute(
+        sa.insert(Recalibration)
+        .values(
+            model_id=model_id,
+            alert_id=alert_id,
+            status="pending",
+            method=method,
+            created_at=created,
+        )
+        .returning(Recalibration.id)
+    ).scalar_one()
+    return int(row)
+
+
+def _recalibration_select() -> Any:
+    """Every column :class:`RecalibrationInfo` needs, one row per recalibration."""
+    return sa.select(
+        Recalibration.id,
+        Model.name,
+        Model.version,
+        Recalibration.alert_id,
+        Recalibration.status,
+        Recalibration.method,
+        Recalibration.created_at,
+        Recalibration.finished_at,
+        Recalibration.outcome,
+    ).join(Model, Model.id == Recalibration.model_id)
+
+
+def _recalibration_of(row: Any) -> RecalibrationInfo:
+    return RecalibrationInfo(
+        id=int(row.id),
+        model=row.name,
+        version=row.version,
+        alert_id=row.alert_id,
+        status=row.status,
+        method=row.method,
+        created_at=_utc(row.created_at),
+        finished_at=_utc(row.finished_at) if row.finished_at else None,
+        outcome=row.outcome,
+    )
 
 
 def _check_metric_columns(columns: Sequence[str]) -> None:

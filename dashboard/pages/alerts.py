@@ -70,9 +70,10 @@ else:
 
 with st.expander("Request a recalibration"):
     st.caption(
-        "Records a pending recalibration for this model version. The trigger runner of a "
-        "watched process (`watch(..., recalibrate=True, keep_inputs=N)`) or an operator "
-        "running `bnwatch recalibrate` carries it out and records the outcome."
+        "Records a pending recalibration for this model version. Whoever carries it out "
+        "records the outcome against its id: `bnwatch recalibrate ... --recalibration ID` "
+        "(with `--db` or `--service`), or `bnwatch.report_recalibration(store, ID, result)` "
+        "from your own job."
     )
     with st.form("recalibrate"):
         method = st.selectbox("Method", ["precise", "mix"])

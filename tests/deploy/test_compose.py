@@ -269,8 +269,9 @@ def test_every_setting_has_a_documented_default() -> None:
     assert env_example() == defaults
     docs = (ROOT / "docs" / "deploy.md").read_text()
     for name, default in defaults.items():
-        row = re.compile(rf"^\|\s*`{name}`\s*\|\s*`{re.escape(default)}`\s*\|", re.MULTILINE)
-        assert row.search(docs), f"docs/deploy.md has no table row | `{name}` | `{default}` |"
+        cell = f"`{re.escape(default)}`" if default else "unset"  # an empty default: unset
+        row = re.compile(rf"^\|\s*`{name}`\s*\|\s*{cell}\s*\|", re.MULTILINE)
+        assert row.search(docs), f"docs/deploy.md has no table row | `{name}` | {cell} |"
 
 
 def test_env_example_reproduces_the_defaults(config: dict[str, Any]) -> None:

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 CODE = """
@@ -16,7 +18,14 @@ from bnwatch.service import Settings, create_app
 from bnwatch.service.app import app_from_env
 from fastapi.testclient import TestClient
 
-app = create_app(Settings(database_url="sqlite:///" + sys.argv[1], api_token="t"))
+settings = Settings(
+    database_url="sqlite:///" + sys.argv[1],
+    api_token="t",
+    webhook_url="http://127.0.0.1:9/hook",  # triggers on: the webhook worker starts and stops
+    webhook_secret="s3cret",
+)
+app = create_app(settings)
+assert app.state.bnwatch.triggers is not None
 with TestClient(app) as client:
     assert client.get("/healthz").status_code == 200
     assert client.get("/metrics").status_code == 200
@@ -36,6 +45,52 @@ def test_the_service_runs_without_torch(tmp_path: Path) -> None:
         cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr
+
+
+TRIGGER_CORE = """
+import sys
+sys.modules["torch"] = None  # any "import torch" now raises ImportError
+import bnwatch.triggers
+from bnwatch.triggers import (
+    AlertPipeline, CallbackAction, Outcome, Trigger, TriggerEvent, TriggerPolicy, WebhookAction,
+    sign, verify_signature,
+)
+from bnwatch.triggers.core import Action
+
+trigger = Trigger(WebhookAction("http://127.0.0.1:9/hook", "s3cret"), TriggerPolicy())
+assert verify_signature(b"{}", sign(b"{}", "s3cret", int(__import__("time").time())), "s3cret")
+assert CallbackAction(lambda event: None)(TriggerEvent(1, "m", "1", 1, "drift", None, {})) == (
+    Outcome("applied")
+)
+loaded = {name for name, module in sys.modules.items() if module is not None}
+assert not any(name == "torch" or name.startswith("torch.") for name in loaded), "torch"
+assert not loaded & {"bnwatch.capture", "bnwatch.recalibration", "bnwatch.triggers.recalibrate"}
+try:
+    bnwatch.triggers.RecalibrateAction  # the torch action loads on demand, so it needs torch
+except ImportError:
+    pass
+else:
+    raise AssertionError("RecalibrateAction imported without torch")
+"""
+
+
+def test_the_trigger_core_imports_without_torch() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", TRIGGER_CORE], capture_output=True, text=True, check=False, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_torch_action_is_reexported_lazily() -> None:
+    import bnwatch.triggers
+    from bnwatch.triggers import RecalibrateAction, hook_free_copy
+    from bnwatch.triggers.recalibrate import RecalibrateAction as Defined
+
+    assert RecalibrateAction is Defined
+    assert callable(hook_free_copy)
+    assert set(bnwatch.triggers.__all__) >= {"RecalibrateAction", "WebhookAction", "Trigger"}
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        bnwatch.triggers.Nope  # type: ignore[attr-defined]  # noqa: B018
 
 
 def test_the_cli_help_of_serve_does_not_import_the_service() -> None:

@@ -10,6 +10,7 @@ from bnwatch.cli import main
 from bnwatch.errors import ConfigError
 from bnwatch.service.app import alert_hook_from_env
 from bnwatch.service.settings import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_PROFILE_BYTES, Settings
+from bnwatch.triggers import TriggerPolicy
 
 
 def test_from_env() -> None:
@@ -75,3 +76,88 @@ def test_serve_refuses_a_bad_alert_configuration(
     monkeypatch.setenv("BNWATCH_ALERTS_CONFIG", str(tmp_path / "missing.toml"))
     assert main(["serve", "--db", f"sqlite:///{tmp_path / 'db.sqlite'}"]) == 1
     assert "alerts config" in capsys.readouterr().err
+
+
+# -- recalibration triggers --------------------------------------------------------------------
+WEBHOOK = {"BNWATCH_WEBHOOK_URL": "https://recalibrator.internal:8443/hook?x=1"}
+SECRET = {"BNWATCH_WEBHOOK_SECRET": "hmac-s3cret-value"}
+
+
+def test_triggers_are_off_by_default_with_the_policy_defaults() -> None:
+    settings = Settings.from_env({"BNWATCH_WEBHOOK_URL": " ", "BNWATCH_WEBHOOK_SECRET": ""})
+    assert not settings.triggers_enabled
+    assert (settings.webhook_url, settings.webhook_secret) == (None, None)
+    assert settings.triggers == TriggerPolicy(
+        kinds=("drift",), persist_seconds=0.0, cooldown_seconds=3600.0, daily_cap=3
+    )
+
+
+def test_trigger_settings_from_env() -> None:
+    settings = Settings.from_env(
+        {
+            **WEBHOOK,
+            **SECRET,
+            "BNWATCH_TRIGGER_KINDS": " drift, no_data ,",
+            "BNWATCH_TRIGGER_PERSIST_SECONDS": "300",
+            "BNWATCH_TRIGGER_COOLDOWN_SECONDS": "1.5",
+            "BNWATCH_TRIGGER_DAILY_CAP": "7",
+        }
+    )
+    assert settings.triggers_enabled
+    assert settings.webhook_url == WEBHOOK["BNWATCH_WEBHOOK_URL"]
+    assert settings.webhook_secret == SECRET["BNWATCH_WEBHOOK_SECRET"]
+    assert settings.triggers == TriggerPolicy(("drift", "no_data"), 300.0, 1.5, 7)
+    assert "s3cret" not in repr(settings)
+    assert "s3cret" not in str(settings)
+
+
+@pytest.mark.parametrize(
+    ("environ", "variable", "allowed"),
+    [
+        (WEBHOOK, "BNWATCH_WEBHOOK_SECRET", "since BNWATCH_WEBHOOK_URL is set"),
+        (SECRET, "BNWATCH_WEBHOOK_URL", "since BNWATCH_WEBHOOK_SECRET is set"),
+        ({"BNWATCH_WEBHOOK_URL": "ftp://host/x", **SECRET}, "BNWATCH_WEBHOOK_URL", "http://"),
+        ({"BNWATCH_WEBHOOK_URL": "https:///hook", **SECRET}, "BNWATCH_WEBHOOK_URL", "host"),
+        ({"BNWATCH_WEBHOOK_URL": "http://h:99999/", **SECRET}, "BNWATCH_WEBHOOK_URL", "host"),
+        ({"BNWATCH_TRIGGER_KINDS": "drift,weather"}, "BNWATCH_TRIGGER_KINDS", "no_data"),
+        ({"BNWATCH_TRIGGER_KINDS": " , "}, "BNWATCH_TRIGGER_KINDS", "comma-separated"),
+        ({"BNWATCH_TRIGGER_PERSIST_SECONDS": "5m"}, "BNWATCH_TRIGGER_PERSIST_SECONDS", ">= 0"),
+        ({"BNWATCH_TRIGGER_PERSIST_SECONDS": "-1"}, "BNWATCH_TRIGGER_PERSIST_SECONDS", ">= 0"),
+        ({"BNWATCH_TRIGGER_COOLDOWN_SECONDS": "nan"}, "BNWATCH_TRIGGER_COOLDOWN_SECONDS", "finite"),
+        ({"BNWATCH_TRIGGER_COOLDOWN_SECONDS": "inf"}, "BNWATCH_TRIGGER_COOLDOWN_SECONDS", "finite"),
+        ({"BNWATCH_TRIGGER_DAILY_CAP": "0"}, "BNWATCH_TRIGGER_DAILY_CAP", ">= 1"),
+        ({"BNWATCH_TRIGGER_DAILY_CAP": "2.5"}, "BNWATCH_TRIGGER_DAILY_CAP", "whole number"),
+    ],
+)
+def test_invalid_trigger_settings_name_the_variable(
+    environ: dict[str, str], variable: str, allowed: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env(environ)
+    assert info.value.argument == variable
+    assert allowed in info.value.allowed
+    assert "s3cret" not in str(info.value)
+
+
+def test_trigger_settings_in_code_are_checked() -> None:
+    with pytest.raises(ConfigError, match="webhook_secret"):
+        Settings(webhook_url="http://127.0.0.1:9/hook")
+    with pytest.raises(ConfigError, match="webhook_url"):
+        Settings(webhook_secret="s3cret")
+    with pytest.raises(ConfigError, match="webhook_url") as info:
+        Settings(webhook_url="recalibrator:80", webhook_secret="s3cret")
+    assert "s3cret" not in str(info.value)
+    with pytest.raises(ConfigError, match="triggers"):
+        Settings(triggers={"kinds": ["drift"]})  # type: ignore[arg-type]
+    settings = Settings(webhook_url="http://127.0.0.1:9/hook", webhook_secret="s3cret")
+    assert settings.triggers_enabled and "s3cret" not in repr(settings)
+
+
+def test_the_docstring_lists_every_variable() -> None:
+    from bnwatch.service import settings as module
+
+    names = {v for k, v in vars(module).items() if k.endswith("_ENV") and isinstance(v, str)}
+    assert len(names) >= 12
+    assert module.__doc__ is not None
+    missing = [name for name in names if f"``{name}``" not in module.__doc__]
+    assert not missing, f"add to the table of bnwatch/service/settings.py: {missing}"

@@ -1,16 +1,37 @@
-"""Recalibrations: triggered, validated, applied or rejected, with their lineage."""
+"""Recalibrations: triggered, validated, applied or rejected, with their lineage; and the way
+back -- whoever ran a pending recalibration (a webhook's receiver, ``bnwatch recalibrate
+--recalibration ID``) reports how it ended."""
 
 from __future__ import annotations
 
-from typing import Annotated
+import functools
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+import anyio
+from fastapi import APIRouter, Path, Query, Request
 
-from bnwatch.service.deps import RepositoryDep
-from bnwatch.service.routes.common import Text
+from bnwatch.service.deps import Authorized, RepositoryDep, StateDep
+from bnwatch.service.ingest import ingest_outcome
+from bnwatch.service.routes.common import Text, check_content_type, error_response, read_body
 from bnwatch.service.schemas import RecalibrationPublic
+from bnwatch.service.settings import MAX_BODY_ENV
+from bnwatch.wire import outcome_body
 
 router = APIRouter(tags=["recalibrations"])
+
+OUTCOME_ENDPOINT = "/api/v1/recalibrations/{recalibration_id}/outcome"
+TOO_LARGE_ADVICE = "report the buffers of fewer layers, or raise the service's limit"
+MAX_ID = 2**63 - 1
+"""Largest id the store's keys hold (64-bit)."""
+
+RecalibrationId = Annotated[
+    int,
+    Path(
+        ge=1,
+        le=MAX_ID,
+        description="the recalibration's id (the trigger event's recalibration_id)",
+    ),
+]
 
 
 @router.get(
@@ -26,3 +47,81 @@ def list_recalibrations(
         RecalibrationPublic.of(info)
         for info in repository.recalibrations(model=model, version=version)
     ]
+
+
+def example_outcome() -> dict[str, Any]:
+    """A small valid ``WireRecalibrationOutcome`` (an applied recalibration of one layer of two
+    channels: the layer of the profile example) for the docs."""
+    return outcome_body(
+        "applied",
+        {"method": "precise", "samples": 512, "kl_before": 0.41, "kl_after": 0.02},
+        {"bn1": ([0.05, 0.12], [0.98, 0.91], 1e-5)},
+    )
+
+
+OUTCOME_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": "how the recalibration ended (bnwatch.wire.WireRecalibrationOutcome), "
+        "at most max_body_bytes",
+        "content": {
+            "application/json": {
+                "schema": {"$ref": "#/components/schemas/WireRecalibrationOutcome"},
+                "examples": {
+                    "failed": {
+                        "summary": "a recalibration that could not run",
+                        "value": outcome_body(
+                            "failed", {"error": "NotEnoughDataError: saw 3 samples, needs 16"}
+                        ),
+                    },
+                },
+            }
+        },
+    }
+}
+"""The body, documented by hand as for windows: the route reads it itself, bounded.
+``create_app`` adds the schema and the ``applied`` example."""
+
+
+@router.post(
+    OUTCOME_ENDPOINT,
+    response_model=RecalibrationPublic,
+    summary="Report how a pending recalibration ended (one transaction)",
+    responses={
+        400: error_response("a malformed request (e.g. Content-Length)"),
+        401: error_response("missing or wrong bearer token"),
+        404: error_response("no recalibration with this id"),
+        409: error_response(
+            "the recalibration is no longer pending (the message names its status)"
+        ),
+        413: error_response("the body exceeds the service's limit"),
+        415: error_response("the body is not JSON, or compressed"),
+        422: error_response(
+            "the body is not a valid WireRecalibrationOutcome, or a layer's buffers do not fit "
+            "the stored layer (unknown layer, other channel count); the field is named"
+        ),
+        503: error_response("the service has no API token, or the database is unavailable"),
+    },
+    openapi_extra=OUTCOME_BODY,
+)
+async def report_outcome(
+    recalibration_id: RecalibrationId, request: Request, state: StateDep, _: Authorized
+) -> RecalibrationPublic:
+    """Finish a pending recalibration -- ``applied``, ``rejected`` or ``failed`` -- with its
+    outcome, in one transaction, all or nothing: the reply of a webhook's receiver, or of
+    ``bnwatch recalibrate --recalibration ID``.
+
+    With ``applied``, ``buffers`` (layer -> new ``running_mean``, ``running_var``, ``eps``) are
+    stored as references of kind ``recalibrated`` with their lineage (the recalibration, its
+    alert, its method), and the stored outcome lists them under ``references``.  A
+    recalibration is finished once: a second report is refused (409) and changes nothing.
+    """
+    check_content_type(request)
+    body = await read_body(
+        request, state.settings.max_body_bytes, advice=TOO_LARGE_ADVICE, setting=MAX_BODY_ENV
+    )
+    info = await anyio.to_thread.run_sync(
+        functools.partial(ingest_outcome, state.repository, recalibration_id, body),
+        limiter=state.ingest_limiter(),
+    )
+    return RecalibrationPublic.of(info)

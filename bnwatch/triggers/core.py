@@ -1,48 +1,33 @@
-"""Recalibration triggers: from alerts to actions, recorded and rate-limited.
+"""The trigger core: from alerts to actions, recorded and rate-limited -- without torch.
 
-A :class:`Trigger` watches the alert changes of a store.  When an alert of one of its
-``kinds`` is open (for at least ``persist_seconds``) and the model version is outside its
-``cooldown`` and under its ``daily_cap``, it records a recalibration (status ``pending``)
-and starts its action:
-
-* a Python callback (:class:`CallbackAction`);
-* a webhook (:class:`WebhookAction`): an HTTP POST of the event as JSON, signed with
-  HMAC-SHA256 over ``timestamp.body`` with a shared secret (header
-  ``X-Bnwatch-Signature: t=<timestamp>,sha256=<hex>``) -- verify with :func:`verify_signature`;
-* an in-process recalibration (:class:`RecalibrateAction`) on the inputs a monitor kept
-  (``watch(..., keep_inputs=N)``): a hook-free copy of the model is recalibrated on most of
-  them, judged on the rest, and the new statistics are copied into the live model only if
-  the held-out inputs moved closer to them (otherwise ``rejected``).
-
-Every trigger ends ``applied``, ``rejected`` or ``failed`` (a webhook that was delivered stays
-``pending``: the receiver decides), with its outcome, in the ``recalibrations`` table;
-recalibrated statistics are stored as references of kind ``recalibrated`` with their lineage.
+Everything here imports without torch (a bnwatch service runs triggers and must never import
+it); the in-process :class:`~bnwatch.triggers.recalibrate.RecalibrateAction` lives in
+:mod:`bnwatch.triggers.recalibrate`.  See :mod:`bnwatch.triggers` for the whole story.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import hmac
 import json
 import logging
-import threading
+import math
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
-from typing import Any, Protocol
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
-import torch
-from torch import nn
 
 from bnwatch.alerts import AlertChange, AlertEngine
-from bnwatch.capture import Monitor
-from bnwatch.errors import ConfigError
-from bnwatch.recalibration import RecalibrationResult, recalibrate
+from bnwatch.errors import ConfigError, check_positive_int
 from bnwatch.schema import ALERT_KINDS, WindowRecord, utcnow
 from bnwatch.store.repository import Repository
+
+if TYPE_CHECKING:
+    from bnwatch.recalibration import RecalibrationResult
 
 logger = logging.getLogger("bnwatch")
 
@@ -97,10 +82,17 @@ class CallbackAction:
         value = self.fn(event)
         if value is None:
             return Outcome("applied")
-        if isinstance(value, RecalibrationResult):
+        if isinstance(value, Outcome):
+            return value
+        # a RecalibrationResult: its module is loaded if fn made one (no torch import here)
+        recalibration = sys.modules.get("bnwatch.recalibration")
+        if recalibration is not None and isinstance(value, recalibration.RecalibrationResult):
             status = "applied" if value.status == "applied" else "rejected"
             return Outcome(status, value.summary(), value)
-        return value
+        raise TypeError(
+            f"the trigger callback returned a {type(value).__name__}: return an Outcome, a "
+            "bnwatch.recalibration.RecalibrationResult, or None (applied)"
+        )
 
 
 def sign(body: bytes, secret: str, timestamp: int) -> str:
@@ -134,7 +126,9 @@ class WebhookAction:
     """POST the event as JSON to ``url``, signed with HMAC-SHA256 over a shared secret.
 
     Retried (``attempts``, exponential backoff) on connection errors and 5xx; a 2xx leaves
-    the recalibration ``pending`` (the receiver acts); anything else fails it.
+    the recalibration ``pending`` -- the receiver acts, then reports how it ended with
+    :func:`bnwatch.report_recalibration` (``POST /api/v1/recalibrations/{id}/outcome``) --
+    anything else fails it.
     """
 
     def __init__(self, url: str, secret: str, *, timeout: float = 10.0, attempts: int = 3):
@@ -175,80 +169,6 @@ class WebhookAction:
         return Outcome("failed", {"webhook": self.url, "error": last})
 
 
-def hook_free_copy(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` without any of its hooks (a monitor's hooks must not run, or
-    be copied, when the copy is recalibrated)."""
-    memo: dict[int, Any] = {}
-    for module in model.modules():
-        for name, value in vars(module).items():
-            hooks = name.endswith(("hooks", "hooks_with_kwargs", "hooks_always_called"))
-            if name.startswith("_") and hooks and isinstance(value, (dict, set)):
-                memo[id(value)] = type(value)()
-    return copy.deepcopy(model, memo)
-
-
-class RecalibrateAction:
-    """Recalibrate in process on the monitor's kept inputs (``watch(..., keep_inputs=N)``).
-
-    ``holdout`` of the kept inputs judge the result and are not used to estimate it; the
-    live model receives the new statistics only when they are better on them.  A forward
-    running at that instant may see some layers updated and others not: apply from a quiet
-    moment if that matters.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        monitor: Monitor,
-        *,
-        method: str = "precise",
-        prior_strength: float = 16.0,
-        holdout: float = 0.25,
-        batch_size: int = 64,
-        min_samples: int = 64,
-    ) -> None:
-        if not 0 < holdout < 1:
-            raise ConfigError("holdout", holdout, "a fraction in (0, 1)")
-        self.model = model
-        self.monitor = monitor
-        self.method = method
-        self.prior_strength = prior_strength
-        self.holdout = holdout
-        self.batch_size = batch_size
-        self.min_samples = min_samples
-        self._lock = threading.Lock()
-
-    def __call__(self, event: TriggerEvent) -> Outcome:
-        inputs = self.monitor.inputs()
-        if inputs is None or inputs.shape[0] < self.min_samples:
-            kept = 0 if inputs is None else int(inputs.shape[0])
-            return Outcome(
-                "rejected", {"reason": f"only {kept} kept inputs (need {self.min_samples})"}
-            )
-        g = torch.Generator().manual_seed(event.recalibration_id)
-        order = torch.randperm(inputs.shape[0], generator=g)
-        cut = int(inputs.shape[0] * (1 - self.holdout))
-        fit, judge = inputs[order[:cut]], inputs[order[cut:]]
-        with self._lock:
-            clone = hook_free_copy(self.model)
-            result = recalibrate(
-                clone,
-                list(torch.split(fit, self.batch_size)),
-                num_samples=int(fit.shape[0]),
-                method=self.method,  # type: ignore[arg-type]
-                prior_strength=self.prior_strength,
-                held_out=list(torch.split(judge, self.batch_size)),
-                apply="if_better",
-                progress=False,
-            )
-            if result.status == "applied":
-                live = result.bound_to(self.model)
-                # applied and adopted at once: intended, not a "mutation" of a closing window
-                self.monitor.adopt_running_statistics(live.apply)
-                return Outcome("applied", result.summary(), live)
-        return Outcome("rejected", result.summary(), result)
-
-
 class AlertPipeline:
     """What runs after each stored batch of windows: the alert engine, then the triggers.
 
@@ -287,41 +207,74 @@ class TriggerPolicy:
             raise ConfigError("kinds", self.kinds, f"alert kinds among {list(ALERT_KINDS)}")
         for name in ("persist_seconds", "cooldown_seconds"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ConfigError(name, value, "a number of seconds >= 0")
-        if (
-            isinstance(self.daily_cap, bool)
-            or not isinstance(self.daily_cap, int)
-            or self.daily_cap < 1
-        ):
-            raise ConfigError("daily_cap", self.daily_cap, "an integer >= 1")
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not 0 <= value < math.inf  # NaN fails too
+            ):
+                raise ConfigError(name, value, "a finite number of seconds >= 0")
+        check_positive_int("daily_cap", self.daily_cap)
 
 
 class Trigger:
-    """Start an action when an alert calls for it (see the module docstring)."""
+    """Start an action when an alert calls for it (see :mod:`bnwatch.triggers`).
+
+    Each act is two steps, which a caller may also take apart (the service claims in its
+    ingest thread and runs the action on a background worker):
+
+    1. :meth:`claim` -- the policy's checks, and the ``pending`` recalibration recorded by
+       :meth:`~bnwatch.store.repository.Repository.claim_recalibration` in one locked
+       transaction, so that processes sharing a database never both act on
+       one model version inside the cooldown (or twice on one alert);
+    2. :meth:`run` -- the action, and its outcome recorded.
+    """
 
     def __init__(self, action: Action, policy: TriggerPolicy | None = None) -> None:
         self.action = action
         self.policy = policy or TriggerPolicy()
 
+    @property
+    def method(self) -> str:
+        """What the ``recalibrations`` table records as the method: the action's ``method``
+        attribute, else its class name (``WebhookAction``, ``CallbackAction``)."""
+        return str(getattr(self.action, "method", type(self.action).__name__))
+
     def on_alerts(
         self, repository: Repository, changes: Sequence[AlertChange], *, now: datetime | None = None
     ) -> list[tuple[int, Outcome]]:
         """Act on newly opened alerts (the alert engine's output); returns what was done."""
-        done = []
-        for change in changes:
-            if change.action != "opened" or change.kind not in self.policy.kinds:
-                continue
-            outcome = self.consider(repository, change, now=now)
-            if outcome is not None:
-                done.append(outcome)
-        return done
+        return [
+            (event.recalibration_id, self.run(repository, event))
+            for event in self.claim_opened(repository, changes, now=now)
+        ]
 
     def check_open(
         self, repository: Repository, *, now: datetime | None = None
     ) -> list[tuple[int, Outcome]]:
         """Act on alerts that are open now (for ``persist_seconds`` > 0: call periodically)."""
-        done = []
+        return [
+            (event.recalibration_id, self.run(repository, event))
+            for event in self.claim_open(repository, now=now)
+        ]
+
+    def claim_opened(
+        self, repository: Repository, changes: Sequence[AlertChange], *, now: datetime | None = None
+    ) -> list[TriggerEvent]:
+        """:meth:`claim` the newly opened alerts of the policy's kinds among ``changes``."""
+        events = []
+        for change in changes:
+            if change.action != "opened" or change.kind not in self.policy.kinds:
+                continue
+            event = self.claim(repository, change, now=now)
+            if event is not None:
+                events.append(event)
+        return events
+
+    def claim_open(
+        self, repository: Repository, *, now: datetime | None = None
+    ) -> list[TriggerEvent]:
+        """:meth:`claim` the alerts of the policy's kinds that are open now."""
+        events = []
         for alert in repository.alerts(state="open"):
             if alert.kind not in self.policy.kinds:
                 continue
@@ -334,10 +287,10 @@ class Trigger:
                 alert.layer,
                 alert.values,
             )
-            outcome = self.consider(repository, change, now=now, opened_at=alert.opened_at)
-            if outcome is not None:
-                done.append(outcome)
-        return done
+            event = self.claim(repository, change, now=now, opened_at=alert.opened_at)
+            if event is not None:
+                events.append(event)
+        return events
 
     def consider(
         self,
@@ -348,6 +301,22 @@ class Trigger:
         opened_at: datetime | None = None,
     ) -> tuple[int, Outcome] | None:
         """Run the action for one open alert if the policy allows it now."""
+        event = self.claim(repository, change, now=now, opened_at=opened_at)
+        if event is None:
+            return None
+        return event.recalibration_id, self.run(repository, event)
+
+    def claim(
+        self,
+        repository: Repository,
+        change: AlertChange,
+        *,
+        now: datetime | None = None,
+        opened_at: datetime | None = None,
+    ) -> TriggerEvent | None:
+        """Record a ``pending`` recalibration for one open alert if the policy allows it now;
+        returns the event to hand the action, or ``None`` (too early, cooldown, daily cap, or
+        the alert already has a recalibration that did not fail)."""
         now = now or utcnow()
         if (
             opened_at is not None
@@ -356,25 +325,26 @@ class Trigger:
             return None
         if opened_at is None and self.policy.persist_seconds > 0:
             return None  # just opened: check_open will take it once it persisted
-        count, last = repository.recent_recalibrations(
-            change.model, change.version, since=now - timedelta(days=1)
+        claim = repository.claim_recalibration(
+            change.model,
+            change.version,
+            method=self.method,
+            alert_id=change.alert_id,
+            cooldown_seconds=self.policy.cooldown_seconds,
+            daily_cap=self.policy.daily_cap,
+            now=now,
         )
-        if count >= self.policy.daily_cap:
-            logger.info(
-                "bnwatch: recalibration of %s@%s skipped: daily cap %d reached",
-                change.model,
-                change.version,
-                self.policy.daily_cap,
-            )
+        if claim.recalibration_id is None:
+            if claim.refused == "daily_cap":
+                logger.info(
+                    "bnwatch: recalibration of %s@%s skipped: daily cap %d reached",
+                    change.model,
+                    change.version,
+                    self.policy.daily_cap,
+                )
             return None
-        if last is not None and (now - last).total_seconds() < self.policy.cooldown_seconds:
-            return None
-        method = getattr(self.action, "method", type(self.action).__name__)
-        rid = repository.start_recalibration(
-            change.model, change.version, method=str(method), alert_id=change.alert_id
-        )
-        event = TriggerEvent(
-            rid,
+        return TriggerEvent(
+            claim.recalibration_id,
             change.model,
             change.version,
             change.alert_id,
@@ -382,6 +352,11 @@ class Trigger:
             change.layer,
             change.values,
         )
+
+    def run(self, repository: Repository, event: TriggerEvent) -> Outcome:
+        """Run the action for a claimed event and record its outcome (an exception in the
+        action is recorded as ``failed``, never raised)."""
+        rid = event.recalibration_id
         try:
             outcome = self.action(event)
         except Exception as err:
@@ -403,9 +378,9 @@ class Trigger:
         logger.warning(
             "bnwatch: recalibration %d of %s@%s (%s alert): %s",
             rid,
-            change.model,
-            change.version,
-            change.kind,
+            event.model,
+            event.version,
+            event.kind,
             outcome.status,
         )
-        return rid, outcome
+        return outcome

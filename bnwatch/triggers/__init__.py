@@ -1,0 +1,77 @@
+"""Recalibration triggers: from alerts to actions, recorded and rate-limited.
+
+A :class:`Trigger` watches the alert changes of a store.  When an alert of one of its
+``kinds`` is open (for at least ``persist_seconds``) and the model version is outside its
+``cooldown`` and under its ``daily_cap``, it records a recalibration (status ``pending``)
+and starts its action:
+
+* a Python callback (:class:`CallbackAction`);
+* a webhook (:class:`WebhookAction`): an HTTP POST of the event as JSON, signed with
+  HMAC-SHA256 over ``timestamp.body`` with a shared secret (header
+  ``X-Bnwatch-Signature: t=<timestamp>,sha256=<hex>``) -- verify with :func:`verify_signature`;
+* an in-process recalibration (:class:`RecalibrateAction`) on the inputs a monitor kept
+  (``watch(..., keep_inputs=N)``): a hook-free copy of the model is recalibrated on most of
+  them, judged on the rest, and the new statistics are copied into the live model only if
+  the held-out inputs moved closer to them (otherwise ``rejected``).
+
+The check and the record are one locked transaction
+(:meth:`~bnwatch.store.repository.Repository.claim_recalibration`): processes sharing a
+database -- the workers of ``bnwatch serve``, several writers -- never both start a
+recalibration of one model version inside the cooldown, nor two for one alert (unless the
+first failed).  Every trigger ends ``applied``, ``rejected`` or ``failed`` (a webhook that was
+delivered stays ``pending`` until its receiver reports back with
+:func:`bnwatch.report_recalibration`), with its outcome, in the
+``recalibrations`` table; recalibrated statistics are stored as references of kind
+``recalibrated`` with their lineage.
+
+Modules: :mod:`bnwatch.triggers.core` (everything above but the in-process action; imports
+without torch, so a bnwatch service runs webhook triggers) and
+:mod:`bnwatch.triggers.recalibrate` (:class:`RecalibrateAction`, :func:`hook_free_copy`:
+torch), which this package loads only when one of its names is asked for.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from bnwatch.triggers.core import (
+    Action,
+    AlertPipeline,
+    CallbackAction,
+    Outcome,
+    Trigger,
+    TriggerEvent,
+    TriggerPolicy,
+    WebhookAction,
+    sign,
+    verify_signature,
+)
+
+if TYPE_CHECKING:
+    from bnwatch.triggers.recalibrate import RecalibrateAction, hook_free_copy
+
+_TORCH = frozenset({"RecalibrateAction", "hook_free_copy"})
+"""Names of :mod:`bnwatch.triggers.recalibrate`, imported (with torch) on first use."""
+
+
+def __getattr__(name: str) -> Any:
+    if name in _TORCH:
+        return getattr(importlib.import_module("bnwatch.triggers.recalibrate"), name)
+    raise AttributeError(f"module 'bnwatch.triggers' has no attribute {name!r}")
+
+
+__all__ = [
+    "Action",
+    "AlertPipeline",
+    "CallbackAction",
+    "Outcome",
+    "RecalibrateAction",
+    "Trigger",
+    "TriggerEvent",
+    "TriggerPolicy",
+    "WebhookAction",
+    "hook_free_copy",
+    "sign",
+    "verify_signature",
+]

@@ -1,0 +1,93 @@
+"""The in-process recalibration action (torch): :class:`RecalibrateAction`.
+
+Kept apart from :mod:`bnwatch.triggers.core` so that the trigger core -- and with it a bnwatch
+service's webhook triggers -- imports without torch.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from typing import Any
+
+import torch
+from torch import nn
+
+from bnwatch.capture import Monitor
+from bnwatch.errors import ConfigError
+from bnwatch.recalibration import recalibrate
+from bnwatch.triggers.core import Outcome, TriggerEvent
+
+
+def hook_free_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` without any of its hooks (a monitor's hooks must not run, or
+    be copied, when the copy is recalibrated)."""
+    memo: dict[int, Any] = {}
+    for module in model.modules():
+        for name, value in vars(module).items():
+            hooks = name.endswith(("hooks", "hooks_with_kwargs", "hooks_always_called"))
+            if name.startswith("_") and hooks and isinstance(value, (dict, set)):
+                memo[id(value)] = type(value)()
+    return copy.deepcopy(model, memo)
+
+
+class RecalibrateAction:
+    """Recalibrate in process on the monitor's kept inputs (``watch(..., keep_inputs=N)``).
+
+    ``holdout`` of the kept inputs judge the result and are not used to estimate it; the
+    live model receives the new statistics only when they are better on them.  A forward
+    running at that instant may see some layers updated and others not: apply from a quiet
+    moment if that matters.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        monitor: Monitor,
+        *,
+        method: str = "precise",
+        prior_strength: float = 16.0,
+        holdout: float = 0.25,
+        batch_size: int = 64,
+        min_samples: int = 64,
+    ) -> None:
+        if not 0 < holdout < 1:
+            raise ConfigError("holdout", holdout, "a fraction in (0, 1)")
+        self.model = model
+        self.monitor = monitor
+        self.method = method
+        self.prior_strength = prior_strength
+        self.holdout = holdout
+        self.batch_size = batch_size
+        self.min_samples = min_samples
+        self._lock = threading.Lock()
+
+    def __call__(self, event: TriggerEvent) -> Outcome:
+        inputs = self.monitor.inputs()
+        if inputs is None or inputs.shape[0] < self.min_samples:
+            kept = 0 if inputs is None else int(inputs.shape[0])
+            return Outcome(
+                "rejected", {"reason": f"only {kept} kept inputs (need {self.min_samples})"}
+            )
+        g = torch.Generator().manual_seed(event.recalibration_id)
+        order = torch.randperm(inputs.shape[0], generator=g)
+        cut = int(inputs.shape[0] * (1 - self.holdout))
+        fit, judge = inputs[order[:cut]], inputs[order[cut:]]
+        with self._lock:
+            clone = hook_free_copy(self.model)
+            result = recalibrate(
+                clone,
+                list(torch.split(fit, self.batch_size)),
+                num_samples=int(fit.shape[0]),
+                method=self.method,  # type: ignore[arg-type]
+                prior_strength=self.prior_strength,
+                held_out=list(torch.split(judge, self.batch_size)),
+                apply="if_better",
+                progress=False,
+            )
+            if result.status == "applied":
+                live = result.bound_to(self.model)
+                # applied and adopted at once: intended, not a "mutation" of a closing window
+                self.monitor.adopt_running_statistics(live.apply)
+                return Outcome("applied", result.summary(), live)
+        return Outcome("rejected", result.summary(), result)

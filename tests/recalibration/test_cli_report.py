@@ -1,0 +1,162 @@
+"""`bnwatch recalibrate --recalibration ID`: the run finishes a pending recalibration in the
+database (--db) or through a service (--service): applied with its buffers, or failed."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+import bnwatch
+from bnwatch.cli import main
+from bnwatch.store.migrate import engine_for
+from bnwatch.store.repository import Repository
+from tests.recalibration.test_recalibrate import data, net
+from tests.service.helpers import TOKEN, serve
+
+FIX = "tests.recalibration.cli_fixture"
+LAYERS = ["1", "5", "8"]  # the BatchNorm layers of net()
+
+
+@pytest.fixture
+def repo(db_url: str) -> Iterator[Repository]:
+    """A store that knows net@1's layers (from a profile)."""
+    bnwatch.profile(net(), data(2), name="net", version="1", store=db_url)
+    engine = engine_for(db_url, create=False)
+    yield Repository(engine)
+    engine.dispose()
+
+
+def argv(out: Path, *extra: str, data_spec: str = f"{FIX}:loader") -> list[str]:
+    return [
+        "recalibrate",
+        "--model",
+        f"{FIX}:factory",
+        "--data",
+        data_spec,
+        "--held-out",
+        f"{FIX}:held_out",
+        "--out",
+        str(out),
+        "--num-samples",
+        "64",
+        *extra,
+    ]
+
+
+def the(repo: Repository, rid: int) -> Any:
+    (rec,) = [r for r in repo.recalibrations() if r.id == rid]
+    return rec
+
+
+def recalibrated_refs(repo: Repository) -> dict[int, str]:
+    with repo.engine.connect() as conn:
+        rows = conn.execute(
+            sa.text(
+                "SELECT refs.id, layers.name FROM refs JOIN layers ON layers.id = refs.layer_id "
+                "WHERE refs.kind = 'recalibrated'"
+            )
+        ).all()
+    return {int(i): str(n) for i, n in rows}
+
+
+def test_an_applied_run_is_reported_with_its_buffers_and_output(
+    db_url: str, repo: Repository, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rid = repo.start_recalibration("net", "1", method="dashboard")
+    out = tmp_path / "bn.pt"
+    assert main(argv(out, "--recalibration", str(rid), "--db", db_url)) == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out[: captured.out.rindex("}") + 1])
+    assert summary["status"] == "applied" and out.exists()
+    assert f"recalibration {rid} of net@1 reported applied" in captured.err
+    rec = the(repo, rid)
+    assert rec.status == "applied" and rec.finished_at is not None
+    assert rec.outcome["out"] == str(out.resolve())
+    assert rec.outcome["samples"] == summary["samples"] and rec.outcome["improved"] is True
+    assert sorted(rec.outcome["references"]) == LAYERS
+    assert recalibrated_refs(repo) == {v: k for k, v in rec.outcome["references"].items()}
+
+    # running it again for the same recalibration: the buffers are written, the report is
+    # refused (it is applied already) and the exit code says so
+    assert main(argv(out, "--recalibration", str(rid), "--db", db_url)) == 1
+    err = capsys.readouterr().err
+    assert f"recalibration {rid} was not reported" in err and "already applied" in err
+    assert the(repo, rid) == rec
+
+
+def test_a_failing_run_is_reported_failed_and_exits_with_its_error(
+    db_url: str, repo: Repository, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rid = repo.start_recalibration("net", "1", method="dashboard")
+    out = tmp_path / "bn.pt"
+    code = main(argv(out, "--recalibration", str(rid), "--db", db_url, data_spec=f"{FIX}:wrong"))
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "recalibrate: error:" in err and "recalibration data" in err  # the run's error
+    assert f"recalibration {rid} of net@1 reported failed" in err
+    rec = the(repo, rid)
+    assert rec.status == "failed" and "recalibration data" in rec.outcome["error"]
+    assert not out.exists() and recalibrated_refs(repo) == {}
+
+
+def test_a_wrong_name_is_not_a_failed_recalibration(
+    db_url: str, repo: Repository, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A typo in --model is fixed and run again with the same --recalibration."""
+    rid = repo.start_recalibration("net", "1", method="dashboard")
+    args = argv(tmp_path / "bn.pt", "--recalibration", str(rid), "--db", db_url)
+    args[args.index("--model") + 1] = f"{FIX}:nope"
+    assert main(args) == 1
+    assert "--model=" in capsys.readouterr().err
+    assert the(repo, rid).status == "pending"
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--db", "sqlite:///x.db"], "--recalibration ID as well"),
+        (["--service", "http://bnwatch:8000"], "--recalibration ID as well"),
+        (["--recalibration", "1", "--token", "t"], "--service URL as well"),
+        (["--recalibration", "1", "--service", "ftp://bnwatch"], "http:// or https:// URL"),
+        (["--recalibration", "1", "--db", "mysql://x/y"], "SQLite or PostgreSQL"),
+    ],
+)
+def test_reporting_options_are_checked_before_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
+    out = tmp_path / "bn.pt"
+    assert main(argv(out, *extra)) == 1
+    assert message in capsys.readouterr().err
+    assert not out.exists()  # nothing ran
+
+
+def test_a_run_is_reported_through_a_service(
+    db_url: str,
+    repo: Repository,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rid = repo.start_recalibration("net", "1", method="WebhookAction")
+    out = tmp_path / "bn.pt"
+    monkeypatch.setenv("BNWATCH_API_TOKEN", TOKEN)  # the default of --token
+    with serve(db_url, tmp_path / "serve.log") as server:
+        assert main(argv(out, "--recalibration", str(rid), "--service", server.url)) == 0
+    assert f"reported applied to {server.url}" in capsys.readouterr().err
+    rec = the(repo, rid)
+    assert rec.status == "applied" and rec.outcome["out"] == str(out.resolve())
+    assert sorted(rec.outcome["references"]) == LAYERS
+
+
+def test_help_describes_the_reporting_options(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["recalibrate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for option in ("--recalibration ID", "--db URL", "--service URL", "--token TOKEN"):
+        assert option in text
+    assert "$BNWATCH_DATABASE_URL" in text and "$BNWATCH_API_TOKEN" in text

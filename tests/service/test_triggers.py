@@ -1,0 +1,211 @@
+"""Service-side recalibration triggers: an alert opened by ingest POSTs one signed webhook from
+a background worker; ingest never waits for it; failures, a full queue and shutdown are
+recorded."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from sqlalchemy.engine import Engine
+
+from bnwatch.alerts import AlertChange, AlertConfig, AlertEngine
+from bnwatch.schema import utcnow
+from bnwatch.service import Settings, create_app
+from bnwatch.service.triggers import TriggerRunner
+from bnwatch.store.repository import RecalibrationInfo, Repository
+from bnwatch.triggers import Trigger, TriggerPolicy, WebhookAction, verify_signature
+from tests.service.helpers import AUTH, ENDPOINT, TOKEN, Monitor
+from tests.service.webhook import Receiver, wait_for
+from tests.store.alerts import add_alerts
+
+SECRET = "webhook-s3cret-for-tests"
+
+
+@pytest.fixture
+def gate() -> threading.Event:
+    return threading.Event()
+
+
+@pytest.fixture
+def held(gate: threading.Event) -> Iterator[Receiver]:
+    """A receiver that holds every request unanswered until the test sets ``gate``."""
+    receiver = Receiver(gate=gate)
+    yield receiver
+    receiver.close()
+
+
+def recalibrations(engine: Engine) -> list[RecalibrationInfo]:
+    return Repository(engine).recalibrations()
+
+
+def drift_app(make_app: Callable[..., FastAPI], url: str, **policy: float) -> FastAPI:
+    return make_app(
+        on_stored=AlertEngine(AlertConfig()).on_stored,
+        webhook_url=url,
+        webhook_secret=SECRET,
+        triggers=TriggerPolicy(**policy),  # type: ignore[arg-type]
+    )
+
+
+def test_a_drift_alert_posts_one_signed_webhook_and_ingest_does_not_wait(
+    make_app: Callable[..., FastAPI],
+    engine: Engine,
+    held: Receiver,
+    gate: threading.Event,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    mon = Monitor()
+    app = drift_app(make_app, held.url, cooldown_seconds=3600)
+    with caplog.at_level(logging.INFO, logger="bnwatch"), TestClient(app) as client:
+        assert client.post(ENDPOINT, json=mon.body(6), headers=AUTH).status_code == 200
+        answer = client.post(ENDPOINT, json=mon.body(6, shift=3.0), headers=AUTH)
+        # the ingest has answered, and the receiver has not: it answers only once the gate
+        # is set, so the request cannot have waited for the webhook
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["stored"] == 6
+        assert not gate.is_set() and held.answered == 0
+        wait_for(lambda: held.received, "the webhook to arrive")
+        (rec,) = recalibrations(engine)
+        assert (rec.status, rec.method, rec.outcome) == ("pending", "WebhookAction", None)
+        gate.set()
+        wait_for(lambda: recalibrations(engine)[0].outcome is not None, "the webhook's outcome")
+    drifts = [a for a in Repository(engine).alerts() if a.kind == "drift"]
+    assert len(drifts) >= 1  # one per drifted layer: the cooldown lets the first one trigger
+    ((body, header),) = held.received
+    assert verify_signature(body, header, SECRET)
+    event = json.loads(body)
+    (rec,) = recalibrations(engine)
+    assert event["recalibration_id"] == rec.id
+    assert (event["model"], event["version"], event["alert"]["kind"]) == ("cnn", "1", "drift")
+    assert event["alert"]["id"] == rec.alert_id in {a.id for a in drifts}
+    assert rec.status == "pending"  # delivered: the receiver recalibrates and reports back
+    assert rec.outcome is not None
+    assert (rec.outcome["webhook"], rec.outcome["http_status"]) == (held.url, 200)
+    port = held.url.split(":")[2].split("/")[0]
+    assert f"recalibration triggers ON: webhook to 127.0.0.1:{port}" in caplog.text
+    assert SECRET not in caplog.text
+
+
+def test_a_failing_webhook_marks_the_recalibration_failed(
+    make_app: Callable[..., FastAPI], engine: Engine
+) -> None:
+    receiver = Receiver([500, 502, 503])
+    try:
+        mon = Monitor()
+        with TestClient(drift_app(make_app, receiver.url)) as client:
+            assert client.post(ENDPOINT, json=mon.body(6), headers=AUTH).status_code == 200
+            answer = client.post(ENDPOINT, json=mon.body(6, shift=3.0), headers=AUTH)
+            assert answer.status_code == 200
+            wait_for(lambda: recalibrations(engine)[0].status == "failed", "the failure")
+        (rec,) = recalibrations(engine)
+        assert rec.outcome is not None and rec.outcome["error"] == "HTTP 503"
+        assert len(receiver.received) == 3  # every attempt made, none more
+    finally:
+        receiver.close()
+
+
+def test_without_a_webhook_there_are_no_triggers(
+    make_app: Callable[..., FastAPI], engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    mon = Monitor()
+    app = make_app(on_stored=AlertEngine(AlertConfig()).on_stored)
+    assert app.state.bnwatch.triggers is None
+    with caplog.at_level(logging.INFO, logger="bnwatch"), TestClient(app) as client:
+        assert client.post(ENDPOINT, json=mon.body(6), headers=AUTH).status_code == 200
+        assert client.post(ENDPOINT, json=mon.body(6, shift=3.0), headers=AUTH).status_code == 200
+    assert [a for a in Repository(engine).alerts() if a.kind == "drift"]
+    assert recalibrations(engine) == []
+    assert "recalibration triggers off (set BNWATCH_WEBHOOK_URL" in caplog.text
+
+
+# -- the runner: queue, shutdown, open alerts ----------------------------------------------------
+@pytest.fixture
+def repo(engine: Engine) -> Repository:
+    """cnn@1 with drift alerts 1-4, open for two minutes."""
+    repository = Repository(engine)
+    repository.write_windows(Monitor().records(1))
+    opened = utcnow() - timedelta(minutes=2)
+    add_alerts(engine, (1, 2, 3, 4), opened_at=opened, values={"d_rms": 1.5})
+    return repository
+
+
+def opened(alert_id: int) -> AlertChange:
+    return AlertChange("opened", alert_id, "drift", "cnn", "1", "bn1", {"d_rms": 1.5})
+
+
+def test_a_full_queue_and_shutdown_record_failures_without_blocking(
+    repo: Repository, held: Receiver, gate: threading.Event
+) -> None:
+    policy = TriggerPolicy(cooldown_seconds=0, daily_cap=10)
+    runner = TriggerRunner(Trigger(WebhookAction(held.url, SECRET), policy), queue_size=1)
+    runner.start()
+    assert runner.on_alerts(repo, [opened(1)]) == 1
+    wait_for(lambda: held.received, "the worker to take the first event")  # the queue is empty
+    assert runner.on_alerts(repo, [opened(2)]) == 1  # waits in the queue
+    assert runner.on_alerts(repo, [opened(3)]) == 0  # the queue is full: not queued, not blocked
+    assert runner.dropped == 1
+    status = {r.alert_id: r for r in repo.recalibrations()}
+    assert status[3].status == "failed"
+    assert "queue was full" in status[3].outcome["error"]  # type: ignore[index]
+
+    stopper = threading.Thread(target=runner.stop)
+    stopper.start()
+    wait_for(lambda: runner.stopping, "the runner to stop taking events")
+    gate.set()  # the action in flight finishes; the queued one is not started
+    stopper.join()
+    assert not runner.running
+    assert runner.on_alerts(repo, [opened(4)]) == 0  # after shutdown: recorded, not sent
+    status = {r.alert_id: r for r in repo.recalibrations()}
+    assert status[1].status == "pending"
+    assert status[1].outcome is not None and status[1].outcome["http_status"] == 200
+    for alert_id, reason in ((2, "stopped before delivering"), (4, "is stopping")):
+        assert status[alert_id].status == "failed"
+        assert reason in status[alert_id].outcome["error"]  # type: ignore[index]
+    assert len(held.received) == 1
+
+
+def test_the_periodic_job_triggers_alerts_open_long_enough(
+    engine: Engine, repo: Repository
+) -> None:
+    """``persist_seconds`` > 0: the alert is taken by the periodic job, not at opening."""
+    receiver = Receiver()
+    try:
+        settings = Settings(
+            database_url=str(engine.url),
+            api_token=TOKEN,
+            webhook_url=receiver.url,
+            webhook_secret=SECRET,
+            triggers=TriggerPolicy(persist_seconds=60, cooldown_seconds=3600),
+        )
+        app = create_app(settings, engine=engine, period_seconds=0.05)
+        with TestClient(app):
+            wait_for(lambda: receiver.received, "the periodic job's webhook")
+            wait_for(lambda: recalibrations(engine)[0].outcome is not None, "its outcome")
+        (rec,) = recalibrations(engine)  # four open alerts, one cooldown: one trigger
+        assert rec.status == "pending" and rec.alert_id in {1, 2, 3, 4}
+        assert len(receiver.received) == 1
+    finally:
+        receiver.close()
+
+
+def test_the_runner_claims_only_alerts_open_for_persist_seconds(
+    repo: Repository, engine: Engine
+) -> None:
+    receiver = Receiver()
+    try:
+        policy = TriggerPolicy(persist_seconds=600)  # the alerts are two minutes old
+        runner = TriggerRunner(Trigger(WebhookAction(receiver.url, SECRET), policy))
+        runner.start()
+        assert runner.on_alerts(repo, [opened(1)]) == 0  # just opened: too early
+        assert runner.check_open(repo) == 0
+        runner.stop()
+        assert recalibrations(engine) == [] and receiver.received == []
+    finally:
+        receiver.close()
