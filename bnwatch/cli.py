@@ -364,7 +364,8 @@ def _add_recalibrate(subparsers: Subparsers) -> None:
         "recalibration_id, or one requested from the dashboard) in the database (--db) or "
         "through a bnwatch service (--service): applied (with the new buffers and where they "
         "were written), rejected, or failed (when the run raises; the error is printed and "
-        "the exit code is 1).",
+        "the exit code is 1); an unknown id, or a recalibration that is no longer pending, "
+        "is refused before the run.",
     )
     parser.add_argument(
         "--model",
@@ -472,6 +473,34 @@ def _report_target(args: argparse.Namespace) -> str | None:
     return url
 
 
+def _check_pending(args: argparse.Namespace, target: str) -> None:
+    """Refuse, before the run, to carry out a recalibration the store does not have or that is
+    no longer ``pending`` (its report would be refused after minutes of work)."""
+    from bnwatch.errors import RecalibrationNotFoundError, RecalibrationStateError
+
+    rid = args.recalibration
+    if args.service is not None:
+        from bnwatch.client import ServiceError, fetch_recalibration
+
+        try:
+            status = str(fetch_recalibration(target, rid)["status"])
+        except ServiceError as err:
+            if err.status == 404:
+                raise RecalibrationNotFoundError(rid) from err
+            raise
+    else:
+        from bnwatch.store.migrate import engine_for
+        from bnwatch.store.repository import Repository
+
+        engine = engine_for(target, create=False)
+        try:
+            status = Repository(engine).recalibration(rid).status
+        finally:
+            engine.dispose()
+    if status != "pending":
+        raise RecalibrationStateError(rid, status)
+
+
 def _run_recalibrate(args: argparse.Namespace) -> int:
     import json
 
@@ -481,6 +510,8 @@ def _run_recalibrate(args: argparse.Namespace) -> int:
     from bnwatch.recalibration import recalibrate
 
     target = _report_target(args)
+    if target is not None:
+        _check_pending(args, target)
     factory = _load_object(args.model, "--model")
     if not callable(factory):
         raise ConfigError("--model", args.model, "a callable returning an nn.Module")

@@ -99,6 +99,7 @@ __all__ = [
     "HttpSinkStats",
     "ServiceError",
     "default_spool_base",
+    "fetch_recalibration",
     "outcome_endpoint",
     "profiles_endpoint",
     "send_profile",
@@ -1135,19 +1136,25 @@ def _service_message(response: httpx.Response) -> str:
 
 
 def _post_json(
-    endpoint: str, body: bytes, secret: str | None, seconds: float, *, what: str, undone: str
+    endpoint: str,
+    body: bytes | None,
+    secret: str | None,
+    seconds: float,
+    *,
+    what: str,
+    undone: str,
+    method: str = "POST",
 ) -> httpx.Response:
-    """POST a JSON ``body`` once; the 2xx answer, else :class:`ServiceError` saying that
-    ``what`` ``undone`` (e.g. "the profile of m@v" "was not stored") and why."""
-    headers = {
-        "Content-Type": "application/json",
-        "Accept": "application/json",
-        "User-Agent": _user_agent(),
-    }
+    """POST a JSON ``body`` once (or, with ``method="GET"`` and no body, read); the 2xx
+    answer, else :class:`ServiceError` saying that ``what`` ``undone`` (e.g. "the profile of
+    m@v" "was not stored") and why."""
+    headers = {"Accept": "application/json", "User-Agent": _user_agent()}
+    if body is not None:
+        headers["Content-Type"] = "application/json"
     if secret is not None:
         headers["Authorization"] = f"Bearer {secret}"
     try:
-        response = httpx.post(endpoint, content=body, headers=headers, timeout=seconds)
+        response = httpx.request(method, endpoint, content=body, headers=headers, timeout=seconds)
     except httpx.TimeoutException as err:
         detail = f"no answer within {seconds:g} s ({type(err).__name__})"
         raise ServiceError(
@@ -1238,6 +1245,48 @@ def outcome_endpoint(url: object, recalibration_id: int) -> str:
     return f"{base}{RECALIBRATIONS_ENDPOINT}/{recalibration_id}/outcome"
 
 
+def fetch_recalibration(
+    url: str, recalibration_id: int, *, timeout: float = 30.0
+) -> dict[str, Any]:
+    """One recalibration as a bnwatch service stores it (``GET
+    {url}/api/v1/recalibrations/{id}``; reads need no token): e.g. to check that a requested
+    recalibration is still ``pending`` before carrying it out.
+
+    Returns:
+        ``RecalibrationPublic`` as a dict (see :func:`send_recalibration_outcome`).
+
+    Raises:
+        ConfigError: ``url``, ``recalibration_id`` or ``timeout`` is invalid.
+        ServiceError: the service was unreachable, or answered 404 (no such recalibration).
+    """
+    endpoint = outcome_endpoint(url, recalibration_id)[: -len("/outcome")]
+    seconds = _seconds("timeout", timeout)
+    what = f"recalibration {recalibration_id}"
+    response = _post_json(
+        endpoint, None, None, seconds, what=what, undone="was not read", method="GET"
+    )
+    return _recalibration_answer(endpoint, response, recalibration_id)
+
+
+def _recalibration_answer(
+    endpoint: str, response: httpx.Response, recalibration_id: int
+) -> dict[str, Any]:
+    """The recalibration a 2xx answer carries, else :class:`ServiceError`."""
+    try:
+        answer = response.json()
+    except ValueError:
+        answer = None
+    if not isinstance(answer, dict) or answer.get("id") != recalibration_id:
+        detail = f"HTTP {response.status_code} without the recalibration: {_detail(response)}"
+        raise ServiceError(
+            endpoint,
+            response.status_code,
+            detail,
+            f"{endpoint}: {detail} (is this a bnwatch service?)",
+        )
+    return answer
+
+
 def send_recalibration_outcome(
     url: str,
     recalibration_id: int,
@@ -1294,16 +1343,4 @@ def send_recalibration_outcome(
     ).encode()
     what = f"the {status} outcome of recalibration {recalibration_id}"
     response = _post_json(endpoint, body, secret, seconds, what=what, undone="was not reported")
-    try:
-        answer = response.json()
-    except ValueError:
-        answer = None
-    if not isinstance(answer, dict) or answer.get("id") != recalibration_id:
-        detail = f"HTTP {response.status_code} without the recalibration: {_detail(response)}"
-        raise ServiceError(
-            endpoint,
-            response.status_code,
-            detail,
-            f"{endpoint}: {detail} (is this a bnwatch service?)",
-        )
-    return answer
+    return _recalibration_answer(endpoint, response, recalibration_id)

@@ -1687,6 +1687,20 @@ class Repository:
             )
         return True
 
+    def recalibration(self, recalibration_id: int) -> RecalibrationInfo:
+        """One recalibration.
+
+        Raises:
+            RecalibrationNotFoundError: no recalibration has this id.
+        """
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                _recalibration_select().where(Recalibration.id == recalibration_id)
+            ).first()
+        if row is None:
+            raise RecalibrationNotFoundError(recalibration_id)
+        return _recalibration_of(row)
+
     def recalibrations(
         self, *, model: str | None = None, version: str | None = None
     ) -> list[RecalibrationInfo]:

@@ -13,7 +13,12 @@ import sqlalchemy as sa
 from torch import nn
 
 import bnwatch
-from bnwatch.client import ServiceError, outcome_endpoint, send_recalibration_outcome
+from bnwatch.client import (
+    ServiceError,
+    fetch_recalibration,
+    outcome_endpoint,
+    send_recalibration_outcome,
+)
 from bnwatch.codec import decode_arrays
 from bnwatch.errors import (
     ConfigError,
@@ -179,6 +184,10 @@ def test_reports_through_a_running_service(
     failed = repo.start_recalibration("cnn", "1", method="WebhookAction")
     result = applied_result()
     with serve(db_url, tmp_path / "serve.log") as server:
+        assert fetch_recalibration(server.url, applied)["status"] == "pending"  # no token
+        with pytest.raises(ServiceError) as missing:
+            fetch_recalibration(server.url, 4242)
+        assert missing.value.status == 404 and "no recalibration 4242" in missing.value.detail
         info = bnwatch.report_recalibration(
             server.url, applied, result, outcome={"out": "/models/bn.pt"}, token=TOKEN
         )
@@ -188,6 +197,8 @@ def test_reports_through_a_running_service(
         assert info.outcome is not None and info.outcome["out"] == "/models/bn.pt"
         assert_references_hold(repo, info, result)
         assert [r for r in repo.recalibrations() if r.id == applied] == [info]
+        read = fetch_recalibration(server.url, applied)
+        assert (read["status"], read["outcome"]) == ("applied", info.outcome)
 
         # a second report: 409 with the service's message
         with pytest.raises(ServiceError) as again:

@@ -3,6 +3,7 @@ database (--db) or through a service (--service): applied with its buffers, or f
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -81,12 +82,40 @@ def test_an_applied_run_is_reported_with_its_buffers_and_output(
     assert sorted(rec.outcome["references"]) == LAYERS
     assert recalibrated_refs(repo) == {v: k for k, v in rec.outcome["references"].items()}
 
-    # running it again for the same recalibration: the buffers are written, the report is
-    # refused (it is applied already) and the exit code says so
+    # running it again for the same recalibration is refused before the run: nothing is
+    # recalibrated, written or reported
+    out.unlink()
     assert main(argv(out, "--recalibration", str(rid), "--db", db_url)) == 1
     err = capsys.readouterr().err
-    assert f"recalibration {rid} was not reported" in err and "already applied" in err
-    assert the(repo, rid) == rec
+    assert f"recalibration {rid} is already applied" in err
+    assert not out.exists() and the(repo, rid) == rec
+
+
+@pytest.mark.parametrize("where", ["db", "service"])
+def test_an_unknown_or_finished_recalibration_is_refused_before_the_run(
+    db_url: str,
+    repo: Repository,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    where: str,
+) -> None:
+    failed = repo.start_recalibration("net", "1", method="dashboard")
+    repo.finish_recalibration(failed, status="failed", outcome={"error": "no data"})
+    out = tmp_path / "bn.pt"
+    monkeypatch.setenv("BNWATCH_API_TOKEN", TOKEN)
+    with contextlib.ExitStack() as stack:
+        target = db_url
+        if where == "service":
+            target = stack.enter_context(serve(db_url, tmp_path / "serve.log")).url
+        for rid, message in [
+            (failed, f"recalibration {failed} is already failed"),
+            (9999, "no recalibration 9999 in the store"),
+        ]:
+            assert main(argv(out, "--recalibration", str(rid), f"--{where}", target)) == 1
+            assert message in capsys.readouterr().err
+            assert not out.exists()
+    assert the(repo, failed).outcome == {"error": "no data", "references": {}}
 
 
 def test_a_failing_run_is_reported_failed_and_exits_with_its_error(

@@ -61,6 +61,7 @@ def test_the_schema_documents_every_endpoint(app: FastAPI) -> None:
         "GET /api/v1/models/{model}/versions/{version}/windows/latest",
         "GET /api/v1/alerts",
         "GET /api/v1/recalibrations",
+        "GET /api/v1/recalibrations/{recalibration_id}",
         "POST /api/v1/recalibrations/{recalibration_id}/outcome",
         "GET /healthz",
         "GET /metrics",

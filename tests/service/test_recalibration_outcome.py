@@ -70,8 +70,10 @@ def test_an_applied_report_stores_the_buffers_and_answers_the_recalibration(
     assert {k: result["outcome"][k] for k in summary} == summary
     references = result["outcome"]["references"]
     assert sorted(references) == sorted(LAYERS)
-    # the list endpoint shows the same, and the store holds the statistics bit for bit
+    # the list and the read endpoints show the same, and the store holds the statistics bit
+    # for bit
     assert client.get("/api/v1/recalibrations").json() == [result]
+    assert client.get(f"/api/v1/recalibrations/{rid}").json() == result
     with engine.connect() as conn:
         import sqlalchemy as sa
 
@@ -324,3 +326,14 @@ def test_a_body_that_is_not_plain_json_is_415(
     assert answer.status_code == 415, answer.text
     assert message in error_of(answer)["message"]
     assert stored(engine, rid).status == "pending"
+
+
+def test_reading_one_recalibration(client: TestClient, rid: int) -> None:
+    """GET /api/v1/recalibrations/{id}: no token needed (a read); 404 names what to do."""
+    answer = client.get(f"/api/v1/recalibrations/{rid}")
+    assert answer.status_code == 200
+    assert (answer.json()["id"], answer.json()["status"]) == (rid, "pending")
+    missing = client.get(f"/api/v1/recalibrations/{rid + 1000}")
+    assert missing.status_code == 404
+    assert f"no recalibration {rid + 1000}" in error_of(missing)["message"]
+    assert client.get("/api/v1/recalibrations/0").status_code == 422

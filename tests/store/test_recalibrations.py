@@ -111,6 +111,23 @@ def test_an_unknown_recalibration_is_a_lookup_error(repo: Repository) -> None:
     assert isinstance(caught.value, LookupError) and isinstance(caught.value, BnwatchError)
     assert caught.value.recalibration_id == 4242
     assert repo.recalibrations() == []
+    with pytest.raises(RecalibrationNotFoundError, match="no recalibration 4242"):
+        repo.recalibration(4242)
+
+
+def test_one_recalibration_is_read_as_the_list_shows_it(repo: Repository) -> None:
+    first = repo.start_recalibration("cnn", "1", method="precise", alert_id=ALERT_ID)
+    second = repo.start_recalibration("cnn", "1", method="mix")
+    repo.finish_recalibration(second, status="failed", outcome={"error": "no data"})
+    listed = {r.id: r for r in repo.recalibrations()}
+    assert repo.recalibration(first) == listed[first]
+    assert (listed[first].status, listed[first].alert_id, listed[first].outcome) == (
+        "pending",
+        ALERT_ID,
+        None,
+    )
+    assert repo.recalibration(second) == listed[second]
+    assert repo.recalibration(second).outcome == {"error": "no data", "references": {}}
 
 
 @pytest.mark.parametrize("first", ["applied", "rejected", "failed"])

@@ -10,7 +10,9 @@ from typing import Annotated, Any
 import anyio
 from fastapi import APIRouter, Path, Query, Request
 
+from bnwatch.errors import RecalibrationNotFoundError
 from bnwatch.service.deps import Authorized, RepositoryDep, StateDep
+from bnwatch.service.errors import ApiError
 from bnwatch.service.ingest import ingest_outcome
 from bnwatch.service.routes.common import Text, check_content_type, error_response, read_body
 from bnwatch.service.schemas import RecalibrationPublic
@@ -47,6 +49,23 @@ def list_recalibrations(
         RecalibrationPublic.of(info)
         for info in repository.recalibrations(model=model, version=version)
     ]
+
+
+@router.get(
+    "/api/v1/recalibrations/{recalibration_id}",
+    response_model=RecalibrationPublic,
+    summary="One recalibration",
+    responses={404: error_response("no recalibration with this id")},
+)
+def get_recalibration(
+    recalibration_id: RecalibrationId, repository: RepositoryDep
+) -> RecalibrationPublic:
+    """One recalibration: its status and outcome (e.g. whether a requested one is still
+    ``pending`` before carrying it out)."""
+    try:
+        return RecalibrationPublic.of(repository.recalibration(recalibration_id))
+    except RecalibrationNotFoundError as err:
+        raise ApiError(404, str(err)) from err
 
 
 def example_outcome() -> dict[str, Any]:
