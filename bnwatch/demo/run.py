@@ -43,8 +43,9 @@ run succeeds; the trained weights (``model.pt``), the profile (``profile.npz``) 
 windows elsewhere: another database (a new, time-stamped model version per run, so a re-run
 opens its own alerts), or a bnwatch service (``http(s)://``), which stores the windows and
 evaluates the alerts itself, and takes the profile (``POST /api/v1/profiles``); a service
-records no recalibrations, so the demo then acts on the drift alert the service reports and
-says that the recalibration was not recorded.
+records only the recalibrations its own webhook triggers start (``BNWATCH_WEBHOOK_URL``), so
+the demo then acts on the drift alert the service reports and says that its in-process
+recalibration was not recorded.
 """
 
 from __future__ import annotations
@@ -1160,7 +1161,8 @@ def _format_recalibration(event: RecalibrationEvent) -> list[str]:
         lines.append(f"          {o.get('reason') or o.get('error')}")
     if not event.recorded:
         lines.append(
-            "          (not recorded: a bnwatch service takes windows, not recalibrations)"
+            "          (not recorded: a bnwatch service records only what its webhook "
+            "triggers start)"
         )
     return lines
 

@@ -355,7 +355,9 @@ def test_store_in_a_bnwatch_service(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     recalibration = result.recalibration
     assert recalibration is not None and recalibration.status == "applied"
     assert not recalibration.recorded and recalibration.id is None
-    assert "(not recorded: a bnwatch service takes windows, not recalibrations)" in output
+    assert "(not recorded: a bnwatch service records only what its webhook triggers start)" in (
+        output
+    )
     assert result.drift_accuracy[1] > 0.9
     assert result.dashboard_command is None
     assert {p.name for p in (tmp_path / "out").iterdir()} == FILES - {DATABASE_FILE}
