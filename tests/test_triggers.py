@@ -21,13 +21,14 @@ from bnwatch.triggers import (
     CallbackAction,
     Outcome,
     Trigger,
+    TriggerEvent,
     TriggerPolicy,
     WebhookAction,
     hook_free_copy,
     sign,
     verify_signature,
 )
-from tests.service.webhook import Receiver
+from tests.service.webhook import Receiver, wait_for
 from tests.store.alerts import add_alerts
 from tests.store.helpers import batches, record_windows, small_cnn
 
@@ -173,3 +174,49 @@ def test_drift_recalibrates_in_process_and_records_everything(db_url: str) -> No
     assert kinds.get("recalibrated", 0) >= 1
     assert not [a for a in repo.alerts() if a.kind == "running_stats_mutated"]
     engine.dispose()
+
+
+def test_a_requested_recalibration_is_carried_out_by_the_watching_process(db_url: str) -> None:
+    """The dashboard's "Request a recalibration" records a pending row; the next stored batch
+    of a monitor of that model version hands it to the monitor's trigger -- outside the
+    policy, with the method asked for -- and the outcome is recorded.  Requests for other
+    model versions are left to their own monitors."""
+    seen: list[TriggerEvent] = []
+
+    def act(event: TriggerEvent) -> Outcome:
+        seen.append(event)
+        return Outcome("applied", {"by": "callback"})
+
+    model = small_cnn()
+    engine = engine_for(db_url)
+    repo = Repository(engine)
+    mon = bnwatch.watch(
+        model,
+        name="cnn",
+        version="1",
+        store=db_url,
+        window_seconds=None,
+        overhead_budget=None,  # measure every forward
+        triggers=[Trigger(CallbackAction(act), TriggerPolicy(daily_cap=1))],
+    )
+    try:
+        with torch.no_grad():
+            model(batches(1)[0])
+        mon.flush()
+        wait_for(lambda: repo.models(), "the first window")
+        rid = repo.start_recalibration("cnn", "1", method="mix")
+        other = repo.start_recalibration("other", "1", method="precise")
+        with torch.no_grad():
+            model(batches(1, seed=1)[0])
+        mon.flush()
+        wait_for(lambda: repo.recalibration(rid).status != "pending", "the request's outcome")
+        (event,) = seen
+        assert (event.recalibration_id, event.requested, event.method) == (rid, True, "mix")
+        assert (event.alert_id, event.kind) == (None, "request")
+        assert event.to_json()["alert"] is None and event.to_json()["requested"] is True
+        done = repo.recalibration(rid)
+        assert done.status == "applied" and done.outcome == {"by": "callback", "references": {}}
+        assert repo.recalibration(other).outcome is None  # another model version's: not ours
+    finally:
+        mon.close()
+        engine.dispose()

@@ -165,13 +165,19 @@ class TriggerRunner:
 
     def check_open(self, repository: Repository) -> int:
         """Claim and queue the open alerts the policy allows now (the periodic job: needed for
-        ``persist_seconds`` > 0, and to retry a failed trigger after the cooldown); returns how
-        many were queued.  Never raises: failures are logged."""
-        try:
-            events = self.trigger.claim_open(repository)
-        except Exception:
-            logger.exception("bnwatch service: claiming triggers of the open alerts failed")
-            return 0
+        ``persist_seconds`` > 0, and to retry a failed trigger after the cooldown), and the
+        recalibrations requested by hand (the dashboard's "Request a recalibration": sent as
+        ``requested`` events, outside the policy); returns how many were queued.  Never
+        raises: failures are logged."""
+        events = []
+        for claim, what in (
+            (self.trigger.claim_open, "triggers of the open alerts"),
+            (self.trigger.claim_requested, "requested recalibrations"),
+        ):
+            try:
+                events.extend(claim(repository))
+            except Exception:
+                logger.exception("bnwatch service: claiming %s failed", what)
         return sum(self.submit(repository, event) for event in events)
 
     def submit(self, repository: Repository, event: TriggerEvent) -> bool:

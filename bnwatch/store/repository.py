@@ -34,6 +34,7 @@ from bnwatch.errors import (
     RecalibrationNotFoundError,
     RecalibrationStateError,
     ShapeError,
+    check_positive_int,
 )
 from bnwatch.schema import (
     BATCH_SIZE_BUCKETS,
@@ -1009,10 +1010,69 @@ class Repository:
                 refused = "cooldown"
             rid: int | None = None
             if refused is None:
-                rid = _insert_pending(conn, model_id, alert_id, method, now)
+                # the outcome says who owns it: take_requested hands over requested ones only
+                claimed = {"claimed_by": "trigger", "claimed_at": now.isoformat()}
+                rid = _insert_pending(conn, model_id, alert_id, method, now, outcome=claimed)
             conn.commit()
         self._ids.models.update(new.models)
         return RecalibrationClaim(rid, refused, int(recent), last)
+
+    def take_requested(
+        self,
+        *,
+        model: str | None = None,
+        version: str | None = None,
+        limit: int = 16,
+        now: datetime | None = None,
+    ) -> list[tuple[RecalibrationInfo, AlertInfo | None]]:
+        """Hand over the recalibrations that were *requested* -- recorded ``pending`` by
+        :meth:`start_recalibration` (the dashboard's "Request a recalibration") and not yet
+        given to anyone -- with the alert each names, if any; oldest first, at most ``limit``.
+
+        Each is taken by an atomic ``UPDATE ... WHERE status = 'pending' AND outcome IS NULL``
+        that writes ``{"taken_at": ...}`` into its outcome, so of several takers (the workers
+        of ``bnwatch serve``, monitors) exactly one gets it.  Trigger claims
+        (:meth:`claim_recalibration`) write their outcome when they insert and are never
+        taken here.  ``model``/``version`` restrict to one model version.
+        """
+        check_positive_int("limit", limit)
+        stamp = {"taken_at": (_to_utc(now) if now is not None else utcnow()).isoformat()}
+        query = _recalibration_select().where(
+            Recalibration.status == "pending", Recalibration.outcome.is_(None)
+        )
+        if model is not None:
+            query = query.where(Model.name == model)
+        if version is not None:
+            query = query.where(Model.version == version)
+        with self.engine.connect() as conn:
+            candidates = conn.execute(query.order_by(Recalibration.id).limit(limit)).all()
+        taken: list[tuple[RecalibrationInfo, AlertInfo | None]] = []
+        for row in candidates:
+            with self.engine.begin() as conn:
+                won = conn.execute(
+                    sa.update(Recalibration)
+                    .where(
+                        Recalibration.id == row.id,
+                        Recalibration.status == "pending",
+                        Recalibration.outcome.is_(None),
+                    )
+                    .values(outcome=stamp)
+                ).rowcount
+            if won != 1:
+                continue  # another taker was first
+            info = replace(_recalibration_of(row), outcome=dict(stamp))
+            alert = None
+            if info.alert_id is not None:
+                alert = next(
+                    (
+                        a
+                        for a in self.alerts(model=info.model, version=info.version)
+                        if a.id == info.alert_id
+                    ),
+                    None,
+                )
+            taken.append((info, alert))
+        return taken
 
     # -- reads -----------------------------------------------------------------------------
     def models(self) -> list[ModelInfo]:
@@ -1716,19 +1776,27 @@ class Repository:
 
 
 def _insert_pending(
-    conn: Connection, model_id: int, alert_id: int | None, method: str, created: datetime
+    conn: Connection,
+    model_id: int,
+    alert_id: int | None,
+    method: str,
+    created: datetime,
+    *,
+    outcome: dict[str, Any] | None = None,
 ) -> int:
-    """Insert a ``pending`` recalibration; returns its id."""
+    """Insert a ``pending`` recalibration; returns its id.  Without ``outcome`` (SQL NULL) it
+    is a *request*: :meth:`Repository.take_requested` hands it to a trigger's action."""
+    values: dict[str, Any] = {
+        "model_id": model_id,
+        "alert_id": alert_id,
+        "status": "pending",
+        "method": method,
+        "created_at": created,
+    }
+    if outcome is not None:
+        values["outcome"] = outcome
     row = conn.execute(
-        sa.insert(Recalibration)
-        .values(
-            model_id=model_id,
-            alert_id=alert_id,
-            status="pending",
-            method=method,
-            created_at=created,
-        )
-        .returning(Recalibration.id)
+        sa.insert(Recalibration).values(**values).returning(Recalibration.id)
     ).scalar_one()
     return int(row)
 

@@ -34,27 +34,41 @@ logger = logging.getLogger("bnwatch")
 
 @dataclass(frozen=True)
 class TriggerEvent:
-    """What a trigger hands its action."""
+    """What a trigger hands its action.
+
+    ``requested`` events come from a recalibration requested by hand (the dashboard's "Request
+    a recalibration", :meth:`Repository.start_recalibration
+    <bnwatch.store.repository.Repository.start_recalibration>`): ``method`` is the method asked
+    for, and the alert (``alert_id``, ``kind``, ``layer``, ``values``) is the one the request
+    names -- ``alert_id`` ``None`` and ``kind`` ``"request"`` when it names none.
+    """
 
     recalibration_id: int
     model: str
     version: str
-    alert_id: int
+    alert_id: int | None
     kind: str
     layer: str | None
     values: Mapping[str, Any]
+    requested: bool = False
+    method: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "recalibration_id": self.recalibration_id,
-            "model": self.model,
-            "version": self.version,
-            "alert": {
+        alert = None
+        if self.alert_id is not None:
+            alert = {
                 "id": self.alert_id,
                 "kind": self.kind,
                 "layer": self.layer,
                 "values": dict(self.values),
-            },
+            }
+        return {
+            "recalibration_id": self.recalibration_id,
+            "model": self.model,
+            "version": self.version,
+            "alert": alert,
+            "requested": self.requested,
+            "method": self.method,
         }
 
 
@@ -181,8 +195,12 @@ class AlertPipeline:
 
     def on_stored(self, repository: Repository, records: Sequence[WindowRecord]) -> None:
         changes = self.engine.on_stored(repository, records)
+        versions = sorted({(r.model, r.version) for r in records})
         for trigger in self.triggers:
             trigger.on_alerts(repository, changes)
+            for model, version in versions:  # and what was requested for these versions
+                for event in trigger.claim_requested(repository, model=model, version=version):
+                    trigger.run(repository, event)
 
 
 @dataclass(frozen=True)
@@ -290,6 +308,35 @@ class Trigger:
             event = self.claim(repository, change, now=now, opened_at=alert.opened_at)
             if event is not None:
                 events.append(event)
+        return events
+
+    def claim_requested(
+        self,
+        repository: Repository,
+        *,
+        model: str | None = None,
+        version: str | None = None,
+        now: datetime | None = None,
+    ) -> list[TriggerEvent]:
+        """Take the recalibrations requested by hand and not yet taken
+        (:meth:`~bnwatch.store.repository.Repository.take_requested`: exactly one taker gets
+        each) as ``requested`` events for this trigger's action.  A request is an operator's
+        decision: the policy's kinds, persistence, cooldown and cap do not apply to it."""
+        events = []
+        for info, alert in repository.take_requested(model=model, version=version, now=now):
+            events.append(
+                TriggerEvent(
+                    info.id,
+                    info.model,
+                    info.version,
+                    info.alert_id,
+                    alert.kind if alert is not None else "request",
+                    alert.layer if alert is not None else None,
+                    dict(alert.values) if alert is not None else {},
+                    requested=True,
+                    method=info.method,
+                )
+            )
         return events
 
     def consider(

@@ -16,6 +16,7 @@ from torch import nn
 from bnwatch.capture import Monitor
 from bnwatch.errors import ConfigError
 from bnwatch.recalibration import recalibrate
+from bnwatch.recalibration.core import METHODS
 from bnwatch.triggers.core import Outcome, TriggerEvent
 
 
@@ -69,6 +70,8 @@ class RecalibrateAction:
             return Outcome(
                 "rejected", {"reason": f"only {kept} kept inputs (need {self.min_samples})"}
             )
+        # a recalibration requested by hand says its method; a triggered one uses ours
+        method = event.method if event.requested and event.method in METHODS else self.method
         g = torch.Generator().manual_seed(event.recalibration_id)
         order = torch.randperm(inputs.shape[0], generator=g)
         cut = int(inputs.shape[0] * (1 - self.holdout))
@@ -79,7 +82,7 @@ class RecalibrateAction:
                 clone,
                 list(torch.split(fit, self.batch_size)),
                 num_samples=int(fit.shape[0]),
-                method=self.method,  # type: ignore[arg-type]
+                method=method,  # type: ignore[arg-type]
                 prior_strength=self.prior_strength,
                 held_out=list(torch.split(judge, self.batch_size)),
                 apply="if_better",

@@ -70,10 +70,11 @@ else:
 
 with st.expander("Request a recalibration"):
     st.caption(
-        "Records a pending recalibration for this model version. Whoever carries it out "
-        "records the outcome against its id: `bnwatch recalibrate ... --recalibration ID` "
-        "(with `--db` or `--service`), or `bnwatch.report_recalibration(store, ID, result)` "
-        "from your own job."
+        "Records a pending recalibration for this model version. A bnwatch service with "
+        "webhook triggers sends it to the receiver within a minute; a process watching this "
+        "model version with triggers takes it on its next stored window. Whoever carries it "
+        "out records the outcome against its id (`bnwatch recalibrate ... --recalibration ID`, "
+        "or `bnwatch.report_recalibration`)."
     )
     with st.form("recalibrate"):
         method = st.selectbox("Method", ["precise", "mix"])

@@ -54,6 +54,18 @@ def drift_app(make_app: Callable[..., FastAPI], url: str, **policy: float) -> Fa
     )
 
 
+def periodic_app(engine: Engine, url: str, **policy: float) -> FastAPI:
+    """The service with webhook triggers to ``url`` and its periodic job every 50 ms."""
+    settings = Settings(
+        database_url=str(engine.url),
+        api_token=TOKEN,
+        webhook_url=url,
+        webhook_secret=SECRET,
+        triggers=TriggerPolicy(**policy),  # type: ignore[arg-type]
+    )
+    return create_app(settings, engine=engine, period_seconds=0.05)
+
+
 def test_a_drift_alert_posts_one_signed_webhook_and_ingest_does_not_wait(
     make_app: Callable[..., FastAPI],
     engine: Engine,
@@ -73,9 +85,10 @@ def test_a_drift_alert_posts_one_signed_webhook_and_ingest_does_not_wait(
         assert not gate.is_set() and held.answered == 0
         wait_for(lambda: held.received, "the webhook to arrive")
         (rec,) = recalibrations(engine)
-        assert (rec.status, rec.method, rec.outcome) == ("pending", "WebhookAction", None)
+        assert (rec.status, rec.method) == ("pending", "WebhookAction")
+        assert rec.outcome is not None and rec.outcome["claimed_by"] == "trigger"
         gate.set()
-        wait_for(lambda: recalibrations(engine)[0].outcome is not None, "the webhook's outcome")
+        wait_for(lambda: "webhook" in (recalibrations(engine)[0].outcome or {}), "the outcome")
     drifts = [a for a in Repository(engine).alerts() if a.kind == "drift"]
     assert len(drifts) >= 1  # one per drifted layer: the cooldown lets the first one trigger
     ((body, header),) = held.received
@@ -177,20 +190,52 @@ def test_the_periodic_job_triggers_alerts_open_long_enough(
     """``persist_seconds`` > 0: the alert is taken by the periodic job, not at opening."""
     receiver = Receiver()
     try:
-        settings = Settings(
-            database_url=str(engine.url),
-            api_token=TOKEN,
-            webhook_url=receiver.url,
-            webhook_secret=SECRET,
-            triggers=TriggerPolicy(persist_seconds=60, cooldown_seconds=3600),
-        )
-        app = create_app(settings, engine=engine, period_seconds=0.05)
+        app = periodic_app(engine, receiver.url, persist_seconds=60, cooldown_seconds=3600)
         with TestClient(app):
             wait_for(lambda: receiver.received, "the periodic job's webhook")
-            wait_for(lambda: recalibrations(engine)[0].outcome is not None, "its outcome")
+            wait_for(lambda: "webhook" in (recalibrations(engine)[0].outcome or {}), "its outcome")
         (rec,) = recalibrations(engine)  # four open alerts, one cooldown: one trigger
         assert rec.status == "pending" and rec.alert_id in {1, 2, 3, 4}
         assert len(receiver.received) == 1
+    finally:
+        receiver.close()
+
+
+def test_the_periodic_job_sends_recalibrations_requested_by_hand(
+    engine: Engine, repo: Repository
+) -> None:
+    """The dashboard's "Request a recalibration" reaches the webhook as a ``requested`` event
+    with the method asked for -- outside the policy: the daily cap is reached already."""
+    first = repo.claim_recalibration(
+        "cnn", "1", method="WebhookAction", alert_id=1, cooldown_seconds=3600, daily_cap=1
+    ).recalibration_id
+    requested = repo.start_recalibration("cnn", "1", method="mix", alert_id=2)
+    bare = repo.start_recalibration("cnn", "1", method="precise")
+    receiver = Receiver()
+    try:
+        app = periodic_app(engine, receiver.url, cooldown_seconds=3600, daily_cap=1)
+        with TestClient(app):
+            wait_for(lambda: len(receiver.received) >= 2, "the requests' webhooks")
+            wait_for(
+                lambda: all(
+                    "webhook" in (repo.recalibration(i).outcome or {}) for i in (requested, bare)
+                ),
+                "their outcomes",
+            )
+        bodies = {}
+        for body, header in receiver.received:
+            assert verify_signature(body, header, SECRET)
+            event = json.loads(body)
+            bodies[event["recalibration_id"]] = event
+        assert sorted(bodies) == [requested, bare]  # each once; the claimed one never
+        assert bodies[requested]["requested"] is True and bodies[requested]["method"] == "mix"
+        assert (bodies[requested]["alert"]["id"], bodies[requested]["alert"]["kind"]) == (
+            2,
+            "drift",
+        )
+        assert bodies[bare]["alert"] is None and bodies[bare]["method"] == "precise"
+        assert repo.recalibration(requested).status == "pending"  # the receiver reports back
+        assert first is not None and "webhook" not in (repo.recalibration(first).outcome or {})
     finally:
         receiver.close()
 

@@ -153,3 +153,44 @@ def test_racing_triggers_of_one_model_version_act_once(repo: Repository, db_url:
     assert len(calls) == 1
     (rec,) = repo.recalibrations()
     assert (rec.status, rec.alert_id) == ("applied", calls[0].alert_id)
+
+
+# -- recalibrations requested by hand (the dashboard) --------------------------------------------
+def test_requested_recalibrations_are_taken_once_and_claims_never(repo: Repository) -> None:
+    claimed = claim(repo, ALERTS[1]).recalibration_id
+    requested = repo.start_recalibration("cnn", "1", method="mix", alert_id=ALERTS[0])
+    finished = repo.start_recalibration("cnn", "1", method="precise")
+    repo.finish_recalibration(finished, status="failed", outcome={"error": "x"})
+    assert claimed is not None
+
+    assert repo.take_requested(model="other") == []
+    ((info, alert),) = repo.take_requested(model="cnn", version="1")
+    assert (info.id, info.method, info.status, info.alert_id) == (requested, "mix", "pending", 1)
+    assert alert is not None and (alert.id, alert.kind) == (ALERTS[0], "drift")
+    assert info.outcome is not None and set(info.outcome) == {"taken_at"}
+    assert repo.recalibration(requested).outcome == info.outcome  # marked in the store
+    assert repo.take_requested() == []  # taken: nobody gets it again
+    # a request without an alert
+    bare = repo.start_recalibration("cnn", "1", method="precise")
+    ((info, alert),) = repo.take_requested()
+    assert (info.id, info.alert_id, alert) == (bare, None, None)
+
+
+def test_racing_takers_take_each_request_exactly_once(repo: Repository) -> None:
+    ids = {repo.start_recalibration("cnn", "1", method="precise") for _ in range(6)}
+    barrier = threading.Barrier(4)
+    taken: list[int] = []
+    lock = threading.Lock()
+
+    def take() -> None:
+        barrier.wait()
+        mine = [info.id for info, _ in repo.take_requested()]
+        with lock:
+            taken.extend(mine)
+
+    threads = [threading.Thread(target=take) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(taken) == sorted(ids)  # every request once, none twice
