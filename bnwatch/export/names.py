@@ -42,9 +42,14 @@ __all__ = [
     "MONITOR_OVERHEAD_RATIO",
     "MONITOR_WINDOWS_DROPPED_TOTAL",
     "NONFINITE_VALUES_TOTAL",
+    "RECALIBRATIONS",
+    "RECALIBRATION_LABELS",
+    "RECALIBRATION_OLDEST_PENDING",
+    "RECALIBRATION_STATUSES",
     "SAMPLES_TOTAL",
     "SOURCE_LABELS",
     "SOURCE_LAST_WINDOW_END",
+    "STORE_ONLY",
     "STORE_UP",
     "WINDOWS_TOTAL",
     "MetricSpec",
@@ -282,6 +287,28 @@ ALERTS_ACTIVE = MetricSpec(
     "machine (alerts; 0 = none open).",
 )
 
+RECALIBRATION_LABELS: tuple[str, ...] = ("model", "version", "status")
+"""Labels of :data:`RECALIBRATIONS`."""
+
+RECALIBRATION_STATUSES: tuple[str, ...] = ("pending", "applied", "rejected", "failed")
+"""Every recalibration status (the ``status`` label of :data:`RECALIBRATIONS`)."""
+
+RECALIBRATIONS = MetricSpec(
+    "bnwatch_recalibrations",
+    "gauge",
+    RECALIBRATION_LABELS,
+    "Recalibrations of the model version in the store with this status (pending, applied, "
+    "rejected, failed), a dimensionless count; 0 for a status with none.",
+)
+
+RECALIBRATION_OLDEST_PENDING = MetricSpec(
+    "bnwatch_recalibration_oldest_pending_timestamp_seconds",
+    "gauge",
+    ("model", "version"),
+    "When the model version's oldest pending recalibration was recorded, in seconds since the "
+    "Unix epoch (absent: none pending); old means a receiver never reported back.",
+)
+
 STORE_UP = MetricSpec(
     "bnwatch_store_up",
     "gauge",
@@ -290,5 +317,21 @@ STORE_UP = MetricSpec(
     "(then no other bnwatch series are exported).",
 )
 
-ALL_METRICS: tuple[MetricSpec, ...] = (*LAYER_METRICS, *MONITOR_METRICS, ALERTS_ACTIVE, STORE_UP)
+STORE_ONLY: tuple[MetricSpec, ...] = (
+    ALERTS_ACTIVE,
+    RECALIBRATIONS,
+    RECALIBRATION_OLDEST_PENDING,
+    STORE_UP,
+)
+"""The families only the store collector exports (alerts and recalibrations live in the store;
+an in-process monitor exports the rest)."""
+
+ALL_METRICS: tuple[MetricSpec, ...] = (
+    *LAYER_METRICS,
+    *MONITOR_METRICS,
+    ALERTS_ACTIVE,
+    RECALIBRATIONS,
+    RECALIBRATION_OLDEST_PENDING,
+    STORE_UP,
+)
 """Every family bnwatch exports (the store collector exports all of them)."""

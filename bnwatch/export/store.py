@@ -122,6 +122,21 @@ class OpenAlert(Protocol):
     def kind(self) -> str: ...
 
 
+class RecalibrationCount(Protocol):
+    """Recalibrations of a model version with one status (``RecalibrationCount``)."""
+
+    @property
+    def model(self) -> str: ...
+    @property
+    def version(self) -> str: ...
+    @property
+    def status(self) -> str: ...
+    @property
+    def count(self) -> int: ...
+    @property
+    def oldest(self) -> datetime: ...
+
+
 class StoreReader(Protocol):
     """The read API :class:`StoreCollector` uses (``bnwatch.store.repository.Repository``)."""
 
@@ -129,6 +144,7 @@ class StoreReader(Protocol):
     def totals(self) -> Sequence[Totals]: ...
     def sources(self) -> Sequence[SourceAccount]: ...
     def alerts(self, *, state: str | None = None) -> Sequence[OpenAlert]: ...
+    def recalibration_counts(self) -> Sequence[RecalibrationCount]: ...
 
 
 # --------------------------------------------------------------------------------------------
@@ -182,6 +198,7 @@ class _Snapshot:
     totals: Sequence[Totals]
     sources: Sequence[SourceAccount]
     alerts: Sequence[OpenAlert]
+    recalibrations: Sequence[RecalibrationCount]
 
 
 class StoreCollector(Collector):
@@ -218,6 +235,7 @@ class StoreCollector(Collector):
         yield from self._layer_totals(snapshot.totals)
         yield from self._monitors(snapshot.sources)
         yield self._alerts(snapshot)
+        yield from self._recalibrations(snapshot)
         yield self._store_up(True)
 
     # -- reading ---------------------------------------------------------------------------
@@ -229,6 +247,7 @@ class StoreCollector(Collector):
             totals=repo.totals(),
             sources=repo.sources(),
             alerts=repo.alerts(state="open"),
+            recalibrations=repo.recalibration_counts(),
         )
 
     def _transition(self, up: bool, err: BaseException | None) -> None:
@@ -308,6 +327,27 @@ class StoreCollector(Collector):
             for kind in kinds:
                 active.add_metric([model, version, kind], counts.get((model, version, kind), 0))
         return active
+
+    @staticmethod
+    def _recalibrations(snapshot: _Snapshot) -> Iterator[Metric]:
+        """Recalibrations per model version and status (0 for every status without one, for
+        every version the store knows), and when the oldest pending one was recorded."""
+        counts = {(r.model, r.version, r.status): r for r in snapshot.recalibrations}
+        versions: set[tuple[str, str]] = {(m, v) for m, v, _ in counts}
+        for rows in (snapshot.latest, snapshot.totals, snapshot.sources):
+            versions.update((r.model, r.version) for r in rows)
+        statuses = list(names.RECALIBRATION_STATUSES)
+        statuses += sorted({s for _, _, s in counts} - set(statuses))  # a newer store's
+        total = gauge_family(names.RECALIBRATIONS)
+        oldest = gauge_family(names.RECALIBRATION_OLDEST_PENDING)
+        for model, version in sorted(versions):
+            for status in statuses:
+                row = counts.get((model, version, status))
+                total.add_metric([model, version, status], row.count if row else 0)
+            pending = counts.get((model, version, "pending"))
+            if pending is not None:
+                oldest.add_metric([model, version], pending.oldest.timestamp())
+        yield from (total, oldest)
 
     @staticmethod
     def _store_up(up: bool) -> Metric:

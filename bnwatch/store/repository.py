@@ -270,6 +270,18 @@ class SourceInfo:
 
 
 @dataclass(frozen=True)
+class RecalibrationCount:
+    """How many recalibrations of a model version have a status, and when the oldest of them
+    was recorded."""
+
+    model: str
+    version: str
+    status: str
+    count: int
+    oldest: datetime
+
+
+@dataclass(frozen=True)
 class AlertInfo:
     id: int
     model: str
@@ -1760,6 +1772,27 @@ class Repository:
         if row is None:
             raise RecalibrationNotFoundError(recalibration_id)
         return _recalibration_of(row)
+
+    def recalibration_counts(self) -> list[RecalibrationCount]:
+        """Recalibrations per model version and status, with the oldest ``created_at`` (one
+        aggregate query: what Prometheus scrapes)."""
+        query = (
+            sa.select(
+                Model.name,
+                Model.version,
+                Recalibration.status,
+                sa.func.count(),
+                sa.func.min(Recalibration.created_at),
+            )
+            .join(Model, Model.id == Recalibration.model_id)
+            .group_by(Model.name, Model.version, Recalibration.status)
+        )
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        return [
+            RecalibrationCount(name, version, status, int(n), _utc(oldest))
+            for name, version, status, n, oldest in rows
+        ]
 
     def recalibrations(
         self, *, model: str | None = None, version: str | None = None

@@ -59,6 +59,8 @@ def emitted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, set[str]]:
     try:
         repo = Repository(engine)
         repo.write_windows(windows)
+        # a pending recalibration, so that its oldest-pending gauge emits too
+        repo.start_recalibration(windows[0].model, windows[0].version, method="precise")
         store = CollectorRegistry()
         store.register(StoreCollector(repo))
         found = sample_labels(store)

@@ -70,7 +70,7 @@ def test_exports_what_the_store_collector_exports(
     tmp_path: Path, exporter: MonitorExporter, records: list[WindowRecord]
 ) -> None:
     """Same windows, same samples: the in-process exporter and the store's collector agree on
-    every name, label set and value (counters' _created and store_up/alerts aside)."""
+    every name, label set and value (counters' _created and the store-only families aside)."""
     for r in records:
         exporter.write(r)
     engine = engine_for(f"sqlite:///{tmp_path / 'store.db'}")
@@ -80,7 +80,7 @@ def test_exports_what_the_store_collector_exports(
     from_store.register(StoreCollector(repo))
     store = samples(check_metrics(from_store))
     monitor = samples(check_metrics(exporter.registry))
-    skip = (names.STORE_UP.name, names.ALERTS_ACTIVE.name)
+    skip = {spec.name for spec in names.STORE_ONLY}
     store = {k: v for k, v in store.items() if k[0] not in skip}
     monitor = {k: v for k, v in monitor.items() if not k[0].endswith("_created")}
     assert monitor.keys() == store.keys()
@@ -215,7 +215,7 @@ def test_multiprocess_mode_must_be_chosen_before_prometheus_client_is_imported(
 
 def test_every_gauge_has_a_multiprocess_mode() -> None:
     gauges = {s.name for s in names.ALL_METRICS if s.type == "gauge"}
-    store_only = {names.ALERTS_ACTIVE.name, names.STORE_UP.name}
+    store_only = {spec.name for spec in names.STORE_ONLY}
     assert set(MULTIPROCESS_MODES) == gauges - store_only
 
 

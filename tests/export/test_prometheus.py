@@ -58,7 +58,7 @@ def test_every_alert_kind_has_a_rule_and_every_rule_a_test() -> None:
         names.ALERT_KINDS
     )
     defined = alert_names(rules)
-    assert len(defined) == 10
+    assert len(defined) == 11
     assert alert_names(tests) == defined
     # each alert is tested both firing (exp_alerts with labels) and quiet (exp_alerts: [])
     blocks = re.split(r"\n\s*- eval_time:", tests)[1:]
@@ -192,12 +192,12 @@ def check_prometheus(prometheus: Prometheus, registry: CollectorRegistry, target
     def rules_evaluated() -> list[Any] | None:
         groups: list[Any] = prometheus.api("rules")["groups"]
         rules = [r for g in groups for r in g["rules"]]
-        if len(rules) < 10 or any(r["lastEvaluation"].startswith("0001") for r in rules):
+        if len(rules) < 11 or any(r["lastEvaluation"].startswith("0001") for r in rules):
             return None
         return rules
 
     rules = prometheus.wait_for("the alert rules to be evaluated", rules_evaluated)
-    assert len(rules) == 10
+    assert len(rules) == 11
     assert all(r["health"] == "ok" for r in rules), [(r["name"], r.get("lastError")) for r in rules]
 
     def firing() -> set[str] | None:

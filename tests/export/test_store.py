@@ -206,6 +206,38 @@ def test_alerts_active_counts_open_alerts_and_zero_fills_every_kind(
     check_metrics(registry)
 
 
+def test_recalibrations_are_counted_per_status_and_the_oldest_pending_dated(
+    repo: Repository, records: list[WindowRecord]
+) -> None:
+    repo.write_windows([records[0], at_minute(records[0], 0, version="2")])
+    first = repo.start_recalibration("cnn", "1", method="precise")
+    second = repo.start_recalibration("cnn", "1", method="mix")
+    done = repo.start_recalibration("cnn", "1", method="precise")
+    repo.finish_recalibration(done, status="failed", outcome={"error": "x"})
+    registry = registry_of(repo)
+
+    def count(version: str, status: str) -> float | None:
+        labels = {"model": "cnn", "version": version, "status": status}
+        return registry.get_sample_value("bnwatch_recalibrations", labels)
+
+    assert [count("1", s) for s in names.RECALIBRATION_STATUSES] == [2, 0, 0, 1]
+    assert [count("2", s) for s in names.RECALIBRATION_STATUSES] == [0, 0, 0, 0]  # zero-filled
+    oldest = registry.get_sample_value(
+        names.RECALIBRATION_OLDEST_PENDING.name, {"model": "cnn", "version": "1"}
+    )
+    assert oldest == repo.recalibration(first).created_at.timestamp()
+    assert (
+        registry.get_sample_value(
+            names.RECALIBRATION_OLDEST_PENDING.name, {"model": "cnn", "version": "2"}
+        )
+        is None
+    )  # absent, not 0: nothing pending
+    for rid in (first, second):
+        repo.finish_recalibration(rid, status="rejected", outcome={})
+    assert count("1", "pending") == 0 and count("1", "rejected") == 2
+    check_metrics(registry)
+
+
 def test_an_empty_store_exports_only_that_it_is_up(repo: Repository) -> None:
     registry = registry_of(repo)
     text = check_metrics(registry)
@@ -268,7 +300,7 @@ def test_a_scrape_is_one_query_per_read_and_decodes_no_channel_arrays(
         assert registry.get_sample_value("bnwatch_store_up") == 1.0
     finally:
         sa.event.remove(repo.engine, "before_cursor_execute", count)
-    assert len(statements) == 4, statements
+    assert len(statements) == 5, statements
 
 
 def test_describe_names_every_family_so_duplicates_are_refused(repo: Repository) -> None:
