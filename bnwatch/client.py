@@ -102,6 +102,7 @@ __all__ = [
     "fetch_recalibration",
     "outcome_endpoint",
     "profiles_endpoint",
+    "recalibration_endpoint",
     "send_profile",
     "send_recalibration_outcome",
 ]
@@ -1233,8 +1234,8 @@ def send_profile(
     return dict(result.references)
 
 
-def outcome_endpoint(url: object, recalibration_id: int) -> str:
-    """The report URL (``.../api/v1/recalibrations/{id}/outcome``) of a bnwatch service URL.
+def recalibration_endpoint(url: object, recalibration_id: int) -> str:
+    """The URL of one recalibration (``.../api/v1/recalibrations/{id}``) of a service URL.
 
     Raises:
         ConfigError: ``url`` is not an ``http(s)://`` URL of a service (naming ``store``), or
@@ -1242,7 +1243,13 @@ def outcome_endpoint(url: object, recalibration_id: int) -> str:
     """
     check_positive_int("recalibration_id", recalibration_id)
     base = _endpoint(url)[: -len(ENDPOINT)]
-    return f"{base}{RECALIBRATIONS_ENDPOINT}/{recalibration_id}/outcome"
+    return f"{base}{RECALIBRATIONS_ENDPOINT}/{recalibration_id}"
+
+
+def outcome_endpoint(url: object, recalibration_id: int) -> str:
+    """The report URL (``.../api/v1/recalibrations/{id}/outcome``) of a bnwatch service URL
+    (raises like :func:`recalibration_endpoint`)."""
+    return recalibration_endpoint(url, recalibration_id) + "/outcome"
 
 
 def fetch_recalibration(
@@ -1259,7 +1266,7 @@ def fetch_recalibration(
         ConfigError: ``url``, ``recalibration_id`` or ``timeout`` is invalid.
         ServiceError: the service was unreachable, or answered 404 (no such recalibration).
     """
-    endpoint = outcome_endpoint(url, recalibration_id)[: -len("/outcome")]
+    endpoint = recalibration_endpoint(url, recalibration_id)
     seconds = _seconds("timeout", timeout)
     what = f"recalibration {recalibration_id}"
     response = _post_json(

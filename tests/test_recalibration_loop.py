@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 import pytest
 import sqlalchemy as sa
-import torch
 
 import bnwatch
 from bnwatch.alerts import AlertConfig, Rule
@@ -28,7 +27,7 @@ from bnwatch.store.repository import Repository
 from bnwatch.triggers import Trigger, TriggerPolicy, WebhookAction, verify_signature
 from tests.service.helpers import TOKEN, serve
 from tests.service.webhook import wait_for
-from tests.store.helpers import batches, small_cnn
+from tests.store.helpers import batches, feed, small_cnn
 
 SECRET = "loop-s3cret"
 
@@ -129,15 +128,8 @@ def test_a_drift_alert_is_recalibrated_by_a_webhook_receiver_and_reported_back(
         config=bnwatch.DriftConfig(warmup_samples=64, min_samples=8),
     )
     try:
-        with torch.no_grad():
-            for i, x in enumerate(batches(32, seed=1)):  # clean traffic: the warm-up baseline
-                model(x)
-                if i % 8 == 7:
-                    mon.flush()
-            for i, x in enumerate(batches(32, seed=2, shift=2.5)):  # drifted traffic
-                model(x)
-                if i % 8 == 7:
-                    mon.flush()
+        feed(model, mon, batches(32, seed=1), every=8)  # clean traffic: the warm-up baseline
+        feed(model, mon, batches(32, seed=2, shift=2.5), every=8)  # drifted traffic
     finally:
         mon.close()  # the writer has stored every window and run the triggers
 

@@ -29,8 +29,8 @@ from bnwatch.triggers import (
     verify_signature,
 )
 from tests.service.webhook import Receiver, wait_for
-from tests.store.alerts import add_alerts
-from tests.store.helpers import batches, record_windows, small_cnn
+from tests.store.helpers import batches, feed, record_windows, small_cnn
+from tests.store.rows import add_alerts
 
 
 def test_signatures_verify_and_reject_tampering_and_replays() -> None:
@@ -148,15 +148,8 @@ def test_drift_recalibrates_in_process_and_records_everything(db_url: str) -> No
         config=bnwatch.DriftConfig(warmup_samples=64, min_samples=8),
     )
     before = model[4].running_mean.clone()  # type: ignore[index]
-    with torch.no_grad():
-        for i, x in enumerate(batches(32, seed=1)):  # clean traffic: the warm-up baseline
-            model(x)
-            if i % 8 == 7:
-                mon.flush()
-        for i, x in enumerate(batches(96, seed=2, shift=2.5)):  # drifted traffic
-            model(x)
-            if i % 16 == 15:
-                mon.flush()
+    feed(model, mon, batches(32, seed=1), every=8)  # clean traffic: the warm-up baseline
+    feed(model, mon, batches(96, seed=2, shift=2.5), every=16)  # drifted traffic
     assert isinstance(mon.sink, object)
     mon.close()
     engine = engine_for(db_url)

@@ -437,7 +437,7 @@ class _Target:
             return
         directory = out if out is not None else Path(tempfile.mkdtemp(prefix="bnwatch-demo-"))
         final = directory / DATABASE_FILE
-        tmp = directory / f".{DATABASE_FILE}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+        tmp = _temporary(directory / DATABASE_FILE)
         target = cls(
             f"sqlite:///{tmp.resolve()}",
             f"sqlite:///{final.resolve()}" if out is not None else None,
@@ -1257,6 +1257,12 @@ def _state_bytes(model: nn.Module) -> bytes:
     return buffer.getvalue()
 
 
+def _temporary(path: Path) -> Path:
+    """A unique temporary name next to ``path``: ``.<name>.<pid>.<8 hex>.tmp`` (the pid lets
+    :func:`remove_orphans` tell a killed run's files from a live one's)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
 _TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp(-wal|-shm|-journal)?")
 ORPHAN_AGE_SECONDS = 600.0
 """A temporary file is an orphan only once it is this old: a demo takes about a minute."""
@@ -1315,7 +1321,7 @@ def _replacing(path: Path) -> Iterator[Path]:
     """
     # a unique name (not mkstemp, whose 0600 mode would outlive the rename); created by the
     # caller's write with the usual umask-derived permissions
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = _temporary(path)
     try:
         yield tmp
         tmp.replace(path)

@@ -931,9 +931,13 @@ class Repository:
 
     @staticmethod
     def _recalibration_info(conn: Connection, recalibration_id: int) -> RecalibrationInfo:
+        """The recalibration ``recalibration_id`` (:class:`RecalibrationNotFoundError` if
+        none)."""
         row = conn.execute(
             _recalibration_select().where(Recalibration.id == recalibration_id)
-        ).one()
+        ).first()
+        if row is None:
+            raise RecalibrationNotFoundError(recalibration_id)
         return _recalibration_of(row)
 
     def recent_recalibrations(
@@ -1073,17 +1077,8 @@ class Repository:
             if won != 1:
                 continue  # another taker was first
             info = replace(_recalibration_of(row), outcome=dict(stamp))
-            alert = None
-            if info.alert_id is not None:
-                alert = next(
-                    (
-                        a
-                        for a in self.alerts(model=info.model, version=info.version)
-                        if a.id == info.alert_id
-                    ),
-                    None,
-                )
-            taken.append((info, alert))
+            found = self.alerts(alert_id=info.alert_id) if info.alert_id is not None else []
+            taken.append((info, found[0] if found else None))
         return taken
 
     # -- reads -----------------------------------------------------------------------------
@@ -1704,9 +1699,15 @@ class Repository:
             return int(conn.execute(query).scalar_one())
 
     def alerts(
-        self, *, model: str | None = None, version: str | None = None, state: str | None = None
+        self,
+        *,
+        model: str | None = None,
+        version: str | None = None,
+        state: str | None = None,
+        alert_id: int | None = None,
     ) -> list[AlertInfo]:
-        """Alerts, newest first, optionally of one model version and state."""
+        """Alerts, newest first, optionally of one model version and state (or the one alert
+        ``alert_id``)."""
         with Session(self.engine) as conn:
             query = (
                 sa.select(Alert, Model, Layer.name)
@@ -1719,6 +1720,8 @@ class Repository:
                 query = query.where(Model.version == version)
             if state is not None:
                 query = query.where(Alert.state == state)
+            if alert_id is not None:
+                query = query.where(Alert.id == alert_id)
             rows = conn.execute(query.order_by(Alert.opened_at.desc(), Alert.id.desc())).all()
         return [
             AlertInfo(
@@ -1766,12 +1769,7 @@ class Repository:
             RecalibrationNotFoundError: no recalibration has this id.
         """
         with self.engine.connect() as conn:
-            row = conn.execute(
-                _recalibration_select().where(Recalibration.id == recalibration_id)
-            ).first()
-        if row is None:
-            raise RecalibrationNotFoundError(recalibration_id)
-        return _recalibration_of(row)
+            return self._recalibration_info(conn, recalibration_id)
 
     def recalibration_counts(self) -> list[RecalibrationCount]:
         """Recalibrations per model version and status, with the oldest ``created_at`` (one

@@ -17,6 +17,7 @@ from bnwatch.codec import decode_arrays
 from bnwatch.store.repository import Repository
 from bnwatch.wire import MAX_OUTCOME_BYTES, outcome_body
 from tests.service.helpers import AUTH, ENDPOINT, TOKEN, Monitor, b64, edited, row_counts
+from tests.store.rows import random_buffers
 
 LAYERS = {"bn1": 4, "layer1.bn2": 3, "head.bn": 5}  # tests.service.helpers.LAYERS
 
@@ -36,11 +37,7 @@ def error_of(response: Any) -> dict[str, Any]:
 def new_buffers(
     channels: dict[str, int] = LAYERS, seed: int = 0
 ) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
-    rng = np.random.default_rng(seed)
-    return {
-        name: (rng.normal(size=c), rng.gamma(2.0, 0.5, size=c), 1e-5)
-        for name, c in channels.items()
-    }
+    return random_buffers(channels, seed)
 
 
 @pytest.fixture

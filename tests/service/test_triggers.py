@@ -23,7 +23,7 @@ from bnwatch.store.repository import RecalibrationInfo, Repository
 from bnwatch.triggers import Trigger, TriggerPolicy, WebhookAction, verify_signature
 from tests.service.helpers import AUTH, ENDPOINT, TOKEN, Monitor
 from tests.service.webhook import Receiver, wait_for
-from tests.store.alerts import add_alerts
+from tests.store.rows import add_alerts
 
 SECRET = "webhook-s3cret-for-tests"
 

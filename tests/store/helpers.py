@@ -35,6 +35,16 @@ def batches(n: int, seed: int = 0, batch: int = 4, shift: float = 0.0) -> list[t
     ]
 
 
+def feed(model: nn.Module, mon: bnwatch.Monitor, xs: list[torch.Tensor], *, every: int) -> None:
+    """Run ``xs`` through ``model`` without gradients, closing ``mon``'s window after every
+    ``every`` batches."""
+    with torch.no_grad():
+        for i, x in enumerate(xs):
+            model(x)
+            if i % every == every - 1:
+                mon.flush()
+
+
 def record_windows(
     windows: int,
     *,

@@ -14,7 +14,7 @@ from bnwatch.store.migrate import engine_for
 from bnwatch.store.repository import RecalibrationClaim, Repository
 from bnwatch.triggers import CallbackAction, Outcome, Trigger, TriggerEvent, TriggerPolicy
 from tests.service.helpers import Monitor
-from tests.store.alerts import add_alerts
+from tests.store.rows import add_alerts
 
 ALERTS = (1, 2, 3, 4, 5)
 

@@ -22,8 +22,8 @@ from bnwatch.errors import (
 )
 from bnwatch.store.migrate import engine_for
 from bnwatch.store.repository import Repository
-from tests.store.alerts import add_alerts
 from tests.store.helpers import record_windows
+from tests.store.rows import add_alerts, random_buffers
 
 CHANNELS = {"1": 6, "4": 4, "7": 5}  # the stored layers of tests.store.helpers.small_cnn
 ALERT_ID = 7
@@ -43,11 +43,7 @@ def repo(db_url: str) -> Iterator[Repository]:
 def buffers(
     channels: dict[str, int] = CHANNELS, seed: int = 0
 ) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
-    rng = np.random.default_rng(seed)
-    return {
-        name: (rng.normal(size=c), rng.gamma(2.0, 0.5, size=c), 1e-5)
-        for name, c in channels.items()
-    }
+    return random_buffers(channels, seed)
 
 
 def recalibrated_refs(repo: Repository) -> list[dict[str, Any]]:

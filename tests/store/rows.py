@@ -1,4 +1,4 @@
-"""Alert rows for tests that need open (or resolved) alerts to refer to (no torch)."""
+"""Rows for tests (no torch): alerts to refer to, and recalibrated buffers to report."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
+import numpy as np
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
@@ -38,3 +39,14 @@ def add_alerts(
                     values=dict(values or {}),
                 )
             )
+
+
+def random_buffers(
+    channels: Mapping[str, int], seed: int = 0
+) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
+    """New ``(running_mean, running_var, eps)`` per layer of ``channels`` (layer -> count)."""
+    rng = np.random.default_rng(seed)
+    return {
+        name: (rng.normal(size=c), rng.gamma(2.0, 0.5, size=c), 1e-5)
+        for name, c in channels.items()
+    }
