@@ -57,19 +57,25 @@ class Source:
 
     def _skewed(self, shape: tuple[int, ...]) -> np.ndarray:
         k = 4.0
-        return (self.rng.gamma(k, size=shape) - k) / math.sqrt(k)
+        return (self.rng.standard_gamma(k, size=shape, dtype=np.float32) - k) / math.sqrt(k)
+
+    def _normal(self, shape: tuple[int, ...]) -> np.ndarray:
+        return self.rng.standard_normal(shape, dtype=np.float32)
 
     def batch(self, n: int, shift: torch.Tensor | None = None) -> torch.Tensor:
+        """``n`` independent samples, generated in float32 (as activations are)."""
         a = math.sqrt(0.5) * self._skewed((n, 1, 1)) + math.sqrt(0.5) * self._skewed((n, L, C))
-        coarse = self.rng.standard_normal((n, L, C, H // 2, W // 2))
-        field = coarse.repeat(2, axis=3).repeat(2, axis=4)
-        e = math.sqrt(0.7) * field + math.sqrt(0.3) * self.rng.standard_normal((n, L, C, H, W))
+        coarse = self._normal((n, L, C, H // 2, W // 2))
+        field = np.broadcast_to(
+            coarse[:, :, :, :, None, :, None], (n, L, C, H // 2, 2, W // 2, 2)
+        ).reshape(n, L, C, H, W)
+        e = math.sqrt(0.7) * field + math.sqrt(0.3) * self._normal((n, L, C, H, W))
         z = math.sqrt(self.rho) * a[..., None, None] + math.sqrt(1 - self.rho) * e
         if shift is not None:
             z = z + shift.numpy()[None, :, :, None, None]
         sd = self.var.sqrt().numpy()[None, :, :, None, None]
         x = self.mean.numpy()[None, :, :, None, None] + sd * z
-        return torch.from_numpy(x.astype(np.float32))
+        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
 
 
 def test_source_matches_its_running_statistics() -> None:
@@ -101,8 +107,9 @@ def flagged_windows(batch_size: int, windows: int, reference: str) -> tuple[floa
             mon.flush()
             assert mon.baseline_ready
         for _ in range(windows):
-            for _ in range(per_window // batch_size):
-                model(src.batch(batch_size))
+            # a window's samples drawn at once, then run in batches of ``batch_size``
+            for batch in src.batch(per_window).split(batch_size):
+                model(batch)
             reports = mon.flush()
             assert all(math.isfinite(r.p_value) for r in reports.values())
             judged += 1
