@@ -24,11 +24,13 @@ What is measured
       the two rows is the effect of not compressing incompressible float blobs.
     * ``driver`` -- the ceiling: the very bytes bnwatch stores for each window (53 rows of
       encoded moments and reservoir blobs, encoded before the timing) inserted by the database
-      driver alone -- DB-API ``executemany`` into a bare table (id, uid, layer, the two blobs;
-      on PostgreSQL at ``STORAGE EXTERNAL`` as migration 0006 sets) at the largest batch size,
-      one transaction per batch.  No bnwatch code runs in its timing, so it is what the server
-      and its disk take for these bytes; every other row is also given as a share of it
-      (``÷driver``), which separates "bnwatch is slow" from "this disk is slow".
+      driver alone into a bare table (id, uid, layer, the two blobs; on PostgreSQL at
+      ``STORAGE EXTERNAL`` as migration 0006 sets) at the largest batch size, one transaction
+      per batch: on PostgreSQL by binary ``COPY`` (psycopg's ``copy.write_row``, as bnwatch
+      stores all rows of a window but its first), on SQLite by DB-API ``executemany``.  No
+      bnwatch code runs in its timing, so it is what the server and its disk take for these
+      bytes; every other row is also given as a share of it (``÷driver``), which separates
+      "bnwatch is slow" from "this disk is slow".
       ``--no-driver`` skips it.
     * ``writer`` -- the real background writer :class:`~bnwatch.store.writer.StoreSink`
       (default batch size): ``write()`` every window, then ``flush()``; the time runs from
@@ -482,20 +484,26 @@ def driver_rows(records: Sequence[WindowRecord]) -> list[list[DriverRow]]:
 
 
 def time_driver(engine: Engine, windows: Sequence[list[DriverRow]], batch: int) -> list[float]:
-    """Seconds of each DB-API ``executemany`` + commit of ``batch`` windows' rows."""
+    """Seconds of each insert (binary COPY on PostgreSQL, ``executemany`` on SQLite) + commit
+    of ``batch`` windows' rows."""
+    columns = "uid, layer, moments, reservoir"
     marker = "?" if engine.dialect.paramstyle == "qmark" else "%s"
-    sql = (
-        f"INSERT INTO {DRIVER_TABLE} (uid, layer, moments, reservoir) "
-        f"VALUES ({', '.join([marker] * 4)})"
-    )
-    dbapi = engine.raw_connection()  # untimed: the connection exists before the first batch
+    sql = f"INSERT INTO {DRIVER_TABLE} ({columns}) VALUES ({', '.join([marker] * 4)})"
+    copy_sql = f"COPY {DRIVER_TABLE} ({columns}) FROM STDIN (FORMAT BINARY)"
+    dbapi: Any = engine.raw_connection()  # untimed: the connection exists before the first batch
     try:
         out = []
         for i in range(0, len(windows), batch):
             rows = [row for window in windows[i : i + batch] for row in window]
             start = time.perf_counter()
             cursor = dbapi.cursor()
-            cursor.executemany(sql, rows)
+            if engine.dialect.name == "postgresql":
+                with cursor.copy(copy_sql) as copy:
+                    copy.set_types(["text", "int4", "bytea", "bytea"])
+                    for row in rows:
+                        copy.write_row(row)
+            else:
+                cursor.executemany(sql, rows)
             cursor.close()
             dbapi.commit()
             out.append(time.perf_counter() - start)

@@ -14,8 +14,16 @@ import torch
 
 import bnwatch
 from bnwatch.errors import ConfigError
+from bnwatch.store import repository
 from bnwatch.store.migrate import engine_for
-from bnwatch.store.repository import ChannelMismatchError, Repository, moments_equal
+from bnwatch.store.models import Window
+from bnwatch.store.repository import (
+    ChannelMismatchError,
+    Repository,
+    _insert_claimed,
+    moments_equal,
+    window_row,
+)
 from tests.store.helpers import batches, record_windows, renamed, small_cnn
 
 
@@ -62,6 +70,57 @@ def test_redelivered_windows_are_stored_once(repo: Repository) -> None:
     assert repo.write_windows(records) == 0
     assert repo.write_windows([renamed(records[0])]) == 3
     assert repo.window_count() == 9
+
+
+def test_rows_that_exist_after_all_are_skipped_not_copied_twice(repo: Repository) -> None:
+    """A claimed window's other rows go in by binary COPY on PostgreSQL, which has no ON
+    CONFLICT: should one exist after all, the savepoint is rolled back and the rows go in one
+    by one, skipping it -- the new rows are stored, nothing twice, nothing fails."""
+    old, new = record_windows(2)
+    assert repo.write_windows([old]) == 3
+    (model,) = repo.models()
+    layer_ids = {layer.name: layer.id for layer in repo.layers("cnn", "1")}
+    rows = [
+        window_row(record, report, model.id, layer_ids[name], None, None)
+        for record in (old, new)
+        for name, report in record.reports.items()
+    ]
+    table: sa.Table = Window.__table__  # type: ignore[assignment]
+    with repo.engine.begin() as conn:
+        assert _insert_claimed(conn, table, rows) == 3
+    assert repo.window_count() == 6
+    with repo.engine.begin() as conn:  # rows that all exist: none, and no error
+        assert _insert_claimed(conn, table, rows[3:]) == 0
+        assert _insert_claimed(conn, table, []) == 0
+    stored = repo.windows("cnn", "1", with_stats=True)
+    assert sorted(w.end for w in stored) == sorted([old.end] * 3 + [new.end] * 3)
+    for w in stored:
+        rec = old if w.end == old.end else new
+        assert w.stats is not None
+        assert moments_equal(w.stats.moments, rec.reports[w.layer].stats.moments)
+
+
+def test_a_driver_error_in_copy_is_a_sqlalchemy_error_and_nothing_is_stored(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the store writer retries is a SQLAlchemy error: an error the driver raises in
+    PostgreSQL's COPY (here: a lock not had) arrives as one, and the window's transaction is
+    rolled back."""
+    import psycopg
+
+    engine = engine_for(postgres_url)
+    repo = Repository(engine)
+
+    def fail(cursor: object, table: str) -> dict[str, int]:
+        raise psycopg.errors.LockNotAvailable("lock timeout")
+
+    monkeypatch.setattr(repository, "_column_oids", fail)
+    with pytest.raises(sa.exc.OperationalError, match="lock timeout"):
+        repo.write_windows(record_windows(1))
+    assert repo.window_count() == 0
+    monkeypatch.undo()
+    assert repo.write_windows(record_windows(1)) == 3
+    engine.dispose()
 
 
 def test_references_are_stored_once_and_versioned(repo: Repository) -> None:
