@@ -79,6 +79,21 @@ Methodology
       configures it (WAL, ``synchronous=NORMAL``).
     * Client CPU.  The notes give, untimed, what ``write_windows`` computes per window before
       any SQL: the 53 rows (moments encoded by the codec) and the digests of the references.
+
+Tried and not kept (PostgreSQL, this file's functions in ad-hoc scripts, 96-128 windows per
+path and round, 6-8 rounds round-robin; the shared VM's disk moved the driver between 38 and
+99 windows/s over one evening, so only same-run ratios count)
+    * Encoding the next batch on a helper thread while the server stores this one: 1.02x,
+      1.07x and 1.10x the writer's windows/s with ``COPY``, 0.98x and 1.04x with ``INSERT``,
+      0.82-0.91x on SQLite -- not worth a second thread in the writer.
+    * Writing from 2 or 3 connections at once (by ``INSERT``): 1.02x and 1.05x (the
+      repository; the per-layer totals are upserted by every transaction), 1.00x and 0.90x
+      (the driver): the disk, not one connection, is the limit.
+    * Dropping the ``windows`` foreign keys but the layer's (model, both references): 1.12x,
+      for references that could then be deleted under their windows.
+    * Byte-shuffling the float64 blobs and deflating them (zlib level 1): 0.673x raw bytes
+      against the codec's 0.770x, for 34 ms of client CPU per window -- more than the
+      insert itself.
 """
 
 from __future__ import annotations
