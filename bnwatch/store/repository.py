@@ -11,6 +11,7 @@ exactly (the sufficient statistics merge exactly; metrics are recomputed).
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -59,6 +60,8 @@ from bnwatch.store.models import (
     Window,
 )
 from bnwatch.wire import json_ready
+
+logger = logging.getLogger("bnwatch")
 
 _Query = TypeVar("_Query", bound="sa.Select[Unpack[tuple[Any, ...]]]")
 
@@ -154,16 +157,19 @@ def _insert_claimed(conn: Connection, table: sa.Table, rows: list[dict[str, Any]
     """Insert the other rows of the windows this transaction claimed (by their first row).
 
     No other writer inserts them, so on PostgreSQL they go in by ``COPY ... FROM STDIN (FORMAT
-    BINARY)``: 1.1x the windows/s of ``INSERT`` in ``benchmarks/store.py``.  COPY knows no
-    ``ON CONFLICT``, so it runs in a savepoint, and should a row exist after all, the rows go
-    in as :func:`_insert_ignore` does.  Elsewhere: :func:`_insert_ignore`.
+    BINARY)``: 1.1-1.2x the windows/s of ``INSERT`` in ``benchmarks/store.py``.  COPY runs in
+    a savepoint: should the server refuse it (a row that exists after all -- COPY knows no
+    ``ON CONFLICT`` -- or COPY itself, e.g. under row-level security), the savepoint is rolled
+    back and the rows go in as :func:`_insert_ignore` puts them, which raises what
+    SQLAlchemy raises if the rows cannot go in either.  A connection lost mid-COPY fails the
+    rollback to the savepoint, which raises SQLAlchemy's error.  Elsewhere:
+    :func:`_insert_ignore`.
     """
     if not rows or conn.dialect.name != "postgresql":
         return _insert_ignore(conn, table, rows)
     columns = list(rows[0])
     names = ", ".join(f'"{c}"' for c in columns)
     sql = f'COPY "{table.name}" ({names}) FROM STDIN (FORMAT BINARY)'
-    dbapi = conn.dialect.loaded_dbapi
     try:
         with conn.begin_nested():
             cursor: Any = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
@@ -173,11 +179,26 @@ def _insert_claimed(conn: Connection, table: sa.Table, rows: list[dict[str, Any]
                     copy.set_types([oids[c] for c in columns])
                     for row in rows:
                         copy.write_row([row[c] for c in columns])
-    except dbapi.IntegrityError:  # the savepoint is rolled back
+    except conn.dialect.loaded_dbapi.Error as err:
+        if not isinstance(err, conn.dialect.loaded_dbapi.IntegrityError):
+            _copy_refused(err)
         return _insert_ignore(conn, table, rows)
-    except dbapi.Error as err:  # raised by the driver itself: as SQLAlchemy would raise it
-        raise sa.exc.DBAPIError.instance(sql, None, err, dbapi.Error, dialect=conn.dialect) from err
     return len(rows)
+
+
+_COPY_REFUSED: list[str] = []
+
+
+def _copy_refused(err: Exception) -> None:
+    """Log, once per process and reason, that COPY was refused and rows go in one by one."""
+    reason = type(err).__name__
+    if reason not in _COPY_REFUSED:
+        _COPY_REFUSED.append(reason)
+        logger.warning(
+            "bnwatch: PostgreSQL refused COPY into windows (%s: %s); inserting row by row",
+            reason,
+            str(err).splitlines()[0] if str(err) else "",
+        )
 
 
 def _column_oids(cursor: Any, table: str) -> dict[str, int]:

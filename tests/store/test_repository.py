@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -100,26 +101,26 @@ def test_rows_that_exist_after_all_are_skipped_not_copied_twice(repo: Repository
         assert moments_equal(w.stats.moments, rec.reports[w.layer].stats.moments)
 
 
-def test_a_driver_error_in_copy_is_a_sqlalchemy_error_and_nothing_is_stored(
-    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+def test_a_refused_copy_falls_back_to_insert_and_says_so_once(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """What the store writer retries is a SQLAlchemy error: an error the driver raises in
-    PostgreSQL's COPY (here: a lock not had) arrives as one, and the window's transaction is
-    rolled back."""
+    """Should PostgreSQL refuse COPY (here: as it does under row-level security), the savepoint
+    is rolled back and the rows go in by INSERT: every window stored once, a warning once."""
     import psycopg
+
+    def refuse(cursor: object, table: str) -> dict[str, int]:
+        raise psycopg.errors.FeatureNotSupported("COPY FROM not supported with row-level security")
 
     engine = engine_for(postgres_url)
     repo = Repository(engine)
-
-    def fail(cursor: object, table: str) -> dict[str, int]:
-        raise psycopg.errors.LockNotAvailable("lock timeout")
-
-    monkeypatch.setattr(repository, "_column_oids", fail)
-    with pytest.raises(sa.exc.OperationalError, match="lock timeout"):
-        repo.write_windows(record_windows(1))
-    assert repo.window_count() == 0
-    monkeypatch.undo()
-    assert repo.write_windows(record_windows(1)) == 3
+    monkeypatch.setattr(repository, "_column_oids", refuse)
+    monkeypatch.setattr(repository, "_COPY_REFUSED", [])
+    with caplog.at_level(logging.WARNING, logger="bnwatch"):
+        assert repo.write_windows(record_windows(2)) == 6
+        assert repo.write_windows(record_windows(2)) == 6
+    assert repo.window_count() == 12
+    warnings = [r.getMessage() for r in caplog.records if "refused COPY" in r.getMessage()]
+    assert len(warnings) == 1 and "row-level security" in warnings[0]
     engine.dispose()
 
 
