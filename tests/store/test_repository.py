@@ -7,6 +7,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from datetime import timedelta
+from typing import Any
 
 import numpy as np
 import pytest
@@ -121,6 +122,28 @@ def test_a_refused_copy_falls_back_to_insert_and_says_so_once(
     assert repo.window_count() == 12
     warnings = [r.getMessage() for r in caplog.records if "refused COPY" in r.getMessage()]
     assert len(warnings) == 1 and "row-level security" in warnings[0]
+    engine.dispose()
+
+
+def test_a_connection_lost_mid_copy_raises_sqlalchemys_error_and_writes_nothing(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the store writer retries is a SQLAlchemy error: the server ending the connection in
+    the middle of the COPY (the savepoint's rollback then fails) arrives as one, nothing of the
+    batch is stored, and the next write goes through on a new connection."""
+
+    def die(cursor: Any, table: str) -> dict[str, int]:
+        cursor.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+        raise AssertionError("the backend survived")
+
+    engine = engine_for(postgres_url)
+    repo = Repository(engine)
+    monkeypatch.setattr(repository, "_column_oids", die)
+    with pytest.raises(sa.exc.OperationalError):
+        repo.write_windows(record_windows(1))
+    monkeypatch.undo()
+    assert repo.window_count() == 0
+    assert repo.write_windows(record_windows(1)) == 3
     engine.dispose()
 
 
