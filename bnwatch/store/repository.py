@@ -186,14 +186,15 @@ def _insert_claimed(conn: Connection, table: sa.Table, rows: list[dict[str, Any]
     return len(rows)
 
 
-_COPY_REFUSED: list[str] = []
+_COPY_REFUSED: set[str] = set()
+"""Why COPY was refused so far (exception class names): each is logged once."""
 
 
 def _copy_refused(err: Exception) -> None:
     """Log, once per process and reason, that COPY was refused and rows go in one by one."""
     reason = type(err).__name__
     if reason not in _COPY_REFUSED:
-        _COPY_REFUSED.append(reason)
+        _COPY_REFUSED.add(reason)
         logger.warning(
             "bnwatch: PostgreSQL refused COPY into windows (%s: %s); inserting row by row",
             reason,

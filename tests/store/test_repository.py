@@ -115,7 +115,7 @@ def test_a_refused_copy_falls_back_to_insert_and_says_so_once(
     engine = engine_for(postgres_url)
     repo = Repository(engine)
     monkeypatch.setattr(repository, "_column_oids", refuse)
-    monkeypatch.setattr(repository, "_COPY_REFUSED", [])
+    monkeypatch.setattr(repository, "_COPY_REFUSED", set())
     with caplog.at_level(logging.WARNING, logger="bnwatch"):
         assert repo.write_windows(record_windows(2)) == 6
         assert repo.write_windows(record_windows(2)) == 6
