@@ -11,23 +11,20 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
-import sqlalchemy as sa
 
 import bnwatch
 from bnwatch.alerts import AlertConfig, Rule
-from bnwatch.codec import decode_arrays
 from bnwatch.store.migrate import engine_for
 from bnwatch.store.repository import Repository
 from bnwatch.triggers import Trigger, TriggerPolicy, WebhookAction, verify_signature
 from tests.service.helpers import TOKEN, serve
-from tests.service.webhook import wait_for
-from tests.store.helpers import batches, feed, small_cnn
+from tests.service.webhook import start_server, stop_server, wait_for
+from tests.store.helpers import batches, feed, recalibrated_references, small_cnn
 
 SECRET = "loop-s3cret"
 
@@ -66,11 +63,7 @@ class RecalibratingReceiver:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Hook)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+        self.server, self.url = start_server(Hook)
 
     def recalibrate_and_report(self, event: dict[str, Any]) -> None:
         rid = event["recalibration_id"]
@@ -93,8 +86,7 @@ class RecalibratingReceiver:
             )
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        stop_server(self.server)
         for worker in self.workers:
             worker.join(60)
 
@@ -155,24 +147,9 @@ def test_a_drift_alert_is_recalibrated_by_a_webhook_receiver_and_reported_back(
         assert rec.outcome["samples"] == result.samples
 
         # the new statistics are stored as `recalibrated` references, with their lineage
-        references = rec.outcome["references"]
-        assert sorted(references) == sorted(u.name for u in result.updates)
-        with engine.connect() as conn:
-            rows = {
-                int(r.id): r
-                for r in conn.execute(
-                    sa.text(
-                        "SELECT id, kind, mean_var, lineage FROM refs WHERE kind = 'recalibrated'"
-                    )
-                ).all()
-            }
-        assert set(rows) == set(references.values())
-        for update in result.updates:
-            row = rows[references[update.name]]
-            arrays = decode_arrays(row.mean_var)
-            assert np.array_equal(arrays[0], update.new_mean.double().numpy())
-            assert np.array_equal(arrays[1], update.new_var.double().numpy())
-            lineage = row.lineage if isinstance(row.lineage, dict) else json.loads(row.lineage)
+        lineages, stored = recalibrated_references(engine, rec.outcome["references"], result)
+        assert stored == set(rec.outcome["references"].values())
+        for lineage in lineages.values():
             assert lineage == {
                 "recalibration_id": rid,
                 "alert_id": alert.id,

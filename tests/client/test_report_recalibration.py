@@ -3,13 +3,11 @@ real ``bnwatch serve`` -- results and explicit statuses, refusals that say what 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import sqlalchemy as sa
 from torch import nn
 
 import bnwatch
@@ -19,7 +17,6 @@ from bnwatch.client import (
     outcome_endpoint,
     send_recalibration_outcome,
 )
-from bnwatch.codec import decode_arrays
 from bnwatch.errors import (
     ConfigError,
     RecalibrationBuffersError,
@@ -30,7 +27,7 @@ from bnwatch.recalibration import RecalibrationResult
 from bnwatch.store.migrate import engine_for
 from bnwatch.store.repository import RecalibrationInfo, Repository
 from tests.service.helpers import TOKEN, free_port, serve
-from tests.store.helpers import batches, record_windows, small_cnn
+from tests.store.helpers import batches, recalibrated_references, record_windows, small_cnn
 
 
 @pytest.fixture
@@ -66,21 +63,8 @@ def assert_references_hold(
 ) -> None:
     """The stored outcome's references are the result's new statistics, with lineage."""
     assert info.outcome is not None
-    references = info.outcome["references"]
-    assert sorted(references) == sorted(u.name for u in result.updates)
-    with repo.engine.connect() as conn:
-        rows = {
-            int(r.id): r
-            for r in conn.execute(
-                sa.text("SELECT id, kind, mean_var, lineage FROM refs WHERE kind = 'recalibrated'")
-            ).all()
-        }
-    for update in result.updates:
-        row = rows[references[update.name]]
-        arrays = decode_arrays(row.mean_var)
-        assert np.array_equal(arrays[0], update.new_mean.double().numpy())
-        assert np.array_equal(arrays[1], update.new_var.double().numpy())
-        lineage = row.lineage if isinstance(row.lineage, dict) else json.loads(row.lineage)
+    lineages, _ = recalibrated_references(repo.engine, info.outcome["references"], result)
+    for lineage in lineages.values():
         assert lineage["recalibration_id"] == info.id
         assert lineage["samples"] == result.samples
 

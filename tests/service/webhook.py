@@ -42,17 +42,26 @@ class Receiver:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+        self.server, self.url = start_server(Handler)
 
     def close(self) -> None:
         if self.gate is not None:
             self.gate.set()  # never leave a handler (or a sender) hanging
-        self.server.shutdown()
-        self.server.server_close()
+        stop_server(self.server)
+
+
+def start_server(handler: type[BaseHTTPRequestHandler]) -> tuple[ThreadingHTTPServer, str]:
+    """Serve ``handler`` on 127.0.0.1 at a free port from a daemon thread; returns the server
+    and its webhook URL (``.../hook``).  :func:`stop_server` stops it."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}/hook"
+
+
+def stop_server(server: ThreadingHTTPServer) -> None:
+    server.shutdown()
+    server.server_close()
 
 
 def wait_for(condition: Callable[[], object], what: str, timeout: float = 60.0) -> None:

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import uuid
+from collections.abc import Mapping
+from typing import Any
 
+import numpy as np
+import sqlalchemy as sa
 import torch
+from sqlalchemy.engine import Engine
 from torch import nn
 
 import bnwatch
+from bnwatch.codec import decode_arrays
+from bnwatch.recalibration import RecalibrationResult
 from bnwatch.schema import WindowRecord
 from bnwatch.sink import MemorySink
 
@@ -84,3 +92,28 @@ def renamed(record: WindowRecord, **changes: object) -> WindowRecord:
     values: dict[str, object] = {"uid": uuid.uuid4().hex}
     values.update(changes)
     return dataclasses.replace(record, **values)  # type: ignore[arg-type]
+
+
+def recalibrated_references(
+    engine: Engine, references: Mapping[str, int], result: RecalibrationResult
+) -> tuple[dict[str, dict[str, Any]], set[int]]:
+    """Assert that the ``recalibrated`` references a stored outcome names (``references``:
+    layer -> reference id) hold the result's new statistics, bit for bit.  Returns their
+    lineages by layer, and the ids of every ``recalibrated`` reference stored."""
+    assert sorted(references) == sorted(u.name for u in result.updates)
+    with engine.connect() as conn:
+        rows = {
+            int(r.id): r
+            for r in conn.execute(
+                sa.text("SELECT id, mean_var, lineage FROM refs WHERE kind = 'recalibrated'")
+            ).all()
+        }
+    lineages = {}
+    for update in result.updates:
+        row = rows[references[update.name]]
+        arrays = decode_arrays(row.mean_var)
+        assert np.array_equal(arrays[0], update.new_mean.double().numpy())
+        assert np.array_equal(arrays[1], update.new_var.double().numpy())
+        lineage = row.lineage if isinstance(row.lineage, dict) else json.loads(row.lineage)
+        lineages[update.name] = lineage
+    return lineages, set(rows)
