@@ -174,7 +174,7 @@ def _insert_claimed(conn: Connection, table: sa.Table, rows: list[dict[str, Any]
         with conn.begin_nested():
             cursor: Any = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
             with cursor:
-                oids = _column_oids(cursor, table.name)
+                oids = _column_oids(conn, cursor, table.name, columns)
                 with cursor.copy(sql) as copy:
                     copy.set_types([oids[c] for c in columns])
                     for row in rows:
@@ -202,14 +202,21 @@ def _copy_refused(err: Exception) -> None:
         )
 
 
-def _column_oids(cursor: Any, table: str) -> dict[str, int]:
-    """The type OID of every column of ``table``: what a binary COPY must be told."""
-    cursor.execute(
-        "SELECT attname, atttypid::int FROM pg_attribute"
-        " WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped",
-        (table,),
-    )
-    return {str(name): int(oid) for name, oid in cursor.fetchall()}
+def _column_oids(
+    conn: Connection, cursor: Any, table: str, columns: Sequence[str]
+) -> dict[str, int]:
+    """The type OID of every column of ``table``: what a binary COPY must be told.  Read once
+    per database connection (kept in its ``info``, which a reconnect starts afresh), and again
+    should ``columns`` name one it did not have."""
+    cache: dict[str, dict[str, int]] = conn.connection.info.setdefault("bnwatch_oids", {})
+    if not set(columns) <= cache.get(table, {}).keys():
+        cursor.execute(
+            "SELECT attname, atttypid::int FROM pg_attribute"
+            " WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped",
+            (table,),
+        )
+        cache[table] = {str(name): int(oid) for name, oid in cursor.fetchall()}
+    return cache[table]
 
 
 def _insert_ignore_returning(

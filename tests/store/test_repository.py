@@ -109,7 +109,7 @@ def test_a_refused_copy_falls_back_to_insert_and_says_so_once(
     is rolled back and the rows go in by INSERT: every window stored once, a warning once."""
     import psycopg
 
-    def refuse(cursor: object, table: str) -> dict[str, int]:
+    def refuse(conn: object, cursor: object, table: str, columns: object) -> dict[str, int]:
         raise psycopg.errors.FeatureNotSupported("COPY FROM not supported with row-level security")
 
     engine = engine_for(postgres_url)
@@ -132,7 +132,7 @@ def test_a_connection_lost_mid_copy_raises_sqlalchemys_error_and_writes_nothing(
     the middle of the COPY (the savepoint's rollback then fails) arrives as one, nothing of the
     batch is stored, and the next write goes through on a new connection."""
 
-    def die(cursor: Any, table: str) -> dict[str, int]:
+    def die(conn: object, cursor: Any, table: str, columns: object) -> dict[str, int]:
         cursor.execute("SELECT pg_terminate_backend(pg_backend_pid())")
         raise AssertionError("the backend survived")
 
