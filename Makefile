@@ -87,6 +87,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/detection.py
 	$(BIN)/python benchmarks/ingest.py
 	$(BIN)/python benchmarks/dashboard.py
+	$(BIN)/python benchmarks/reports.py
 
 constraints: $(STAMP)
 	@echo "# Pinned versions for 'make' (pip install -c constraints.txt). Regenerate: make constraints" > constraints.txt.new

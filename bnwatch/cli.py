@@ -703,6 +703,10 @@ def timestamp(text: str) -> Any:
     return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=timezone.utc)
 
 
+REPORT_PLOTS = 64
+"""``bnwatch report --plots`` default: :data:`bnwatch.reports.PLOTS` (not imported here: pandas)."""
+
+
 def _add_report(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser(
         "report",
@@ -742,9 +746,32 @@ def _add_report(subparsers: Subparsers) -> None:
         help="chance of flagging any channel when none drifted (default: 0.05)",
     )
     parser.add_argument(
+        "--plots",
+        type=_plots,
+        default=REPORT_PLOTS,
+        metavar="N",
+        help="Evidently plots the N channels with the smallest p-values; every channel is "
+        f"tested and in the table (default: {REPORT_PLOTS}; 'all'; 0: the table only)",
+    )
+    parser.add_argument(
         "--out", required=True, type=Path, metavar="PATH", help="report.html or report.json"
     )
     parser.set_defaults(handler=_run_report)
+
+
+def _plots(text: str) -> int | None:
+    """``--plots``: a count >= 0, or ``all``."""
+    if text.strip().lower() == "all":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of channels >= 0 or 'all', got {text!r}"
+        )
+    return value
 
 
 def _run_report(args: argparse.Namespace) -> int:
@@ -763,6 +790,7 @@ def _run_report(args: argparse.Namespace) -> int:
             start=args.start,
             end=args.end,
             alpha=args.alpha,
+            plots=args.plots,
         )
     finally:
         engine.dispose()
@@ -775,6 +803,11 @@ def _run_report(args: argparse.Namespace) -> int:
         f"rows from {report.current_windows} windows against {report.reference_rows} "
         f"{report.reference_kind} rows"
     )
+    if len(report.plotted_channels) < report.channels:
+        print(
+            f"Evidently plots the {len(report.plotted_channels)} channels with the smallest "
+            f"p-values (--plots); every channel is in the report's table"
+        )
     print(f"wrote {path}")
     return 0
 

@@ -21,6 +21,15 @@ deviation of the per-sample means.  The report's table and its HTML and JSON say
 Per-sample means are the unit of independence (DESIGN §2): spatial positions within a sample
 are correlated, samples are not, so a test on them has the false-alarm rate it claims.
 
+Why not every channel is plotted.  Evidently's ``ValueDrift`` draws each column's two
+distributions; for a layer of ResNet-50 that is up to 2,048 plots -- 90 s and a 76 MB HTML
+page, which the dashboard sends twice (inline and as a download).  So every channel is
+*tested* with Evidently's ``ks`` stattest, the very function ``ValueDrift`` calls, and
+Evidently's report -- its plots and its JSON -- covers the ``plots`` channels with the
+smallest p-values (default :data:`PLOTS`: all channels of most layers, and every drifted one
+unless more than that drifted).  The per-channel table always holds every channel; the HTML
+lists those not plotted.
+
 This module never imports torch; Evidently is imported when a report is built.
 """
 
@@ -43,11 +52,12 @@ import numpy as np
 import pandas as pd
 from numpy.typing import NDArray
 
-from bnwatch.errors import BnwatchError, ConfigError, check_probability
+from bnwatch.errors import BnwatchError, ConfigError, check_positive_int, check_probability
 from bnwatch.store.repository import Repository, StoredReservoir
 from bnwatch.wire import json_ready
 
 __all__ = [
+    "PLOTS",
     "REPORT_FORMATS",
     "DriftReport",
     "ReportError",
@@ -59,6 +69,8 @@ __all__ = [
 
 STATTEST = "ks"
 """Evidently's stattest for every channel: two-sample Kolmogorov-Smirnov, a p-value."""
+PLOTS = 64
+"""Channels Evidently's report plots by default: those with the smallest p-values."""
 REPORT_FORMATS = (".html", ".json")
 """File suffixes :meth:`DriftReport.save` writes."""
 TABLE_COLUMNS = (
@@ -136,6 +148,9 @@ class DriftReport:
             :meth:`~bnwatch.store.repository.Repository.reference_reservoir`).
         current_windows: production windows pooled.
         description: how the channels were tested and why the threshold is alpha / C.
+        plotted_channels: the channels Evidently's report (``snapshot``, the HTML's plots,
+            the JSON's ``evidently``) covers, ascending: at most ``plots`` of them, those with
+            the smallest p-values.  Every channel is tested and in ``table``.
     """
 
     model: str
@@ -152,6 +167,7 @@ class DriftReport:
     reference_kind: str = "profile"
     current_windows: int = 0
     description: str = ""
+    plotted_channels: list[int] = field(default_factory=list)
     snapshot: Any = field(default=None, repr=False)
     """Evidently's ``Snapshot`` of the run (``snapshot.dict()``, ``get_html_str``...)."""
 
@@ -175,6 +191,7 @@ class DriftReport:
             "alpha": self.alpha,
             "threshold": self.threshold,
             "drifted_channels": list(self.drifted_channels),
+            "plotted_channels": list(self.plotted_channels),
             "description": self.description,
         }
 
@@ -205,6 +222,7 @@ class DriftReport:
             f"<p><strong>Drifted channels ({len(self.drifted_channels)} of {self.channels}):"
             f"</strong> {_esc(drifted)}</p>"
             f"<p>{_esc(self.description)}</p>"
+            f"{self._unplotted_html()}"
             "</section>"
         )
         body = "" if self.snapshot is None else self.snapshot.get_html_str(as_iframe=False)
@@ -213,6 +231,27 @@ class DriftReport:
         if close < 0:
             return f"<!DOCTYPE html><html><body>{header}{body}</body></html>"
         return body[: close + 1] + header + body[close + 1 :]
+
+    def _unplotted_html(self) -> str:
+        """Which channels Evidently plots, and a table of the others (empty if it plots all)."""
+        if len(self.plotted_channels) == self.channels:
+            return ""
+        plotted = set(self.plotted_channels)
+        rest = self.table[~self.table["channel"].isin(plotted)].sort_values(
+            ["p_value", "channel"], na_position="last"
+        )
+        rows = "".join(
+            f"<tr><td>{int(r.channel)}</td><td>{_fmt(r.p_value, '.3g')}</td>"
+            f"<td>{'yes' if r.drifted else 'no'}</td><td>{_fmt(r.shift_sd, '+.2f')}</td></tr>"
+            for r in rest.itertuples(index=False)
+        )
+        return (
+            f"<p>Evidently's plots below: the {len(self.plotted_channels)} channels with the "
+            f"smallest p-values, of {self.channels}.  The other {len(rest)}:</p>"
+            '<details id="bnwatch-unplotted"><summary>channels not plotted, by p-value</summary>'
+            "<table><thead><tr><th>channel</th><th>p-value</th><th>drifted</th>"
+            f"<th>shift (reference sd)</th></tr></thead><tbody>{rows}</tbody></table></details>"
+        )
 
     def save(self, path: str | Path) -> Path:
         """Write the report to ``path`` -- HTML or JSON by its suffix -- atomically (a
@@ -236,6 +275,7 @@ def drift_report(
     start: datetime | None = None,
     end: datetime | None = None,
     alpha: float = 0.05,
+    plots: int | None = PLOTS,
 ) -> DriftReport:
     """Evidently's data-drift report of ``layer``: the reference reservoir against the
     production reservoir of the windows whose end lies in ``[start, end)``.
@@ -244,15 +284,20 @@ def drift_report(
     that formed the drift baseline (then the production sample leaves them out).  Each
     channel is tested with Evidently's two-sample Kolmogorov-Smirnov test at ``alpha / C``
     (Bonferroni; see the module docstring): at most ``alpha`` chance of any false alarm.
+    Evidently's report plots the ``plots`` channels with the smallest p-values (``None``:
+    every channel; 0: none, the table only).
 
     Raises:
         ReportError: the model version or the layer is not in the store (the message lists
             what is).
         NoReservoirError: no reference or no production reservoir (the message says how to
             record one).
-        ConfigError: ``alpha`` is not in (0, 1), or ``end`` is not after ``start``.
+        ConfigError: ``alpha`` is not in (0, 1), ``plots`` is negative, or ``end`` is not
+            after ``start``.
     """
     alpha = check_probability("alpha", alpha)
+    if plots is not None:
+        check_positive_int("plots", plots, minimum=0)
     if start is not None and end is not None and not end > start:
         raise ConfigError("end", end, f"a time after start ({start})")
     try:
@@ -262,7 +307,7 @@ def drift_report(
         )
     except KeyError as err:
         raise ReportError(_known(repo, model, version, err)) from None
-    return _report(reference, current, start=start, end=end, alpha=alpha)
+    return _report(reference, current, start=start, end=end, alpha=alpha, plots=plots)
 
 
 def _known(repo: Repository, model: str, version: str, err: KeyError) -> str:
@@ -281,16 +326,18 @@ def _report(
     start: datetime | None,
     end: datetime | None,
     alpha: float,
+    plots: int | None,
 ) -> DriftReport:
     ref_rows = reference.reservoir.rows
     cur_rows = current.reservoir.rows
     channels = ref_rows.shape[1]
     threshold = per_channel_threshold(alpha, channels)
     description = _describe(alpha, channels, threshold)
-    table, snapshot = _evidently_drift(
+    table, plotted, snapshot = _evidently_drift(
         ref_rows,
         cur_rows,
         threshold,
+        plots=channels if plots is None else plots,
         metadata={
             "bnwatch_model": current.model,
             "bnwatch_version": current.version,
@@ -315,6 +362,7 @@ def _report(
         reference_kind=reference.kind,
         current_windows=current.windows,
         description=description,
+        plotted_channels=plotted,
         snapshot=snapshot,
     )
 
@@ -324,12 +372,17 @@ def _evidently_drift(
     current: NDArray[Any],
     threshold: float,
     *,
+    plots: int,
     metadata: Mapping[str, str],
-) -> tuple[pd.DataFrame, Any]:
-    """Run Evidently's ``ValueDrift`` (method ``ks``, ``threshold``) on every channel that
-    has a finite value on both sides; returns the per-channel table and the snapshot."""
+) -> tuple[pd.DataFrame, list[int], Any]:
+    """Test every channel that has a finite value on both sides with Evidently's ``ks``
+    stattest at ``threshold`` -- the function ``ValueDrift`` calls, on the values it passes
+    (finite ones) -- and run Evidently's report, ``ValueDrift`` per channel, on the ``plots``
+    channels with the smallest p-values; returns the per-channel table, the channels plotted
+    and the snapshot (``None`` when nothing is plotted)."""
     from evidently import DataDefinition, Dataset, Report
     from evidently.legacy.calculations.stattests import ks_stat_test
+    from evidently.legacy.core import ColumnType
     from evidently.metrics import ValueDrift
 
     channels = reference.shape[1]
@@ -338,32 +391,39 @@ def _evidently_drift(
         ref = np.where(np.isfinite(reference), reference, np.nan).astype(np.float64)
         cur = np.where(np.isfinite(current), current, np.nan).astype(np.float64)
     testable = np.asarray(np.isfinite(ref).any(axis=0) & np.isfinite(cur).any(axis=0))
-    tested = [c for c, ok in zip(columns, testable.tolist(), strict=True) if ok]
-    ref_frame = pd.DataFrame(ref, columns=columns)
-    cur_frame = pd.DataFrame(cur, columns=columns)
-    p_values: dict[str, float] = {}
+    p = np.full(channels, math.nan)
+    for c in np.flatnonzero(testable).tolist():
+        r, k = ref[:, c], cur[:, c]
+        result = ks_stat_test(
+            pd.Series(r[np.isfinite(r)]),
+            pd.Series(k[np.isfinite(k)]),
+            ColumnType.Numerical,
+            threshold,
+        )
+        p[c] = float(result.drift_score)
+    ranked = sorted(np.flatnonzero(testable).tolist(), key=lambda c: (p[c], c))
+    plotted = sorted(ranked[:plots])
     snapshot = None
-    if tested:
-        definition = DataDefinition(numerical_columns=tested)
+    if plotted:
+        shown = [columns[c] for c in plotted]
+        definition = DataDefinition(numerical_columns=shown)
         report = Report(
-            [ValueDrift(column=c, method=STATTEST, threshold=threshold) for c in tested],
+            [ValueDrift(column=c, method=STATTEST, threshold=threshold) for c in shown],
             metadata=dict(metadata),
         )
         snapshot = report.run(
-            Dataset.from_pandas(cur_frame[tested], data_definition=definition),
-            Dataset.from_pandas(ref_frame[tested], data_definition=definition),
+            Dataset.from_pandas(
+                pd.DataFrame(cur[:, plotted], columns=shown), data_definition=definition
+            ),
+            Dataset.from_pandas(
+                pd.DataFrame(ref[:, plotted], columns=shown), data_definition=definition
+            ),
         )
-        wanted = set(tested)
-        for metric in snapshot.dict()["metrics"]:
-            column = metric.get("config", {}).get("column")
-            if column in wanted and isinstance(metric.get("value"), (int, float)):
-                p_values[column] = float(metric["value"])
     with np.errstate(invalid="ignore", divide="ignore"), _quiet_nan_warnings():
         ref_mean = np.nanmean(ref, axis=0) if ref.shape[0] else np.full(channels, np.nan)
         cur_mean = np.nanmean(cur, axis=0) if cur.shape[0] else np.full(channels, np.nan)
         ref_sd = np.nanstd(ref, axis=0) if ref.shape[0] else np.full(channels, np.nan)
         shift = (cur_mean - ref_mean) / ref_sd
-    p = np.array([p_values.get(c, math.nan) for c in columns])
     table = pd.DataFrame(
         {
             "channel": np.arange(channels),
@@ -378,7 +438,7 @@ def _evidently_drift(
         },
         columns=list(TABLE_COLUMNS),
     )
-    return table, snapshot
+    return table, plotted, snapshot
 
 
 @contextlib.contextmanager
@@ -395,6 +455,10 @@ def _iso(value: datetime | None) -> str | None:
         return None
     aware = value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
     return aware.isoformat()
+
+
+def _fmt(value: float, spec: str) -> str:
+    return "n/a" if not math.isfinite(value) else format(value, spec)
 
 
 def _esc(text: str) -> str:

@@ -1,5 +1,6 @@
 """Evidently drift reports: drift injected in 3 of 20 channels is reported in exactly those;
-no drift reports none (the Bonferroni threshold holds the false-alarm rate); HTML and JSON
+no drift reports none (the Bonferroni threshold holds the false-alarm rate); every channel's
+p-value is scipy's K-S test, while Evidently plots only the ``plots`` smallest; HTML and JSON
 files; ``bnwatch report`` end to end; errors that say what to do."""
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ from scipy import stats as scipy_stats
 from torch import nn
 
 import bnwatch
-from bnwatch.cli import main
+from bnwatch.cli import REPORT_PLOTS, main
 from bnwatch.drift import DriftConfig, Reference, assess_layer, decide
 from bnwatch.errors import ConfigError
 from bnwatch.reports import (
+    PLOTS,
     TABLE_COLUMNS,
+    DriftReport,
     ReportError,
     channel_columns,
     drift_report,
@@ -246,6 +249,55 @@ def test_html_and_json_are_written_atomically_and_parse(
     assert "Bonferroni" in text
 
 
+def _evidently_values(report: DriftReport) -> dict[str, float]:
+    """The p-value per column of Evidently's own report (its snapshot)."""
+    if report.snapshot is None:
+        return {}
+    return {
+        m["config"]["column"]: m["value"]
+        for m in report.snapshot.dict()["metrics"]
+        if "column" in m["config"]
+    }
+
+
+@pytest.mark.parametrize("plots", [5, 0, None])
+def test_every_channel_is_tested_and_evidently_plots_the_smallest_p_values(
+    drifted: Repository, tmp_path: Path, plots: int | None
+) -> None:
+    """A wide layer: Evidently's report covers the ``plots`` channels with the smallest
+    p-values; every channel's p-value is scipy's two-sample K-S test on the finite rows, and
+    equals Evidently's where it plots; drifted channels do not depend on ``plots``."""
+    report = drift_report(drifted, model="m", version="1", layer="bn", plots=plots)
+    ref = drifted.reference_reservoir("m", "1", "bn").reservoir.rows
+    cur = drifted.production_reservoir("m", "1", "bn").reservoir.rows
+    expected = [scipy_stats.ks_2samp(ref[:, c], cur[:, c]).pvalue for c in range(CHANNELS)]
+    table = report.table
+    np.testing.assert_allclose(table["p_value"], expected, rtol=1e-12)
+    assert report.drifted_channels == SHIFTED
+
+    shown = CHANNELS if plots is None else plots
+    smallest = sorted(np.argsort(expected, kind="stable")[:shown].tolist())
+    assert report.plotted_channels == smallest
+    assert set(SHIFTED) <= set(smallest) or shown < len(SHIFTED)
+    values = _evidently_values(report)
+    assert sorted(values) == [channel_columns(CHANNELS)[c] for c in smallest]
+    for c in smallest:
+        assert values[table.loc[c, "column"]] == table.loc[c, "p_value"]
+    assert (report.snapshot is None) == (shown == 0)
+
+    doc = json.loads(report.json())
+    assert doc["bnwatch"]["plotted_channels"] == smallest
+    assert len(doc["bnwatch"]["table"]) == CHANNELS
+    text = report.html()
+    parser = _Tags()
+    parser.feed(text)
+    assert "bnwatch-summary" in parser.ids
+    assert ("bnwatch-unplotted" in parser.ids) == (shown < CHANNELS)
+    if shown < CHANNELS:
+        assert f"the {shown} channels with the smallest p-values, of {CHANNELS}" in text
+        assert text.count("<tr><td>") == CHANNELS - shown  # one row per channel not plotted
+
+
 def test_bad_suffix_and_alpha_are_config_errors(drifted: Repository, tmp_path: Path) -> None:
     report = drift_report(drifted, model="m", version="1", layer="bn", alpha=0.01)
     assert report.threshold == pytest.approx(0.01 / 20)
@@ -254,6 +306,8 @@ def test_bad_suffix_and_alpha_are_config_errors(drifted: Repository, tmp_path: P
     assert not list(tmp_path.glob("report*"))
     with pytest.raises(ConfigError, match="alpha"):
         drift_report(drifted, model="m", version="1", layer="bn", alpha=1.5)
+    with pytest.raises(ConfigError, match="plots"):
+        drift_report(drifted, model="m", version="1", layer="bn", plots=-1)
     with pytest.raises(ConfigError, match="after start"):
         drift_report(drifted, model="m", version="1", layer="bn", start=T0, end=T0)
 
@@ -397,6 +451,26 @@ def test_cli_errors_exit_1_without_traceback(
     assert message in err
     assert "Traceback" not in err
     assert not list(tmp_path.glob("r.*"))
+
+
+def test_cli_plots_option(
+    drifted: Repository, sqlite_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--plots N`` plots N channels and says so; ``all`` every one; its default is the
+    library's; a bad value exits 2 and says what is expected."""
+    assert REPORT_PLOTS == PLOTS
+    what = ["--db", sqlite_url, "--model", "m", "--version", "1", "--layer", "bn"]
+    for plots, shown in (("3", 3), ("all", CHANNELS)):
+        out = tmp_path / f"r{plots}.json"
+        assert main(["report", *what, "--plots", plots, "--out", str(out)]) == 0
+        printed = capsys.readouterr().out
+        assert len(json.loads(out.read_text())["bnwatch"]["plotted_channels"]) == shown
+        assert ("smallest p-values (--plots)" in printed) == (shown < CHANNELS)
+    for bad in ("-1", "many"):
+        with pytest.raises(SystemExit) as info:
+            main(["report", *what, "--plots", bad, "--out", str(tmp_path / "x.html")])
+        assert info.value.code == 2
+        assert "expected a number of channels >= 0 or 'all'" in capsys.readouterr().err
 
 
 def test_cli_rejects_a_bad_time(capsys: pytest.CaptureFixture[str]) -> None:

@@ -9,6 +9,7 @@ import streamlit.components.v1 as components
 import data
 import ui
 from bnwatch.errors import BnwatchError
+from bnwatch.reports import PLOTS
 
 ctx = ui.current()
 st.title("Drift report")
@@ -16,7 +17,8 @@ st.caption(
     "Evidently's data drift report per channel: the reference reservoir of per-sample channel "
     "means (the profile's, or the warm-up windows') against the production reservoirs of the "
     f"{ctx.range_label}. Each channel is tested at alpha / channels (Bonferroni), so a report "
-    "on an unchanged layer flags no channel 95% of the time."
+    "on an unchanged layer flags no channel 95% of the time. Every channel is in the table; "
+    f"Evidently plots the {PLOTS} with the smallest p-values."
 )
 layers = data.layers(ctx.url, ctx.model, ctx.version)
 if layers.empty:
