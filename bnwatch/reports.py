@@ -116,8 +116,9 @@ def report_format(path: str | Path) -> str:
 def _describe(alpha: float, channels: int, threshold: float) -> str:
     uncorrected = 1.0 - (1.0 - 0.05) ** channels
     return (
-        f"Per channel, Evidently's two-sample Kolmogorov-Smirnov test (ValueDrift, method "
-        f"'{STATTEST}') of the per-sample channel means, production against the reference.  "
+        f"Per channel, Evidently's two-sample Kolmogorov-Smirnov test (stattest "
+        f"'{STATTEST}', what its ValueDrift runs) of the per-sample channel means, production "
+        "against the reference.  "
         f"A channel is drifted when its p-value is <= alpha / C = {alpha:g} / {channels} = "
         f"{threshold:.3g} (Bonferroni correction), so that the chance of flagging any of the "
         f"{channels} channels when none drifted is at most alpha = {alpha:g}.  Evidently's "

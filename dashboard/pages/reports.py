@@ -18,7 +18,7 @@ st.caption(
     "means (the profile's, or the warm-up windows') against the production reservoirs of the "
     f"{ctx.range_label}. Each channel is tested at alpha / channels (Bonferroni), so a report "
     "on an unchanged layer flags no channel 95% of the time. Every channel is in the table; "
-    f"Evidently plots the {PLOTS} with the smallest p-values."
+    f"Evidently plots at most {PLOTS} channels, those with the smallest p-values."
 )
 layers = data.layers(ctx.url, ctx.model, ctx.version)
 if layers.empty:
