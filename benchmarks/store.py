@@ -71,10 +71,11 @@ Methodology
       then pay what a long-running monitor pays per window.
     * Round-robin rounds.  Each round runs every path once with ``--records`` new windows
       (default 96: the writer's row spans three of its batches, the driver's and the
-      repository's 12 transactions at batch 8); the order rotates every round, so a disturbance of the shared machine (or a PostgreSQL
-      checkpoint) does not always hit the same path.  Throughput is the median over rounds;
-      stored bytes are summed over rounds.  Size and row counts are read between paths,
-      outside the timed region, and the rows stored are checked against windows × layers.
+      repository's 12 transactions at batch 8); the order rotates every round, so a
+      disturbance of the shared machine (or a PostgreSQL checkpoint) does not always hit the
+      same path.  Throughput is the median over rounds; stored bytes are summed over
+      rounds.  Size and row counts are read between paths, outside the timed region, and the
+      rows stored are checked against windows × layers.
     * Server settings are left as found (printed, e.g. ``synchronous_commit``, ``fsync``): the
       benchmark measures the store as deployed, not a tuned one.  SQLite runs as bnwatch
       configures it (WAL, ``synchronous=NORMAL``).
