@@ -703,6 +703,8 @@ def timestamp(text: str) -> Any:
     return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=timezone.utc)
 
 
+LISTED_CHANNELS = 20
+"""``bnwatch report`` names at most this many drifted channels (the report has them all)."""
 REPORT_PLOTS = 64
 """``bnwatch report --plots`` default: :data:`bnwatch.reports.PLOTS` (not imported here: pandas)."""
 
@@ -775,7 +777,7 @@ def _plots(text: str) -> int | None:
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    from bnwatch.reports import drift_report, report_format
+    from bnwatch.reports import channel_list, drift_report, report_format
     from bnwatch.store.migrate import engine_for
     from bnwatch.store.repository import Repository
 
@@ -795,7 +797,7 @@ def _run_report(args: argparse.Namespace) -> int:
     finally:
         engine.dispose()
     path = report.save(args.out)
-    drifted = ", ".join(str(c) for c in report.drifted_channels) or "none"
+    drifted = channel_list(report.drifted_channels, limit=LISTED_CHANNELS)
     print(
         f"{report.layer} of {report.model}@{report.version}: "
         f"{len(report.drifted_channels)} of {report.channels} channels drifted ({drifted}); "

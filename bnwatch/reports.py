@@ -42,7 +42,7 @@ import math
 import os
 import tempfile
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -62,6 +62,7 @@ __all__ = [
     "DriftReport",
     "ReportError",
     "channel_columns",
+    "channel_list",
     "drift_report",
     "per_channel_threshold",
     "report_format",
@@ -103,6 +104,16 @@ def channel_columns(channels: int) -> list[str]:
     that they sort in channel order)."""
     width = max(3, len(str(channels - 1)))
     return [f"ch{c:0{width}d}" for c in range(channels)]
+
+
+def channel_list(channels: Sequence[int], limit: int | None = None) -> str:
+    """``"4, 11, 17"``; past ``limit`` channels, the first ``limit`` and how many more (for a
+    terminal or a banner: a wide layer under drift can have a thousand); ``"none"`` if empty."""
+    if not channels:
+        return "none"
+    shown = ", ".join(str(c) for c in channels[:limit])
+    rest = len(channels) - (len(channels) if limit is None else min(limit, len(channels)))
+    return f"{shown} and {rest} more" if rest else shown
 
 
 def report_format(path: str | Path) -> str:
@@ -211,7 +222,7 @@ class DriftReport:
     def html(self) -> str:
         """Evidently's standalone HTML report, headed by bnwatch's summary and the test's
         description (the Bonferroni threshold)."""
-        drifted = ", ".join(str(c) for c in self.drifted_channels) or "none"
+        drifted = channel_list(self.drifted_channels)
         span = f"{_iso(self.start) or 'the first window'} to {_iso(self.end) or 'the last'}"
         header = (
             '<section id="bnwatch-summary" style="font-family: sans-serif; margin: 16px 24px;">'

@@ -28,6 +28,7 @@ from bnwatch.reports import (
     DriftReport,
     ReportError,
     channel_columns,
+    channel_list,
     drift_report,
     per_channel_threshold,
 )
@@ -471,6 +472,36 @@ def test_cli_plots_option(
             main(["report", *what, "--plots", bad, "--out", str(tmp_path / "x.html")])
         assert info.value.code == 2
         assert "expected a number of channels >= 0 or 'all'" in capsys.readouterr().err
+
+
+def test_channel_lists_are_cut_for_terminals_not_for_reports() -> None:
+    assert channel_list([]) == "none"
+    assert channel_list([4, 11, 17]) == "4, 11, 17"
+    assert channel_list([4, 11, 17], limit=3) == "4, 11, 17"
+    assert channel_list(list(range(1000)), limit=2) == "0, 1 and 998 more"
+    assert channel_list(list(range(30))) == ", ".join(str(c) for c in range(30))
+
+
+def test_cli_names_at_most_20_drifted_channels(
+    sqlite_url: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A wide layer where every channel drifted: the terminal line names 20 and counts the
+    rest; the JSON lists all."""
+    rng = np.random.default_rng(3)
+    wide = 48
+    repo = Repository(engine_for(sqlite_url))
+    try:
+        repo.write_profile(profile_of(rng.standard_normal((512, wide)), seed=3))
+        repo.write_windows(windows_of(rng.standard_normal((640, wide)) + 2.0, seed=3))
+    finally:
+        repo.engine.dispose()
+    out = tmp_path / "wide.json"
+    what = ["--db", sqlite_url, "--model", "m", "--version", "1", "--layer", "bn"]
+    assert main(["report", *what, "--plots", "0", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    listed = ", ".join(str(c) for c in range(20))
+    assert f"{wide} of {wide} channels drifted ({listed} and {wide - 20} more)" in printed
+    assert json.loads(out.read_text())["bnwatch"]["drifted_channels"] == list(range(wide))
 
 
 def test_cli_rejects_a_bad_time(capsys: pytest.CaptureFixture[str]) -> None:

@@ -9,7 +9,7 @@ import streamlit.components.v1 as components
 import data
 import ui
 from bnwatch.errors import BnwatchError
-from bnwatch.reports import PLOTS
+from bnwatch.reports import PLOTS, channel_list
 
 ctx = ui.current()
 st.title("Drift report")
@@ -36,7 +36,7 @@ a.metric("Reference samples", report.reference_rows)
 b.metric("Production samples", report.current_rows)
 c.metric("Drifted channels", len(report.drifted_channels))
 if report.drifted_channels:
-    st.warning("Drifted channels: " + ", ".join(str(ch) for ch in report.drifted_channels))
+    st.warning("Drifted channels: " + channel_list(report.drifted_channels, limit=100))
 else:
     st.success("No channel drifted.")
 stem = f"bnwatch-{ctx.model}-{ctx.version}-{layer}".replace("/", "_").replace(" ", "_")
