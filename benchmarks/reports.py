@@ -17,8 +17,8 @@ What is measured
 
 Methodology
     * Reservoirs as a profile and a day of windows give them: 512 reference rows and 640
-      production rows of per-sample channel means, standard normal, with channels 0-2 moved
-      by one standard deviation (so three channels drift).
+      production rows of per-sample channel means (float32, as stored), standard normal, with
+      channels 0-2 moved by one standard deviation (so three channels drift).
     * Both settings must give the very same per-channel table (p-values, drifted channels);
       the run stops otherwise.  Timings are one run each (the all-channels report is minutes
       at 2,048 channels); Evidently is imported before the first timing.
@@ -39,6 +39,8 @@ import pandas as pd
 
 from bnwatch import reports
 from bnwatch.reports import PLOTS, DriftReport
+from bnwatch.stats import Reservoir
+from bnwatch.store.repository import StoredReservoir
 
 DEFAULT_CHANNELS = (64, 512, 2048)
 SMOKE_CHANNELS = (8, 24)
@@ -49,25 +51,21 @@ SHIFTED = (0, 1, 2)
 
 
 def build(ref: np.ndarray, cur: np.ndarray, plots: int | None) -> tuple[DriftReport, str, str]:
-    """The report of one layer from its two reservoirs, as ``drift_report`` builds it."""
+    """The report of one layer from its two reservoirs, as ``drift_report`` builds it once it
+    has read them from the store."""
     channels = ref.shape[1]
-    threshold = reports.per_channel_threshold(0.05, channels)
-    table, plotted, snapshot = reports._evidently_drift(
-        ref, cur, threshold, plots=channels if plots is None else plots, metadata={}
-    )
-    report = DriftReport(
-        model="bench",
-        version="1",
-        layer=f"bn{channels}",
+
+    def stored(rows: np.ndarray, kind: str) -> StoredReservoir:
+        reservoir = Reservoir.from_rows(rows, seen=len(rows), capacity=len(rows))
+        return StoredReservoir("bench", "1", f"bn{channels}", kind, reservoir)
+
+    report = reports._report(
+        stored(ref, "profile"),
+        stored(cur, "production"),
         start=None,
         end=None,
-        reference_rows=ref.shape[0],
-        current_rows=cur.shape[0],
-        table=table,
-        drifted_channels=[int(c) for c in table.loc[table["drifted"], "channel"]],
-        threshold=threshold,
-        plotted_channels=plotted,
-        snapshot=snapshot,
+        alpha=0.05,
+        plots=plots,
     )
     return report, report.html(), report.json()
 

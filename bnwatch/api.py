@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from bnwatch.store.repository import RecalibrationInfo
     from bnwatch.triggers import AlertPipeline, Trigger, TriggerPolicy
 from bnwatch.errors import ConfigError, check_positive_int
-from bnwatch.schema import Profile
+from bnwatch.schema import REPORTED_STATUSES, Profile
 from bnwatch.sink import MemorySink, Sink
 
 __all__ = ["profile", "report_recalibration", "watch"]
@@ -349,7 +349,7 @@ def report_recalibration(
         engine.dispose()
 
 
-_REPORTED = ("applied", "rejected", "failed")
+_REPORTED = REPORTED_STATUSES
 
 
 def _reported(

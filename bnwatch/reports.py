@@ -111,8 +111,9 @@ def channel_list(channels: Sequence[int], limit: int | None = None) -> str:
     terminal or a banner: a wide layer under drift can have a thousand); ``"none"`` if empty."""
     if not channels:
         return "none"
-    shown = ", ".join(str(c) for c in channels[:limit])
-    rest = len(channels) - (len(channels) if limit is None else min(limit, len(channels)))
+    named = channels[:limit]
+    shown = ", ".join(str(c) for c in named)
+    rest = len(channels) - len(named)
     return f"{shown} and {rest} more" if rest else shown
 
 
@@ -403,8 +404,9 @@ def _evidently_drift(
         ref = np.where(np.isfinite(reference), reference, np.nan).astype(np.float64)
         cur = np.where(np.isfinite(current), current, np.nan).astype(np.float64)
     testable = np.asarray(np.isfinite(ref).any(axis=0) & np.isfinite(cur).any(axis=0))
+    tested = np.flatnonzero(testable).tolist()
     p = np.full(channels, math.nan)
-    for c in np.flatnonzero(testable).tolist():
+    for c in tested:
         r, k = ref[:, c], cur[:, c]
         result = ks_stat_test(
             pd.Series(r[np.isfinite(r)]),
@@ -413,7 +415,7 @@ def _evidently_drift(
             threshold,
         )
         p[c] = float(result.drift_score)
-    ranked = sorted(np.flatnonzero(testable).tolist(), key=lambda c: (p[c], c))
+    ranked = sorted(tested, key=lambda c: (p[c], c))
     plotted = sorted(ranked[:plots])
     snapshot = None
     if plotted:

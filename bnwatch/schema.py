@@ -40,6 +40,11 @@ ALERT_KINDS: tuple[str, ...] = (
 """Every alert kind bnwatch raises (``bnwatch.alerts``), exported by ``bnwatch.export`` and
 matched by ``deploy/prometheus/alerts.yml``."""
 
+REPORTED_STATUSES: tuple[str, ...] = ("applied", "rejected", "failed")
+"""How a recorded recalibration ends (what a report of its outcome may say)."""
+RECALIBRATION_STATUSES: tuple[str, ...] = ("pending", *REPORTED_STATUSES)
+"""Every status of a recorded recalibration: ``pending`` until it ends."""
+
 LAYER_METRICS: tuple[str, ...] = (
     "kl_mean",
     "d_rms",

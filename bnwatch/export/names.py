@@ -25,6 +25,7 @@ from typing import Literal
 
 from bnwatch.schema import ALERT_KINDS as _ALERT_KINDS
 from bnwatch.schema import BATCH_SIZE_BUCKETS
+from bnwatch.schema import RECALIBRATION_STATUSES as _RECALIBRATION_STATUSES
 
 __all__ = [
     "ALERTS_ACTIVE",
@@ -290,7 +291,7 @@ ALERTS_ACTIVE = MetricSpec(
 RECALIBRATION_LABELS: tuple[str, ...] = ("model", "version", "status")
 """Labels of :data:`RECALIBRATIONS`."""
 
-RECALIBRATION_STATUSES: tuple[str, ...] = ("pending", "applied", "rejected", "failed")
+RECALIBRATION_STATUSES: tuple[str, ...] = _RECALIBRATION_STATUSES
 """Every recalibration status (the ``status`` label of :data:`RECALIBRATIONS`)."""
 
 RECALIBRATIONS = MetricSpec(
@@ -326,12 +327,5 @@ STORE_ONLY: tuple[MetricSpec, ...] = (
 """The families only the store collector exports (alerts and recalibrations live in the store;
 an in-process monitor exports the rest)."""
 
-ALL_METRICS: tuple[MetricSpec, ...] = (
-    *LAYER_METRICS,
-    *MONITOR_METRICS,
-    ALERTS_ACTIVE,
-    RECALIBRATIONS,
-    RECALIBRATION_OLDEST_PENDING,
-    STORE_UP,
-)
+ALL_METRICS: tuple[MetricSpec, ...] = (*LAYER_METRICS, *MONITOR_METRICS, *STORE_ONLY)
 """Every family bnwatch exports (the store collector exports all of them)."""
