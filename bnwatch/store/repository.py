@@ -11,10 +11,11 @@ exactly (the sufficient statistics merge exactly; metrics are recomputed).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any, Literal, TypeVar
@@ -153,23 +154,35 @@ def _insert_ignore(conn: Connection, table: sa.Table, rows: list[dict[str, Any]]
     return max(int(result.rowcount), 0)
 
 
-def _insert_claimed(conn: Connection, table: sa.Table, rows: list[dict[str, Any]]) -> int:
-    """Insert the other rows of the windows this transaction claimed (by their first row).
+def _insert_claimed(
+    conn: Connection, table: sa.Table, rows: Callable[[], Iterator[dict[str, Any]]]
+) -> int:
+    """Insert the other rows of the windows this transaction claimed (by their first row);
+    ``rows`` makes them, one at a time.  Returns the rows inserted.
 
     No other writer inserts them, so on PostgreSQL they go in by ``COPY ... FROM STDIN (FORMAT
-    BINARY)``: 1.1-1.2x the windows/s of ``INSERT`` in ``benchmarks/store.py``.  COPY runs in
-    a savepoint: should the server refuse it (a row that exists after all -- COPY knows no
+    BINARY)``: 1.1-1.2x the windows/s of ``INSERT`` in ``benchmarks/store.py``.  Each row is
+    made (its moments encoded) just before it is sent, so the server stores one row while the
+    client encodes the next instead of waiting for the whole batch to be encoded.  COPY runs
+    in a savepoint: should the server refuse it (a row that exists after all -- COPY knows no
     ``ON CONFLICT`` -- or COPY itself, e.g. under row-level security), the savepoint is rolled
-    back and the rows go in as :func:`_insert_ignore` puts them, which raises what
-    SQLAlchemy raises if the rows cannot go in either.  A connection lost mid-COPY fails the
-    rollback to the savepoint, which raises SQLAlchemy's error.  Elsewhere:
+    back and the rows are made again and go in as :func:`_insert_ignore` puts them, which
+    raises what SQLAlchemy raises if the rows cannot go in either.  A connection lost mid-COPY
+    fails the rollback to the savepoint, which raises SQLAlchemy's error.  Elsewhere:
     :func:`_insert_ignore`.
     """
-    if not rows or conn.dialect.name != "postgresql":
-        return _insert_ignore(conn, table, rows)
-    columns = list(rows[0])
+    if conn.dialect.name != "postgresql":
+        return _insert_ignore(conn, table, list(rows()))
+    made = rows()
+    first = next(made, None)
+    if first is None:
+        return 0
+    columns = list(first)
     names = ", ".join(f'"{c}"' for c in columns)
     sql = f'COPY "{table.name}" ({names}) FROM STDIN (FORMAT BINARY)'
+    pending = itertools.chain([first], made)
+    del first  # from here on, only the row being sent is held
+    sent = 0
     try:
         with conn.begin_nested():
             cursor: Any = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
@@ -177,13 +190,15 @@ def _insert_claimed(conn: Connection, table: sa.Table, rows: list[dict[str, Any]
                 oids = _column_oids(conn, cursor, table.name, columns)
                 with cursor.copy(sql) as copy:
                     copy.set_types([oids[c] for c in columns])
-                    for row in rows:
+                    for row in pending:
                         copy.write_row([row[c] for c in columns])
+                        sent += 1
+                        del row
     except conn.dialect.loaded_dbapi.Error as err:
         if not isinstance(err, conn.dialect.loaded_dbapi.IntegrityError):
             _copy_refused(err)
-        return _insert_ignore(conn, table, rows)
-    return len(rows)
+        return _insert_ignore(conn, table, list(rows()))
+    return sent
 
 
 _COPY_REFUSED: set[str] = set()
@@ -434,22 +449,37 @@ class Repository:
                 layer_ids = self._layer_ids(conn, model_id, record, new, index)
                 resolved.append((record, model_id, layer_ids))
             fresh = self._not_stored(conn, resolved)
-            per_record: list[list[dict[str, Any]]] = []
-            for record, model_id, layer_ids in fresh:
-                rows: list[dict[str, Any]] = []
-                for name, report in record.reports.items():
-                    layer_id = layer_ids[name]
-                    running = self._running_ref(conn, layer_id, report, new)
-                    baseline = self._baseline_ref(conn, layer_id, report, new)
-                    rows.append(window_row(record, report, model_id, layer_id, running, baseline))
-                per_record.append(rows)
+            # references first: no query can run on the connection once COPY has begun
+            planned: list[list[tuple[LayerReport, int, int | None, int | None]]] = []
+            for record, _, layer_ids in fresh:
+                planned.append(
+                    [
+                        (
+                            report,
+                            layer_ids[name],
+                            self._running_ref(conn, layer_ids[name], report, new),
+                            self._baseline_ref(conn, layer_ids[name], report, new),
+                        )
+                        for name, report in record.reports.items()
+                    ]
+                )
             # Claim each record with its first row (a short INSERT ... RETURNING): a concurrent
             # writer of the same window blocks on the unique index and then claims nothing,
             # so a window -- its rows, totals and source counts -- is stored exactly once.
             table: sa.Table = Window.__table__  # type: ignore[assignment]
-            claimed = set(_insert_ignore_returning(conn, table, [r[0] for r in per_record]))
-            mine = [i for i, rows in enumerate(per_record) if rows[0]["uid"] in claimed]
-            rest = [row for i in mine for row in per_record[i][1:]]
+            firsts = []
+            for (record, model_id, _), layers in zip(fresh, planned, strict=True):
+                report, layer_id, running, baseline = layers[0]
+                firsts.append(window_row(record, report, model_id, layer_id, running, baseline))
+            claimed = set(_insert_ignore_returning(conn, table, firsts))
+            mine = [i for i, row in enumerate(firsts) if row["uid"] in claimed]
+
+            def rest() -> Iterator[dict[str, Any]]:
+                for i in mine:
+                    record, model_id, _ = fresh[i]
+                    for report, layer_id, running, baseline in planned[i][1:]:
+                        yield window_row(record, report, model_id, layer_id, running, baseline)
+
             inserted = len(mine) + _insert_claimed(conn, table, rest)
             _add_totals(conn, [(fresh[i][0], fresh[i][2]) for i in mine])
             _add_sources(conn, [(fresh[i][0], fresh[i][1]) for i in mine])

@@ -15,6 +15,7 @@ import sqlalchemy as sa
 import torch
 
 import bnwatch
+from bnwatch.codec import encode_moments
 from bnwatch.errors import ConfigError
 from bnwatch.store import repository
 from bnwatch.store.migrate import engine_for
@@ -89,17 +90,71 @@ def test_rows_that_exist_after_all_are_skipped_not_copied_twice(repo: Repository
     ]
     table: sa.Table = Window.__table__  # type: ignore[assignment]
     with repo.engine.begin() as conn:
-        assert _insert_claimed(conn, table, rows) == 3
+        assert _insert_claimed(conn, table, lambda: iter(rows)) == 3
     assert repo.window_count() == 6
     with repo.engine.begin() as conn:  # rows that all exist: none, and no error
-        assert _insert_claimed(conn, table, rows[3:]) == 0
-        assert _insert_claimed(conn, table, []) == 0
+        assert _insert_claimed(conn, table, lambda: iter(rows[3:])) == 0
+        assert _insert_claimed(conn, table, lambda: iter([])) == 0
     stored = repo.windows("cnn", "1", with_stats=True)
     assert sorted(w.end for w in stored) == sorted([old.end] * 3 + [new.end] * 3)
     for w in stored:
         rec = old if w.end == old.end else new
         assert w.stats is not None
         assert moments_equal(w.stats.moments, rec.reports[w.layer].stats.moments)
+
+
+def test_a_row_that_cannot_be_made_midway_leaves_nothing_of_the_batch(
+    repo: Repository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows are made while the batch is being sent: should making one fail (here: encoding the
+    third window's last layer), the error propagates and nothing of the batch is stored."""
+    records = record_windows(3)
+    calls = {"n": 0}
+
+    def fails_on_the_ninth(moments: Any) -> bytes:
+        calls["n"] += 1
+        if calls["n"] == 9:  # 3 first rows, then the others: the 9th is the last one
+            raise MemoryError("no room for the blob")
+        return encode_moments(moments)
+
+    monkeypatch.setattr("bnwatch.store.repository.encode_moments", fails_on_the_ninth)
+    with pytest.raises(MemoryError, match="no room"):
+        repo.write_windows(records)
+    monkeypatch.undo()
+    assert repo.window_count() == 0
+    assert repo.write_windows(records) == 9
+
+
+def test_a_batch_is_encoded_one_row_at_a_time_on_postgresql(postgres_url: str) -> None:
+    """COPY sends each row as it is made, so a batch never holds all its encoded rows: with
+    24 windows of a 4,096-channel layer, Python's peak stays under a quarter of them (about one
+    row and the copies of encoding it; it was all of them and more before)."""
+    import tracemalloc
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1),
+        torch.nn.BatchNorm2d(4),  # the first row of a window, made before the COPY
+        torch.nn.Conv2d(4, 4096, 1),
+        torch.nn.BatchNorm2d(4096),
+    ).eval()
+    first, *records = record_windows(25, model=net, name="wide")
+    encoded = sum(
+        len(row["moments"]) + len(row["reservoir"] or b"")
+        for record in records
+        for row in [window_row(record, record.reports["3"], 0, 0, None, None)]
+    )
+    engine = engine_for(postgres_url)
+    repo = Repository(engine)
+    repo.write_windows([first])  # as a running monitor: ids and references known
+    tracemalloc.start()
+    try:
+        assert repo.write_windows(records) == 48
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        engine.dispose()
+    assert peak < encoded / 4, (peak, encoded)
 
 
 def test_a_refused_copy_falls_back_to_insert_and_says_so_once(
