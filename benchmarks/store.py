@@ -79,8 +79,9 @@ Methodology
     * Server settings are left as found (printed, e.g. ``synchronous_commit``, ``fsync``): the
       benchmark measures the store as deployed, not a tuned one.  SQLite runs as bnwatch
       configures it (WAL, ``synchronous=NORMAL``).
-    * Client CPU.  The notes give, untimed, what ``write_windows`` computes per window before
-      any SQL: the 53 rows (moments encoded by the codec) and the digests of the references.
+    * Client CPU.  The notes give, untimed, what ``write_windows`` computes per window
+      besides SQL: the 53 rows (moments encoded by the codec; made one at a time while the
+      ``COPY`` sends them) and the digests of the references.
 
 Tried and not kept (PostgreSQL, this file's functions in ad-hoc scripts, 96-128 windows per
 path and round, 6-8 rounds round-robin; the shared VM's disk moved the driver between 38 and
@@ -95,7 +96,19 @@ path and round, 6-8 rounds round-robin; the shared VM's disk moved the driver be
       for references that could then be deleted under their windows.
     * Byte-shuffling the float64 blobs and deflating them (zlib level 1): 0.673x raw bytes
       against the codec's 0.770x, for 34 ms of client CPU per window -- more than the
-      insert itself.
+      insert itself.  Byte-shuffling and zstd (level 1) instead: 0.853x the codec's moment
+      bytes for 3.6 ms per window (lz4: 0.892x for 1.7 ms) -- at most 1.15x were the disk
+      alone to set the pace, less the client CPU paid in series; not pursued.
+    * Two threads of one writer, each with its own connection, storing alternate batches of
+      16 by ``COPY``: 0.86-0.94x one thread over 4 rounds (disk-bound rounds and fast ones
+      alike), as the 2 and 3 connections above.
+    * Without the disk (``windows`` and the driver's table ``UNLOGGED``, in a scratch database):
+      ``write_windows`` at batch 8 took 10.0 ms per window against the driver's 4.3 ms, with
+      5.5 ms of client CPU (encoding 2.0 ms, the rest formatting 35 columns per row for
+      ``COPY`` and the statements around it); the three foreign keys but the layer's cost
+      another 1.1 ms.  With the disk a window takes 15-20 ms, yet overlapping the client's
+      part with the server's (the helper thread, the two writer threads above) did not raise
+      the rate beyond the disk's noise.
 """
 
 from __future__ import annotations
@@ -318,7 +331,7 @@ class RecordFactory:
 
 
 def client_cpu_ms(record: WindowRecord, repeats: int = 5) -> dict[str, float]:
-    """Median ms per window of the work ``write_windows`` does before any SQL."""
+    """Median ms per window of the work ``write_windows`` does besides SQL."""
     rows: list[float] = []
     digests: list[float] = []
     for _ in range(repeats):
@@ -916,7 +929,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(format_table(rows))
     print()
     print(
-        f"  client CPU per window before SQL: rows (moments encoded) {cpu['rows_ms']:.1f} ms, "
+        f"  client CPU per window besides SQL: rows (moments encoded) {cpu['rows_ms']:.1f} ms, "
         f"reference digests {cpu['ref_digests_ms']:.1f} ms (paid once per monitor: the "
         "repository remembers reference ids by identity)"
     )
