@@ -168,11 +168,11 @@ def _insert_claimed(
     ``ON CONFLICT`` -- or COPY itself, e.g. under row-level security), the savepoint is rolled
     back and the rows are made again and go in as :func:`_insert_ignore` puts them, which
     raises what SQLAlchemy raises if the rows cannot go in either.  A connection lost mid-COPY
-    fails the rollback to the savepoint, which raises SQLAlchemy's error.  Elsewhere:
-    :func:`_insert_ignore`.
+    fails the rollback to the savepoint, which raises SQLAlchemy's error.  Elsewhere (SQLite):
+    :func:`_insert_ignore`, :data:`INSERT_CHUNK_BYTES` of rows at a time.
     """
     if conn.dialect.name != "postgresql":
-        return _insert_ignore(conn, table, list(rows()))
+        return _insert_ignore_chunked(conn, table, rows())
     made = rows()
     first = next(made, None)
     if first is None:
@@ -197,8 +197,29 @@ def _insert_claimed(
     except conn.dialect.loaded_dbapi.Error as err:
         if not isinstance(err, conn.dialect.loaded_dbapi.IntegrityError):
             _copy_refused(err)
-        return _insert_ignore(conn, table, list(rows()))
+        return _insert_ignore_chunked(conn, table, rows())
     return sent
+
+
+INSERT_CHUNK_BYTES = 1 << 20
+"""Where COPY is not used, rows are made and inserted in chunks of about this many bytes of
+blobs (at least one row): what bounds the memory a batch holds there."""
+
+
+def _insert_ignore_chunked(
+    conn: Connection, table: sa.Table, rows: Iterator[dict[str, Any]]
+) -> int:
+    """:func:`_insert_ignore` of ``rows``, :data:`INSERT_CHUNK_BYTES` of blobs at a time."""
+    inserted = 0
+    chunk: list[dict[str, Any]] = []
+    size = 0
+    for row in rows:
+        chunk.append(row)
+        size += sum(len(v) for v in row.values() if isinstance(v, bytes))
+        if size >= INSERT_CHUNK_BYTES:
+            inserted += _insert_ignore(conn, table, chunk)
+            chunk, size = [], 0
+    return inserted + _insert_ignore(conn, table, chunk)
 
 
 _COPY_REFUSED: set[str] = set()
