@@ -35,6 +35,14 @@ What is measured
     * ``writer`` -- the real background writer :class:`~bnwatch.store.writer.StoreSink`
       (default batch size): ``write()`` every window, then ``flush()``; the time runs from
       the first ``write()`` to ``flush()`` returning, i.e. until everything is stored.
+    * ``replicas`` (PostgreSQL only, shown as ``P replicas``; ``--replicas 0`` skips it) --
+      what the database takes from a deployment: ``P`` processes (default 4, forked; each a
+      replica with its own ``StoreSink`` and connection) store the round's windows between
+      them, ``records / P`` each, at once.  Every process first stores an untimed window of
+      its own and waits; the time runs from the common start to the last process's
+      ``flush()`` returning (one monotonic clock).  A single model's monitor sends a window
+      a minute, so 50 windows/s into one database is many replicas' traffic; the ``writer``
+      row is one process alone.
 
     Reported per backend and path: windows/s (median over rounds, with min and max), the
     same as MB/s of raw float64 statistics, and stored bytes per window against the raw
@@ -115,8 +123,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import json
+import multiprocessing
 import os
 import platform
 import statistics
@@ -160,6 +170,9 @@ RESNET50_STEM_SIDE = 112
 BACKENDS: tuple[str, ...] = ("sqlite", "postgresql")
 REPOSITORY = "repository"
 WRITER = "writer"
+REPLICAS = "replicas"
+"""Several writer processes at once (PostgreSQL): a deployment's replicas."""
+DEFAULT_REPLICAS = 4
 PGLZ = "pglz"
 DRIVER = "driver"
 """The ceiling: the same encoded bytes inserted by the DB-API driver alone into a bare table."""
@@ -476,6 +489,7 @@ class PathResult:
     backend: str
     path: str
     batch: int
+    processes: int = 1
     seconds: list[float] = field(default_factory=list)
     windows: list[int] = field(default_factory=list)
     transaction_seconds: list[float] = field(default_factory=list)
@@ -543,6 +557,88 @@ def time_driver(engine: Engine, windows: Sequence[list[DriverRow]], batch: int) 
         dbapi.close()
 
 
+def _replica(
+    url: str,
+    inherited: Sequence[Engine],
+    warmup: WindowRecord,
+    records: Sequence[WindowRecord],
+    batch: int,
+    ready: Any,
+    start: Any,
+    results: Any,
+) -> None:
+    """One replica process: store a warm-up window, report ready, wait for the start, store
+    ``records`` through a StoreSink and report (monotonic end, complete, dropped + rejected)."""
+    for engine in inherited:  # the parent's pooled connections are not this process's
+        engine.dispose(close=False)
+    sink = StoreSink(url, batch_size=batch)
+    try:
+        sink.write(warmup)
+        warmed = sink.flush(FLUSH_TIMEOUT)
+        ready.put(warmed)
+        if not warmed or not start.wait(FLUSH_TIMEOUT):
+            return
+        for record in records:
+            sink.write(record)
+        complete = sink.flush(FLUSH_TIMEOUT)
+        end = time.monotonic()
+        stats = sink.stats()
+        results.put((end, complete, stats.dropped + stats.rejected))
+    finally:
+        sink.close()
+
+
+def time_replicas(
+    url: str,
+    meter: Meter,
+    records: Sequence[WindowRecord],
+    warmup: WindowRecord,
+    batch: int,
+    processes: int,
+    inherited: Sequence[Engine],
+) -> tuple[Size, float, int, bool]:
+    """``records`` stored by ``processes`` forked writer processes at once: the size before
+    (read once every process is ready), the seconds from the common start to the last
+    ``flush()``, the windows dropped or rejected, and whether every process completed."""
+    ctx = multiprocessing.get_context("fork")
+    ready, results, start = ctx.Queue(), ctx.Queue(), ctx.Event()
+    share = [records[i::processes] for i in range(processes)]
+    workers = [
+        ctx.Process(
+            target=_replica,
+            args=(
+                url,
+                [meter.engine, *inherited],
+                dataclasses.replace(warmup, uid=uuid.uuid4().hex),
+                share[i],
+                batch,
+                ready,
+                start,
+                results,
+            ),
+            daemon=True,
+        )
+        for i in range(processes)
+    ]
+    for worker in workers:
+        worker.start()
+    try:
+        if not all(ready.get(timeout=FLUSH_TIMEOUT) for _ in workers):
+            raise RuntimeError("a replica did not store its warm-up window")
+        before = meter.read()
+        began = time.monotonic()
+        start.set()
+        reports = [results.get(timeout=FLUSH_TIMEOUT) for _ in workers]
+    finally:
+        start.set()
+        for worker in workers:
+            worker.join(FLUSH_TIMEOUT)
+            if worker.is_alive():  # pragma: no cover - a hung replica
+                worker.kill()
+    seconds = max(end for end, _, _ in reports) - began
+    return before, seconds, sum(lost for _, _, lost in reports), all(ok for _, ok, _ in reports)
+
+
 def run_path(
     result: PathResult,
     *,
@@ -572,6 +668,14 @@ def run_path(
             after = meter.read()
         result.seconds.append(sum(calls))
         result.transaction_seconds.extend(calls)
+    elif result.path == REPLICAS:
+        before, seconds, lost, complete = time_replicas(
+            url, meter, records, warmup, result.batch, result.processes, [repo.engine]
+        )
+        after = meter.read()
+        result.seconds.append(seconds)
+        result.dropped += lost
+        result.complete &= complete
     else:
         sink = StoreSink(url, batch_size=result.batch)
         try:
@@ -600,7 +704,7 @@ def run_backend(
     *,
     sqlite_path: Path | None,
     factory: RecordFactory,
-    paths: Sequence[tuple[str, int]],
+    paths: Sequence[tuple[str, int, int]],
     rounds: int,
     records: int,
     progress: Callable[[str], None],
@@ -611,9 +715,9 @@ def run_backend(
     try:
         repo = Repository(engine)
         repo.write_windows(factory.make(1))  # untimed: model, layers, references
-        if any(path == DRIVER for path, _ in paths):
+        if any(path == DRIVER for path, _, _ in paths):
             meter.create_driver_table()
-        results = [PathResult(backend, path, batch) for path, batch in paths]
+        results = [PathResult(backend, path, batch, n) for path, batch, n in paths]
         # every window of every round exists before the first timing
         planned = [
             [(factory.make(records), factory.make(1)[0]) for _ in results] for _ in range(rounds)
@@ -657,6 +761,7 @@ def summarize(
         "backend": result.backend,
         "path": result.path,
         "batch": result.batch,
+        "processes": result.processes,
         "rounds": len(result.windows),
         "windows": windows,
         "rows_expected": windows * layers,
@@ -720,8 +825,9 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
         bytes_verdict = f"<={row['target_bytes_ratio']:.1f} {_ok(row['meets_bytes'])}"
         tx = row["ms_per_transaction_median"]
         share = "-" if row.get("driver_ratio") is None else f"{row['driver_ratio']:.2f}x"
+        path = row["path"] if row["processes"] == 1 else f"{row['processes']} {row['path']}"
         lines.append(
-            f"{row['backend']:<10} {row['path']:<10} {row['batch']:>5} {row['windows']:>7}  "
+            f"{row['backend']:<10} {path:<10} {row['batch']:>5} {row['windows']:>7}  "
             f"{rate:<26} {ratio:>7}  {verdict:<9} {share:>7}  {row['raw_mb_per_s']:>8.1f}  "
             f"{'-' if tx is None else f'{tx:.1f}':>6}  "
             f"{row['statistics_bytes_per_window']:>14,.0f} {row['bytes_ratio']:>5.3f}x  "
@@ -777,6 +883,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help=f"StoreSink batch_size (default {DEFAULT_SINK_BATCH}, the writer's default)",
     )
     p.add_argument(
+        "--replicas",
+        type=int,
+        default=DEFAULT_REPLICAS,
+        metavar="P",
+        help=f"writer processes of the PostgreSQL 'replicas' row (default {DEFAULT_REPLICAS}; "
+        "0 skips it)",
+    )
+    p.add_argument(
         "--no-compare-storage",
         dest="compare_storage",
         action="store_false",
@@ -791,7 +905,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "into a bare table: the ceiling the server and disk allow)",
     )
     p.add_argument(
-        "--smoke", action="store_true", help="tiny run for tests: 2 windows, 1 round, batches 1 2"
+        "--smoke",
+        action="store_true",
+        help="tiny run for tests: 2 windows, 1 round, batches 1 2, at most 2 replicas",
     )
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write results here")
     p.add_argument("--seed", type=int, default=0, help="seed of the random statistics")
@@ -811,6 +927,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.rounds = 1 if args.rounds is None else args.rounds
         args.batch_sizes = args.batch_sizes or [1, 2]
         args.sink_batch_size = 2 if args.sink_batch_size is None else args.sink_batch_size
+        args.replicas = min(args.replicas, 2)
     args.records = DEFAULT_RECORDS if args.records is None else args.records
     args.rounds = DEFAULT_ROUNDS if args.rounds is None else args.rounds
     args.batch_sizes = list(args.batch_sizes or DEFAULT_BATCH_SIZES)
@@ -819,6 +936,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.postgres_url = args.postgres_url or default_postgres_url()
     if args.reservoir < 0:
         p.error(f"--reservoir must be >= 0, got {args.reservoir}")
+    if args.replicas < 0:
+        p.error(f"--replicas must be >= 0, got {args.replicas}")
     for flag, value in (
         ("--records", args.records),
         ("--rounds", args.rounds),
@@ -849,10 +968,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     kept = reservoir_bytes(sample)
     cpu = client_cpu_ms(factory.make(1)[0])
     progress(f" {VARIANTS} report sets of {len(layers)} layers built")
-    paths = [(REPOSITORY, b) for b in args.batch_sizes] + [(WRITER, args.sink_batch_size)]
+    paths = [(REPOSITORY, b, 1) for b in args.batch_sizes] + [(WRITER, args.sink_batch_size, 1)]
     if args.driver:
-        paths.append((DRIVER, max(args.batch_sizes)))
-    compare = [(PGLZ, max(args.batch_sizes))] if args.compare_storage else []
+        paths.append((DRIVER, max(args.batch_sizes), 1))
+    postgres_only = [(REPLICAS, args.sink_batch_size, args.replicas)] if args.replicas else []
+    if args.compare_storage:
+        postgres_only.append((PGLZ, max(args.batch_sizes), 1))
 
     rows: list[dict[str, Any]] = []
     servers: dict[str, dict[str, Any]] = {}
@@ -867,7 +988,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 sqlite_path = None
                 url = stack.enter_context(postgres_database(args.postgres_url))
             databases[backend] = sa.make_url(url).database or ""
-            measured = paths + (compare if backend == "postgresql" else [])
+            measured = paths + (postgres_only if backend == "postgresql" else [])
             progress(f" {backend}: {len(measured)} paths x {args.rounds} rounds x {args.records}")
             results, servers[backend] = run_backend(
                 backend,
@@ -897,6 +1018,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "rounds": args.rounds,
         "batch_sizes": args.batch_sizes,
         "sink_batch_size": args.sink_batch_size,
+        "replicas": args.replicas,
         "servers": servers,
         "databases": databases,
         "sqlalchemy": sa.__version__,

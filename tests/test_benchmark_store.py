@@ -85,10 +85,16 @@ def _check_smoke(results: dict[str, Any], backends: list[str], json_path: Path, 
     assert meta["reservoir_rows"] == 2
     assert meta["reservoir_bytes_per_window"] > 2 * 4 * 26_560
     rows = results["results"]
-    paths = [(store.REPOSITORY, 1), (store.REPOSITORY, 2), (store.WRITER, 2), (store.DRIVER, 2)]
-    compared = {"sqlite": [], "postgresql": [(store.PGLZ, 2)]}  # the pglz row: PostgreSQL only
-    assert [(r["backend"], r["path"], r["batch"]) for r in rows] == [
-        (backend, path, batch) for backend in backends for path, batch in paths + compared[backend]
+    paths = [
+        (store.REPOSITORY, 1, 1),
+        (store.REPOSITORY, 2, 1),
+        (store.WRITER, 2, 1),
+        (store.DRIVER, 2, 1),
+    ]
+    # PostgreSQL only: 2 replica processes at once (the smoke run's cap), and the pglz row
+    compared = {"sqlite": [], "postgresql": [(store.REPLICAS, 2, 2), (store.PGLZ, 2, 1)]}
+    assert [(r["backend"], r["path"], r["batch"], r["processes"]) for r in rows] == [
+        (backend, *path) for backend in backends for path in paths + compared[backend]
     ]
     for row in rows:
         assert row["windows"] == 2
@@ -117,6 +123,7 @@ def _check_smoke(results: dict[str, Any], backends: list[str], json_path: Path, 
             )
     for backend in backends:
         assert backend in table
+    assert ("2 replicas" in table) == ("postgresql" in backends)
 
 
 def test_smoke_run_on_sqlite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -143,3 +150,15 @@ def test_smoke_run_on_postgresql(tmp_path: Path, capsys: pytest.CaptureFixture[s
     finally:
         engine.dispose()
     assert left == 0, f"the benchmark left its database {database} behind"
+
+
+def test_replicas_are_counted_and_checked(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--replicas`` sets the processes of the PostgreSQL row (0 skips it, the smoke run caps
+    it at 2); a negative count is refused with what is expected."""
+    assert store.parse_args([]).replicas == store.DEFAULT_REPLICAS == 4
+    assert store.parse_args(["--replicas", "0"]).replicas == 0
+    assert store.parse_args(["--smoke"]).replicas == 2
+    with pytest.raises(SystemExit) as exit_info:
+        store.parse_args(["--replicas", "-1"])
+    assert exit_info.value.code == 2
+    assert "--replicas must be >= 0, got -1" in capsys.readouterr().err
