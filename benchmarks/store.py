@@ -114,9 +114,13 @@ path and round, 6-8 rounds round-robin; the shared VM's disk moved the driver be
       ``write_windows`` at batch 8 took 10.0 ms per window against the driver's 4.3 ms, with
       5.5 ms of client CPU (encoding 2.0 ms, the rest formatting 35 columns per row for
       ``COPY`` and the statements around it); the three foreign keys but the layer's cost
-      another 1.1 ms.  With the disk a window takes 15-20 ms, yet overlapping the client's
-      part with the server's (the helper thread, the two writer threads above) did not raise
-      the rate beyond the disk's noise.
+      another 1.1 ms.  With the disk (repository, batch 8, 71 windows/s): 11.7 of a window's
+      14.0 ms are the ``COPY``, during which the client spends 5.4 ms of CPU and the server's
+      backend 7.5 ms (the driver's: 1.1 and 6.0) -- the two barely overlap: 5 ms of busy
+      client CPU per window added to the driver's loop cut it to 0.41-0.78x.  Yet making them
+      overlap did not pay: psycopg's ``QueuedLibpqWriter`` (a thread sends while the writer
+      encodes) gave 0.61-1.18x over 5 rounds, nor did the helper thread or the two writer
+      threads above.
 """
 
 from __future__ import annotations
