@@ -79,6 +79,7 @@ from pydantic import ValidationError
 
 from bnwatch.errors import BnwatchError, ConfigError, check_positive_int
 from bnwatch.schema import SCHEMA_VERSION, Profile, WindowRecord
+from bnwatch.sink import QUEUE_BYTES, WindowQueue
 from bnwatch.wire import (
     RECALIBRATION_STATUSES,
     IngestResult,
@@ -582,6 +583,9 @@ class HttpSink:
             counted.
         queue_size: windows held in memory between ``write()`` and the thread; more are
             dropped and counted.
+        queue_bytes: bound of the bytes those windows' arrays hold
+            (:attr:`~bnwatch.schema.WindowRecord.nbytes`; default 256 MiB, about 46 ResNet-50
+            windows); more are dropped and counted.
         batch_size: windows per request (at most).
         max_batch_bytes: a batch is closed once its body reaches this size (so it may exceed
             it by one window); larger bodies answered with 413 are split.
@@ -599,6 +603,7 @@ class HttpSink:
         spool_dir: str | os.PathLike[str] | None = None,
         spool_max_bytes: int = 256 * _MiB,
         queue_size: int = 1000,
+        queue_bytes: int = QUEUE_BYTES,
         batch_size: int = 32,
         max_batch_bytes: int = 4 * _MiB,
         timeout: float = 10.0,
@@ -609,6 +614,7 @@ class HttpSink:
         self.url = self.endpoint[: -len(ENDPOINT)] or self.endpoint
         check_positive_int("spool_max_bytes", spool_max_bytes)
         check_positive_int("queue_size", queue_size)
+        check_positive_int("queue_bytes", queue_bytes)
         check_positive_int("batch_size", batch_size)
         check_positive_int("max_batch_bytes", max_batch_bytes)
         self._timeout = _seconds("timeout", timeout)
@@ -640,7 +646,7 @@ class HttpSink:
             self._lock_handle.release()
             raise ConfigError("spool_dir", str(directory), f"a readable directory ({err})") from err
 
-        self._queue: queue.Queue[WindowRecord] = queue.Queue(maxsize=queue_size)
+        self._queue = WindowQueue(queue_size, queue_bytes)
         self._client = httpx.Client(headers=headers, timeout=self._timeout)
         self._lock = threading.Lock()
         self._written = 0
@@ -720,8 +726,8 @@ class HttpSink:
             return
         try:
             self._queue.put_nowait(window)
-        except queue.Full:
-            self._drop(1, f"the queue is full ({self._queue.maxsize} windows)", "queue")
+        except queue.Full as full:
+            self._drop(1, f"the queue is full ({full})", "queue")
 
     @property
     def dropped(self) -> int:

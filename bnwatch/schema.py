@@ -94,6 +94,10 @@ class BatchNoise:
     rms_log_r: float
 
 
+_SHARED_ARRAYS = frozenset({"ref_mean", "ref_var"})
+"""LayerReport arrays that are the monitor's references, shared by its windows."""
+
+
 @dataclass(frozen=True, eq=False)
 class LayerReport:
     """What one window says about one BatchNorm layer.
@@ -179,6 +183,18 @@ class LayerReport:
         ``None`` when the monitor kept none)."""
         return self.stats.reservoir
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the arrays this report alone holds: its statistics and per-channel results.
+        The references it was compared with (``ref_mean``, ``ref_var``, ``baseline_moments``)
+        are shared by every window of the monitor and not counted."""
+        own = (
+            value.nbytes
+            for name, value in vars(self).items()
+            if isinstance(value, np.ndarray) and name not in _SHARED_ARRAYS
+        )
+        return self.stats.nbytes + sum(int(n) for n in own)
+
     def metrics(self) -> dict[str, float | bool | None]:
         """The :data:`LAYER_METRICS` of this report (undefined values as ``None``)."""
         noise = self.observed_batch_noise
@@ -240,6 +256,13 @@ class WindowRecord:
     monitor: Mapping[str, float] = field(default_factory=dict)
     """The sending monitor's account of itself when the window closed: ``overhead_ratio``,
     ``windows_dropped``, ``hook_errors``, ``forwards``, ``forwards_measured``."""
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the arrays this window alone holds (:attr:`LayerReport.nbytes` summed): what
+        queues and in-memory histories bound besides the number of windows.  A ResNet-50 window
+        holds about 5.5 MB."""
+        return sum(report.nbytes for report in self.reports.values())
 
 
 @dataclass(frozen=True, eq=False)

@@ -306,6 +306,11 @@ class ChannelMoments:
         return int(self.count.shape[0])
 
     @property
+    def nbytes(self) -> int:
+        """Bytes of the arrays (13 float64 per channel)."""
+        return sum(int(a.nbytes) for a in self.as_arrays())
+
+    @property
     def n_samples(self) -> int:
         """Samples seen (the largest per-channel count; channels differ only by exclusions)."""
         return int(self.n.max()) if self.channels else 0
@@ -388,6 +393,13 @@ class LayerStats:
     samples_seen: int = 0
     batch_stat_batches: int = 0
     reservoir: Reservoir | None = None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the arrays held: the moments and the reservoir's rows."""
+        return self.moments.nbytes + (
+            0 if self.reservoir is None else int(self.reservoir.rows.nbytes)
+        )
 
     def merge(self, other: LayerStats) -> LayerStats:
         """Exact union of two windows of the same layer.

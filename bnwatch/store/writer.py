@@ -23,6 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from bnwatch.errors import check_positive_int
 from bnwatch.schema import WindowRecord
+from bnwatch.sink import QUEUE_BYTES, WindowQueue
 from bnwatch.store.engine import SchemaError, parse_url, redacted
 from bnwatch.store.migrate import engine_for
 from bnwatch.store.repository import ChannelMismatchError, Repository
@@ -49,6 +50,9 @@ class StoreSink:
     Args:
         url: SQLAlchemy URL (validated now: an unusable URL raises ``ConfigError``).
         queue_size: windows held while the database is slow or away; more are dropped.
+        queue_bytes: bound of the bytes those windows' arrays hold (:attr:`WindowRecord.nbytes`;
+            default 256 MiB, about 46 ResNet-50 windows); more are dropped.  The batch being
+            stored is held besides, at most ``batch_size`` windows.
         batch_size: windows stored per transaction.
         retry_initial, retry_max: exponential backoff between failed attempts (seconds).
         create: create the schema in an empty database (``bnwatch db upgrade`` otherwise).
@@ -61,6 +65,7 @@ class StoreSink:
         url: str | URL,
         *,
         queue_size: int = 1000,
+        queue_bytes: int = QUEUE_BYTES,
         batch_size: int = 32,
         retry_initial: float = 0.5,
         retry_max: float = 30.0,
@@ -70,8 +75,9 @@ class StoreSink:
     ) -> None:
         self.url = parse_url(url)
         check_positive_int("queue_size", queue_size)
+        check_positive_int("queue_bytes", queue_bytes)
         check_positive_int("batch_size", batch_size)
-        self._queue: queue.Queue[WindowRecord] = queue.Queue(maxsize=queue_size)
+        self._queue = WindowQueue(queue_size, queue_bytes)
         self._batch_size = batch_size
         self._retry_initial = retry_initial
         self._retry_max = retry_max
@@ -96,15 +102,15 @@ class StoreSink:
     def write(self, window: WindowRecord) -> None:
         try:
             self._queue.put_nowait(window)
-        except queue.Full:
+        except queue.Full as full:
             with self._lock:
                 self._dropped += 1
                 dropped = self._dropped
             if dropped == 1 or dropped % 100 == 0:
                 logger.warning(
-                    "bnwatch: the store writer's queue is full (%d windows); %d window(s) "
+                    "bnwatch: the store writer's queue is full (%s); %d window(s) "
                     "dropped so far -- the database at %s is too slow or unreachable",
-                    self._queue.maxsize,
+                    full,
                     dropped,
                     redacted(self.url),
                 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -563,22 +564,33 @@ def test_default_spools_take_free_slots_and_adopt_orphans(windows: Windows) -> N
         assert sorted(service.stored) == sorted(r.uid for r in records)
 
 
+@contextlib.contextmanager
+def hung_service() -> Iterator[str]:
+    """The URL of a server that accepts connections (into its backlog) and never answers."""
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(16)
+        yield f"http://127.0.0.1:{hung.getsockname()[1]}"
+
+
+def fill(sink: HttpSink, records: list[WindowRecord], caplog: pytest.LogCaptureFixture) -> float:
+    """Write the first record, wait until the sink's thread has it in flight, then write the
+    rest (logging captured); returns the seconds the rest took."""
+    with caplog.at_level(logging.WARNING, logger="bnwatch"):
+        sink.write(records[0])
+        assert wait_for(lambda: sink.stats().queued == 0)
+        started = time.perf_counter()
+        for r in records[1:]:
+            sink.write(r)
+        return time.perf_counter() - started
+
+
 def test_write_never_blocks_and_a_full_queue_drops_and_counts(
     windows: Windows, spool: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with socket.socket() as hung:  # accepts connections (backlog) and never answers
-        hung.bind(("127.0.0.1", 0))
-        hung.listen(16)
-        url = f"http://127.0.0.1:{hung.getsockname()[1]}"
-        records = windows(50)
+    with hung_service() as url:
         sink = HttpSink(url, spool_dir=spool, queue_size=5, batch_size=2, timeout=1.0)
-        with caplog.at_level(logging.WARNING, logger="bnwatch"):
-            sink.write(records[0])
-            assert wait_for(lambda: sink.stats().queued == 0)  # the thread has it, in flight
-            started = time.perf_counter()
-            for r in records[1:]:
-                sink.write(r)
-            assert time.perf_counter() - started < 0.5
+        assert fill(sink, windows(50), caplog) < 0.5
         assert sink.dropped == 44  # 5 queued, 1 in flight
         assert any("queue is full" in r.getMessage() for r in caplog.records)
         started = time.perf_counter()
@@ -586,6 +598,22 @@ def test_write_never_blocks_and_a_full_queue_drops_and_counts(
         assert time.perf_counter() - started < 0.2 + 1.0 + 2.0  # timeout + HTTP timeout
         stats = sink.stats()
         assert (stats.dropped, stats.spooled, stats.written) == (44, 6, 0)
+
+
+def test_a_queue_past_its_bytes_drops_and_counts(
+    windows: Windows, spool: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Bounded by the bytes its windows hold as well as by their number: 3 windows' worth."""
+    with hung_service() as url:
+        records = windows(20)
+        size = max(r.nbytes for r in records)
+        sink = HttpSink(url, spool_dir=spool, queue_bytes=3 * size, batch_size=1, timeout=1.0)
+        fill(sink, records, caplog)
+        assert sink.dropped == 16  # 3 queued, 1 in flight
+        assert any("MiB of windows" in r.getMessage() for r in caplog.records)
+        sink.close(timeout=0.2)
+        stats = sink.stats()
+        assert (stats.dropped, stats.spooled, stats.written) == (16, 4, 0)
 
 
 def test_write_after_close_is_counted(windows: Windows, spool: Path) -> None:

@@ -82,6 +82,25 @@ def test_write_never_blocks_and_a_full_queue_drops_and_counts(
     assert stats.failures >= 1
 
 
+def test_a_queue_past_its_bytes_drops_and_counts(caplog: pytest.LogCaptureFixture) -> None:
+    """The queue is bounded by the bytes its windows hold as well as by their number (wide
+    models: a ResNet-50 window is 5.5 MB): here 4 windows' worth while the database is away."""
+    (record,) = record_windows(1)
+    sink = StoreSink(
+        "postgresql://nobody@127.0.0.1:1/none",
+        queue_bytes=4 * record.nbytes,
+        batch_size=1,
+        retry_initial=5.0,
+    )
+    with caplog.at_level(logging.WARNING, logger="bnwatch"):
+        for _ in range(50):
+            sink.write(renamed(record))
+    assert sink.dropped in (45, 46)  # 4 queued, and the one in hand unless not yet taken
+    assert any("MiB of windows" in r.getMessage() for r in caplog.records)
+    sink.close(timeout=0.5)
+    assert sink.stats().dropped == 50
+
+
 def test_a_database_down_at_start_is_retried_until_it_comes(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
