@@ -152,6 +152,7 @@ import bnwatch
 from bnwatch.codec import encode_arrays, encode_moments, raw_moment_bytes
 from bnwatch.drift import DriftConfig, Reference, assess_layer, decide
 from bnwatch.schema import LayerReport, WindowRecord
+from bnwatch.sink import QUEUE_BYTES
 from bnwatch.stats import (
     DEFAULT_RESERVOIR,
     ChannelMoments,
@@ -561,6 +562,13 @@ def time_driver(engine: Engine, windows: Sequence[list[DriverRow]], batch: int) 
         dbapi.close()
 
 
+def burst_bytes(records: Sequence[WindowRecord]) -> int:
+    """A writer queue bound that holds ``records`` at once.  The benchmark writes a round in
+    one burst (a monitor sends a window a minute), and the default bound, 256 MiB of windows
+    (46 of ResNet-50), would drop part of it."""
+    return max(QUEUE_BYTES, sum(r.nbytes for r in records))
+
+
 def _replica(
     url: str,
     inherited: Sequence[Engine],
@@ -575,7 +583,7 @@ def _replica(
     ``records`` through a StoreSink and report (monotonic end, complete, dropped + rejected)."""
     for engine in inherited:  # the parent's pooled connections are not this process's
         engine.dispose(close=False)
-    sink = StoreSink(url, batch_size=batch)
+    sink = StoreSink(url, batch_size=batch, queue_bytes=burst_bytes([warmup, *records]))
     try:
         sink.write(warmup)
         warmed = sink.flush(FLUSH_TIMEOUT)
@@ -681,7 +689,7 @@ def run_path(
         result.dropped += lost
         result.complete &= complete
     else:
-        sink = StoreSink(url, batch_size=result.batch)
+        sink = StoreSink(url, batch_size=result.batch, queue_bytes=burst_bytes([warmup, *records]))
         try:
             sink.write(warmup)  # untimed: engine, connection, schema check, id cache
             if not sink.flush(FLUSH_TIMEOUT):

@@ -19,6 +19,8 @@ import pytest
 import sqlalchemy as sa
 import torch
 
+from bnwatch.sink import QUEUE_BYTES, WindowQueue
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # ``benchmarks`` is not an installed package
     sys.path.insert(0, str(ROOT))
@@ -73,6 +75,19 @@ def test_records_are_fresh_windows_over_prebuilt_reports() -> None:
     assert len({r.start for r in records}) == 4
     assert records[0].reports is records[2].reports is reports[0]
     assert records[1].reports is reports[1]
+
+
+def test_the_writers_queue_holds_a_whole_round_of_resnet50_windows() -> None:
+    """The benchmark writes a round in one burst; the default queue bound (256 MiB, about 46
+    ResNet-50 windows) would drop part of the default 96, so its writers get a bound that
+    holds the round -- checked with the queue the writer uses."""
+    reports = store.build_reports(store.resnet50_bn_layers(), variants=1)
+    records = store.RecordFactory(reports).make(store.DEFAULT_RECORDS + 1)
+    assert sum(r.nbytes for r in records) > QUEUE_BYTES
+    q = WindowQueue(1000, store.burst_bytes(records))
+    for record in records:
+        q.put_nowait(record)
+    assert q.qsize() == len(records)
 
 
 def _check_smoke(results: dict[str, Any], backends: list[str], json_path: Path, table: str) -> None:
