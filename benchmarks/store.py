@@ -569,6 +569,26 @@ def burst_bytes(records: Sequence[WindowRecord]) -> int:
     return max(QUEUE_BYTES, sum(r.nbytes for r in records))
 
 
+def warmed_sink(
+    url: str, warmup: WindowRecord, records: Sequence[WindowRecord], batch: int
+) -> StoreSink:
+    """A writer whose queue holds ``warmup`` and ``records`` at once (:func:`burst_bytes`) and
+    that has stored ``warmup`` -- untimed: engine, connection, schema check, id cache."""
+    sink = StoreSink(url, batch_size=batch, queue_bytes=burst_bytes([warmup, *records]))
+    sink.write(warmup)
+    if not sink.flush(FLUSH_TIMEOUT):
+        sink.close()
+        raise RuntimeError("the writer did not store its warm-up window")
+    return sink
+
+
+def store_all(sink: StoreSink, records: Sequence[WindowRecord]) -> bool:
+    """``write()`` every record, then ``flush()``: whether everything was stored in time."""
+    for record in records:
+        sink.write(record)
+    return sink.flush(FLUSH_TIMEOUT)
+
+
 def _replica(
     url: str,
     inherited: Sequence[Engine],
@@ -583,16 +603,16 @@ def _replica(
     ``records`` through a StoreSink and report (monotonic end, complete, dropped + rejected)."""
     for engine in inherited:  # the parent's pooled connections are not this process's
         engine.dispose(close=False)
-    sink = StoreSink(url, batch_size=batch, queue_bytes=burst_bytes([warmup, *records]))
     try:
-        sink.write(warmup)
-        warmed = sink.flush(FLUSH_TIMEOUT)
-        ready.put(warmed)
-        if not warmed or not start.wait(FLUSH_TIMEOUT):
+        sink = warmed_sink(url, warmup, records, batch)
+    except RuntimeError:
+        ready.put(False)
+        return
+    try:
+        ready.put(True)
+        if not start.wait(FLUSH_TIMEOUT):
             return
-        for record in records:
-            sink.write(record)
-        complete = sink.flush(FLUSH_TIMEOUT)
+        complete = store_all(sink, records)
         end = time.monotonic()
         stats = sink.stats()
         results.put((end, complete, stats.dropped + stats.rejected))
@@ -689,16 +709,11 @@ def run_path(
         result.dropped += lost
         result.complete &= complete
     else:
-        sink = StoreSink(url, batch_size=result.batch, queue_bytes=burst_bytes([warmup, *records]))
+        sink = warmed_sink(url, warmup, records, result.batch)
         try:
-            sink.write(warmup)  # untimed: engine, connection, schema check, id cache
-            if not sink.flush(FLUSH_TIMEOUT):
-                raise RuntimeError("the writer did not store its warm-up window")
             before = meter.read()
             start = time.perf_counter()
-            for record in records:
-                sink.write(record)
-            result.complete &= sink.flush(FLUSH_TIMEOUT)
+            result.complete &= store_all(sink, records)
             result.seconds.append(time.perf_counter() - start)
             after = meter.read()
         finally:

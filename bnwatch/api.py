@@ -350,9 +350,6 @@ def report_recalibration(
         engine.dispose()
 
 
-_REPORTED = REPORTED_STATUSES
-
-
 def _reported(
     result: RecalibrationResult | None, status: str | None, outcome: Mapping[str, Any] | None
 ) -> tuple[str, dict[str, Any], dict[str, tuple[Any, Any, float]] | None]:
@@ -361,9 +358,11 @@ def _reported(
 
     if result is None:
         if status is None:
-            raise ConfigError("status", None, f"one of {list(_REPORTED)} when no result is given")
-        if status not in _REPORTED:
-            raise ConfigError("status", status, f"one of {list(_REPORTED)}")
+            raise ConfigError(
+                "status", None, f"one of {list(REPORTED_STATUSES)} when no result is given"
+            )
+        if status not in REPORTED_STATUSES:
+            raise ConfigError("status", status, f"one of {list(REPORTED_STATUSES)}")
         return status, dict(outcome or {}), None
     if not isinstance(result, RecalibrationResult):
         raise ConfigError(

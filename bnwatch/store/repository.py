@@ -473,33 +473,30 @@ class Repository:
             # references first: no query can run on the connection once COPY has begun
             planned: list[list[tuple[LayerReport, int, int | None, int | None]]] = []
             for record, _, layer_ids in fresh:
-                planned.append(
-                    [
-                        (
-                            report,
-                            layer_ids[name],
-                            self._running_ref(conn, layer_ids[name], report, new),
-                            self._baseline_ref(conn, layer_ids[name], report, new),
-                        )
-                        for name, report in record.reports.items()
-                    ]
-                )
+                planned.append([])
+                for name, report in record.reports.items():
+                    layer_id = layer_ids[name]
+                    running = self._running_ref(conn, layer_id, report, new)
+                    baseline = self._baseline_ref(conn, layer_id, report, new)
+                    planned[-1].append((report, layer_id, running, baseline))
+
+            def row(i: int, k: int) -> dict[str, Any]:
+                """The ``windows`` row of record ``i``'s ``k``-th layer (encoded when made)."""
+                record, model_id, _ = fresh[i]
+                report, layer_id, running, baseline = planned[i][k]
+                return window_row(record, report, model_id, layer_id, running, baseline)
+
             # Claim each record with its first row (a short INSERT ... RETURNING): a concurrent
             # writer of the same window blocks on the unique index and then claims nothing,
             # so a window -- its rows, totals and source counts -- is stored exactly once.
             table: sa.Table = Window.__table__  # type: ignore[assignment]
-            firsts = []
-            for (record, model_id, _), layers in zip(fresh, planned, strict=True):
-                report, layer_id, running, baseline = layers[0]
-                firsts.append(window_row(record, report, model_id, layer_id, running, baseline))
+            firsts = [row(i, 0) for i in range(len(fresh))]
             claimed = set(_insert_ignore_returning(conn, table, firsts))
-            mine = [i for i, row in enumerate(firsts) if row["uid"] in claimed]
+            mine = [i for i, first in enumerate(firsts) if first["uid"] in claimed]
 
             def rest() -> Iterator[dict[str, Any]]:
-                for i in mine:
-                    record, model_id, _ = fresh[i]
-                    for report, layer_id, running, baseline in planned[i][1:]:
-                        yield window_row(record, report, model_id, layer_id, running, baseline)
+                """The other rows of the claimed records, made one at a time."""
+                return (row(i, k) for i in mine for k in range(1, len(planned[i])))
 
             inserted = len(mine) + _insert_claimed(conn, table, rest)
             _add_totals(conn, [(fresh[i][0], fresh[i][2]) for i in mine])

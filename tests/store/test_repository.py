@@ -125,7 +125,7 @@ def test_a_row_that_cannot_be_made_midway_leaves_nothing_of_the_batch(
     assert repo.write_windows(records) == 9
 
 
-def test_a_batch_is_encoded_a_few_rows_at_a_time(db_url: str) -> None:
+def test_a_batch_is_encoded_a_few_rows_at_a_time(repo: Repository) -> None:
     """A batch never holds all its encoded rows: PostgreSQL's COPY sends each row as it is
     made, SQLite inserts about a megabyte of rows at a time.  With 24 windows of a
     4,096-channel layer (11.8 MB encoded), Python's peak stays under a quarter of them (it
@@ -145,8 +145,6 @@ def test_a_batch_is_encoded_a_few_rows_at_a_time(db_url: str) -> None:
         for record in records
         for row in [window_row(record, record.reports["3"], 0, 0, None, None)]
     )
-    engine = engine_for(db_url)
-    repo = Repository(engine)
     repo.write_windows([first])  # as a running monitor: ids and references known
     tracemalloc.start()
     try:
@@ -154,7 +152,6 @@ def test_a_batch_is_encoded_a_few_rows_at_a_time(db_url: str) -> None:
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-        engine.dispose()
     assert peak < encoded / 4, (peak, encoded)
 
 
