@@ -27,7 +27,9 @@ What is measured
       driver alone into a bare table (id, uid, layer, the two blobs; on PostgreSQL at
       ``STORAGE EXTERNAL`` as migration 0006 sets) at the largest batch size, one transaction
       per batch: on PostgreSQL by binary ``COPY`` (psycopg's ``copy.write_row``, as bnwatch
-      stores all rows of a window but its first), on SQLite by DB-API ``executemany``.  No
+      stores all rows of a window but its first, though without bnwatch's row-by-row
+      ``WHERE``: with no client work to overlap, the driver times the same with it or
+      without), on SQLite by DB-API ``executemany``.  No
       bnwatch code runs in its timing, so it is what the server and its disk take for these
       bytes; every other row is also given as a share of it (``÷driver``), which separates
       "bnwatch is slow" from "this disk is slow".
@@ -120,7 +122,28 @@ path and round, 6-8 rounds round-robin; the shared VM's disk moved the driver be
       client CPU per window added to the driver's loop cut it to 0.41-0.78x.  Yet making them
       overlap did not pay: psycopg's ``QueuedLibpqWriter`` (a thread sends while the writer
       encodes) gave 0.61-1.18x over 5 rounds, nor did the helper thread or the two writer
-      threads above.
+      threads above.  Why, and what was kept, follows.
+
+Why the client and the server took turns, and what was kept
+    A binary ``COPY`` into a table without ``BEFORE`` triggers makes PostgreSQL buffer up to
+    1,000 rows before inserting any: its other flush threshold, 64 kB, counts the bytes of text
+    lines (``line_buf``), which a binary ``COPY`` has none of.  A batch of 8 ResNet-50 windows
+    is 416 rows, so the server inserted nothing until the client had sent the last row, then
+    everything while the client waited.  Seen from ``/proc`` (the driver's loop, 8-window
+    batches): with the client's sending done in 1-2 ms per window, the backend then spent 8 ms
+    per window of CPU; with 200 ms of sleep inserted after the last row it spent none of it in
+    the sleep, and both sockets' queues were empty -- the rows waited in the backend's memory.
+    Every attempt above to overlap the client with the server could only fail.  A volatile
+    ``WHERE`` (``bnwatch.store.repository.COPY_ROW_BY_ROW``, ``WHERE pg_catalog.random() >= 0``:
+    it keeps every row) makes PostgreSQL insert each row as it arrives.  5.3 ms of busy client
+    CPU per window added to the driver's loop then cost -2.5 to +4.0 ms per window over three
+    paired rounds (+0.2 on average) instead of +5.0 to +7.2 ms, and the driver alone took the
+    same time with the ``WHERE`` as without, within noise.  Back-to-back runs of this file
+    (without, with, with, without; 5 rounds each, ``--replicas 0``): the writer reached 0.71x
+    and 0.57x the driver without it, 0.80x and 0.86x with it (47.9 and 53.9 against 69.4 and
+    75.4 windows/s; the driver 67-95), the repository at batch 8 0.59x and 0.52x against 0.64x
+    and 0.66x.  ``tests/store/test_repository.py`` checks that the table grows while a
+    ``COPY`` is still being sent.
 """
 
 from __future__ import annotations

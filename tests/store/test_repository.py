@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
@@ -153,6 +154,58 @@ def test_a_batch_is_encoded_a_few_rows_at_a_time(repo: Repository) -> None:
     finally:
         tracemalloc.stop()
     assert peak < encoded / 4, (peak, encoded)
+
+
+def test_postgresql_inserts_copied_rows_while_the_client_still_sends(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server stores each row of the COPY as it arrives, while the client makes the next
+    (a binary COPY would otherwise hold up to 1,000 rows in the server's memory and insert
+    none before the last had been sent: the two never worked at once).  Seen from a second
+    connection: while the sixth wide row of the COPY is being made, the ``windows`` table has
+    already grown (before ``COPY_ROW_BY_ROW`` it grew only after the last row)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1),
+        torch.nn.BatchNorm2d(4),  # the first row of a window, claimed before the COPY
+        torch.nn.Conv2d(4, 4096, 1),
+        torch.nn.BatchNorm2d(4096),  # 425 kB of moments per row, all sent by the COPY
+    ).eval()
+    first, *records = record_windows(9, model=net, name="wide")
+    engine = engine_for(postgres_url)
+    watcher = engine_for(postgres_url)
+    repo = Repository(engine)
+    repo.write_windows([first])
+
+    def stored_bytes() -> int:
+        with watcher.connect() as conn:
+            return int(
+                conn.execute(sa.text("SELECT pg_total_relation_size('windows')")).scalar_one()
+            )
+
+    seen: dict[str, int] = {}
+    made = window_row
+
+    def watched(record: Any, report: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        if report.channels == 4096:
+            seen["wide"] = seen.get("wide", 0) + 1
+            if seen["wide"] == 1:
+                seen["before"] = stored_bytes()
+            elif seen["wide"] == 6:
+                deadline = time.monotonic() + 10.0
+                while stored_bytes() <= seen["before"] and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                seen["during"] = stored_bytes()
+        return made(record, report, *args, **kwargs)
+
+    monkeypatch.setattr(repository, "window_row", watched)
+    try:
+        assert repo.write_windows(records) == 16
+    finally:
+        engine.dispose()
+        watcher.dispose()
+    assert seen["wide"] == 8
+    assert seen["during"] > seen["before"], seen
 
 
 def test_a_refused_copy_falls_back_to_insert_and_says_so_once(
