@@ -231,6 +231,23 @@ def test_a_refused_copy_falls_back_to_insert_and_says_so_once(
     engine.dispose()
 
 
+def test_a_server_refusing_the_copy_where_gets_the_rows_by_insert(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server that cannot run ``COPY_ROW_BY_ROW`` (``COPY ... WHERE`` came in PostgreSQL 12;
+    here a clause this server rejects stands in) refuses the COPY: the rows go in by INSERT."""
+    engine = engine_for(postgres_url)
+    repo = Repository(engine)
+    monkeypatch.setattr(repository, "COPY_ROW_BY_ROW", "WHERE bnwatch_no_such_function()")
+    monkeypatch.setattr(repository, "_COPY_REFUSED", set())
+    with caplog.at_level(logging.WARNING, logger="bnwatch"):
+        assert repo.write_windows(record_windows(2)) == 6
+    assert repo.window_count() == 6
+    warnings = [r.getMessage() for r in caplog.records if "refused COPY" in r.getMessage()]
+    assert len(warnings) == 1 and "bnwatch_no_such_function" in warnings[0]
+    engine.dispose()
+
+
 def test_a_connection_lost_mid_copy_raises_sqlalchemys_error_and_writes_nothing(
     postgres_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
