@@ -78,10 +78,9 @@ import httpx
 from pydantic import ValidationError
 
 from bnwatch.errors import BnwatchError, ConfigError, check_positive_int
-from bnwatch.schema import SCHEMA_VERSION, Profile, WindowRecord
+from bnwatch.schema import REPORTED_STATUSES, SCHEMA_VERSION, Profile, WindowRecord
 from bnwatch.sink import QUEUE_BYTES, WindowQueue
 from bnwatch.wire import (
-    RECALIBRATION_STATUSES,
     IngestResult,
     ProfileResult,
     from_record,
@@ -1345,8 +1344,8 @@ def send_recalibration_outcome(
     endpoint = outcome_endpoint(url, recalibration_id)
     seconds = _seconds("timeout", timeout)
     secret = _token(token)
-    if status not in RECALIBRATION_STATUSES:
-        raise ConfigError("status", status, f"one of {list(RECALIBRATION_STATUSES)}")
+    if status not in REPORTED_STATUSES:
+        raise ConfigError("status", status, f"one of {list(REPORTED_STATUSES)}")
     if outcome is not None and not isinstance(outcome, Mapping):
         raise ConfigError("outcome", type(outcome).__name__, "a mapping (a JSON object) or None")
     if buffers is not None and not isinstance(buffers, Mapping):

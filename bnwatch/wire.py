@@ -41,14 +41,7 @@ from pydantic import (
 
 from bnwatch.codec import CodecError, blob_shape, decode_arrays, encode_arrays, encode_moments
 from bnwatch.drift import DriftConfig, Reference, assess_layer, decide, report_from_metrics
-from bnwatch.schema import (
-    REPORTED_STATUSES,
-    SCHEMA_VERSION,
-    LayerProfile,
-    LayerReport,
-    Profile,
-    WindowRecord,
-)
+from bnwatch.schema import SCHEMA_VERSION, LayerProfile, LayerReport, Profile, WindowRecord
 from bnwatch.stats import MOMENT_FIELDS, ChannelMoments, LayerStats, Reservoir
 
 MAX_CHANNELS = 1 << 20
@@ -390,8 +383,6 @@ class ProfileResult(BaseModel):
 # ------------------------------------------------------------------------------------------
 # Recalibration outcomes
 # ------------------------------------------------------------------------------------------
-RECALIBRATION_STATUSES = REPORTED_STATUSES
-"""How a reported recalibration ended (``pending`` is where it starts, never reported)."""
 MAX_OUTCOME_BYTES = 64 * 1024
 """Largest ``outcome`` of a report, as compact JSON: a summary, not a log."""
 _RESERVED_OUTCOME_KEYS = ("references", "skipped_layers")

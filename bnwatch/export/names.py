@@ -24,8 +24,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from bnwatch.schema import ALERT_KINDS as _ALERT_KINDS
-from bnwatch.schema import BATCH_SIZE_BUCKETS
-from bnwatch.schema import RECALIBRATION_STATUSES as _RECALIBRATION_STATUSES
+from bnwatch.schema import BATCH_SIZE_BUCKETS, RECALIBRATION_STATUSES
 
 __all__ = [
     "ALERTS_ACTIVE",
@@ -290,9 +289,6 @@ ALERTS_ACTIVE = MetricSpec(
 
 RECALIBRATION_LABELS: tuple[str, ...] = ("model", "version", "status")
 """Labels of :data:`RECALIBRATIONS`."""
-
-RECALIBRATION_STATUSES: tuple[str, ...] = _RECALIBRATION_STATUSES
-"""Every recalibration status (the ``status`` label of :data:`RECALIBRATIONS`)."""
 
 RECALIBRATIONS = MetricSpec(
     "bnwatch_recalibrations",

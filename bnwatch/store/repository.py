@@ -164,11 +164,12 @@ def _insert_claimed(
     BINARY)``: 1.1-1.2x the windows/s of ``INSERT`` in ``benchmarks/store.py``.  Each row is
     made (its moments encoded) just before it is sent and, by :data:`COPY_ROW_BY_ROW`, stored
     by the server as it arrives: the server stores one row while the client encodes the next
-    instead of the two taking turns.  COPY runs
-    in a savepoint: should the server refuse it (a row that exists after all -- COPY knows no
-    ``ON CONFLICT`` -- or COPY itself, e.g. under row-level security), the savepoint is rolled
-    back and the rows are made again and go in as :func:`_insert_ignore` puts them, which
-    raises what SQLAlchemy raises if the rows cannot go in either.  A connection lost mid-COPY
+    instead of the two taking turns.  COPY runs in a savepoint: should the server refuse it (a
+    row that exists after all -- COPY knows no ``ON CONFLICT`` -- or COPY itself, e.g. under
+    row-level security or on a server older than PostgreSQL 12, which has no ``COPY ...
+    WHERE``), the savepoint is rolled back and the rows are made again and go in as
+    :func:`_insert_ignore` puts them, which raises what SQLAlchemy raises if the rows cannot
+    go in either.  A connection lost mid-COPY
     fails the rollback to the savepoint, which raises SQLAlchemy's error.  Elsewhere (SQLite):
     :func:`_insert_ignore`, :data:`INSERT_CHUNK_BYTES` of rows at a time.
     """
@@ -194,7 +195,7 @@ def _insert_claimed(
                     for row in pending:
                         copy.write_row([row[c] for c in columns])
                         sent += 1
-                        del row
+                        del row  # before the next is made: one encoded row held at a time
     except conn.dialect.loaded_dbapi.Error as err:
         if not isinstance(err, conn.dialect.loaded_dbapi.IntegrityError):
             _copy_refused(err)

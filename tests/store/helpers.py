@@ -35,6 +35,18 @@ def small_cnn(seed: int = 0, width: int = 6) -> nn.Module:
     ).eval()
 
 
+def wide_cnn() -> nn.Module:
+    """Two BN layers: a narrow one (a window's first row, claimed before the COPY) and one of
+    4,096 channels (425 kB of moments per row, sent by the COPY)."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.Conv2d(4, 4096, 1),
+        nn.BatchNorm2d(4096),
+    ).eval()
+
+
 def batches(n: int, seed: int = 0, batch: int = 4, shift: float = 0.0) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [

@@ -28,7 +28,7 @@ from bnwatch.store.repository import (
     moments_equal,
     window_row,
 )
-from tests.store.helpers import batches, record_windows, renamed, small_cnn
+from tests.store.helpers import batches, record_windows, renamed, small_cnn, wide_cnn
 
 
 @pytest.fixture
@@ -133,14 +133,7 @@ def test_a_batch_is_encoded_a_few_rows_at_a_time(repo: Repository) -> None:
     was all of them and more before)."""
     import tracemalloc
 
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 4, 3, padding=1),
-        torch.nn.BatchNorm2d(4),  # the first row of a window, made before the COPY
-        torch.nn.Conv2d(4, 4096, 1),
-        torch.nn.BatchNorm2d(4096),
-    ).eval()
-    first, *records = record_windows(25, model=net, name="wide")
+    first, *records = record_windows(25, model=wide_cnn(), name="wide")
     encoded = sum(
         len(row["moments"]) + len(row["reservoir"] or b"")
         for record in records
@@ -164,14 +157,7 @@ def test_postgresql_inserts_copied_rows_while_the_client_still_sends(
     none before the last had been sent: the two never worked at once).  Seen from a second
     connection: while the sixth wide row of the COPY is being made, the ``windows`` table has
     already grown (before ``COPY_ROW_BY_ROW`` it grew only after the last row)."""
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 4, 3, padding=1),
-        torch.nn.BatchNorm2d(4),  # the first row of a window, claimed before the COPY
-        torch.nn.Conv2d(4, 4096, 1),
-        torch.nn.BatchNorm2d(4096),  # 425 kB of moments per row, all sent by the COPY
-    ).eval()
-    first, *records = record_windows(9, model=net, name="wide")
+    first, *records = record_windows(9, model=wide_cnn(), name="wide")
     engine = engine_for(postgres_url)
     watcher = engine_for(postgres_url)
     repo = Repository(engine)
