@@ -6,6 +6,7 @@ named like the public function ``bnwatch.recalibrate`` would replace it as an at
 """
 
 from bnwatch.recalibration.core import METHODS, NotEnoughDataError, recalibrate
+from bnwatch.recalibration.distributed import RankFailedError
 from bnwatch.recalibration.result import LayerJudgement, LayerUpdate, RecalibrationResult
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "LayerJudgement",
     "LayerUpdate",
     "NotEnoughDataError",
+    "RankFailedError",
     "RecalibrationResult",
     "recalibrate",
 ]

@@ -24,7 +24,8 @@ Only the BatchNorm layers being recalibrated change mode; dropout and every othe
 theirs (``torch.optim.swa_utils.update_bn`` switches the whole model to train mode).  Modes,
 momenta, hooks and buffers are restored even when the data raises midway.  With
 ``torch.distributed`` initialized, the sufficient statistics of all ranks are merged, so
-every rank ends with identical statistics.
+every rank ends with identical statistics, judgement and errors
+(:mod:`bnwatch.recalibration.distributed`).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from bnwatch.capture.accumulator import LayerAccumulator
 from bnwatch.capture.discovery import BatchNormLayer, discover
 from bnwatch.errors import BnwatchError, ConfigError, ShapeError, check_positive_int
 from bnwatch.inputs import model_input
+from bnwatch.recalibration import distributed
 from bnwatch.recalibration.result import LayerUpdate, RecalibrationResult, evaluate
 from bnwatch.stats import MOMENT_FIELDS, ChannelMoments
 
@@ -119,22 +121,32 @@ def recalibrate(
     target_device = torch.device(device) if device is not None else _model_device(model)
     before = {layer.name: _buffers(layer.module) for layer in selected}
 
-    moments, seen = _estimate(
-        model,
-        selected,
-        data,
-        method,
-        prior_strength,
-        num_samples,
-        input_key,
-        target_device,
-        _show_progress(progress),
+    # each rank measures its shard; every rank merges all of them, in rank order
+    parts = distributed.exchange(
+        lambda: _measure(
+            model,
+            selected,
+            data,
+            method,
+            prior_strength,
+            num_samples,
+            input_key,
+            target_device,
+            _show_progress(progress),
+        )
     )
+    seen = sum(samples for _, samples in parts)
     if seen < min_samples:
         raise NotEnoughDataError(seen, min_samples)
     updates = []
     for layer in selected:
-        m = moments[layer.name]
+        found = [m for moments, _ in parts if (m := moments[layer.name]) is not None]
+        if not found:
+            raise BnwatchError(
+                f"layer {layer.name!r} received no data during recalibration: the model's "
+                "forward does not use it on these inputs (leave it out with layers=)"
+            )
+        m = ChannelMoments.merge_all(found)
         old_mean, old_var = before[layer.name]
         mean, var = _new_statistics(m, old_mean, old_var, method, prior_strength)
         updates.append(
@@ -223,7 +235,7 @@ def _batches(
             return
 
 
-def _estimate(
+def _measure(
     model: nn.Module,
     selected: list[BatchNormLayer],
     data: Iterable[Any],
@@ -233,9 +245,10 @@ def _estimate(
     input_key: str | None,
     device: torch.device,
     progress: bool,
-) -> tuple[dict[str, ChannelMoments], int]:
-    """One pass over the data with the selected layers normalizing as the method says,
-    measuring exactly what each receives.  Everything is restored afterwards."""
+) -> tuple[dict[str, ChannelMoments | None], int]:
+    """One pass over this rank's data with the selected layers normalizing as the method
+    says, measuring exactly what each receives (``None``: a layer the pass never reached)
+    and the samples seen.  Everything is restored afterwards."""
     accs = {layer.name: LayerAccumulator(layer.name) for layer in selected}
     pooled = {layer.name: _Pooled() for layer in selected}
     modes = {module: module.training for module in model.modules()}
@@ -283,8 +296,6 @@ def _estimate(
                 if bar is not None:
                     bar.update(int(x.shape[0]))
         moments = {name: _collect(acc, pooled[name]) for name, acc in accs.items()}
-        moments = _all_reduce(moments)
-        seen = _all_reduce_count(seen)
     finally:
         if bar is not None:
             bar.close()
@@ -389,13 +400,11 @@ def _harvesting(acc: LayerAccumulator, pooled: _Pooled) -> Callable[[nn.Module, 
     return hook
 
 
-def _collect(acc: LayerAccumulator, pooled: _Pooled | None = None) -> ChannelMoments:
+def _collect(acc: LayerAccumulator, pooled: _Pooled | None = None) -> ChannelMoments | None:
     stats = acc.collect()
     harvested = None if pooled is None else pooled.moments()
     parts = [m for m in (harvested, None if stats is None else stats.moments) if m is not None]
-    if not parts:
-        raise BnwatchError(f"layer {acc.name!r} received no data during recalibration")
-    return parts[0] if len(parts) == 1 else parts[0].merge(parts[1])
+    return ChannelMoments.merge_all(parts) if parts else None
 
 
 def _new_statistics(
@@ -414,28 +423,3 @@ def _new_statistics(
         mean = w * old_mean.double().cpu().numpy() + (1 - w) * mean
         var = w * old_var.double().cpu().numpy() + (1 - w) * var
     return np.asarray(mean), np.asarray(var)
-
-
-def _all_reduce(moments: dict[str, ChannelMoments]) -> dict[str, ChannelMoments]:
-    """Merge every rank's statistics (identical result on all ranks)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return moments
-    out = {}
-    for name, m in moments.items():
-        local = torch.from_numpy(np.stack(m.as_arrays())).contiguous()
-        gathered = [torch.empty_like(local) for _ in range(torch.distributed.get_world_size())]
-        torch.distributed.all_gather(gathered, local)
-        parts = [ChannelMoments.from_arrays(list(t.numpy())) for t in gathered]
-        merged = parts[0]
-        for p in parts[1:]:
-            merged = merged.merge(p)  # rank order: the same on every rank
-        out[name] = merged
-    return out
-
-
-def _all_reduce_count(seen: int) -> int:
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return seen
-    t = torch.tensor([seen], dtype=torch.int64)
-    torch.distributed.all_reduce(t)
-    return int(t.item())

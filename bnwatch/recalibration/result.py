@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,8 +14,12 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnwatch.capture.discovery import ROOT_NAME, BatchNormLayer
 from bnwatch.capture.monitor import Monitor
+from bnwatch.drift import Reference, finite_mean, gaussian_kl, rms, standardized_shift
 from bnwatch.inputs import model_input
+from bnwatch.recalibration import distributed
+from bnwatch.schema import LayerReport
 from bnwatch.sink import MemorySink
+from bnwatch.stats import ChannelMoments
 
 
 @dataclass
@@ -188,57 +192,126 @@ def evaluate(
     """Judge ``result`` on held-out data: per-layer gap before/after, accuracy if labelled.
 
     The model runs as deployed (its modes unchanged) once with its current statistics and
-    once with the new ones; its buffers are the current ones again afterwards.
+    once with the new ones; its buffers are the current ones again afterwards.  Under
+    ``torch.distributed`` every rank judges its own held-out shard and the ranks merge what
+    they measured, so all of them reach the same judgement.
     """
     items = list(held_out)  # iterated twice
     layers = [BatchNormLayer(u.name, u.module, i) for i, u in enumerate(result.updates)]
-    before = _gap(result.model, layers, items, input_key, device)
-    result._write(new=True)
-    try:
-        after = _gap(result.model, layers, items, input_key, device)
-    finally:
-        result._write(new=False)
-    for name in before[0]:
-        kb, db = before[0][name]
-        ka, da = after[0].get(name, (math.nan, math.nan))
-        result.layers[name] = LayerJudgement(kb, ka, db, da)
-    result.accuracy_before, result.accuracy_after = before[1], after[1]
+
+    def measure() -> tuple[_HeldOut, _HeldOut]:
+        before = _HeldOut.measure(result.model, layers, items, input_key, device)
+        result._write(new=True)
+        try:
+            after = _HeldOut.measure(result.model, layers, items, input_key, device)
+        finally:
+            result._write(new=False)
+        return before, after
+
+    parts = distributed.exchange(measure)
+    before = _HeldOut.merge([b for b, _ in parts])
+    after = _HeldOut.merge([a for _, a in parts])
+    for u in result.updates:
+        seen_before, seen_after = before.moments.get(u.name), after.moments.get(u.name)
+        if seen_before is None:
+            continue  # the held-out data never reached this layer
+        eps = float(u.module.eps)
+        kb, db = _gap(seen_before, u.old_mean, u.old_var, eps)
+        ka, da = (
+            (math.nan, math.nan)
+            if seen_after is None
+            else _gap(seen_after, u.new_mean, u.new_var, eps)
+        )
+        result.layers[u.name] = LayerJudgement(kb, ka, db, da)
+    result.accuracy_before, result.accuracy_after = before.accuracy, after.accuracy
 
 
 def _gap(
-    model: nn.Module,
-    layers: list[BatchNormLayer],
-    items: list[Any],
-    input_key: str | None,
-    device: torch.device | None,
-) -> tuple[Mapping[str, tuple[float, float]], float | None]:
-    mon = Monitor(
-        model,
-        layers,
-        name="recalibration",
-        version="held-out",
-        sink=MemorySink(),
-        window_seconds=None,
-        overhead_budget=None,
-    )
-    correct = total = 0
-    labelled = True
-    try:
-        with torch.no_grad():
-            for item in items:
-                x = model_input(item, input_key)
-                if device is not None:
-                    x = x.to(device)
-                out = model(x)
-                y = item[1] if isinstance(item, (tuple, list)) and len(item) > 1 else None
-                if isinstance(y, torch.Tensor) and isinstance(out, torch.Tensor) and out.dim() == 2:
-                    correct += int((out.argmax(dim=1).cpu() == y.cpu()).sum())
-                    total += int(y.shape[0])
-                else:
-                    labelled = False
-        reports = mon.flush()
-    finally:
-        mon.close()
-    gaps = {name: (r.kl_mean, r.d_rms) for name, r in reports.items()}
-    accuracy = correct / total if labelled and total else None
-    return gaps, accuracy
+    seen: ChannelMoments, mean: torch.Tensor, var: torch.Tensor, eps: float
+) -> tuple[float, float]:
+    """Mean Gaussian KL over channels and RMS standardized shift ``d`` of what a layer
+    received against running statistics (as a monitor's window reports them)."""
+    ref = Reference.running(mean.detach().cpu().numpy(), var.detach().cpu().numpy())
+    kl = gaussian_kl(seen.mean, seen.var, ref.mean, ref.var, eps)
+    d = standardized_shift(seen.mean, ref.mean, ref.var, eps)
+    return finite_mean(kl), rms(d)
+
+
+@dataclass(frozen=True)
+class _HeldOut:
+    """What one pass over held-out data saw: each layer's input moments (``None``: the layer
+    was not reached) and, when every item was labelled, the correct predictions."""
+
+    moments: dict[str, ChannelMoments | None]
+    correct: int
+    total: int
+    labelled: bool
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.correct / self.total if self.labelled and self.total else None
+
+    @classmethod
+    def merge(cls, parts: list[_HeldOut]) -> _HeldOut:
+        """The ranks' passes as one (merged in rank order: the same on every rank)."""
+        moments: dict[str, ChannelMoments | None] = {}
+        for name in parts[0].moments:
+            found = [m for p in parts if (m := p.moments.get(name)) is not None]
+            moments[name] = ChannelMoments.merge_all(found) if found else None
+        return cls(
+            moments=moments,
+            correct=sum(p.correct for p in parts),
+            total=sum(p.total for p in parts),
+            labelled=all(p.labelled for p in parts),
+        )
+
+    @classmethod
+    def measure(
+        cls,
+        model: nn.Module,
+        layers: list[BatchNormLayer],
+        items: list[Any],
+        input_key: str | None,
+        device: torch.device | None,
+    ) -> _HeldOut:
+        mon = Monitor(
+            model,
+            layers,
+            name="recalibration",
+            version="held-out",
+            sink=MemorySink(),
+            window_seconds=None,
+            overhead_budget=None,
+        )
+        correct = total = 0
+        labelled = True
+        try:
+            with torch.no_grad():
+                for item in items:
+                    x = model_input(item, input_key)
+                    if device is not None:
+                        x = x.to(device)
+                    out = model(x)
+                    y = item[1] if isinstance(item, (tuple, list)) and len(item) > 1 else None
+                    if (
+                        isinstance(y, torch.Tensor)
+                        and isinstance(out, torch.Tensor)
+                        and out.dim() == 2
+                    ):
+                        correct += int((out.argmax(dim=1).cpu() == y.cpu()).sum())
+                        total += int(y.shape[0])
+                    else:
+                        labelled = False
+            reports = mon.flush()
+        finally:
+            mon.close()
+        return cls(
+            moments={layer.name: _seen(reports.get(layer.name)) for layer in layers},
+            correct=correct,
+            total=total,
+            labelled=labelled,
+        )
+
+
+def _seen(report: LayerReport | None) -> ChannelMoments | None:
+    return None if report is None else report.stats.moments

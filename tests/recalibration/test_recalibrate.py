@@ -235,29 +235,99 @@ def test_is_exported_at_the_top_level() -> None:
     assert bnwatch.recalibrate is recalibrate
 
 
-@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
-def test_distributed_ranks_end_identical_and_equal_to_one_process(tmp_path: Path) -> None:
+def held_out_shards() -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Two labelled held-out shards for recalibration on ``data(12, shift=3.0)``: the first
+    looks like that data (judged alone, the result is applied), the second does not
+    (judged alone, rejected)."""
+    return [
+        [(x, torch.zeros(x.shape[0], dtype=torch.long)) for x in data(2, seed=9, shift=shift)]
+        for shift in (3.0, -6.0)
+    ]
+
+
+def _run_ranks(tmp_path: Path, world: int = 2) -> list[dict[str, Any]]:
+    """Run ``distributed_worker.py`` on ``world`` gloo ranks; what each rank saved."""
     out = tmp_path / "rank{}.pt"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     script = ROOT / "tests" / "recalibration" / "distributed_worker.py"
     init = f"file://{tmp_path / 'init'}"
     procs = [
         subprocess.Popen(
-            [sys.executable, str(script), init, str(rank), "2", str(out).format(rank)],
+            [sys.executable, str(script), init, str(rank), str(world), str(out).format(rank)],
             env=env,
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        for rank in range(2)
+        for rank in range(world)
     ]
-    for p in procs:
-        stdout, stderr = p.communicate(timeout=240)
-        assert p.returncode == 0, stdout + stderr
-    r0, r1 = (torch.load(str(out).format(r)) for r in range(2))
+    try:
+        for p in procs:
+            stdout, stderr = p.communicate(timeout=240)  # a rank left waiting would hang here
+            assert p.returncode == 0, stdout + stderr
+    finally:
+        for p in procs:
+            p.kill()
+    return [torch.load(str(out).format(r), weights_only=False) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed missing")
+    return _run_ranks(tmp_path_factory.mktemp("distributed"))
+
+
+def _assert_identical_and_single(states: list[dict[str, torch.Tensor]], data_: Any) -> None:
     single = net()
-    recalibrate(single, data(12), apply=True)
-    for key, value in r0.items():
-        assert torch.equal(value, r1[key]), key  # bitwise identical on both ranks
+    recalibrate(single, data_, apply=True)
+    for key, value in states[0].items():
+        for other in states[1:]:
+            assert torch.equal(value, other[key]), key  # bitwise identical on every rank
         torch.testing.assert_close(value, single.state_dict()[key], rtol=1e-6, atol=1e-7)
+
+
+def test_distributed_ranks_end_identical_and_equal_to_one_process(
+    ranks: list[dict[str, Any]],
+) -> None:
+    _assert_identical_and_single([r["shards"] for r in ranks], data(12))
+
+
+def test_distributed_ranks_with_an_empty_shard_end_identical(ranks: list[dict[str, Any]]) -> None:
+    _assert_identical_and_single([r["uneven"] for r in ranks], data(12))
+
+
+def test_distributed_ranks_judge_the_merged_held_out_data_alike(
+    ranks: list[dict[str, Any]],
+) -> None:
+    shards = held_out_shards()
+    alone = [recalibrate(net(), data(12, shift=3.0), held_out=s).status for s in shards]
+    assert alone == ["applied", "rejected"]  # judged on its own shard, each rank would differ
+    union = recalibrate(net(), data(12, shift=3.0), held_out=shards[0] + shards[1])
+    judged = [r["judged"] for r in ranks]
+    for j in judged:
+        assert j["status"] == union.status
+        assert j["accuracy_before"] == union.accuracy_before
+        assert j["accuracy_after"] == union.accuracy_after
+        assert j["kl_before"] == pytest.approx(union.kl_before, rel=1e-9)
+        assert j["kl_after"] == pytest.approx(union.kl_after, rel=1e-9)
+    for key, value in judged[0]["buffers"].items():
+        assert torch.equal(value, judged[1]["buffers"][key]), key
+
+
+def test_a_rank_that_fails_stops_every_rank_and_changes_nothing(
+    ranks: list[dict[str, Any]],
+) -> None:
+    first, last = ranks[0], ranks[-1]
+    assert last["failed"]["type"] == "ShapeError"
+    assert first["failed"]["type"] == "RankFailedError"
+    assert first["failed"]["rank"] == len(ranks) - 1
+    assert "ShapeError" in first["failed"]["message"]
+    assert all(r["failed_untouched"] for r in ranks)
+
+
+def test_ranks_count_their_samples_together(ranks: list[dict[str, Any]]) -> None:
+    for r in ranks:  # 6 samples each: 12 in all, fewer than min_samples=16 on every rank
+        assert r["too_few"]["type"] == "NotEnoughDataError"
+        assert r["too_few"]["seen"] == 12
