@@ -392,8 +392,20 @@ def _add_recalibrate(subparsers: Subparsers) -> None:
         metavar="PATH",
         help="where to write the new BatchNorm buffers",
     )
-    parser.add_argument("--method", choices=["precise", "mix"], default="precise")
-    parser.add_argument("--num-samples", type=_positive_int, default=8192, metavar="N")
+    parser.add_argument(
+        "--method",
+        choices=RECALIBRATION_METHODS,
+        default="precise",
+        help="precise: population statistics of the data (a few hundred samples or more); mix: "
+        "blended with the current statistics, for few samples (default precise)",
+    )
+    parser.add_argument(
+        "--num-samples",
+        type=_positive_int,
+        default=8192,
+        metavar="N",
+        help="use at most N samples of --data (default 8192)",
+    )
     parser.add_argument(
         "--prior-strength",
         type=float,
@@ -707,6 +719,9 @@ LISTED_CHANNELS = 20
 """``bnwatch report`` names at most this many drifted channels (the report has them all)."""
 REPORT_PLOTS = 64
 """``bnwatch report --plots`` default: :data:`bnwatch.reports.PLOTS` (not imported here: pandas)."""
+RECALIBRATION_METHODS = ("precise", "mix")
+"""``bnwatch recalibrate --method`` choices: :data:`bnwatch.recalibration.METHODS` (not imported
+here: torch)."""
 
 
 def _add_report(subparsers: Subparsers) -> None:

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bnwatch.cli import main
+from bnwatch.cli import RECALIBRATION_METHODS, main
+from bnwatch.recalibration import METHODS
 from tests.recalibration.test_recalibrate import net
 
 FIX = "tests.recalibration.cli_fixture"
@@ -96,3 +97,7 @@ def test_alerts_lists_and_evaluates(db_url: str, capsys: pytest.CaptureFixture[s
     assert main(["alerts", "--db", db_url, "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert {a["kind"] for a in listed} >= {"no_data"}
+
+
+def test_the_cli_offers_every_method() -> None:
+    assert RECALIBRATION_METHODS == METHODS  # a copy, so that --help does not import torch

@@ -231,6 +231,28 @@ def test_bad_input_leaves_the_model_untouched() -> None:
         assert torch.equal(v, before[k]), k
 
 
+class _Branches(nn.Module):
+    """Two BatchNorm branches; ``forward`` uses only the first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.used = nn.BatchNorm2d(3)
+        self.unused = nn.BatchNorm2d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.used(x)  # type: ignore[no-any-return]
+
+
+def test_a_layer_the_data_never_reaches_is_named_and_nothing_changes() -> None:
+    model = _Branches().eval()
+    before = buffers(model)
+    with pytest.raises(bnwatch.BnwatchError, match=r"'unused' received no data.*layers="):
+        recalibrate(model, data(4))
+    assert all(torch.equal(v, before[k]) for k, v in buffers(model).items())
+    result = recalibrate(model, data(4), layers="used", apply=True)  # what the error suggests
+    assert [u.name for u in result.updates] == ["used"]
+
+
 def test_is_exported_at_the_top_level() -> None:
     assert bnwatch.recalibrate is recalibrate
 
