@@ -12,6 +12,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -175,3 +176,60 @@ def test_labelled_bound_lowers_the_loss_and_leaves_the_model_clean() -> None:
         assert not m._forward_hooks
         assert bool((bench._buffer(m, "var") >= 0).all())
         assert not bench._buffer(m, "mean").requires_grad
+
+
+def _run(means: dict[str, float | None], cases: list[tuple[float, float, float]]) -> dict[str, Any]:
+    """A seed's results as :func:`bench.run_seed` returns them, reduced to what
+    :func:`bench.across_seeds` reads: ``cases`` are (corrupt, lost, precise accuracy)."""
+    return {
+        "summary": {
+            name: {"mean_recovered": m, "per_family": {"noise": m, "photometric": None}}
+            for name, m in means.items()
+        },
+        "cases": [
+            {"corrupt": c, "lost": lost, "methods": {"precise 512": {"accuracy": a}}}
+            for c, lost, a in cases
+        ],
+        "timing": [
+            {"config": "bnwatch precise", "batch": b, "ratio": 1.0 + b / 1000}
+            for b in bench.TIMING_BATCHES
+        ],
+    }
+
+
+def test_across_seeds_summarizes_every_seed() -> None:
+    runs = {
+        0: _run({"precise 512": 0.5}, [(0.8, 0.2, 0.9), (0.5, 0.4, 0.6)]),
+        3: _run({"precise 512": 0.7}, [(0.6, 0.3, 0.9), (0.9, 0.0, 0.9)]),
+    }
+    across = bench.across_seeds(runs)
+    c = across["configs"]["precise 512"]
+    assert c["per_seed"] == [0.5, 0.7]
+    assert c["mean"] == pytest.approx(0.6)
+    assert (c["min"], c["max"]) == (0.5, 0.7)
+    assert c["pooled"] == pytest.approx((0.1 + 0.1 + 0.3) / (0.2 + 0.4 + 0.3))  # lost > 0 only
+    assert c["meets_target"] is True
+    assert c["per_family"] == {"noise": pytest.approx(0.6), "photometric": None, "geometric": None}
+    assert across["timing"] == {str(b): [1.0 + b / 1000] * 2 for b in bench.TIMING_BATCHES}
+    table = bench.format_across_seeds(across, [0, 3])
+    assert "seed 0" in table and "seed 3" in table
+    assert "precise 512" in table and " ok " in table
+
+
+def test_several_seeds_run_one_after_the_other(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "seeds.json"
+    args = ["--smoke", "--quiet", "--corruptions", "contrast", "--seed", "0", "1"]
+    results = bench.main([*args, "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert json.loads(out.read_text()) == json.loads(json.dumps(results))
+    assert list(results["seeds"]) == ["0", "1"]
+    for seed, run in results["seeds"].items():
+        assert run["meta"]["seed"] == int(seed)
+        assert [c["corruption"] for c in run["cases"]] == ["contrast"] * 3
+    for name, c in results["across_seeds"]["configs"].items():
+        per_seed = [run["summary"][name]["mean_recovered"] for run in results["seeds"].values()]
+        assert c["per_seed"] == per_seed
+        assert c["mean"] == pytest.approx(sum(per_seed) / 2)
+    assert "across 2 seeds" in printed
