@@ -100,10 +100,15 @@ def recalibrate(
         progress: show a progress bar (default: when stderr is a terminal).
         device: move inputs there (default: the device of the model's first parameter).
 
+    Under ``torch.distributed`` every rank calls this with its own shard of ``data`` (and of
+    ``held_out``, if any rank passes it, then every rank must, even an empty one) and the same
+    other arguments; all ranks end with the same statistics, judgement and status.
+
     Raises:
         NoBatchNormError: the model (or ``layers``) has no BatchNorm layer.
-        NotEnoughDataError: fewer than ``min_samples`` samples.
+        NotEnoughDataError: fewer than ``min_samples`` samples (on all ranks together).
         ShapeError: the data does not fit the model; the model is left untouched.
+        RankFailedError: another rank raised; nothing changed on this one either.
     """
     if method not in METHODS:
         raise ConfigError("method", method, f"one of {list(METHODS)}")
