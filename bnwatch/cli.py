@@ -529,6 +529,11 @@ def _run_recalibrate(args: argparse.Namespace) -> int:
         raise ConfigError("--model", args.model, "a callable returning an nn.Module")
     data = _load_object(args.data, "--data")
     held_out = _load_object(args.held_out, "--held-out") if args.held_out else None
+    data_lineage = {  # which data, for the stored lineage (samples: in the result's summary)
+        "source": args.data,
+        "held_out": args.held_out,
+        "checkpoint": str(Path(args.checkpoint).resolve()) if args.checkpoint else None,
+    }
     # from here on the run is the recalibration's: a failure is reported as such (a wrong
     # --model/--data name above is not: fix it and run again with the same --recalibration)
     try:
@@ -554,13 +559,14 @@ def _run_recalibrate(args: argparse.Namespace) -> int:
             result.save(args.out)
     except Exception as err:
         if target is not None:  # report the failure, then fail with the run's error
-            _report(args, target, None, {"error": f"{type(err).__name__}: {err}"})
+            error = f"{type(err).__name__}: {err}"
+            _report(args, target, None, {"error": error, "data": data_lineage})
         raise
     summary = result.summary()
     print(json.dumps(summary, indent=2, default=str))
     if result.status == "rejected":
         if target is not None:
-            _report(args, target, result, None)
+            _report(args, target, result, {"data": data_lineage})
         print(
             f"{PROG} recalibrate: rejected (held-out data did not improve); nothing written",
             file=sys.stderr,
@@ -568,7 +574,7 @@ def _run_recalibrate(args: argparse.Namespace) -> int:
         return 1
     print(f"wrote {len(result.updates)} layers' running_mean/running_var to {args.out}")
     if target is not None and not _report(
-        args, target, result, {"out": str(Path(args.out).resolve())}
+        args, target, result, {"out": str(Path(args.out).resolve()), "data": data_lineage}
     ):
         return 1
     return 0

@@ -29,6 +29,10 @@ from tests.store.helpers import batches, feed, recalibrated_references, small_cn
 SECRET = "loop-s3cret"
 
 
+DATA = {"source": "the last 24 production batches", "held_out": 8}
+"""What the receiver says it recalibrated on: kept in every reference's lineage."""
+
+
 class RecalibratingReceiver:
     """A webhook receiver on 127.0.0.1 (free port): verifies each event's signature (401
     otherwise), answers 202, then recalibrates a copy of the model on drifted data and reports
@@ -77,7 +81,7 @@ class RecalibratingReceiver:
             )
             self.results[rid] = result
             bnwatch.report_recalibration(
-                self.service, rid, result, outcome={"receiver": "test"}, token=TOKEN
+                self.service, rid, result, outcome={"receiver": "test", "data": DATA}, token=TOKEN
             )
         except BaseException as err:  # the test asserts there were none
             self.errors.append(err)
@@ -155,6 +159,7 @@ def test_a_drift_alert_is_recalibrated_by_a_webhook_receiver_and_reported_back(
                 "alert_id": alert.id,
                 "method": "WebhookAction",
                 "samples": result.samples,
+                "data": DATA,
             }
     finally:
         engine.dispose()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -148,9 +148,10 @@ def test_drift_recalibrates_in_process_and_records_everything(db_url: str) -> No
         config=bnwatch.DriftConfig(warmup_samples=64, min_samples=8),
     )
     before = model[4].running_mean.clone()  # type: ignore[index]
+    started = datetime.now(timezone.utc)
     feed(model, mon, batches(32, seed=1), every=8)  # clean traffic: the warm-up baseline
     feed(model, mon, batches(96, seed=2, shift=2.5), every=16)  # drifted traffic
-    assert isinstance(mon.sink, object)
+    fed = datetime.now(timezone.utc)
     mon.close()
     engine = engine_for(db_url)
     repo = Repository(engine)
@@ -158,13 +159,26 @@ def test_drift_recalibrates_in_process_and_records_everything(db_url: str) -> No
     assert recs, "no recalibration was triggered"
     assert recs[-1].status == "applied", recs[-1].outcome
     assert recs[-1].outcome is not None and recs[-1].outcome["improved"] is True
+    data = recs[-1].outcome["data"]  # which data: the kept inputs, and when they arrived
+    assert data["samples"] == data["fit"] + data["held_out"] and data["held_out"] > 0
+    assert data["samples"] <= 256 and "keep_inputs" in data["source"]
+    first, last = (datetime.fromisoformat(data[k]) for k in ("first_at", "last_at"))
+    assert started <= first <= last <= fed
     assert not torch.equal(model[4].running_mean, before)  # type: ignore[index]
     with engine.connect() as conn:
         import sqlalchemy as sa
 
         rows = conn.execute(sa.text("SELECT kind, count(*) FROM refs GROUP BY kind")).all()
         kinds: dict[str, int] = {str(k): int(n) for k, n in rows}
+        ids = list(recs[-1].outcome["references"].values())
+        lineages: Any = conn.execute(
+            sa.select(sa.column("lineage"))
+            .select_from(sa.table("refs"))
+            .where(sa.column("id").in_(ids))
+        ).scalars()
+        stored = [v if isinstance(v, dict) else json.loads(v) for v in lineages]
     assert kinds.get("recalibrated", 0) >= 1
+    assert len(stored) == len(ids) > 0 and all(lin["data"] == data for lin in stored)
     assert not [a for a in repo.alerts() if a.kind == "running_stats_mutated"]
     engine.dispose()
 

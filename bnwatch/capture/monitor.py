@@ -35,9 +35,11 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from types import TracebackType
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -131,19 +133,23 @@ class InputRing:
     """The last ``capacity`` samples of the model's tensor input, on the input's device.
 
     A preallocated ring written with ``index_copy_``: no per-batch allocation and no
-    host/device synchronization.  Inputs of another shape or dtype restart the ring.
+    host/device synchronization.  Inputs of another shape or dtype restart the ring.  When
+    each sample arrived is kept on the host beside it (the lineage of a recalibration says
+    which production data it was estimated on).
     """
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self._lock = threading.Lock()
         self._buffer: torch.Tensor | None = None
+        self._arrived = np.zeros(capacity)  # time.time() of each slot's sample
         self._next = 0
         self._filled = 0
 
     def add(self, x: Any) -> None:
         if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[0] == 0:
             return
+        now = time.time()
         x = x.detach()
         if x.shape[0] > self.capacity:
             x = x[-self.capacity :]
@@ -163,16 +169,48 @@ class InputRing:
                 self._next = self._filled = 0
             idx = (torch.arange(n, device=x.device) + self._next) % self.capacity
             buf.index_copy_(0, idx, x)
+            end = self._next + n
+            self._arrived[self._next : min(end, self.capacity)] = now
+            self._arrived[: max(end - self.capacity, 0)] = now
             self._next = (self._next + n) % self.capacity
             self._filled = min(self.capacity, self._filled + n)
 
-    def snapshot(self) -> torch.Tensor | None:
+    def snapshot(self) -> KeptInputs | None:
         with self._lock:
             if self._buffer is None or self._filled == 0:
                 return None
             if self._filled < self.capacity:
-                return self._buffer[: self._filled].clone()
-            return torch.cat([self._buffer[self._next :], self._buffer[: self._next]])
+                inputs = self._buffer[: self._filled].clone()
+                arrived = self._arrived[: self._filled]
+            else:
+                inputs = torch.cat([self._buffer[self._next :], self._buffer[: self._next]])
+                arrived = self._arrived
+            return KeptInputs(
+                inputs=inputs,
+                first_at=_utc(float(arrived.min())),
+                last_at=_utc(float(arrived.max())),
+            )
+
+
+@dataclass(frozen=True, eq=False)
+class KeptInputs:
+    """The inputs a monitor kept (``keep_inputs``), oldest first, and when they arrived."""
+
+    inputs: torch.Tensor
+    first_at: datetime
+    last_at: datetime
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready: how many, and from when to when (ISO 8601, UTC)."""
+        return {
+            "samples": int(self.inputs.shape[0]),
+            "first_at": self.first_at.isoformat(),
+            "last_at": self.last_at.isoformat(),
+        }
+
+
+def _utc(seconds: float) -> datetime:
+    return datetime.fromtimestamp(seconds, tz=timezone.utc)
 
 
 class _SeenCounters:
@@ -559,6 +597,11 @@ class Monitor:
         They are copies taken on measured forwards -- recent production data to recalibrate
         on: ``bnwatch.recalibrate(model, mon.inputs().split(64))``.
         """
+        kept = self.kept_inputs()
+        return None if kept is None else kept.inputs
+
+    def kept_inputs(self) -> KeptInputs | None:
+        """:meth:`inputs` and when the oldest and the newest of them arrived, or ``None``."""
         return None if self._inputs is None else self._inputs.snapshot()
 
     def latest(self) -> dict[str, LayerReport]:

@@ -1391,7 +1391,7 @@ def _write_outputs(
             "alert_id": recalibration.alert.id if recalibration.alert else None,
             "window": recalibration.window,
             "recorded": recalibration.recorded,
-            "outcome": dict(recalibration.outcome),
+            "outcome": _seeded(recalibration.outcome),
         },
         "clean_recalibration": {
             **clean.result.summary(),
@@ -1415,3 +1415,13 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_json_safe(v) for v in value]
     return value
+
+
+def _seeded(outcome: Mapping[str, Any]) -> dict[str, Any]:
+    """A recalibration's outcome without the wall-clock times of its data (when the kept
+    inputs arrived): ``reports.json`` holds what the seed decides, so re-runs compare equal;
+    the database keeps the times."""
+    out = dict(outcome)
+    if isinstance(out.get("data"), Mapping):
+        out["data"] = {k: v for k, v in out["data"].items() if k not in ("first_at", "last_at")}
+    return out

@@ -852,8 +852,10 @@ class Repository:
 
         ``buffers`` (layer -> (running_mean, running_var, eps); only with ``applied``) are
         stored as references of kind ``recalibrated``, each with its lineage: the
-        recalibration, its alert, its method and ``outcome["samples"]``.  The outcome is stored
-        with ``references`` (layer -> reference id) added.
+        recalibration, its alert, its method, ``outcome["samples"]`` and ``outcome["data"]``
+        (what the statistics were estimated on, as the caller describes it: the monitor's
+        kept inputs and when they arrived, ``bnwatch recalibrate``'s ``--data``).  The
+        outcome is stored with ``references`` (layer -> reference id) added.
 
         Safe for remote callers: one transaction, all or nothing.  Every buffer is checked
         against the stored layers before anything is written, and the status changes only
@@ -978,6 +980,8 @@ class Repository:
                 "method": rec.method,
                 "samples": outcome.get("samples"),
             }
+            if outcome.get("data") is not None:
+                lineage["data"] = outcome["data"]
             ref_ids: dict[str, int] = {}
             for name, (mean, var, eps) in arrays.items():
                 if name not in stored:

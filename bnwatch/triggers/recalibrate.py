@@ -64,18 +64,25 @@ class RecalibrateAction:
         self._lock = threading.Lock()
 
     def __call__(self, event: TriggerEvent) -> Outcome:
-        inputs = self.monitor.inputs()
-        if inputs is None or inputs.shape[0] < self.min_samples:
-            kept = 0 if inputs is None else int(inputs.shape[0])
+        kept = self.monitor.kept_inputs()
+        if kept is None or kept.inputs.shape[0] < self.min_samples:
+            count = 0 if kept is None else int(kept.inputs.shape[0])
             return Outcome(
-                "rejected", {"reason": f"only {kept} kept inputs (need {self.min_samples})"}
+                "rejected", {"reason": f"only {count} kept inputs (need {self.min_samples})"}
             )
+        inputs = kept.inputs
         # a recalibration requested by hand says its method; a triggered one uses ours
         method = event.method if event.requested and event.method in METHODS else self.method
         g = torch.Generator().manual_seed(event.recalibration_id)
         order = torch.randperm(inputs.shape[0], generator=g)
         cut = int(inputs.shape[0] * (1 - self.holdout))
         fit, judge = inputs[order[:cut]], inputs[order[cut:]]
+        data = {
+            "source": "kept production inputs (watch(keep_inputs=))",
+            **kept.describe(),
+            "fit": int(fit.shape[0]),
+            "held_out": int(judge.shape[0]),
+        }
         with self._lock:
             clone = hook_free_copy(self.model)
             result = recalibrate(
@@ -92,5 +99,5 @@ class RecalibrateAction:
                 live = result.bound_to(self.model)
                 # applied and adopted at once: intended, not a "mutation" of a closing window
                 self.monitor.adopt_running_statistics(live.apply)
-                return Outcome("applied", result.summary(), live)
-        return Outcome("rejected", result.summary(), result)
+                return Outcome("applied", {**result.summary(), "data": data}, live)
+        return Outcome("rejected", {**result.summary(), "data": data}, result)

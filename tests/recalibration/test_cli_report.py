@@ -65,6 +65,18 @@ def recalibrated_refs(repo: Repository) -> dict[int, str]:
     return {int(i): str(n) for i, n in rows}
 
 
+def lineages(repo: Repository) -> dict[int, str]:
+    """The ``data`` of every ``recalibrated`` reference's lineage (as sorted JSON)."""
+    with repo.engine.connect() as conn:
+        rows = conn.execute(
+            sa.text("SELECT id, lineage FROM refs WHERE kind = 'recalibrated'")
+        ).all()
+    return {
+        int(i): json.dumps((v if isinstance(v, dict) else json.loads(v))["data"], sort_keys=True)
+        for i, v in rows
+    }
+
+
 def test_an_applied_run_is_reported_with_its_buffers_and_output(
     db_url: str, repo: Repository, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -81,6 +93,9 @@ def test_an_applied_run_is_reported_with_its_buffers_and_output(
     assert rec.outcome["samples"] == summary["samples"] and rec.outcome["improved"] is True
     assert sorted(rec.outcome["references"]) == LAYERS
     assert recalibrated_refs(repo) == {v: k for k, v in rec.outcome["references"].items()}
+    data = {"source": f"{FIX}:loader", "held_out": f"{FIX}:held_out", "checkpoint": None}
+    assert rec.outcome["data"] == data  # which data, in the outcome and every lineage
+    assert set(lineages(repo).values()) == {json.dumps(data, sort_keys=True)}
 
     # running it again for the same recalibration is refused before the run: nothing is
     # recalibrated, written or reported

@@ -76,7 +76,12 @@ def test_a_report_stores_recalibrated_references_with_their_lineage(repo: Reposi
     info = repo.finish_recalibration(
         rid,
         status="applied",
-        outcome={"samples": 512, "kl_before": 0.4, "kl_after": float("nan")},
+        outcome={
+            "samples": 512,
+            "kl_before": 0.4,
+            "kl_after": float("nan"),
+            "data": {"source": "recent traffic", "first_at": "2026-06-01T00:00:00+00:00"},
+        },
         buffers=new,
         unknown_layers="error",
     )
@@ -98,6 +103,7 @@ def test_a_report_stores_recalibrated_references_with_their_lineage(repo: Reposi
             "alert_id": ALERT_ID,
             "method": "WebhookAction",
             "samples": 512,
+            "data": {"source": "recent traffic", "first_at": "2026-06-01T00:00:00+00:00"},
         }
 
 
