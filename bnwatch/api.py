@@ -173,8 +173,9 @@ def watch(
             batch of windows stored in a database.
         source: this replica's id in stored windows (default ``host:pid``).
         keep_inputs: keep copies of the last ``keep_inputs`` input samples of measured
-            forwards (``mon.inputs()``), e.g. to recalibrate on recent production data.  They
-            cost their size in memory: 1,024 ImageNet inputs (3 x 224 x 224 float32) are 617 MB.
+            forwards (``mon.inputs()``; ``mon.kept_inputs()`` adds when they arrived), e.g. to
+            recalibrate on recent production data.  They cost their size in memory: 1,024
+            ImageNet inputs (3 x 224 x 224 float32) are 617 MB.
         reservoir: per layer and window, keep a uniform sample of at most this many
             per-sample channel means (float32 ``[k, C]``; 0 keeps none; ``None``, the
             default: 8 rows, fewer for wide models so that a window's reservoirs stay within
