@@ -160,8 +160,8 @@ def test_drift_recalibrates_in_process_and_records_everything(db_url: str) -> No
     assert recs[-1].status == "applied", recs[-1].outcome
     assert recs[-1].outcome is not None and recs[-1].outcome["improved"] is True
     data = recs[-1].outcome["data"]  # which data: the kept inputs, and when they arrived
-    assert data["samples"] == data["fit"] + data["held_out"] and data["held_out"] > 0
-    assert data["samples"] <= 256 and "keep_inputs" in data["source"]
+    assert data["kept"] == data["fit"] + data["held_out"] and data["held_out"] > 0
+    assert data["kept"] <= 256 and "keep_inputs" in data["source"]
     first, last = (datetime.fromisoformat(data[k]) for k in ("first_at", "last_at"))
     assert started <= first <= last <= fed
     assert not torch.equal(model[4].running_mean, before)  # type: ignore[index]

@@ -201,9 +201,9 @@ class KeptInputs:
     last_at: datetime
 
     def describe(self) -> dict[str, Any]:
-        """JSON-ready: how many, and from when to when (ISO 8601, UTC)."""
+        """JSON-ready: how many were kept, and from when to when (ISO 8601, UTC)."""
         return {
-            "samples": int(self.inputs.shape[0]),
+            "kept": int(self.inputs.shape[0]),
             "first_at": self.first_at.isoformat(),
             "last_at": self.last_at.isoformat(),
         }

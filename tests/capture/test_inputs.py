@@ -39,7 +39,7 @@ def test_the_ring_keeps_the_last_samples_oldest_first(monkeypatch: pytest.Monkey
     assert kept is not None and kept.inputs[:, 0].tolist() == [12, 13, 14, 15, 16]
     assert kept.first_at.timestamp() == kept.last_at.timestamp() == 103
     assert kept.describe() == {
-        "samples": 5,
+        "kept": 5,
         "first_at": "1970-01-01T00:01:43+00:00",
         "last_at": "1970-01-01T00:01:43+00:00",
     }
