@@ -223,8 +223,16 @@ def watch(
         raise ConfigError("store", store, "a database URL when triggers or recalibrate are set")
     if reservoir is not None:
         check_positive_int("reservoir", reservoir, minimum=0)
-    if recalibrate and keep_inputs < 1:
-        raise ConfigError("keep_inputs", keep_inputs, "> 0 when recalibrate is set")
+    if recalibrate:
+        from bnwatch.triggers import MIN_KEPT_INPUTS
+
+        if keep_inputs < MIN_KEPT_INPUTS:
+            raise ConfigError(
+                "keep_inputs",
+                keep_inputs,
+                f">= {MIN_KEPT_INPUTS} when recalibrate is set (what it recalibrates on; "
+                "512 to 1,024 suit method='precise')",
+            )
     sink = _make_sink(store, pipeline, token=token, source=source)
     if metrics_port is not None:
         if (

@@ -334,7 +334,9 @@ def _run_alerts(args: argparse.Namespace) -> int:
 # bnwatch recalibrate
 # --------------------------------------------------------------------------------------
 def _load_object(spec: str, argument: str) -> object:
-    """``pkg.module:attribute`` -> the attribute (a clear error otherwise)."""
+    """``pkg.module:attribute`` (or ``pkg.module:Class.attribute``) -> the object, a clear
+    error otherwise.  Modules are looked up from the current directory first, as ``python -m``
+    would: the ``bnwatch`` console script does not put it on ``sys.path`` by itself."""
     import importlib
 
     from bnwatch.errors import ConfigError
@@ -342,14 +344,24 @@ def _load_object(spec: str, argument: str) -> object:
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ConfigError(argument, spec, "pkg.module:name")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ConfigError(argument, spec, f"an importable module ({err})") from err
-    try:
-        return getattr(module, attr)
-    except AttributeError as err:
-        raise ConfigError(argument, spec, f"a name defined in {module_name}") from err
+    except Exception as err:  # not found, or the user's module failed while importing
+        raise ConfigError(
+            argument,
+            spec,
+            f"an importable module, absolute and from the current directory or the installed "
+            f"packages ({type(err).__name__}: {err})",
+        ) from err
+    value: object = module
+    for part in attr.split("."):
+        try:
+            value = getattr(value, part)
+        except AttributeError as err:
+            raise ConfigError(argument, spec, f"a name defined in {module_name}") from err
+    return value
 
 
 def _add_recalibrate(subparsers: Subparsers) -> None:
@@ -365,7 +377,8 @@ def _add_recalibrate(subparsers: Subparsers) -> None:
         "through a bnwatch service (--service): applied (with the new buffers and where they "
         "were written), rejected, or failed (when the run raises; the error is printed and "
         "the exit code is 1); an unknown id, or a recalibration that is no longer pending, "
-        "is refused before the run.",
+        "is refused before the run.  PKG.MODULE names are imported from the current directory "
+        "first, then from the installed packages.",
     )
     parser.add_argument(
         "--model",
@@ -452,10 +465,19 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _iterable(obj: object) -> Any:
+def _iterable(obj: object, argument: str, spec: str) -> Any:
     """A loaded ``--data``/``--held-out`` object: the iterable itself, or what calling it
     returns."""
-    return obj() if callable(obj) and not hasattr(obj, "__iter__") else obj
+    from bnwatch.errors import ConfigError
+
+    value = obj() if callable(obj) and not hasattr(obj, "__iter__") else obj
+    if not hasattr(value, "__iter__"):
+        raise ConfigError(
+            argument,
+            spec,
+            f"an iterable of batches, or a callable returning one (got {type(value).__name__})",
+        )
+    return value
 
 
 def _report_target(args: argparse.Namespace) -> str | None:
@@ -529,6 +551,17 @@ def _run_recalibrate(args: argparse.Namespace) -> int:
         raise ConfigError("--model", args.model, "a callable returning an nn.Module")
     data = _load_object(args.data, "--data")
     held_out = _load_object(args.held_out, "--held-out") if args.held_out else None
+    for loaded, flag, spec in (
+        (data, "--data", args.data),
+        (held_out, "--held-out", args.held_out),
+    ):
+        if loaded is not None and not callable(loaded):
+            _iterable(loaded, flag, spec)  # not iterable: a wrong name, found before the run
+    out_dir = Path(args.out).resolve().parent
+    if not out_dir.is_dir():  # found now, not after the run
+        raise ConfigError(
+            "--out", str(args.out), f"a file in an existing directory ({out_dir} is not)"
+        )
     data_lineage = {  # which data, for the stored lineage (samples: in the result's summary)
         "source": args.data,
         "held_out": args.held_out,
@@ -546,13 +579,15 @@ def _run_recalibrate(args: argparse.Namespace) -> int:
         model.eval()
         result = recalibrate(
             model,
-            _iterable(data),
+            _iterable(data, "--data", args.data),
             num_samples=args.num_samples,
             method=args.method,
             prior_strength=args.prior_strength,
             layers=args.layers,
             input_key=args.input_key,
-            held_out=_iterable(held_out) if held_out is not None else None,
+            held_out=_iterable(held_out, "--held-out", args.held_out)
+            if held_out is not None
+            else None,
             apply="if_better",
         )
         if result.status != "rejected":

@@ -24,6 +24,7 @@ per-sample channel means (``LayerReport.reservoir``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -32,8 +33,9 @@ import os
 import socket
 import threading
 import time
+import weakref
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from types import TracebackType
@@ -54,6 +56,38 @@ from bnwatch.sink import Sink
 from bnwatch.stats import ChannelMoments, LayerStats, default_reservoir_rows
 
 logger = logging.getLogger("bnwatch")
+
+_LIVE: weakref.WeakSet[Monitor] = weakref.WeakSet()
+"""Every monitor not yet garbage-collected (see :func:`watching`)."""
+_PAUSED = threading.local()
+"""``monitors``: the monitors this thread's forwards are hidden from (see :func:`paused`)."""
+
+
+def watching(modules: Iterable[nn.Module]) -> list[Monitor]:
+    """The open monitors that watch any of ``modules`` (BatchNorm layers)."""
+    wanted = {id(m) for m in modules}
+    return [
+        mon
+        for mon in list(_LIVE)
+        if not mon.closed and any(id(layer.module) in wanted for layer in mon._layers)
+    ]
+
+
+@contextlib.contextmanager
+def paused(monitors: Iterable[Monitor]) -> Iterator[None]:
+    """Hide this thread's forwards from ``monitors`` (a recalibration's passes over a watched
+    model are not production traffic); other threads are watched as before."""
+    before: frozenset[Monitor] = getattr(_PAUSED, "monitors", frozenset())
+    _PAUSED.monitors = before | frozenset(monitors)
+    try:
+        yield
+    finally:
+        _PAUSED.monitors = before
+
+
+def _paused(monitor: Monitor) -> bool:
+    return monitor in getattr(_PAUSED, "monitors", ())
+
 
 ROOT_HOOKS = "(model)"
 """Key of :attr:`MonitorStats.hook_errors` for errors in the model-level timing hooks."""
@@ -342,6 +376,7 @@ class Monitor:
         self._handles.append(model.register_forward_pre_hook(_eager(self._root_pre)))
         self._handles.append(model.register_forward_hook(_eager(self._root_post), always_call=True))
 
+        _LIVE.add(self)
         self._window_start = utcnow()
         self._deadline = time.monotonic() + self.window_seconds if self.window_seconds else math.inf
         self._stop = threading.Event()
@@ -397,6 +432,8 @@ class Monitor:
 
     # -- hooks ---------------------------------------------------------------------------
     def _root_pre(self, module: nn.Module, args: Any) -> None:
+        if _paused(self):
+            return
         start = time.perf_counter()
         tl = self._tls
         try:
@@ -413,6 +450,8 @@ class Monitor:
             self._hook_failed(None, err)
 
     def _root_post(self, module: nn.Module, args: Any, output: Any) -> None:
+        if _paused(self):
+            return
         end = time.perf_counter()
         tl = self._tls
         try:
@@ -425,6 +464,8 @@ class Monitor:
             self._hook_failed(None, err)
 
     def _bn_hook(self, idx: int, module: _BatchNorm, args: Any) -> None:
+        if _paused(self):
+            return
         start = time.perf_counter()
         tl = self._tls
         inside = getattr(tl, "depth", 0) > 0
@@ -595,7 +636,7 @@ class Monitor:
         """The most recent model inputs kept with ``keep_inputs`` (oldest first), or ``None``.
 
         They are copies taken on measured forwards -- recent production data to recalibrate
-        on: ``bnwatch.recalibrate(model, mon.inputs().split(64))``.
+        on: ``bnwatch.recalibrate(model, mon.inputs())``.
         """
         kept = self.kept_inputs()
         return None if kept is None else kept.inputs

@@ -17,8 +17,10 @@ population statistics of the recalibration data, ``n`` its samples):
 ``mix``
     Schneider et al. (2020): ``μ = w μs + (1 - w) μt`` and ``σ² = w σs² + (1 - w) σt²`` with
     ``w = N/(N + n)`` for a prior strength of ``N`` samples -- for few target samples.  During
-    the pass layers normalize with the mixed statistics of the layers above them, as they
-    will at inference.
+    the pass each layer normalizes with the mix of the data it has seen so far, this batch
+    included: close to what it will use at inference, and equal to it for the last batch, but
+    the layers below a mixed one are measured while its mix is still moving (with many small
+    batches the deeper layers' estimates differ by a few percent from a layer-by-layer pass).
 
 Only the BatchNorm layers being recalibrated change mode; dropout and every other module keep
 theirs (``torch.optim.swa_utils.update_bn`` switches the whole model to train mode).  Modes,
@@ -45,8 +47,16 @@ from bnwatch.capture.discovery import BatchNormLayer, discover
 from bnwatch.errors import BnwatchError, ConfigError, ShapeError, check_positive_int
 from bnwatch.inputs import model_input
 from bnwatch.recalibration import distributed
-from bnwatch.recalibration.result import LayerUpdate, RecalibrationResult, evaluate
+from bnwatch.recalibration.result import (
+    BatchNormBuffers,
+    LayerUpdate,
+    RecalibrationResult,
+    evaluate,
+)
 from bnwatch.stats import MOMENT_FIELDS, ChannelMoments
+
+TENSOR_BATCH = 64
+"""Batch size for ``data`` (or ``held_out``) given as one tensor of samples."""
 
 Method = Literal["precise", "mix"]
 METHODS: tuple[str, ...] = ("precise", "mix")
@@ -83,17 +93,18 @@ def recalibrate(
 
     Args:
         model: the model; its BatchNorm buffers change only when the result is applied.
-        data: recalibration inputs: an iterable of tensors, ``(inputs, ...)`` tuples or dicts
-            (``input_key``), e.g. a DataLoader or ``mon.inputs()`` of a monitor that kept
-            recent production inputs.
+        data: recalibration inputs: an iterable of batches -- tensors, ``(inputs, ...)``
+            tuples or dicts (``input_key``), e.g. a DataLoader -- or one tensor of samples,
+            run in batches of 64 (``mon.inputs()`` of a monitor that kept recent production
+            inputs).
         num_samples: use at most this many samples.
         method: ``"precise"`` or ``"mix"`` (see the module docstring).
         prior_strength: ``N`` of the ``mix`` method, in samples.
         layers: recalibrate only layers whose qualified name matches these globs.
         min_samples: fewer samples than this is an error (statistics would be noise).
-        held_out: data to judge the result on -- the gap between what each layer receives
-            and its running statistics before and after, and the accuracy when it yields
-            ``(inputs, labels)``.
+        held_out: data to judge the result on, as ``data`` -- the gap between what each
+            layer receives and its running statistics before and after, and the accuracy when
+            it yields ``(inputs, labels)``.
         apply: ``True`` applies the new statistics, ``False`` leaves the model as it was,
             ``"if_better"`` applies them unless the held-out data shows no improvement
             (always when there is no held-out data).
@@ -122,6 +133,10 @@ def recalibrate(
         raise ConfigError("prior_strength", prior_strength, "a number of samples >= 0")
     if apply not in (True, False, "if_better"):
         raise ConfigError("apply", apply, "True, False or 'if_better'")
+    if isinstance(data, torch.Tensor):
+        data = torch.split(data, TENSOR_BATCH)
+    if isinstance(held_out, torch.Tensor):
+        held_out = torch.split(held_out, TENSOR_BATCH)
     selected = _select(model, layers)
     target_device = torch.device(device) if device is not None else _model_device(model)
     before = {layer.name: _buffers(layer.module) for layer in selected}
@@ -152,8 +167,9 @@ def recalibrate(
                 "forward does not use it on these inputs (leave it out with layers=)"
             )
         m = ChannelMoments.merge_all(found)
+        samples = min(m.n_samples, seen)  # a layer reached twice per forward counts twice
         old_mean, old_var = before[layer.name]
-        mean, var = _new_statistics(m, old_mean, old_var, method, prior_strength)
+        mean, var = _new_statistics(m, old_mean, old_var, method, prior_strength, samples)
         updates.append(
             LayerUpdate(
                 name=layer.name,
@@ -162,7 +178,7 @@ def recalibrate(
                 old_var=old_var,
                 new_mean=torch.as_tensor(mean, dtype=old_mean.dtype, device=old_mean.device),
                 new_var=torch.as_tensor(var, dtype=old_var.dtype, device=old_var.device),
-                samples=m.n_samples,
+                samples=samples,
             )
         )
     result = RecalibrationResult(
@@ -221,21 +237,45 @@ def _show_progress(progress: bool | None) -> bool:
 
 
 def _batches(
-    data: Iterable[Any], input_key: str | None, num_samples: int, device: torch.device
+    data: Iterable[Any],
+    input_key: str | None,
+    num_samples: int,
+    device: torch.device,
+    *,
+    join_single: bool,
 ) -> Iterator[torch.Tensor]:
+    """The model inputs of ``data``, cut at ``num_samples``, on ``device``.
+
+    With ``join_single`` (``precise``, where BatchNorm normalizes by batch statistics, which
+    one sample of a ``[1, C]`` input does not have) a batch of one sample -- a loader's last,
+    or one that ``num_samples`` cut -- is joined to the next batch; a single sample left at
+    the end is not used.
+    """
     seen = 0
+    held: torch.Tensor | None = None
     for item in data:
         x = model_input(item, input_key)
         if not isinstance(x, torch.Tensor):
             raise ConfigError(
                 "data", type(x).__name__, "batches of tensors (or tuples/dicts of them)"
             )
+        if x.dim() == 0:
+            raise ShapeError("recalibration data", "batches [N, ...]", "a 0-dim tensor")
         if seen + x.shape[0] > num_samples:
             x = x[: num_samples - seen]
         if x.device != device:
             x = x.to(device)
-        yield x
         seen += int(x.shape[0])
+        if held is not None:
+            try:
+                x = torch.cat((held, x))
+            except RuntimeError:  # another sample shape: let the model say what it makes of it
+                yield held
+            held = None
+        if join_single and x.shape[0] == 1:
+            held = x
+        elif x.shape[0]:
+            yield x
         if seen >= num_samples:
             return
 
@@ -257,18 +297,12 @@ def _measure(
     accs = {layer.name: LayerAccumulator(layer.name) for layer in selected}
     pooled = {layer.name: _Pooled() for layer in selected}
     modes = {module: module.training for module in model.modules()}
-    saved = {
-        layer.name: (
-            layer.module.momentum,
-            _buffers(layer.module),
-            None
-            if layer.module.num_batches_tracked is None
-            else layer.module.num_batches_tracked.detach().clone(),
-        )
-        for layer in selected
-    }
+    momenta = {layer.name: layer.module.momentum for layer in selected}
+    sources = {layer.name: _buffers(layer.module) for layer in selected}
+    buffers = BatchNormBuffers(model)  # of every layer: those left out may be in train()
     handles = []
     seen = 0
+    forwarded = [0]  # model inputs so far, this batch included (read by the mix hooks)
     bar: Any = None
     try:
         for layer in selected:
@@ -282,7 +316,7 @@ def _measure(
                 bn.eval()  # normalize with the mixed statistics of this batch
                 handles.append(
                     bn.register_forward_pre_hook(
-                        _mixing(acc, bn, saved[layer.name][1], prior_strength)
+                        _mixing(acc, bn, sources[layer.name], prior_strength, forwarded)
                     )
                 )
         if progress:
@@ -290,7 +324,11 @@ def _measure(
 
             bar = tqdm(total=num_samples, unit="sample", desc=f"bnwatch recalibrate ({method})")
         with torch.no_grad():
-            for x in _batches(data, input_key, num_samples, device):
+            batches = _batches(
+                data, input_key, num_samples, device, join_single=method == "precise"
+            )
+            for x in batches:
+                forwarded[0] = seen + int(x.shape[0])
                 try:
                     model(x)
                 except (RuntimeError, ValueError) as err:
@@ -307,15 +345,8 @@ def _measure(
         for handle in handles:
             handle.remove()
         for layer in selected:
-            momentum, (mean, var), tracked = saved[layer.name]
-            bn = layer.module
-            bn.momentum = momentum
-            with torch.no_grad():
-                running_mean, running_var = _running(bn)
-                running_mean.copy_(mean)
-                running_var.copy_(var)
-                if tracked is not None and bn.num_batches_tracked is not None:
-                    bn.num_batches_tracked.copy_(tracked)
+            layer.module.momentum = momenta[layer.name]
+        buffers.restore()
         for module, training in modes.items():
             module.train(training)
     return moments, seen
@@ -326,16 +357,19 @@ def _mixing(
     bn: _BatchNorm,
     source: tuple[torch.Tensor, torch.Tensor],
     prior: float,
+    forwarded: list[int],
 ) -> Callable[[nn.Module, Any], None]:
     """Measure the batch, then let the layer normalize with prior-mixed statistics of the
-    target data seen so far (as it will after recalibration)."""
+    target data seen so far, this batch included (``forwarded[0]``: the model inputs so far).
+    """
 
     def hook(module: nn.Module, args: Any) -> None:
         acc.observe(args[0], batch_stat_mode=False)
         so_far = acc.peek()
         if so_far is None:
             return
-        mean, var = _new_statistics(so_far, source[0], source[1], "mix", prior)
+        samples = min(so_far.n_samples, forwarded[0])
+        mean, var = _new_statistics(so_far, source[0], source[1], "mix", prior, samples)
         running_mean, running_var = _running(bn)
         running_mean.copy_(torch.as_tensor(mean, dtype=running_mean.dtype))
         running_var.copy_(torch.as_tensor(var, dtype=running_var.dtype))
@@ -418,12 +452,16 @@ def _new_statistics(
     old_var: torch.Tensor,
     method: str,
     prior: float,
+    samples: int,
 ) -> tuple[np.ndarray, np.ndarray]:
+    """The layer's new running statistics from what it received; ``samples`` is ``n`` of
+    the ``mix`` weights (model inputs, not calls: a layer reached twice per forward sees
+    each sample twice)."""
     count = np.maximum(m.count, 2.0)
     mean = m.mean
     var = m.m2 / (count - 1.0)  # unbiased, as PyTorch stores running_var
     if method == "mix":
-        n = float(m.n_samples)
+        n = float(samples)
         w = prior / (prior + n) if prior + n > 0 else 0.0
         mean = w * old_mean.double().cpu().numpy() + (1 - w) * mean
         var = w * old_var.double().cpu().numpy() + (1 - w) * var

@@ -182,6 +182,29 @@ class RecalibrationResult:
         }
 
 
+class BatchNormBuffers:
+    """The running statistics (and ``num_batches_tracked``) of every BatchNorm layer of a
+    model, as they are now; :meth:`restore` puts them back.
+
+    A recalibration's passes run the model as it is: a layer it leaves out, or every layer
+    while held-out data is judged, may be in ``train()`` and update its buffers.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self._saved = [
+            (buffer, buffer.detach().clone())
+            for module in model.modules()
+            if isinstance(module, _BatchNorm)
+            for buffer in (module.running_mean, module.running_var, module.num_batches_tracked)
+            if buffer is not None
+        ]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for buffer, value in self._saved:
+                buffer.copy_(value)
+
+
 def evaluate(
     result: RecalibrationResult,
     held_out: Iterable[Any],
@@ -200,12 +223,14 @@ def evaluate(
     layers = [BatchNormLayer(u.name, u.module, i) for i, u in enumerate(result.updates)]
 
     def measure() -> tuple[_HeldOut, _HeldOut]:
-        before = _HeldOut.measure(result.model, layers, items, input_key, device)
-        result._write(new=True)
+        buffers = BatchNormBuffers(result.model)
         try:
+            before = _HeldOut.measure(result.model, layers, items, input_key, device)
+            buffers.restore()
+            result._write(new=True)
             after = _HeldOut.measure(result.model, layers, items, input_key, device)
         finally:
-            result._write(new=False)
+            buffers.restore()
         return before, after
 
     parts = distributed.exchange(measure)

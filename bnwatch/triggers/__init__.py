@@ -36,6 +36,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from bnwatch.triggers.core import (
+    MIN_KEPT_INPUTS,
     Action,
     AlertPipeline,
     CallbackAction,
@@ -62,6 +63,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "MIN_KEPT_INPUTS",
     "Action",
     "AlertPipeline",
     "CallbackAction",

@@ -32,6 +32,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger("bnwatch")
 
 
+MIN_KEPT_INPUTS = 64
+"""Fewest kept inputs an in-process recalibration runs on (a quarter of them held out)."""
+
+
 @dataclass(frozen=True)
 class TriggerEvent:
     """What a trigger hands its action.
@@ -101,8 +105,13 @@ class CallbackAction:
         # a RecalibrationResult: its module is loaded if fn made one (no torch import here)
         recalibration = sys.modules.get("bnwatch.recalibration")
         if recalibration is not None and isinstance(value, recalibration.RecalibrationResult):
-            status = "applied" if value.status == "applied" else "rejected"
-            return Outcome(status, value.summary(), value)
+            if value.status not in ("applied", "rejected"):
+                raise ValueError(
+                    f"the trigger callback returned a {value.status} RecalibrationResult: "
+                    "apply() it, or return one that held-out data judged (apply='if_better'), "
+                    "or an Outcome"
+                )
+            return Outcome(value.status, value.summary(), value)
         raise TypeError(
             f"the trigger callback returned a {type(value).__name__}: return an Outcome, a "
             "bnwatch.recalibration.RecalibrationResult, or None (applied)"
@@ -123,14 +132,23 @@ def verify_signature(
     tolerance_seconds: float = 300.0,
     now: float | None = None,
 ) -> bool:
-    """Check a webhook's signature header (and that it is recent, against replays)."""
+    """Check a webhook's signature header (and that it is recent, against replays).
+
+    Any header that is not ``t=<unix seconds>,sha256=<64 hex digits>`` -- missing fields,
+    repeated ones, a time too large to be one, non-ASCII text -- is ``False``, never an error.
+    """
     try:
-        parts = dict(item.split("=", 1) for item in header.split(","))
+        fields = [item.split("=", 1) for item in header.split(",")]
+        parts = dict(fields)
+        if len(parts) != len(fields):
+            return False  # a repeated field: which one would be meant?
         timestamp = int(parts["t"])
         given = parts["sha256"]
-    except (KeyError, ValueError):
+        if abs((now if now is not None else time.time()) - timestamp) > tolerance_seconds:
+            return False
+    except (KeyError, ValueError, OverflowError):
         return False
-    if abs((now if now is not None else time.time()) - timestamp) > tolerance_seconds:
+    if not given.isascii():
         return False
     expected = sign(body, secret, timestamp).split("sha256=", 1)[1]
     return hmac.compare_digest(expected, given)
@@ -198,7 +216,10 @@ class AlertPipeline:
         versions = sorted({(r.model, r.version) for r in records})
         for trigger in self.triggers:
             trigger.on_alerts(repository, changes)
-            for model, version in versions:  # and what was requested for these versions
+            for model, version in versions:
+                # the open alerts whose time has come (persist_seconds, a cooldown that
+                # ended), as a service's periodic job does, and what was requested
+                trigger.check_open(repository, model=model, version=version)
                 for event in trigger.claim_requested(repository, model=model, version=version):
                     trigger.run(repository, event)
 
@@ -267,12 +288,18 @@ class Trigger:
         ]
 
     def check_open(
-        self, repository: Repository, *, now: datetime | None = None
+        self,
+        repository: Repository,
+        *,
+        now: datetime | None = None,
+        model: str | None = None,
+        version: str | None = None,
     ) -> list[tuple[int, Outcome]]:
-        """Act on alerts that are open now (for ``persist_seconds`` > 0: call periodically)."""
+        """Act on alerts that are open now, optionally of one model version (for
+        ``persist_seconds`` > 0: call periodically)."""
         return [
             (event.recalibration_id, self.run(repository, event))
-            for event in self.claim_open(repository, now=now)
+            for event in self.claim_open(repository, now=now, model=model, version=version)
         ]
 
     def claim_opened(
@@ -289,11 +316,17 @@ class Trigger:
         return events
 
     def claim_open(
-        self, repository: Repository, *, now: datetime | None = None
+        self,
+        repository: Repository,
+        *,
+        now: datetime | None = None,
+        model: str | None = None,
+        version: str | None = None,
     ) -> list[TriggerEvent]:
-        """:meth:`claim` the alerts of the policy's kinds that are open now."""
+        """:meth:`claim` the alerts of the policy's kinds that are open now (of one model
+        version, if given)."""
         events = []
-        for alert in repository.alerts(state="open"):
+        for alert in repository.alerts(state="open", model=model, version=version):
             if alert.kind not in self.policy.kinds:
                 continue
             change = AlertChange(

@@ -17,7 +17,7 @@ from bnwatch.capture import Monitor
 from bnwatch.errors import ConfigError
 from bnwatch.recalibration import recalibrate
 from bnwatch.recalibration.core import METHODS
-from bnwatch.triggers.core import Outcome, TriggerEvent
+from bnwatch.triggers.core import MIN_KEPT_INPUTS, Outcome, TriggerEvent
 
 
 def hook_free_copy(model: nn.Module) -> nn.Module:
@@ -50,7 +50,7 @@ class RecalibrateAction:
         prior_strength: float = 16.0,
         holdout: float = 0.25,
         batch_size: int = 64,
-        min_samples: int = 64,
+        min_samples: int = MIN_KEPT_INPUTS,
     ) -> None:
         if not 0 < holdout < 1:
             raise ConfigError("holdout", holdout, "a fraction in (0, 1)")
@@ -67,8 +67,9 @@ class RecalibrateAction:
         kept = self.monitor.kept_inputs()
         if kept is None or kept.inputs.shape[0] < self.min_samples:
             count = 0 if kept is None else int(kept.inputs.shape[0])
+            # failed, not rejected: nothing was judged, and a later alert may try again
             return Outcome(
-                "rejected", {"reason": f"only {count} kept inputs (need {self.min_samples})"}
+                "failed", {"error": f"only {count} kept inputs (need {self.min_samples})"}
             )
         inputs = kept.inputs
         # a recalibration requested by hand says its method; a triggered one uses ours
