@@ -44,6 +44,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnwatch.capture.accumulator import LayerAccumulator
 from bnwatch.capture.discovery import BatchNormLayer, discover
+from bnwatch.capture.monitor import paused, watching
 from bnwatch.errors import BnwatchError, ConfigError, ShapeError, check_positive_int
 from bnwatch.inputs import model_input
 from bnwatch.recalibration import distributed
@@ -140,60 +141,61 @@ def recalibrate(
     selected = _select(model, layers)
     target_device = torch.device(device) if device is not None else _model_device(model)
     before = {layer.name: _buffers(layer.module) for layer in selected}
-
-    # each rank measures its shard; every rank merges all of them, in rank order
-    parts = distributed.exchange(
-        lambda: _measure(
-            model,
-            selected,
-            data,
-            method,
-            prior_strength,
-            num_samples,
-            input_key,
-            target_device,
-            _show_progress(progress),
-        )
-    )
-    seen = sum(samples for _, samples in parts)
-    if seen < min_samples:
-        raise NotEnoughDataError(seen, min_samples)
-    updates = []
-    for layer in selected:
-        found = [m for moments, _ in parts if (m := moments[layer.name]) is not None]
-        if not found:
-            raise BnwatchError(
-                f"layer {layer.name!r} received no data during recalibration: the model's "
-                "forward does not use it on these inputs (leave it out with layers=)"
-            )
-        m = ChannelMoments.merge_all(found)
-        samples = min(m.n_samples, seen)  # a layer reached twice per forward counts twice
-        old_mean, old_var = before[layer.name]
-        mean, var = _new_statistics(m, old_mean, old_var, method, prior_strength, samples)
-        updates.append(
-            LayerUpdate(
-                name=layer.name,
-                module=layer.module,
-                old_mean=old_mean,
-                old_var=old_var,
-                new_mean=torch.as_tensor(mean, dtype=old_mean.dtype, device=old_mean.device),
-                new_var=torch.as_tensor(var, dtype=old_var.dtype, device=old_var.device),
-                samples=samples,
+    # a monitor watching this model must not take the passes below for production traffic
+    with paused(watching(m for m in model.modules() if isinstance(m, _BatchNorm))):
+        # each rank measures its shard; every rank merges all of them, in rank order
+        parts = distributed.exchange(
+            lambda: _measure(
+                model,
+                selected,
+                data,
+                method,
+                prior_strength,
+                num_samples,
+                input_key,
+                target_device,
+                _show_progress(progress),
             )
         )
-    result = RecalibrationResult(
-        model=model,
-        method=method,
-        prior_strength=prior_strength if method == "mix" else None,
-        samples=seen,
-        updates=updates,
-    )
-    if held_out is not None:
-        evaluate(result, held_out, input_key=input_key, device=target_device)
-    if apply is True or (apply == "if_better" and result.improved is not False):
-        result.apply()
-    elif apply == "if_better":
-        result.status = "rejected"
+        seen = sum(samples for _, samples in parts)
+        if seen < min_samples:
+            raise NotEnoughDataError(seen, min_samples)
+        updates = []
+        for layer in selected:
+            found = [m for moments, _ in parts if (m := moments[layer.name]) is not None]
+            if not found:
+                raise BnwatchError(
+                    f"layer {layer.name!r} received no data during recalibration: the model's "
+                    "forward does not use it on these inputs (leave it out with layers=)"
+                )
+            m = ChannelMoments.merge_all(found)
+            samples = min(m.n_samples, seen)  # a layer reached twice per forward counts twice
+            old_mean, old_var = before[layer.name]
+            mean, var = _new_statistics(m, old_mean, old_var, method, prior_strength, samples)
+            updates.append(
+                LayerUpdate(
+                    name=layer.name,
+                    module=layer.module,
+                    old_mean=old_mean,
+                    old_var=old_var,
+                    new_mean=torch.as_tensor(mean, dtype=old_mean.dtype, device=old_mean.device),
+                    new_var=torch.as_tensor(var, dtype=old_var.dtype, device=old_var.device),
+                    samples=samples,
+                )
+            )
+        result = RecalibrationResult(
+            model=model,
+            method=method,
+            prior_strength=prior_strength if method == "mix" else None,
+            samples=seen,
+            updates=updates,
+        )
+        if held_out is not None:
+            evaluate(result, held_out, input_key=input_key, device=target_device)
+        if apply is True or (apply == "if_better" and result.improved is not False):
+            result.apply()
+        elif apply == "if_better":
+            result.status = "rejected"
     return result
 
 

@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnwatch.capture.discovery import ROOT_NAME, BatchNormLayer
-from bnwatch.capture.monitor import Monitor
+from bnwatch.capture.monitor import Monitor, watching
 from bnwatch.drift import Reference, finite_mean, gaussian_kl, rms, standardized_shift
 from bnwatch.inputs import model_input
 from bnwatch.recalibration import distributed
@@ -124,14 +124,30 @@ class RecalibrationResult:
 
     # -- buffers -----------------------------------------------------------------------------
     def apply(self) -> None:
-        """Write the new statistics into the model."""
-        self._write(new=True)
+        """Write the new statistics into the model.
+
+        A monitor watching the model takes them as its new train/inference reference at once
+        (:meth:`~bnwatch.capture.Monitor.adopt_running_statistics`): a change made on purpose
+        is not ``running_stats_mutated``.
+        """
+        self._adopted(new=True)
         self.status = "applied"
 
     def rollback(self) -> None:
-        """Put back the statistics the model had before."""
-        self._write(new=False)
+        """Put back the statistics the model had before (adopted by its monitors, as
+        :meth:`apply`)."""
+        self._adopted(new=False)
         self.status = "rolled_back"
+
+    def _adopted(self, *, new: bool) -> None:
+        monitors = watching(u.module for u in self.updates)
+        if not monitors:
+            self._write(new=new)
+            return
+        first, *rest = monitors  # the write happens once, under the first one's window lock
+        first.adopt_running_statistics(lambda: self._write(new=new))
+        for monitor in rest:
+            monitor.adopt_running_statistics()
 
     def _write(self, *, new: bool) -> None:
         with torch.no_grad():

@@ -98,7 +98,6 @@ class RecalibrateAction:
             )
             if result.status == "applied":
                 live = result.bound_to(self.model)
-                # applied and adopted at once: intended, not a "mutation" of a closing window
-                self.monitor.adopt_running_statistics(live.apply)
+                live.apply()  # and adopted by the monitor: intended, not a "mutation"
                 return Outcome("applied", {**result.summary(), "data": data}, live)
         return Outcome("rejected", {**result.summary(), "data": data}, result)
