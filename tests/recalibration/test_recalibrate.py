@@ -353,3 +353,101 @@ def test_ranks_count_their_samples_together(ranks: list[dict[str, Any]]) -> None
     for r in ranks:  # 6 samples each: 12 in all, fewer than min_samples=16 on every rank
         assert r["too_few"]["type"] == "NotEnoughDataError"
         assert r["too_few"]["seen"] == 12
+
+
+def mlp(seed: int = 0) -> Any:
+    """BatchNorm1d on ``[N, C]``: batch statistics need two samples or more."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 4)).eval()
+
+
+def rows(n: int, seed: int = 3) -> torch.Tensor:
+    return torch.randn(n, 6, generator=torch.Generator().manual_seed(seed)) * 2 + 1
+
+
+def test_a_single_sample_batch_joins_the_next_one_in_precise() -> None:
+    x = rows(17)
+    model = mlp()
+    recalibrate(model, [x[:8], x[8:9], x[9:]], apply=True)  # a loader's odd batch of one
+    want = population_reference(mlp(), [x[:8], x[8:]])
+    torch.testing.assert_close(model[1].running_mean.double(), torch.from_numpy(want["1"][0]))
+    torch.testing.assert_close(model[1].running_var.double(), torch.from_numpy(want["1"][1]))
+    # num_samples leaving one sample of a batch: that sample is not used
+    cut = recalibrate(mlp(), [x[:8], x[8:16], x[16:]], num_samples=9, min_samples=2)
+    assert cut.samples == 8
+    # a last batch of one: left out too
+    assert recalibrate(mlp(), [x[:16], x[16:]], apply=False).samples == 16
+
+
+def test_one_tensor_of_samples_runs_in_batches() -> None:
+    x = rows(150)
+    whole = recalibrate(mlp(), x, held_out=rows(70, seed=4), apply=False)
+    split = recalibrate(mlp(), list(x.split(64)), held_out=list(rows(70, seed=4).split(64)))
+    assert whole.samples == 150 and whole.kl_before is not None
+    assert whole.kl_before == split.kl_before and whole.kl_after == split.kl_after
+    for a, b in zip(whole.updates, split.updates, strict=True):
+        assert torch.equal(a.new_mean, b.new_mean) and torch.equal(a.new_var, b.new_var)
+
+
+class _Twice(nn.Module):
+    """One BatchNorm layer reached twice per forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(x) + self.bn(x * 2)  # type: ignore[no-any-return]
+
+
+def test_mix_weighs_by_model_inputs_when_a_layer_is_reached_twice() -> None:
+    model: Any = _Twice().eval()
+    x = torch.randn(32, 3, generator=torch.Generator().manual_seed(0)) + 5
+    result = recalibrate(model, [x], method="mix", prior_strength=16, apply=True)
+    assert result.updates[0].samples == 32  # 32 inputs, though the layer saw 64 rows
+    both = torch.cat([x, 2 * x]).double()
+    w = 16 / (16 + 32)
+    want_mean = w * 0.0 + (1 - w) * both.mean(0)
+    torch.testing.assert_close(model.bn.running_mean.double(), want_mean, rtol=1e-5, atol=1e-6)
+
+
+def test_a_model_in_train_mode_is_left_as_it_was() -> None:
+    model = net()
+    model.train()
+    before = buffers(model)
+    held = [(x, torch.zeros(x.shape[0], dtype=torch.long)) for x in data(2, seed=9)]
+    for kwargs in ({"layers": "5"}, {"held_out": held}, {"layers": "5", "held_out": held}):
+        recalibrate(model, data(4), apply=False, **kwargs)  # type: ignore[arg-type]
+        for k, v in buffers(model).items():  # the layers left out normalize by batch, too
+            assert torch.equal(v, before[k]), (kwargs, k)
+        assert model.training and all(m.training for m in model.modules())
+
+
+def test_recalibrating_a_watched_model_in_place() -> None:
+    model = net()
+    with bnwatch.watch(
+        model, keep_inputs=64, overhead_budget=None, window_seconds=None, name="net"
+    ) as mon:
+        with torch.no_grad():
+            for x in data(4):
+                model(x)
+        kept = mon.inputs()
+        assert kept is not None
+        mon.flush()
+        result = recalibrate(model, data(8, shift=2.0), held_out=data(2, seed=5, shift=2.0))
+        assert result.status == "applied"
+        assert mon.flush() == {}  # the passes were not production traffic
+        after = mon.inputs()
+        assert after is not None and torch.equal(after, kept)  # nor replaced the kept inputs
+        with torch.no_grad():
+            for x in data(4, shift=2.0):
+                model(x)
+        reports = mon.flush()
+        # adopted: the new statistics are the gap's reference, not a mutation
+        assert reports and not any(r.running_stats_mutated for r in reports.values())
+        assert all(r.n_samples == 32 for r in reports.values())
+        result.rollback()
+        with torch.no_grad():
+            model(data(1)[0])
+        assert not any(r.running_stats_mutated for r in mon.flush().values())
+    assert mon.stats().hook_errors == {}
