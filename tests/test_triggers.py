@@ -18,8 +18,10 @@ from bnwatch.schema import utcnow
 from bnwatch.store.migrate import engine_for
 from bnwatch.store.repository import Repository
 from bnwatch.triggers import (
+    MIN_KEPT_INPUTS,
     CallbackAction,
     Outcome,
+    RecalibrateAction,
     Trigger,
     TriggerEvent,
     TriggerPolicy,
@@ -42,6 +44,28 @@ def test_signatures_verify_and_reject_tampering_and_replays() -> None:
     old = sign(body, "s3cret", int(time.time()) - 3600)
     assert not verify_signature(body, old, "s3cret")
     assert not verify_signature(body, "garbage", "s3cret")
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "",
+        "t=1",
+        "sha256=00",
+        "t=abc,sha256=00",
+        "t={now}.0,sha256={sig}",
+        "t={now},sha256=\u00e9",  # non-ASCII: hmac.compare_digest would raise
+        "t=" + "9" * 400 + ",sha256={sig}",  # too large for a float: would overflow
+        "t={now},sha256={sig},t={now}",  # a repeated field
+        "t={now},sha256={sig},sha256=00",
+    ],
+)
+def test_a_malformed_signature_header_is_false_not_an_error(header: str) -> None:
+    body = b'{"a": 1}'
+    now = int(time.time())
+    sig = sign(body, "s3cret", now).split("sha256=")[1]
+    assert verify_signature(body, header.format(now=now, sig=sig), "s3cret") is False
+    assert verify_signature(body, f"t={now},sha256={sig}", "s3cret") is True
 
 
 @pytest.fixture
@@ -109,6 +133,31 @@ def test_a_failing_action_is_recorded_as_failed(repo: Repository) -> None:
     (rec,) = repo.recalibrations()
     assert rec.status == "failed"
     assert "no GPU today" in rec.outcome["error"]  # type: ignore[index]
+
+
+def test_a_callback_returning_an_unfinished_result_is_failed(repo: Repository) -> None:
+    model = small_cnn()
+    computed = bnwatch.recalibrate(model, batches(8), apply=False)  # neither applied nor judged
+    ((_, outcome),) = Trigger(CallbackAction(lambda event: computed)).on_alerts(
+        repo, [drift_alert()]
+    )
+    assert outcome.status == "failed"
+    (rec,) = repo.recalibrations()
+    assert rec.status == "failed" and "pending RecalibrationResult" in rec.outcome["error"]  # type: ignore[index]
+
+
+def test_too_few_kept_inputs_fail_and_watch_asks_for_enough(db_url: str) -> None:
+    model = small_cnn()
+    with pytest.raises(ConfigError, match=f"keep_inputs=32 .*>= {MIN_KEPT_INPUTS}"):
+        bnwatch.watch(model, store=db_url, keep_inputs=32, recalibrate=True)
+    mon = bnwatch.watch(model, window_seconds=None, keep_inputs=8)
+    feed(model, mon, batches(1), every=1)
+    event = TriggerEvent(1, "cnn", "1", 1, "drift", "4", {})
+    outcome = RecalibrateAction(model, mon)(event)
+    mon.close()
+    # failed, not rejected: nothing was judged, and a later alert may try again
+    assert outcome.status == "failed"
+    assert outcome.details == {"error": f"only 4 kept inputs (need {MIN_KEPT_INPUTS})"}
 
 
 def test_policy_validation_names_the_field() -> None:
@@ -181,6 +230,45 @@ def test_drift_recalibrates_in_process_and_records_everything(db_url: str) -> No
     assert len(stored) == len(ids) > 0 and all(lin["data"] == data for lin in stored)
     assert not [a for a in repo.alerts() if a.kind == "running_stats_mutated"]
     engine.dispose()
+
+
+def test_an_alert_that_persisted_recalibrates_in_process(db_url: str) -> None:
+    """persist_seconds > 0: the drift alert's trigger waits until the alert has been open that
+    long, and a later stored batch of windows acts on it."""
+    model = small_cnn()
+    persist = 0.3
+    mon = bnwatch.watch(
+        model,
+        name="cnn",
+        version="1",
+        store=db_url,
+        window_seconds=None,
+        overhead_budget=None,
+        keep_inputs=256,
+        recalibrate=TriggerPolicy(cooldown_seconds=600, persist_seconds=persist),
+        alerts=AlertConfig(drift=Rule(open_after=1, resolve_after=1)),
+        config=bnwatch.DriftConfig(warmup_samples=64, min_samples=8),
+    )
+    engine = engine_for(db_url)
+    repo = Repository(engine)
+    try:
+        feed(model, mon, batches(32, seed=1), every=8)  # clean: the warm-up baseline
+        feed(model, mon, batches(64, seed=2, shift=2.5), every=16)  # drifted: the alert opens
+        wait_for(lambda: bool(repo.alerts(state="open")), "the drift alert")
+        assert repo.recalibrations() == []  # opened, but not open for long enough yet
+        drifted = batches(400, seed=3, shift=2.5)
+        deadline = time.monotonic() + 60
+        while not repo.recalibrations() and time.monotonic() < deadline:
+            feed(model, mon, drifted[:16], every=16)  # windows keep being stored
+            drifted = drifted[16:] + drifted[:16]
+        (rec,) = repo.recalibrations()
+        alert = next(a for a in repo.alerts() if a.id == rec.alert_id)
+        assert (rec.created_at - alert.opened_at).total_seconds() >= persist
+        wait_for(lambda: repo.recalibration(rec.id).status != "pending", "the outcome")
+        assert repo.recalibration(rec.id).status == "applied"
+    finally:
+        mon.close()
+        engine.dispose()
 
 
 def test_a_requested_recalibration_is_carried_out_by_the_watching_process(db_url: str) -> None:

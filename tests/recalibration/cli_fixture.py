@@ -22,3 +22,11 @@ def held_out() -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 wrong = [torch.randn(8, 4, 5, 5)]
+
+not_iterable = 42
+
+
+class Models:
+    """``--model tests.recalibration.cli_fixture:Models.factory``: a dotted name."""
+
+    factory = staticmethod(factory)

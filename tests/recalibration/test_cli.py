@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,9 @@ def test_recalibrate_writes_loadable_buffers(
         (["--model", "nope.module:factory"], "--model='nope.module:factory' is invalid"),
         (["--model", f"{FIX}"], "pkg.module:name"),
         (["--data", f"{FIX}:wrong"], "recalibration data"),
+        (["--model", ".relative:factory"], "relative import"),
+        (["--data", f"{FIX}:not_iterable"], "an iterable of batches"),
+        (["--out", "/nonexistent/dir/bn.pt"], "a file in an existing directory"),
     ],
 )
 def test_recalibrate_errors_are_clear(
@@ -65,7 +69,8 @@ def test_recalibrate_errors_are_clear(
     base = {"--model": f"{FIX}:factory", "--data": f"{FIX}:loader"}
     for flag, value in zip(args[::2], args[1::2], strict=True):
         base[flag] = value
-    argv = ["recalibrate", "--out", str(tmp_path / "x.pt")]
+    base.setdefault("--out", str(tmp_path / "x.pt"))
+    argv = ["recalibrate"]
     for flag, value in base.items():
         argv += [flag, value]
     assert main(argv) == 1
@@ -101,3 +106,29 @@ def test_alerts_lists_and_evaluates(db_url: str, capsys: pytest.CaptureFixture[s
 
 def test_the_cli_offers_every_method() -> None:
     assert RECALIBRATION_METHODS == METHODS  # a copy, so that --help does not import torch
+
+
+def test_models_are_found_from_the_current_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As ``python -m`` would: the ``bnwatch`` console script does not put the current
+    directory on ``sys.path``; a module that fails while importing says how."""
+    here = tmp_path / "mypkg_cli_here"
+    here.mkdir()
+    (here / "__init__.py").write_text("")
+    (here / "models.py").write_text("from tests.recalibration.cli_fixture import factory, loader\n")
+    (here / "broken.py").write_text("raise RuntimeError('no weights on this host')\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    out = tmp_path / "bn.pt"
+    argv = ["recalibrate", "--data", "mypkg_cli_here.models:loader", "--out", str(out)]
+    try:
+        assert main([*argv, "--model", "mypkg_cli_here.models:factory"]) == 0
+        assert out.exists()
+        assert main([*argv, "--model", f"{FIX}:Models.factory"]) == 0  # a dotted name
+        assert main([*argv, "--model", "mypkg_cli_here.broken:factory"]) == 1
+        err = capsys.readouterr().err
+        assert "RuntimeError: no weights on this host" in err
+    finally:
+        for name in [m for m in sys.modules if m.startswith("mypkg_cli_here")]:
+            del sys.modules[name]
