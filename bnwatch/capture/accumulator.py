@@ -15,7 +15,11 @@ mean: those channels alone are copied into a per-thread scratch buffer, shifted 
 again, so the cost scales with the number of channels that need it.  ``K`` is chosen from the first
 batch (one host synchronization per layer, ever) and refreshed at every flush from the
 window's mean; channels stay within ``1e-6`` relative of a float64 reference at
-``|mean|/std = 1000``.
+``|mean|/std = 1000``.  A channel whose mean jumps within a window -- the drift bnwatch is
+there to see -- would be summed around a stale ``K``: on the CPU, where looking is free, each
+chunk's mean is compared with ``K`` (:data:`STALE_RATIO`) and the chunk is summed again around
+a renewed one; other devices renew ``K`` at the next flush (a window that starts right after
+a jump of ``Δ`` standard deviations loses ``Δ² · 2⁻²⁴`` of its variance there).
 
 Reservoirs.  With ``reservoir=k`` a window also keeps a uniform sample of at most ``k`` of the
 per-sample channel means that compaction computes anyway (:class:`_WindowSample`): which rows
@@ -62,6 +66,10 @@ holds a whole batch of 8 ResNet-50 images at the largest BN input; it grows to h
 sample when a single sample is larger."""
 SHIFT_RATIO = 16.0
 """Sum around a shift when some channel's ``mean²/var`` exceeds this (``|mean|/std > 4``)."""
+STALE_RATIO = 256.0
+"""Renew a channel's shift mid-window when a chunk's mean is this far from ``K`` in squared
+standard deviations (``|mean - K|/std > 16``): float32 sums around a ``K`` that far away lose
+``(|mean - K|/std)² · 2⁻²⁴`` of the variance -- 1.5e-5 here, 6 % at 1000."""
 
 _FLOAT_TYPES = (torch.float32, torch.float64)
 _scratch = threading.local()
@@ -298,6 +306,8 @@ class LayerAccumulator:
         self._channels: int | None = None
         self._shift: _Shift | None = None
         self._shift_decided = False
+        self._scale: np.ndarray | None = None  # per-channel variance when K was chosen
+        self._compactions = 0  # during the current batch (see observe)
         self._buffer: _RowBuffer | None = None
         check_positive_int("reservoir", reservoir, minimum=0)
         self._sample = _WindowSample(reservoir, self._rng) if reservoir else None
@@ -329,7 +339,20 @@ class LayerAccumulator:
         if n == 0:
             return
         with self._lock:
-            self._reduce(self._prepare(x))
+            buf = self._buffer
+            used = None if buf is None else buf.used
+            self._compactions = 0
+            try:
+                self._reduce(self._prepare(x))
+            except BaseException:
+                # rows reserved for this batch but never (fully) written must not be compacted
+                # as data: drop them -- all of them, unless a compaction already took some in
+                if self._buffer is buf and buf is not None and used is not None:
+                    if self._compactions == 0:
+                        buf.used = used
+                elif self._buffer is not None and self._compactions == 0:
+                    self._buffer.used = 0
+                raise
             self._n_batches += 1
             self._batch_sizes[n] += 1
             self._batch_stat_batches += int(batch_stat_mode)
@@ -414,9 +437,14 @@ class LayerAccumulator:
                 s1.index_copy_(1, shift.idx, sel.sum(dims))
                 s2.index_copy_(1, shift.idx, torch.linalg.vector_norm(sel, 2, dims))
             s2.square_()
+            finite, renewed = self._check_rows(buf, rows, size)
+            if renewed is not None:  # summed around a stale K: again, around the new one
+                buf.used = r
+                self._set_shift(renewed, chunk.device)
+                self._reduce(xs.narrow(0, start, n - start))
+                return
             buf.note_size(rows, size)
-            # s2 >= 0, so its total is finite iff every row is (free on the CPU)
-            if not math.isfinite(float(s2.sum())):
+            if not finite:
                 self._reduce_masked(chunk, dims, size, buf, rows)
 
     def _reduce_masked(
@@ -461,23 +489,67 @@ class LayerAccumulator:
         self.update_shift(mean, var, device=xs.device)
 
     def update_shift(self, mean: Any, var: Any, *, device: torch.device | None = None) -> None:
-        """Sum the channels whose ``mean²/var > SHIFT_RATIO`` around ``mean`` from now on."""
+        """Sum the channels whose ``mean²/var > SHIFT_RATIO`` around ``mean`` from now on.
+
+        A variance of 0 (or one that float32 cancellation made negative) with a mean that is
+        not 0 needs the shift most of all.
+        """
         mean = np.asarray(mean, dtype=np.float64)
         var = np.asarray(var, dtype=np.float64)
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
             ratio = mean * mean / np.maximum(var, np.finfo(np.float64).tiny)
-        need = np.isfinite(ratio) & (ratio > SHIFT_RATIO) & np.isfinite(mean)
+        need = np.isfinite(mean) & (mean != 0) & ~(ratio <= SHIFT_RATIO)  # NaN/inf ratio: need
+        self._scale = np.where(np.isfinite(var) & (var > 0), var, 0.0).astype(np.float32)
+        if device is None:
+            device = self._shift.full.device if self._shift is not None else torch.device("cpu")
+        self._set_shift(np.where(need, mean, 0.0), device)
+
+    def _set_shift(self, k: np.ndarray, device: torch.device) -> None:
+        """Sum every channel whose ``k`` is not 0 around it from now on."""
+        need = k != 0
         if not need.any():
             self._shift = None
         else:
-            if device is None:
-                device = self._shift.full.device if self._shift is not None else torch.device("cpu")
             # float32 K is exact in float64 too, so one K serves both input precisions
-            k = np.where(need, mean, 0.0).astype(np.float32)
-            full = _persistent(torch.as_tensor, k, dtype=torch.float32, device=device)
+            full = _persistent(torch.as_tensor, k.astype(np.float32), device=device)
             idx = _persistent(torch.as_tensor, np.nonzero(need)[0], dtype=torch.long, device=device)
             self._shift = _Shift(full, idx)
         self._shift_decided = True
+
+    def _check_rows(
+        self, buf: _RowBuffer, rows: slice, size: int
+    ) -> tuple[bool, np.ndarray | None]:
+        """Whether these rows are finite, and -- on the CPU, where looking is free -- the shift
+        to sum them around instead when their mean is too far from the current ``K``
+        (:data:`STALE_RATIO`, against the larger of the variance known when ``K`` was chosen
+        and the chunk's own; ``None`` when ``K`` serves).
+
+        The chunk's variance comes from its sums around ``K`` -- the very cancellation in
+        question: when ``K`` is stale it comes out near 0 (or below), which only makes the mean
+        look farther, as it is.  Off the CPU only finiteness is checked (it synchronizes).
+        """
+        if buf.s2.device.type != "cpu":
+            # s2 >= 0, so its total is finite iff every row is
+            return math.isfinite(float(buf.s2[rows].sum())), None
+        count = float((rows.stop - rows.start) * size)
+        sq = np.add.reduce(buf.s2[rows].numpy(), axis=0)  # per channel, in the rows' precision:
+        if not np.isfinite(sq.sum()):  # a factor of 256 needs no more
+            return False, None
+        total = np.add.reduce(buf.s1[rows].numpy(), axis=0)  # around K
+        # offset² > STALE_RATIO · max(spread, scale), times count², with offset = total/count
+        # and spread = sq/count - offset²
+        far = total * total
+        spread = sq * count - far
+        if self._scale is not None:
+            spread = np.maximum(spread, self._scale * (count * count))
+        stale = far > STALE_RATIO * spread
+        if not stale.any():
+            return True, None
+        k = np.zeros(buf.channels) if buf.shift is None else buf.shift.full.double().numpy()
+        renewed = np.where(stale, k + total.astype(np.float64) / count, k)
+        if np.array_equal(renewed.astype(np.float32), k.astype(np.float32)):
+            return True, None  # as close as a float32 K gets
+        return True, renewed
 
     # -- compaction (device, float64) ------------------------------------------------------
     def _compact(self, buf: _RowBuffer) -> None:
@@ -485,6 +557,7 @@ class LayerAccumulator:
         rows = buf.used
         if rows == 0:
             return
+        self._compactions += 1
         s1 = buf.s1[:rows].double()
         w: Tensor | None = None
         if buf.plain:

@@ -209,3 +209,55 @@ def test_sequences_of_varying_length_and_a_late_nan() -> None:
     m = [d.double().nanmean(dim=2).numpy() for d in dirty]
     between = np.concatenate(m).var(axis=0)
     assert_rel(r.between_var, between, 1e-6, "between_var")  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("jump", ["up", "down"])
+def test_a_window_after_a_jump_of_the_mean(jump: str) -> None:
+    """A channel's mean jumps between windows by 10, 100 and 1000 standard deviations (the
+    drift the monitor is for): the window after the jump is exact too, not summed in float32
+    around the previous window's shift."""
+    offsets = torch.tensor([0.0, 10.0, 100.0, 1000.0]).view(1, 4, 1, 1)
+    before, after = (0 * offsets, offsets) if jump == "up" else (offsets, 0 * offsets)
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.BatchNorm2d(4).eval())
+    mon = full_watch(model)
+    try:
+        for offset in (before, after, after):
+            batches = [torch.randn(8, 4, 16, 16, generator=g) + offset for _ in range(3)]
+            with torch.inference_mode():
+                for x in batches:
+                    model(x)
+            check(mon.flush()["0"], batches)
+    finally:
+        mon.close()
+
+
+def test_a_channel_whose_first_batch_variance_cancels_to_zero() -> None:
+    """Raw pressure in hPa into a first BatchNorm1d (|mean|/std = 1e4): in float32 the first
+    batch's variance estimate cancels to 0 or below, which must mean "shift", not "no shift"."""
+    g = torch.Generator().manual_seed(1)
+    scale = torch.tensor([1.0, 0.1]).view(1, 2, 1)
+    offset = torch.tensor([0.0, 1013.25]).view(1, 2, 1)
+    batches = [torch.randn(32, 2, 256, generator=g) * scale + offset for _ in range(4)]
+    reports = run(nn.Sequential(nn.BatchNorm1d(2).eval()), batches)
+    check(reports["0"], batches)
+
+
+def test_a_batch_that_fails_midway_leaves_nothing_behind() -> None:
+    """An error inside the hook after rows were reserved (here: a tensor type the reduction
+    does not take) is caught and counted -- and its unwritten rows are not compacted as data."""
+    from bnwatch.capture.accumulator import LayerAccumulator
+
+    g = torch.Generator().manual_seed(2)
+    good = [torch.randn(4, 3, 5, 5, generator=g) + 2 for _ in range(3)]
+    acc = LayerAccumulator("bn")
+    acc.observe(good[0], batch_stat_mode=False)
+    acc.observe(good[1], batch_stat_mode=False)
+    with pytest.raises(RuntimeError):
+        acc.observe(torch.randn(4, 3, 5, 5).to_sparse(), batch_stat_mode=False)
+    acc.observe(good[2], batch_stat_mode=False)
+    stats = acc.collect()
+    assert stats is not None and stats.moments.n_samples == 12
+    want = reference(good)
+    assert_rel(stats.moments.var, want["var"], RTOL, "var")
+    assert_rel(stats.moments.mean, want["mean"], RTOL, "mean")
