@@ -233,36 +233,40 @@ def watch(
                 f">= {MIN_KEPT_INPUTS} when recalibrate is set (what it recalibrates on; "
                 "512 to 1,024 suit method='precise')",
             )
+    if metrics_port is not None and (
+        isinstance(metrics_port, bool)
+        or not isinstance(metrics_port, int)
+        or not (0 <= metrics_port < 65536)
+    ):
+        raise ConfigError("metrics_port", metrics_port, "a TCP port number (0: any free one)")
     sink = _make_sink(store, pipeline, token=token, source=source)
-    if metrics_port is not None:
-        if (
-            isinstance(metrics_port, bool)
-            or not isinstance(metrics_port, int)
-            or not (0 <= metrics_port < 65536)
-        ):
-            raise ConfigError("metrics_port", metrics_port, "a TCP port number (0: any free one)")
-        from bnwatch.export import MonitorExporter
+    try:  # whatever fails from here stops what was started: the writer, the metrics server
+        if metrics_port is not None:
+            from bnwatch.export import MonitorExporter
 
-        exporter = MonitorExporter(sink)
-        exporter.serve(metrics_port)
-        sink = exporter
-    monitor = Monitor(
-        model,
-        layers,
-        name=name,
-        version=version,
-        sink=sink,
-        window_seconds=window_seconds,
-        reference=reference,
-        sample_every=sample_every,
-        max_samples_per_batch=max_samples_per_batch,
-        spatial_stride=spatial_stride,
-        overhead_budget=overhead_budget,
-        config=config,
-        source=source,
-        keep_inputs=keep_inputs,
-        reservoir=reservoir,
-    )
+            exporter = MonitorExporter(sink)
+            exporter.serve(metrics_port)
+            sink = exporter
+        monitor = Monitor(
+            model,
+            layers,
+            name=name,
+            version=version,
+            sink=sink,
+            window_seconds=window_seconds,
+            reference=reference,
+            sample_every=sample_every,
+            max_samples_per_batch=max_samples_per_batch,
+            spatial_stride=spatial_stride,
+            overhead_budget=overhead_budget,
+            config=config,
+            source=source,
+            keep_inputs=keep_inputs,
+            reservoir=reservoir,
+        )
+    except BaseException:
+        sink.close(0)
+        raise
     if recalibrate and pipeline is not None:
         from bnwatch.triggers import RecalibrateAction, Trigger, TriggerPolicy
 

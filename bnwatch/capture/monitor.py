@@ -107,7 +107,8 @@ class MonitorStats:
         forwards_measured: of those, the ones whose BN inputs were measured.
         hook_seconds: time spent inside bnwatch's hooks.
         model_seconds: time of the watched forward passes excluding ``hook_seconds``.
-        overhead_ratio: ``hook_seconds / model_seconds``.
+        overhead_ratio: ``hook_seconds / model_seconds`` (NaN when hooks ran but no model
+            forward was timed: layers called outside the watched model's forward).
         hook_errors: layer (or ``"(model)"`` for the timing hooks) -> exceptions caught.
         windows_closed: windows handed to the sink.
         windows_dropped: windows the sink could not deliver (counted, never silent).
@@ -250,13 +251,16 @@ def _utc(seconds: float) -> datetime:
 class _SeenCounters:
     """Batches and samples that passed through each layer, measured or not, counted without a
     lock: every thread increments its own cumulative counters, and a window takes the
-    difference of the totals (the window thread never writes to them)."""
+    difference of the totals (the window thread never writes to them).  The counters of
+    threads that ended are folded into one total, so a server with a thread per request does
+    not keep one pair per request it ever served."""
 
     def __init__(self, layers: int) -> None:
         self._layers = layers
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._threads: list[tuple[list[int], list[int]]] = []
+        self._threads: list[tuple[threading.Thread, list[int], list[int]]] = []
+        self._ended = ([0] * layers, [0] * layers)
         self._last = ([0] * layers, [0] * layers)
 
     def add(self, idx: int, samples: int) -> None:
@@ -265,16 +269,25 @@ class _SeenCounters:
             counts = ([0] * self._layers, [0] * self._layers)
             self._local.counts = counts
             with self._lock:
-                self._threads.append(counts)
+                self._threads.append((threading.current_thread(), *counts))
         counts[0][idx] += 1
         counts[1][idx] += samples
 
     def take(self) -> list[tuple[int, int]]:
         """Per layer, (batches, samples) since the previous call."""
         with self._lock:
-            threads = list(self._threads)
-        batches = [sum(t[0][i] for t in threads) for i in range(self._layers)]
-        samples = [sum(t[1][i] for t in threads) for i in range(self._layers)]
+            alive = []
+            for entry in self._threads:
+                if entry[0].is_alive():
+                    alive.append(entry)
+                else:  # it will not count again: fold it in
+                    for total, counts in zip(self._ended, entry[1:], strict=True):
+                        for i, c in enumerate(counts):
+                            total[i] += c
+            self._threads = alive
+            ended_b, ended_s = list(self._ended[0]), list(self._ended[1])
+        batches = [ended_b[i] + sum(t[1][i] for t in alive) for i in range(self._layers)]
+        samples = [ended_s[i] + sum(t[2][i] for t in alive) for i in range(self._layers)]
         last_b, last_s = self._last
         self._last = (batches, samples)
         return [
@@ -358,6 +371,7 @@ class Monitor:
         self._window_errors = 0
         self._latest: dict[str, LayerReport] = {}
         self._closed = False
+        self._warned_standalone = False
 
         self._running: dict[str, Reference] = {}
         self._buffers: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}
@@ -365,7 +379,7 @@ class Monitor:
             self._snapshot_running(layer)
         self._baseline: dict[str, Reference] = {}
         self._warmup: dict[str, LayerStats] = {}
-        self._baseline_kind = "warming_up"
+        self._baseline_kinds: dict[str, str] = {}  # layer -> "profile" or "warmup"
         if reference is not None:
             self._use_profile(reference)
 
@@ -373,7 +387,9 @@ class Monitor:
         for idx, layer in enumerate(layers):
             hook = _eager(functools.partial(self._bn_hook, idx))
             self._handles.append(layer.module.register_forward_pre_hook(hook))
-        self._handles.append(model.register_forward_pre_hook(_eager(self._root_pre)))
+        # first among the model's pre-hooks: a model that is itself a BatchNorm layer gets its
+        # forward decided before its own layer hook runs
+        self._handles.append(model.register_forward_pre_hook(_eager(self._root_pre), prepend=True))
         self._handles.append(model.register_forward_hook(_eager(self._root_post), always_call=True))
 
         _LIVE.add(self)
@@ -418,17 +434,35 @@ class Monitor:
         return changed
 
     def _use_profile(self, profile: Profile) -> None:
+        """Take the profile's statistics as the drift baseline of the layers it has.  A
+        watched layer the profile lacks -- its data never reached it, such as a branch that
+        runs only in training -- warms up instead (with a warning); a profile that shares no
+        layer with the model, or gives a layer another channel count, is the wrong one."""
+        missing = []
         for layer, acc in zip(self._layers, self._accs, strict=True):
             lp = profile.layers.get(layer.name)
             channels = _channels(layer.module)
             if lp is None:
-                raise ReferenceMismatchError(layer.name, channels, None)
+                missing.append(layer)
+                continue
             if channels is not None and channels != lp.channels:
                 raise ReferenceMismatchError(layer.name, channels, lp.channels)
             self._baseline[layer.name] = Reference.from_moments(lp.stats.moments)
+            self._baseline_kinds[layer.name] = "profile"
             if channels is None:
                 acc.channels = lp.channels
-        self._baseline_kind = "profile"
+        if len(missing) == len(self._layers):
+            first = missing[0]
+            raise ReferenceMismatchError(first.name, _channels(first.module), None)
+        if missing:
+            logger.warning(
+                "bnwatch: the reference profile %s@%s has no statistics of %s (its data did "
+                "not reach them): their drift baseline is the first %d samples after attach",
+                profile.name,
+                profile.version,
+                ", ".join(layer.name for layer in missing),
+                self.config.warmup_samples,
+            )
 
     # -- hooks ---------------------------------------------------------------------------
     def _root_pre(self, module: nn.Module, args: Any) -> None:
@@ -475,6 +509,17 @@ class Monitor:
             if inside:
                 measure = tl.measure and not self._closed
             else:  # a submodule called directly: no root forward to decide for us
+                if not self._warned_standalone:
+                    self._warned_standalone = True
+                    logger.warning(
+                        "bnwatch: BatchNorm layer %s of %s ran outside a forward of the watched "
+                        "model (a submodule called directly, or model.forward(...)): such calls "
+                        "are measured every sample_every=%d calls, without the overhead budget, "
+                        "and their model time is unknown; watch the module you call",
+                        self._layers[idx].name,
+                        self.model_name,
+                        self._sampler.every,
+                    )
                 self._standalone[idx] += 1
                 measure = not (self._standalone[idx] - 1) % self._sampler.every
                 measure = measure and not self._closed
@@ -547,7 +592,7 @@ class Monitor:
                     eps=float(layer.module.eps),
                     running=self._running.get(layer.name),
                     baseline=baseline,
-                    baseline_kind=self._baseline_kind if baseline is not None else "warming_up",
+                    baseline_kind=self._baseline_kinds.get(layer.name, "warming_up"),
                     null=null,
                     depth=layer.depth,
                     running_stats_mutated=mutated,
@@ -582,9 +627,8 @@ class Monitor:
             return dict(reports)
 
     def _advance_warmup(self, collected: Mapping[str, LayerStats | None]) -> None:
-        """Until a baseline exists, merge windows into the warm-up; freeze it once large."""
-        if self._baseline_kind == "profile":
-            return
+        """Until a layer has a baseline, merge its windows into the warm-up; freeze it once
+        large."""
         for name, stats in collected.items():
             if name in self._baseline or stats is None or stats.n_batches == 0:
                 continue
@@ -593,7 +637,7 @@ class Monitor:
             if merged.moments.n_samples >= self.config.warmup_samples:
                 self._baseline[name] = Reference.from_moments(merged.moments)
                 self._warmup.pop(name, None)
-                self._baseline_kind = "warmup"
+                self._baseline_kinds[name] = "warmup"
             else:
                 self._warmup[name] = merged
 
@@ -658,7 +702,7 @@ class Monitor:
             forwards_measured=s.measured,
             hook_seconds=s.hook_seconds,
             model_seconds=s.model_seconds,
-            overhead_ratio=s.hook_seconds / s.model_seconds if s.model_seconds else 0.0,
+            overhead_ratio=_ratio(s.hook_seconds, s.model_seconds),
             hook_errors=errors,
             windows_closed=self._windows_closed,
             windows_dropped=self._sink.dropped,
@@ -709,6 +753,12 @@ class Monitor:
             f"<bnwatch.Monitor {self.model_name}@{self.version} {state} "
             f"{len(self._layers)} BatchNorm layers, window {self.window_seconds}s>"
         )
+
+
+def _ratio(hook: float, model: float) -> float:
+    if model:
+        return hook / model
+    return math.nan if hook else 0.0
 
 
 def _eager(fn: Callable[..., None]) -> Callable[..., None]:

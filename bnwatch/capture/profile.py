@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -17,6 +18,8 @@ from bnwatch.errors import ConfigError, check_positive_int
 from bnwatch.inputs import iter_inputs
 from bnwatch.schema import LayerProfile, Profile, utcnow
 from bnwatch.stats import Reservoir
+
+logger = logging.getLogger("bnwatch")
 
 
 def profile(
@@ -83,9 +86,11 @@ def profile(
     if seen == 0:
         raise ConfigError("data", "an empty iterable", "at least one batch of validation data")
     out: dict[str, LayerProfile] = {}
+    unreached = []
     for layer, acc in zip(layers, accs, strict=True):
         stats = acc.collect()
         if stats is None:  # the layer is never reached by this data (e.g. an unused branch)
+            unreached.append(layer.name)
             continue
         reservoir = stats.reservoir or Reservoir(reservoir_size, stats.moments.channels)
         rm, rv = layer.module.running_mean, layer.module.running_var
@@ -97,5 +102,12 @@ def profile(
             reservoir=reservoir,
             running_mean=None if rm is None else rm.detach().double().cpu().numpy(),
             running_var=None if rv is None else rv.detach().double().cpu().numpy(),
+        )
+    if unreached:
+        logger.warning(
+            "bnwatch.profile: the data never reached %s (a branch that runs only in training, "
+            "say): the profile has no statistics of them, and a monitor given it warms up a "
+            "baseline for them instead",
+            ", ".join(unreached),
         )
     return Profile(name=name, version=version, created=utcnow(), layers=out)

@@ -433,3 +433,109 @@ def test_profile_from_another_architecture_is_rejected() -> None:
     prof2 = bnwatch.profile(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)), inputs(2))
     with pytest.raises(ReferenceMismatchError, match="5 channels in the model but 4"):
         bnwatch.watch(renamed, reference=prof2)
+
+
+class _WithAuxiliary(nn.Module):
+    """An Inception-style auxiliary head that runs only in training."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+        self.aux = nn.Sequential(nn.Conv2d(4, 2, 1), nn.BatchNorm2d(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y: torch.Tensor = self.body(x)
+        return self.aux(y) if self.training else y
+
+
+def test_a_layer_the_profile_data_never_reached_warms_up(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    model = _WithAuxiliary().eval()
+    with caplog.at_level(logging.WARNING, logger="bnwatch"):
+        prof = bnwatch.profile(model, inputs(2))
+    assert list(prof.layers) == ["body.1"]
+    assert "never reached aux.1" in caplog.text
+    config = bnwatch.DriftConfig(warmup_samples=8, min_samples=4)
+    with caplog.at_level(logging.WARNING, logger="bnwatch"):
+        mon = full_watch(model, reference=prof, config=config)
+    assert "no statistics of aux.1" in caplog.text
+    model.train()  # the auxiliary head runs now, and warms up its own baseline
+    with torch.no_grad():
+        for x in inputs(4):
+            model(x)
+    first = mon.flush()
+    assert first["body.1"].baseline == "profile" and first["aux.1"].baseline == "warming_up"
+    with torch.no_grad():
+        model(inputs(1)[0])
+    assert mon.flush()["aux.1"].baseline == "warmup"
+    mon.close()
+
+
+def test_a_failed_watch_stops_what_it_started(tmp_path: object) -> None:
+    import socket
+
+    wrong = bnwatch.profile(nn.Sequential(nn.Conv2d(3, 5, 1), nn.BatchNorm2d(5)), inputs(1))
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).eval()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    before = {t.name for t in threading.enumerate()}
+    with pytest.raises(ReferenceMismatchError):
+        bnwatch.watch(
+            model,
+            reference=wrong,
+            metrics_port=port,
+            store=f"sqlite:///{tmp_path}/x.db",
+            window_seconds=None,
+        )
+    assert {t.name for t in threading.enumerate()} == before  # no writer left running
+    with socket.socket() as again:
+        again.bind(("127.0.0.1", port))  # and the metrics port is free again
+
+
+def test_a_model_that_is_a_batchnorm_layer_keeps_its_budget() -> None:
+    bn = nn.BatchNorm2d(4).eval()
+    mon = bnwatch.watch(bn, window_seconds=None, overhead_budget=0.001)
+    x = torch.randn(2, 4, 3, 3)
+    for _ in range(200):
+        bn(x)
+    s = mon.stats()
+    assert s.forwards == 200 and s.forwards_measured < 50  # decided by the root: budgeted
+    assert mon.flush()["(root)"].n_batches == s.forwards_measured
+    mon.close()
+
+
+def test_layers_called_outside_the_model_forward_warn_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    model = small_cnn().eval()
+    mon = full_watch(model)
+    stem = nn.Sequential(*list(model.children())[:2])  # a submodule called directly
+    with caplog.at_level(logging.WARNING, logger="bnwatch"):
+        for x in inputs(3, batch=2):
+            stem(x)  # the model's own hooks do not run
+    assert caplog.text.count("ran outside a forward of the watched model") == 1
+    s = mon.stats()
+    assert s.forwards == 0 and s.hook_seconds > 0 and math.isnan(s.overhead_ratio)
+    assert mon.flush()["1"].n_batches == 3
+    mon.close()
+
+
+def test_threads_that_ended_leave_their_counts_and_nothing_else() -> None:
+    model = small_cnn().eval()
+    mon = full_watch(model)
+
+    def request() -> None:
+        with torch.no_grad():
+            model(inputs(1, batch=2)[0])
+
+    for _ in range(3):
+        threads = [threading.Thread(target=request) for _ in range(20)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert mon.flush()["1"].n_samples == 40
+    assert mon._seen._threads == []  # the ended threads' counters are gone
+    mon.close()
