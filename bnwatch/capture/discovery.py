@@ -6,6 +6,7 @@ import fnmatch
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -62,6 +63,21 @@ def discover(
     """
     if not isinstance(model, nn.Module):
         raise ConfigError("model", type(model).__name__, "a torch.nn.Module")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise ConfigError(
+            "model",
+            type(model).__name__,
+            "an eager torch.nn.Module: TorchScript runs no Python hooks -- pass the module "
+            "before torch.jit.script/trace (and script a watched model only after close())",
+        )
+    if _compiled(model):
+        raise ConfigError(
+            "model",
+            f"{type(model).__name__} (compiled)",
+            "a module not compiled yet: a graph torch.compile traced without bnwatch's hooks "
+            "never calls them -- compile after bnwatch.watch(model), which works; profile or "
+            "recalibrate the uncompiled module (an OptimizedModule's _orig_mod)",
+        )
     inc = _patterns("include", include)
     exc = _patterns("exclude", exclude)
     found: list[BatchNormLayer] = []
@@ -77,3 +93,11 @@ def discover(
     if not found:
         raise NoBatchNormError(type(model).__name__, inc, exc)
     return found
+
+
+def _compiled(model: nn.Module) -> bool:
+    """Whether ``model`` is ``torch.compile``'s wrapper or was compiled in place
+    (``module.compile()``), without importing ``torch._dynamo``."""
+    if type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod"):
+        return True
+    return any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())

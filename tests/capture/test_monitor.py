@@ -8,6 +8,7 @@ import logging
 import math
 import threading
 import time
+from typing import Any
 
 import numpy as np
 import pytest
@@ -539,3 +540,15 @@ def test_threads_that_ended_leave_their_counts_and_nothing_else() -> None:
         assert mon.flush()["1"].n_samples == 40
     assert mon._seen._threads == []  # the ended threads' counters are gone
     mon.close()
+
+
+def test_scripted_and_compiled_models_are_refused_with_the_way_out() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).eval()
+    with pytest.raises(ConfigError, match="TorchScript runs no Python hooks"):
+        bnwatch.watch(torch.jit.script(model))
+    compiled: Any = torch.compile(model)  # compiles on its first call: nothing runs here
+    with pytest.raises(ConfigError, match=r"compile after bnwatch\.watch"):
+        bnwatch.watch(compiled)
+    with pytest.raises(ConfigError, match="_orig_mod"):
+        bnwatch.recalibrate(compiled, [torch.randn(16, 3, 2, 2)])
+    assert bnwatch.recalibrate(compiled._orig_mod, [torch.randn(16, 3, 2, 2)]).samples == 16
