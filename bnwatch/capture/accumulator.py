@@ -307,6 +307,7 @@ class LayerAccumulator:
         self._shift: _Shift | None = None
         self._shift_decided = False
         self._scale: np.ndarray | None = None  # per-channel variance when K was chosen
+        self._limits: tuple[float, np.ndarray] | None = None  # see _limit
         self._compactions = 0  # during the current batch (see observe)
         self._buffer: _RowBuffer | None = None
         check_positive_int("reservoir", reservoir, minimum=0)
@@ -499,7 +500,7 @@ class LayerAccumulator:
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
             ratio = mean * mean / np.maximum(var, np.finfo(np.float64).tiny)
         need = np.isfinite(mean) & (mean != 0) & ~(ratio <= SHIFT_RATIO)  # NaN/inf ratio: need
-        self._scale = np.where(np.isfinite(var) & (var > 0), var, 0.0).astype(np.float32)
+        self._set_scale(np.where(np.isfinite(var) & (var > 0), var, 0.0))
         if device is None:
             device = self._shift.full.device if self._shift is not None else torch.device("cpu")
         self._set_shift(np.where(need, mean, 0.0), device)
@@ -524,32 +525,53 @@ class LayerAccumulator:
         (:data:`STALE_RATIO`, against the larger of the variance known when ``K`` was chosen
         and the chunk's own; ``None`` when ``K`` serves).
 
-        The chunk's variance comes from its sums around ``K`` -- the very cancellation in
-        question: when ``K`` is stale it comes out near 0 (or below), which only makes the mean
-        look farther, as it is.  Off the CPU only finiteness is checked (it synchronizes).
+        Against the known variance alone first (four vector operations, the usual answer);
+        only then with the chunk's own variance, which comes from its sums around ``K`` -- the
+        very cancellation in question: when ``K`` is stale it comes out near 0 (or below),
+        which only makes the mean look farther, as it is.  Off the CPU only finiteness is
+        checked (it synchronizes).
         """
-        if buf.s2.device.type != "cpu":
+        s2 = buf.s2[rows]
+        if s2.device.type != "cpu":
             # s2 >= 0, so its total is finite iff every row is
-            return math.isfinite(float(buf.s2[rows].sum())), None
-        count = float((rows.stop - rows.start) * size)
-        sq = np.add.reduce(buf.s2[rows].numpy(), axis=0)  # per channel, in the rows' precision:
-        if not np.isfinite(sq.sum()):  # a factor of 256 needs no more
+            return math.isfinite(float(s2.sum())), None
+        squares = s2.numpy()
+        if not np.isfinite(squares.sum()):
             return False, None
-        total = np.add.reduce(buf.s1[rows].numpy(), axis=0)  # around K
-        # offset² > STALE_RATIO · max(spread, scale), times count², with offset = total/count
-        # and spread = sq/count - offset²
-        far = total * total
-        spread = sq * count - far
+        count = float((rows.stop - rows.start) * size)
+        total = np.add.reduce(buf.s1[rows].numpy(), axis=0)  # around K, in the rows' precision
+        far = total * total  # offset² · count²: a factor of 256 needs no more precision
+        if self._scale is not None and not (far > self._limit(self._scale, count)).any():
+            return True, None
+        spread = np.add.reduce(squares, axis=0) * count - far  # spread · count²
         if self._scale is not None:
             spread = np.maximum(spread, self._scale * (count * count))
         stale = far > STALE_RATIO * spread
         if not stale.any():
             return True, None
         k = np.zeros(buf.channels) if buf.shift is None else buf.shift.full.double().numpy()
-        renewed = np.where(stale, k + total.astype(np.float64) / count, k)
+        offset = total.astype(np.float64) / count
+        renewed = np.where(stale, k + offset, k)
         if np.array_equal(renewed.astype(np.float32), k.astype(np.float32)):
             return True, None  # as close as a float32 K gets
+        # the spread just seen counts from now on: samples whose means differ by more than
+        # their own spread (one image at a time) must not renew K sample after sample
+        seen = (offset * offset / STALE_RATIO).astype(np.float32)
+        scale = np.zeros_like(seen) if self._scale is None else self._scale
+        self._set_scale(np.where(stale, np.maximum(scale, seen), scale))
         return True, renewed
+
+    def _set_scale(self, scale: np.ndarray) -> None:
+        """The per-channel variance ``K`` is judged against (float32)."""
+        self._scale = scale.astype(np.float32)
+        self._limits = None
+
+    def _limit(self, scale: np.ndarray, count: float) -> np.ndarray:
+        """``STALE_RATIO · scale · count²``, kept for the last ``count`` (batches repeat)."""
+        cached = self._limits
+        if cached is None or cached[0] != count:
+            cached = self._limits = (count, scale * np.float32(STALE_RATIO * count * count))
+        return cached[1]
 
     # -- compaction (device, float64) ------------------------------------------------------
     def _compact(self, buf: _RowBuffer) -> None:
