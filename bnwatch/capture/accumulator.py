@@ -554,9 +554,11 @@ class LayerAccumulator:
         renewed = np.where(stale, k + offset, k)
         if np.array_equal(renewed.astype(np.float32), k.astype(np.float32)):
             return True, None  # as close as a float32 K gets
-        # the spread just seen counts from now on: samples whose means differ by more than
-        # their own spread (one image at a time) must not renew K sample after sample
-        seen = (offset * offset / STALE_RATIO).astype(np.float32)
+        # the distance just seen counts as spread from now on: samples whose means differ by
+        # more than their own spread (one image at a time) must not renew K sample after
+        # sample, and data within 16 such distances of K stays within 1.5e-5 of the variance
+        # they add to
+        seen = (offset * offset).astype(np.float32)
         scale = np.zeros_like(seen) if self._scale is None else self._scale
         self._set_scale(np.where(stale, np.maximum(scale, seen), scale))
         return True, renewed

@@ -261,3 +261,30 @@ def test_a_batch_that_fails_midway_leaves_nothing_behind() -> None:
     want = reference(good)
     assert_rel(stats.moments.var, want["var"], RTOL, "var")
     assert_rel(stats.moments.mean, want["mean"], RTOL, "mean")
+
+
+def test_one_image_at_a_time_does_not_renew_the_shift_image_after_image(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Channels nearly constant within an image but far apart between images (means spread
+    over 300 within-image standard deviations): each image's mean is far from the shift, but
+    not because the shift is stale -- it is renewed a few times, not once per image, and the
+    window stays exact."""
+    from bnwatch.capture.accumulator import LayerAccumulator
+
+    renewals: list[int] = []
+    original = LayerAccumulator._set_shift
+
+    def counting(self: LayerAccumulator, k: np.ndarray, device: torch.device) -> None:
+        renewals.append(1)
+        original(self, k, device)
+
+    monkeypatch.setattr(LayerAccumulator, "_set_shift", counting)
+    g = torch.Generator().manual_seed(3)
+    images = [
+        torch.randn(1, 3, 7, 7, generator=g) * 0.01 + 5 + 3 * torch.randn(1, 3, 1, 1, generator=g)
+        for _ in range(200)
+    ]
+    reports = run(nn.Sequential(nn.BatchNorm2d(3).eval()), images)
+    check(reports["0"], images)
+    assert len(renewals) <= 4
