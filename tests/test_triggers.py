@@ -180,11 +180,10 @@ def test_hook_free_copy_keeps_the_original_watched() -> None:
     mon.close()
 
 
-def test_drift_recalibrates_in_process_and_records_everything(db_url: str) -> None:
-    """Production shifts; a drift alert opens; the monitor's kept inputs recalibrate the live
-    model, which is judged on held-out kept inputs, applied, stored with its lineage."""
-    model = small_cnn()
-    mon = bnwatch.watch(
+def recalibrating_monitor(model: Any, db_url: str, policy: TriggerPolicy) -> bnwatch.Monitor:
+    """A monitor of cnn@1 whose drift alert (open after one window) recalibrates in process
+    on its 256 kept inputs; the baseline warms up on 64 samples."""
+    return bnwatch.watch(
         model,
         name="cnn",
         version="1",
@@ -192,10 +191,17 @@ def test_drift_recalibrates_in_process_and_records_everything(db_url: str) -> No
         window_seconds=None,
         overhead_budget=None,
         keep_inputs=256,
-        recalibrate=TriggerPolicy(cooldown_seconds=0),
+        recalibrate=policy,
         alerts=AlertConfig(drift=Rule(open_after=1, resolve_after=1)),
         config=bnwatch.DriftConfig(warmup_samples=64, min_samples=8),
     )
+
+
+def test_drift_recalibrates_in_process_and_records_everything(db_url: str) -> None:
+    """Production shifts; a drift alert opens; the monitor's kept inputs recalibrate the live
+    model, which is judged on held-out kept inputs, applied, stored with its lineage."""
+    model = small_cnn()
+    mon = recalibrating_monitor(model, db_url, TriggerPolicy(cooldown_seconds=0))
     before = model[4].running_mean.clone()  # type: ignore[index]
     started = datetime.now(timezone.utc)
     feed(model, mon, batches(32, seed=1), every=8)  # clean traffic: the warm-up baseline
@@ -237,18 +243,8 @@ def test_an_alert_that_persisted_recalibrates_in_process(db_url: str) -> None:
     long, and a later stored batch of windows acts on it."""
     model = small_cnn()
     persist = 0.3
-    mon = bnwatch.watch(
-        model,
-        name="cnn",
-        version="1",
-        store=db_url,
-        window_seconds=None,
-        overhead_budget=None,
-        keep_inputs=256,
-        recalibrate=TriggerPolicy(cooldown_seconds=600, persist_seconds=persist),
-        alerts=AlertConfig(drift=Rule(open_after=1, resolve_after=1)),
-        config=bnwatch.DriftConfig(warmup_samples=64, min_samples=8),
-    )
+    policy = TriggerPolicy(cooldown_seconds=600, persist_seconds=persist)
+    mon = recalibrating_monitor(model, db_url, policy)
     engine = engine_for(db_url)
     repo = Repository(engine)
     try:
