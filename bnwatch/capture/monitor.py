@@ -168,8 +168,8 @@ class InputRing:
     """The last ``capacity`` samples of the model's tensor input, on the input's device.
 
     A preallocated ring written with ``index_copy_``: no per-batch allocation and no
-    host/device synchronization.  Inputs of another shape or dtype restart the ring.  When
-    each sample arrived is kept on the host beside it (the lineage of a recalibration says
+    host/device synchronization.  Inputs of another shape or dtype restart the ring.  The
+    time each sample arrived is kept on the host beside it (a recalibration's lineage says
     which production data it was estimated on).
     """
 
