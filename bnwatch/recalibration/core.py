@@ -32,6 +32,7 @@ every rank ends with identical statistics, judgement and errors
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -296,11 +297,11 @@ def _measure(
     """One pass over this rank's data with the selected layers normalizing as the method
     says, measuring exactly what each receives (``None``: a layer the pass never reached)
     and the samples seen.  Everything is restored afterwards."""
-    accs = {layer.name: LayerAccumulator(layer.name) for layer in selected}
+    # precise harvests the layers' own batch statistics: an accumulator only where it cannot
+    accs = _Accumulators(eager=[layer.name for layer in selected] if method == "mix" else [])
     pooled = {layer.name: _Pooled() for layer in selected}
     modes = {module: module.training for module in model.modules()}
     momenta = {layer.name: layer.module.momentum for layer in selected}
-    sources = {layer.name: _buffers(layer.module) for layer in selected}
     buffers = BatchNormBuffers(model)  # of every layer: those left out may be in train()
     handles = []
     seen = 0
@@ -309,18 +310,16 @@ def _measure(
     try:
         for layer in selected:
             bn = layer.module
-            acc = accs[layer.name]
             if method == "precise":
                 bn.train()  # normalize with batch statistics, as training would
                 bn.momentum = 1.0  # ... and leave them in the running buffers after each call
-                handles.append(bn.register_forward_hook(_harvesting(acc, pooled[layer.name])))
+                hook = _harvesting(functools.partial(accs.get, layer.name), pooled[layer.name])
+                handles.append(bn.register_forward_hook(hook))
             else:
                 bn.eval()  # normalize with the mixed statistics of this batch
-                handles.append(
-                    bn.register_forward_pre_hook(
-                        _mixing(acc, bn, sources[layer.name], prior_strength, forwarded)
-                    )
-                )
+                source = _buffers(bn)
+                mixing = _mixing(accs.get(layer.name), bn, source, prior_strength, forwarded)
+                handles.append(bn.register_forward_pre_hook(mixing))
         if progress:
             from tqdm import tqdm
 
@@ -340,7 +339,9 @@ def _measure(
                 seen += int(x.shape[0])
                 if bar is not None:
                     bar.update(int(x.shape[0]))
-        moments = {name: _collect(acc, pooled[name]) for name, acc in accs.items()}
+        moments = {
+            layer.name: _collect(accs.made(layer.name), pooled[layer.name]) for layer in selected
+        }
     finally:
         if bar is not None:
             bar.close()
@@ -350,8 +351,24 @@ def _measure(
             layer.module.momentum = momenta[layer.name]
         buffers.restore()
         for module, training in modes.items():
-            module.train(training)
+            module.training = training  # as it was, without train()'s walk over the children
     return moments, seen
+
+
+class _Accumulators:
+    """The layers' :class:`LayerAccumulator`, made on first use (``eager``: at once)."""
+
+    def __init__(self, eager: list[str]) -> None:
+        self._made = {name: LayerAccumulator(name) for name in eager}
+
+    def get(self, name: str) -> LayerAccumulator:
+        acc = self._made.get(name)
+        if acc is None:
+            acc = self._made[name] = LayerAccumulator(name)
+        return acc
+
+    def made(self, name: str) -> LayerAccumulator | None:
+        return self._made.get(name)
 
 
 def _mixing(
@@ -402,25 +419,26 @@ class _Pooled:
     def moments(self) -> ChannelMoments | None:
         if not self.stats:
             return None
-        s = torch.stack(self.stats).double()  # [B, 2, C]
-        k = torch.tensor(self.elements, dtype=torch.float64, device=s.device)[:, None]
+        s = torch.stack(self.stats).to(torch.float64).numpy()  # [B, 2, C], on the CPU (hook)
+        k = np.asarray(self.elements, dtype=np.float64)[:, None]
         count = float(k.sum())
         mean = (k * s[:, 0]).sum(0) / count
         m2 = ((k - 1) * s[:, 1]).sum(0) + (k * (s[:, 0] - mean) ** 2).sum(0)
-        mean_np = mean.cpu().numpy()
-        zero = np.zeros_like(mean_np)
+        zero = np.zeros_like(mean)
         fields = dict.fromkeys(MOMENT_FIELDS, zero)
         fields.update(
             count=zero + count,
-            mean=mean_np,
-            m2=m2.cpu().numpy(),
+            mean=mean,
+            m2=m2,
             n=zero + self.samples,
-            smean=mean_np,  # every sample has as many elements: the mean of sample means
+            smean=mean,  # every sample has as many elements: the mean of sample means
         )
         return ChannelMoments(**fields)
 
 
-def _harvesting(acc: LayerAccumulator, pooled: _Pooled) -> Callable[[nn.Module, Any, Any], None]:
+def _harvesting(
+    acc: Callable[[], LayerAccumulator], pooled: _Pooled
+) -> Callable[[nn.Module, Any, Any], None]:
     """Keep the batch statistics the layer just computed (and left in its running buffers,
     momentum 1); measure the input instead where they cannot be trusted or checked cheaply."""
 
@@ -433,7 +451,7 @@ def _harvesting(acc: LayerAccumulator, pooled: _Pooled) -> Callable[[nn.Module, 
             if math.isfinite(float(stats.sum())):  # free on the CPU
                 pooled.add(stats, elements, int(x.shape[0]))
                 return
-        acc.observe(x, batch_stat_mode=True)
+        acc().observe(x, batch_stat_mode=True)
         with torch.no_grad():  # momentum 1 would carry a non-finite value to the next call
             mean.zero_()
             var.fill_(1.0)
@@ -441,8 +459,8 @@ def _harvesting(acc: LayerAccumulator, pooled: _Pooled) -> Callable[[nn.Module, 
     return hook
 
 
-def _collect(acc: LayerAccumulator, pooled: _Pooled | None = None) -> ChannelMoments | None:
-    stats = acc.collect()
+def _collect(acc: LayerAccumulator | None, pooled: _Pooled | None = None) -> ChannelMoments | None:
+    stats = None if acc is None else acc.collect()
     harvested = None if pooled is None else pooled.moments()
     parts = [m for m in (harvested, None if stats is None else stats.moments) if m is not None]
     return ChannelMoments.merge_all(parts) if parts else None
