@@ -259,6 +259,18 @@ def test_complete_rows_shortcut_equals_the_general_formula(x: np.ndarray) -> Non
     assert_moments_close(ChannelMoments.from_arrays(short), ChannelMoments.from_arrays(general))
 
 
+@settings(max_examples=100, deadline=None)
+@given(x=activations())
+def test_values_shortcut_equals_the_general_formula(x: np.ndarray) -> None:
+    """moments_from_values ([N, C] values: no spatial positions) is the same math too."""
+    from bnwatch.stats import moments_from_rows, moments_from_values
+
+    m = x[:, :, 0]
+    general = moments_from_rows(m, np.zeros_like(m), np.ones_like(m), np.zeros(m.shape[1]))
+    short = moments_from_values(m)
+    assert_moments_close(ChannelMoments.from_arrays(short), ChannelMoments.from_arrays(general))
+
+
 def _ids(start: int, n: int) -> np.ndarray:
     """``n`` rows whose first column identifies them (``start`` ... ``start + n - 1``)."""
     ids = np.arange(start, start + n, dtype=np.float32)

@@ -56,10 +56,17 @@ from bnwatch.stats import (
     merge_moment_arrays,
     moments_from_complete_rows,
     moments_from_rows,
+    moments_from_values,
 )
 
 ROW_BUFFER_VALUES = 1 << 15
 """Rows times channels a layer's row buffer holds before it is compacted (128 KiB of float32)."""
+PLAIN_MIN_ROWS = 64
+"""Rows a buffer of ``[N, C]`` inputs holds at least (within :data:`PLAIN_MAX_VALUES`): a
+compaction costs about a hundred passes over ``C`` channels whatever its rows, so a wide
+BatchNorm1d compacted row by row cost 50x its forward (32,768 channels, batch 64)."""
+PLAIN_MAX_VALUES = 1 << 20
+"""At most this many values (4 MiB of float32) in a buffer of ``[N, C]`` inputs."""
 SCRATCH_VALUES = 1 << 21
 """Per-thread scratch for the shifted copy of a chunk of samples (8 MiB of float32): one chunk
 holds a whole batch of 8 ResNet-50 images at the largest BN input; it grows to hold one
@@ -130,14 +137,19 @@ class _RowBuffer:
     """
 
     def __init__(self, channels: int, dtype: torch.dtype, device: torch.device, plain: bool):
-        self.capacity = max(1, ROW_BUFFER_VALUES // channels)
+        rows = ROW_BUFFER_VALUES // channels
+        if plain:
+            rows = max(rows, min(PLAIN_MIN_ROWS, PLAIN_MAX_VALUES // channels))
+        self.capacity = max(1, rows)
         self.channels = channels
         self.dtype = dtype
         self.device = device
         self.plain = plain
         self.s1 = _persistent(torch.empty, self.capacity, channels, dtype=dtype, device=device)
-        self.s2 = _persistent(torch.empty, self.capacity, channels, dtype=dtype, device=device)
-        self.w = _persistent(torch.empty, self.capacity, channels, dtype=dtype, device=device)
+        # [N, C] rows are the values themselves: only s1 is written (and compacted)
+        shape = (0, channels) if plain else (self.capacity, channels)
+        self.s2 = _persistent(torch.empty, shape, dtype=dtype, device=device)
+        self.w = _persistent(torch.empty, shape, dtype=dtype, device=device)
         self.nonfinite = _persistent(torch.zeros, channels, dtype=torch.float64, device=device)
         self.shift: _Shift | None = None
         self.used = 0
@@ -584,6 +596,7 @@ class LayerAccumulator:
         self._compactions += 1
         s1 = buf.s1[:rows].double()
         w: Tensor | None = None
+        v: Tensor | None = None  # None: [N, C] values, no per-sample variance
         if buf.plain:
             finite = torch.isfinite(s1)
             size = 1.0
@@ -594,7 +607,6 @@ class LayerAccumulator:
                 w = finite.double()
                 m = torch.where(finite, s1, 0.0)
                 buf.nonfinite += (~finite).sum(0)
-            v = torch.zeros_like(m)
         else:
             size = buf.size or 0.0
             s2 = buf.s2[:rows].double()
@@ -609,9 +621,10 @@ class LayerAccumulator:
                 m = torch.where(has, m, 0.0)
                 v = torch.where(has, v, 0.0)
         if w is None:
-            block = moments_from_complete_rows(m, v, size)
+            block = moments_from_values(m) if v is None else moments_from_complete_rows(m, v, size)
         else:
-            block = moments_from_rows(m, v, w, buf.nonfinite.clone())
+            zero = torch.zeros_like(m) if v is None else v
+            block = moments_from_rows(m, zero, w, buf.nonfinite.clone())
         state = self._state
         if state is None or state.device != m.device:
             fresh = _persistent(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -288,3 +290,24 @@ def test_one_image_at_a_time_does_not_renew_the_shift_image_after_image(
     reports = run(nn.Sequential(nn.BatchNorm2d(3).eval()), images)
     check(reports["0"], images)
     assert len(renewals) <= 4
+
+
+def test_wide_values_are_compacted_in_blocks_of_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compaction costs about a hundred passes over the channels whatever its rows: a wide
+    BatchNorm1d on [N, C] (32,768 channels) is compacted every 32 samples, not every sample,
+    and stays exact."""
+    from bnwatch.capture.accumulator import LayerAccumulator
+
+    compactions: list[int] = []
+    original = LayerAccumulator._compact
+
+    def counting(self: LayerAccumulator, buf: Any) -> None:
+        compactions.append(buf.used)
+        original(self, buf)
+
+    monkeypatch.setattr(LayerAccumulator, "_compact", counting)
+    g = torch.Generator().manual_seed(4)
+    batches = [torch.randn(64, 32768, generator=g) * 3 + 1]
+    reports = run(nn.Sequential(nn.BatchNorm1d(32768).eval()), batches)
+    check(reports["0"], batches)
+    assert [c for c in compactions if c] == [32, 32]
