@@ -223,6 +223,8 @@ def test_bad_input_leaves_the_model_untouched() -> None:
         recalibrate(model, data(1))
     with pytest.raises(ShapeError, match="recalibration data"):
         recalibrate(model, [torch.randn(8, 4, 5, 5)])
+    with pytest.raises(ShapeError, match="0-dim"):
+        recalibrate(model, [torch.tensor(1.0)])
     with pytest.raises(NoBatchNormError):
         recalibrate(nn.Linear(3, 3), data(2))
     with pytest.raises(ValueError, match="method"):
