@@ -105,6 +105,15 @@ def moments_from_rows(m: ArrayT, v: ArrayT, w: ArrayT, nonfinite: ArrayT) -> tup
     return (count, mean, m2, n, smean, sm2, sm3, sm4, vmean, vm2, cvm, cvmm, nonfinite)
 
 
+def _sample_sums(mm: Any) -> tuple[Any, Any, Any, Any, Any, Any]:
+    """Of ``[R, C]`` per-sample means: their mean ``m̄``, ``a = m - m̄``, ``a²`` and the central
+    sums ``Σa²``, ``Σa³``, ``Σa⁴`` (the sample-level moments every complete block shares)."""
+    smean = mm.mean(0)
+    a = mm - smean
+    a2 = a * a
+    return smean, a, a2, a2.sum(0), (a2 * a).sum(0), (a2 * a2).sum(0)
+
+
 def moments_from_complete_rows(m: ArrayT, v: ArrayT, size: float) -> tuple[ArrayT, ...]:
     """:func:`moments_from_rows` for the common case of ``R >= 1`` rows that all have ``size``
     finite elements: element and sample levels then coincide, which halves the work.
@@ -115,12 +124,7 @@ def moments_from_complete_rows(m: ArrayT, v: ArrayT, size: float) -> tuple[Array
     mm: Any = m
     vv: Any = v
     rows = mm.shape[0]
-    smean = mm.mean(0)
-    a = mm - smean
-    a2 = a * a
-    sm2 = a2.sum(0)
-    sm3 = (a2 * a).sum(0)
-    sm4 = (a2 * a2).sum(0)
+    smean, a, a2, sm2, sm3, sm4 = _sample_sums(mm)
     vmean = vv.mean(0)
     b = vv - vmean
     vm2 = (b * b).sum(0)
@@ -138,15 +142,9 @@ def moments_from_values(m: ArrayT) -> tuple[ArrayT, ...]:
     spatial positions): every per-sample variance is 0, and so are all the terms made of it,
     which halves the work again."""
     mm: Any = m
-    rows = mm.shape[0]
-    smean = mm.mean(0)
-    a = mm - smean
-    a2 = a * a
-    sm2 = a2.sum(0)
-    sm3 = (a2 * a).sum(0)
-    sm4 = (a2 * a2).sum(0)
+    smean, _, _, sm2, sm3, sm4 = _sample_sums(mm)
     zero = smean * 0.0
-    n = zero + rows
+    n = zero + mm.shape[0]
     return (n, smean, sm2, n, smean, sm2, sm3, sm4, zero, zero, zero, zero, zero)
 
 
@@ -316,6 +314,13 @@ class ChannelMoments:
             pairs = [a.merge(b) for a, b in zip(level[0::2], level[1::2], strict=False)]
             level = pairs + ([level[-1]] if len(level) % 2 else [])
         return level[0]
+
+    @staticmethod
+    def merge_present(items: Iterable[ChannelMoments | None]) -> ChannelMoments | None:
+        """:meth:`merge_all` of the windows that exist (``None``: nothing seen there), in
+        order; ``None`` when none does."""
+        present = [m for m in items if m is not None]
+        return ChannelMoments.merge_all(present) if present else None
 
     # -- derived quantities ---------------------------------------------------------------
     @property

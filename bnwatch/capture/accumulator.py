@@ -352,19 +352,17 @@ class LayerAccumulator:
         if n == 0:
             return
         with self._lock:
-            buf = self._buffer
-            used = None if buf is None else buf.used
+            before = self._buffer
+            used = 0 if before is None else before.used
             self._compactions = 0
             try:
                 self._reduce(self._prepare(x))
             except BaseException:
                 # rows reserved for this batch but never (fully) written must not be compacted
-                # as data: drop them -- all of them, unless a compaction already took some in
-                if self._buffer is buf and buf is not None and used is not None:
-                    if self._compactions == 0:
-                        buf.used = used
-                elif self._buffer is not None and self._compactions == 0:
-                    self._buffer.used = 0
+                # as data: drop them -- unless a compaction already took some of them in
+                buf = self._buffer
+                if buf is not None and self._compactions == 0:
+                    buf.used = used if buf is before else 0
                 raise
             self._n_batches += 1
             self._batch_sizes[n] += 1
@@ -553,12 +551,11 @@ class LayerAccumulator:
         count = float((rows.stop - rows.start) * size)
         total = np.add.reduce(buf.s1[rows].numpy(), axis=0)  # around K, in the rows' precision
         far = total * total  # offset² · count²: a factor of 256 needs no more precision
-        if self._scale is not None and not (far > self._limit(self._scale, count)).any():
+        scale = self._known_scale(buf.channels)
+        if not (far > self._limit(scale, count)).any():
             return True, None
         spread = np.add.reduce(squares, axis=0) * count - far  # spread · count²
-        if self._scale is not None:
-            spread = np.maximum(spread, self._scale * (count * count))
-        stale = far > STALE_RATIO * spread
+        stale = far > STALE_RATIO * np.maximum(spread, scale * (count * count))
         if not stale.any():
             return True, None
         k = np.zeros(buf.channels) if buf.shift is None else buf.shift.full.double().numpy()
@@ -570,15 +567,18 @@ class LayerAccumulator:
         # more than their own spread (one image at a time) must not renew K sample after
         # sample, and data within 16 such distances of K stays within 1.5e-5 of the variance
         # they add to
-        seen = (offset * offset).astype(np.float32)
-        scale = np.zeros_like(seen) if self._scale is None else self._scale
-        self._set_scale(np.where(stale, np.maximum(scale, seen), scale))
+        self._set_scale(np.where(stale, np.maximum(scale, offset * offset), scale))
         return True, renewed
 
-    def _set_scale(self, scale: np.ndarray) -> None:
-        """The per-channel variance ``K`` is judged against (float32)."""
+    def _known_scale(self, channels: int) -> np.ndarray:
+        """The variance ``K`` was chosen with (set with every shift; 0 before any)."""
+        return self._scale if self._scale is not None else self._set_scale(np.zeros(channels))
+
+    def _set_scale(self, scale: np.ndarray) -> np.ndarray:
+        """Set (and return) the per-channel variance ``K`` is judged against (float32)."""
         self._scale = scale.astype(np.float32)
         self._limits = None
+        return self._scale
 
     def _limit(self, scale: np.ndarray, count: float) -> np.ndarray:
         """``STALE_RATIO · scale · count²``, kept for the last ``count`` (batches repeat)."""

@@ -85,6 +85,12 @@ def paused(monitors: Iterable[Monitor]) -> Iterator[None]:
         _PAUSED.monitors = before
 
 
+def unwatched(model: nn.Module) -> contextlib.AbstractContextManager[None]:
+    """:func:`paused` for every open monitor of ``model``'s BatchNorm layers: this thread's
+    forwards of it (a recalibration's passes) are not production traffic."""
+    return paused(watching(m for m in model.modules() if isinstance(m, _BatchNorm)))
+
+
 def _paused(monitor: Monitor) -> bool:
     return monitor in getattr(_PAUSED, "monitors", ())
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -13,7 +14,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnwatch.capture.accumulator import LayerAccumulator
-from bnwatch.capture.discovery import discover
+from bnwatch.capture.discovery import BatchNormLayer, discover
 from bnwatch.errors import ConfigError, check_positive_int
 from bnwatch.inputs import iter_inputs
 from bnwatch.schema import LayerProfile, Profile, utcnow
@@ -56,17 +57,10 @@ def profile(
     modes = {module: module.training for module in model.modules()}
     device = next((p.device for p in model.parameters()), None)
 
-    def hook(acc: LayerAccumulator, module: _BatchNorm, args: Any) -> None:
-        acc.observe(args[0], batch_stat_mode=module.training)
-
-    handles = [
-        layer.module.register_forward_pre_hook(functools.partial(hook, acc))
-        for layer, acc in zip(layers, accs, strict=True)
-    ]
     seen = 0
     try:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), measuring(layers, accs):
             for x in iter_inputs(data, input_key):
                 if not isinstance(x, torch.Tensor):
                     raise ConfigError("data", type(x).__name__, "batches of torch tensors")
@@ -79,8 +73,6 @@ def profile(
                 if num_samples is not None and seen >= num_samples:
                     break
     finally:
-        for handle in handles:
-            handle.remove()
         for module, training in modes.items():
             module.train(training)
     if seen == 0:
@@ -111,3 +103,22 @@ def profile(
             ", ".join(unreached),
         )
     return Profile(name=name, version=version, created=utcnow(), layers=out)
+
+
+@contextlib.contextmanager
+def measuring(layers: Sequence[BatchNormLayer], accs: Sequence[LayerAccumulator]) -> Iterator[None]:
+    """Inside, everything ``layers`` receive goes to their accumulators (forward pre-hooks,
+    removed on the way out); a layer in ``train()`` counts as normalizing by batch."""
+
+    def hook(acc: LayerAccumulator, module: _BatchNorm, args: Any) -> None:
+        acc.observe(args[0], batch_stat_mode=module.training)
+
+    handles = [
+        layer.module.register_forward_pre_hook(functools.partial(hook, acc))
+        for layer, acc in zip(layers, accs, strict=True)
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

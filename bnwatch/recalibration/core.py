@@ -45,7 +45,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnwatch.capture.accumulator import LayerAccumulator
 from bnwatch.capture.discovery import BatchNormLayer, discover
-from bnwatch.capture.monitor import paused, watching
+from bnwatch.capture.monitor import unwatched
 from bnwatch.errors import BnwatchError, ConfigError, ShapeError, check_positive_int
 from bnwatch.inputs import model_input
 from bnwatch.recalibration import distributed
@@ -142,61 +142,58 @@ def recalibrate(
     selected = _select(model, layers)
     target_device = torch.device(device) if device is not None else _model_device(model)
     before = {layer.name: _buffers(layer.module) for layer in selected}
-    # a monitor watching this model must not take the passes below for production traffic
-    with paused(watching(m for m in model.modules() if isinstance(m, _BatchNorm))):
-        # each rank measures its shard; every rank merges all of them, in rank order
-        parts = distributed.exchange(
-            lambda: _measure(
-                model,
-                selected,
-                data,
-                method,
-                prior_strength,
-                num_samples,
-                input_key,
-                target_device,
-                _show_progress(progress),
+    # each rank measures its shard; every rank merges all of them, in rank order
+    parts = distributed.exchange(
+        lambda: _measure(
+            model,
+            selected,
+            data,
+            method,
+            prior_strength,
+            num_samples,
+            input_key,
+            target_device,
+            _show_progress(progress),
+        )
+    )
+    seen = sum(samples for _, samples in parts)
+    if seen < min_samples:
+        raise NotEnoughDataError(seen, min_samples)
+    updates = []
+    for layer in selected:
+        m = ChannelMoments.merge_present(moments[layer.name] for moments, _ in parts)
+        if m is None:
+            raise BnwatchError(
+                f"layer {layer.name!r} received no data during recalibration: the model's "
+                "forward does not use it on these inputs (leave it out with layers=)"
+            )
+        samples = min(m.n_samples, seen)  # a layer reached twice per forward counts twice
+        old_mean, old_var = before[layer.name]
+        mean, var = _new_statistics(m, old_mean, old_var, method, prior_strength, samples)
+        updates.append(
+            LayerUpdate(
+                name=layer.name,
+                module=layer.module,
+                old_mean=old_mean,
+                old_var=old_var,
+                new_mean=torch.as_tensor(mean, dtype=old_mean.dtype, device=old_mean.device),
+                new_var=torch.as_tensor(var, dtype=old_var.dtype, device=old_var.device),
+                samples=samples,
             )
         )
-        seen = sum(samples for _, samples in parts)
-        if seen < min_samples:
-            raise NotEnoughDataError(seen, min_samples)
-        updates = []
-        for layer in selected:
-            found = [m for moments, _ in parts if (m := moments[layer.name]) is not None]
-            if not found:
-                raise BnwatchError(
-                    f"layer {layer.name!r} received no data during recalibration: the model's "
-                    "forward does not use it on these inputs (leave it out with layers=)"
-                )
-            m = ChannelMoments.merge_all(found)
-            samples = min(m.n_samples, seen)  # a layer reached twice per forward counts twice
-            old_mean, old_var = before[layer.name]
-            mean, var = _new_statistics(m, old_mean, old_var, method, prior_strength, samples)
-            updates.append(
-                LayerUpdate(
-                    name=layer.name,
-                    module=layer.module,
-                    old_mean=old_mean,
-                    old_var=old_var,
-                    new_mean=torch.as_tensor(mean, dtype=old_mean.dtype, device=old_mean.device),
-                    new_var=torch.as_tensor(var, dtype=old_var.dtype, device=old_var.device),
-                    samples=samples,
-                )
-            )
-        result = RecalibrationResult(
-            model=model,
-            method=method,
-            prior_strength=prior_strength if method == "mix" else None,
-            samples=seen,
-            updates=updates,
-        )
-        if held_out is not None:
-            evaluate(result, held_out, input_key=input_key, device=target_device)
-        if apply is True or (apply == "if_better" and result.improved is not False):
-            result.apply()
-        elif apply == "if_better":
-            result.status = "rejected"
+    result = RecalibrationResult(
+        model=model,
+        method=method,
+        prior_strength=prior_strength if method == "mix" else None,
+        samples=seen,
+        updates=updates,
+    )
+    if held_out is not None:
+        evaluate(result, held_out, input_key=input_key, device=target_device)
+    if apply is True or (apply == "if_better" and result.improved is not False):
+        result.apply()
+    elif apply == "if_better":
+        result.status = "rejected"
     return result
 
 
@@ -297,8 +294,13 @@ def _measure(
     """One pass over this rank's data with the selected layers normalizing as the method
     says, measuring exactly what each receives (``None``: a layer the pass never reached)
     and the samples seen.  Everything is restored afterwards."""
-    # precise harvests the layers' own batch statistics: an accumulator only where it cannot
-    accs = _Accumulators(eager=[layer.name for layer in selected] if method == "mix" else [])
+    accs: dict[str, LayerAccumulator] = {}  # precise harvests: made only where it cannot
+
+    def accumulator(name: str) -> LayerAccumulator:
+        if name not in accs:
+            accs[name] = LayerAccumulator(name)
+        return accs[name]
+
     pooled = {layer.name: _Pooled() for layer in selected}
     modes = {module: module.training for module in model.modules()}
     momenta = {layer.name: layer.module.momentum for layer in selected}
@@ -313,18 +315,19 @@ def _measure(
             if method == "precise":
                 bn.train()  # normalize with batch statistics, as training would
                 bn.momentum = 1.0  # ... and leave them in the running buffers after each call
-                hook = _harvesting(functools.partial(accs.get, layer.name), pooled[layer.name])
+                hook = _harvesting(functools.partial(accumulator, layer.name), pooled[layer.name])
                 handles.append(bn.register_forward_hook(hook))
             else:
                 bn.eval()  # normalize with the mixed statistics of this batch
                 source = _buffers(bn)
-                mixing = _mixing(accs.get(layer.name), bn, source, prior_strength, forwarded)
+                mixing = _mixing(accumulator(layer.name), bn, source, prior_strength, forwarded)
                 handles.append(bn.register_forward_pre_hook(mixing))
         if progress:
             from tqdm import tqdm
 
             bar = tqdm(total=num_samples, unit="sample", desc=f"bnwatch recalibrate ({method})")
-        with torch.no_grad():
+        # a monitor watching this model must not take these passes for production traffic
+        with torch.no_grad(), unwatched(model):
             batches = _batches(
                 data, input_key, num_samples, device, join_single=method == "precise"
             )
@@ -340,7 +343,7 @@ def _measure(
                 if bar is not None:
                     bar.update(int(x.shape[0]))
         moments = {
-            layer.name: _collect(accs.made(layer.name), pooled[layer.name]) for layer in selected
+            layer.name: _collect(accs.get(layer.name), pooled[layer.name]) for layer in selected
         }
     finally:
         if bar is not None:
@@ -353,22 +356,6 @@ def _measure(
         for module, training in modes.items():
             module.training = training  # as it was, without train()'s walk over the children
     return moments, seen
-
-
-class _Accumulators:
-    """The layers' :class:`LayerAccumulator`, made on first use (``eager``: at once)."""
-
-    def __init__(self, eager: list[str]) -> None:
-        self._made = {name: LayerAccumulator(name) for name in eager}
-
-    def get(self, name: str) -> LayerAccumulator:
-        acc = self._made.get(name)
-        if acc is None:
-            acc = self._made[name] = LayerAccumulator(name)
-        return acc
-
-    def made(self, name: str) -> LayerAccumulator | None:
-        return self._made.get(name)
 
 
 def _mixing(
@@ -459,11 +446,11 @@ def _harvesting(
     return hook
 
 
-def _collect(acc: LayerAccumulator | None, pooled: _Pooled | None = None) -> ChannelMoments | None:
+def _collect(acc: LayerAccumulator | None, pooled: _Pooled) -> ChannelMoments | None:
     stats = None if acc is None else acc.collect()
-    harvested = None if pooled is None else pooled.moments()
-    parts = [m for m in (harvested, None if stats is None else stats.moments) if m is not None]
-    return ChannelMoments.merge_all(parts) if parts else None
+    return ChannelMoments.merge_present(
+        (pooled.moments(), None if stats is None else stats.moments)
+    )
 
 
 def _new_statistics(

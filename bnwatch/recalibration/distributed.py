@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, TypeVar, cast
 
 import torch
 
@@ -60,11 +60,6 @@ def active() -> bool:
     return bool(torch.distributed.is_available() and torch.distributed.is_initialized())
 
 
-def rank() -> int:
-    """This process's rank (0 when not distributed)."""
-    return int(torch.distributed.get_rank()) if active() else 0
-
-
 def exchange(compute: Callable[[], T]) -> list[T]:
     """Run ``compute`` on this rank and return every rank's result, in rank order.
 
@@ -84,7 +79,9 @@ def exchange(compute: Callable[[], T]) -> list[T]:
     torch.distributed.all_gather_object(parts, mine)
     if failure is not None:
         raise failure
+    values: list[T] = []
     for r, part in enumerate(parts):
         if part is None or part.error is not None:
             raise RankFailedError(r, "no answer" if part is None else str(part.error))
-    return [part.value for part in parts if part is not None]  # type: ignore[misc]
+        values.append(cast(T, part.value))
+    return values

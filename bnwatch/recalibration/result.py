@@ -12,13 +12,13 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from bnwatch.capture.accumulator import LayerAccumulator
 from bnwatch.capture.discovery import ROOT_NAME, BatchNormLayer
-from bnwatch.capture.monitor import Monitor, watching
+from bnwatch.capture.monitor import unwatched, watching
+from bnwatch.capture.profile import measuring
 from bnwatch.drift import Reference, finite_mean, gaussian_kl, rms, standardized_shift
 from bnwatch.inputs import model_input
 from bnwatch.recalibration import distributed
-from bnwatch.schema import LayerReport
-from bnwatch.sink import MemorySink
 from bnwatch.stats import ChannelMoments
 
 
@@ -240,13 +240,15 @@ def evaluate(
 
     def measure() -> tuple[_HeldOut, _HeldOut]:
         buffers = BatchNormBuffers(result.model)
-        try:
-            before = _HeldOut.measure(result.model, layers, items, input_key, device)
-            buffers.restore()
-            result._write(new=True)
-            after = _HeldOut.measure(result.model, layers, items, input_key, device)
-        finally:
-            buffers.restore()
+        # a monitor watching this model must not take these passes for production traffic
+        with unwatched(result.model):
+            try:
+                before = _HeldOut.measure(result.model, layers, items, input_key, device)
+                buffers.restore()
+                result._write(new=True)
+                after = _HeldOut.measure(result.model, layers, items, input_key, device)
+            finally:
+                buffers.restore()
         return before, after
 
     parts = distributed.exchange(measure)
@@ -295,12 +297,11 @@ class _HeldOut:
     @classmethod
     def merge(cls, parts: list[_HeldOut]) -> _HeldOut:
         """The ranks' passes as one (merged in rank order: the same on every rank)."""
-        moments: dict[str, ChannelMoments | None] = {}
-        for name in parts[0].moments:
-            found = [m for p in parts if (m := p.moments.get(name)) is not None]
-            moments[name] = ChannelMoments.merge_all(found) if found else None
         return cls(
-            moments=moments,
+            moments={
+                name: ChannelMoments.merge_present(p.moments.get(name) for p in parts)
+                for name in parts[0].moments
+            },
             correct=sum(p.correct for p in parts),
             total=sum(p.total for p in parts),
             labelled=all(p.labelled for p in parts),
@@ -315,44 +316,23 @@ class _HeldOut:
         input_key: str | None,
         device: torch.device | None,
     ) -> _HeldOut:
-        mon = Monitor(
-            model,
-            layers,
-            name="recalibration",
-            version="held-out",
-            sink=MemorySink(),
-            window_seconds=None,
-            overhead_budget=None,
-        )
+        accs = [LayerAccumulator(layer.name) for layer in layers]
         correct = total = 0
         labelled = True
-        try:
-            with torch.no_grad():
-                for item in items:
-                    x = model_input(item, input_key)
-                    if device is not None:
-                        x = x.to(device)
-                    out = model(x)
-                    y = item[1] if isinstance(item, (tuple, list)) and len(item) > 1 else None
-                    if (
-                        isinstance(y, torch.Tensor)
-                        and isinstance(out, torch.Tensor)
-                        and out.dim() == 2
-                    ):
-                        correct += int((out.argmax(dim=1).cpu() == y.cpu()).sum())
-                        total += int(y.shape[0])
-                    else:
-                        labelled = False
-            reports = mon.flush()
-        finally:
-            mon.close()
-        return cls(
-            moments={layer.name: _seen(reports.get(layer.name)) for layer in layers},
-            correct=correct,
-            total=total,
-            labelled=labelled,
-        )
-
-
-def _seen(report: LayerReport | None) -> ChannelMoments | None:
-    return None if report is None else report.stats.moments
+        with torch.no_grad(), measuring(layers, accs):
+            for item in items:
+                x = model_input(item, input_key)
+                if device is not None:
+                    x = x.to(device)
+                out = model(x)
+                y = item[1] if isinstance(item, (tuple, list)) and len(item) > 1 else None
+                if isinstance(y, torch.Tensor) and isinstance(out, torch.Tensor) and out.dim() == 2:
+                    correct += int((out.argmax(dim=1).cpu() == y.cpu()).sum())
+                    total += int(y.shape[0])
+                else:
+                    labelled = False
+        moments = {}
+        for layer, acc in zip(layers, accs, strict=True):
+            stats = acc.collect()
+            moments[layer.name] = None if stats is None else stats.moments
+        return cls(moments=moments, correct=correct, total=total, labelled=labelled)
