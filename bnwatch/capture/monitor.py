@@ -381,6 +381,7 @@ class Monitor:
 
         self._running: dict[str, Reference] = {}
         self._buffers: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}
+        self._lazy: set[str] = set()  # lazy layers not materialized when last snapshotted
         for layer in layers:
             self._snapshot_running(layer)
         self._baseline: dict[str, Reference] = {}
@@ -414,7 +415,10 @@ class Monitor:
         """Remember the running statistics as they are now (the gap's reference)."""
         module = layer.module
         rm, rv = module.running_mean, module.running_var
-        if rm is None or rv is None or isinstance(rm, UninitializedBuffer):
+        if rm is None or rv is None:
+            return
+        if isinstance(rm, UninitializedBuffer):
+            self._lazy.add(layer.name)
             return
         self._buffers[layer.name] = (rm.detach().clone(), rv.detach().clone(), _tracked(module))
         if layer.name not in self._running:
@@ -427,6 +431,16 @@ class Monitor:
         module = layer.module
         before = self._buffers.get(layer.name)
         rm, rv = module.running_mean, module.running_var
+        if before is None and layer.name in self._lazy and not isinstance(rm, UninitializedBuffer):
+            # a lazy layer materialized since: its buffers started from the reset values, and a
+            # first forward in train() has already moved them
+            self._lazy.discard(layer.name)
+            assert rm is not None and rv is not None
+            before = (torch.zeros_like(rm), torch.ones_like(rv), 0)
+            self._buffers[layer.name] = before
+            self._running.setdefault(
+                layer.name, Reference.running(np.zeros(rm.numel()), np.ones(rv.numel()))
+            )
         if before is None or rm is None or rv is None:
             self._snapshot_running(layer)
             return False

@@ -333,6 +333,25 @@ def test_lazy_batchnorm_is_watched_from_its_first_forward() -> None:
     assert r.channels == 4 and r.n_batches == 2
 
 
+@pytest.mark.parametrize("train", [False, True])
+def test_lazy_batchnorm_first_window_reports_a_mutation_only_in_train_mode(train: bool) -> None:
+    # the buffers start from their reset values when the layer materializes; a forward in
+    # train() moves them within the very first window, which must not go unnoticed
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.LazyBatchNorm2d()).train(train)
+    mon = full_watch(model)
+    for x in inputs(2):
+        model(x)
+    first = mon.flush()["1"]
+    model.eval()
+    for x in inputs(2):
+        model(x)
+    second = mon.flush()["1"]
+    mon.close()
+    assert first.running_stats_mutated is train
+    assert first.batch_stat_mode is train
+    assert not second.running_stats_mutated
+
+
 def test_model_without_batchnorm_is_a_clear_error() -> None:
     with pytest.raises(NoBatchNormError, match="has none"):
         bnwatch.watch(nn.Sequential(nn.Linear(3, 3)))
