@@ -195,13 +195,19 @@ _LOCK_SPACE = 0x626E77  # "bnw": the advisory-lock keys of alert evaluation
 
 
 def _serialize(session: Session, model_id: int) -> None:
-    """One evaluator per model version at a time (service workers, replicas' writers): on
-    PostgreSQL a transaction-scoped advisory lock; SQLite serializes writers itself."""
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(
+    """One evaluator per model version at a time (service workers, replicas' writers), from
+    before it reads the open alerts until it commits: on PostgreSQL a transaction-scoped
+    advisory lock; on SQLite the file's write lock, taken up front (``BEGIN IMMEDIATE``) --
+    pysqlite begins a transaction only at the first write, so two evaluators could otherwise
+    both read "no alert open" and both open one."""
+    conn = session.connection()
+    if conn.dialect.name == "postgresql":
+        conn.execute(
             sa.text("SELECT pg_advisory_xact_lock(:space, :key)"),
             {"space": _LOCK_SPACE, "key": model_id},
         )
+    elif conn.dialect.name == "sqlite" and not conn.connection.dbapi_connection.in_transaction:  # type: ignore[union-attr]
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def _aware(value: datetime) -> datetime:
@@ -256,6 +262,12 @@ class AlertEngine:
                 for kind in LAYER_KINDS:
                     rule: Rule = getattr(self.config, kind)
                     if not rule.enabled:
+                        # a rule turned off no longer holds its alerts open
+                        current = open_alerts.get((layer_id, kind))
+                        if current is not None:
+                            changes.append(
+                                self._resolve(current, m, layer_name, now, because="rule disabled")
+                            )
                         continue
                     flags = [self._condition(kind, w) for w in windows]  # newest first
                     current = open_alerts.get((layer_id, kind))
@@ -310,11 +322,7 @@ class AlertEngine:
                     )
             return None
         if len(flags) >= rule.resolve_after and not any(flags[: rule.resolve_after]):
-            current.state = "resolved"
-            current.resolved_at = now
-            return AlertChange(
-                "resolved", current.id, kind, model.name, model.version, layer_name, current.values
-            )
+            return self._resolve(current, model, layer_name, now)
         if flags and flags[0]:
             current.last_seen_at = now
             current.values = self._values(windows[0], sum(flags))
@@ -345,19 +353,19 @@ class AlertEngine:
                     )
                 )
         elif current is not None and silent <= self.config.no_data_seconds:
-            current.state = "resolved"
-            current.resolved_at = now
-            changes.append(
-                AlertChange(
-                    "resolved",
-                    current.id,
-                    "no_data",
-                    model.name,
-                    model.version,
-                    None,
-                    current.values,
-                )
-            )
+            changes.append(self._resolve(current, model, None, now))
+
+    @staticmethod
+    def _resolve(
+        alert: Alert, model: Model, layer_name: str | None, now: datetime, because: str = ""
+    ) -> AlertChange:
+        alert.state = "resolved"
+        alert.resolved_at = now
+        if because:
+            alert.values = {**(alert.values or {}), "resolved_because": because}
+        return AlertChange(
+            "resolved", alert.id, alert.kind, model.name, model.version, layer_name, alert.values
+        )
 
     # -- storage -----------------------------------------------------------------------------
     def _history(

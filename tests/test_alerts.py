@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import threading
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -95,6 +98,22 @@ def test_evaluation_is_idempotent_and_alerts_are_deduplicated(
     assert len(open_drift) == 1
 
 
+def test_turning_a_rule_off_resolves_its_open_alerts(
+    repo: Repository, template: WindowRecord
+) -> None:
+    on = AlertEngine(AlertConfig(drift=Rule(open_after=1, resolve_after=1)))
+    assert feed(repo, on, [window(template, 0, drifted=True)]) == [["opened:drift:4"]]
+    off = AlertEngine(AlertConfig(drift=Rule(enabled=False)))
+    # the very next evaluation closes it (was: open for good, whatever the windows said)
+    assert feed(repo, off, [window(template, 1, drifted=True)]) == [["resolved:drift:4"]]
+    assert feed(repo, off, [window(template, 2, drifted=True)]) == [[]]
+    (alert,) = [a for a in repo.alerts() if a.kind == "drift"]
+    assert alert.state == "resolved"
+    assert alert.resolved_at == T0 + timedelta(minutes=2)
+    assert alert.values["resolved_because"] == "rule disabled"
+    assert "p_value" in alert.values  # what it opened with is kept
+
+
 def test_nonfinite_and_mode_alerts(repo: Repository, template: WindowRecord) -> None:
     engine = AlertEngine()
     actions = feed(repo, engine, [window(template, 0, nonfinite=5, layer="7")])
@@ -112,6 +131,40 @@ def test_no_data_opens_and_resolves(repo: Repository, template: WindowRecord) ->
     repo.write_windows([window(template, 9)])
     changes = evaluate_all(repo, engine, now=T0 + timedelta(minutes=10))
     assert [(c.action, c.kind) for c in changes] == [("resolved", "no_data")]
+
+
+def test_concurrent_evaluators_open_one_no_data_alert(
+    db_url: str, repo: Repository, template: WindowRecord, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # two workers' periodic checks at once: both would read "none open" and both insert (the
+    # open-alert index cannot tell two NULL layers apart), and one alert would stay open for
+    # good.  Each evaluator waits, after reading, for the other to read too (at most 2 s):
+    # serialized, the second cannot read before the first commits, and the wait times out.
+    repo.write_windows([window(template, 0)])
+    barrier = threading.Barrier(2, timeout=2)
+    read = AlertEngine._open
+
+    def read_then_wait(session: Any, model_id: int) -> Any:
+        out = read(session, model_id)
+        with contextlib.suppress(threading.BrokenBarrierError):
+            barrier.wait()
+        return out
+
+    monkeypatch.setattr(AlertEngine, "_open", staticmethod(read_then_wait))
+
+    def check() -> None:
+        engine = engine_for(db_url)
+        try:
+            AlertEngine().check_silence(Repository(engine), now=T0 + timedelta(hours=2))
+        finally:
+            engine.dispose()
+
+    threads = [threading.Thread(target=check) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len([a for a in repo.alerts(state="open") if a.kind == "no_data"]) == 1
 
 
 def test_config_from_toml_and_overrides(tmp_path: Path) -> None:
