@@ -135,6 +135,44 @@ def test_a_failing_action_is_recorded_as_failed(repo: Repository) -> None:
     assert "no GPU today" in rec.outcome["error"]  # type: ignore[index]
 
 
+@pytest.mark.parametrize(
+    ("returned", "error"),
+    [
+        (Outcome("success"), "status='success' is invalid"),
+        (Outcome("applied", {"model": object()}), "not JSON serializable"),
+        (Outcome("rejected", {"why": float("nan"), "ok": {1: (2, 3)}}), None),  # made JSON-ready
+    ],
+)
+def test_an_outcome_the_store_refuses_is_recorded_failed_not_left_pending(
+    repo: Repository, returned: Outcome, error: str | None
+) -> None:
+    # the action ran: its recalibration must not stay pending, and run() must not raise
+    ((_, outcome),) = Trigger(CallbackAction(lambda event: returned)).on_alerts(
+        repo, [drift_alert()]
+    )
+    (rec,) = repo.recalibrations()
+    assert rec.outcome is not None
+    if error is None:
+        assert outcome is returned and rec.status == "rejected"
+        assert rec.outcome["why"] is None and rec.outcome["ok"] == {"1": [2, 3]}
+    else:
+        assert outcome.status == rec.status == "failed"
+        assert error in rec.outcome["error"]
+
+
+def test_finishing_with_an_outcome_json_cannot_carry_writes_nothing(repo: Repository) -> None:
+    claim = repo.claim_recalibration(
+        "cnn", "1", method="manual", alert_id=1, cooldown_seconds=0, daily_cap=10
+    )
+    assert claim.recalibration_id is not None
+    with pytest.raises(ConfigError, match=r"outcome.*not JSON serializable"):
+        repo.finish_recalibration(
+            claim.recalibration_id, status="applied", outcome={"when": datetime.now()}
+        )
+    (rec,) = repo.recalibrations()
+    assert rec.status == "pending"
+
+
 def test_a_callback_returning_an_unfinished_result_is_failed(repo: Repository) -> None:
     model = small_cnn()
     computed = bnwatch.recalibrate(model, batches(8), apply=False)  # neither applied nor judged

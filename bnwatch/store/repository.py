@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import logging
 import math
 from collections import defaultdict
@@ -902,6 +903,7 @@ class Repository:
             )
         if unknown_layers not in ("skip", "error"):
             raise ConfigError("unknown_layers", unknown_layers, "'skip' or 'error'")
+        outcome = _json_outcome(outcome)
         arrays = {
             name: self._recalibrated_arrays(name, mean, var, eps)
             for name, (mean, var, eps) in (buffers or {}).items()
@@ -925,7 +927,7 @@ class Repository:
                 conn.execute(
                     sa.update(Recalibration)
                     .where(still_pending)
-                    .values(outcome={**json_ready(outcome), "references": {}})
+                    .values(outcome={**outcome, "references": {}})
                 )
                 return self._recalibration_info(conn, recalibration_id)
             if rec.status != "pending":
@@ -996,7 +998,7 @@ class Repository:
                     new,
                     lineage=json_ready(lineage),
                 )
-            record = {**json_ready(outcome), "references": ref_ids}
+            record = {**outcome, "references": ref_ids}
             if skipped:
                 record["skipped_layers"] = skipped
             conn.execute(sa.update(Recalibration).where(this).values(outcome=record))
@@ -1938,6 +1940,21 @@ class Repository:
         with self.engine.connect() as conn:
             rows = conn.execute(query.order_by(Recalibration.created_at.desc())).all()
         return [_recalibration_of(row) for row in rows]
+
+
+def _json_outcome(outcome: Mapping[str, Any]) -> dict[str, Any]:
+    """A recalibration's outcome as strict JSON stores it, or a ConfigError before anything is
+    written (an object JSON cannot carry failed the transaction at its flush)."""
+    if not isinstance(outcome, Mapping):
+        raise ConfigError("outcome", type(outcome).__name__, "a mapping (JSON object)")
+    ready = json_ready(outcome)
+    try:
+        json.dumps(ready, allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(
+            "outcome", str(err), "JSON values: strings, numbers, booleans, None, lists, mappings"
+        ) from err
+    return ready  # type: ignore[no-any-return]
 
 
 def _insert_pending(

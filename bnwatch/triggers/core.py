@@ -22,7 +22,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 import httpx
 
 from bnwatch.alerts import AlertChange, AlertEngine
-from bnwatch.errors import ConfigError, check_positive_int
+from bnwatch.errors import (
+    ConfigError,
+    RecalibrationNotFoundError,
+    RecalibrationStateError,
+    check_positive_int,
+)
 from bnwatch.schema import ALERT_KINDS, WindowRecord, utcnow
 from bnwatch.store.repository import Repository
 
@@ -434,27 +439,32 @@ class Trigger:
         )
 
     def run(self, repository: Repository, event: TriggerEvent) -> Outcome:
-        """Run the action for a claimed event and record its outcome (an exception in the
-        action is recorded as ``failed``, never raised)."""
+        """Run the action for a claimed event and record its outcome.  An exception in the
+        action, and an outcome the store refuses (an unknown status, details JSON cannot
+        carry, statistics that do not fit the stored layers), are recorded as ``failed``, never
+        raised: the recalibration must not stay ``pending`` after its action ran."""
         rid = event.recalibration_id
         try:
             outcome = self.action(event)
+            buffers = None
+            if outcome.result is not None and outcome.status == "applied":
+                buffers = {
+                    u.name: (
+                        u.new_mean.double().cpu().numpy(),
+                        u.new_var.double().cpu().numpy(),
+                        float(u.module.eps),
+                    )
+                    for u in outcome.result.updates
+                }
+            repository.finish_recalibration(
+                rid, status=outcome.status, outcome=dict(outcome.details), buffers=buffers
+            )
+        except (RecalibrationStateError, RecalibrationNotFoundError):
+            raise  # decided elsewhere (or deleted) meanwhile: nothing of this action to record
         except Exception as err:
             logger.exception("bnwatch: recalibration trigger %d failed", rid)
             outcome = Outcome("failed", {"error": f"{type(err).__name__}: {err}"})
-        buffers = None
-        if outcome.result is not None and outcome.status == "applied":
-            buffers = {
-                u.name: (
-                    u.new_mean.double().cpu().numpy(),
-                    u.new_var.double().cpu().numpy(),
-                    float(u.module.eps),
-                )
-                for u in outcome.result.updates
-            }
-        repository.finish_recalibration(
-            rid, status=outcome.status, outcome=dict(outcome.details), buffers=buffers
-        )
+            repository.finish_recalibration(rid, status="failed", outcome=dict(outcome.details))
         logger.warning(
             "bnwatch: recalibration %d of %s@%s (%s alert): %s",
             rid,
