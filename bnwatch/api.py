@@ -141,6 +141,7 @@ def watch(
     source: str | None = None,
     keep_inputs: int = 0,
     metrics_port: int | None = None,
+    metrics_addr: str = "127.0.0.1",
     token: str | None = None,
     reservoir: int | None = None,
 ) -> Monitor:
@@ -187,6 +188,9 @@ def watch(
             ``http://127.0.0.1:<port>/metrics`` (``0`` picks a free port); under a
             multi-process server set ``PROMETHEUS_MULTIPROC_DIR`` (prometheus_client's
             multiprocess mode): the first process to bind the port serves them all.
+        metrics_addr: the address ``metrics_port`` listens on: the loopback by default, so
+            only the machine itself can scrape; ``"0.0.0.0"`` (or the host's address) lets a
+            Prometheus elsewhere scrape it.
         triggers: :class:`bnwatch.triggers.Trigger` objects run after the alerts of each
             stored batch (a callback, a signed webhook, ...).
         recalibrate: ``True`` or a :class:`bnwatch.triggers.TriggerPolicy`: recalibrate in
@@ -239,13 +243,17 @@ def watch(
         or not (0 <= metrics_port < 65536)
     ):
         raise ConfigError("metrics_port", metrics_port, "a TCP port number (0: any free one)")
+    if not isinstance(metrics_addr, str) or not metrics_addr:
+        raise ConfigError(
+            "metrics_addr", metrics_addr, "an address to listen on ('0.0.0.0': every interface)"
+        )
     sink = _make_sink(store, pipeline, token=token, source=source)
     try:  # whatever fails from here stops what was started: the writer, the metrics server
         if metrics_port is not None:
             from bnwatch.export import MonitorExporter
 
             exporter = MonitorExporter(sink)
-            exporter.serve(metrics_port)
+            exporter.serve(metrics_port, addr=metrics_addr)
             sink = exporter
         monitor = Monitor(
             model,

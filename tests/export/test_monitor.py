@@ -309,3 +309,22 @@ def test_watch_serves_its_metrics_on_a_port() -> None:
     text = urllib.request.urlopen(url, timeout=10).read().decode()
     assert 'bnwatch_samples_total{layer="1",model="cnn",version="1"} 12.0' in text
     mon.close()
+
+
+def test_watch_serves_its_metrics_on_the_address_asked() -> None:
+    import urllib.request
+
+    from tests.store.helpers import small_cnn
+
+    # 127.0.0.1 by default; the address asked otherwise ("0.0.0.0" in production; another
+    # loopback address here, which no other host can reach either)
+    mon = bnwatch.watch(small_cnn(), window_seconds=None, metrics_port=0, metrics_addr="127.0.0.2")
+    try:
+        (url,) = mon.sink.urls  # type: ignore[attr-defined]
+        assert url.startswith("http://127.0.0.2:")
+        with urllib.request.urlopen(url, timeout=10) as r:
+            assert r.status == 200
+    finally:
+        mon.close()
+    with pytest.raises(ConfigError, match="metrics_addr"):
+        bnwatch.watch(small_cnn(), window_seconds=None, metrics_port=0, metrics_addr="")
