@@ -153,7 +153,9 @@ class AlertConfig:
     def from_toml(cls, path: str | Path) -> AlertConfig:
         """Read the ``[alerts]`` table of a TOML file (other tables are ignored)."""
         try:
-            document = tomllib.loads(Path(path).read_text())
+            document = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except UnicodeDecodeError as err:
+            raise ConfigError("alerts config", str(path), f"UTF-8 TOML ({err})") from err
         except OSError as err:
             raise ConfigError("alerts config", str(path), f"a readable TOML file ({err})") from err
         except tomllib.TOMLDecodeError as err:

@@ -12,6 +12,7 @@ convention), 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -123,6 +124,9 @@ DEFAULT_DATABASE_URL = "sqlite:///bnwatch.db"
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
+MAX_DURATION = timedelta(days=100 * 365)  # longer ones reach before year 1: not a duration
+
+
 def duration(text: str) -> timedelta:
     """argparse ``type`` for durations: ``45s``, ``30m``, ``1h``, ``1d``, ``2w``."""
     value, unit = text[:-1], text[-1:].lower()
@@ -134,7 +138,12 @@ def duration(text: str) -> timedelta:
         raise argparse.ArgumentTypeError(
             f"expected a duration like 45s, 30m, 1h, 1d or 2w, got {text!r}"
         )
-    return timedelta(seconds=number * _UNITS[unit])
+    seconds = number * _UNITS[unit]
+    if not seconds <= MAX_DURATION.total_seconds():  # also inf and nan
+        raise argparse.ArgumentTypeError(
+            f"expected a duration of at most {MAX_DURATION.days // 365} years, got {text!r}"
+        )
+    return timedelta(seconds=seconds)
 
 
 def _add_db_option(parser: argparse.ArgumentParser) -> None:
@@ -421,7 +430,7 @@ def _add_recalibrate(subparsers: Subparsers) -> None:
     )
     parser.add_argument(
         "--prior-strength",
-        type=float,
+        type=_non_negative_float,
         default=16.0,
         metavar="N",
         help="prior strength of --method mix, in samples (default 16)",
@@ -462,6 +471,21 @@ def _positive_int(text: str) -> int:
     value = _non_negative_int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+class _CommandLineError(BnwatchError):
+    """A mistake in the command line found only once the model is built: not the run's
+    failure (a pending recalibration stays pending, to be run again with the fix)."""
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
     return value
 
 
@@ -540,7 +564,8 @@ def _run_recalibrate(args: argparse.Namespace) -> int:
 
     import torch
 
-    from bnwatch.errors import ConfigError
+    from bnwatch.capture.discovery import discover
+    from bnwatch.errors import ConfigError, NoBatchNormError
     from bnwatch.recalibration import recalibrate
 
     target = _report_target(args)
@@ -568,11 +593,17 @@ def _run_recalibrate(args: argparse.Namespace) -> int:
         "checkpoint": str(Path(args.checkpoint).resolve()) if args.checkpoint else None,
     }
     # from here on the run is the recalibration's: a failure is reported as such (a wrong
-    # --model/--data name above is not: fix it and run again with the same --recalibration)
+    # --model/--data name above, or --layers that match no layer, are not: fix it and run
+    # again with the same --recalibration)
     try:
         model = factory()
         if not isinstance(model, torch.nn.Module):
             raise ConfigError("--model", args.model, "a factory returning a torch.nn.Module")
+        if args.layers is not None:
+            try:
+                discover(model, include=args.layers)
+            except (ConfigError, NoBatchNormError) as err:
+                raise _CommandLineError(str(err)) from err
         if args.checkpoint:
             state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
             model.load_state_dict(state)
@@ -592,6 +623,8 @@ def _run_recalibrate(args: argparse.Namespace) -> int:
         )
         if result.status != "rejected":
             result.save(args.out)
+    except _CommandLineError:
+        raise
     except Exception as err:
         if target is not None:  # report the failure, then fail with the run's error
             error = f"{type(err).__name__}: {err}"

@@ -17,7 +17,6 @@ import math
 import os
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -69,13 +68,6 @@ def database_url() -> str:
 def repository(url: str) -> Repository:
     """The store at ``url``; an absent SQLite file is not created, an empty or outdated
     database is not migrated (both raise :class:`NoDatabaseError` with the command to run)."""
-    parsed = sa.make_url(url)
-    file = parsed.database if parsed.get_backend_name() == "sqlite" else None
-    if file not in (None, "", ":memory:") and not Path(str(file)).exists():
-        raise NoDatabaseError(
-            f"there is no database file {file!r} yet: run `bnwatch demo`, or watch a model "
-            f"with store={url!r}"
-        )
     try:
         return Repository(engine_for(url, create=False, argument="--db"))
     except SchemaError as err:

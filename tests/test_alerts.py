@@ -198,6 +198,15 @@ def test_bad_config_names_the_key(tmp_path: Path, text: str, key: str) -> None:
     assert info.value.argument == key
 
 
+def test_a_config_that_is_not_utf8_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "alerts.toml"
+    path.write_bytes("# r\xe9glages\n[alerts]\nno_data_seconds = 60\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="UTF-8 TOML"):
+        AlertConfig.from_toml(path)
+    path.write_text("# réglages\n[alerts]\nno_data_seconds = 60\n", encoding="utf-8")
+    assert AlertConfig.from_toml(path).no_data_seconds == 60
+
+
 def test_overrides_reject_unknown_names() -> None:
     with pytest.raises(ConfigError, match="drift_sometimes"):
         AlertConfig().with_overrides(drift_sometimes=1)

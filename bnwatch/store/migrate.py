@@ -11,7 +11,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import URL, Engine
 
-from bnwatch.store.engine import SchemaError, create_engine, redacted
+from bnwatch.store.engine import SchemaError, create_engine, parse_url, redacted
 
 logger = logging.getLogger("bnwatch")
 
@@ -87,7 +87,20 @@ def ensure_schema(engine: Engine, *, create: bool = True) -> None:
 
 
 def engine_for(url: str | URL, *, create: bool = True, argument: str = "store") -> Engine:
-    """An engine whose database has the current schema (see :func:`ensure_schema`)."""
+    """An engine whose database has the current schema (see :func:`ensure_schema`).
+
+    With ``create=False`` (readers) nothing is created: a SQLite file that does not exist is a
+    :class:`SchemaError` too -- opening it would leave an empty file at a mistyped path.
+    """
+    if not create:
+        parsed = parse_url(url, argument=argument)
+        file = parsed.database if parsed.get_backend_name() == "sqlite" else None
+        if file not in (None, "", ":memory:") and not Path(str(file)).exists():
+            raise SchemaError(
+                f"there is no database file {file!r} yet: watch a model with store="
+                f"{redacted(parsed)!r}, run `bnwatch demo`, or `bnwatch db upgrade --db "
+                f"{redacted(parsed)}`"
+            )
     engine = create_engine(url, argument=argument)
     ensure_schema(engine, create=create)
     return engine

@@ -104,6 +104,22 @@ def test_alerts_lists_and_evaluates(db_url: str, capsys: pytest.CaptureFixture[s
     assert {a["kind"] for a in listed} >= {"no_data"}
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["alerts"],
+        ["report", "--model", "cnn", "--version", "1", "--layer", "4", "--out", "r.html"],
+    ],
+)
+def test_reading_a_database_file_that_does_not_exist_creates_none(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    typo = tmp_path / "bnwatchh.db"
+    assert main([*command, "--db", f"sqlite:///{typo}"]) == 1
+    assert f"there is no database file '{typo}' yet" in capsys.readouterr().err
+    assert not typo.exists()  # was: an empty 4 KB file at the mistyped path
+
+
 def test_the_cli_offers_every_method() -> None:
     assert RECALIBRATION_METHODS == METHODS  # a copy, so that --help does not import torch
 

@@ -148,16 +148,41 @@ def test_a_failing_run_is_reported_failed_and_exits_with_its_error(
     assert not out.exists() and recalibrated_refs(repo) == {}
 
 
-def test_a_wrong_name_is_not_a_failed_recalibration(
-    db_url: str, repo: Repository, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("typo", "code", "message"),
+    [
+        (["--model", f"{FIX}:nope"], 1, "--model="),
+        (["--layers", "nothing*"], 1, "no BatchNorm layer matches include"),
+        (["--prior-strength", "-1"], 2, "expected a finite number >= 0, got '-1'"),
+        (["--prior-strength", "nan"], 2, "expected a finite number >= 0, got 'nan'"),
+    ],
+)
+def test_a_command_line_mistake_is_not_a_failed_recalibration(
+    db_url: str,
+    repo: Repository,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    typo: list[str],
+    code: int,
+    message: str,
 ) -> None:
-    """A typo in --model is fixed and run again with the same --recalibration."""
+    """A typo is fixed and run again with the same --recalibration: it stays pending."""
     rid = repo.start_recalibration("net", "1", method="dashboard")
     args = argv(tmp_path / "bn.pt", "--recalibration", str(rid), "--db", db_url)
-    args[args.index("--model") + 1] = f"{FIX}:nope"
-    assert main(args) == 1
-    assert "--model=" in capsys.readouterr().err
+    if typo[0] in args:
+        args[args.index(typo[0]) + 1] = typo[1]
+    else:
+        args += typo
+    if code == 2:  # argparse's usage error
+        with pytest.raises(SystemExit) as exited:
+            main(args)
+        assert exited.value.code == 2
+    else:
+        assert main(args) == 1
+    assert message in capsys.readouterr().err
     assert the(repo, rid).status == "pending"
+    assert main(argv(tmp_path / "bn.pt", "--recalibration", str(rid), "--db", db_url)) == 0
+    assert the(repo, rid).status == "applied"
 
 
 @pytest.mark.parametrize(

@@ -146,8 +146,19 @@ def test_cli_compact(db_url: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert "dropped 0" in out
 
 
-def test_cli_rejects_bad_durations(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("yesterday", "expected a duration like 45s, 30m, 1h, 1d or 2w"),
+        ("infd", "expected a duration of at most 100 years, got 'infd'"),  # was a traceback
+        ("1e12d", "expected a duration of at most 100 years"),
+        ("9000000d", "expected a duration of at most 100 years"),  # overflowed now - it
+    ],
+)
+def test_cli_rejects_bad_durations(
+    capsys: pytest.CaptureFixture[str], text: str, message: str
+) -> None:
     with pytest.raises(SystemExit) as info:
-        main(["db", "compact", "--older-than", "yesterday"])
+        main(["db", "compact", "--older-than", text])
     assert info.value.code == 2
-    assert "expected a duration like 45s, 30m, 1h, 1d or 2w" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
