@@ -202,7 +202,8 @@ def _add_db(subparsers: Subparsers) -> None:
         type=duration,
         default=None,
         metavar="AGE",
-        help="delete windows older than this (default: keep everything)",
+        help="delete windows older than this, and the monitor sources that have none left "
+        "(default: keep everything)",
     )
     _add_db_option(comp)
     comp.set_defaults(handler=_run_db_compact)

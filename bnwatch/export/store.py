@@ -26,7 +26,7 @@ import math
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from prometheus_client.core import (
@@ -39,12 +39,16 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 from sqlalchemy.exc import SQLAlchemyError
 
+from bnwatch.errors import ConfigError
 from bnwatch.export import names
 from bnwatch.export.names import MetricSpec
 
 __all__ = ["STORE_ERRORS", "StoreCollector", "StoreReader", "cumulative_buckets", "family"]
 
 logger = logging.getLogger("bnwatch.export")
+
+SOURCE_TTL = timedelta(days=1)
+"""How long a monitor source's series stay exported after its last window."""
 
 STORE_ERRORS: tuple[type[BaseException], ...] = (SQLAlchemyError, OSError)
 """Errors of a store read that mean "the store is down", not "bnwatch has a bug"."""
@@ -206,6 +210,10 @@ class StoreCollector(Collector):
 
     Args:
         repository: the store's read API (a ``bnwatch.store.repository.Repository``).
+        source_ttl: the per-monitor series (``bnwatch_monitor_*``,
+            ``bnwatch_source_last_window_end_timestamp_seconds``) are exported for the sources
+            whose last window ended within this time of the newest window of their model
+            version (default: a day).
 
     ``describe()`` returns every family bnwatch exports (without samples and without touching
     the database), so that registering this collector next to another exporter of the same
@@ -213,8 +221,11 @@ class StoreCollector(Collector):
     (``/metrics?name[]=...``) find it.  Register one per registry.
     """
 
-    def __init__(self, repository: StoreReader) -> None:
+    def __init__(self, repository: StoreReader, *, source_ttl: timedelta = SOURCE_TTL) -> None:
+        if not source_ttl.total_seconds() > 0:
+            raise ConfigError("source_ttl", source_ttl, "a positive timedelta")
         self.repository = repository
+        self.source_ttl = source_ttl
         self._lock = threading.Lock()
         self._up: bool | None = None
 
@@ -233,7 +244,7 @@ class StoreCollector(Collector):
         self._transition(True, None)
         yield from self._layer_gauges(snapshot.latest)
         yield from self._layer_totals(snapshot.totals)
-        yield from self._monitors(snapshot.sources)
+        yield from self._monitors(self._current(snapshot.sources))
         yield self._alerts(snapshot)
         yield from self._recalibrations(snapshot)
         yield self._store_up(True)
@@ -292,6 +303,22 @@ class StoreCollector(Collector):
             # _count is the +Inf bucket (the measured batches), _sum the sum of their sizes
             sizes.add_metric(labels, buckets, float(t.measured_samples))
         yield from (samples, windows, batches, nonfinite, sizes)
+
+    def _current(self, sources: Sequence[SourceAccount]) -> list[SourceAccount]:
+        """The sources whose last window ended within ``source_ttl`` of their model version's
+        newest one.  A monitor that stopped -- a restarted replica reports under a new
+        ``host:pid`` -- leaves the export once its successors have reported for that long,
+        instead of adding four stale series per restart for good; a version nothing reports
+        for any more keeps its last sources (``BnwatchNoData`` looks at them)."""
+        newest: dict[tuple[str, str], datetime] = {}
+        for s in sources:
+            key = (s.model, s.version)
+            newest[key] = max(newest.get(key, s.last_window_end), s.last_window_end)
+        return [
+            s
+            for s in sources
+            if s.last_window_end >= newest[(s.model, s.version)] - self.source_ttl
+        ]
 
     @staticmethod
     def _monitors(sources: Sequence[SourceAccount]) -> Iterator[Metric]:

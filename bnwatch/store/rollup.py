@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, undefer
 from bnwatch.codec import encode_moments
 from bnwatch.drift import DriftConfig
 from bnwatch.schema import utcnow
-from bnwatch.store.models import Layer, Model, Window
+from bnwatch.store.models import Layer, Model, Source, Window
 from bnwatch.store.repository import Repository, merge_groups, reservoir_columns
 
 CHUNK_BUCKETS = 24
@@ -154,8 +154,12 @@ def _compact_chunk(
 
 
 def drop_windows(engine: Engine, *, older_than: timedelta, now: datetime | None = None) -> int:
-    """Delete windows that ended before ``now - older_than``; returns how many."""
+    """Delete windows that ended before ``now - older_than``, and the monitor sources whose
+    last window ended before then (none of their windows is left: a restarted replica reports
+    under a new ``host:pid``, and the retired ones would otherwise be kept -- and exported --
+    for good); returns how many windows."""
     cutoff = (now or utcnow()) - older_than
     with engine.begin() as conn:
         result = conn.execute(sa.delete(Window).where(Window.end < cutoff))
+        conn.execute(sa.delete(Source).where(Source.last_window_end < cutoff))
         return int(result.rowcount or 0)

@@ -15,6 +15,7 @@ from prometheus_client.registry import DuplicateTimeseries
 
 import bnwatch
 from bnwatch.alerts import AlertConfig, AlertEngine, Rule
+from bnwatch.errors import ConfigError
 from bnwatch.export import names
 from bnwatch.export.store import StoreCollector
 from bnwatch.schema import BATCH_SIZE_BUCKETS, LayerReport, WindowRecord
@@ -159,7 +160,8 @@ def test_monitor_metrics_are_each_sources_latest_account(
         for i, r in enumerate(records[:2])
     ]
     repo.write_windows([*records, *other])
-    registry = registry_of(repo)
+    registry = CollectorRegistry()  # the records are of today, the other replica's of T0
+    registry.register(StoreCollector(repo, source_ttl=timedelta(days=100 * 365)))
     mine = {"model": "cnn", "version": "1", "source": "test:1"}
     theirs = {**mine, "source": "replica:2"}
     last = records[-1]
@@ -171,6 +173,46 @@ def test_monitor_metrics_are_each_sources_latest_account(
     end = registry.get_sample_value("bnwatch_source_last_window_end_timestamp_seconds", theirs)
     assert end == pytest.approx((T0 + timedelta(minutes=2)).timestamp())
     check_metrics(registry)
+
+
+def test_a_retired_source_leaves_the_export_and_the_store(
+    repo: Repository, records: list[WindowRecord]
+) -> None:
+    # fifty restarts: each replica reports under a new host:pid for a minute, a day apart
+    restarts = [
+        at_minute(records[0], i * 24 * 60, source=f"replica:{i}", monitor=records[0].monitor)
+        for i in range(50)
+    ]
+    repo.write_windows(restarts)
+
+    def exported(registry: CollectorRegistry) -> set[str]:
+        name = "bnwatch_source_last_window_end_timestamp_seconds"
+        return {s.labels["source"] for m in registry.collect() for s in m.samples if s.name == name}
+
+    # the sources of the last day of the version's windows, not all fifty
+    assert exported(registry_of(repo)) == {"replica:48", "replica:49"}
+    week = CollectorRegistry()
+    week.register(StoreCollector(repo, source_ttl=timedelta(days=7)))
+    assert exported(week) == {f"replica:{i}" for i in range(42, 50)}
+    # retention drops the windows and, with them, the sources that have none left
+    last_end = restarts[-1].end
+    result = bnwatch_compact(repo, now=last_end + timedelta(days=1), drop=timedelta(days=3))
+    assert result.windows_dropped == 47 * len(records[0].reports)  # one row per layer
+    assert [s.source for s in repo.sources()] == ["replica:47", "replica:48", "replica:49"]
+    with pytest.raises(ConfigError, match="source_ttl"):
+        StoreCollector(repo, source_ttl=timedelta(0))
+
+
+def bnwatch_compact(repo: Repository, *, now: Any, drop: timedelta) -> Any:
+    from bnwatch.store.rollup import compact
+
+    return compact(
+        repo.engine,
+        older_than=timedelta(days=3650),
+        resolution=timedelta(hours=1),
+        drop_older_than=drop,
+        now=now,
+    )
 
 
 def test_alerts_active_counts_open_alerts_and_zero_fills_every_kind(
