@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import sqlalchemy as sa
@@ -111,6 +113,14 @@ def test_an_unknown_revision_says_bnwatch_is_too_old(db_url: str) -> None:
 
 
 def test_an_empty_database_is_not_created_when_asked_not_to(db_url: str) -> None:
+    url = sa.make_url(db_url)
+    if url.get_backend_name() == "sqlite":  # not even the file: a reader at a mistyped path
+        path = Path(str(url.database))
+        assert not path.exists()
+        with pytest.raises(SchemaError, match="there is no database file"):
+            engine_for(db_url, create=False)
+        assert not path.exists()
+        path.touch()
     with pytest.raises(SchemaError, match="has no bnwatch schema"):
         engine_for(db_url, create=False)
 
