@@ -41,6 +41,7 @@ NAMING_CONVENTION = {
 }
 
 Id = BigInteger().with_variant(Integer(), "sqlite")  # SQLite autoincrements INTEGER keys only
+Count = BigInteger().with_variant(Integer(), "sqlite")  # SQLite's INTEGER holds 64 bits
 Timestamp = DateTime(timezone=True)
 
 
@@ -126,14 +127,15 @@ class Window(Base):
     running_ref_id: Mapped[int | None] = mapped_column(ForeignKey("refs.id"))
     baseline_ref_id: Mapped[int | None] = mapped_column(ForeignKey("refs.id"))
     baseline: Mapped[str] = mapped_column(String(20))
-    # counts
+    # counts (64-bit: a window of NaN activations passes 2**31 elements within minutes;
+    # SQLite's INTEGER is 64-bit already -- migration 0007)
     channels: Mapped[int]
-    n_samples: Mapped[int]
-    n_batches: Mapped[int]
-    batches_seen: Mapped[int]
-    samples_seen: Mapped[int]
-    batch_stat_batches: Mapped[int]
-    nonfinite: Mapped[int]
+    n_samples: Mapped[int] = mapped_column(Count)
+    n_batches: Mapped[int] = mapped_column(Count)
+    batches_seen: Mapped[int] = mapped_column(Count)
+    samples_seen: Mapped[int] = mapped_column(Count)
+    batch_stat_batches: Mapped[int] = mapped_column(Count)
+    nonfinite: Mapped[int] = mapped_column(Count)
     batch_sizes: Mapped[dict[str, Any]]
     # the full sufficient statistics (bnwatch.codec)
     moments: Mapped[bytes] = mapped_column(LargeBinary)
@@ -220,6 +222,15 @@ class Alert(Base):
             unique=True,
             postgresql_where=text("state = 'open'"),
             sqlite_where=text("state = 'open'"),
+        ),
+        # the index above tells no two NULL layers apart: the one alert without a layer,
+        # no_data, needs its own (migration 0007)
+        Index(
+            "uq_alerts_open_no_data",
+            "model_id",
+            unique=True,
+            postgresql_where=text("kind = 'no_data' AND state = 'open'"),
+            sqlite_where=text("kind = 'no_data' AND state = 'open'"),
         ),
     )
 

@@ -27,11 +27,17 @@ ARRAY_COLUMNS = {
 }
 
 
-def _set_storage(storage: str) -> None:
+ALREADY_EXTERNAL = frozenset({("windows", "moments")})
+"""0001 created ``windows.moments`` ``EXTERNAL`` already: downgrading leaves it so."""
+
+
+def _set_storage(storage: str, skip: frozenset[tuple[str, str]] = frozenset()) -> None:
     if op.get_bind().dialect.name != "postgresql":
         return
     for table, columns in ARRAY_COLUMNS.items():
-        alters = ", ".join(f"ALTER COLUMN {c} SET STORAGE {storage}" for c in columns)
+        alters = ", ".join(
+            f"ALTER COLUMN {c} SET STORAGE {storage}" for c in columns if (table, c) not in skip
+        )
         op.execute(f"ALTER TABLE {table} {alters}")
 
 
@@ -40,4 +46,4 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    _set_storage("EXTENDED")
+    _set_storage("EXTENDED", skip=ALREADY_EXTERNAL)

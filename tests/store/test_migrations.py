@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -70,12 +72,15 @@ def _storage(engine: sa.Engine) -> dict[tuple[str, str], str]:
 
 def test_postgres_stores_array_blobs_uncompressed(postgres_url: str) -> None:
     """Float statistics do not compress: pglz would spend a full pass on every value and keep
-    nothing (0006), so the blobs are ``STORAGE EXTERNAL``; downgrading restores the default."""
+    nothing (0006), so the blobs are ``STORAGE EXTERNAL``; downgrading restores what 0001-0005
+    made (the default, but ``windows.moments``, external since 0001)."""
     engine = engine_for(postgres_url)
     try:
         assert _storage(engine) == {key: "e" for key in ARRAY_COLUMNS}
-        downgrade(engine, "0005")
-        assert _storage(engine) == {key: "x" for key in ARRAY_COLUMNS}
+        downgrade(engine, "0005")  # as 0001-0005 made them: windows.moments was external
+        assert _storage(engine) == {
+            key: "e" if key == ("windows", "moments") else "x" for key in ARRAY_COLUMNS
+        }
         upgrade(engine)
         assert _storage(engine) == {key: "e" for key in ARRAY_COLUMNS}
         # windows read back bit for bit through the uncompressed columns
@@ -91,6 +96,58 @@ def test_postgres_stores_array_blobs_uncompressed(postgres_url: str) -> None:
             assert moments_equal(w.stats.moments, sent.moments)
             assert sent.reservoir is not None and w.stats.reservoir is not None
             np.testing.assert_array_equal(w.stats.reservoir.rows, sent.reservoir.rows)
+    finally:
+        engine.dispose()
+
+
+def test_0007_keeps_one_open_no_data_alert_and_refuses_a_second(db_url: str) -> None:
+    engine = create_engine(db_url)
+    try:
+        upgrade(engine, "0006")
+        Repository(engine).write_windows(record_windows(1))
+        insert = sa.text(
+            "INSERT INTO alerts (id, model_id, layer_id, kind, state, opened_at, last_seen_at, "
+            "\"values\") VALUES (:id, 1, NULL, :kind, 'open', :now, :now, '{}')"
+        )
+        with engine.begin() as conn:  # what two racing evaluators left before 0007
+            stamp = datetime.now(timezone.utc)
+            for alert_id, kind in ((1, "no_data"), (2, "no_data"), (3, "no_data"), (4, "drift")):
+                conn.execute(insert, {"id": alert_id, "kind": kind, "now": stamp})
+        upgrade(engine)
+        with engine.connect() as conn:
+            states = dict(conn.execute(sa.text("SELECT id, state FROM alerts ORDER BY id")).all())
+        assert states == {1: "open", 2: "resolved", 3: "resolved", 4: "open"}
+        with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
+            conn.execute(insert, {"id": 5, "kind": "no_data", "now": stamp})
+        downgrade(engine, "0006")
+        upgrade(engine)
+    finally:
+        engine.dispose()
+
+
+def test_a_window_counting_more_than_2_31_values_is_stored(db_url: str) -> None:
+    # a convolution fed NaN input counts billions of non-finite elements within minutes:
+    # PostgreSQL refused the row ("integer out of range") while SQLite stored it
+    (record,) = record_windows(1)
+    layer = next(iter(record.reports))
+    big = 3 * 2**31
+    report = record.reports[layer]
+    moments = report.stats.moments
+    nonfinite = moments.nonfinite.copy()
+    nonfinite[0] = big
+    stats = dataclasses.replace(
+        report.stats, moments=dataclasses.replace(moments, nonfinite=nonfinite)
+    )
+    record = dataclasses.replace(
+        record, reports={**record.reports, layer: dataclasses.replace(report, stats=stats)}
+    )
+    engine = engine_for(db_url)
+    try:
+        repo = Repository(engine)
+        assert repo.write_windows([record]) == len(record.reports)
+        with engine.connect() as conn:
+            stored = conn.execute(sa.text("SELECT max(nonfinite) FROM windows")).scalar_one()
+        assert stored == big
     finally:
         engine.dispose()
 
