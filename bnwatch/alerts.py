@@ -249,7 +249,7 @@ class AlertEngine:
         now: datetime | None = None,
     ) -> list[AlertChange]:
         """Open, update and resolve the layer alerts of one model version (one transaction)."""
-        now = now or utcnow()
+        now = _aware(now).astimezone(timezone.utc) if now is not None else utcnow()
         with Session(repository.engine) as session, session.begin():
             m = session.execute(
                 sa.select(Model).where(Model.name == model, Model.version == version)
@@ -286,7 +286,7 @@ class AlertEngine:
         self, repository: Repository, *, now: datetime | None = None
     ) -> list[AlertChange]:
         """Open or resolve ``no_data`` alerts of every model version (run periodically)."""
-        now = now or utcnow()
+        now = _aware(now).astimezone(timezone.utc) if now is not None else utcnow()
         changes: list[AlertChange] = []
         with Session(repository.engine) as session, session.begin():
             for m in session.execute(sa.select(Model).order_by(Model.id)).scalars():

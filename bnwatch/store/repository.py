@@ -1085,7 +1085,7 @@ class Repository:
             count = conn.execute(
                 sa.select(sa.func.count())
                 .select_from(Recalibration)
-                .where(Recalibration.model_id == m.id, Recalibration.created_at >= since)
+                .where(Recalibration.model_id == m.id, Recalibration.created_at >= _to_utc(since))
             ).scalar_one()
             latest = conn.execute(
                 sa.select(sa.func.max(Recalibration.created_at)).where(
@@ -1361,10 +1361,12 @@ class Repository:
         query = query.join(Layer, Layer.id == Window.layer_id).where(Window.model_id == model.id)
         if layer is not None:
             query = query.where(Layer.name == layer)
+        # bounds in UTC, as stored: SQLite compares the wall-clock text, so an instant with
+        # another offset would select the wrong windows there (PostgreSQL converts)
         if start is not None:
-            query = query.where(Window.end >= start)
+            query = query.where(Window.end >= _to_utc(start))
         if end is not None:
-            query = query.where(Window.end < end)
+            query = query.where(Window.end < _to_utc(end))
         if source is not None:
             query = query.where(Window.source == source)
         return query

@@ -158,7 +158,7 @@ def drop_windows(engine: Engine, *, older_than: timedelta, now: datetime | None 
     last window ended before then (none of their windows is left: a restarted replica reports
     under a new ``host:pid``, and the retired ones would otherwise be kept -- and exported --
     for good); returns how many windows."""
-    cutoff = (now or utcnow()) - older_than
+    cutoff = (now.astimezone(timezone.utc) if now is not None else utcnow()) - older_than
     with engine.begin() as conn:
         result = conn.execute(sa.delete(Window).where(Window.end < cutoff))
         conn.execute(sa.delete(Source).where(Source.last_window_end < cutoff))

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import timedelta, timezone
 from typing import Any
 
 import numpy as np
@@ -254,6 +254,19 @@ def test_a_connection_lost_mid_copy_raises_sqlalchemys_error_and_writes_nothing(
     assert repo.window_count() == 0
     assert repo.write_windows(record_windows(1)) == 3
     engine.dispose()
+
+
+def test_time_bounds_with_any_offset_select_the_same_windows(repo: Repository) -> None:
+    # SQLite compares the stored UTC text: a bound written with +02:00 selected nothing there
+    records = record_windows(3)
+    repo.write_windows(records)
+    first, second, _ = sorted(r.end for r in records)
+    later = first + timedelta(hours=1)
+    plus2 = timezone(timedelta(hours=2))
+    for tz in (timezone.utc, plus2):
+        assert len(repo.windows("cnn", "1", start=first.astimezone(tz), end=later)) == 9
+        assert len(repo.windows("cnn", "1", start=second.astimezone(tz), end=later)) == 6
+        assert len(repo.windows("cnn", "1", start=first, end=second.astimezone(tz))) == 3
 
 
 def test_references_are_stored_once_and_versioned(repo: Repository) -> None:
