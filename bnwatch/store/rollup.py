@@ -10,7 +10,9 @@ finds nothing left to do.  Retention deletes windows older than an age.
 
 from __future__ import annotations
 
+import hashlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
@@ -121,8 +123,7 @@ def _compact_chunk(
             if w.stats is None:  # pragma: no cover - merge_groups always sets it
                 continue
             row = {
-                "uid": f"r{int(seconds)}-{m.bucket}-{m.layer.id}-{len(m.source_ids)}"
-                f"-{min(m.source_ids)}",
+                "uid": rollup_uid(seconds, m.bucket, m.layer.id, m.source_ids),
                 "model_id": model_id,
                 "layer_id": m.layer.id,
                 "source": w.source,
@@ -151,6 +152,15 @@ def _compact_chunk(
             conn.execute(sa.delete(Window).where(Window.id.in_(ids[i : i + 500])))
         conn.execute(sa.insert(Window), new_rows)
     return len(rows), len(new_rows)
+
+
+def rollup_uid(seconds: float, bucket: int, layer_id: int, source_ids: Sequence[int]) -> str:
+    """The uid of a rolled-up window: ``r`` and 31 hex digits of a digest of what it merged
+    (resolution, bucket, layer, the ids of its windows) -- the ``VARCHAR(32)`` of a uid holds it
+    however large the ids grow (written out, a day of minute windows on a large store made 33
+    characters, which PostgreSQL refused, failing every later compaction)."""
+    what = f"{int(seconds)}-{bucket}-{layer_id}-" + ",".join(map(str, sorted(source_ids)))
+    return "r" + hashlib.sha256(what.encode()).hexdigest()[:31]
 
 
 def drop_windows(engine: Engine, *, older_than: timedelta, now: datetime | None = None) -> int:

@@ -116,6 +116,19 @@ def test_retention_drops_old_windows(repo: Repository) -> None:
     assert repo.window_count() == 3
 
 
+def test_a_rolled_up_uid_fits_its_column_however_large_the_ids() -> None:
+    from bnwatch.store.rollup import rollup_uid
+
+    # a day of minute windows on layer 1001 of a store past 10**9 rows: 33 characters written
+    # out, which PostgreSQL's VARCHAR(32) refused (and every later compaction with it)
+    ids = list(range(10**9 + 1, 10**9 + 1441))
+    uid = rollup_uid(86400.0, 20454, 1001, ids)
+    assert len(uid) == 32 and uid.startswith("r")
+    assert uid == rollup_uid(86400, 20454, 1001, ids[::-1])  # what was merged, not the order
+    assert uid != rollup_uid(86400.0, 20454, 1001, ids[1:])
+    assert uid != rollup_uid(3600.0, 20454, 1001, ids)
+
+
 def test_cli_compact(db_url: str, capsys: pytest.CaptureFixture[str]) -> None:
     engine = engine_for(db_url)
     records = record_windows(3)
