@@ -26,6 +26,11 @@ def run_migrations() -> None:
             # batch migrations recreate tables; SQLite would refuse to drop referenced ones
             connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
             connection.commit()
+            # one transaction holding the write lock from before the revision is read: pysqlite
+            # runs DDL outside any transaction of its own, so a migration could be left half
+            # done, and two processes creating one database interleaved their tables and both
+            # failed.  The second now waits, then finds the schema there and runs nothing.
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
         context.configure(
             connection=connection,
             target_metadata=target_metadata,

@@ -10,6 +10,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import URL, Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from bnwatch.store.engine import SchemaError, create_engine, parse_url, redacted
 
@@ -71,7 +72,16 @@ def ensure_schema(engine: Engine, *, create: bool = True) -> None:
                 f"{where} has no bnwatch schema: run `bnwatch db upgrade --db {where}`"
             )
         logger.info("bnwatch: creating the schema in %s (revision %s)", where, head)
-        upgrade(engine)
+        try:
+            upgrade(engine)
+        except SQLAlchemyError:
+            # two processes opening one empty database (the workers of `bnwatch serve`, a
+            # monitor and a profile): the migration runs in one transaction, so the loser's
+            # fails ("already exists") once the winner's committed -- and then the schema is
+            # there, complete
+            if current_revision(engine) != head:
+                raise
+            logger.info("bnwatch: %s was given the schema by another process meanwhile", where)
         return
     script = ScriptDirectory(str(migrations_dir()))
     known = {rev.revision for rev in script.walk_revisions()}

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -150,6 +152,32 @@ def test_a_window_counting_more_than_2_31_values_is_stored(db_url: str) -> None:
         assert stored == big
     finally:
         engine.dispose()
+
+
+def _open_store(url: str, barrier: Any, results: Any) -> None:
+    barrier.wait()
+    try:
+        engine_for(url).dispose()
+        results.put("ok")
+    except Exception as err:  # reported to the test
+        results.put(f"{type(err).__name__}: {err}")
+
+
+def test_two_processes_opening_one_empty_database_both_get_the_schema(db_url: str) -> None:
+    # two workers of `bnwatch serve` starting together: both ran the first migration, and one
+    # failed ("table models already exists", "database is locked", a unique violation)
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_open_store, args=(db_url, barrier, results)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    outcomes = [results.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    assert outcomes == ["ok", "ok"]
+    engine = create_engine(db_url)
+    assert current_revision(engine) == head_revision()
+    engine.dispose()
 
 
 def test_a_database_behind_says_to_upgrade(db_url: str) -> None:
