@@ -51,7 +51,13 @@ def parse_url(url: str | URL, *, argument: str = "store") -> URL:
             f"a URL whose driver is installed ({parsed.drivername!r} is not: for PostgreSQL "
             "use postgresql:// or postgresql+psycopg://)",
         ) from err
-    if backend == "sqlite" and parsed.database in (None, "") and "memory" not in str(parsed):
+    if backend == "sqlite" and (
+        parsed.database in (None, "", ":memory:")
+        or parsed.query.get("mode") == "memory"
+        or str(parsed.database).startswith("file::memory:")
+    ):
+        # an in-memory database lives in one connection: every thread of the writer, the
+        # service and the alert engine would see its own empty one, and all is lost at exit
         raise ConfigError(argument, url, "a SQLite file path, e.g. sqlite:///bnwatch.db")
     return parsed
 

@@ -333,7 +333,16 @@ def test_unknown_model_is_a_key_error(repo: Repository) -> None:
 
 
 @pytest.mark.parametrize(
-    "url", ["nonsense", "mysql://u@h/db", "sqlite://", "postgresql+nodriver://x", 42]
+    "url",
+    [
+        "nonsense",
+        "mysql://u@h/db",
+        "sqlite://",
+        "sqlite:///:memory:",  # each thread (writer, service, alerts) had its own empty one
+        "sqlite:///file:x?mode=memory&cache=shared&uri=true",
+        "postgresql+nodriver://x",
+        42,
+    ],
 )
 def test_unusable_store_urls_fail_at_watch(url: object) -> None:
     with pytest.raises(ConfigError) as info:
