@@ -632,6 +632,16 @@ class Repository:
         found = self._ids.refs.get(key) or new.refs.get(key)
         if found is not None:
             return found
+        # the next version is counted under a lock, so that two writers (a profile uploaded
+        # while a monitor stores windows) cannot both take it: on PostgreSQL the layer's row
+        # (FOR NO KEY UPDATE, which window inserts referencing it do not wait for), on SQLite
+        # the file's write lock, taken before the count is read
+        if conn.dialect.name == "postgresql":
+            conn.execute(
+                sa.select(Layer.id).where(Layer.id == layer_id).with_for_update(key_share=True)
+            )
+        elif not conn.connection.dbapi_connection.in_transaction:  # type: ignore[union-attr]
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
         version = conn.execute(
             sa.select(sa.func.count())
             .select_from(Ref)
@@ -726,7 +736,7 @@ class Repository:
                 Ref.mean_var == mean_var,
                 Ref.moments == moments,
             )
-            .order_by(Ref.version.desc())
+            .order_by(Ref.version.desc(), Ref.id.desc())
             .limit(1)
         ).scalar_one_or_none()
         return None if found is None else int(found)
@@ -793,7 +803,7 @@ class Repository:
                 sa.select(Ref, Layer)
                 .join(Layer, Layer.id == Ref.layer_id)
                 .where(Layer.model_id == m.id, Ref.kind == "profile")
-                .order_by(Layer.depth, Layer.id, Ref.version)
+                .order_by(Layer.depth, Layer.id, Ref.version, Ref.id)
             ).all()
         newest: dict[str, tuple[Ref, Layer]] = {}
         for ref, layer in rows:
@@ -1684,7 +1694,7 @@ class Repository:
                 # windows judged against a profile that was never stored store its moments as
                 # a reference of kind ``profile`` without a reservoir: the newest one with it
                 .where(Ref.layer_id == lr.id, Ref.kind == "profile", Ref.reservoir.is_not(None))
-                .order_by(Ref.version.desc())
+                .order_by(Ref.version.desc(), Ref.id.desc())
                 .limit(1)
             ).scalar_one_or_none()
             if ref is not None and ref.reservoir is not None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from datetime import timedelta, timezone
@@ -267,6 +269,43 @@ def test_time_bounds_with_any_offset_select_the_same_windows(repo: Repository) -
         assert len(repo.windows("cnn", "1", start=first.astimezone(tz), end=later)) == 9
         assert len(repo.windows("cnn", "1", start=second.astimezone(tz), end=later)) == 6
         assert len(repo.windows("cnn", "1", start=first, end=second.astimezone(tz))) == 3
+
+
+def test_concurrent_profiles_get_distinct_versions(
+    repo: Repository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # two profile uploads at once both counted a layer's references before either inserted,
+    # and both became its version 1: "the newest profile" was ambiguous.  Each writer waits,
+    # after counting, for the other (at most 1 s): serialized, the wait times out.
+    records = record_windows(2)
+    repo.write_windows(records[:1])  # the model version and its layers exist
+    profiles = [
+        bnwatch.profile(small_cnn(seed), batches(2, seed=seed), name="cnn", version="1")
+        for seed in (1, 2)
+    ]
+    barrier = threading.Barrier(2, timeout=1)
+    insert = repository._insert_ignore
+
+    def counted_then_insert(conn: Any, table: Any, rows: Any) -> Any:
+        if table.name == "refs":
+            with contextlib.suppress(threading.BrokenBarrierError):
+                barrier.wait()
+        return insert(conn, table, rows)
+
+    monkeypatch.setattr(repository, "_insert_ignore", counted_then_insert)
+    writers = [
+        threading.Thread(target=Repository(repo.engine).write_profile, args=(p,)) for p in profiles
+    ]
+    for t in writers:
+        t.start()
+    for t in writers:
+        t.join()
+    with repo.engine.connect() as conn:
+        versions = conn.execute(
+            sa.text("SELECT layer_id, version FROM refs WHERE kind = 'profile'")
+        ).all()
+    assert len(versions) == 2 * len(records[0].reports)
+    assert len(set(versions)) == len(versions)  # no (layer, version) twice
 
 
 def test_references_are_stored_once_and_versioned(repo: Repository) -> None:
