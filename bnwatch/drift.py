@@ -645,17 +645,22 @@ def report_from_metrics(
     )
 
 
-def decide(reports: Mapping[str, LayerReport], config: DriftConfig) -> dict[str, LayerReport]:
+def decide(
+    reports: Mapping[str, LayerReport], config: DriftConfig, *, layers: int | None = None
+) -> dict[str, LayerReport]:
     """Set ``gap`` and ``drifted`` for every layer of one window.
 
     With ``L`` the number of layers tested in the window, a layer is drifted when
     ``p_value · L ≤ alpha`` (Bonferroni over layers of the within-layer Cauchy combination)
     and its share of flagged channels exceeds ``min_drifted_fraction``; the gap likewise.
+    ``layers``: how many layers the window has when ``reports`` holds only some of them (a
+    query for one layer), so that those are judged as they would be among all of them --
+    ``L`` is then the larger of ``layers`` and the number tested here.
     """
 
     def significant(ps: Iterable[float]) -> float:
         tested = [p for p in ps if math.isfinite(p)]
-        return config.alpha / max(1, len(tested))
+        return config.alpha / max(1, len(tested), layers or 0)
 
     gap_level = significant(r.gap_p_value for r in reports.values())
     drift_level = significant(r.p_value for r in reports.values())

@@ -1344,6 +1344,7 @@ class Repository:
                 query = query.options(undefer(Window.reservoir))
             rows = conn.execute(query.order_by(Layer.depth, Layer.id, Window.end, Window.id)).all()
             refs = self.refs_for(conn, [w for w, _ in rows]) if resolution else {}
+            count = self._layer_count(conn, m) if layer is not None and resolution else None
         if resolution is None:
             return [self.to_stored(m, lr, w, with_stats) for w, lr in rows]
         return merge_stored(
@@ -1354,6 +1355,17 @@ class Repository:
             refs,
             _seconds(resolution),
             config or DriftConfig(),
+            layer_count=count,
+        )
+
+    @staticmethod
+    def _layer_count(conn: Session, model: Model) -> int:
+        """How many layers the model version has (one layer's merged windows are judged as
+        among all of them)."""
+        return int(
+            conn.execute(
+                sa.select(sa.func.count()).select_from(Layer).where(Layer.model_id == model.id)
+            ).scalar_one()
         )
 
     @staticmethod
@@ -1433,6 +1445,7 @@ class Repository:
             query = self._range(sa.select(Window, Layer), m, layer=layer, start=start, end=end)
             rows = conn.execute(query.order_by(Window.end, Window.id)).all()
             refs = self.refs_for(conn, [w for w, _ in rows])
+            count = self._layer_count(conn, m)
         items = [
             (self.to_stored(m, lr, w, True), lr, w.running_ref_id, w.baseline_ref_id)
             for w, lr in rows
@@ -1440,7 +1453,7 @@ class Repository:
         views = []
         for resolution in resolutions:
             seconds = _seconds(resolution) if resolution is not None else _WHOLE_RANGE
-            merged = merge_groups(items, refs, seconds, config or DriftConfig())
+            merged = merge_groups(items, refs, seconds, config or DriftConfig(), layer_count=count)
             out = [(g.window, g.report) for g in merged if g.report is not None]
             if resolution is None and out:
                 first = _utc(min(w.start for w, _ in rows))
@@ -2290,13 +2303,16 @@ def merge_groups(
     config: DriftConfig,
     *,
     by_source: bool = False,
+    layer_count: int | None = None,
 ) -> list[Merged]:
     """Merge windows into epoch-aligned buckets of ``seconds`` per layer (and per source when
     ``by_source``), exactly, recomputing the metrics of each merged window.
 
     A window belongs to the bucket its ``end`` falls in (a window ending exactly on a
     boundary, to the bucket it closes).  All layers of one bucket are decided together,
-    since the cross-layer correction needs them all.
+    since the cross-layer correction needs them all; ``layer_count`` is how many the model version
+    has when ``items`` hold only some (one layer asked for), which are then judged at the
+    level they would get among all of them (:func:`bnwatch.drift.decide`).
     """
     buckets: dict[tuple[int, str, int], list[tuple[StoredWindow, int | None, int | None]]] = (
         defaultdict(list)
@@ -2374,7 +2390,7 @@ def merge_groups(
     for bucket_key in sorted(assessed):
         entries = assessed[bucket_key]
         names = {k: f"{e.layer.name}\0{k}" for k, (_, e) in entries.items()}
-        decided = decide({names[k]: r for k, (r, _) in entries.items()}, config)
+        decided = decide({names[k]: r for k, (r, _) in entries.items()}, config, layers=layer_count)
         for k, (_, e) in entries.items():
             window = _with_metrics(e.window, report_metrics(decided[names[k]]))
             out.append(
@@ -2396,9 +2412,11 @@ def merge_stored(
     refs: Mapping[int, Ref],
     seconds: float,
     config: DriftConfig,
+    *,
+    layer_count: int | None = None,
 ) -> list[StoredWindow]:
     """:func:`merge_groups` over all sources, as plain windows."""
-    return [m.window for m in merge_groups(items, refs, seconds, config)]
+    return [m.window for m in merge_groups(items, refs, seconds, config, layer_count=layer_count)]
 
 
 def _with_metrics(w: StoredWindow, metrics: Mapping[str, Any]) -> StoredWindow:

@@ -20,6 +20,7 @@ import torch
 import bnwatch
 from bnwatch.codec import encode_moments
 from bnwatch.errors import ConfigError
+from bnwatch.sink import MemorySink
 from bnwatch.store import repository
 from bnwatch.store.migrate import engine_for
 from bnwatch.store.models import Window
@@ -306,6 +307,33 @@ def test_concurrent_profiles_get_distinct_versions(
         ).all()
     assert len(versions) == 2 * len(records[0].reports)
     assert len(set(versions)) == len(versions)  # no (layer, version) twice
+
+
+def test_one_layers_merged_windows_are_judged_as_among_all_layers(repo: Repository) -> None:
+    # the cross-layer level is alpha / L: asked for one layer, L was 1, and this layer's gap
+    # (p = 6.6e-4, alpha / 3 = 3.3e-4) was flagged with ?layer=0 and not without
+    torch.manual_seed(17)
+    net = torch.nn.Sequential(*(torch.nn.BatchNorm1d(8) for _ in range(3))).eval()
+    with torch.no_grad():
+        net[0].running_mean[0] = 0.195  # channel 0 of the first layer is a little off
+    sink = MemorySink()
+    mon = bnwatch.watch(
+        net, name="m", version="17", store=sink, window_seconds=None, overhead_budget=None
+    )
+    with torch.no_grad():
+        for _ in range(3):
+            for _ in range(4):
+                net(torch.randn(32, 8))
+            mon.flush()
+    mon.close()
+    repo.write_windows(sink.windows)
+    every = {w.layer: w for w in repo.windows("m", "17", resolution=86400)}
+    assert sorted(every) == ["0", "1", "2"]
+    for name, merged in every.items():
+        (one,) = repo.windows("m", "17", layer=name, resolution=86400)
+        assert (one.gap, one.drifted) == (merged.gap, merged.drifted)
+        assert one.gap_p_value == merged.gap_p_value
+    assert 3.3e-4 < every["0"].gap_p_value < 1e-3 and not every["0"].gap  # the case above
 
 
 def test_references_are_stored_once_and_versioned(repo: Repository) -> None:
