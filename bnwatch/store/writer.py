@@ -11,7 +11,8 @@ is not retried: a batch it is in is split in halves, each stored in a transactio
 down to the windows refused, which are counted as ``rejected`` and logged one by one; every
 other window of the batch is stored.  ``close()`` drains the queue (waiting at most
 ``timeout`` seconds), so a clean shutdown loses nothing; whatever is still undelivered when
-the timeout expires is counted as dropped and logged.
+the timeout expires is counted as dropped and logged, and so is a window written after
+``close()``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from bnwatch.store.migrate import engine_for
 from bnwatch.store.repository import ChannelMismatchError, Repository
 
 logger = logging.getLogger("bnwatch")
+
+_DROP_LOG_EVERY = 100  # dropped windows between repeated warnings (of one kind)
 
 _REFUSED_SQLSTATE_CLASSES = ("22", "23", "54")
 """SQLSTATE classes of errors about the rows sent, not about the database: data exception
@@ -84,8 +87,8 @@ def _reason(err: BaseException) -> str:
 
 @dataclass(frozen=True)
 class WriterStats:
-    """What the writer has done: windows written, queued, dropped (queue full or not
-    delivered by close), rejected (refused for good: a channel-count mismatch, a
+    """What the writer has done: windows written, queued, dropped (queue full, not delivered
+    by close, or written after it), rejected (refused for good: a channel-count mismatch, a
     value the database cannot hold), failed attempts (the database away; 0 once it is back)."""
 
     written: int
@@ -143,6 +146,8 @@ class StoreSink:
         self._rejected = 0
         self._failures = 0
         self._last_error: str | None = None
+        self._drops_by_kind: dict[str, int] = {}
+        self._closed = False
         self._stop = threading.Event()
         self._deadline = float("inf")
         self._thread = threading.Thread(
@@ -152,20 +157,23 @@ class StoreSink:
 
     # -- the Sink protocol ---------------------------------------------------------------
     def write(self, window: WindowRecord) -> None:
-        try:
-            self._queue.put_nowait(window)
-        except queue.Full as full:
-            with self._lock:
-                self._dropped += 1
-                dropped = self._dropped
-            if dropped == 1 or dropped % 100 == 0:
-                logger.warning(
-                    "bnwatch: the store writer's queue is full (%s); %d window(s) "
-                    "dropped so far -- the database at %s is too slow or unreachable",
-                    full,
-                    dropped,
-                    redacted(self.url),
-                )
+        """Queue a window; never blocks (a full queue, or a closed sink, drops and counts it).
+
+        The check for ``close()`` and the put are one step under the lock ``close()`` takes to
+        mark the sink closed: a window is either queued before -- then the thread stores it or
+        ``close()`` counts it -- or dropped, never queued for a thread that has gone.
+        """
+        with self._lock:
+            if self._closed:
+                why, kind = "the sink is closed", "closed"
+            else:
+                try:
+                    self._queue.put_nowait(window)
+                    return
+                except queue.Full as full:
+                    why = f"the queue is full ({full}) -- the database is too slow or unreachable"
+                    kind = "queue"
+        self._drop(why, kind)
 
     @property
     def dropped(self) -> int:
@@ -173,11 +181,23 @@ class StoreSink:
             return self._dropped
 
     def close(self, timeout: float | None = 30.0) -> None:
-        """Deliver what is queued, waiting at most ``timeout`` seconds, then stop."""
+        """Deliver what is queued, waiting at most ``timeout`` seconds, then stop.  Windows
+        written afterwards are dropped and counted.  Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
         self._deadline = time.monotonic() + (timeout if timeout is not None else float("inf"))
         self._stop.set()
         self._thread.join(None if timeout is None else timeout + 5.0)
-        lost = self._queue.qsize()
+        lost = 0
+        while True:  # left by a thread that gave up (or is stuck in a database call)
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+            self._queue.task_done()
+            lost += 1
         if lost:
             with self._lock:
                 self._dropped += lost
@@ -186,8 +206,6 @@ class StoreSink:
                 lost,
                 redacted(self.url),
             )
-            while not self._queue.empty():
-                self._queue.get_nowait()
 
     def stats(self) -> WriterStats:
         with self._lock:
@@ -201,15 +219,34 @@ class StoreSink:
             )
 
     def flush(self, timeout: float = 30.0) -> bool:
-        """Wait until everything queued so far is stored (tests, benchmarks)."""
+        """Wait until everything queued so far is stored, rejected or dropped (tests,
+        benchmarks); ``False`` if that did not happen within ``timeout`` seconds.  After
+        ``close()`` it is so at once (unless a database call outlived it): the thread has
+        stored what it could, and ``close()`` counted the rest as dropped."""
         end = time.monotonic() + timeout
-        while time.monotonic() < end:
+        while True:
             if self._queue.unfinished_tasks == 0:
                 return True
+            if time.monotonic() >= end:
+                return False
             time.sleep(0.01)
-        return False
 
     # -- accounting ----------------------------------------------------------------------
+    def _drop(self, why: str, kind: str) -> None:
+        """Count a window lost; log the first loss of each ``kind`` and every 100th after."""
+        with self._lock:
+            before = self._drops_by_kind.get(kind, 0)
+            self._drops_by_kind[kind] = before + 1
+            self._dropped += 1
+            dropped = self._dropped
+        if before % _DROP_LOG_EVERY == 0:
+            logger.warning(
+                "bnwatch: a window for %s dropped (%s); %d window(s) dropped so far",
+                redacted(self.url),
+                why,
+                dropped,
+            )
+
     def _reject(self, window: WindowRecord, reason: str, err: BaseException) -> None:
         """Count a window refused for good and say which, and why: it is never retried."""
         with self._lock:

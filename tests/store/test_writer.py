@@ -331,3 +331,36 @@ def test_windows_postgresql_refuses_are_rejected_whole_and_the_rest_stored(
             assert conn.execute(sa.text("SELECT name FROM models")).scalars().all() == ["cnn"]
     finally:
         engine.dispose()
+
+
+def test_a_window_written_after_close_is_dropped_and_counted(
+    db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A sink shared by two monitors is closed by the first one's close(): the other's windows
+    were queued for a thread that had exited -- neither stored nor counted -- and flush()
+    waited out its timeout."""
+    records = record_windows(3)
+    sink = StoreSink(db_url)
+    sink.write(records[0])
+    sink.close()
+    with caplog.at_level(logging.WARNING, logger="bnwatch"):
+        sink.write(records[1])
+        sink.write(records[2])
+    stats = sink.stats()
+    assert (stats.written, stats.queued, stats.dropped) == (1, 0, 2)
+    assert any("the sink is closed" in m for m in caplog.messages)
+    assert sink.flush(timeout=5)
+    sink.close()  # idempotent
+    assert stored(db_url) == 3
+
+
+def test_flush_after_a_close_that_gave_up_returns_at_once() -> None:
+    """close() counts what it could not deliver as dropped; flush() then has nothing to wait
+    for (the windows close() took out of the queue were never marked done)."""
+    records = record_windows(1)
+    sink = StoreSink("postgresql://nobody@127.0.0.1:1/none", batch_size=1, retry_initial=5.0)
+    for _ in range(5):
+        sink.write(renamed(records[0]))
+    sink.close(timeout=0.2)
+    assert sink.stats().dropped == 5
+    assert sink.flush(timeout=5)
