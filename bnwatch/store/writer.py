@@ -4,9 +4,15 @@
 queue, or -- when the queue is full -- drops it and counts it (``dropped``), never silently.
 A daemon thread takes up to ``batch_size`` windows at a time and stores them in one
 transaction.  A database that is down at start or goes away mid-run is retried with
-exponential backoff and logged; inference is unaffected.  ``close()`` drains the queue
-(waiting at most ``timeout`` seconds), so a clean shutdown loses nothing; whatever is still
-undelivered when the timeout expires is counted as dropped and logged.
+exponential backoff and logged; inference is unaffected.  A window the database refuses for
+good -- a value that does not fit its column (a name longer than 200 characters, an integer
+out of range), a constraint it breaks, a channel count that differs from the stored layer's --
+is not retried: a batch it is in is split in halves, each stored in a transaction of its own,
+down to the windows refused, which are counted as ``rejected`` and logged one by one; every
+other window of the batch is stored.  ``close()`` drains the queue (waiting at most
+``timeout`` seconds), so a clean shutdown loses nothing; whatever is still undelivered when
+the timeout expires is counted as dropped and logged, and so is a window written after
+``close()``.
 """
 
 from __future__ import annotations
@@ -15,13 +21,14 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy.engine import URL, Engine
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, SQLAlchemyError, StatementError
 
-from bnwatch.errors import check_positive_int
+from bnwatch.errors import BnwatchError, check_positive_int
 from bnwatch.schema import WindowRecord
 from bnwatch.sink import QUEUE_BYTES, WindowQueue
 from bnwatch.store.engine import SchemaError, parse_url, redacted
@@ -30,11 +37,59 @@ from bnwatch.store.repository import ChannelMismatchError, Repository
 
 logger = logging.getLogger("bnwatch")
 
+_DROP_LOG_EVERY = 100  # dropped windows between repeated warnings (of one kind)
+
+_REFUSED_SQLSTATE_CLASSES = ("22", "23", "54")
+"""SQLSTATE classes of errors about the rows sent, not about the database: data exception
+(22: a value too long or out of range), integrity constraint violation (23) and program limit
+exceeded (54: a row or index entry too large, too many parameters -- which a smaller batch
+avoids).  Class 53 (insufficient resources: disk full, out of memory, too many connections),
+08 (connection), 40 (serialization failure, deadlock), 42 (a missing table or column, a missing
+privilege: an outdated schema or a misconfigured role) and the rest are the database's state,
+which an operator or time fixes: those are retried."""
+
+
+def _refused(err: BaseException) -> bool:
+    """Whether storing the same windows again would fail the same way: the database (or the
+    driver, binding a value) refused the data itself, so retrying it blocks every later window
+    for nothing.  True for SQLAlchemy's ``DataError`` and ``IntegrityError``, for an error whose
+    SQLSTATE is in :data:`_REFUSED_SQLSTATE_CLASSES`, for a value the driver could not bind
+    (sqlite3's ``OverflowError`` for an integer beyond 64 bits, wrapped in a ``StatementError``)
+    and for anything that is no database error at all (the repository refusing a window).
+    False for the database being away, locked, full, outdated or misconfigured: SQLAlchemy's
+    ``OperationalError`` (connection lost, ``database is locked``, a deadlock),
+    ``InterfaceError``, ``ProgrammingError``, ``InternalError``, a connection invalidated
+    whatever its error, pool timeouts, and :class:`SchemaError` -- those are retried."""
+    if isinstance(err, SchemaError):
+        return False
+    if isinstance(err, DBAPIError):
+        if err.connection_invalidated:
+            return False
+        if isinstance(err, (DataError, IntegrityError)):
+            return True
+        sqlstate = getattr(err.orig, "sqlstate", None)
+        return isinstance(sqlstate, str) and sqlstate[:2] in _REFUSED_SQLSTATE_CLASSES
+    if isinstance(err, StatementError):  # raised before the database saw the statement
+        return isinstance(err.orig, (ValueError, TypeError, OverflowError))
+    return not isinstance(err, SQLAlchemyError)
+
+
+def _reason(err: BaseException) -> str:
+    """What the database said, in one line: the driver's error and the first line of its
+    message, without SQLAlchemy's statement and parameters (a window's arrays)."""
+    orig = err.orig if isinstance(err, StatementError) and err.orig is not None else err
+    lines = str(orig).splitlines()
+    message = lines[0] if lines else ""
+    if isinstance(err, BnwatchError):
+        return message or repr(err)
+    return f"{type(orig).__name__}: {message}" if message else repr(orig)
+
 
 @dataclass(frozen=True)
 class WriterStats:
-    """What the writer has done: windows written, queued, dropped (queue full or not
-    delivered by close), rejected (invalid, e.g. a channel-count mismatch), failed attempts."""
+    """What the writer has done: windows written, queued, dropped (queue full, not delivered
+    by close, or written after it), rejected (refused for good: a channel-count mismatch, a
+    value the database cannot hold), failed attempts (the database away; 0 once it is back)."""
 
     written: int
     queued: int
@@ -91,6 +146,8 @@ class StoreSink:
         self._rejected = 0
         self._failures = 0
         self._last_error: str | None = None
+        self._drops_by_kind: dict[str, int] = {}
+        self._closed = False
         self._stop = threading.Event()
         self._deadline = float("inf")
         self._thread = threading.Thread(
@@ -100,20 +157,23 @@ class StoreSink:
 
     # -- the Sink protocol ---------------------------------------------------------------
     def write(self, window: WindowRecord) -> None:
-        try:
-            self._queue.put_nowait(window)
-        except queue.Full as full:
-            with self._lock:
-                self._dropped += 1
-                dropped = self._dropped
-            if dropped == 1 or dropped % 100 == 0:
-                logger.warning(
-                    "bnwatch: the store writer's queue is full (%s); %d window(s) "
-                    "dropped so far -- the database at %s is too slow or unreachable",
-                    full,
-                    dropped,
-                    redacted(self.url),
-                )
+        """Queue a window; never blocks (a full queue, or a closed sink, drops and counts it).
+
+        The check for ``close()`` and the put are one step under the lock ``close()`` takes to
+        mark the sink closed: a window is either queued before -- then the thread stores it or
+        ``close()`` counts it -- or dropped, never queued for a thread that has gone.
+        """
+        with self._lock:
+            if self._closed:
+                why, kind = "the sink is closed", "closed"
+            else:
+                try:
+                    self._queue.put_nowait(window)
+                    return
+                except queue.Full as full:
+                    why = f"the queue is full ({full}) -- the database is too slow or unreachable"
+                    kind = "queue"
+        self._drop(why, kind)
 
     @property
     def dropped(self) -> int:
@@ -121,11 +181,23 @@ class StoreSink:
             return self._dropped
 
     def close(self, timeout: float | None = 30.0) -> None:
-        """Deliver what is queued, waiting at most ``timeout`` seconds, then stop."""
+        """Deliver what is queued, waiting at most ``timeout`` seconds, then stop.  Windows
+        written afterwards are dropped and counted.  Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
         self._deadline = time.monotonic() + (timeout if timeout is not None else float("inf"))
         self._stop.set()
         self._thread.join(None if timeout is None else timeout + 5.0)
-        lost = self._queue.qsize()
+        lost = 0
+        while True:  # left by a thread that gave up (or is stuck in a database call)
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+            self._queue.task_done()
+            lost += 1
         if lost:
             with self._lock:
                 self._dropped += lost
@@ -134,8 +206,6 @@ class StoreSink:
                 lost,
                 redacted(self.url),
             )
-            while not self._queue.empty():
-                self._queue.get_nowait()
 
     def stats(self) -> WriterStats:
         with self._lock:
@@ -149,13 +219,49 @@ class StoreSink:
             )
 
     def flush(self, timeout: float = 30.0) -> bool:
-        """Wait until everything queued so far is stored (tests, benchmarks)."""
+        """Wait until everything queued so far is stored, rejected or dropped (tests,
+        benchmarks); ``False`` if that did not happen within ``timeout`` seconds.  After
+        ``close()`` it is so at once (unless a database call outlived it): the thread has
+        stored what it could, and ``close()`` counted the rest as dropped."""
         end = time.monotonic() + timeout
-        while time.monotonic() < end:
+        while True:
             if self._queue.unfinished_tasks == 0:
                 return True
+            if time.monotonic() >= end:
+                return False
             time.sleep(0.01)
-        return False
+
+    # -- accounting ----------------------------------------------------------------------
+    def _drop(self, why: str, kind: str) -> None:
+        """Count a window lost; log the first loss of each ``kind`` and every 100th after."""
+        with self._lock:
+            before = self._drops_by_kind.get(kind, 0)
+            self._drops_by_kind[kind] = before + 1
+            self._dropped += 1
+            dropped = self._dropped
+        if before % _DROP_LOG_EVERY == 0:
+            logger.warning(
+                "bnwatch: a window for %s dropped (%s); %d window(s) dropped so far",
+                redacted(self.url),
+                why,
+                dropped,
+            )
+
+    def _reject(self, window: WindowRecord, reason: str, err: BaseException) -> None:
+        """Count a window refused for good and say which, and why: it is never retried."""
+        with self._lock:
+            self._rejected += 1
+            self._last_error = reason
+        logger.error(
+            "bnwatch: %s refused window %s of %s@%s (%s); it is not retried",
+            redacted(self.url),
+            window.uid,
+            window.model,
+            window.version,
+            reason,
+            # a traceback only for what is neither the database's answer nor bnwatch's check
+            exc_info=err if not isinstance(err, (SQLAlchemyError, BnwatchError)) else None,
+        )
 
     # -- the thread ------------------------------------------------------------------------
     def _take(self) -> list[WindowRecord]:
@@ -180,35 +286,41 @@ class StoreSink:
 
     def _loop(self) -> None:
         backoff = self._retry_initial
-        batch: list[WindowRecord] = []
+        parts: deque[list[WindowRecord]] = deque()  # the batch in hand, as left to store
         while True:
-            if not batch:
+            if not parts:
                 if self._stop.is_set() and self._queue.empty():
                     return
                 batch = self._take()
                 if not batch:
                     continue
+                parts.append(batch)
             try:
-                self._store(batch)
-            except (SQLAlchemyError, SchemaError) as err:  # down, locked, away or outdated
+                self._store(parts)
+            except (SQLAlchemyError, SchemaError) as err:  # away, locked or outdated: retried
                 self._failed(err, backoff)
                 if self._wait(backoff):
+                    in_hand = sum(len(part) for part in parts)
                     with self._lock:  # close() gave up: count the batch in hand as dropped
-                        self._dropped += len(batch)
-                    for _ in batch:
-                        self._queue.task_done()
+                        self._dropped += in_hand
+                    self._done(in_hand)
                     return
                 backoff = min(backoff * 2, self._retry_max)
                 continue
             except Exception as err:  # pragma: no cover - a bug: never kill the thread
                 logger.exception("bnwatch: storing windows failed unexpectedly")
+                in_hand = sum(len(part) for part in parts)
+                parts.clear()
                 with self._lock:
-                    self._rejected += len(batch)
+                    self._rejected += in_hand
                     self._last_error = repr(err)
-            for _ in batch:
-                self._queue.task_done()
-            batch = []
+                self._done(in_hand)
             backoff = self._retry_initial
+
+    def _done(self, windows: int) -> None:
+        """Tell the queue that ``windows`` taken from it are stored, rejected or dropped."""
+        for _ in range(windows):
+            self._queue.task_done()
 
     def _wait(self, seconds: float) -> bool:
         """Sleep before a retry; after close() only until its deadline.  True: give up."""
@@ -221,34 +333,57 @@ class StoreSink:
         time.sleep(min(seconds, remaining))
         return False
 
-    def _store(self, batch: list[WindowRecord]) -> None:
+    def _store(self, parts: deque[list[WindowRecord]]) -> None:
+        """Store the windows of ``parts``, each part in one transaction, taking each part out
+        once it is stored; raises what the database raised while it is away (``parts`` then
+        holds what is left, retried later -- never what is stored already, which would count
+        it twice).
+
+        A part the database refuses for good (:func:`_refused`) is split in halves, each stored
+        on its own, down to single windows: one refused window costs about ``2 log2(n)``
+        transactions of an ``n``-window batch, and every other window is stored, with no row
+        of the refused one (each attempt is one transaction, rolled back whole).  A channel-count
+        mismatch says which window it is (``index``): that one alone is taken out at once.
+        """
         if self._repo is None:
             engine = self._engine or engine_for(self.url, create=self._create)
             self._repo = Repository(engine)
             logger.info("bnwatch: storing windows in %s", redacted(self.url))
-        pending = list(batch)
-        while pending:
+        while parts:
+            part = parts[0]
             try:
-                self._repo.write_windows(pending)
+                self._repo.write_windows(part)
             except ChannelMismatchError as err:
                 index = getattr(err, "index", 0)
-                logger.error("bnwatch: window rejected: %s", err)
-                with self._lock:
-                    self._rejected += 1
-                    self._last_error = str(err)
-                del pending[index]
+                parts[0] = part[:index] + part[index + 1 :]
+                if not parts[0]:
+                    parts.popleft()
+                self._reject(part[index], str(err), err)
+                self._done(1)
                 continue
+            except Exception as err:
+                if not _refused(err):
+                    raise
+                parts.popleft()
+                if len(part) > 1:
+                    half = len(part) // 2
+                    parts.extendleft([part[half:], part[:half]])  # the first half first
+                else:
+                    self._reject(part[0], _reason(err), err)
+                    self._done(1)
+                continue
+            parts.popleft()
             with self._lock:
-                self._written += len(pending)
+                self._written += len(part)
                 if self._failures:
                     logger.info("bnwatch: the store at %s is back", redacted(self.url))
                     self._failures = 0
             if self._on_stored is not None:
                 try:
-                    self._on_stored(self._repo, pending)
+                    self._on_stored(self._repo, part)
                 except Exception:  # e.g. alert evaluation: never lose the writer over it
                     logger.exception("bnwatch: the after-store hook failed")
-            return
+            self._done(len(part))
 
     def _failed(self, err: Exception, backoff: float) -> None:
         with self._lock:

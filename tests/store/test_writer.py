@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 import torch
+from sqlalchemy.exc import (
+    DataError,
+    DBAPIError,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+    ProgrammingError,
+)
 
 import bnwatch
+from bnwatch.schema import WindowRecord
 from bnwatch.store.migrate import engine_for
 from bnwatch.store.repository import Repository, moments_equal
 from bnwatch.store.writer import StoreSink
@@ -190,3 +200,167 @@ def test_a_window_rejected_mid_stream_takes_only_itself_out(db_url: str) -> None
             assert moments_equal(w.stats.moments, sent.reports[w.layer].stats.moments)
     finally:
         engine.dispose()
+
+
+# -- windows the database refuses for good, and windows written after close() -----------------
+
+
+def stored_uids(url: str) -> dict[str, int]:
+    """Each stored window's uid and how many layer rows it has."""
+    engine = engine_for(url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(sa.text("SELECT uid, count(*) FROM windows GROUP BY uid")).all()
+        return {str(uid): int(n) for uid, n in rows}
+    finally:
+        engine.dispose()
+
+
+def settled(sink: StoreSink) -> Callable[[], bool]:
+    """Every window written is stored, rejected or dropped -- or the sink is retrying what it
+    should not (three failed attempts in a row): a test then fails at once, not at a timeout."""
+    return lambda: sink.flush(timeout=0.05) or sink.stats().failures >= 3
+
+
+def poisoning(
+    monkeypatch: pytest.MonkeyPatch, error: type[DBAPIError], poisoned: set[str]
+) -> list[int]:
+    """Make the repository refuse, the way the database does (``error``, every time), any
+    batch holding a window whose uid is in ``poisoned``; returns the sizes of the batches
+    attempted."""
+    attempts: list[int] = []
+    write_windows = Repository.write_windows
+
+    def refusing(self: Repository, records: Sequence[WindowRecord]) -> int:
+        attempts.append(len(records))
+        if any(r.uid in poisoned for r in records):
+            raise error("INSERT INTO windows ...", None, Exception("the value does not fit"))
+        return write_windows(self, records)
+
+    monkeypatch.setattr(Repository, "write_windows", refusing)
+    return attempts
+
+
+@pytest.mark.parametrize("error", [DataError, IntegrityError])
+def test_a_window_the_database_refuses_for_good_is_rejected_and_the_rest_stored(
+    db_url: str,
+    error: type[DBAPIError],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A refused window was retried forever: every later window queued behind it and was
+    dropped at close().  Now it is rejected (counted, logged with its uid) and every other
+    window of its batch and of the stream is stored."""
+    good = record_windows(10)
+    bad = [renamed(good[0]), renamed(good[1])]
+    attempts = poisoning(monkeypatch, error, {r.uid for r in bad})
+    stream = [*good[:2], bad[0], *good[2:6], bad[1], *good[6:]]
+    with caplog.at_level(logging.ERROR, logger="bnwatch"):
+        sink = StoreSink(db_url, batch_size=4, retry_initial=0.05, retry_max=0.2)
+        for record in stream:
+            sink.write(record)
+        assert wait_for(settled(sink))
+        stats = sink.stats()
+        sink.close()
+    assert (stats.written, stats.rejected, stats.dropped, stats.failures) == (10, 2, 0, 0)
+    assert stats.last_error == "Exception: the value does not fit"
+    assert stored_uids(db_url) == {r.uid: 3 for r in good}
+    for record in bad:  # one error per refused window, naming it and the database's message
+        (message,) = [m for m in caplog.messages if record.uid in m]
+        assert "cnn@1" in message and "the value does not fit" in message
+    assert len(attempts) < 20  # bisected: 3 batches and about 2 log2(4) attempts per refusal
+
+
+@pytest.mark.parametrize("error", [OperationalError, InterfaceError, ProgrammingError])
+def test_a_database_error_that_is_not_the_windows_fault_is_retried(
+    tmp_path: Path, error: type[DBAPIError], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Connection lost, database locked, a missing table or privilege: the database's state,
+    which time or an operator fixes -- retried, nothing rejected."""
+    url = f"sqlite:///{tmp_path / 'bnwatch.db'}"
+    records = record_windows(3)
+    failing = [True]
+    write_windows = Repository.write_windows
+
+    def flaky(self: Repository, records: Sequence[WindowRecord]) -> int:
+        if failing[0]:
+            raise error("INSERT INTO windows ...", None, Exception("the database is away"))
+        return write_windows(self, records)
+
+    monkeypatch.setattr(Repository, "write_windows", flaky)
+    sink = StoreSink(url, retry_initial=0.05, retry_max=0.2)
+    for record in records:
+        sink.write(record)
+    assert wait_for(lambda: sink.stats().failures >= 2)
+    failing[0] = False
+    assert wait_for(lambda: sink.stats().written == 3)
+    sink.close()
+    stats = sink.stats()
+    assert (stats.written, stats.rejected, stats.dropped, stats.failures) == (3, 0, 0, 0)
+
+
+def test_windows_postgresql_refuses_are_rejected_whole_and_the_rest_stored(
+    postgres_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Real refusals: a model name longer than VARCHAR(200) (StringDataRightTruncation) and a
+    count of non-finite values past what the column holds (NumericValueOutOfRange; 2**63 is
+    past BIGINT too), the latter in a window of a new model, refused once its model and layer
+    rows are in: the transaction leaves none of them behind.  The windows around them are
+    stored whole."""
+    good = record_windows(6)
+    long_name = renamed(good[0], model="m" * 201)
+    overflow = record_windows(1, seed=1, name="overflowing")[0]
+    first = next(iter(overflow.reports.values()))  # its row is INSERTed (later ones: COPY)
+    first.stats.moments.nonfinite[0] = 2.0**63
+    stream = [good[0], long_name, *good[1:4], overflow, *good[4:]]
+    with caplog.at_level(logging.ERROR, logger="bnwatch"):
+        sink = StoreSink(postgres_url, batch_size=8, retry_initial=0.05, retry_max=0.2)
+        for record in stream:
+            sink.write(record)
+        assert wait_for(settled(sink))
+        stats = sink.stats()
+        sink.close()
+    assert (stats.written, stats.rejected, stats.dropped, stats.failures) == (6, 2, 0, 0)
+    assert stored_uids(postgres_url) == {r.uid: 3 for r in good}
+    for record, error in [(long_name, "StringDataRightTruncation"), (overflow, "OutOfRange")]:
+        (message,) = [m for m in caplog.messages if record.uid in m]
+        assert error in message
+    engine = engine_for(postgres_url)
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT name FROM models")).scalars().all() == ["cnn"]
+    finally:
+        engine.dispose()
+
+
+def test_a_window_written_after_close_is_dropped_and_counted(
+    db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A sink shared by two monitors is closed by the first one's close(): the other's windows
+    were queued for a thread that had exited -- neither stored nor counted -- and flush()
+    waited out its timeout."""
+    records = record_windows(3)
+    sink = StoreSink(db_url)
+    sink.write(records[0])
+    sink.close()
+    with caplog.at_level(logging.WARNING, logger="bnwatch"):
+        sink.write(records[1])
+        sink.write(records[2])
+    stats = sink.stats()
+    assert (stats.written, stats.queued, stats.dropped) == (1, 0, 2)
+    assert any("the sink is closed" in m for m in caplog.messages)
+    assert sink.flush(timeout=5)
+    sink.close()  # idempotent
+    assert stored(db_url) == 3
+
+
+def test_flush_after_a_close_that_gave_up_returns_at_once() -> None:
+    """close() counts what it could not deliver as dropped; flush() then has nothing to wait
+    for (the windows close() took out of the queue were never marked done)."""
+    records = record_windows(1)
+    sink = StoreSink("postgresql://nobody@127.0.0.1:1/none", batch_size=1, retry_initial=5.0)
+    for _ in range(5):
+        sink.write(renamed(records[0]))
+    sink.close(timeout=0.2)
+    assert sink.stats().dropped == 5
+    assert sink.flush(timeout=5)
