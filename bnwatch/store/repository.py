@@ -527,7 +527,13 @@ class Repository:
     def _not_stored(
         conn: Connection, resolved: list[tuple[WindowRecord, int, dict[str, int]]]
     ) -> list[tuple[WindowRecord, int, dict[str, int]]]:
-        """The records whose windows are not stored yet (a retried delivery is a no-op)."""
+        """The records whose windows are not stored yet (a retried delivery is a no-op).
+
+        A window is stored when its uid is, or -- once compaction merged it away -- when a
+        rolled-up window of its layer and source covers its end: a re-delivery that late (a
+        spooled batch whose answer was lost, sent again after a restart) would otherwise count
+        its samples twice.
+        """
         layer_ids = {i for _, _, ids in resolved for i in ids.values()}
         uids = {r.uid for r, _, _ in resolved}
         if not layer_ids:
@@ -539,11 +545,31 @@ class Repository:
                 .distinct()
             ).scalars()
         )
+        ends = [_to_utc(r.end) for r, _, _ in resolved]
+        rolled: dict[tuple[int, str], list[tuple[datetime, datetime]]] = defaultdict(list)
+        for layer_id, source, start, end in conn.execute(
+            sa.select(Window.layer_id, Window.source, Window.start, Window.end).where(
+                Window.layer_id.in_(layer_ids),
+                Window.resolution_seconds > 0,
+                Window.end >= min(ends),
+                Window.start < max(ends),
+            )
+        ):
+            rolled[(int(layer_id), str(source))].append((_utc(start), _utc(end)))
+
+        def compacted(record: WindowRecord, ids: Mapping[str, int]) -> bool:
+            end = _utc(record.end)
+            return any(
+                start < end <= stop
+                for i in ids.values()
+                for start, stop in rolled.get((i, record.source), ())
+            )
+
         seen: set[str] = set()
         out = []
         for item in resolved:
             uid = item[0].uid
-            if uid not in stored and uid not in seen:
+            if uid not in stored and uid not in seen and not compacted(item[0], item[2]):
                 seen.add(uid)
                 out.append(item)
         return out

@@ -116,6 +116,33 @@ def test_retention_drops_old_windows(repo: Repository) -> None:
     assert repo.window_count() == 3
 
 
+def test_a_window_redelivered_after_compaction_is_not_stored_again(repo: Repository) -> None:
+    # a spooled batch whose answer was lost, sent again after a restart: its raw rows are
+    # gone (merged), so the uid lookup alone stored it a second time -- samples counted twice
+    three_days = timedelta(days=3)
+    records = [
+        dataclasses.replace(r, start=r.start - three_days, end=r.end - three_days)
+        for r in record_windows(3)
+    ]
+    later = dataclasses.replace(
+        records[-1], uid="a-new-one", start=records[-1].end, end=records[-1].end + timedelta(1)
+    )
+    assert repo.write_windows(records) == 9
+
+    def samples() -> int:
+        return sum(w.n_samples for w in repo.windows("cnn", "1", resolution=86400 * 30))
+
+    before = samples()
+    result = compact(repo.engine, older_than=timedelta(days=1), resolution=timedelta(hours=1))
+    assert result.windows_merged == 9
+    assert repo.write_windows(records) == 0
+    assert samples() == before
+    assert [t.windows for t in repo.totals()] == [3, 3, 3]
+    # a window of another source, or past the rolled-up span, is new
+    other = dataclasses.replace(records[0], uid="other-source", source="replica:2")
+    assert repo.write_windows([other, later]) == 6
+
+
 def test_a_rolled_up_uid_fits_its_column_however_large_the_ids() -> None:
     from bnwatch.store.rollup import rollup_uid
 
