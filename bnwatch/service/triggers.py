@@ -183,31 +183,36 @@ class TriggerRunner:
     def submit(self, repository: Repository, event: TriggerEvent) -> bool:
         """Queue a claimed event for the worker without blocking; a full queue (or a stopped
         runner) records its recalibration ``failed`` and returns ``False``."""
-        if self._stopping.is_set() or self._thread is None:
+        # checked and queued under the lock stop() marks the runner stopping with: an event is
+        # either queued before -- then stop() records it failed when it drains the queue -- or
+        # refused here, never queued behind a worker that has gone (it stayed pending)
+        with self._lock:
+            stopping = self._stopping.is_set() or self._thread is None
+            if not stopping:
+                try:
+                    self._queue.put_nowait((repository, event))
+                    return True
+                except queue.Full:
+                    self.dropped += 1
+        if stopping:
             self._fail(repository, event, "the service is stopping: the webhook was not sent")
             return False
-        try:
-            self._queue.put_nowait((repository, event))
-        except queue.Full:
-            with self._lock:
-                self.dropped += 1
-            logger.error(
-                "bnwatch service: the trigger queue is full (%d waiting): recalibration %d of "
-                "%s@%s recorded as failed; %d dropped so far",
-                self._queue.maxsize,
-                event.recalibration_id,
-                event.model,
-                event.version,
-                self.dropped,
-            )
-            self._fail(
-                repository,
-                event,
-                f"the service's trigger queue was full ({self._queue.maxsize} waiting): the "
-                "webhook was not sent",
-            )
-            return False
-        return True
+        logger.error(
+            "bnwatch service: the trigger queue is full (%d waiting): recalibration %d of "
+            "%s@%s recorded as failed; %d dropped so far",
+            self._queue.maxsize,
+            event.recalibration_id,
+            event.model,
+            event.version,
+            self.dropped,
+        )
+        self._fail(
+            repository,
+            event,
+            f"the service's trigger queue was full ({self._queue.maxsize} waiting): the "
+            "webhook was not sent",
+        )
+        return False
 
     # -- the worker ----------------------------------------------------------------------------
     def _work(self) -> None:

@@ -184,6 +184,46 @@ def test_a_full_queue_and_shutdown_record_failures_without_blocking(
     assert len(held.received) == 1
 
 
+def test_an_event_submitted_while_the_runner_stops_is_sent_or_failed(
+    repo: Repository, held: Receiver, gate: threading.Event
+) -> None:
+    # submit() checked "not stopping", then stop() drained the (empty) queue and ended the
+    # worker, then submit() queued the event behind nobody: pending for good, never sent.
+    # Here the event's put waits for stop() to finish, or at most 0.5 s (with the fix, stop()
+    # waits for the put, and the worker then takes the event).
+    runner = TriggerRunner(
+        Trigger(WebhookAction(held.url, SECRET), TriggerPolicy()), stop_timeout=1.0
+    )
+    runner.start()
+    putting, go = threading.Event(), threading.Event()
+    put = runner._queue.put_nowait
+
+    def slow_put(item: object) -> None:
+        if item is not None:  # the event, not stop()'s wake-up
+            putting.set()
+            go.wait(timeout=10)
+        put(item)  # type: ignore[arg-type]
+
+    runner._queue.put_nowait = slow_put  # type: ignore[method-assign]
+    (event,) = runner.trigger.claim_opened(repo, [opened(1)])
+    submitter = threading.Thread(target=runner.submit, args=(repo, event))
+    submitter.start()
+    wait_for(putting.is_set, "submit() to reach the queue")
+    stopper = threading.Thread(target=runner.stop)
+    stopper.start()
+    stopper.join(timeout=0.5)
+    go.set()
+    submitter.join()
+    stopper.join()
+    gate.set()  # let a delivery in flight finish
+    (rec,) = repo.recalibrations()
+    if rec.status == "pending":  # taken by the worker before it stopped: it was sent
+        wait_for(lambda: held.received, "the webhook")
+    else:
+        assert rec.status == "failed"
+        assert "stop" in rec.outcome["error"]  # type: ignore[index]
+
+
 def test_the_periodic_job_triggers_alerts_open_long_enough(
     engine: Engine, repo: Repository
 ) -> None:
