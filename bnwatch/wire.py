@@ -62,17 +62,29 @@ def _b64(blob: bytes) -> str:
 
 
 def decode_blob(text: str, rows: int, channels: int, what: str) -> NDArray[np.float64]:
-    """Decode a base64 codec blob of ``rows`` finite float64 arrays of ``channels`` values."""
+    """Decode a base64 codec blob of ``rows`` finite float64 arrays of ``channels`` values.
+
+    The shape and dtype are checked from the blob's header before anything is decoded: a
+    header claiming ``[13, 2**31]`` in a few hundred bytes (constant rows cost one value each)
+    would otherwise have the array allocated first -- a MemoryError, an HTTP 500 that a sender
+    retries forever, instead of a 422 naming the field.
+    """
     try:
-        arrays = decode_arrays(base64.b64decode(text, validate=True))
-    except (binascii.Error, ValueError, CodecError) as err:
+        raw = base64.b64decode(text, validate=True)
+        dtype, found_rows, found_cols = blob_shape(raw)
+    except (binascii.Error, ValueError) as err:
         raise ValueError(f"{what}: not a base64 bnwatch array blob ({err})") from None
-    if arrays.shape != (rows, channels):
+    if (found_rows, found_cols) != (rows, channels):
         raise ValueError(
-            f"{what}: expected {rows} arrays of {channels} channels, got {arrays.shape}"
+            f"{what}: expected {rows} arrays of {channels} channels, "
+            f"got [{found_rows}, {found_cols}]"
         )
-    if arrays.dtype != np.float64:
-        raise ValueError(f"{what}: expected float64 arrays, got {arrays.dtype}")
+    if dtype != "<f8":
+        raise ValueError(f"{what}: expected float64 arrays (dtype '<f8'), got {dtype!r}")
+    try:
+        arrays = decode_arrays(raw)
+    except ValueError as err:
+        raise ValueError(f"{what}: not a base64 bnwatch array blob ({err})") from None
     if not np.isfinite(arrays).all():
         raise ValueError(f"{what}: NaN or infinite values are not allowed")
     return arrays

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
+import struct
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from typing import Any
@@ -14,6 +16,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy.engine import Engine
 
+from bnwatch.codec import MAGIC
 from bnwatch.store.repository import Repository
 from bnwatch.wire import batch_of
 from tests.service.helpers import (
@@ -187,6 +190,13 @@ def _with_moments(body: dict[str, Any], layer: int, field: str, value: float) ->
     return edited(body, f"windows.0.layers.{layer}.moments", b64(arrays))
 
 
+def _huge_blob(rows: int, cols: int) -> str:
+    """A moments blob of ``rows`` constant arrays whose header claims ``cols`` channels: a
+    few hundred bytes that would decode to ``rows * cols`` float64."""
+    header = struct.pack("<4s4sII", MAGIC, b"<f8\0", rows, cols)
+    return base64.b64encode(header + (b"\x01" + b"\0" * 8) * rows).decode()
+
+
 REJECTED: dict[str, tuple[Callable[[dict[str, Any]], dict[str, Any]], int, str, str]] = {
     # name: (edit, status, field, words in the message)
     "negative count": (
@@ -265,6 +275,12 @@ REJECTED: dict[str, tuple[Callable[[dict[str, Any]], dict[str, Any]], int, str, 
         422,
         "windows.0.start",
         "out of range",
+    ),
+    "a blob header claiming a huge shape": (  # was a MemoryError: 500, retried forever
+        lambda b: edited(b, "windows.0.layers.0.moments", _huge_blob(13, 2**31)),
+        422,
+        "windows.0.layers.0.moments",
+        "expected 13 arrays of 4 channels, got [13, 2147483648]",
     ),
     "unknown field": (lambda b: edited(b, "windows.0.extra", 1), 422, "windows.0.extra", ""),
     "no windows": (lambda b: edited(b, "windows", []), 422, "windows", ""),
