@@ -41,7 +41,18 @@ from pydantic import (
 
 from bnwatch.codec import CodecError, blob_shape, decode_arrays, encode_arrays, encode_moments
 from bnwatch.drift import DriftConfig, Reference, assess_layer, decide, report_from_metrics
-from bnwatch.schema import SCHEMA_VERSION, LayerProfile, LayerReport, Profile, WindowRecord
+from bnwatch.schema import (
+    MAX_NAME_LENGTH,
+    NAME_RULE,
+    SCHEMA_VERSION,
+    TEXT_RULE,
+    LayerProfile,
+    LayerReport,
+    Profile,
+    WindowRecord,
+    name_problem,
+    text_problem,
+)
 from bnwatch.stats import MOMENT_FIELDS, ChannelMoments, LayerStats, Reservoir
 
 MAX_CHANNELS = 1 << 20
@@ -54,7 +65,26 @@ MAX_SEEN = 2**62  # the store's reservoir_seen column is 64-bit
 _COUNT_FIELDS = ("count", "n", "nonfinite")
 _NONNEGATIVE_FIELDS = ("count", "m2", "n", "sm2", "sm4", "vmean", "vm2", "nonfinite")
 
-Name = Annotated[str, Field(min_length=1, max_length=200)]
+
+def _is_name(value: str) -> str:
+    problem = name_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
+    return value
+
+
+def _is_text(value: str) -> str:
+    problem = text_problem(value, MAX_NAME_LENGTH)
+    if problem is not None:
+        raise ValueError(problem)
+    return value
+
+
+Name = Annotated[str, AfterValidator(_is_name), Field(description=NAME_RULE)]
+"""A model name or version (:func:`bnwatch.schema.name_problem`): readable through the
+service's path routes, storable."""
+Source = Annotated[str, AfterValidator(_is_text), Field(description=TEXT_RULE)]
+"""A monitor's source (``host:pid``): storable; it is a query parameter, never a path."""
 
 
 def _b64(blob: bytes) -> str:
@@ -272,7 +302,7 @@ class WireWindow(BaseModel):
     )
     model: Name
     version: Name
-    source: Name
+    source: Source
     start: AwareDatetime
     end: AwareDatetime
     monitor: dict[
