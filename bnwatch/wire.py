@@ -2,9 +2,12 @@
 
 A :class:`WindowBatch` (JSON, ``schema_version`` 1) carries closed windows.  Each layer sends
 its exact sufficient statistics and the references it was compared with -- per-channel arrays
-as base64 of :mod:`bnwatch.codec` blobs, never as JSON number lists -- and the receiver
-recomputes every metric and decision (:func:`to_record`), so a store holds one consistent
-judgement whoever sent the windows.  Validation errors name the field to fix.
+as base64 of :mod:`bnwatch.codec` blobs, never as JSON number lists -- and the metrics its
+monitor computed.  The receiver keeps those metrics, or recomputes every metric and decision
+from the statistics (:func:`to_record` with ``recompute``, the service's
+``BNWATCH_RECOMPUTE=1``; always for a window whose layers came without metrics), so that a
+store can hold one judgement whoever sent the windows.  Validation errors name the field to
+fix.
 
 A layer may also carry its window's reservoir of per-sample channel means (``reservoir``: a
 float32 blob of ``k <= min(capacity, seen)`` rows, with ``seen`` and ``capacity``); payloads

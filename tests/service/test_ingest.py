@@ -73,11 +73,8 @@ def test_mixed_layer_counts_are_counted_per_window(client: TestClient, engine: E
     assert row_counts(engine)["windows"] == 2 * 3 + 3 * 1
 
 
-def test_stored_windows_read_back_in_utc_with_recomputed_metrics(
-    client: TestClient, engine: Engine
-) -> None:
-    """Offsets other than UTC are normalized (SQLite keeps no offset); metrics are the
-    receiver's, equal to the sender's for the same configuration."""
+def test_stored_windows_read_back_in_utc(client: TestClient, engine: Engine) -> None:
+    """Offsets other than UTC are normalized (SQLite keeps no offset)."""
     mon = Monitor()
     record = mon.records(1)[0]
     body = batch_of([record])
@@ -89,6 +86,26 @@ def test_stored_windows_read_back_in_utc_with_recomputed_metrics(
     assert got[0].start == datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
     assert got[0].end == datetime(2026, 3, 1, 12, 1, tzinfo=timezone.utc)
     assert got[0].n_samples == record.reports["bn1"].n_samples
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_metrics_are_stored_as_sent_unless_the_service_recomputes_them(
+    make_app: Callable[..., FastAPI], engine: Engine, recompute: bool
+) -> None:
+    """What the OpenAPI description of the route says: it said every metric was recomputed,
+    which only BNWATCH_RECOMPUTE=1 does."""
+    body = Monitor().body(1)
+    sent = {"drifted": True, "p_value": 0.9, "kl_mean": 123.0}
+    body["windows"][0]["layers"][0]["metrics"].update(sent)
+    with TestClient(make_app(recompute=recompute), raise_server_exceptions=False) as client:
+        assert post(client, body).status_code == 200
+        stored = client.get("/api/v1/models/cnn/versions/1/windows", params={"layer": "bn1"})
+        metrics = stored.json()[0]["metrics"]
+        description = client.get("/openapi.json").json()["paths"][ENDPOINT]["post"]["description"]
+    kept = {name: metrics[name] for name in sent}
+    assert (kept == sent) is not recompute
+    assert "stored as sent" in description and "BNWATCH_RECOMPUTE=1" in description
+    assert "Every metric is recomputed" not in description
 
 
 def test_references_are_remembered_once_per_monitor(app: FastAPI, client: TestClient) -> None:
