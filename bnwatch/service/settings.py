@@ -217,11 +217,11 @@ class Settings:
         except ConfigError as err:
             # the checks of __post_init__ name the attribute; what an operator must fix is
             # the variable it came from (an override keeps the attribute's name)
-            name = _SETTINGS_ENV.get(err.argument)
-            if name is None or err.argument in overrides or get(name) is None:
+            variable = _SETTINGS_ENV.get(err.argument)
+            if variable is None or err.argument in overrides or get(variable) is None:
                 raise
-            shown = "<hidden>" if err.argument in _SECRET_SETTINGS else get(name)
-            raise ConfigError(name, shown, err.allowed) from None
+            shown = "<hidden>" if err.argument in _SECRET_SETTINGS else get(variable)
+            raise ConfigError(variable, shown, err.allowed) from None
 
     def with_changes(self, **changes: Any) -> Settings:
         """A copy with some attributes changed (validated again)."""
