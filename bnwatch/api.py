@@ -21,7 +21,14 @@ if TYPE_CHECKING:
     from bnwatch.store.repository import RecalibrationInfo
     from bnwatch.triggers import AlertPipeline, Trigger, TriggerPolicy
 from bnwatch.errors import ConfigError, check_positive_int
-from bnwatch.schema import REPORTED_STATUSES, Profile
+from bnwatch.schema import (
+    MAX_LAYER_NAME_LENGTH,
+    REPORTED_STATUSES,
+    Profile,
+    check_name,
+    check_text,
+    text_problem,
+)
 from bnwatch.sink import MemorySink, Sink
 
 __all__ = ["profile", "report_recalibration", "watch"]
@@ -65,6 +72,8 @@ def profile(
         bnwatch.store.repository.ChannelMismatchError: a database ``store`` holds a layer of
             that name with another channel count.
     """
+    check_name("name", name)
+    check_name("version", version)
     service = _is_service_url(store)
     if token is not None and not service:
         raise ConfigError("token", "<hidden>", "None unless store is an http(s):// service URL")
@@ -149,7 +158,9 @@ def watch(
 
     Args:
         model: any ``nn.Module``; all ``_BatchNorm`` subclasses at any depth are watched.
-        name, version: identify the model in reports and stores.
+        name, version: identify the model in reports and stores: 1 to 200 characters, without
+            '/' or control characters, and not '.' or '..' (they are path segments of the
+            service's URLs).
         store: where closed windows go: ``None`` keeps them in memory (``mon.latest()``);
             a SQLAlchemy URL (``sqlite:///bnwatch.db``, ``postgresql://user@host/db``) stores
             them from a background thread (an empty database gets the schema created); the
@@ -172,7 +183,8 @@ def watch(
         config: drift, gap and small-batch thresholds (:class:`DriftConfig`).
         alerts: alert rules (:class:`bnwatch.alerts.AlertConfig`) evaluated after each
             batch of windows stored in a database.
-        source: this replica's id in stored windows (default ``host:pid``).
+        source: this replica's id in stored windows (default ``host:pid``): 1 to 200
+            characters, without control characters.
         keep_inputs: keep copies of the last ``keep_inputs`` input samples of measured
             forwards (``mon.inputs()``; ``mon.kept_inputs()`` adds when they arrived), e.g. to
             recalibrate on recent production data.  They cost their size in memory: 1,024
@@ -201,11 +213,20 @@ def watch(
         NoBatchNormError: the model has no BatchNorm layer (or the filters leave none).
         ConfigError: an argument is invalid; the message names it and what is allowed.
     """
-    if not isinstance(name, str) or not name:
-        raise ConfigError("name", name, "a non-empty string")
-    if not isinstance(version, str) or not version:
-        raise ConfigError("version", version, "a non-empty string (e.g. '2025-06-01')")
+    check_name("name", name)
+    check_name("version", version)
+    if source is not None:
+        check_text("source", source)
     layers = discover(model, include, exclude)
+    for layer in layers:  # module paths are stored too: fail here, not at every write
+        problem = text_problem(layer.name, MAX_LAYER_NAME_LENGTH)
+        if problem is not None:
+            raise ConfigError(
+                "model",
+                type(model).__name__,
+                f"BatchNorm layers whose module paths the store can hold ({problem}: "
+                f"{layer.name[:100]!r}...); leave the layer out with exclude=",
+            )
     pipeline = None
     if token is not None and not _is_service_url(store):
         raise ConfigError("token", "<hidden>", "None unless store is an http(s):// service URL")

@@ -79,11 +79,19 @@ def blob_shape(blob: bytes | memoryview) -> tuple[str, int, int]:
 
 
 def decode_arrays(blob: bytes | memoryview) -> NDArray[Any]:
-    """The ``[rows, C]`` array a blob of :func:`encode_arrays` holds, in its stored dtype."""
+    """The ``[rows, C]`` array a blob of :func:`encode_arrays` holds, in its stored dtype.
+
+    A blob too short for the arrays its header claims (every array takes at least a flag
+    and, unless C is 0, one value) is refused before the array is allocated.  A header can
+    still claim a huge C in few bytes (constant arrays cost one value): callers decoding
+    untrusted blobs check :func:`blob_shape` against what they expect first.
+    """
     code, rows, cols = blob_shape(blob)
     data = bytes(blob)
     np_dtype = _DTYPES[code.encode()][0]
     width = np_dtype.itemsize
+    if len(data) < _HEADER.size + rows * (1 + (width if cols else 0)):
+        raise CodecError("array blob", f"{rows} arrays of {cols}", f"{len(data)} bytes")
     out = np.empty((rows, cols), dtype=np_dtype)
     pos = _HEADER.size
     for r in range(rows):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import unicodedata
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from bnwatch.errors import ShapeError
+from bnwatch.errors import ConfigError, ShapeError
 from bnwatch.stats import F64, MOMENT_FIELDS, ChannelMoments, LayerStats, Reservoir
 
 SCHEMA_VERSION = 1
@@ -73,6 +74,94 @@ FLAG_METRICS = frozenset(
 
 BATCH_SIZE_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 """Upper bounds of the batch-size histogram (store totals, Prometheus); +Inf follows."""
+
+MAX_NAME_LENGTH = 200
+"""Longest model name, version and source (the store's columns are VARCHAR(200): PostgreSQL
+refuses longer ones)."""
+MAX_LAYER_NAME_LENGTH = 500
+"""Longest layer name, a module path (the store's column is VARCHAR(500))."""
+NAME_RULE = (
+    f"1 to {MAX_NAME_LENGTH} characters, without '/' or control characters, and not '.' or "
+    "'..' (a model name and version are path segments of the service's URLs)"
+)
+"""What a model name or version may be (:func:`name_problem`), for error messages."""
+TEXT_RULE = f"1 to {MAX_NAME_LENGTH} characters, without control characters"
+"""What a source may be (:func:`text_problem`), for error messages."""
+
+
+def text_problem(value: str, max_length: int = MAX_NAME_LENGTH) -> str | None:
+    """Why ``value`` cannot be stored as a name of at most ``max_length`` characters, or
+    ``None``.
+
+    Refused: the empty string, more than ``max_length`` characters (PostgreSQL refuses them in
+    a VARCHAR, so a monitor would fail at every write), NUL (PostgreSQL refuses it in text),
+    other control characters (a trailing newline read from a file would make a second model
+    that looks like the first in every listing) and unpaired surrogates (not UTF-8).
+    """
+    if not value:
+        return "must not be empty"
+    if len(value) > max_length:
+        return f"must be at most {max_length} characters (the store's limit), not {len(value)}"
+    if "\x00" in value:
+        return "NUL characters are not allowed (the store cannot hold them)"
+    control = next((c for c in value if unicodedata.category(c) == "Cc"), None)
+    if control is not None:
+        return f"control characters are not allowed (found U+{ord(control):04X})"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return "not valid Unicode text (unpaired surrogate)"
+    return None
+
+
+def name_problem(value: str) -> str | None:
+    """Why ``value`` cannot be a model name or version, or ``None``.
+
+    The one rule for both, used by :func:`bnwatch.watch` and :func:`bnwatch.profile`
+    (:class:`~bnwatch.errors.ConfigError`) and by the wire format (422 at ingest): besides
+    :func:`text_problem`, a name is one path segment of the service's read API
+    (``/api/v1/models/{model}/versions/{version}/...``), and a name stored there must be
+    readable through it.  ``/`` cannot be: the router matches the decoded path, so ``%2F``
+    is a segment boundary; ``.`` and ``..`` cannot be: URL clients (browsers, httpx) resolve
+    them as relative segments before sending.  Every other character is sent percent-encoded
+    and comes back intact.
+    """
+    problem = text_problem(value, MAX_NAME_LENGTH)
+    if problem is not None:
+        return problem
+    if "/" in value:
+        return (
+            "'/' is not allowed: a name is one path segment of the service's URLs "
+            "(/api/v1/models/{model}/versions/{version}/...), where even an encoded '/' "
+            "splits it; use another separator, e.g. 'org--resnet50'"
+        )
+    if value in (".", ".."):
+        return f"{value!r} is not allowed: URL clients resolve it as a relative path segment"
+    return None
+
+
+def check_name(argument: str, value: Any) -> str:
+    """``value`` if it is a valid model name or version (:func:`name_problem`), else a
+    :class:`~bnwatch.errors.ConfigError` naming ``argument``, what is allowed and what is
+    wrong -- raised before a monitor starts, not at each of its writes."""
+    if not isinstance(value, str):
+        raise ConfigError(argument, value, f"a string of {NAME_RULE}")
+    problem = name_problem(value)
+    if problem is not None:
+        raise ConfigError(argument, value, f"{NAME_RULE}; {problem}")
+    return value
+
+
+def check_text(argument: str, value: Any, max_length: int = MAX_NAME_LENGTH) -> str:
+    """``value`` if the store can hold it as a name of at most ``max_length`` characters
+    (:func:`text_problem`), else a :class:`~bnwatch.errors.ConfigError` naming ``argument``."""
+    rule = f"1 to {max_length} characters, without control characters"
+    if not isinstance(value, str):
+        raise ConfigError(argument, value, f"a string of {rule}")
+    problem = text_problem(value, max_length)
+    if problem is not None:
+        raise ConfigError(argument, value, f"{rule}; {problem}")
+    return value
 
 
 def _finite(value: float) -> float | None:

@@ -2,9 +2,12 @@
 
 A :class:`WindowBatch` (JSON, ``schema_version`` 1) carries closed windows.  Each layer sends
 its exact sufficient statistics and the references it was compared with -- per-channel arrays
-as base64 of :mod:`bnwatch.codec` blobs, never as JSON number lists -- and the receiver
-recomputes every metric and decision (:func:`to_record`), so a store holds one consistent
-judgement whoever sent the windows.  Validation errors name the field to fix.
+as base64 of :mod:`bnwatch.codec` blobs, never as JSON number lists -- and the metrics its
+monitor computed.  The receiver keeps those metrics, or recomputes every metric and decision
+from the statistics (:func:`to_record` with ``recompute``, the service's
+``BNWATCH_RECOMPUTE=1``; always for a window whose layers came without metrics), so that a
+store can hold one judgement whoever sent the windows.  Validation errors name the field to
+fix.
 
 A layer may also carry its window's reservoir of per-sample channel means (``reservoir``: a
 float32 blob of ``k <= min(capacity, seen)`` rows, with ``seen`` and ``capacity``); payloads
@@ -41,7 +44,18 @@ from pydantic import (
 
 from bnwatch.codec import CodecError, blob_shape, decode_arrays, encode_arrays, encode_moments
 from bnwatch.drift import DriftConfig, Reference, assess_layer, decide, report_from_metrics
-from bnwatch.schema import SCHEMA_VERSION, LayerProfile, LayerReport, Profile, WindowRecord
+from bnwatch.schema import (
+    MAX_NAME_LENGTH,
+    NAME_RULE,
+    SCHEMA_VERSION,
+    TEXT_RULE,
+    LayerProfile,
+    LayerReport,
+    Profile,
+    WindowRecord,
+    name_problem,
+    text_problem,
+)
 from bnwatch.stats import MOMENT_FIELDS, ChannelMoments, LayerStats, Reservoir
 
 MAX_CHANNELS = 1 << 20
@@ -54,7 +68,26 @@ MAX_SEEN = 2**62  # the store's reservoir_seen column is 64-bit
 _COUNT_FIELDS = ("count", "n", "nonfinite")
 _NONNEGATIVE_FIELDS = ("count", "m2", "n", "sm2", "sm4", "vmean", "vm2", "nonfinite")
 
-Name = Annotated[str, Field(min_length=1, max_length=200)]
+
+def _is_name(value: str) -> str:
+    problem = name_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
+    return value
+
+
+def _is_text(value: str) -> str:
+    problem = text_problem(value, MAX_NAME_LENGTH)
+    if problem is not None:
+        raise ValueError(problem)
+    return value
+
+
+Name = Annotated[str, AfterValidator(_is_name), Field(description=NAME_RULE)]
+"""A model name or version (:func:`bnwatch.schema.name_problem`): readable through the
+service's path routes, storable."""
+Source = Annotated[str, AfterValidator(_is_text), Field(description=TEXT_RULE)]
+"""A monitor's source (``host:pid``): storable; it is a query parameter, never a path."""
 
 
 def _b64(blob: bytes) -> str:
@@ -62,17 +95,29 @@ def _b64(blob: bytes) -> str:
 
 
 def decode_blob(text: str, rows: int, channels: int, what: str) -> NDArray[np.float64]:
-    """Decode a base64 codec blob of ``rows`` finite float64 arrays of ``channels`` values."""
+    """Decode a base64 codec blob of ``rows`` finite float64 arrays of ``channels`` values.
+
+    The shape and dtype are checked from the blob's header before anything is decoded: a
+    header claiming ``[13, 2**31]`` in a few hundred bytes (constant rows cost one value each)
+    would otherwise have the array allocated first -- a MemoryError, an HTTP 500 that a sender
+    retries forever, instead of a 422 naming the field.
+    """
     try:
-        arrays = decode_arrays(base64.b64decode(text, validate=True))
-    except (binascii.Error, ValueError, CodecError) as err:
+        raw = base64.b64decode(text, validate=True)
+        dtype, found_rows, found_cols = blob_shape(raw)
+    except (binascii.Error, ValueError) as err:
         raise ValueError(f"{what}: not a base64 bnwatch array blob ({err})") from None
-    if arrays.shape != (rows, channels):
+    if (found_rows, found_cols) != (rows, channels):
         raise ValueError(
-            f"{what}: expected {rows} arrays of {channels} channels, got {arrays.shape}"
+            f"{what}: expected {rows} arrays of {channels} channels, "
+            f"got [{found_rows}, {found_cols}]"
         )
-    if arrays.dtype != np.float64:
-        raise ValueError(f"{what}: expected float64 arrays, got {arrays.dtype}")
+    if dtype != "<f8":
+        raise ValueError(f"{what}: expected float64 arrays (dtype '<f8'), got {dtype!r}")
+    try:
+        arrays = decode_arrays(raw)
+    except ValueError as err:
+        raise ValueError(f"{what}: not a base64 bnwatch array blob ({err})") from None
     if not np.isfinite(arrays).all():
         raise ValueError(f"{what}: NaN or infinite values are not allowed")
     return arrays
@@ -260,7 +305,7 @@ class WireWindow(BaseModel):
     )
     model: Name
     version: Name
-    source: Name
+    source: Source
     start: AwareDatetime
     end: AwareDatetime
     monitor: dict[

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import struct
+import tracemalloc
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -9,6 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from bnwatch.codec import (
+    MAGIC,
     CodecError,
     decode_arrays,
     decode_moments,
@@ -67,3 +71,17 @@ def test_bad_blobs_raise(blob: bytes) -> None:
 def test_moment_blob_needs_thirteen_fields() -> None:
     with pytest.raises(CodecError, match="moment blob"):
         decode_moments(encode_arrays(np.ones((3, 4))))
+
+
+def test_a_header_claiming_more_arrays_than_the_bytes_hold_is_refused_before_allocating() -> None:
+    """[13, 2**24] claimed by a 25-byte blob: refused from its length, not after allocating
+    13 * 2**24 float64 (1.7 GB)."""
+    blob = struct.pack("<4s4sII", MAGIC, b"<f8\0", 13, 1 << 24) + b"\x01" + b"\0" * 8
+    tracemalloc.start()
+    try:
+        with pytest.raises(CodecError, match="13 arrays"):
+            decode_arrays(blob)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20

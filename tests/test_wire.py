@@ -6,17 +6,19 @@ import base64
 import copy
 import dataclasses
 import json
+import struct
+import tracemalloc
 from typing import Any
 
 import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from bnwatch.codec import encode_arrays
+from bnwatch.codec import MAGIC, encode_arrays
 from bnwatch.drift import DriftConfig
 from bnwatch.stats import DEFAULT_RESERVOIR as RESERVOIR
 from bnwatch.store.repository import moments_equal
-from bnwatch.wire import WindowBatch, batch_of, to_record
+from bnwatch.wire import WindowBatch, batch_of, decode_blob, to_record
 from tests.store.helpers import record_windows
 
 CONFIG = DriftConfig(warmup_samples=16, min_samples=4)
@@ -208,3 +210,20 @@ def test_bad_reservoirs_name_the_field(
     text = str(info.value)
     assert "windows.0.layers.0" in text
     assert message in text
+
+
+def test_a_blob_header_is_checked_against_channels_before_decoding() -> None:
+    """13 constant arrays claiming 2**20 + 1 channels fit in 130 bytes: the shape is refused
+    from the header (naming the field and both shapes), never allocated (109 MB)."""
+    claimed = 2**20 + 1
+    blob = struct.pack("<4s4sII", MAGIC, b"<f8\0", 13, claimed) + (b"\x01" + b"\0" * 8) * 13
+    tracemalloc.start()
+    try:
+        with pytest.raises(
+            ValueError, match=rf"moments: expected 13 arrays of 6 channels, got \[13, {claimed}\]"
+        ):
+            decode_blob(base64.b64encode(blob).decode(), 13, 6, "moments")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20

@@ -115,9 +115,7 @@ def _check_text(field: str, value: str) -> None:
 
 def check_storable(window: WireWindow, index: int) -> None:
     """Reject what the wire format admits but the store cannot hold (422 naming the field)."""
-    where = f"windows.{index}"
-    for name in ("model", "version", "source"):
-        _check_text(f"{where}.{name}", getattr(window, name))
+    where = f"windows.{index}"  # model, version and source were checked by the wire format
     for name in ("start", "end"):
         try:
             getattr(window, name).astimezone(timezone.utc)
@@ -348,9 +346,7 @@ def ingest_profile(repository: Repository, body: bytes | bytearray) -> ProfileRe
         ApiError: 422 for an invalid body (the field is named), 409 when a layer's channel
             count differs from the layer stored under that name (nothing is written).
     """
-    wire = parse_profile(body)
-    for name in ("model", "version"):
-        _check_text(name, getattr(wire, name))
+    wire = parse_profile(body)  # model and version were checked by the wire format
     for j, layer in enumerate(wire.layers):
         _check_text(f"layers.{j}.layer", layer.layer)
         _check_text(f"layers.{j}.kind", layer.kind)

@@ -25,6 +25,9 @@ from bnwatch.store.repository import (
 )
 
 AlertState = Literal["open", "resolved", "acknowledged"]
+"""The ``?state=`` filter of ``GET /api/v1/alerts``.  An alert's stored state is ``open`` or
+``resolved``; acknowledging one sets its ``acknowledged_at`` and leaves it open, so
+``acknowledged`` selects the open alerts a person has acknowledged (``open`` lists them too)."""
 BOOLEAN_METRICS = frozenset(
     {"gap", "drifted", "batch_stat_mode", "running_stats_mutated", "small_batch_mismatch"}
 )

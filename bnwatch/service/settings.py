@@ -81,6 +81,19 @@ _POLICY_ENV = {
     "daily_cap": TRIGGER_CAP_ENV,
 }
 """The environment variable of each :class:`~bnwatch.triggers.TriggerPolicy` field."""
+_SETTINGS_ENV = {
+    "database_url": DATABASE_ENV,
+    "api_token": TOKEN_ENV,
+    "max_body_bytes": MAX_BODY_ENV,
+    "max_profile_bytes": MAX_PROFILE_ENV,
+    "ingest_threads": INGEST_THREADS_ENV,
+    "recompute": RECOMPUTE_ENV,
+    "webhook_url": WEBHOOK_URL_ENV,
+    "webhook_secret": WEBHOOK_SECRET_ENV,
+}
+"""The environment variable of each :class:`Settings` attribute read from one."""
+_SECRET_SETTINGS = frozenset({"api_token", "webhook_secret"})
+"""Attributes whose values error messages never show."""
 
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_PROFILE_BYTES = 256 * 1024 * 1024
@@ -179,17 +192,18 @@ class Settings:
             "database_url": get(DATABASE_ENV) or DEFAULT_URL,
             "api_token": get(TOKEN_ENV),
         }
-        for attribute, name in (
-            ("max_body_bytes", MAX_BODY_ENV),
-            ("max_profile_bytes", MAX_PROFILE_ENV),
-            ("ingest_threads", INGEST_THREADS_ENV),
+        for attribute, example in (
+            ("max_body_bytes", DEFAULT_MAX_BODY_BYTES),
+            ("max_profile_bytes", DEFAULT_MAX_PROFILE_BYTES),
+            ("ingest_threads", DEFAULT_INGEST_THREADS),
         ):
+            name = _SETTINGS_ENV[attribute]
             text = get(name)
             if text is not None:
                 try:
                     values[attribute] = int(text)
                 except ValueError:
-                    raise ConfigError(name, text, "a whole number, e.g. 67108864") from None
+                    raise ConfigError(name, text, f"a whole number, e.g. {example}") from None
         recompute = get(RECOMPUTE_ENV)
         if recompute is not None:
             if recompute.lower() not in ("1", "0", "true", "false", "yes", "no"):
@@ -198,7 +212,16 @@ class Settings:
         values.update(_webhook_from_env(get))
         values["triggers"] = _policy_from_env(get)
         values.update(overrides)
-        return cls(**values)
+        try:
+            return cls(**values)
+        except ConfigError as err:
+            # the checks of __post_init__ name the attribute; what an operator must fix is
+            # the variable it came from (an override keeps the attribute's name)
+            variable = _SETTINGS_ENV.get(err.argument)
+            if variable is None or err.argument in overrides or get(variable) is None:
+                raise
+            shown = "<hidden>" if err.argument in _SECRET_SETTINGS else get(variable)
+            raise ConfigError(variable, shown, err.allowed) from None
 
     def with_changes(self, **changes: Any) -> Settings:
         """A copy with some attributes changed (validated again)."""

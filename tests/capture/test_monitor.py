@@ -8,6 +8,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -382,6 +383,64 @@ def test_invalid_arguments_name_the_argument(argument: str, value: object) -> No
         bnwatch.watch(small_cnn(), **{argument: value})  # type: ignore[arg-type]
     assert info.value.argument == argument
     assert argument in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("argument", "value", "words"),
+    [
+        ("name", "org/resnet50", "'/' is not allowed"),
+        ("version", "..", "'..' is not allowed"),
+        ("name", ".", "'.' is not allowed"),
+        ("version", "2025-06-01\n", "control characters"),
+        ("name", "m\x00", "NUL"),
+        ("name", "x" * 201, "at most 200 characters"),
+        ("version", "\ud800", "unpaired surrogate"),
+        ("source", "host:1\n", "control characters"),
+        ("source", "h" * 201, "at most 200 characters"),
+    ],
+)
+def test_names_the_store_or_the_service_cannot_take_fail_at_watch(
+    argument: str, value: str, words: str
+) -> None:
+    """A monitor whose name the store refuses (or the service cannot address) would fail at
+    every write; it fails at watch() with what is allowed."""
+    model = small_cnn()
+    with pytest.raises(ConfigError) as info:
+        bnwatch.watch(model, **{argument: value})  # type: ignore[arg-type]
+    assert info.value.argument == argument
+    assert words in str(info.value)
+    assert "characters" in info.value.allowed
+    assert bn_hooks(model) == 0
+
+
+def test_every_other_name_is_accepted_by_watch() -> None:
+    for name in ("a b", "a%b", "a?b#c", "é", "a.b", "...", "x" * 200):
+        with bnwatch.watch(small_cnn(), name=name, version=name, source=name) as mon:
+            assert (mon.model_name, mon.version, mon.source) == (name, name, name)
+
+
+def test_a_layer_path_longer_than_the_store_holds_fails_at_watch() -> None:
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    model.add_module("b" * 501, nn.BatchNorm1d(3))
+    with pytest.raises(ConfigError, match="exclude=") as info:
+        bnwatch.watch(model)
+    assert "at most 500 characters" in str(info.value)
+    assert bn_hooks(model) == 0
+    with bnwatch.watch(model, exclude="bbb*") as mon:
+        assert mon.layers == ["1"]
+
+
+def test_profile_checks_names_before_reading_data() -> None:
+    def data() -> Iterator[torch.Tensor]:
+        raise AssertionError("read before the names were checked")
+        yield torch.zeros(1)
+
+    with pytest.raises(ConfigError, match="'/' is not allowed") as info:
+        bnwatch.profile(small_cnn(), data(), name="org/resnet50")
+    assert info.value.argument == "name"
+    with pytest.raises(ConfigError, match="at most 200") as info:
+        bnwatch.profile(small_cnn(), data(), version="v" * 201)
+    assert info.value.argument == "version"
 
 
 # -- reference profiles ---------------------------------------------------------------------------

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
+import struct
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from typing import Any
@@ -14,6 +16,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy.engine import Engine
 
+from bnwatch.codec import MAGIC
 from bnwatch.store.repository import Repository
 from bnwatch.wire import batch_of
 from tests.service.helpers import (
@@ -70,11 +73,8 @@ def test_mixed_layer_counts_are_counted_per_window(client: TestClient, engine: E
     assert row_counts(engine)["windows"] == 2 * 3 + 3 * 1
 
 
-def test_stored_windows_read_back_in_utc_with_recomputed_metrics(
-    client: TestClient, engine: Engine
-) -> None:
-    """Offsets other than UTC are normalized (SQLite keeps no offset); metrics are the
-    receiver's, equal to the sender's for the same configuration."""
+def test_stored_windows_read_back_in_utc(client: TestClient, engine: Engine) -> None:
+    """Offsets other than UTC are normalized (SQLite keeps no offset)."""
     mon = Monitor()
     record = mon.records(1)[0]
     body = batch_of([record])
@@ -86,6 +86,26 @@ def test_stored_windows_read_back_in_utc_with_recomputed_metrics(
     assert got[0].start == datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
     assert got[0].end == datetime(2026, 3, 1, 12, 1, tzinfo=timezone.utc)
     assert got[0].n_samples == record.reports["bn1"].n_samples
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_metrics_are_stored_as_sent_unless_the_service_recomputes_them(
+    make_app: Callable[..., FastAPI], engine: Engine, recompute: bool
+) -> None:
+    """What the OpenAPI description of the route says: it said every metric was recomputed,
+    which only BNWATCH_RECOMPUTE=1 does."""
+    body = Monitor().body(1)
+    sent = {"drifted": True, "p_value": 0.9, "kl_mean": 123.0}
+    body["windows"][0]["layers"][0]["metrics"].update(sent)
+    with TestClient(make_app(recompute=recompute), raise_server_exceptions=False) as client:
+        assert post(client, body).status_code == 200
+        stored = client.get("/api/v1/models/cnn/versions/1/windows", params={"layer": "bn1"})
+        metrics = stored.json()[0]["metrics"]
+        description = client.get("/openapi.json").json()["paths"][ENDPOINT]["post"]["description"]
+    kept = {name: metrics[name] for name in sent}
+    assert (kept == sent) is not recompute
+    assert "stored as sent" in description and "BNWATCH_RECOMPUTE=1" in description
+    assert "Every metric is recomputed" not in description
 
 
 def test_references_are_remembered_once_per_monitor(app: FastAPI, client: TestClient) -> None:
@@ -187,6 +207,13 @@ def _with_moments(body: dict[str, Any], layer: int, field: str, value: float) ->
     return edited(body, f"windows.0.layers.{layer}.moments", b64(arrays))
 
 
+def _huge_blob(rows: int, cols: int) -> str:
+    """A moments blob of ``rows`` constant arrays whose header claims ``cols`` channels: a
+    few hundred bytes that would decode to ``rows * cols`` float64."""
+    header = struct.pack("<4s4sII", MAGIC, b"<f8\0", rows, cols)
+    return base64.b64encode(header + (b"\x01" + b"\0" * 8) * rows).decode()
+
+
 REJECTED: dict[str, tuple[Callable[[dict[str, Any]], dict[str, Any]], int, str, str]] = {
     # name: (edit, status, field, words in the message)
     "negative count": (
@@ -265,6 +292,12 @@ REJECTED: dict[str, tuple[Callable[[dict[str, Any]], dict[str, Any]], int, str, 
         422,
         "windows.0.start",
         "out of range",
+    ),
+    "a blob header claiming a huge shape": (  # was a MemoryError: 500, retried forever
+        lambda b: edited(b, "windows.0.layers.0.moments", _huge_blob(13, 2**31)),
+        422,
+        "windows.0.layers.0.moments",
+        "expected 13 arrays of 4 channels, got [13, 2147483648]",
     ),
     "unknown field": (lambda b: edited(b, "windows.0.extra", 1), 422, "windows.0.extra", ""),
     "no windows": (lambda b: edited(b, "windows", []), 422, "windows", ""),

@@ -161,6 +161,7 @@ def test_alerts_and_recalibrations(client: TestClient, engine: Engine, stored: M
         ("bn1", "drift", {"d_rms": 1.5})
     ]
     assert client.get("/api/v1/alerts", params={"model": "other"}).json() == []
+    assert client.get("/api/v1/alerts", params={"state": "acknowledged"}).json() == []
     error = error_of(client.get("/api/v1/alerts", params={"state": "sleepy"}), 422)
     assert error["field"] == "state"
 
@@ -168,6 +169,56 @@ def test_alerts_and_recalibrations(client: TestClient, engine: Engine, stored: M
     assert [(r["status"], r["method"], r["outcome"]["samples"]) for r in recs] == [
         ("applied", "precise", 128)
     ]
+
+
+def test_acknowledged_lists_the_open_alerts_a_person_acknowledged(
+    client: TestClient, engine: Engine, stored: Monitor
+) -> None:
+    """Acknowledging sets acknowledged_at and leaves the alert open: no alert ever has the
+    state 'acknowledged', and the filter the OpenAPI schema offers answered [] for good."""
+    with engine.begin() as conn:
+        model_id = conn.execute(sa.select(Model.id)).scalar_one()
+        now = utcnow()
+        ids = {
+            name: conn.execute(
+                sa.insert(Alert)
+                .values(
+                    model_id=model_id,
+                    layer_id=conn.execute(
+                        sa.select(Layer.id).where(Layer.name == layer)
+                    ).scalar_one(),
+                    kind="drift",
+                    state=state,
+                    opened_at=now,
+                    last_seen_at=now,
+                    resolved_at=now if state == "resolved" else None,
+                    values={},
+                )
+                .returning(Alert.id)
+            ).scalar_one()
+            for name, layer, state in (
+                ("open, acknowledged", "bn1", "open"),
+                ("open", "layer1.bn2", "open"),
+                ("resolved, acknowledged", "head.bn", "resolved"),
+            )
+        }
+    repository = Repository(engine)
+    assert repository.acknowledge_alert(ids["open, acknowledged"])
+    assert repository.acknowledge_alert(ids["resolved, acknowledged"])
+
+    acknowledged = client.get("/api/v1/alerts", params={"state": "acknowledged"})
+    assert acknowledged.status_code == 200
+    assert [(a["id"], a["state"]) for a in acknowledged.json()] == [
+        (ids["open, acknowledged"], "open")
+    ]
+    assert acknowledged.json()[0]["acknowledged_at"] is not None
+    other = client.get("/api/v1/alerts", params={"state": "acknowledged", "model": "other"})
+    assert other.json() == []
+    opened = client.get("/api/v1/alerts", params={"state": "open"}).json()
+    assert {a["id"] for a in opened} == {ids["open, acknowledged"], ids["open"]}
+    schema = client.get("/openapi.json").json()["paths"]["/api/v1/alerts"]["get"]
+    state = next(p for p in schema["parameters"] if p["name"] == "state")
+    assert "acknowledged_at" in state["description"]
 
 
 def test_unknown_paths_and_methods_are_json(client: TestClient) -> None:

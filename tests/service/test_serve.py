@@ -137,4 +137,4 @@ def test_serve_rejects_a_malformed_token(
     monkeypatch.setenv("BNWATCH_API_TOKEN", "has a space")
     assert main(["serve", "--db", sqlite_url]) == 1
     err = capsys.readouterr().err
-    assert "api_token" in err and "has a space" not in err  # never echo the secret
+    assert "BNWATCH_API_TOKEN" in err and "has a space" not in err  # never echo the secret

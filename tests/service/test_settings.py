@@ -43,21 +43,34 @@ def test_defaults_and_empty_variables() -> None:
     ("environ", "argument"),
     [
         ({"BNWATCH_MAX_BODY_BYTES": "64MB"}, "BNWATCH_MAX_BODY_BYTES"),
-        ({"BNWATCH_MAX_BODY_BYTES": "0"}, "max_body_bytes"),
+        ({"BNWATCH_MAX_BODY_BYTES": "0"}, "BNWATCH_MAX_BODY_BYTES"),
         ({"BNWATCH_MAX_PROFILE_BYTES": "256MiB"}, "BNWATCH_MAX_PROFILE_BYTES"),
-        ({"BNWATCH_MAX_PROFILE_BYTES": "0"}, "max_profile_bytes"),
-        ({"BNWATCH_INGEST_THREADS": "-1"}, "ingest_threads"),
-        ({"BNWATCH_API_TOKEN": "two words"}, "api_token"),
-        ({"BNWATCH_API_TOKEN": '"quoted-token"'}, "api_token"),
+        ({"BNWATCH_MAX_PROFILE_BYTES": "0"}, "BNWATCH_MAX_PROFILE_BYTES"),
+        ({"BNWATCH_INGEST_THREADS": "-1"}, "BNWATCH_INGEST_THREADS"),
+        ({"BNWATCH_INGEST_THREADS": "four"}, "BNWATCH_INGEST_THREADS"),
+        ({"BNWATCH_API_TOKEN": "two words"}, "BNWATCH_API_TOKEN"),
+        ({"BNWATCH_API_TOKEN": '"quoted-token"'}, "BNWATCH_API_TOKEN"),
     ],
 )
 def test_invalid_settings_name_the_variable(environ: dict[str, str], argument: str) -> None:
+    """Every error of a value read from the environment names the variable to fix (the
+    checks of the values themselves used to name the attribute: max_body_bytes=0)."""
     with pytest.raises(ConfigError) as info:
         Settings.from_env(environ)
     assert info.value.argument == argument
+    assert str(info.value).startswith(f"{argument}=")
     token = environ.get("BNWATCH_API_TOKEN")
     if token:
         assert token not in str(info.value)
+    else:
+        assert info.value.value == environ[argument]
+
+
+def test_invalid_overrides_name_the_attribute() -> None:
+    """A keyword override is code, not the environment: its error names the attribute."""
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"BNWATCH_MAX_BODY_BYTES": "10"}, max_body_bytes=0)
+    assert info.value.argument == "max_body_bytes"
 
 
 def test_alert_configuration(tmp_path: Path) -> None:

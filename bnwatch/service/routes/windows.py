@@ -98,9 +98,12 @@ example."""
 async def ingest_windows(request: Request, state: StateDep, _: Authorized) -> IngestResult:
     """Store the windows of a ``WindowBatch`` in one transaction, all or nothing.
 
-    Every metric is recomputed from the sufficient statistics with the service's drift
-    configuration.  A window whose ``uid`` is already stored (a retried delivery) counts as a
-    duplicate and is not stored again.
+    The metrics each layer carries -- computed by its monitor, with the monitor's drift
+    configuration -- are stored as sent.  A window with a layer that carries none has every
+    metric recomputed from the sufficient statistics with the service's drift configuration;
+    a service started with ``BNWATCH_RECOMPUTE=1`` recomputes every window's metrics that way.
+    A window whose ``uid`` is already stored (a retried delivery) counts as a duplicate and
+    is not stored again.
     """
     check_content_type(request)
     body = await read_body(request, state.settings.max_body_bytes)
