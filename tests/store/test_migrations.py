@@ -117,7 +117,8 @@ def test_0007_keeps_one_open_no_data_alert_and_refuses_a_second(db_url: str) -> 
                 conn.execute(insert, {"id": alert_id, "kind": kind, "now": stamp})
         upgrade(engine)
         with engine.connect() as conn:
-            states = dict(conn.execute(sa.text("SELECT id, state FROM alerts ORDER BY id")).all())
+            rows = conn.execute(sa.text("SELECT id, state FROM alerts ORDER BY id")).all()
+        states = {int(i): str(state) for i, state in rows}
         assert states == {1: "open", 2: "resolved", 3: "resolved", 4: "open"}
         with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
             conn.execute(insert, {"id": 5, "kind": "no_data", "now": stamp})
