@@ -23,6 +23,7 @@ from bnwatch.stats import ChannelMoments, LayerStats
 __version__ = "0.1.0.dev0"
 
 if TYPE_CHECKING:
+    from bnwatch.alerts import AlertConfig
     from bnwatch.api import profile, report_recalibration, watch
     from bnwatch.capture import Monitor
     from bnwatch.recalibration import recalibrate
@@ -33,6 +34,7 @@ _LAZY = {
     "report_recalibration": "bnwatch.api",
     "recalibrate": "bnwatch.recalibration",
     "Monitor": "bnwatch.capture",
+    "AlertConfig": "bnwatch.alerts",
 }
 
 
@@ -46,6 +48,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "SCHEMA_VERSION",
+    "AlertConfig",
     "BnwatchError",
     "ChannelMoments",
     "ConfigError",

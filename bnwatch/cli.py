@@ -73,10 +73,10 @@ def _add_demo(subparsers: Subparsers) -> None:
             "\n"
             "Prints a row per window, the alerts and the recalibration as they happen, a\n"
             "summary, and the command that opens the dashboard on the result; the monitor's\n"
-            "Prometheus endpoint is up (and scraped once) while it runs.  About 20-35 s on two\n"
-            "busy cores (--quick: a few s less).  Writes model.pt, profile.npz, reports.json and\n"
-            "bnwatch.db to --out, replacing the previous run's.  Needs scikit-learn\n"
-            "(pip install 'bnwatch[demo]')."
+            "Prometheus endpoint is up (and scraped once) while it runs.  About 6 s on two idle\n"
+            "cores, 20-35 s on busy ones (--quick: a few s less).  Writes model.pt, profile.npz,\n"
+            "reports.json and bnwatch.db to --out, replacing the previous run's.  Needs\n"
+            "scikit-learn (pip install 'bnwatch[demo]')."
         ),
     )
     parser.add_argument(
@@ -121,6 +121,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------
 DATABASE_ENV = "BNWATCH_DATABASE_URL"
 DEFAULT_DATABASE_URL = "sqlite:///bnwatch.db"
+ALERTS_CONFIG_ENV = "BNWATCH_ALERTS_CONFIG"  # bnwatch.service.app's (not imported for --help)
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
@@ -136,7 +137,7 @@ def duration(text: str) -> timedelta:
         number = -1.0
     if unit not in _UNITS or not number > 0:
         raise argparse.ArgumentTypeError(
-            f"expected a duration like 45s, 30m, 1h, 1d or 2w, got {text!r}"
+            f"expected a duration > 0 like 45s, 30m, 1h, 1d or 2w, got {text!r}"
         )
     seconds = number * _UNITS[unit]
     if not seconds <= MAX_DURATION.total_seconds():  # also inf and nan
@@ -278,7 +279,11 @@ def _add_alerts(subparsers: Subparsers) -> None:
     )
     parser.add_argument("--evaluate", action="store_true", help="evaluate the rules first")
     parser.add_argument(
-        "--config", metavar="TOML", help="alert thresholds: the [alerts] table of a TOML file"
+        "--config",
+        metavar="TOML",
+        default=os.environ.get(ALERTS_CONFIG_ENV, "").strip() or None,
+        help="alert thresholds: the [alerts] table of a TOML file (default: "
+        f"${ALERTS_CONFIG_ENV}, as `bnwatch serve` reads it, so that both judge alike)",
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.set_defaults(handler=_run_alerts)
@@ -895,10 +900,13 @@ def _run_report(args: argparse.Namespace) -> int:
         f"rows from {report.current_windows} windows against {report.reference_rows} "
         f"{report.reference_kind} rows"
     )
-    if len(report.plotted_channels) < report.channels:
+    plotted = len(report.plotted_channels)
+    if plotted == 0:
+        print("no channel is plotted (--plots 0); every channel is in the report's table")
+    elif plotted < report.channels:
         print(
-            f"Evidently plots the {len(report.plotted_channels)} channels with the smallest "
-            f"p-values (--plots); every channel is in the report's table"
+            f"Evidently plots the {plotted} channel{'s' if plotted > 1 else ''} with the "
+            "smallest p-values (--plots); every channel is in the report's table"
         )
     print(f"wrote {path}")
     return 0

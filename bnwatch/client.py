@@ -631,6 +631,13 @@ class HttpSink:
         token = _token(token)
         if token is not None:
             headers["Authorization"] = f"Bearer {token}"
+        else:  # said now, not at the first 401 a window later
+            logger.warning(
+                "bnwatch: no token for %s (token= or $%s): the service refuses windows "
+                "without one; they are spooled and retried until one is set",
+                self.endpoint,
+                TOKEN_ENV,
+            )
         self._batch_size = batch_size
         self._max_batch_bytes = max_batch_bytes
 

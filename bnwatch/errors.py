@@ -27,7 +27,20 @@ class ConfigError(BnwatchError, ValueError):
         self.argument = argument
         self.value = value
         self.allowed = allowed
-        super().__init__(f"{argument}={value!r} is invalid: expected {allowed}")
+        if value is UNSET:
+            super().__init__(f"{argument} is unset: expected {allowed}")
+        else:
+            super().__init__(f"{argument}={value!r} is invalid: expected {allowed}")
+
+
+class _Unset:
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET: Any = _Unset()
+"""The ``value`` of a :class:`ConfigError` for a setting that is missing (an environment
+variable not set), so the message says "unset" instead of showing ``None``."""
 
 
 class NoBatchNormError(BnwatchError, ValueError):

@@ -15,6 +15,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnwatch.capture.accumulator import LayerAccumulator
 from bnwatch.capture.discovery import BatchNormLayer, discover
+from bnwatch.capture.monitor import unwatched
 from bnwatch.errors import ConfigError, check_positive_int
 from bnwatch.inputs import iter_inputs
 from bnwatch.schema import LayerProfile, Profile, utcnow
@@ -60,7 +61,9 @@ def profile(
     seen = 0
     try:
         model.eval()
-        with torch.no_grad(), measuring(layers, accs):
+        # a profile's passes (validation data) are not production traffic for a monitor
+        # already watching the model (in this thread)
+        with torch.no_grad(), unwatched(model), measuring(layers, accs):
             for x in iter_inputs(data, input_key):
                 if not isinstance(x, torch.Tensor):
                     raise ConfigError("data", type(x).__name__, "batches of torch tensors")

@@ -14,8 +14,8 @@
      *gap*: the running statistics were averaged over shifted training images, not clean ones;
    * ``drift`` -- a new camera: the same images with contrast reduced to 60 %.  Every layer
      drifts, accuracy collapses, the drift alert opens after three windows and its trigger
-     recalibrates the live model on the 512 inputs the monitor kept (judged on a held-out
-     quarter; applied only if they moved closer to the new statistics).  A second pass over
+     recalibrates the live model on 384 of the 512 inputs the monitor kept (judged on the other
+     128, held out; applied only if they moved closer to the new statistics).  A second pass over
      the same images shows the accuracy after it;
    * ``train-mode`` -- still on the new camera, a redeploy leaves ``bn3`` in ``train()`` while
      a client sends batches of 2: it normalizes with batch statistics (*batch-stat mode*),

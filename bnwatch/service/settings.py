@@ -57,7 +57,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from bnwatch.drift import DriftConfig
-from bnwatch.errors import ConfigError, check_positive_int
+from bnwatch.errors import UNSET, ConfigError, check_positive_int
 from bnwatch.schema import ALERT_KINDS
 from bnwatch.store.engine import DEFAULT_URL
 from bnwatch.triggers.core import TriggerPolicy
@@ -175,7 +175,7 @@ class Settings:
         if (self.webhook_url is None) != (self.webhook_secret is None):
             missing = "webhook_secret" if self.webhook_secret is None else "webhook_url"
             raise ConfigError(
-                missing, None, "set together with the other (a webhook needs a URL and a secret)"
+                missing, UNSET, "set together with the other (a webhook needs a URL and a secret)"
             )
 
     @classmethod
@@ -250,7 +250,7 @@ def _webhook_from_env(get: Callable[[str], str | None]) -> dict[str, str]:
     if url is None:
         raise ConfigError(
             WEBHOOK_URL_ENV,
-            None,
+            UNSET,
             f"{_WEBHOOK_URL}, since {WEBHOOK_SECRET_ENV} is set (set both, or unset both to "
             "run without triggers)",
         )
@@ -259,7 +259,7 @@ def _webhook_from_env(get: Callable[[str], str | None]) -> dict[str, str]:
     if secret is None:
         raise ConfigError(
             WEBHOOK_SECRET_ENV,
-            None,
+            UNSET,
             f"a shared secret that signs the webhooks, since {WEBHOOK_URL_ENV} is set (e.g. "
             f"`openssl rand -hex 32`; or unset both to run without triggers)",
         )

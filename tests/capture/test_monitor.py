@@ -353,6 +353,21 @@ def test_lazy_batchnorm_first_window_reports_a_mutation_only_in_train_mode(train
     assert not second.running_stats_mutated
 
 
+def test_profiling_a_watched_model_is_not_production_traffic() -> None:
+    # the README's order -- watch, then profile on validation data -- counted the validation
+    # forwards as production windows
+    model = small_cnn().eval()
+    mon = full_watch(model)
+    ref = bnwatch.profile(model, inputs(3))
+    assert ref.layers and mon.stats().forwards == 0
+    assert mon.flush() == {}
+    for x in inputs(2):
+        model(x)
+    assert mon.stats().forwards == 2
+    assert all(r.n_batches == 2 for r in mon.flush().values())
+    mon.close()
+
+
 def test_model_without_batchnorm_is_a_clear_error() -> None:
     with pytest.raises(NoBatchNormError, match="has none"):
         bnwatch.watch(nn.Sequential(nn.Linear(3, 3)))

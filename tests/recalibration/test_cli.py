@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,10 @@ import torch
 
 from bnwatch.cli import RECALIBRATION_METHODS, main
 from bnwatch.recalibration import METHODS
+from bnwatch.store.migrate import engine_for
+from bnwatch.store.repository import Repository
 from tests.recalibration.test_recalibrate import net
+from tests.store.helpers import record_windows
 
 FIX = "tests.recalibration.cli_fixture"
 
@@ -118,6 +123,37 @@ def test_reading_a_database_file_that_does_not_exist_creates_none(
     assert main([*command, "--db", f"sqlite:///{typo}"]) == 1
     assert f"there is no database file '{typo}' yet" in capsys.readouterr().err
     assert not typo.exists()  # was: an empty 4 KB file at the mistyped path
+
+
+def test_alerts_reads_the_services_config_variable(
+    db_url: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # a cron `bnwatch alerts --evaluate` and `bnwatch serve` must judge with the same rules:
+    # the service's config turned batch_stat_mode off, the cron job re-opened it
+    from bnwatch.cli import ALERTS_CONFIG_ENV
+    from bnwatch.service.app import ALERTS_CONFIG_ENV as SERVICE_ENV
+
+    assert ALERTS_CONFIG_ENV == SERVICE_ENV
+    config = tmp_path / "alerts.toml"
+    config.write_text("[alerts]\nno_data_seconds = 60000\n", encoding="utf-8")
+    hours_ago = timedelta(hours=2)
+    engine = engine_for(db_url)
+    Repository(engine).write_windows(
+        [
+            dataclasses.replace(r, start=r.start - hours_ago, end=r.end - hours_ago)
+            for r in record_windows(2)
+        ]
+    )
+    engine.dispose()
+    monkeypatch.setenv(ALERTS_CONFIG_ENV, str(config))
+    assert main(["alerts", "--db", db_url, "--evaluate", "--state", "all"]) == 0
+    assert "no_data" not in capsys.readouterr().out  # silent 2 h < 60,000 s: no alert
+    monkeypatch.delenv(ALERTS_CONFIG_ENV)
+    assert main(["alerts", "--db", db_url, "--evaluate", "--state", "all"]) == 0
+    assert "no_data" in capsys.readouterr().out  # the default 600 s
 
 
 def test_the_cli_offers_every_method() -> None:

@@ -189,7 +189,8 @@ def test_cli_compact(db_url: str, capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("yesterday", "expected a duration like 45s, 30m, 1h, 1d or 2w"),
+        ("yesterday", "expected a duration > 0 like 45s, 30m, 1h, 1d or 2w"),
+        ("0s", "expected a duration > 0 like 45s"),
         ("infd", "expected a duration of at most 100 years, got 'infd'"),  # was a traceback
         ("1e12d", "expected a duration of at most 100 years"),
         ("9000000d", "expected a duration of at most 100 years"),  # overflowed now - it
