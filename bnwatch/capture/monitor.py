@@ -595,9 +595,9 @@ class Monitor:
             assessed: dict[str, LayerReport] = {}
             for layer in self._layers:
                 stats = collected[layer.name]
-                mutated = self._running_stats_mutated(layer)
                 if stats is None or stats.n_batches == 0:
-                    continue
+                    continue  # nothing to report: a change of the buffers waits for a window
+                mutated = self._running_stats_mutated(layer)
                 baseline = self._baseline.get(layer.name)
                 if baseline is not None and baseline.moments is not None:
                     null: ChannelMoments | None = baseline.moments

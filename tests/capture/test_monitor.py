@@ -353,6 +353,26 @@ def test_lazy_batchnorm_first_window_reports_a_mutation_only_in_train_mode(train
     assert not second.running_stats_mutated
 
 
+def test_a_mutation_in_a_window_that_measured_nothing_is_reported_with_the_next() -> None:
+    model = small_cnn().eval()
+    mon = bnwatch.watch(model, window_seconds=None, overhead_budget=None, sample_every=20)
+    for x in inputs(2):
+        model(x)  # the first forward is measured, the second is not
+    assert all(not r.running_stats_mutated for r in mon.flush().values())
+    bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    bn.train()
+    model(inputs(1)[0])  # not measured (1 in 20), but it moves the running statistics
+    bn.eval()
+    assert mon.flush() == {}  # nothing measured: no window
+    for _ in range(40):  # until the sampler measures a forward again
+        model(inputs(1)[0])
+        if mon.stats().forwards_measured > 1:
+            break
+    reports = mon.flush()
+    mon.close()
+    assert [name for name, r in reports.items() if r.running_stats_mutated] == ["1"]
+
+
 def test_profiling_a_watched_model_is_not_production_traffic() -> None:
     # the README's order -- watch, then profile on validation data -- counted the validation
     # forwards as production windows
