@@ -213,7 +213,10 @@ def _serialize(session: Session, model_id: int) -> None:
 
 
 def _aware(value: datetime) -> datetime:
-    return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
+    """In UTC: naive (SQLite) is UTC already; PostgreSQL answers in the session's TimeZone."""
+    if value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value.astimezone(timezone.utc)
 
 
 def _json(value: Any) -> Any:

@@ -155,7 +155,10 @@ def no_windows(ctx: Context) -> None:
 def format_time(value: datetime | pd.Timestamp | None) -> str:
     if value is None or (isinstance(value, float) and np.isnan(value)) or pd.isna(value):
         return "-"
-    return str(pd.Timestamp(value).strftime("%Y-%m-%d %H:%M:%S UTC"))
+    stamp = pd.Timestamp(value)
+    if stamp.tzinfo is not None:  # naive: UTC already, as bnwatch stores every time
+        stamp = stamp.tz_convert("UTC")
+    return str(stamp.strftime("%Y-%m-%d %H:%M:%S UTC"))
 
 
 def duration(seconds: float) -> str:

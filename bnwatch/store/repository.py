@@ -115,8 +115,11 @@ class NoReservoirError(BnwatchError, LookupError):
 
 
 def _utc(value: datetime) -> datetime:
-    """SQLite returns naive datetimes: every timestamp bnwatch writes is UTC."""
-    return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
+    """A stored timestamp in UTC: SQLite returns naive datetimes (every timestamp bnwatch
+    writes is UTC), PostgreSQL aware ones in the session's ``TimeZone``, whatever it is."""
+    if value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value.astimezone(timezone.utc)
 
 
 def _to_utc(value: datetime) -> datetime:

@@ -22,6 +22,7 @@ from bnwatch.codec import encode_moments
 from bnwatch.errors import ConfigError
 from bnwatch.sink import MemorySink
 from bnwatch.store import repository
+from bnwatch.store.engine import create_engine
 from bnwatch.store.migrate import engine_for
 from bnwatch.store.models import Window
 from bnwatch.store.repository import (
@@ -257,6 +258,33 @@ def test_a_connection_lost_mid_copy_raises_sqlalchemys_error_and_writes_nothing(
     assert repo.window_count() == 0
     assert repo.write_windows(record_windows(1)) == 3
     engine.dispose()
+
+
+def test_times_read_back_in_utc_whatever_the_databases_time_zone(postgres_url: str) -> None:
+    # psycopg answers timestamptz in the session's TimeZone: the dashboard printed New York
+    # wall time labelled "UTC", and tables mixed -05:00 with the heatmaps' UTC
+    name = sa.make_url(postgres_url).database
+    with create_engine(postgres_url).connect() as conn:
+        conn.execute(sa.text(f"ALTER DATABASE \"{name}\" SET timezone TO 'America/New_York'"))
+        conn.commit()
+    engine = engine_for(postgres_url)
+    try:
+        repo = Repository(engine)
+        records = record_windows(1)
+        repo.write_windows(records)
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SHOW timezone")).scalar_one() == "America/New_York"
+        (source,) = repo.sources()
+        for when in (
+            *(w.end for w in repo.latest_windows("cnn", "1")),
+            *(w.start for w in repo.windows("cnn", "1")),
+            source.last_window_end,
+            source.first_seen,
+        ):
+            assert when.tzinfo is timezone.utc
+        assert source.last_window_end == records[0].end
+    finally:
+        engine.dispose()
 
 
 def test_time_bounds_with_any_offset_select_the_same_windows(repo: Repository) -> None:
