@@ -29,7 +29,8 @@ if models is None or models.empty:
     st.navigation([st.Page(getting_started, title="Getting started")]).run()
     st.stop()
 
-ui.sidebar(url, models)
+# navigation first, then the sidebar's pickers, then the page: with the pickers drawn before
+# st.navigation, a fresh server lost the first change to one (it snapped back)
 page = st.navigation(
     [
         st.Page("pages/overview.py", title="Overview", icon=":material/dashboard:", default=True),
@@ -42,4 +43,5 @@ page = st.navigation(
         st.Page("pages/reports.py", title="Reports", icon=":material/description:"),
     ]
 )
+ui.sidebar(url, models)
 page.run()

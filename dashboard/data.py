@@ -324,16 +324,23 @@ def heatmap(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
         return pd.DataFrame()
     table = frame.pivot_table(
         index=["depth", "layer"], columns="bucket_start", values=f"max_{metric}", aggfunc="max"
-    ).sort_index(level="depth")
+    )
+    # every layer and bucket, also where the metric is undefined (a baseline still warming
+    # up): pivot_table drops all-NaN rows and columns, and the heatmap came out empty
+    rows = pd.MultiIndex.from_frame(
+        frame[["depth", "layer"]].drop_duplicates().sort_values(["depth", "layer"])
+    )
+    table = table.reindex(index=rows, columns=sorted(frame["bucket_start"].unique()))
     table.index = table.index.get_level_values("layer")
     return table
 
 
 def sparkline(frame: pd.DataFrame, metric: str) -> list[float]:
-    """The largest ``metric`` over all layers per bucket of a :func:`buckets` frame."""
+    """The largest ``metric`` over all layers per bucket of a :func:`buckets` frame; NaN
+    where no layer has it (a baseline still warming up: undefined, not 0)."""
     if frame.empty:
         return []
-    series = frame.groupby("bucket_start")[f"max_{metric}"].max().fillna(0.0)
+    series = frame.groupby("bucket_start")[f"max_{metric}"].max()
     return [float(v) for v in series.to_numpy()]
 
 

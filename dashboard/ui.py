@@ -25,7 +25,7 @@ RANGES: dict[str, timedelta | None] = {
     "last 24 hours": timedelta(days=1),
     "last 7 days": timedelta(days=7),
     "last 30 days": timedelta(days=30),
-    "all time": None,
+    "whole history": None,
 }
 REFRESH: dict[str, int | None] = {
     "off": None,

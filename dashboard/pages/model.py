@@ -31,6 +31,16 @@ metric = str(
 seconds = window_span.resolution
 frame = data.buckets(ctx.url, ctx.model, ctx.version, ctx.start, ctx.end, seconds, (metric,))
 table = data.heatmap(frame, metric)
+if table.isna().all().all():
+    st.info(
+        f"{data.METRIC_LABELS[metric]} is undefined in every window of this range"
+        + (
+            ": the drift baseline is still warming up (a monitor given a reference profile, "
+            "`watch(..., reference=profile)`, judges drift from its first window)."
+            if data.METRIC_LABELS[metric].startswith("drift")
+            else "."
+        )
+    )
 st.plotly_chart(
     ui.heatmap_figure(
         table,

@@ -122,6 +122,18 @@ def test_overview_renders_in_chromium(dashboard: str, tmp_path: Path) -> None:
             page.screenshot(path=str(shot), full_page=True)
             assert shot.stat().st_size > 20_000  # a rendered page, not a blank one
 
+            # the first change to a sidebar picker on a fresh server sticks (with the pickers
+            # drawn before st.navigation it snapped back, and the page kept the old range)
+            picker = page.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]').nth(1)
+            picker.locator("input").click()
+            page.get_by_role("option", name="last 7 days", exact=True).click()
+            page.get_by_text("drift over the last 7 days", exact=False).wait_for(timeout=60_000)
+            page.wait_for_function(
+                "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')",
+                timeout=60_000,
+            )
+            assert picker.locator("input").input_value() == "last 7 days"
+
             page.get_by_role("link", name="Model").first.click()
             page.get_by_text("Depth profile", exact=True).wait_for(timeout=60_000)
             page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)

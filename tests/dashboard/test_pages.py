@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import sqlalchemy as sa
@@ -122,6 +123,25 @@ def test_buckets_aggregate_like_pandas_over_every_window(
         assert list(table.index) == list(LAYERS)
         by_layer = raw.groupby("layer")["drift_d_rms"].max()
         assert abs(table.max(axis=1) - by_layer.reindex(table.index)).max() < 1e-12
+
+
+def test_undefined_drift_is_shown_as_undefined_not_dropped_or_zero() -> None:
+    # a baseline still warming up stores drift as NULL: the heatmap lost every such layer
+    # (pivot_table drops all-NaN rows) and the sparkline drew 0, "no drift"
+    times = pd.to_datetime(["2026-06-01 12:00", "2026-06-01 12:01"], utc=True)
+    frame = pd.DataFrame(
+        {
+            "depth": [0, 0, 1, 1],
+            "layer": ["bn1", "bn1", "bn2", "bn2"],
+            "bucket_start": [times[0], times[1], times[0], times[1]],
+            "max_drift_d_rms": [float("nan"), float("nan"), float("nan"), 0.7],
+        }
+    )
+    table = data.heatmap(frame, "drift_d_rms")
+    assert list(table.index) == ["bn1", "bn2"] and list(table.columns) == list(times)
+    assert table.isna().to_numpy().tolist() == [[True, True], [True, False]]
+    spark = data.sparkline(frame, "drift_d_rms")
+    assert np.isnan(spark[0]) and spark[1] == 0.7
 
 
 def test_layer_page(app: AppTest) -> None:
