@@ -64,7 +64,7 @@ def _add_demo(subparsers: Subparsers) -> None:
             "record a reference profile on validation data, and watch it in production the way\n"
             "bnwatch.watch(store=..., alerts=..., recalibrate=True, metrics_port=...) does:\n"
             "\n"
-            "  1. clean traffic, batch sizes 1-128: no drift, but a train/inference gap;\n"
+            "  1. clean traffic, batch sizes 1-64: no drift, but a train/inference gap;\n"
             "  2. drifted traffic (contrast reduced): the drift alert opens and recalibrates\n"
             "     the model on the inputs it kept; accuracy before/after is printed;\n"
             "  3. a layer left in train() with batches of 2: small-batch-mismatch,\n"
@@ -872,11 +872,19 @@ def _plots(text: str) -> int | None:
 
 
 def _run_report(args: argparse.Namespace) -> int:
+    from bnwatch.errors import ConfigError
     from bnwatch.reports import channel_list, drift_report, report_format
     from bnwatch.store.migrate import engine_for
     from bnwatch.store.repository import Repository
 
     report_format(args.out)  # a bad suffix fails before any work
+    out_dir = Path(args.out).resolve().parent
+    if not out_dir.is_dir():  # found now, not after the report was computed
+        raise ConfigError(
+            "--out", str(args.out), f"a file in an existing directory ({out_dir} is not)"
+        )
+    if args.start is not None and args.end is not None and args.end <= args.start:
+        raise ConfigError("--to", args.end.isoformat(), f"a time after --from ({args.start})")
     engine = engine_for(args.db, create=False, argument="--db")
     try:
         report = drift_report(

@@ -434,6 +434,15 @@ def test_cli_end_to_end_with_a_watched_model(
             ["--model", "m", "--version", "1", "--layer", "bn", "--from", "2030-01-01"],
             "reservoir=N",
         ),
+        (  # found before the report is computed, naming the directory, not a temporary file
+            ["--model", "m", "--version", "1", "--layer", "bn", "--out", "nodir/r.html"],
+            "a file in an existing directory",
+        ),
+        (
+            ["--model", "m", "--version", "1", "--layer", "bn"]
+            + ["--from", "2030-01-02", "--to", "2030-01-01"],
+            "--to='2030-01-01T00:00:00+00:00' is invalid: expected a time after --from",
+        ),
     ],
 )
 def test_cli_errors_exit_1_without_traceback(

@@ -205,7 +205,7 @@ def predict(model: nn.Module, x: Tensor, batch_sizes: list[int] | None = None) -
     sizes = batch_sizes or [256]
     out: list[Tensor] = []
     i = 0
-    for b in _cycle_until(sizes, len(x)):
+    for b in cycle_until(sizes, len(x)):
         out.append(model(x[i : i + b]).argmax(dim=1))
         i += b
     return torch.cat(out)
@@ -216,7 +216,7 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
     return float((predict(model, x) == y).float().mean())
 
 
-def _cycle_until(sizes: list[int], total: int) -> list[int]:
+def cycle_until(sizes: list[int], total: int) -> list[int]:
     """Batch sizes cycling through ``sizes`` whose sum is exactly ``total`` (last one cut)."""
     out: list[int] = []
     i = 0

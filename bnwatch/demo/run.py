@@ -10,7 +10,7 @@
    scraped once.  Production traffic comes in phases of several windows each, because an
    alert opens only after its condition held in ``open_after`` windows in a row:
 
-   * ``clean`` -- the production split, batch sizes 1 to 128: no drift, but a train/inference
+   * ``clean`` -- the production split, batch sizes 1 to 64: no drift, but a train/inference
      *gap*: the running statistics were averaged over shifted training images, not clean ones;
    * ``drift`` -- a new camera: the same images with contrast reduced to 60 %.  Every layer
      drifts, accuracy collapses, the drift alert opens after three windows and its trigger
@@ -95,7 +95,8 @@ MODEL_NAME = "digits-cnn"
 FULL_EPOCHS = 30
 QUICK_EPOCHS = 10
 PRODUCTION_BATCH_SIZES = (1, 8, 32, 2, 64, 16, 4, 128)
-"""Clean and drifted traffic cycles through these batch sizes (single images included)."""
+"""Clean and drifted traffic cycles through these batch sizes (single images included); a
+window holds ~180 images, so its 128 is cut to what is left (53): sizes 1 to 64 are sent."""
 WINDOWS_PER_PASS = 3
 """Each pass over the production images is cut into this many windows (``mon.flush()``)."""
 DRIFT_PASSES = 2
@@ -802,7 +803,11 @@ class _Production:
         emit = self.emit
         n = len(traffic.images)
         windows = traffic.passes * WINDOWS_PER_PASS
-        sizes = sorted(set(traffic.batch_sizes))
+        chunks = torch.tensor_split(torch.arange(n), WINDOWS_PER_PASS)
+        # the sizes sent: each window cycles through traffic.batch_sizes and cuts the last
+        sizes = sorted(
+            {b for idx in chunks for b in digits.cycle_until(traffic.batch_sizes, len(idx))}
+        )
         batches = (
             f"batch size {sizes[0]}" if len(sizes) == 1 else f"batch sizes {sizes[0]}-{sizes[-1]}"
         )
@@ -813,7 +818,6 @@ class _Production:
             f"{batches}"
         )
         emit(_WINDOW_HEADER)
-        chunks = torch.tensor_split(torch.arange(n), WINDOWS_PER_PASS)
         results: list[WindowResult] = []
         with (
             _left_in_train_mode(self.model, traffic.train_mode_layer),

@@ -31,8 +31,19 @@ if view is None:
 a, b, c, d = st.columns(4)
 a.metric("Channels", view.channels)
 b.metric("Samples in range", f"{view.range_samples:,}")
-c.metric("Drifted (range)", "yes" if view.range_drifted else "no", help=f"vs {view.baseline}")
-d.metric("Gap (range)", "yes" if view.range_gap else "no", help="vs the running statistics")
+# the whole range merged into one window and judged again, at bnwatch's default thresholds
+# (a monitor's own DriftConfig is not stored): it can differ from the stored windows' flags
+DEFAULTS = "judged on the whole range merged, at the default DriftConfig thresholds"
+c.metric(
+    "Drifted (range)",
+    "yes" if view.range_drifted else "no",
+    help=f"vs {view.baseline}; {DEFAULTS}",
+)
+d.metric(
+    "Gap (range)",
+    "yes" if view.range_gap else "no",
+    help=f"vs the running statistics; {DEFAULTS}",
+)
 
 QUANTITIES = {
     "drift_d": "d vs baseline (standardized mean shift)",
