@@ -439,8 +439,7 @@ def test_cli_end_to_end_with_a_watched_model(
             "a file in an existing directory",
         ),
         (
-            ["--model", "m", "--version", "1", "--layer", "bn"]
-            + ["--from", "2030-01-02", "--to", "2030-01-01"],
+            "--model m --version 1 --layer bn --from 2030-01-02 --to 2030-01-01".split(),
             "--to='2030-01-01T00:00:00+00:00' is invalid: expected a time after --from",
         ),
     ],
