@@ -146,10 +146,17 @@ Pick another database with `bnwatch dashboard --db URL` or `$BNWATCH_DATABASE_UR
 
 
 def no_windows(ctx: Context) -> None:
-    st.info(
-        f"{ctx.model} @ {ctx.version} has no windows in the {ctx.range_label}: "
-        "choose a longer time range in the sidebar."
-    )
+    if ctx.start is not None and data.span(ctx.url, ctx.model, ctx.version, None) is not None:
+        st.info(
+            f"{ctx.model} @ {ctx.version} has no windows in the {ctx.range_label}: "
+            "choose a longer time range in the sidebar."
+        )
+    else:  # none at all: a longer range cannot help
+        st.info(
+            f"{ctx.model} @ {ctx.version} has no windows yet (a reference profile, perhaps): "
+            f"they arrive once a model is watched with `bnwatch.watch(model, name="
+            f"{ctx.model!r}, version={ctx.version!r}, store=...)` and serves traffic."
+        )
 
 
 def format_time(value: datetime | pd.Timestamp | None) -> str:

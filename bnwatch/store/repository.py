@@ -1702,19 +1702,35 @@ class Repository:
             if after_warmup:
                 query = query.where(Window.baseline != WARMING_UP)
             pooled = _pool(conn, query, max_rows, seed)
+            if pooled is None:  # say why: no window, only warm-up ones, or no reservoirs
+                windows = sa.select(sa.func.count()).select_from(Window)
+                windows = windows.where(Window.layer_id == lr.id)
+                if start is not None:
+                    windows = windows.where(Window.end >= _to_utc(start))
+                if end is not None:
+                    windows = windows.where(Window.end < _to_utc(end))
+                total = int(conn.execute(windows).scalar_one())
+                warm = int(conn.execute(windows.where(Window.baseline == WARMING_UP)).scalar_one())
         if pooled is None:
             span = "" if start is None and end is None else f" ending in [{start}, {end})"
-            after = " after the warm-up" if after_warmup else ""
-            raise NoReservoirError(
-                model,
-                version,
-                layer,
-                "production",
-                f"no window of layer {layer!r} of {model}@{version}{span}{after} kept a reservoir "
-                "of per-sample channel means: watch with bnwatch.watch(..., reservoir=N), N > 0 "
-                f"(the default keeps up to {DEFAULT_RESERVOIR} rows per window; windows recorded "
-                "with reservoir=0, or stored before windows kept reservoirs, have none)",
-            )
+            where = f"layer {layer!r} of {model}@{version}{span}"
+            if total == 0:
+                why = f"there is no window of {where}: none was stored (yet) in this range"
+            elif after_warmup and warm == total:
+                why = (
+                    f"every window of {where} is a warm-up window (the baseline is still being "
+                    "learned, and production is compared after it): wait for the warm-up to "
+                    "end, or watch with bnwatch.watch(..., reference=profile)"
+                )
+            else:
+                after = " after the warm-up" if after_warmup else ""
+                why = (
+                    f"no window of {where}{after} kept a reservoir of per-sample channel means: "
+                    "watch with bnwatch.watch(..., reservoir=N), N > 0 (the default keeps up "
+                    f"to {DEFAULT_RESERVOIR} rows per window; windows recorded with "
+                    "reservoir=0, or stored before windows kept reservoirs, have none)"
+                )
+            raise NoReservoirError(model, version, layer, "production", why)
         return StoredReservoir(model, version, layer, "production", *pooled)
 
     def reference_reservoir(

@@ -109,6 +109,19 @@ def test_windows_without_reservoirs_read_as_none(repo: Repository) -> None:
         repo.production_reservoir("cnn", "1", "1")
 
 
+def test_no_production_reservoir_says_why(repo: Repository) -> None:
+    # a range without windows, or only warm-up windows, were both told to watch with
+    # reservoir=N -- which no reservoir setting fixes
+    (warming,) = record_windows(1)  # judged against a baseline still warming up
+    repo.write_windows([warming])
+    with pytest.raises(NoReservoirError, match=r"every window of layer '1' .* is a warm-up"):
+        repo.production_reservoir("cnn", "1", "1", after_warmup=True)
+    later = warming.end + timedelta(days=1)
+    with pytest.raises(NoReservoirError, match="there is no window of layer '1'"):
+        repo.production_reservoir("cnn", "1", "1", start=later)
+    assert repo.production_reservoir("cnn", "1", "1").windows == 1
+
+
 def test_merged_reads_merge_reservoirs(repo: Repository) -> None:
     records = record_windows(4)
     repo.write_windows([at(r, NOW + timedelta(minutes=10 * i)) for i, r in enumerate(records)])
