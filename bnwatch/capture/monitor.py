@@ -369,6 +369,7 @@ class Monitor:
         self._inputs = InputRing(keep_inputs) if keep_inputs else None
         self._standalone = [0] * len(layers)
         self._seen = _SeenCounters(len(layers))
+        self._unreported = [(0, 0)] * len(layers)  # seen in windows that measured nothing
         self._tls = threading.local()
         self._errors: Counter[str] = Counter()
         self._error_lock = threading.Lock()
@@ -587,11 +588,20 @@ class Monitor:
             start, self._window_start = self._window_start, end
             if self.window_seconds is not None:
                 self._deadline = time.monotonic() + self.window_seconds
-            seen = self._seen.take()
+            # traffic of windows in which a layer measured nothing is reported with the next
+            # window that does (the counters of layer_totals stay whole)
+            seen = [
+                (b + cb, n + cn)
+                for (b, n), (cb, cn) in zip(self._seen.take(), self._unreported, strict=True)
+            ]
             collected = {
                 layer.name: acc.collect(*seen[i])
                 for i, (layer, acc) in enumerate(zip(self._layers, self._accs, strict=True))
             }
+            self._unreported = [
+                counts if (stats is None or stats.n_batches == 0) else (0, 0)
+                for counts, stats in zip(seen, collected.values(), strict=True)
+            ]
             assessed: dict[str, LayerReport] = {}
             for layer in self._layers:
                 stats = collected[layer.name]

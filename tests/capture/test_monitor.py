@@ -373,6 +373,25 @@ def test_a_mutation_in_a_window_that_measured_nothing_is_reported_with_the_next(
     assert [name for name, r in reports.items() if r.running_stats_mutated] == ["1"]
 
 
+def test_traffic_of_a_window_that_measured_nothing_is_counted_with_the_next() -> None:
+    # a lightly sampled model: a window without a measured forward is not emitted, and its
+    # traffic was lost from batches_seen / samples_seen (and the store's counters)
+    model = small_cnn().eval()
+    mon = bnwatch.watch(model, window_seconds=None, overhead_budget=None, sample_every=20)
+    emitted = []
+    forwards = 0
+    for burst in (1, 5, 30):
+        for x in inputs(burst):
+            model(x)
+            forwards += 1
+        emitted.append(mon.flush())
+    mon.close()
+    assert [bool(w) for w in emitted] == [True, False, True]
+    for name in emitted[0]:
+        assert sum(w[name].stats.batches_seen for w in emitted if w) == forwards
+        assert sum(w[name].stats.samples_seen for w in emitted if w) == forwards * 4
+
+
 def test_profiling_a_watched_model_is_not_production_traffic() -> None:
     # the README's order -- watch, then profile on validation data -- counted the validation
     # forwards as production windows
