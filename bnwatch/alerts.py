@@ -30,7 +30,7 @@ import math
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from bnwatch.errors import ConfigError
-from bnwatch.schema import ALERT_KINDS, WindowRecord, utcnow
+from bnwatch.schema import ALERT_KINDS, WindowRecord, as_utc, utcnow
+from bnwatch.store.engine import lock_for_writing
 from bnwatch.store.models import Alert, Layer, Model, Window
 from bnwatch.store.repository import Repository
 
@@ -208,22 +209,15 @@ def _serialize(session: Session, model_id: int) -> None:
             sa.text("SELECT pg_advisory_xact_lock(:space, :key)"),
             {"space": _LOCK_SPACE, "key": model_id},
         )
-    elif conn.dialect.name == "sqlite" and not conn.connection.dbapi_connection.in_transaction:  # type: ignore[union-attr]
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
-
-
-def _aware(value: datetime) -> datetime:
-    """In UTC: naive (SQLite) is UTC already; PostgreSQL answers in the session's TimeZone."""
-    if value.tzinfo is None:
-        return value.replace(tzinfo=timezone.utc)
-    return value.astimezone(timezone.utc)
+    else:
+        lock_for_writing(conn)
 
 
 def _json(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, datetime):
-        return _aware(value).isoformat()
+        return as_utc(value).isoformat()
     return value
 
 
@@ -252,7 +246,7 @@ class AlertEngine:
         now: datetime | None = None,
     ) -> list[AlertChange]:
         """Open, update and resolve the layer alerts of one model version (one transaction)."""
-        now = _aware(now).astimezone(timezone.utc) if now is not None else utcnow()
+        now = as_utc(now) if now is not None else utcnow()
         with Session(repository.engine) as session, session.begin():
             m = session.execute(
                 sa.select(Model).where(Model.name == model, Model.version == version)
@@ -289,7 +283,7 @@ class AlertEngine:
         self, repository: Repository, *, now: datetime | None = None
     ) -> list[AlertChange]:
         """Open or resolve ``no_data`` alerts of every model version (run periodically)."""
-        now = _aware(now).astimezone(timezone.utc) if now is not None else utcnow()
+        now = as_utc(now) if now is not None else utcnow()
         changes: list[AlertChange] = []
         with Session(repository.engine) as session, session.begin():
             for m in session.execute(sa.select(Model).order_by(Model.id)).scalars():
@@ -346,9 +340,9 @@ class AlertEngine:
         ).scalar_one_or_none()
         if last is None:
             return
-        silent = (now - _aware(last)).total_seconds()
+        silent = (now - as_utc(last)).total_seconds()
         current = open_alerts.get((None, "no_data"))
-        values = {"last_window_end": _aware(last).isoformat(), "silent_seconds": silent}
+        values = {"last_window_end": as_utc(last).isoformat(), "silent_seconds": silent}
         if current is None and silent > self.config.no_data_seconds:
             alert = self._insert(session, model.id, None, "no_data", values, now)
             if alert is not None:

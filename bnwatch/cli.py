@@ -485,6 +485,17 @@ class _CommandLineError(BnwatchError):
     failure (a pending recalibration stays pending, to be run again with the fix)."""
 
 
+def _check_out_dir(out: str | Path) -> None:
+    """``--out`` must name a file in a directory that exists: checked before a long run."""
+    from bnwatch.errors import ConfigError
+
+    directory = Path(out).resolve().parent
+    if not directory.is_dir():
+        raise ConfigError(
+            "--out", str(out), f"a file in an existing directory ({directory} is not)"
+        )
+
+
 def _non_negative_float(text: str) -> float:
     try:
         value = float(text)
@@ -588,11 +599,7 @@ def _run_recalibrate(args: argparse.Namespace) -> int:
     ):
         if loaded is not None and not callable(loaded):
             _iterable(loaded, flag, spec)  # not iterable: a wrong name, found before the run
-    out_dir = Path(args.out).resolve().parent
-    if not out_dir.is_dir():  # found now, not after the run
-        raise ConfigError(
-            "--out", str(args.out), f"a file in an existing directory ({out_dir} is not)"
-        )
+    _check_out_dir(args.out)  # found now, not after the run
     data_lineage = {  # which data, for the stored lineage (samples: in the result's summary)
         "source": args.data,
         "held_out": args.held_out,
@@ -877,12 +884,8 @@ def _run_report(args: argparse.Namespace) -> int:
     from bnwatch.store.migrate import engine_for
     from bnwatch.store.repository import Repository
 
-    report_format(args.out)  # a bad suffix fails before any work
-    out_dir = Path(args.out).resolve().parent
-    if not out_dir.is_dir():  # found now, not after the report was computed
-        raise ConfigError(
-            "--out", str(args.out), f"a file in an existing directory ({out_dir} is not)"
-        )
+    report_format(args.out)  # a bad suffix or directory fails before any work
+    _check_out_dir(args.out)
     if args.start is not None and args.end is not None and args.end <= args.start:
         raise ConfigError("--to", args.end.isoformat(), f"a time after --from ({args.start})")
     engine = engine_for(args.db, create=False, argument="--db")

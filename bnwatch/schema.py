@@ -12,7 +12,7 @@ import json
 import math
 import unicodedata
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -102,11 +102,20 @@ def text_problem(value: str, max_length: int = MAX_NAME_LENGTH) -> str | None:
         return "must not be empty"
     if len(value) > max_length:
         return f"must be at most {max_length} characters (the store's limit), not {len(value)}"
-    if "\x00" in value:
-        return "NUL characters are not allowed (the store cannot hold them)"
+    problem = storable_problem(value)
+    if problem is not None:
+        return problem
     control = next((c for c in value if unicodedata.category(c) == "Cc"), None)
     if control is not None:
         return f"control characters are not allowed (found U+{ord(control):04X})"
+    return None
+
+
+def storable_problem(value: str) -> str | None:
+    """Why the store cannot hold ``value`` as text at all, or ``None``: NUL (PostgreSQL refuses
+    it) or an unpaired surrogate (not UTF-8)."""
+    if "\x00" in value:
+        return "NUL characters are not allowed (the store cannot hold them)"
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
@@ -144,21 +153,19 @@ def check_name(argument: str, value: Any) -> str:
     """``value`` if it is a valid model name or version (:func:`name_problem`), else a
     :class:`~bnwatch.errors.ConfigError` naming ``argument``, what is allowed and what is
     wrong -- raised before a monitor starts, not at each of its writes."""
-    if not isinstance(value, str):
-        raise ConfigError(argument, value, f"a string of {NAME_RULE}")
-    problem = name_problem(value)
-    if problem is not None:
-        raise ConfigError(argument, value, f"{NAME_RULE}; {problem}")
-    return value
+    return _checked(argument, value, NAME_RULE, name_problem)
 
 
-def check_text(argument: str, value: Any, max_length: int = MAX_NAME_LENGTH) -> str:
-    """``value`` if the store can hold it as a name of at most ``max_length`` characters
-    (:func:`text_problem`), else a :class:`~bnwatch.errors.ConfigError` naming ``argument``."""
-    rule = f"1 to {max_length} characters, without control characters"
+def check_text(argument: str, value: Any) -> str:
+    """``value`` if the store can hold it as a source (:func:`text_problem`), else a
+    :class:`~bnwatch.errors.ConfigError` naming ``argument``."""
+    return _checked(argument, value, TEXT_RULE, text_problem)
+
+
+def _checked(argument: str, value: Any, rule: str, problem_of: Callable[[str], str | None]) -> str:
     if not isinstance(value, str):
         raise ConfigError(argument, value, f"a string of {rule}")
-    problem = text_problem(value, max_length)
+    problem = problem_of(value)
     if problem is not None:
         raise ConfigError(argument, value, f"{rule}; {problem}")
     return value
@@ -171,6 +178,15 @@ def _finite(value: float) -> float | None:
 def utcnow() -> datetime:
     """The current time, timezone-aware in UTC (every timestamp bnwatch records is)."""
     return datetime.now(timezone.utc)
+
+
+def as_utc(value: datetime) -> datetime:
+    """A stored or given time, aware and in UTC: a naive one is UTC already (SQLite returns
+    naive datetimes; every time bnwatch writes is UTC), an aware one is converted (PostgreSQL
+    answers in the session's ``TimeZone``, whatever it is)."""
+    if value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value.astimezone(timezone.utc)
 
 
 @dataclass(frozen=True)

@@ -61,7 +61,9 @@ from bnwatch.stats import MOMENT_FIELDS, ChannelMoments, LayerStats, Reservoir
 MAX_CHANNELS = 1 << 20
 MAX_LAYERS = 4096
 MAX_WINDOWS = 1000
-MAX_COUNT = 2**31 - 1  # the store's count columns are 32-bit
+MAX_COUNT = 2**31 - 1
+"""Most samples and batches of one window (the store's count columns hold 64 bits since
+migration 0007; more than this in one window is a broken sender, not traffic)."""
 MAX_RESERVOIR = 1 << 16
 """Largest reservoir capacity (rows per layer and window) the wire accepts."""
 MAX_SEEN = 2**62  # the store's reservoir_seen column is 64-bit

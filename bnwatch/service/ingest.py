@@ -58,7 +58,7 @@ from bnwatch.errors import (
     RecalibrationNotFoundError,
     RecalibrationStateError,
 )
-from bnwatch.schema import LayerReport, WindowRecord
+from bnwatch.schema import LayerReport, WindowRecord, storable_problem
 from bnwatch.service.errors import ApiError, validation_error
 from bnwatch.stats import ChannelMoments
 from bnwatch.store.models import Layer, Model, Window
@@ -105,12 +105,9 @@ def _invalid(field: str, message: str) -> ApiError:
 
 
 def _check_text(field: str, value: str) -> None:
-    if "\x00" in value:
-        raise _invalid(field, "NUL characters are not allowed (the store cannot hold them)")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise _invalid(field, "not valid Unicode text (unpaired surrogate)") from None
+    problem = storable_problem(value)
+    if problem is not None:
+        raise _invalid(field, problem)
 
 
 def check_storable(window: WireWindow, index: int) -> None:

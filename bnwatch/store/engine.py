@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import URL, Engine
+from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.exc import ArgumentError
 
 from bnwatch.errors import BnwatchError, ConfigError
@@ -90,3 +90,12 @@ def create_engine(url: str | URL, *, argument: str = "store", **kwargs: Any) -> 
         return engine
     kwargs.setdefault("pool_pre_ping", True)
     return sa.create_engine(parsed, **kwargs)
+
+
+def lock_for_writing(conn: Connection) -> None:
+    """On SQLite, take the file's write lock now (``BEGIN IMMEDIATE``, waiting up to the busy
+    timeout) unless this connection's transaction has begun already.  pysqlite begins a
+    transaction only at the first write, so two processes reading and then writing (check,
+    then insert) could both pass the check.  Elsewhere nothing: PostgreSQL callers lock rows."""
+    if conn.dialect.name == "sqlite" and not conn.connection.dbapi_connection.in_transaction:  # type: ignore[union-attr]
+        conn.exec_driver_sql("BEGIN IMMEDIATE")

@@ -105,7 +105,7 @@ def engine_for(url: str | URL, *, create: bool = True, argument: str = "store") 
     if not create:
         parsed = parse_url(url, argument=argument)
         file = parsed.database if parsed.get_backend_name() == "sqlite" else None
-        if file not in (None, "", ":memory:") and not Path(str(file)).exists():
+        if file and not Path(file).exists():  # parse_url refused in-memory ones
             raise SchemaError(
                 f"there is no database file {file!r} yet: watch a model with store="
                 f"{redacted(parsed)!r}, run `bnwatch demo`, or `bnwatch db upgrade --db "

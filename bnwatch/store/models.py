@@ -41,7 +41,7 @@ NAMING_CONVENTION = {
 }
 
 Id = BigInteger().with_variant(Integer(), "sqlite")  # SQLite autoincrements INTEGER keys only
-Count = BigInteger().with_variant(Integer(), "sqlite")  # SQLite's INTEGER holds 64 bits
+Count = Id  # 64-bit counts: BIGINT, and SQLite's INTEGER holds 64 bits already
 Timestamp = DateTime(timezone=True)
 
 

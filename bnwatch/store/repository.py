@@ -48,9 +48,11 @@ from bnwatch.schema import (
     LayerReport,
     Profile,
     WindowRecord,
+    as_utc,
     utcnow,
 )
 from bnwatch.stats import DEFAULT_RESERVOIR, ChannelMoments, LayerStats, Reservoir
+from bnwatch.store.engine import lock_for_writing
 from bnwatch.store.models import (
     Alert,
     Layer,
@@ -112,14 +114,6 @@ class NoReservoirError(BnwatchError, LookupError):
         self.layer = layer
         self.which = which
         super().__init__(message)
-
-
-def _utc(value: datetime) -> datetime:
-    """A stored timestamp in UTC: SQLite returns naive datetimes (every timestamp bnwatch
-    writes is UTC), PostgreSQL aware ones in the session's ``TimeZone``, whatever it is."""
-    if value.tzinfo is None:
-        return value.replace(tzinfo=timezone.utc)
-    return value.astimezone(timezone.utc)
 
 
 def _to_utc(value: datetime) -> datetime:
@@ -558,10 +552,10 @@ class Repository:
                 Window.start < max(ends),
             )
         ):
-            rolled[(int(layer_id), str(source))].append((_utc(start), _utc(end)))
+            rolled[(int(layer_id), str(source))].append((as_utc(start), as_utc(end)))
 
         def compacted(record: WindowRecord, ids: Mapping[str, int]) -> bool:
-            end = _utc(record.end)
+            end = as_utc(record.end)
             return any(
                 start < end <= stop
                 for i in ids.values()
@@ -669,8 +663,8 @@ class Repository:
             conn.execute(
                 sa.select(Layer.id).where(Layer.id == layer_id).with_for_update(key_share=True)
             )
-        elif not conn.connection.dbapi_connection.in_transaction:  # type: ignore[union-attr]
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        else:
+            lock_for_writing(conn)
         version = conn.execute(
             sa.select(sa.func.count())
             .select_from(Ref)
@@ -864,7 +858,7 @@ class Repository:
                 running_mean=None,
                 running_var=None,
             )
-            created = created or _utc(ref.created_at)
+            created = created or as_utc(ref.created_at)
         return Profile(name=model, version=version, created=created or utcnow(), layers=layers)
 
     # -- recalibrations ----------------------------------------------------------------------
@@ -1131,7 +1125,7 @@ class Repository:
                     Recalibration.model_id == m.id
                 )
             ).scalar_one_or_none()
-        return int(count), _utc(latest) if latest is not None else None
+        return int(count), as_utc(latest) if latest is not None else None
 
     def claim_recalibration(
         self,
@@ -1166,10 +1160,7 @@ class Repository:
         new = _Ids()
         with self.engine.connect() as conn:
             sqlite_file = conn.dialect.name == "sqlite"
-            if sqlite_file:
-                # pysqlite begins deferred transactions: a read first, then a write, could
-                # both pass the checks in two processes.  Take the write lock now.
-                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            lock_for_writing(conn)  # SQLite: before the checks are read
             model_id = self._model_id(conn, model, version, new)
             if not sqlite_file:
                 conn.execute(
@@ -1184,7 +1175,7 @@ class Repository:
             latest = conn.execute(
                 sa.select(sa.func.max(Recalibration.created_at)).where(mine)
             ).scalar_one_or_none()
-            last = _utc(latest) if latest is not None else None
+            last = as_utc(latest) if latest is not None else None
             refused: str | None = None
             if (
                 alert_id is not None
@@ -1284,10 +1275,10 @@ class Repository:
                 id=m.id,
                 name=m.name,
                 version=m.version,
-                created_at=_utc(m.created_at),
+                created_at=as_utc(m.created_at),
                 layers=int(nl or 0),
                 windows=int(nw or 0),
-                last_window_end=_utc(last) if last is not None else None,
+                last_window_end=as_utc(last) if last is not None else None,
             )
             for m, nl, nw, last in ((r[0], r[1], r[2], r[3]) for r in rows)
         ]
@@ -1485,8 +1476,8 @@ class Repository:
             merged = merge_groups(items, refs, seconds, config or DriftConfig(), layer_count=count)
             out = [(g.window, g.report) for g in merged if g.report is not None]
             if resolution is None and out:
-                first = _utc(min(w.start for w, _ in rows))
-                last = _utc(max(w.end for w, _ in rows))
+                first = as_utc(min(w.start for w, _ in rows))
+                last = as_utc(max(w.end for w, _ in rows))
                 out = [(replace(w, start=first, end=last), r) for w, r in out]
             views.append(out)
         return views
@@ -1525,8 +1516,8 @@ class Repository:
                 .order_by(Window.end.desc())
                 .limit(1)
             ).one()
-        shortest = (_utc(latest[1]) - _utc(latest[0])).total_seconds()
-        return _utc(first), _utc(last), int(count), max(shortest, 1e-3)
+        shortest = (as_utc(latest[1]) - as_utc(latest[0])).total_seconds()
+        return as_utc(first), as_utc(last), int(count), max(shortest, 1e-3)
 
     def metric_buckets(
         self,
@@ -1644,8 +1635,8 @@ class Repository:
         out = []
         for row in rows:
             values = list(row)
-            values[at_start] = _utc(values[at_start])
-            values[at_end] = _utc(values[at_end])
+            values[at_start] = as_utc(values[at_start])
+            values[at_end] = as_utc(values[at_end])
             out.append(tuple(values))
         return names, out
 
@@ -1694,21 +1685,17 @@ class Repository:
         with Session(self.engine) as conn:
             m = self._model_row(conn, model, version)
             lr = self._layer_row(conn, m, layer)
-            query = _reservoir_query(lr).where(Window.reservoir.is_not(None))
+            in_range = []
             if start is not None:
-                query = query.where(Window.end >= _to_utc(start))
+                in_range.append(Window.end >= _to_utc(start))
             if end is not None:
-                query = query.where(Window.end < _to_utc(end))
+                in_range.append(Window.end < _to_utc(end))
+            query = _reservoir_query(lr).where(*in_range, Window.reservoir.is_not(None))
             if after_warmup:
                 query = query.where(Window.baseline != WARMING_UP)
             pooled = _pool(conn, query, max_rows, seed)
             if pooled is None:  # say why: no window, only warm-up ones, or no reservoirs
-                windows = sa.select(sa.func.count()).select_from(Window)
-                windows = windows.where(Window.layer_id == lr.id)
-                if start is not None:
-                    windows = windows.where(Window.end >= _to_utc(start))
-                if end is not None:
-                    windows = windows.where(Window.end < _to_utc(end))
+                windows = sa.select(sa.func.count()).where(Window.layer_id == lr.id, *in_range)
                 total = int(conn.execute(windows).scalar_one())
                 warm = int(conn.execute(windows.where(Window.baseline == WARMING_UP)).scalar_one())
         if pooled is None:
@@ -1760,7 +1747,7 @@ class Repository:
                 if rows.shape[0]:
                     seen = int(ref.reservoir_seen or rows.shape[0])
                     profile = Reservoir.from_rows(rows, seen, rows.shape[0])
-                    created = _utc(ref.created_at)
+                    created = as_utc(ref.created_at)
                     return StoredReservoir(model, version, layer, "profile", profile, 0, created)
             query = _reservoir_query(lr).where(
                 Window.baseline == WARMING_UP, Window.reservoir.is_not(None)
@@ -1805,8 +1792,8 @@ class Repository:
             version=model.version,
             layer=layer.name,
             source=w.source,
-            start=_utc(w.start),
-            end=_utc(w.end),
+            start=as_utc(w.start),
+            end=as_utc(w.end),
             resolution_seconds=w.resolution_seconds,
             channels=w.channels,
             n_samples=w.n_samples,
@@ -1861,8 +1848,8 @@ class Repository:
                 model=model,
                 version=version,
                 source=src.source,
-                first_seen=_utc(src.first_seen),
-                last_window_end=_utc(src.last_window_end),
+                first_seen=as_utc(src.first_seen),
+                last_window_end=as_utc(src.last_window_end),
                 windows=src.windows,
                 overhead_ratio=src.overhead_ratio,
                 windows_dropped=src.windows_dropped,
@@ -1937,10 +1924,10 @@ class Repository:
                 layer=lname,
                 kind=a.kind,
                 state=a.state,
-                opened_at=_utc(a.opened_at),
-                last_seen_at=_utc(a.last_seen_at),
-                resolved_at=_utc(a.resolved_at) if a.resolved_at else None,
-                acknowledged_at=_utc(a.acknowledged_at) if a.acknowledged_at else None,
+                opened_at=as_utc(a.opened_at),
+                last_seen_at=as_utc(a.last_seen_at),
+                resolved_at=as_utc(a.resolved_at) if a.resolved_at else None,
+                acknowledged_at=as_utc(a.acknowledged_at) if a.acknowledged_at else None,
                 values=a.values,
             )
             for a, m, lname in rows
@@ -1994,7 +1981,7 @@ class Repository:
         with self.engine.connect() as conn:
             rows = conn.execute(query).all()
         return [
-            RecalibrationCount(name, version, status, int(n), _utc(oldest))
+            RecalibrationCount(name, version, status, int(n), as_utc(oldest))
             for name, version, status, n, oldest in rows
         ]
 
@@ -2076,8 +2063,8 @@ def _recalibration_of(row: Any) -> RecalibrationInfo:
         alert_id=row.alert_id,
         status=row.status,
         method=row.method,
-        created_at=_utc(row.created_at),
-        finished_at=_utc(row.finished_at) if row.finished_at else None,
+        created_at=as_utc(row.created_at),
+        finished_at=as_utc(row.finished_at) if row.finished_at else None,
         outcome=row.outcome,
     )
 
@@ -2300,8 +2287,8 @@ def _pool(
         items = [reservoir_from(blob, seen, capacity) for blob, seen, capacity, _, _ in part]
         chunks.append(Reservoir.merge_all(items, capacity=max_rows, seed=seed + len(chunks)))
         windows += len(items)
-        part_first = min(_utc(row[3]) for row in part)
-        part_last = max(_utc(row[4]) for row in part)
+        part_first = min(as_utc(row[3]) for row in part)
+        part_last = max(as_utc(row[4]) for row in part)
         first = part_first if first is None else min(first, part_first)
         last = part_last if last is None else max(last, part_last)
     if not windows or first is None or last is None:

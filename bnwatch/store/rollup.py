@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session, undefer
 
 from bnwatch.codec import encode_moments
 from bnwatch.drift import DriftConfig
-from bnwatch.schema import utcnow
+from bnwatch.schema import as_utc, utcnow
 from bnwatch.store.models import Layer, Model, Source, Window
 from bnwatch.store.repository import Repository, merge_groups, reservoir_columns
 
@@ -69,7 +69,7 @@ def compact(
             .group_by(Window.model_id)
         ).all()
     for model_id, first_end in spans:
-        first = _aware(first_end)
+        first = as_utc(first_end)
         chunk_start = math.floor(first.timestamp() / seconds) * seconds - seconds
         while chunk_start < cutoff_ts:
             chunk_end = min(chunk_start + CHUNK_BUCKETS * seconds, cutoff_ts)
@@ -78,10 +78,6 @@ def compact(
             created += c
             chunk_start = chunk_end
     return CompactResult(merged, created, dropped)
-
-
-def _aware(value: datetime) -> datetime:
-    return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
 
 
 def _compact_chunk(
@@ -168,7 +164,7 @@ def drop_windows(engine: Engine, *, older_than: timedelta, now: datetime | None 
     last window ended before then (none of their windows is left: a restarted replica reports
     under a new ``host:pid``, and the retired ones would otherwise be kept -- and exported --
     for good); returns how many windows."""
-    cutoff = (now.astimezone(timezone.utc) if now is not None else utcnow()) - older_than
+    cutoff = (as_utc(now) if now is not None else utcnow()) - older_than
     with engine.begin() as conn:
         result = conn.execute(sa.delete(Window).where(Window.end < cutoff))
         conn.execute(sa.delete(Source).where(Source.last_window_end < cutoff))

@@ -23,7 +23,7 @@ import bnwatch
 from bnwatch.schema import WindowRecord
 from bnwatch.store.migrate import engine_for
 from bnwatch.store.repository import Repository, moments_equal
-from bnwatch.store.writer import StoreSink
+from bnwatch.store.writer import StoreSink, WriterStats
 from tests.store.helpers import batches, record_windows, renamed, small_cnn
 
 
@@ -222,6 +222,18 @@ def settled(sink: StoreSink) -> Callable[[], bool]:
     return lambda: sink.flush(timeout=0.05) or sink.stats().failures >= 3
 
 
+def write_settled(url: str, stream: Sequence[WindowRecord], batch_size: int) -> WriterStats:
+    """Write ``stream`` through a fast-retrying sink, wait until it settled, close it; its
+    stats before the close."""
+    sink = StoreSink(url, batch_size=batch_size, retry_initial=0.05, retry_max=0.2)
+    for record in stream:
+        sink.write(record)
+    assert wait_for(settled(sink))
+    stats = sink.stats()
+    sink.close()
+    return stats
+
+
 def poisoning(
     monkeypatch: pytest.MonkeyPatch, error: type[DBAPIError], poisoned: set[str]
 ) -> list[int]:
@@ -256,12 +268,7 @@ def test_a_window_the_database_refuses_for_good_is_rejected_and_the_rest_stored(
     attempts = poisoning(monkeypatch, error, {r.uid for r in bad})
     stream = [*good[:2], bad[0], *good[2:6], bad[1], *good[6:]]
     with caplog.at_level(logging.ERROR, logger="bnwatch"):
-        sink = StoreSink(db_url, batch_size=4, retry_initial=0.05, retry_max=0.2)
-        for record in stream:
-            sink.write(record)
-        assert wait_for(settled(sink))
-        stats = sink.stats()
-        sink.close()
+        stats = write_settled(db_url, stream, batch_size=4)
     assert (stats.written, stats.rejected, stats.dropped, stats.failures) == (10, 2, 0, 0)
     assert stats.last_error == "Exception: the value does not fit"
     assert stored_uids(db_url) == {r.uid: 3 for r in good}
@@ -314,12 +321,7 @@ def test_windows_postgresql_refuses_are_rejected_whole_and_the_rest_stored(
     first.stats.moments.nonfinite[0] = 2.0**63
     stream = [good[0], long_name, *good[1:4], overflow, *good[4:]]
     with caplog.at_level(logging.ERROR, logger="bnwatch"):
-        sink = StoreSink(postgres_url, batch_size=8, retry_initial=0.05, retry_max=0.2)
-        for record in stream:
-            sink.write(record)
-        assert wait_for(settled(sink))
-        stats = sink.stats()
-        sink.close()
+        stats = write_settled(postgres_url, stream, batch_size=8)
     assert (stats.written, stats.rejected, stats.dropped, stats.failures) == (6, 2, 0, 0)
     assert stored_uids(postgres_url) == {r.uid: 3 for r in good}
     for record, error in [(long_name, "StringDataRightTruncation"), (overflow, "OutOfRange")]:
