@@ -7,6 +7,8 @@ so several processes can write one file; PostgreSQL (``postgresql+psycopg://...`
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from typing import Any
 
 import sqlalchemy as sa
@@ -72,11 +74,30 @@ def redacted(url: str | URL) -> str:
 
 def _sqlite_pragmas(dbapi_connection: Any, connection_record: Any) -> None:
     cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    _journal_mode_wal(cursor)
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
+
+
+def _journal_mode_wal(cursor: Any) -> None:
+    """Switch the file to WAL, waiting up to the busy timeout for another process's write.
+
+    A new database becomes WAL with its first write; while another process is making it (two
+    workers creating the schema at once), switching answers "database is locked" at once,
+    without the busy handler's wait -- so the wait is here, polling until that write commits
+    and the file is WAL already (then the pragma changes nothing and needs no lock).
+    """
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 def create_engine(url: str | URL, *, argument: str = "store", **kwargs: Any) -> Engine:
