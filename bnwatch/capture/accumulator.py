@@ -12,14 +12,17 @@ synchronization, and nothing is allocated in steady state (see :class:`_RowBuffe
 Precision.  ``Σx² - (Σx)²/S`` loses ``(mean/std)²`` of float32's 24 bits, so for channels whose
 ``|mean|/std`` is large the rows are summed around a per-channel shift ``K`` close to the
 mean: those channels alone are copied into a per-thread scratch buffer, shifted and summed
-again, so the cost scales with the number of channels that need it.  ``K`` is chosen from the first
-batch (one host synchronization per layer, ever) and refreshed at every flush from the
-window's mean; channels stay within ``1e-6`` relative of a float64 reference at
-``|mean|/std = 1000``.  A channel whose mean jumps within a window -- the drift bnwatch is
-there to see -- would be summed around a stale ``K``: on the CPU, where looking is free, each
-chunk's mean is compared with ``K`` (:data:`STALE_RATIO`) and the chunk is summed again around
-a renewed one; other devices renew ``K`` at the next flush (a window that starts right after
-a jump of ``Δ`` standard deviations loses ``Δ² · 2⁻²⁴`` of its variance there).
+again, so the cost scales with the number of channels that need it.  Which channels need it is
+:func:`shift_ratio` of the row's elements: ``|mean - K|/std > 8`` for rows of up to 2¹⁴
+elements, less beyond, which keeps float32's error within about 5e-5 of the variance, half the
+1e-4 contract.  ``K`` is chosen from the first batch (one host synchronization per layer, ever)
+and refreshed at every flush from the window's mean; channels stay within ``1e-6`` relative of
+a float64 reference at ``|mean|/std = 1000``.  A channel whose mean jumps within a window --
+the drift bnwatch is there to see -- would be summed around a stale ``K``: on the CPU, where
+looking is free, each chunk's mean is compared with ``K`` (the same ratio) and the chunk is
+summed again around a renewed one; other devices renew ``K`` at the next flush (a window that
+starts right after a jump of ``Δ`` standard deviations loses about ``Δ² · 5e-7`` of its
+variance there).
 
 Reservoirs.  With ``reservoir=k`` a window also keeps a uniform sample of at most ``k`` of the
 per-sample channel means that compaction computes anyway (:class:`_WindowSample`): which rows
@@ -71,12 +74,26 @@ SCRATCH_VALUES = 1 << 21
 """Per-thread scratch for the shifted copy of a chunk of samples (8 MiB of float32): one chunk
 holds a whole batch of 8 ResNet-50 images at the largest BN input; it grows to hold one
 sample when a single sample is larger."""
-SHIFT_RATIO = 16.0
-"""Sum around a shift when some channel's ``mean²/var`` exceeds this (``|mean|/std > 4``)."""
-STALE_RATIO = 256.0
-"""Renew a channel's shift mid-window when a chunk's mean is this far from ``K`` in squared
-standard deviations (``|mean - K|/std > 16``): float32 sums around a ``K`` that far away lose
-``(|mean - K|/std)² · 2⁻²⁴`` of the variance -- 1.5e-5 here, 6 % at 1000."""
+SHIFT_RATIO = 64.0
+"""Sum a channel around a shift ``K`` when ``(mean - K)²/var`` exceeds this (``|mean - K|/std >
+8``) in rows of up to :data:`SHIFT_ROW_ELEMENTS` elements (:func:`shift_ratio`)."""
+SHIFT_ROW_ELEMENTS = 1 << 14
+"""Rows up to this size (128x128) lose about ``(1 + ratio) · 5e-7`` of a channel's variance to
+float32: the rounding of the two stored sums.  Longer rows lose more, in proportion to the
+square root of their elements (torch's CPU sum)."""
+
+
+def shift_ratio(size: int) -> float:
+    """The largest ``(mean - K)²/var`` a channel's rows of ``size`` elements are summed at in
+    float32 around ``K`` (``K = 0``: no shift).
+
+    Measured against float64 on torch's CPU sum, the worst relative error of the variance at a
+    ratio of 64 is 3.5e-5 for rows of 7x7 to 56x56 elements, 4.7e-5 at 112x112, 7.8e-5 at 224x224
+    and 1.4e-4 at 16x112x112 (a BatchNorm3d): the ratio is 64 up to :data:`SHIFT_ROW_ELEMENTS`
+    and falls as ``1/√size`` beyond, which keeps the error within about 5e-5.
+    """
+    return SHIFT_RATIO * min(1.0, math.sqrt(SHIFT_ROW_ELEMENTS / max(1, size)))
+
 
 _FLOAT_TYPES = (torch.float32, torch.float64)
 _scratch = threading.local()
@@ -319,7 +336,8 @@ class LayerAccumulator:
         self._shift: _Shift | None = None
         self._shift_decided = False
         self._scale: np.ndarray | None = None  # per-channel variance when K was chosen
-        self._limits: tuple[float, np.ndarray] | None = None  # see _limit
+        self._limits: tuple[float, float, np.ndarray] | None = None  # see _limit
+        self._row_size = 1  # elements per row of the last batch (see shift_ratio)
         self._compactions = 0  # during the current batch (see observe)
         self._buffer: _RowBuffer | None = None
         check_positive_int("reservoir", reservoir, minimum=0)
@@ -420,7 +438,7 @@ class LayerAccumulator:
             return
         dims = tuple(range(2, xs.dim()))
         spatial = tuple(xs.shape[2:])
-        size = math.prod(spatial)
+        size = self._row_size = math.prod(spatial)
         shift = buf.shift
         step = buf.capacity
         if shift is not None:
@@ -497,10 +515,12 @@ class LayerAccumulator:
             m = np.where(rows_ok, m, np.nan)
             mean = np.nanmean(m, axis=0)
             var = np.nanmean(np.where(rows_ok, v, np.nan), axis=0) + np.nanvar(m, axis=0)
+        self._row_size = size
         self.update_shift(mean, var, device=xs.device)
 
     def update_shift(self, mean: Any, var: Any, *, device: torch.device | None = None) -> None:
-        """Sum the channels whose ``mean²/var > SHIFT_RATIO`` around ``mean`` from now on.
+        """Sum the channels whose ``mean²/var`` exceeds :func:`shift_ratio` (of the rows the
+        layer's last batch gave) around ``mean`` from now on.
 
         A variance of 0 (or one that float32 cancellation made negative) with a mean that is
         not 0 needs the shift most of all.
@@ -509,7 +529,8 @@ class LayerAccumulator:
         var = np.asarray(var, dtype=np.float64)
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
             ratio = mean * mean / np.maximum(var, np.finfo(np.float64).tiny)
-        need = np.isfinite(mean) & (mean != 0) & ~(ratio <= SHIFT_RATIO)  # NaN/inf ratio: need
+        limit = shift_ratio(self._row_size)
+        need = np.isfinite(mean) & (mean != 0) & ~(ratio <= limit)  # NaN/inf ratio: need
         self._set_scale(np.where(np.isfinite(var) & (var > 0), var, 0.0))
         if device is None:
             device = self._shift.full.device if self._shift is not None else torch.device("cpu")
@@ -532,7 +553,7 @@ class LayerAccumulator:
     ) -> tuple[bool, np.ndarray | None]:
         """Whether these rows are finite, and -- on the CPU, where looking is free -- the shift
         to sum them around instead when their mean is too far from the current ``K``
-        (:data:`STALE_RATIO`, against the larger of the variance known when ``K`` was chosen
+        (:func:`shift_ratio`, against the larger of the variance known when ``K`` was chosen
         and the chunk's own; ``None`` when ``K`` serves).
 
         Against the known variance alone first (four vector operations, the usual answer);
@@ -550,12 +571,13 @@ class LayerAccumulator:
             return False, None
         count = float((rows.stop - rows.start) * size)
         total = np.add.reduce(buf.s1[rows].numpy(), axis=0)  # around K, in the rows' precision
-        far = total * total  # offset² · count²: a factor of 256 needs no more precision
+        far = total * total  # offset² · count²: a factor of 64 needs no more precision
         scale = self._known_scale(buf.channels)
-        if not (far > self._limit(scale, count)).any():
+        ratio = shift_ratio(size)
+        if not (far > self._limit(scale, count, ratio)).any():
             return True, None
         spread = np.add.reduce(squares, axis=0) * count - far  # spread · count²
-        stale = far > STALE_RATIO * np.maximum(spread, scale * (count * count))
+        stale = far > ratio * np.maximum(spread, scale * (count * count))
         if not stale.any():
             return True, None
         k = np.zeros(buf.channels) if buf.shift is None else buf.shift.full.double().numpy()
@@ -565,8 +587,7 @@ class LayerAccumulator:
             return True, None  # as close as a float32 K gets
         # the distance just seen counts as spread from now on: samples whose means differ by
         # more than their own spread (one image at a time) must not renew K sample after
-        # sample, and data within 16 such distances of K stays within 1.5e-5 of the variance
-        # they add to
+        # sample
         self._set_scale(np.where(stale, np.maximum(scale, offset * offset), scale))
         return True, renewed
 
@@ -580,12 +601,13 @@ class LayerAccumulator:
         self._limits = None
         return self._scale
 
-    def _limit(self, scale: np.ndarray, count: float) -> np.ndarray:
-        """``STALE_RATIO · scale · count²``, kept for the last ``count`` (batches repeat)."""
+    def _limit(self, scale: np.ndarray, count: float, ratio: float) -> np.ndarray:
+        """``ratio · scale · count²``, kept for the last ``count`` and ``ratio`` (batches
+        repeat)."""
         cached = self._limits
-        if cached is None or cached[0] != count:
-            cached = self._limits = (count, scale * np.float32(STALE_RATIO * count * count))
-        return cached[1]
+        if cached is None or cached[0] != count or cached[1] != ratio:
+            cached = self._limits = (count, ratio, scale * np.float32(ratio * count * count))
+        return cached[2]
 
     # -- compaction (device, float64) ------------------------------------------------------
     def _compact(self, buf: _RowBuffer) -> None:

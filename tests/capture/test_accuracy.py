@@ -311,3 +311,25 @@ def test_wide_values_are_compacted_in_blocks_of_rows(monkeypatch: pytest.MonkeyP
     reports = run(nn.Sequential(nn.BatchNorm1d(32768).eval()), batches)
     check(reports["0"], batches)
     assert [c for c in compactions if c] == [32, 32]
+
+
+@pytest.mark.parametrize(
+    "spatial",
+    [(7, 7), (56, 56), (112, 112), (224, 224), (16, 112, 112)],
+    ids=["7x7", "56x56", "112x112", "224x224", "16x112x112"],
+)
+def test_channels_just_below_the_shift_ratio_stay_within_the_contract(
+    spatial: tuple[int, ...],
+) -> None:
+    """A channel whose ``mean²/var`` is just below :func:`shift_ratio` of its rows is summed in
+    float32 without a shift, one image at a time: its variance stays within the contract at
+    every row size, 3-D BatchNorm included (where longer rows lose more)."""
+    from bnwatch.capture.accumulator import shift_ratio
+
+    size = int(np.prod(spatial))
+    ratio = 0.95 * shift_ratio(size)
+    g = torch.Generator().manual_seed(5)
+    images = [torch.randn(1, 4, *spatial, generator=g) + ratio**0.5 for _ in range(3)]
+    bn = nn.BatchNorm3d(4) if len(spatial) == 3 else nn.BatchNorm2d(4)
+    reports = run(nn.Sequential(bn.eval()), images)
+    check(reports["0"], images)
