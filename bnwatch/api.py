@@ -183,8 +183,9 @@ def watch(
         config: drift, gap and small-batch thresholds (:class:`DriftConfig`).
         alerts: alert rules (:class:`bnwatch.alerts.AlertConfig`) evaluated after each
             batch of windows stored in a database.
-        source: this replica's id in stored windows (default ``host:pid``): 1 to 200
-            characters, without control characters.
+        source: this replica's id in stored windows: 1 to 200 characters, without control
+            characters (default ``host:pid``, a host name too long for that cut to a prefix
+            and a digest).
         keep_inputs: keep copies of the last ``keep_inputs`` input samples of measured
             forwards (``mon.inputs()``; ``mon.kept_inputs()`` adds when they arrived), e.g. to
             recalibrate on recent production data.  They cost their size in memory: 1,024
