@@ -525,6 +525,34 @@ def test_a_layer_path_longer_than_the_store_holds_fails_at_watch() -> None:
         assert mon.layers == ["1"]
 
 
+def test_a_layer_path_longer_than_the_store_holds_fails_at_profile(db_url: str) -> None:
+    """As at watch(): refused before a batch is read, so nothing is computed or stored (it
+    was profiled, then stored on SQLite and refused by PostgreSQL after the whole pass)."""
+    from bnwatch.store.migrate import engine_for
+    from bnwatch.store.repository import Repository
+
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    model.add_module("b" * 501, nn.BatchNorm1d(3))
+
+    def data() -> Iterator[torch.Tensor]:
+        yield from ()  # a generator that fails when it is read
+        raise AssertionError("read before the layer paths were checked")
+
+    with pytest.raises(ConfigError, match="exclude=") as info:
+        bnwatch.profile(model, data(), name="mlp", store=db_url)
+    assert info.value.argument == "model"
+    assert "at most 500 characters" in str(info.value)
+    assert model.training and bn_hooks(model) == 0  # untouched
+    engine = engine_for(db_url)
+    try:
+        assert Repository(engine).models() == []
+        prof = bnwatch.profile(model, [torch.randn(8, 3)], name="mlp", exclude="bbb*", store=db_url)
+        assert set(prof.layers) == {"1"}
+        assert [layer.name for layer in Repository(engine).layers("mlp", "0")] == ["1"]
+    finally:
+        engine.dispose()
+
+
 def test_profile_checks_names_before_reading_data() -> None:
     def data() -> Iterator[torch.Tensor]:
         yield from ()  # a generator that fails when it is read
