@@ -13,6 +13,7 @@ from torch import nn
 
 from bnwatch.capture import Monitor, discover
 from bnwatch.capture import profile as _profile
+from bnwatch.capture.discovery import check_layer_paths
 from bnwatch.drift import DriftConfig
 
 if TYPE_CHECKING:
@@ -21,14 +22,7 @@ if TYPE_CHECKING:
     from bnwatch.store.repository import RecalibrationInfo
     from bnwatch.triggers import AlertPipeline, Trigger, TriggerPolicy
 from bnwatch.errors import ConfigError, check_positive_int
-from bnwatch.schema import (
-    MAX_LAYER_NAME_LENGTH,
-    REPORTED_STATUSES,
-    Profile,
-    check_name,
-    check_text,
-    text_problem,
-)
+from bnwatch.schema import REPORTED_STATUSES, Profile, check_name, check_text
 from bnwatch.sink import MemorySink, Sink
 
 __all__ = ["profile", "report_recalibration", "watch"]
@@ -66,7 +60,8 @@ def profile(
             ``$BNWATCH_API_TOKEN``); not allowed with any other ``store``.
 
     Raises:
-        ConfigError: an argument is invalid (checked before any data is read).
+        ConfigError: an argument is invalid, or a layer's module path is one the store cannot
+            hold, as :func:`watch` refuses it (checked before any data is read).
         bnwatch.client.ServiceError: the service was unreachable or refused the profile
             (the HTTP status and the service's message say why).
         bnwatch.store.repository.ChannelMismatchError: a database ``store`` holds a layer of
@@ -183,8 +178,9 @@ def watch(
         config: drift, gap and small-batch thresholds (:class:`DriftConfig`).
         alerts: alert rules (:class:`bnwatch.alerts.AlertConfig`) evaluated after each
             batch of windows stored in a database.
-        source: this replica's id in stored windows (default ``host:pid``): 1 to 200
-            characters, without control characters.
+        source: this replica's id in stored windows: 1 to 200 characters, without control
+            characters (default ``host:pid``, a host name too long for that cut to a prefix
+            and a digest).
         keep_inputs: keep copies of the last ``keep_inputs`` input samples of measured
             forwards (``mon.inputs()``; ``mon.kept_inputs()`` adds when they arrived), e.g. to
             recalibrate on recent production data.  They cost their size in memory: 1,024
@@ -218,15 +214,7 @@ def watch(
     if source is not None:
         check_text("source", source)
     layers = discover(model, include, exclude)
-    for layer in layers:  # module paths are stored too: fail here, not at every write
-        problem = text_problem(layer.name, MAX_LAYER_NAME_LENGTH)
-        if problem is not None:
-            raise ConfigError(
-                "model",
-                type(model).__name__,
-                f"BatchNorm layers whose module paths the store can hold ({problem}: "
-                f"{layer.name[:100]!r}...); leave the layer out with exclude=",
-            )
+    check_layer_paths(model, layers)  # module paths are stored too: fail here
     pipeline = None
     if token is not None and not _is_service_url(store):
         raise ConfigError("token", "<hidden>", "None unless store is an http(s):// service URL")

@@ -78,7 +78,13 @@ import httpx
 from pydantic import ValidationError
 
 from bnwatch.errors import BnwatchError, ConfigError, check_positive_int
-from bnwatch.schema import REPORTED_STATUSES, SCHEMA_VERSION, Profile, WindowRecord
+from bnwatch.schema import (
+    REPORTED_STATUSES,
+    SCHEMA_VERSION,
+    Profile,
+    WindowRecord,
+    storable_text,
+)
 from bnwatch.sink import QUEUE_BYTES, WindowQueue
 from bnwatch.wire import (
     IngestResult,
@@ -571,8 +577,10 @@ class HttpSink:
             ``store``.
         token: sent as ``Authorization: Bearer <token>``; default ``$BNWATCH_API_TOKEN``.
             Never logged.
-        source: identifies this sender in the default spool directory's name (default: the
-            host name, so a restarted process finds its predecessor's spool).
+        source: identifies this sender in the default spool directory's name, through a digest
+            (default: the host name, made storable as in the monitor's default source by
+            :func:`bnwatch.schema.storable_text`, so a restarted process finds its
+            predecessor's spool).
         spool_dir: the spool directory (created; one open sink per directory).  Default:
             ``<cache>/bnwatch/spool/<host_port>-<hash of url and source>/<slot>``, where the
             slot is the first one no other running sink holds; a sink also takes over the
@@ -642,7 +650,7 @@ class HttpSink:
         self._max_batch_bytes = max_batch_bytes
 
         self._lock_handle, directory = self._open_spool(
-            spool_dir, self.endpoint, source or socket.gethostname()
+            spool_dir, self.endpoint, source or storable_text(socket.gethostname())
         )
         self.spool_dir: Path = directory
         """The spool directory in use."""

@@ -7,6 +7,7 @@ means bumps :data:`SCHEMA_VERSION`.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -121,6 +122,23 @@ def storable_problem(value: str) -> str | None:
     except UnicodeEncodeError:
         return "not valid Unicode text (unpaired surrogate)"
     return None
+
+
+def storable_text(value: str, max_length: int = MAX_NAME_LENGTH) -> str:
+    """``value`` made storable in ``max_length`` characters (:func:`text_problem`), for a name
+    bnwatch makes up itself (the host name in a default source): ``value`` itself when it is
+    storable, as every ordinary host name is; otherwise each character the store refuses
+    (a control character, an unpaired surrogate of a name that is not UTF-8) becomes ``?``,
+    and the whole is cut to its first ``max_length - 11`` characters, ``~`` and 10 hex digits
+    of a digest of ``value`` -- still recognisable, still distinct from another such name.
+    ``max_length`` must be at least 12."""
+    if text_problem(value, max_length) is None or not value:
+        return value
+    digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:10]
+    clean = "".join(
+        "?" if unicodedata.category(c) in ("Cc", "Cs") else c for c in value[: max_length - 11]
+    )
+    return f"{clean}~{digest}"
 
 
 def name_problem(value: str) -> str | None:

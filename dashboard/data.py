@@ -401,7 +401,8 @@ def batch_size_counts(
 class ChannelView:
     """One layer over a time range, merged exactly from its stored sufficient statistics.
 
-    ``times`` are bucket ends; ``[T, C]`` arrays hold each bucket's per-channel ``d`` and
+    ``times`` are bucket starts, as :func:`buckets` labels its buckets (a window is in the
+    bucket its end falls in); ``[T, C]`` arrays hold each bucket's per-channel ``d`` and
     ``log_r`` against the running statistics and ``drift_d``/``drift_log_r`` against the
     baseline.  The ``[C]`` arrays describe the whole range merged into one window: observed
     mean and std with the standard error of the mean (``sqrt(between_var / n)``), the running
@@ -465,7 +466,7 @@ def channel_view(
         layer=layer,
         channels=report.channels,
         resolution_seconds=resolution_seconds,
-        times=[w.end for w, _ in over_time],
+        times=[w.start for w, _ in over_time],
         n_samples=[r.n_samples for _, r in over_time],
         d=np.stack([r.d for _, r in over_time]),
         log_r=np.stack([r.log_r for _, r in over_time]),

@@ -179,9 +179,16 @@ def duration(seconds: float) -> str:
 
 
 def heatmap_figure(
-    table: pd.DataFrame, *, title: str, colorbar: str, diverging: bool = False
+    table: pd.DataFrame,
+    *,
+    title: str,
+    colorbar: str,
+    bucket_seconds: float,
+    diverging: bool = False,
 ) -> go.Figure:
-    """A heatmap of a (rows x time) table; diverging colors centered on 0 for signed values."""
+    """A heatmap of a (rows x time) table whose columns are the starts of time buckets of
+    ``bucket_seconds`` (the x axis says so); diverging colors centered on 0 for signed
+    values."""
     z = table.to_numpy(dtype=float)
     if diverging:
         bound = float(np.nanmax(np.abs(z))) if np.isfinite(z).any() else 1.0
@@ -202,6 +209,7 @@ def heatmap_figure(
         title=title,
         height=max(280, 18 * len(table.index) + 120),
         margin={"l": 10, "r": 10, "t": 40, "b": 10},
+        xaxis_title=f"start of each {duration(bucket_seconds)} bucket (UTC)",
         yaxis={"autorange": "reversed"},
     )
     return fig

@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnwatch.errors import ConfigError, NoBatchNormError
+from bnwatch.schema import MAX_LAYER_NAME_LENGTH, text_problem
 
 ROOT_NAME = "(root)"
 """The name used when the model itself is a BatchNorm layer (its qualified name is empty)."""
@@ -93,6 +94,27 @@ def discover(
     if not found:
         raise NoBatchNormError(type(model).__name__, inc, exc)
     return found
+
+
+def check_layer_paths(model: nn.Module, layers: Sequence[BatchNormLayer]) -> None:
+    """Refuse layers whose module paths the store cannot hold (more than
+    :data:`~bnwatch.schema.MAX_LAYER_NAME_LENGTH` characters, control characters, ...:
+    :func:`~bnwatch.schema.text_problem`): :func:`bnwatch.watch` and :func:`bnwatch.profile`
+    store them, so they fail here -- before a hook is added or a batch is read -- and not at
+    every write, or after a whole profiling pass.
+
+    Raises:
+        ConfigError: naming ``model``, the problem and the way out (``exclude=``).
+    """
+    for layer in layers:
+        problem = text_problem(layer.name, MAX_LAYER_NAME_LENGTH)
+        if problem is not None:
+            raise ConfigError(
+                "model",
+                type(model).__name__,
+                f"BatchNorm layers whose module paths the store can hold ({problem}: "
+                f"{layer.name[:100]!r}...); leave the layer out with exclude=",
+            )
 
 
 def _compiled(model: nn.Module) -> bool:

@@ -51,7 +51,14 @@ from bnwatch.capture.accumulator import LayerAccumulator
 from bnwatch.capture.discovery import BatchNormLayer
 from bnwatch.drift import DriftConfig, Reference, assess_layer, decide
 from bnwatch.errors import ConfigError, ReferenceMismatchError, check_positive_int
-from bnwatch.schema import LayerReport, Profile, WindowRecord, utcnow
+from bnwatch.schema import (
+    MAX_NAME_LENGTH,
+    LayerReport,
+    Profile,
+    WindowRecord,
+    storable_text,
+    utcnow,
+)
 from bnwatch.sink import Sink
 from bnwatch.stats import ChannelMoments, LayerStats, default_reservoir_rows
 
@@ -100,8 +107,15 @@ ROOT_HOOKS = "(model)"
 
 
 def default_source() -> str:
-    """``host:pid`` -- distinguishes the replicas that report for one model."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """``host:pid`` -- distinguishes the replicas that report for one model.
+
+    Always storable (:data:`~bnwatch.schema.MAX_NAME_LENGTH` characters with the pid): a host
+    name too long for the rest (or with characters the store refuses) is shortened by
+    :func:`~bnwatch.schema.storable_text` to a prefix and a digest of the whole name: a
+    PostgreSQL store (and a service) would refuse every window of a longer source."""
+    pid = str(os.getpid())
+    host = storable_text(socket.gethostname(), MAX_NAME_LENGTH - len(pid) - 1)
+    return f"{host}:{pid}"
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnwatch.capture.accumulator import LayerAccumulator
-from bnwatch.capture.discovery import BatchNormLayer, discover
+from bnwatch.capture.discovery import BatchNormLayer, check_layer_paths, discover
 from bnwatch.capture.monitor import unwatched
 from bnwatch.errors import ConfigError, check_positive_int
 from bnwatch.inputs import iter_inputs
@@ -54,6 +54,7 @@ def profile(
     if num_samples is not None:
         check_positive_int("num_samples", num_samples)
     layers = discover(model, include, exclude)
+    check_layer_paths(model, layers)  # a stored profile holds them: fail before any pass
     accs = [LayerAccumulator(layer.name, reservoir=reservoir_size, seed=seed) for layer in layers]
     modes = {module: module.training for module in model.modules()}
     device = next((p.device for p in model.parameters()), None)

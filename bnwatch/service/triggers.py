@@ -9,8 +9,9 @@ With ``BNWATCH_WEBHOOK_URL`` and ``BNWATCH_WEBHOOK_SECRET`` set, :func:`create_a
   the ``pending`` recalibration in one locked transaction
   (:meth:`~bnwatch.store.repository.Repository.claim_recalibration`), so the workers of
   ``bnwatch serve`` and other replicas on the database never both trigger one model version
-  inside the cooldown.  It is one short transaction, taken only when an alert of the policy's
-  kinds opens;
+  inside the cooldown.  It is one short transaction, taken only for an alert the policy
+  allows now: a refusal (the cooldown, the daily cap, an alert already handled -- what the
+  periodic job mostly meets) is read without a lock;
 * **run** the action -- the webhook: up to ``attempts`` POSTs, each with a ``timeout``, with
   backoff in between -- on one background thread, fed by a bounded queue.  An ingest request
   never waits for a webhook and never fails because of one.  When the queue is full the event

@@ -1155,8 +1155,28 @@ class Repository:
           (``cooldown``).
 
         The recalibration's ``created_at`` is ``now`` (default: the current UTC time).
+
+        Most claims are refused (a service's periodic job asks again every minute for every
+        open alert), so the checks are first read without any lock: a refusal found there is
+        returned at once, without waiting for or taking the lock.  That is a refusal the
+        locked checks would have made at the moment of that read (each rule refuses on one
+        query's answer, and nothing is written), so it changes no claim; only a claim that
+        passes them is checked again, and recorded, under the lock.
         """
         now = _to_utc(now) if now is not None else utcnow()
+        with self.engine.connect() as conn:
+            known = (
+                self._ids.models.get((model, version))
+                or conn.execute(
+                    sa.select(Model.id).where(Model.name == model, Model.version == version)
+                ).scalar_one_or_none()
+            )
+            if known is not None:
+                refused, recent, last = _claim_refusal(
+                    conn, known, alert_id, cooldown_seconds, daily_cap, now
+                )
+                if refused is not None:
+                    return RecalibrationClaim(None, refused, recent, last)
         new = _Ids()
         with self.engine.connect() as conn:
             sqlite_file = conn.dialect.name == "sqlite"
@@ -1166,30 +1186,9 @@ class Repository:
                 conn.execute(
                     sa.select(Model.id).where(Model.id == model_id).with_for_update(key_share=True)
                 ).scalar_one()
-            mine = Recalibration.model_id == model_id
-            recent = conn.execute(
-                sa.select(sa.func.count())
-                .select_from(Recalibration)
-                .where(mine, Recalibration.created_at >= now - timedelta(days=1))
-            ).scalar_one()
-            latest = conn.execute(
-                sa.select(sa.func.max(Recalibration.created_at)).where(mine)
-            ).scalar_one_or_none()
-            last = as_utc(latest) if latest is not None else None
-            refused: str | None = None
-            if (
-                alert_id is not None
-                and conn.execute(
-                    sa.select(Recalibration.id)
-                    .where(Recalibration.alert_id == alert_id, Recalibration.status != "failed")
-                    .limit(1)
-                ).first()
-            ):
-                refused = "alert"
-            elif recent >= daily_cap:
-                refused = "daily_cap"
-            elif last is not None and (now - last).total_seconds() < cooldown_seconds:
-                refused = "cooldown"
+            refused, recent, last = _claim_refusal(
+                conn, model_id, alert_id, cooldown_seconds, daily_cap, now
+            )
             rid: int | None = None
             if refused is None:
                 # the outcome says who owns it: take_requested hands over requested ones only
@@ -2012,6 +2011,44 @@ def _json_outcome(outcome: Mapping[str, Any]) -> dict[str, Any]:
             "outcome", str(err), "JSON values: strings, numbers, booleans, None, lists, mappings"
         ) from err
     return ready  # type: ignore[no-any-return]
+
+
+def _claim_refusal(
+    conn: Connection,
+    model_id: int,
+    alert_id: int | None,
+    cooldown_seconds: float,
+    daily_cap: int,
+    now: datetime,
+) -> tuple[str | None, int, datetime | None]:
+    """``(refused, recent, last_started)`` of a claim for ``alert_id`` of the model version
+    ``model_id`` at ``now``: why :meth:`Repository.claim_recalibration` refuses it (``None``:
+    it may be claimed), the recalibrations started in the 24 hours before ``now``, and when the
+    latest one started."""
+    mine = Recalibration.model_id == model_id
+    recent = int(
+        conn.execute(
+            sa.select(sa.func.count())
+            .select_from(Recalibration)
+            .where(mine, Recalibration.created_at >= now - timedelta(days=1))
+        ).scalar_one()
+    )
+    latest = conn.execute(sa.select(sa.func.max(Recalibration.created_at)).where(mine)).scalar()
+    last = as_utc(latest) if latest is not None else None
+    if (
+        alert_id is not None
+        and conn.execute(
+            sa.select(Recalibration.id)
+            .where(Recalibration.alert_id == alert_id, Recalibration.status != "failed")
+            .limit(1)
+        ).first()
+    ):
+        return "alert", recent, last
+    if recent >= daily_cap:
+        return "daily_cap", recent, last
+    if last is not None and (now - last).total_seconds() < cooldown_seconds:
+        return "cooldown", recent, last
+    return None, recent, last
 
 
 def _insert_pending(

@@ -13,10 +13,11 @@ import json
 import logging
 import math
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
@@ -36,6 +37,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("bnwatch")
 
+
+_CAP_PERIOD = timedelta(days=1)
+"""A daily cap's period: a refusal by it is logged at INFO again, for an alert, after this."""
 
 MIN_KEPT_INPUTS = 64
 """Fewest kept inputs an in-process recalibration runs on (a quarter of them held out)."""
@@ -276,6 +280,9 @@ class Trigger:
     def __init__(self, action: Action, policy: TriggerPolicy | None = None) -> None:
         self.action = action
         self.policy = policy or TriggerPolicy()
+        # (model, version, alert id) -> when its refusal by the daily cap was said at INFO
+        self._capped: dict[tuple[str, str, int | None], datetime] = {}
+        self._capped_lock = threading.Lock()
 
     @property
     def method(self) -> str:
@@ -419,14 +426,8 @@ class Trigger:
             daily_cap=self.policy.daily_cap,
             now=now,
         )
+        self._note_cap(change, claim.refused, now)
         if claim.recalibration_id is None:
-            if claim.refused == "daily_cap":
-                logger.info(
-                    "bnwatch: recalibration of %s@%s skipped: daily cap %d reached",
-                    change.model,
-                    change.version,
-                    self.policy.daily_cap,
-                )
             return None
         return TriggerEvent(
             claim.recalibration_id,
@@ -436,6 +437,41 @@ class Trigger:
             change.kind,
             change.layer,
             change.values,
+        )
+
+    def _note_cap(self, change: AlertChange, refused: str | None, now: datetime) -> None:
+        """Log a refusal by the daily cap at INFO once per alert and cap period, at DEBUG after.
+
+        An open alert is claimed again at every check (a service's periodic job: every minute)
+        until the cap lets it through, and was logged at INFO each time.  A cap period ends when
+        a claim of the model version gets past the cap (claimed, or refused by the cooldown) or
+        a day after the alert was last said, whichever comes first.  Per trigger, so per
+        process: each worker of ``bnwatch serve`` says it once.
+        """
+        version = (change.model, change.version)
+        with self._capped_lock:
+            if refused != "daily_cap":
+                if refused != "alert":  # "alert" is checked first: it says nothing of the cap
+                    for key in [k for k in self._capped if k[:2] == version]:
+                        del self._capped[key]
+                return
+            key = (*version, change.alert_id)
+            said = self._capped.get(key)
+            first = said is None or now - said >= _CAP_PERIOD
+            if first:
+                self._capped = {k: t for k, t in self._capped.items() if now - t < _CAP_PERIOD}
+                self._capped[key] = now
+        logger.log(
+            logging.INFO if first else logging.DEBUG,
+            "bnwatch: recalibration of %s@%s for its %s alert %s skipped: daily cap %d reached%s",
+            change.model,
+            change.version,
+            change.kind,
+            change.alert_id,
+            self.policy.daily_cap,
+            " (retried at every check while the alert is open; repeats are logged at DEBUG)"
+            if first
+            else "",
         )
 
     def run(self, repository: Repository, event: TriggerEvent) -> Outcome:

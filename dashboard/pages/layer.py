@@ -61,6 +61,7 @@ st.plotly_chart(
         table,
         title=f"{QUANTITIES[quantity]} per channel and {ui.duration(seconds)} (merged exactly)",
         colorbar=quantity,
+        bucket_seconds=seconds,
         diverging=True,
     ),
     key="channel_heatmap",

@@ -46,6 +46,7 @@ st.plotly_chart(
         table,
         title=f"{data.METRIC_LABELS[metric]}, largest per {ui.duration(seconds)}",
         colorbar=metric,
+        bucket_seconds=seconds,
     ),
     key="model_heatmap",
 )

@@ -473,6 +473,47 @@ def test_every_other_name_is_accepted_by_watch() -> None:
             assert (mon.model_name, mon.version, mon.source) == (name, name, name)
 
 
+def test_the_default_source_is_stored_whatever_the_host_name(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``host:pid`` of a host name past the store's 200 characters was refused by PostgreSQL
+    at every write (every window rejected); it is shortened to a prefix and a digest, which
+    keeps two such hosts apart, and an ordinary host name is left as it is."""
+    import os
+    import socket
+
+    from bnwatch.schema import text_problem
+    from bnwatch.store.migrate import engine_for
+    from bnwatch.store.repository import Repository
+
+    pid = os.getpid()
+    long_a, long_b = "n" * 230 + ".a.example.com", "n" * 230 + ".b.example.com"
+    hosts = (long_a, long_b, "node\udcff7", "gpu-07.example.com")  # the third is not UTF-8
+    sources = []
+    for version, host in enumerate(hosts):
+        monkeypatch.setattr(socket, "gethostname", lambda host=host: host)
+        model = small_cnn().eval()
+        mon = bnwatch.watch(model, name="cnn", version=str(version), store=db_url)
+        with torch.no_grad():
+            model(inputs(1)[0])
+        mon.close()
+        assert text_problem(mon.source) is None, mon.source
+        assert mon.source.endswith(f":{pid}")
+        sources.append(mon.source)
+    assert sources[0][:150] == long_a[:150] and len(sources[0]) == 200  # recognisable
+    assert sources[0] != sources[1]
+    assert sources[2].startswith("node?7~")
+    assert sources[3] == f"gpu-07.example.com:{pid}"
+    engine = engine_for(db_url, create=False)
+    try:
+        repo = Repository(engine)
+        for version, source in enumerate(sources):
+            windows = repo.windows("cnn", str(version))
+            assert len(windows) == 3 and {w.source for w in windows} == {source}
+    finally:
+        engine.dispose()
+
+
 def test_a_layer_path_longer_than_the_store_holds_fails_at_watch() -> None:
     model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
     model.add_module("b" * 501, nn.BatchNorm1d(3))
@@ -482,6 +523,34 @@ def test_a_layer_path_longer_than_the_store_holds_fails_at_watch() -> None:
     assert bn_hooks(model) == 0
     with bnwatch.watch(model, exclude="bbb*") as mon:
         assert mon.layers == ["1"]
+
+
+def test_a_layer_path_longer_than_the_store_holds_fails_at_profile(db_url: str) -> None:
+    """As at watch(): refused before a batch is read, so nothing is computed or stored (it
+    was profiled, then stored on SQLite and refused by PostgreSQL after the whole pass)."""
+    from bnwatch.store.migrate import engine_for
+    from bnwatch.store.repository import Repository
+
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    model.add_module("b" * 501, nn.BatchNorm1d(3))
+
+    def data() -> Iterator[torch.Tensor]:
+        yield from ()  # a generator that fails when it is read
+        raise AssertionError("read before the layer paths were checked")
+
+    with pytest.raises(ConfigError, match="exclude=") as info:
+        bnwatch.profile(model, data(), name="mlp", store=db_url)
+    assert info.value.argument == "model"
+    assert "at most 500 characters" in str(info.value)
+    assert model.training and bn_hooks(model) == 0  # untouched
+    engine = engine_for(db_url)
+    try:
+        assert Repository(engine).models() == []
+        prof = bnwatch.profile(model, [torch.randn(8, 3)], name="mlp", exclude="bbb*", store=db_url)
+        assert set(prof.layers) == {"1"}
+        assert [layer.name for layer in Repository(engine).layers("mlp", "0")] == ["1"]
+    finally:
+        engine.dispose()
 
 
 def test_profile_checks_names_before_reading_data() -> None:

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import bnwatch
-from bnwatch.client import ENDPOINT, HttpSink, _encode_window, _join
+from bnwatch.client import ENDPOINT, HttpSink, _encode_window, _join, _spool_key
 from bnwatch.errors import ConfigError
 from bnwatch.schema import WindowRecord
 from bnwatch.sink import Sink
@@ -562,6 +562,21 @@ def test_default_spools_take_free_slots_and_adopt_orphans(windows: Windows) -> N
         assert wait_for(lambda: restarted.stats().written == 6)
         restarted.close()
         assert sorted(service.stored) == sorted(r.uid for r in records)
+
+
+def test_the_default_spool_is_keyed_by_the_host_name_made_storable(
+    monkeypatch: pytest.MonkeyPatch, sinks: list[HttpSink]
+) -> None:
+    """The host name keys the default spool as the monitor's default source has it: an
+    ordinary one as it is (a spool of an earlier version is found), one that is not UTF-8
+    without the UnicodeEncodeError it raised in HttpSink()."""
+    url = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setattr(socket, "gethostname", lambda: "gpu-07.example.com")
+    sinks.append(HttpSink(url))
+    assert sinks[-1].spool_dir.parent.name == _spool_key(sinks[-1].endpoint, "gpu-07.example.com")
+    monkeypatch.setattr(socket, "gethostname", lambda: "node\udcff7")
+    sinks.append(HttpSink(url))
+    assert sinks[-1].spool_dir.parent != sinks[0].spool_dir.parent
 
 
 @contextlib.contextmanager

@@ -3,8 +3,10 @@ real PostgreSQL): no exception, the expected widgets and the values the seed imp
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -158,6 +160,32 @@ def test_layer_page(app: AppTest) -> None:
     assert not at.exception and metrics(at)["Channels"] == str(6 * 36)
     at.radio[0].set_value("log_r").run()
     assert not at.exception
+
+
+def heatmap_spec(at: AppTest) -> dict[str, Any]:
+    """The page's heatmap (its first chart) as Plotly receives it."""
+    spec: dict[str, Any] = json.loads(at.get("plotly_chart")[0].proto.spec)
+    return spec
+
+
+def test_both_heatmaps_label_a_time_bucket_by_its_start(app: AppTest, seeded: Seeded) -> None:
+    """The Model page labelled a bucket by its start and the Layer page by its end, so the
+    same windows sat one bucket apart on the two pages; both now label it by its start (the
+    axis says so), the start of the bucket its windows end in."""
+    seconds = 60  # one-minute windows: one bucket each
+    span = data.span(seeded.url, MODEL, VERSION, None)
+    assert span is not None and span.resolution == seconds
+    model = heatmap_spec(open_page(app, "model"))
+    layer = heatmap_spec(open_page(app, "layer"))  # the first layer, "1"
+    ends = [w.end for w in data.repository(seeded.url).windows(MODEL, VERSION, layer="1")]
+    starts = sorted(
+        {(pd.Timestamp(end) - pd.Timedelta(milliseconds=1)).floor("min") for end in ends}
+    )
+    assert len(starts) == WINDOWS
+    assert list(pd.to_datetime(model["data"][0]["x"], utc=True)) == starts
+    assert list(pd.to_datetime(layer["data"][0]["x"], utc=True)) == starts
+    for page in (model, layer):
+        assert page["layout"]["xaxis"]["title"]["text"] == "start of each 1 min bucket (UTC)"
 
 
 def test_channel_view_matches_one_merged_window(seeded: Seeded) -> None:

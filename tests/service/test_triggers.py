@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from datetime import timedelta
 
 import pytest
+import sqlalchemy as sa
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy.engine import Engine
@@ -294,3 +295,71 @@ def test_the_runner_claims_only_alerts_open_for_persist_seconds(
         assert recalibrations(engine) == [] and receiver.received == []
     finally:
         receiver.close()
+
+
+def capped(caplog: pytest.LogCaptureFixture, level: int = logging.DEBUG) -> list[str]:
+    """The messages of refusals by the daily cap logged at ``level`` or above."""
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if "daily cap" in r.getMessage() and r.levelno >= level
+    ]
+
+
+def test_the_periodic_job_says_a_reached_daily_cap_once_per_alert_and_takes_no_lock(
+    repo: Repository, engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The periodic job claims every open alert again every minute.  With the daily cap
+    reached, each check logged the refusal at INFO for every open alert without a
+    recalibration, and took the write lock (SQLite: ``BEGIN IMMEDIATE``; PostgreSQL: the model
+    row ``FOR NO KEY UPDATE``) for every open alert only to be refused.  Now the refusal is said
+    at INFO once per alert and at DEBUG after, refusals are read without a lock, and nothing
+    else is claimed."""
+    claimed = repo.claim_recalibration(
+        "cnn", "1", method="WebhookAction", alert_id=1, cooldown_seconds=0, daily_cap=1
+    ).recalibration_id
+    locks: list[str] = []
+
+    def locking(conn: object, cursor: object, statement: str, *args: object) -> None:
+        if statement.lstrip().startswith("BEGIN IMMEDIATE") or "FOR NO KEY UPDATE" in statement:
+            locks.append(statement)
+
+    receiver = Receiver()
+    policy = TriggerPolicy(cooldown_seconds=0, daily_cap=1)
+    runner = TriggerRunner(Trigger(WebhookAction(receiver.url, SECRET), policy))
+    runner.start()
+    sa.event.listen(engine, "before_cursor_execute", locking)
+    try:
+        with caplog.at_level(logging.DEBUG, logger="bnwatch"):
+            for _ in range(5):  # five minutes of the periodic job
+                assert runner.check_open(repo) == 0
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", locking)
+        runner.stop()
+        receiver.close()
+    said = sorted(capped(caplog, logging.INFO))
+    assert len(said) == 3, said  # alerts 2, 3 and 4; alert 1 has its recalibration
+    assert all(f"alert {a} " in m for a, m in zip((2, 3, 4), said, strict=True)), said
+    assert len(capped(caplog)) == 3 * 5  # each refusal is still logged, at DEBUG
+    assert locks == []
+    assert [r.id for r in repo.recalibrations()] == [claimed]
+    assert receiver.received == []
+
+
+def test_a_reached_daily_cap_is_said_again_once_it_was_lifted(
+    repo: Repository, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Once per alert and *cap period*: after the 24 hours pass and a claim goes through, the
+    alerts the cap refuses again are said again; the claims are those the policy allows."""
+    trigger = Trigger(WebhookAction("http://127.0.0.1:1/hook", SECRET), TriggerPolicy(daily_cap=1))
+    t0 = utcnow()
+    with caplog.at_level(logging.INFO, logger="bnwatch"):
+        first = trigger.claim_open(repo, now=t0)
+        assert len(first) == 1 and len(capped(caplog)) == 3  # the other three alerts
+        caplog.clear()
+        assert trigger.claim_open(repo, now=t0 + timedelta(minutes=1)) == []
+        assert capped(caplog) == []  # said already
+        second = trigger.claim_open(repo, now=t0 + timedelta(days=1, hours=1))
+        assert len(second) == 1 and second[0].alert_id != first[0].alert_id
+        assert len(capped(caplog)) == 2  # a new period: the two still unclaimed, again
+    assert len(repo.recalibrations()) == 2
