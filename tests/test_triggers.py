@@ -17,6 +17,7 @@ from bnwatch.errors import ConfigError
 from bnwatch.schema import utcnow
 from bnwatch.store.migrate import engine_for
 from bnwatch.store.repository import Repository
+from bnwatch.store.writer import StoreSink
 from bnwatch.triggers import (
     MIN_KEPT_INPUTS,
     CallbackAction,
@@ -280,15 +281,20 @@ def test_an_alert_that_persisted_recalibrates_in_process(db_url: str) -> None:
     """persist_seconds > 0: the drift alert's trigger waits until the alert has been open that
     long, and a later stored batch of windows acts on it."""
     model = small_cnn()
-    persist = 0.3
+    # long enough that a loaded machine feeds and stores the window after the one that opened
+    # the alert well within it (0.3 s was not: the check below failed under load)
+    persist = 2.0
     policy = TriggerPolicy(cooldown_seconds=600, persist_seconds=persist)
     mon = recalibrating_monitor(model, db_url, policy)
     engine = engine_for(db_url)
     repo = Repository(engine)
     try:
         feed(model, mon, batches(32, seed=1), every=8)  # clean: the warm-up baseline
-        feed(model, mon, batches(64, seed=2, shift=2.5), every=16)  # drifted: the alert opens
+        feed(model, mon, batches(32, seed=2, shift=2.5), every=16)  # drifted: the alert opens
         wait_for(lambda: bool(repo.alerts(state="open")), "the drift alert")
+        feed(model, mon, batches(16, seed=4, shift=2.5), every=16)  # one more drifted window
+        sink = mon.sink
+        assert isinstance(sink, StoreSink) and sink.flush()  # stored, the trigger consulted
         assert repo.recalibrations() == []  # opened, but not open for long enough yet
         drifted = batches(400, seed=3, shift=2.5)
         deadline = time.monotonic() + 60
