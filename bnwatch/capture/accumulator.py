@@ -90,7 +90,9 @@ def shift_ratio(size: int) -> float:
     Measured against float64 on torch's CPU sum, the worst relative error of the variance at a
     ratio of 64 is 3.5e-5 for rows of 7x7 to 56x56 elements, 4.7e-5 at 112x112, 7.8e-5 at 224x224
     and 1.4e-4 at 16x112x112 (a BatchNorm3d): the ratio is 64 up to :data:`SHIFT_ROW_ELEMENTS`
-    and falls as ``1/√size`` beyond, which keeps the error within about 5e-5.
+    and falls as ``1/√size`` beyond, which keeps the error within about 5e-5 (at this ratio:
+    4.3e-5 at 7x7, 4.9e-5 at 112x112, 4.2e-5 at 224x224, 3.9e-5 at 16x112x112 and 6.8e-5 at
+    32x224x224 -- 1.6 million elements a row).
     """
     return SHIFT_RATIO * min(1.0, math.sqrt(SHIFT_ROW_ELEMENTS / max(1, size)))
 
