@@ -29,7 +29,12 @@ from bnwatch.drift import DriftConfig
 from bnwatch.schema import FLAG_METRICS
 from bnwatch.store.engine import SchemaError, redacted
 from bnwatch.store.migrate import engine_for
-from bnwatch.store.repository import METRIC_COLUMNS, Repository
+from bnwatch.store.repository import (
+    METRIC_COLUMNS,
+    RecalibrationInfo,
+    RecalibrationRequest,
+    Repository,
+)
 
 DATABASE_ENV = "BNWATCH_DATABASE_URL"
 DEFAULT_DATABASE_URL = "sqlite:///bnwatch.db"
@@ -257,14 +262,24 @@ def acknowledge(url: str, alert_id: int) -> bool:
     return changed
 
 
+@st.cache_data(ttl=TTL_SECONDS, show_spinner=False)
+def waiting_request(url: str, model: str, version: str) -> RecalibrationInfo | None:
+    """The model version's recalibration request that nobody has taken yet (``None``: none);
+    while it waits, another request records nothing."""
+    return repository(url).waiting_request(model, version)
+
+
 def request_recalibration(
     url: str, model: str, version: str, *, method: str, alert_id: int | None = None
-) -> int:
+) -> RecalibrationRequest:
     """Record a recalibration request (status ``pending``, for the trigger runner or an
-    operator running ``bnwatch recalibrate``); returns its id and clears the cache."""
-    rid = repository(url).start_recalibration(model, version, method=method, alert_id=alert_id)
+    operator running ``bnwatch recalibrate``) unless the model version has one waiting
+    already -- checked by the store, atomically, so two dashboards cannot both record one --
+    and clear the cache.  Returns what the store did: the request recorded (``queued``), or
+    the one that was waiting."""
+    made = repository(url).request_recalibration(model, version, method=method, alert_id=alert_id)
     clear()
-    return rid
+    return made
 
 
 # ------------------------------------------------------------------------------------------

@@ -1,12 +1,14 @@
 """The Prometheus metrics bnwatch exports: names, types, labels, meaning and units.
 
-This module is the single source of truth for both exporters -- :mod:`bnwatch.export.store`
-(the service's ``/metrics``, built from the store at scrape time) and
-:mod:`bnwatch.export.monitor` (in-process, from each closed window) -- and for the alert
-rules in ``deploy/prometheus/``.  Rules of the road (DESIGN §6):
+This module is the single source of truth for the exporters -- :mod:`bnwatch.export.store`
+(the service's ``/metrics``, built from the store at scrape time),
+:mod:`bnwatch.export.service` (the service process's own trigger queue, on the same
+``/metrics``) and :mod:`bnwatch.export.monitor` (in-process, from each closed window) -- and
+for the alert rules in ``deploy/prometheus/``.  Rules of the road (DESIGN §6):
 
-- series are per model / version / layer (or per monitor ``source``), **never per channel**:
-  a ResNet-50 has ~26 k BatchNorm channels and a series each would swamp Prometheus;
+- series are per model / version / layer (or per monitor ``source``; the service process's
+  own trigger queue has no labels), **never per channel**: a ResNet-50 has ~26 k BatchNorm
+  channels and a series each would swamp Prometheus;
 - values are in base units (seconds, ratios in [0, 1], booleans as 0/1); counters end in
   ``_total`` (prometheus_client adds the suffix to a counter family's name);
 - a layer gauge whose value is undefined (NaN/NULL: no baseline yet, too few samples) is
@@ -47,10 +49,14 @@ __all__ = [
     "RECALIBRATION_OLDEST_PENDING",
     "RECALIBRATION_STATUSES",
     "SAMPLES_TOTAL",
+    "SERVICE_ONLY",
     "SOURCE_LABELS",
     "SOURCE_LAST_WINDOW_END",
+    "STORE_METRICS",
     "STORE_ONLY",
     "STORE_UP",
+    "TRIGGER_QUEUE_DEPTH",
+    "TRIGGER_QUEUE_DROPPED_TOTAL",
     "WINDOWS_TOTAL",
     "MetricSpec",
 ]
@@ -323,5 +329,29 @@ STORE_ONLY: tuple[MetricSpec, ...] = (
 """The families only the store collector exports (alerts and recalibrations live in the store;
 an in-process monitor exports the rest)."""
 
-ALL_METRICS: tuple[MetricSpec, ...] = (*LAYER_METRICS, *MONITOR_METRICS, *STORE_ONLY)
-"""Every family bnwatch exports (the store collector exports all of them)."""
+STORE_METRICS: tuple[MetricSpec, ...] = (*LAYER_METRICS, *MONITOR_METRICS, *STORE_ONLY)
+"""Every family the store collector exports."""
+
+TRIGGER_QUEUE_DEPTH = MetricSpec(
+    "bnwatch_trigger_queue_depth",
+    "gauge",
+    (),
+    "Claimed recalibration trigger events waiting in this service process's queue for its "
+    "webhook worker (events; when the queue is full -- 256 -- new ones are dropped).",
+)
+
+TRIGGER_QUEUE_DROPPED_TOTAL = MetricSpec(
+    "bnwatch_trigger_queue_dropped_total",
+    "counter",
+    (),
+    "Claimed recalibration trigger events this service process did not queue because its queue "
+    "was full; each recalibration was recorded failed and its webhook never sent (events).",
+)
+
+SERVICE_ONLY: tuple[MetricSpec, ...] = (TRIGGER_QUEUE_DEPTH, TRIGGER_QUEUE_DROPPED_TOTAL)
+"""The families only ``bnwatch serve`` exports, from the process that answers the scrape (its
+trigger queue), and only when it has webhook triggers
+(:class:`bnwatch.export.service.TriggerQueueCollector`)."""
+
+ALL_METRICS: tuple[MetricSpec, ...] = (*STORE_METRICS, *SERVICE_ONLY)
+"""Every family bnwatch exports."""

@@ -231,7 +231,7 @@ class StoreCollector(Collector):
 
     def describe(self) -> list[Metric]:
         """The families :meth:`collect` yields, without samples (no store access)."""
-        return [family(spec) for spec in names.ALL_METRICS]
+        return [family(spec) for spec in names.STORE_METRICS]
 
     def collect(self) -> Iterator[Metric]:
         """Read the store and yield every family, then ``bnwatch_store_up``."""

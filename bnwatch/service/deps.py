@@ -45,16 +45,20 @@ class ServiceState:
         return self._limiter
 
     def metrics_registry(self) -> Any:
-        """This app's Prometheus registry with a ``StoreCollector`` (created on first scrape;
-        ``bnwatch.export`` is imported only then)."""
+        """This app's Prometheus registry with a ``StoreCollector`` and, with triggers, a
+        ``TriggerQueueCollector`` of their queue (created on first scrape; ``bnwatch.export``
+        is imported only then)."""
         with self._lock:
             if self._registry is None:
                 from prometheus_client import CollectorRegistry
 
+                from bnwatch.export.service import TriggerQueueCollector
                 from bnwatch.export.store import StoreCollector
 
                 registry = CollectorRegistry()
                 registry.register(StoreCollector(self.repository))
+                if self.triggers is not None:
+                    registry.register(TriggerQueueCollector(self.triggers))
                 self._registry = registry
             return self._registry
 

@@ -16,7 +16,9 @@ With ``BNWATCH_WEBHOOK_URL`` and ``BNWATCH_WEBHOOK_SECRET`` set, :func:`create_a
   backoff in between -- on one background thread, fed by a bounded queue.  An ingest request
   never waits for a webhook and never fails because of one.  When the queue is full the event
   is not queued: the recalibration is recorded ``failed`` with the reason, logged, and counted
-  (:attr:`TriggerRunner.dropped`); the submitting thread never blocks.
+  (:attr:`TriggerRunner.dropped`); the submitting thread never blocks.  ``GET /metrics``
+  exports the queue's depth and that count (``bnwatch_trigger_queue_depth``,
+  ``bnwatch_trigger_queue_dropped_total``).
 
 :meth:`TriggerRunner.stop` (the app's lifespan shutdown) lets the action in flight finish (up
 to ``stop_timeout`` seconds), records the events still queued as ``failed`` ("the service
@@ -152,6 +154,13 @@ class TriggerRunner:
     def stopping(self) -> bool:
         """Whether :meth:`stop` was called (events are no longer queued)."""
         return self._stopping.is_set()
+
+    @property
+    def depth(self) -> int:
+        """Claimed events waiting for the worker now (not the one it is running); exported
+        as ``bnwatch_trigger_queue_depth``, with :attr:`dropped` as
+        ``bnwatch_trigger_queue_dropped_total``."""
+        return self._queue.qsize()
 
     # -- claims (the caller's thread) ----------------------------------------------------------
     def on_alerts(self, repository: Repository, changes: Sequence[AlertChange]) -> int:

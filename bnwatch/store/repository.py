@@ -444,6 +444,20 @@ class RecalibrationClaim:
     last_started: datetime | None
 
 
+@dataclass(frozen=True)
+class RecalibrationRequest:
+    """What :meth:`Repository.request_recalibration` did.
+
+    Attributes:
+        recalibration: the request it recorded (``queued``), or the one that was already
+            waiting for the model version (then nothing was recorded).
+        queued: whether this call recorded a request.
+    """
+
+    recalibration: RecalibrationInfo
+    queued: bool
+
+
 @dataclass
 class _Ids:
     models: dict[tuple[str, str], int] = field(default_factory=dict)
@@ -865,7 +879,10 @@ class Repository:
     def start_recalibration(
         self, model: str, version: str, *, method: str, alert_id: int | None = None
     ) -> int:
-        """Record a triggered recalibration (status ``pending``); returns its id."""
+        """Record a triggered recalibration (status ``pending``); returns its id.
+
+        Unconditional: a recalibration requested by hand (the dashboard) goes through
+        :meth:`request_recalibration`, which records none while another request waits."""
         new = _Ids()
         with self.engine.begin() as conn:
             model_id = self._model_id(conn, model, version, new)
@@ -1179,13 +1196,7 @@ class Repository:
                     return RecalibrationClaim(None, refused, recent, last)
         new = _Ids()
         with self.engine.connect() as conn:
-            sqlite_file = conn.dialect.name == "sqlite"
-            lock_for_writing(conn)  # SQLite: before the checks are read
-            model_id = self._model_id(conn, model, version, new)
-            if not sqlite_file:
-                conn.execute(
-                    sa.select(Model.id).where(Model.id == model_id).with_for_update(key_share=True)
-                ).scalar_one()
+            model_id = self._locked_model_id(conn, model, version, new)
             refused, recent, last = _claim_refusal(
                 conn, model_id, alert_id, cooldown_seconds, daily_cap, now
             )
@@ -1198,6 +1209,59 @@ class Repository:
         self._ids.models.update(new.models)
         return RecalibrationClaim(rid, refused, int(recent), last)
 
+    def _locked_model_id(self, conn: Connection, model: str, version: str, new: _Ids) -> int:
+        """The model version's id (recorded if new), with its lock held until ``conn``
+        commits: on PostgreSQL the model row ``FOR NO KEY UPDATE`` (it serializes the claims
+        and requests of one model version without blocking the window inserts that reference
+        the row); on SQLite the file's write lock, taken before anything is read (``BEGIN
+        IMMEDIATE``, waiting up to the busy timeout)."""
+        lock_for_writing(conn)  # SQLite: before the checks are read
+        model_id = self._model_id(conn, model, version, new)
+        if conn.dialect.name != "sqlite":
+            conn.execute(
+                sa.select(Model.id).where(Model.id == model_id).with_for_update(key_share=True)
+            ).scalar_one()
+        return model_id
+
+    def request_recalibration(
+        self, model: str, version: str, *, method: str, alert_id: int | None = None
+    ) -> RecalibrationRequest:
+        """Record a recalibration requested by hand (the dashboard's "Request a
+        recalibration"), unless the model version already has a request waiting -- atomically.
+
+        A request *waits* from when it is recorded until it is taken (:meth:`take_requested`:
+        the service's webhook trigger, a monitor with triggers) or finished (``bnwatch
+        recalibrate --recalibration ID``): ``pending`` with no outcome yet.  While one waits,
+        a second request records nothing -- the waiting one will be carried out, with the
+        method and alert it names -- and the waiting one is returned with ``queued=False``:
+        a double click, or two operators on two dashboards, record one request.  Once taken,
+        a request no longer holds back the next one (it may stay ``pending`` for good if its
+        receiver never reports back).
+
+        The check and the insert are one transaction holding the model version's lock, the
+        lock :meth:`claim_recalibration` takes, so of racing requests exactly one is recorded.
+        """
+        new = _Ids()
+        with self.engine.connect() as conn:
+            model_id = self._locked_model_id(conn, model, version, new)
+            waiting = _waiting_request(conn, model_id)
+            queued = waiting is None
+            if waiting is None:
+                rid = _insert_pending(conn, model_id, alert_id, method, utcnow())
+                waiting = self._recalibration_info(conn, rid)
+            conn.commit()
+        self._ids.models.update(new.models)
+        return RecalibrationRequest(waiting, queued)
+
+    def waiting_request(self, model: str, version: str) -> RecalibrationInfo | None:
+        """The model version's oldest recalibration requested by hand and still waiting to be
+        taken (see :meth:`request_recalibration`), or ``None``."""
+        with self.engine.connect() as conn:
+            model_id = conn.execute(
+                sa.select(Model.id).where(Model.name == model, Model.version == version)
+            ).scalar_one_or_none()
+            return None if model_id is None else _waiting_request(conn, model_id)
+
     def take_requested(
         self,
         *,
@@ -1207,7 +1271,8 @@ class Repository:
         now: datetime | None = None,
     ) -> list[tuple[RecalibrationInfo, AlertInfo | None]]:
         """Hand over the recalibrations that were *requested* -- recorded ``pending`` by
-        :meth:`start_recalibration` (the dashboard's "Request a recalibration") and not yet
+        :meth:`request_recalibration` (the dashboard's "Request a recalibration") or
+        :meth:`start_recalibration`, and not yet
         given to anyone -- with the alert each names, if any; oldest first, at most ``limit``.
 
         Each is taken by an atomic ``UPDATE ... WHERE status = 'pending' AND outcome IS NULL``
@@ -2075,6 +2140,22 @@ def _insert_pending(
         sa.insert(Recalibration).values(**values).returning(Recalibration.id)
     ).scalar_one()
     return int(row)
+
+
+def _waiting_request(conn: Connection, model_id: int) -> RecalibrationInfo | None:
+    """The oldest request of the model version ``model_id`` nobody has taken yet: ``pending``
+    without an outcome (trigger claims write theirs when they insert, takers when they take)."""
+    row = conn.execute(
+        _recalibration_select()
+        .where(
+            Recalibration.model_id == model_id,
+            Recalibration.status == "pending",
+            Recalibration.outcome.is_(None),
+        )
+        .order_by(Recalibration.id)
+        .limit(1)
+    ).first()
+    return None if row is None else _recalibration_of(row)
 
 
 def _recalibration_select() -> Any:

@@ -50,8 +50,8 @@ class TriggerEvent:
     """What a trigger hands its action.
 
     ``requested`` events come from a recalibration requested by hand (the dashboard's "Request
-    a recalibration", :meth:`Repository.start_recalibration
-    <bnwatch.store.repository.Repository.start_recalibration>`): ``method`` is the method asked
+    a recalibration", :meth:`Repository.request_recalibration
+    <bnwatch.store.repository.Repository.request_recalibration>`): ``method`` is the method asked
     for, and the alert (``alert_id``, ``kind``, ``layer``, ``values``) is the one the request
     names -- ``alert_id`` ``None`` and ``kind`` ``"request"`` when it names none.
     """

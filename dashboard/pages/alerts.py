@@ -3,16 +3,31 @@ recalibration."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pandas as pd
 import streamlit as st
 
 import data
 import ui
 
+if TYPE_CHECKING:
+    from bnwatch.store.repository import RecalibrationInfo
+
 
 def _label(frame: pd.DataFrame, alert_id: int) -> str:
     row = frame[frame["id"] == alert_id].iloc[0]
     return f"#{alert_id} {row['kind']} {row['layer']}".strip()
+
+
+def _waiting(rec: RecalibrationInfo) -> str:
+    because = f" because of alert #{rec.alert_id}" if rec.alert_id is not None else ""
+    return (
+        f"Recalibration #{rec.id} ({rec.method}{because}) was requested at "
+        f"{ui.format_time(rec.created_at)} and is still waiting to be taken: it will be carried "
+        "out as requested, so a second request is not recorded. Once it is taken, you can "
+        "request another."
+    )
 
 
 ctx = ui.current()
@@ -76,21 +91,29 @@ with st.expander("Request a recalibration"):
         "out records the outcome against its id (`bnwatch recalibrate ... --recalibration ID`, "
         "or `bnwatch.report_recalibration`)."
     )
-    with st.form("recalibrate"):
-        method = st.selectbox("Method", ["precise", "mix"])
-        open_ids = [None, *alerts.loc[alerts["state"] == "open", "id"]]
-        alert_id = st.selectbox(
-            "Because of alert",
-            open_ids,
-            format_func=lambda i: "-" if i is None else _label(alerts, i),
-        )
-        if st.form_submit_button("Request recalibration"):
-            rid = data.request_recalibration(
-                ctx.url,
-                ctx.model,
-                ctx.version,
-                method=str(method),
-                alert_id=None if alert_id is None else int(alert_id),
+    waiting = data.waiting_request(ctx.url, ctx.model, ctx.version)
+    if waiting is not None:
+        st.info(_waiting(waiting))
+    else:
+        with st.form("recalibrate"):
+            method = st.selectbox("Method", ["precise", "mix"])
+            open_ids = [None, *alerts.loc[alerts["state"] == "open", "id"]]
+            alert_id = st.selectbox(
+                "Because of alert",
+                open_ids,
+                format_func=lambda i: "-" if i is None else _label(alerts, i),
             )
-            st.toast(f"Recalibration #{rid} requested (pending)")
-            st.rerun()
+            if st.form_submit_button("Request recalibration"):
+                made = data.request_recalibration(
+                    ctx.url,
+                    ctx.model,
+                    ctx.version,
+                    method=str(method),
+                    alert_id=None if alert_id is None else int(alert_id),
+                )
+                rid = made.recalibration.id
+                if made.queued:
+                    st.toast(f"Recalibration #{rid} requested (pending)")
+                else:  # another operator's request got there first: the rerun shows it
+                    st.toast(f"Not requested: recalibration #{rid} is already waiting")
+                st.rerun()

@@ -15,8 +15,10 @@ import sqlalchemy as sa
 from streamlit.testing.v1 import AppTest
 
 import data
+import ui
 from bnwatch.store.engine import create_engine
 from bnwatch.store.migrate import engine_for, upgrade
+from bnwatch.store.repository import Repository
 from tests.dashboard.seed import (
     CLEAN_WINDOWS,
     LAYERS,
@@ -25,6 +27,7 @@ from tests.dashboard.seed import (
     WINDOWS,
     Seeded,
 )
+from tests.service.helpers import Monitor
 
 TIMEOUT = 60
 
@@ -247,6 +250,54 @@ def test_alerts_page_acknowledges_and_requests(app: AppTest, seeded: Seeded) -> 
     assert not at.exception
     statuses = sorted(r.status for r in repo.recalibrations(model=MODEL, version=VERSION))
     assert statuses == ["applied", "pending"]
+    # while it waits, the page names it instead of offering a second request
+    waiting = repo.waiting_request(MODEL, VERSION)
+    assert waiting is not None
+    assert request_buttons(at) == []
+    assert [f"#{waiting.id} " in i.value for i in at.info] == [True]
+
+
+def request_buttons(at: AppTest) -> list[Any]:
+    return [b for b in at.button if b.label == "Request recalibration"]
+
+
+def test_a_request_while_another_waits_is_not_recorded_and_the_page_names_it(
+    db_url: str, app_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two operators: this one's page offered the form before the other one's dashboard (another
+    process, another cache) recorded a request.  Clicking records nothing; the page says which
+    request waits and when it was asked."""
+    engine = engine_for(db_url)
+    repo = Repository(engine)
+    repo.write_windows(Monitor().records(1))  # cnn@1, nothing requested
+    monkeypatch.setenv(data.DATABASE_ENV, db_url)
+    data.clear()
+    try:
+        at = AppTest.from_file(str(app_path), default_timeout=TIMEOUT)
+        at.run()
+        at = open_page(at, "alerts")
+        (button,) = request_buttons(at)
+        assert not [i for i in at.info if "waiting" in i.value]
+
+        other = repo.request_recalibration("cnn", "1", method="mix").recalibration
+        button.click().run()
+        assert not at.exception
+        (only,) = repo.recalibrations(model="cnn", version="1")
+        assert (only.id, only.method) == (other.id, "mix")  # no second request
+        assert request_buttons(at) == []
+        (said,) = [i.value for i in at.info if "waiting" in i.value]
+        assert f"Recalibration #{other.id} (mix)" in said
+        assert ui.format_time(other.created_at) in said  # when it was asked
+
+        repo.take_requested()  # the service sends it: the next request is recorded
+        data.clear()  # (Refresh now)
+        at.run()
+        request_buttons(at)[0].click().run()
+        assert not at.exception
+        assert len(repo.recalibrations(model="cnn", version="1")) == 2
+    finally:
+        data.clear()
+        engine.dispose()
 
 
 def test_reports_page(app: AppTest) -> None:

@@ -1,9 +1,10 @@
 """deploy/grafana/: the dashboard JSON and the provisioning files.
 
 Every PromQL query of the dashboard may name only metrics the exporters really emit: the set is
-collected from a :class:`StoreCollector` over a seeded SQLite store and from a
+collected from a :class:`StoreCollector` over a seeded SQLite store, from a
 :class:`MonitorExporter` fed the same windows (histograms as their ``_bucket``, ``_sum`` and
-``_count`` samples), not copied from a list.  Queries are also checked by Prometheus's own
+``_count`` samples) and from a service's :class:`TriggerQueueCollector`, not copied from a
+list.  Queries are also checked by Prometheus's own
 parser (``promtool check rules``) and the label matchers against the labels the metrics carry.
 """
 
@@ -22,9 +23,12 @@ from prometheus_client import CollectorRegistry
 
 from bnwatch.export import names
 from bnwatch.export.monitor import MonitorExporter
+from bnwatch.export.service import TriggerQueueCollector
 from bnwatch.export.store import StoreCollector
+from bnwatch.service.triggers import TriggerRunner
 from bnwatch.store.migrate import engine_for
 from bnwatch.store.repository import Repository
+from bnwatch.triggers import Trigger, TriggerPolicy, WebhookAction
 from tests.deploy.helpers import COMPOSE_FILE, GRAFANA, PROMETHEUS, ROOT, load_yaml, tool
 from tests.store.helpers import record_windows
 
@@ -70,6 +74,11 @@ def emitted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, set[str]]:
     for window in windows:
         monitor.observe(window)
     for name, labels in sample_labels(monitor.registry).items():
+        found.setdefault(name, set()).update(labels)
+    service = CollectorRegistry()  # the service process's own trigger queue
+    hook = WebhookAction("http://127.0.0.1:9/hook", "secret")
+    service.register(TriggerQueueCollector(TriggerRunner(Trigger(hook, TriggerPolicy()))))
+    for name, labels in sample_labels(service).items():
         found.setdefault(name, set()).update(labels)
     # the seeded data makes every family emit (else a missing name would pass unnoticed)
     for spec in names.ALL_METRICS:

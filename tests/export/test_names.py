@@ -16,7 +16,7 @@ from tests.export.helpers import ROOT
 
 UNIT_WORDS = (
     *("nats", "dimensionless", "ratio", "probability", "1 if", "seconds"),
-    *("samples", "batches", "windows", "values", "errors", "alerts"),
+    *("samples", "batches", "windows", "values", "errors", "alerts", "events"),
 )
 
 
@@ -37,6 +37,8 @@ def test_label_sets() -> None:
     for spec in names.MONITOR_METRICS:
         assert spec.labels == ("model", "version", "source")
     assert names.ALERTS_ACTIVE.labels == ("model", "version", "kind")
+    for spec in names.SERVICE_ONLY:
+        assert spec.labels == ()  # one service process's own state
     assert len({s.name for s in names.ALL_METRICS}) == len(names.ALL_METRICS)
 
 

@@ -14,14 +14,17 @@ import pytest
 import sqlalchemy as sa
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.engine import Engine
 
 from bnwatch.alerts import AlertChange, AlertConfig, AlertEngine
+from bnwatch.export import names
 from bnwatch.schema import utcnow
 from bnwatch.service import Settings, create_app
-from bnwatch.service.triggers import TriggerRunner
+from bnwatch.service.triggers import DEFAULT_QUEUE_SIZE, TriggerRunner
 from bnwatch.store.repository import RecalibrationInfo, Repository
 from bnwatch.triggers import Trigger, TriggerPolicy, WebhookAction, verify_signature
+from tests.export.helpers import check_exposition
 from tests.service.helpers import AUTH, ENDPOINT, TOKEN, Monitor
 from tests.service.webhook import Receiver, wait_for
 from tests.store.rows import add_alerts
@@ -183,6 +186,51 @@ def test_a_full_queue_and_shutdown_record_failures_without_blocking(
         assert status[alert_id].status == "failed"
         assert reason in status[alert_id].outcome["error"]  # type: ignore[index]
     assert len(held.received) == 1
+
+
+def trigger_queue(client: TestClient) -> dict[str, float]:
+    """The trigger queue's samples in the service's ``GET /metrics`` (promtool-clean)."""
+    answer = client.get("/metrics")
+    assert answer.status_code == 200
+    check_exposition(answer.text)
+    return {
+        s.name: s.value
+        for f in text_string_to_metric_families(answer.text)
+        for s in f.samples
+        if s.name.startswith("bnwatch_trigger_queue_")
+    }
+
+
+def test_metrics_export_the_trigger_queue_depth_and_drops(
+    engine: Engine,
+    repo: Repository,
+    held: Receiver,
+    gate: threading.Event,
+    make_app: Callable[..., FastAPI],
+) -> None:
+    """``GET /metrics`` says how many claimed events wait for the webhook worker and how many
+    a full queue dropped, as they change; a service without triggers exports neither."""
+    policy = TriggerPolicy(cooldown_seconds=0, daily_cap=10)
+    runner = TriggerRunner(Trigger(WebhookAction(held.url, SECRET), policy), queue_size=1)
+    settings = Settings(database_url=str(engine.url), api_token=TOKEN)
+    depth, dropped = "bnwatch_trigger_queue_depth", "bnwatch_trigger_queue_dropped_total"
+    # no periodic job during the test: it would claim the open alerts
+    app = create_app(settings, engine=engine, triggers=runner, period_seconds=3600)
+    with TestClient(app) as client:
+        assert trigger_queue(client) == {depth: 0, dropped: 0}
+        assert runner.on_alerts(repo, [opened(1)]) == 1
+        wait_for(lambda: held.received, "the worker to take the first event")  # held there
+        assert trigger_queue(client) == {depth: 0, dropped: 0}  # in flight is not waiting
+        assert runner.on_alerts(repo, [opened(2)]) == 1
+        assert trigger_queue(client) == {depth: 1, dropped: 0}
+        assert runner.on_alerts(repo, [opened(3)]) == 0  # the queue is full
+        assert trigger_queue(client) == {depth: 1, dropped: 1}
+        gate.set()
+        wait_for(lambda: len(held.received) == 2, "the worker to send the queued event")
+        assert trigger_queue(client) == {depth: 0, dropped: 1}
+    assert DEFAULT_QUEUE_SIZE == 256 and "256" in names.TRIGGER_QUEUE_DEPTH.help
+    with TestClient(make_app()) as client:  # no webhook: no triggers, no queue
+        assert trigger_queue(client) == {}
 
 
 def test_an_event_submitted_while_the_runner_stops_is_sent_or_failed(

@@ -7,11 +7,12 @@ from collections.abc import Callable, Iterator
 from datetime import timedelta
 
 import pytest
+import sqlalchemy as sa
 
 from bnwatch.alerts import AlertChange
 from bnwatch.schema import utcnow
 from bnwatch.store.migrate import engine_for
-from bnwatch.store.repository import RecalibrationClaim, Repository
+from bnwatch.store.repository import RecalibrationClaim, RecalibrationRequest, Repository
 from bnwatch.triggers import CallbackAction, Outcome, Trigger, TriggerEvent, TriggerPolicy
 from tests.service.helpers import Monitor
 from tests.store.rows import add_alerts
@@ -194,3 +195,67 @@ def test_racing_takers_take_each_request_exactly_once(repo: Repository) -> None:
     for t in threads:
         t.join()
     assert sorted(taken) == sorted(ids)  # every request once, none twice
+
+
+def test_a_request_while_another_waits_records_nothing_and_names_the_waiting_one(
+    repo: Repository,
+) -> None:
+    """A second request for a model version with one waiting (pending, not taken) is not
+    queued: it returns the waiting one.  Taken or finished, a request no longer holds back the
+    next; trigger claims and other model versions never do."""
+    claim(repo, ALERTS[0])  # a trigger's pending recalibration is not a waiting request
+    assert repo.waiting_request("cnn", "1") is None
+    first = repo.request_recalibration("cnn", "1", method="mix", alert_id=ALERTS[1])
+    assert first.queued
+    info = first.recalibration
+    assert (info.status, info.method, info.alert_id, info.outcome) == ("pending", "mix", 2, None)
+    assert repo.waiting_request("cnn", "1") == info
+
+    again = repo.request_recalibration("cnn", "1", method="precise")  # a second click
+    assert again == RecalibrationRequest(info, queued=False)
+    assert [r.id for r in repo.recalibrations() if r.outcome is None] == [info.id]
+    other = repo.request_recalibration("cnn", "2", method="precise")  # another version
+    assert other.queued and other.recalibration.version == "2"
+
+    ((taken, _),) = repo.take_requested(model="cnn", version="1")  # the service takes it
+    assert taken.id == info.id and repo.waiting_request("cnn", "1") is None
+    after_taken = repo.request_recalibration("cnn", "1", method="precise")
+    assert after_taken.queued and after_taken.recalibration.id != info.id
+    # carried out by hand (bnwatch recalibrate --recalibration ID) without being taken
+    repo.finish_recalibration(after_taken.recalibration.id, status="failed", outcome={"e": 1})
+    assert repo.request_recalibration("cnn", "1", method="precise").queued
+    assert repo.waiting_request("nobody", "0") is None
+
+
+def test_racing_requests_record_one(repo: Repository, db_url: str) -> None:
+    """Eight operators request a recalibration of one model version at once (two dashboards,
+    double clicks): exactly one request is recorded, and every one of them is told its id."""
+    results = race(db_url, 8, lambda r, i: r.request_recalibration("cnn", "1", method="precise"))
+    requests = [r for r in results if isinstance(r, RecalibrationRequest)]
+    assert len(requests) == 8
+    assert sum(r.queued for r in requests) == 1, requests
+    assert len({r.recalibration.id for r in requests}) == 1
+    assert len(repo.recalibrations(model="cnn", version="1")) == 1
+
+
+def test_a_request_checks_and_records_under_the_claims_lock(repo: Repository) -> None:
+    """The check and the insert hold the lock trigger claims take (SQLite: ``BEGIN
+    IMMEDIATE`` before the check is read; PostgreSQL: the model row ``FOR NO KEY UPDATE``)."""
+    statements: list[str] = []
+
+    def record(conn: object, cursor: object, statement: str, *args: object) -> None:
+        statements.append(" ".join(statement.split()))
+
+    sa.event.listen(repo.engine, "before_cursor_execute", record)
+    try:
+        assert repo.request_recalibration("cnn", "1", method="precise").queued
+    finally:
+        sa.event.remove(repo.engine, "before_cursor_execute", record)
+
+    def first(found: Callable[[str], bool]) -> int:
+        return next(i for i, s in enumerate(statements) if found(s))
+
+    lock = first(lambda s: s.startswith("BEGIN IMMEDIATE") or "FOR NO KEY UPDATE" in s)
+    check = first(lambda s: s.startswith("SELECT recalibrations.id"))
+    insert = first(lambda s: s.startswith("INSERT INTO recalibrations"))
+    assert lock < check < insert, statements
