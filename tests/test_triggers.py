@@ -31,6 +31,7 @@ from bnwatch.triggers import (
     sign,
     verify_signature,
 )
+from bnwatch.triggers import core as trigger_core
 from tests.service.webhook import Receiver, wait_for
 from tests.store.helpers import batches, feed, record_windows, small_cnn
 from tests.store.rows import add_alerts
@@ -277,13 +278,23 @@ def test_drift_recalibrates_in_process_and_records_everything(db_url: str) -> No
     engine.dispose()
 
 
-def test_an_alert_that_persisted_recalibrates_in_process(db_url: str) -> None:
+def test_an_alert_that_persisted_recalibrates_in_process(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """persist_seconds > 0: the drift alert's trigger waits until the alert has been open that
     long, and a later stored batch of windows acts on it."""
+    # The trigger's clock is held an hour back while the first drifted windows are stored, so
+    # "not open long enough yet" does not depend on how fast a loaded machine feeds and stores
+    # them (with the real clock this test failed under load), then runs true.
+    held_back = [True]
+
+    def trigger_clock() -> datetime:
+        now = utcnow()
+        return now - timedelta(hours=1) if held_back[0] else now
+
+    monkeypatch.setattr(trigger_core, "utcnow", trigger_clock)
     model = small_cnn()
-    # long enough that a loaded machine feeds and stores the window after the one that opened
-    # the alert well within it (0.3 s was not: the check below failed under load)
-    persist = 2.0
+    persist = 0.3
     policy = TriggerPolicy(cooldown_seconds=600, persist_seconds=persist)
     mon = recalibrating_monitor(model, db_url, policy)
     engine = engine_for(db_url)
@@ -296,6 +307,7 @@ def test_an_alert_that_persisted_recalibrates_in_process(db_url: str) -> None:
         sink = mon.sink
         assert isinstance(sink, StoreSink) and sink.flush()  # stored, the trigger consulted
         assert repo.recalibrations() == []  # opened, but not open for long enough yet
+        held_back[0] = False
         drifted = batches(400, seed=3, shift=2.5)
         deadline = time.monotonic() + 60
         while not repo.recalibrations() and time.monotonic() < deadline:
