@@ -9,8 +9,8 @@ no ablations), ``--json PATH`` keeps every number, ``--help`` lists the knobs.
 One seed is one model: the seed draws the split, the initial weights, the corruption noise and
 the folds, and the recovered share moves by several points from seed to seed (44-54 % for
 ``precise 512`` over seeds 0-4 on one machine, 42-56 % on another, whose CPU rounds training
-differently: 48.1 % and 50.5 % on average) -- more than any configuration differs from another on one
-seed.  Judge the target on the mean across seeds.
+differently: 48.1 % and 50.5 % on average) -- more than any configuration differs from
+another on one seed.  Judge the target on the mean across seeds.
 
 What is measured
     A :class:`~bnwatch.demo.digits.DigitsCNN` (four BatchNorm layers) is trained in the run on
