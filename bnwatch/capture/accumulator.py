@@ -338,7 +338,7 @@ class LayerAccumulator:
         self._shift: _Shift | None = None
         self._shift_decided = False
         self._scale: np.ndarray | None = None  # per-channel variance when K was chosen
-        self._limits: tuple[float, float, np.ndarray] | None = None  # see _limit
+        self._limits: tuple[float, int, float, np.ndarray] | None = None  # see _limit
         self._row_size = 1  # elements per row of the last batch (see shift_ratio)
         self._compactions = 0  # during the current batch (see observe)
         self._buffer: _RowBuffer | None = None
@@ -575,8 +575,8 @@ class LayerAccumulator:
         total = np.add.reduce(buf.s1[rows].numpy(), axis=0)  # around K, in the rows' precision
         far = total * total  # offset² · count²: a factor of 64 needs no more precision
         scale = self._known_scale(buf.channels)
-        ratio = shift_ratio(size)
-        if not (far > self._limit(scale, count, ratio)).any():
+        ratio, limit = self._limit(scale, count, size)
+        if not (far > limit).any():
             return True, None
         spread = np.add.reduce(squares, axis=0) * count - far  # spread · count²
         stale = far > ratio * np.maximum(spread, scale * (count * count))
@@ -603,13 +603,15 @@ class LayerAccumulator:
         self._limits = None
         return self._scale
 
-    def _limit(self, scale: np.ndarray, count: float, ratio: float) -> np.ndarray:
-        """``ratio · scale · count²``, kept for the last ``count`` and ``ratio`` (batches
-        repeat)."""
+    def _limit(self, scale: np.ndarray, count: float, size: int) -> tuple[float, np.ndarray]:
+        """:func:`shift_ratio` of rows of ``size`` elements and ``ratio · scale · count²``,
+        kept for the last ``count`` and ``size`` (batches repeat)."""
         cached = self._limits
-        if cached is None or cached[0] != count or cached[1] != ratio:
-            cached = self._limits = (count, ratio, scale * np.float32(ratio * count * count))
-        return cached[2]
+        if cached is None or cached[0] != count or cached[1] != size:
+            ratio = shift_ratio(size)
+            limit = scale * np.float32(ratio * count * count)
+            cached = self._limits = (count, size, ratio, limit)
+        return cached[2], cached[3]
 
     # -- compaction (device, float64) ------------------------------------------------------
     def _compact(self, buf: _RowBuffer) -> None:

@@ -601,6 +601,17 @@ class Repository:
         new.models[key] = int(model_id)
         return int(model_id)
 
+    def _stored_model_id(self, conn: Connection, name: str, version: str) -> int | None:
+        """The id of a model version already stored, or ``None`` (nothing is recorded: for
+        reads and for checks made before a lock is taken)."""
+        found = self._ids.models.get((name, version))
+        if found is not None:
+            return found
+        model_id = conn.execute(
+            sa.select(Model.id).where(Model.name == name, Model.version == version)
+        ).scalar_one_or_none()
+        return None if model_id is None else int(model_id)
+
     def _layer_ids(
         self, conn: Connection, model_id: int, record: WindowRecord, new: _Ids, index: int
     ) -> dict[str, int]:
@@ -1182,12 +1193,7 @@ class Repository:
         """
         now = _to_utc(now) if now is not None else utcnow()
         with self.engine.connect() as conn:
-            known = (
-                self._ids.models.get((model, version))
-                or conn.execute(
-                    sa.select(Model.id).where(Model.name == model, Model.version == version)
-                ).scalar_one_or_none()
-            )
+            known = self._stored_model_id(conn, model, version)
             if known is not None:
                 refused, recent, last = _claim_refusal(
                     conn, known, alert_id, cooldown_seconds, daily_cap, now
@@ -1257,9 +1263,7 @@ class Repository:
         """The model version's oldest recalibration requested by hand and still waiting to be
         taken (see :meth:`request_recalibration`), or ``None``."""
         with self.engine.connect() as conn:
-            model_id = conn.execute(
-                sa.select(Model.id).where(Model.name == model, Model.version == version)
-            ).scalar_one_or_none()
+            model_id = self._stored_model_id(conn, model, version)
             return None if model_id is None else _waiting_request(conn, model_id)
 
     def take_requested(
