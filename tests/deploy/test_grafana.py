@@ -281,6 +281,10 @@ def test_dashboard_covers_the_metrics_operators_need(dashboard: dict[str, Any]) 
         "bnwatch_alerts_active",  # alerts by kind
         "bnwatch_monitor_overhead_ratio",
         "bnwatch_monitor_windows_dropped_total",
+        "bnwatch_recalibrations",  # recalibrations by status, the oldest pending one's age
+        "bnwatch_recalibration_oldest_pending_timestamp_seconds",
+        "bnwatch_trigger_queue_depth",  # the service's webhook queue
+        "bnwatch_trigger_queue_dropped_total",
     }
     assert required <= used, sorted(required - used)
     heatmaps = [p for p in all_panels(dashboard["panels"]) if p["type"] == "heatmap"]
