@@ -48,7 +48,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parameter import UninitializedBuffer
 
 from bnwatch.capture.accumulator import LayerAccumulator
-from bnwatch.capture.discovery import BatchNormLayer
+from bnwatch.capture.discovery import BatchNormLayer, check_layer_paths
 from bnwatch.drift import DriftConfig, Reference, assess_layer, decide
 from bnwatch.errors import ConfigError, ReferenceMismatchError, check_positive_int
 from bnwatch.schema import (
@@ -56,6 +56,8 @@ from bnwatch.schema import (
     LayerReport,
     Profile,
     WindowRecord,
+    check_name,
+    check_text,
     storable_text,
     utcnow,
 )
@@ -337,6 +339,13 @@ class Monitor:
         keep_inputs: int = 0,
         reservoir: int | None = None,
     ) -> None:
+        # watch() checks these before it discovers layers or builds a sink; a Monitor built
+        # directly must not accept what every write would then fail on
+        check_name("name", name)
+        check_name("version", version)
+        if source is not None:
+            check_text("source", source)
+        check_layer_paths(model, layers)
         if window_seconds is not None and (
             isinstance(window_seconds, bool)
             or not isinstance(window_seconds, (int, float))

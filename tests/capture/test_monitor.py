@@ -18,6 +18,7 @@ from torch import nn
 
 import bnwatch
 from bnwatch.capture.accumulator import LayerAccumulator
+from bnwatch.capture.discovery import discover
 from bnwatch.capture.monitor import _Sampler
 from bnwatch.errors import ConfigError, NoBatchNormError, ReferenceMismatchError
 from bnwatch.sink import MemorySink
@@ -464,6 +465,36 @@ def test_names_the_store_or_the_service_cannot_take_fail_at_watch(
     assert info.value.argument == argument
     assert words in str(info.value)
     assert "characters" in info.value.allowed
+    assert bn_hooks(model) == 0
+
+
+@pytest.mark.parametrize(
+    ("argument", "value", "words"),
+    [
+        ("name", "org/resnet50", "'/' is not allowed"),
+        ("version", "2025-06-01\n", "control characters"),
+        ("source", "h" * 201, "at most 200 characters"),
+    ],
+)
+def test_a_monitor_built_directly_checks_the_same_names(
+    argument: str, value: str, words: str
+) -> None:
+    """``bnwatch.Monitor`` is public: built without watch(), it refuses the same names, before
+    a hook is added."""
+    model = small_cnn()
+    names = {"name": "cnn", "version": "1", "source": None} | {argument: value}
+    with pytest.raises(ConfigError) as info:
+        bnwatch.Monitor(model, discover(model), sink=MemorySink(), **names)  # type: ignore[arg-type]
+    assert info.value.argument == argument
+    assert words in str(info.value)
+    assert bn_hooks(model) == 0
+
+
+def test_a_monitor_built_directly_checks_layer_paths() -> None:
+    model = nn.Sequential()
+    model.add_module("b\nn", nn.BatchNorm1d(2))
+    with pytest.raises(ConfigError, match="module paths the store can hold"):
+        bnwatch.Monitor(model, discover(model), name="m", version="1", sink=MemorySink())
     assert bn_hooks(model) == 0
 
 
