@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -72,6 +72,46 @@ class DriftConfig:
         check_positive_int("min_samples", self.min_samples, minimum=2)
         check_positive_int("warmup_samples", self.warmup_samples, minimum=2)
         check_probability("min_drifted_fraction", self.min_drifted_fraction, open_low=False)
+
+
+CONFIG_ACCOUNT_PREFIX = "drift_"
+"""A :class:`DriftConfig` field ``f`` is ``drift_<f>`` in a monitor's account of itself
+(``WindowRecord.monitor``): ``drift_alpha``, ``drift_channel_fdr``, ``drift_min_shift``,
+``drift_min_log_ratio``, ``drift_min_samples``, ``drift_warmup_samples``,
+``drift_min_drifted_fraction``."""
+
+
+def config_account(config: DriftConfig) -> dict[str, float]:
+    """The thresholds that decided a window's flags, as entries of the monitor's account of
+    itself (``WindowRecord.monitor``: str -> float, sent on the wire and stored with the
+    source): ``drift_<field>`` for every field of ``config``.  :func:`config_from_account`
+    reads them back."""
+    return {CONFIG_ACCOUNT_PREFIX + f.name: float(getattr(config, f.name)) for f in fields(config)}
+
+
+def config_from_account(account: Mapping[str, Any] | None) -> DriftConfig | None:
+    """The :class:`DriftConfig` that :func:`config_account` wrote into ``account`` (other
+    keys are ignored), or ``None`` when a field is missing or its value is not a valid
+    threshold -- an account from a bnwatch that did not report its thresholds, or a broken
+    one.  Never a guess: a partial account gives ``None``, not defaults for the rest."""
+    if not account:
+        return None
+    values: dict[str, Any] = {}
+    for f in fields(DriftConfig):
+        value = account.get(CONFIG_ACCOUNT_PREFIX + f.name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None
+        if f.type in (int, "int"):  # integer thresholds travel as floats
+            if not float(value).is_integer():
+                return None
+            value = int(value)
+        else:
+            value = float(value)
+        values[f.name] = value
+    try:
+        return DriftConfig(**values)
+    except ConfigError:
+        return None
 
 
 # --------------------------------------------------------------------------------------

@@ -378,7 +378,9 @@ class WindowRecord:
     """Unique id of the window: storing it twice (a retried delivery) stores it once."""
     monitor: Mapping[str, float] = field(default_factory=dict)
     """The sending monitor's account of itself when the window closed: ``overhead_ratio``,
-    ``windows_dropped``, ``hook_errors``, ``forwards``, ``forwards_measured``."""
+    ``windows_dropped``, ``hook_errors``, ``forwards``, ``forwards_measured``, and the
+    ``DriftConfig`` thresholds that decided the window's flags as ``drift_<field>``
+    (:func:`bnwatch.drift.config_account`; a service that recomputes the flags names its own)."""
 
     @property
     def nbytes(self) -> int:

@@ -43,7 +43,14 @@ from pydantic import (
 )
 
 from bnwatch.codec import CodecError, blob_shape, decode_arrays, encode_arrays, encode_moments
-from bnwatch.drift import DriftConfig, Reference, assess_layer, decide, report_from_metrics
+from bnwatch.drift import (
+    DriftConfig,
+    Reference,
+    assess_layer,
+    config_account,
+    decide,
+    report_from_metrics,
+)
 from bnwatch.schema import (
     MAX_NAME_LENGTH,
     NAME_RULE,
@@ -682,7 +689,9 @@ def to_record(window: WireWindow, config: DriftConfig, *, recompute: bool = Fals
 
     The metrics the monitor sent are kept (its ``DriftConfig`` decided them); with
     ``recompute``, or when a layer came without metrics, every metric and decision is
-    recomputed with ``config``.
+    recomputed with ``config`` -- and the record's account (``monitor``) names ``config``
+    instead of the thresholds the monitor sent (:func:`~bnwatch.drift.config_account`): the
+    store keeps the thresholds that decided the stored flags.
     """
     if not recompute and all(w.metrics is not None for w in window.layers):
         return _as_sent(window)
@@ -710,7 +719,7 @@ def to_record(window: WireWindow, config: DriftConfig, *, recompute: bool = Fals
         end=window.end,
         reports=decide(reports, config),
         uid=window.uid,
-        monitor=dict(window.monitor),
+        monitor={**window.monitor, **config_account(config)},
     )
 
 

@@ -15,7 +15,7 @@ import pytest
 from pydantic import ValidationError
 
 from bnwatch.codec import MAGIC, encode_arrays
-from bnwatch.drift import DriftConfig
+from bnwatch.drift import DriftConfig, config_from_account
 from bnwatch.stats import DEFAULT_RESERVOIR as RESERVOIR
 from bnwatch.store.repository import moments_equal
 from bnwatch.wire import WindowBatch, batch_of, decode_blob, to_record
@@ -142,6 +142,22 @@ def test_windows_without_metrics_are_recomputed(records: list[Any]) -> None:
     back = to_record(wire, CONFIG)
     for name, r in records[0].reports.items():
         assert back.reports[name].gap_p_value == pytest.approx(r.gap_p_value, rel=1e-9, nan_ok=True)
+
+
+def test_the_account_names_the_thresholds_that_decided_the_flags(records: list[Any]) -> None:
+    """Kept metrics keep the monitor's thresholds in its account; recomputed ones (on request,
+    or for layers sent without metrics) name the service's, which decided what is stored."""
+    service = DriftConfig(min_shift=5.0, alpha=1e-4)
+    body = json.loads(json.dumps(batch_of(records[:1])))
+    (wire,) = WindowBatch.model_validate(body).windows
+    assert config_from_account(wire.monitor) == CONFIG  # the monitor sent its own
+    assert config_from_account(to_record(wire, service).monitor) == CONFIG
+    again = to_record(wire, service, recompute=True)
+    assert config_from_account(again.monitor) == service
+    assert again.monitor["overhead_ratio"] == wire.monitor["overhead_ratio"]  # the rest kept
+    del body["windows"][0]["layers"][0]["metrics"]
+    (partial,) = WindowBatch.model_validate(body).windows
+    assert config_from_account(to_record(partial, service).monitor) == service
 
 
 # -- reservoirs ------------------------------------------------------------------------------

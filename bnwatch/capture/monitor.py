@@ -49,7 +49,7 @@ from torch.nn.parameter import UninitializedBuffer
 
 from bnwatch.capture.accumulator import LayerAccumulator
 from bnwatch.capture.discovery import BatchNormLayer, check_layer_paths
-from bnwatch.drift import DriftConfig, Reference, assess_layer, decide
+from bnwatch.drift import DriftConfig, Reference, assess_layer, config_account, decide
 from bnwatch.errors import ConfigError, ReferenceMismatchError, check_positive_int
 from bnwatch.schema import (
     MAX_NAME_LENGTH,
@@ -672,6 +672,8 @@ class Monitor:
                         "hook_errors": float(sum(own.hook_errors.values())),
                         "forwards": float(own.forwards),
                         "forwards_measured": float(own.forwards_measured),
+                        # the thresholds that decided these flags, stored with the source
+                        **config_account(self.config),
                     },
                 )
                 self._sink.write(record)

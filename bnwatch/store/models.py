@@ -207,6 +207,9 @@ class Source(Base):
     overhead_ratio: Mapped[float | None] = mapped_column(Float)
     windows_dropped: Mapped[int] = mapped_column(BigInteger)
     hook_errors: Mapped[int] = mapped_column(BigInteger)
+    # the DriftConfig that decided the last window's flags, as bnwatch.drift.config_account
+    # wrote it (drift_<field> -> value); NULL when it reported none (migration 0008)
+    drift_config: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
 
 
 class Alert(Base):

@@ -29,7 +29,14 @@ from sqlalchemy.orm import Session, undefer
 from typing_extensions import Unpack
 
 from bnwatch.codec import decode_arrays, decode_moments, encode_arrays, encode_moments
-from bnwatch.drift import DriftConfig, Reference, assess_layer, decide
+from bnwatch.drift import (
+    DriftConfig,
+    Reference,
+    assess_layer,
+    config_account,
+    config_from_account,
+    decide,
+)
 from bnwatch.errors import (
     BnwatchError,
     ConfigError,
@@ -374,6 +381,11 @@ class LayerTotals:
 
 @dataclass(frozen=True)
 class SourceInfo:
+    """A monitor (replica) that reported for a model version, and its last account of
+    itself: ``drift_config`` is the :class:`DriftConfig` that decided its last window's flags
+    (``None`` when that window did not carry one: a monitor of an earlier bnwatch, or a source
+    whose last window was stored before migration 0008)."""
+
     model: str
     version: str
     source: str
@@ -383,6 +395,21 @@ class SourceInfo:
     overhead_ratio: float | None
     windows_dropped: int
     hook_errors: int
+    drift_config: DriftConfig | None
+
+
+def judged_at(sources: Sequence[SourceInfo]) -> DriftConfig | None:
+    """The thresholds a model version's windows were judged at, from its ``sources``: the
+    :class:`DriftConfig` of the source that reported one most recently (latest
+    ``last_window_end``; ties go to the source name, so the answer is stable), or ``None``
+    when none did.  Sources that disagree -- a replica restarted with other thresholds, an old
+    bnwatch that sends none -- are not reconciled here: the newest wins, and a caller that
+    shows the result compares it with each source's ``drift_config`` to say they differ."""
+    reported = [s for s in sources if s.drift_config is not None]
+    if not reported:
+        return None
+    newest = max(reported, key=lambda s: (s.last_window_end, s.source))
+    return newest.drift_config
 
 
 @dataclass(frozen=True)
@@ -1903,14 +1930,20 @@ class Repository:
             for t, layer, model, version in rows
         ]
 
-    def sources(self) -> list[SourceInfo]:
-        """Every monitor that reported, with its last account of itself."""
+    def sources(self, model: str | None = None, version: str | None = None) -> list[SourceInfo]:
+        """Every monitor that reported (for ``model``/``version`` when given), with its last
+        account of itself."""
+        query = (
+            sa.select(Source, Model.name, Model.version)
+            .join(Model, Model.id == Source.model_id)
+            .order_by(Model.name, Model.version, Source.source)
+        )
+        if model is not None:
+            query = query.where(Model.name == model)
+        if version is not None:
+            query = query.where(Model.version == version)
         with Session(self.engine) as conn:
-            rows = conn.execute(
-                sa.select(Source, Model.name, Model.version)
-                .join(Model, Model.id == Source.model_id)
-                .order_by(Model.name, Model.version, Source.source)
-            ).all()
+            rows = conn.execute(query).all()
         return [
             SourceInfo(
                 model=model,
@@ -1922,9 +1955,18 @@ class Repository:
                 overhead_ratio=src.overhead_ratio,
                 windows_dropped=src.windows_dropped,
                 hook_errors=src.hook_errors,
+                drift_config=config_from_account(src.drift_config),
             )
             for src, model, version in rows
         ]
+
+    def drift_config(self, model: str, version: str) -> DriftConfig | None:
+        """The :class:`DriftConfig` that ``model``/``version``'s windows were judged at: that
+        of the source that reported thresholds most recently (:func:`judged_at`), or ``None``
+        when no source did (or the version is not stored) -- judge merged windows at the
+        default then, and say so.  When sources disagree the newest wins; compare with
+        :meth:`sources` to tell."""
+        return judged_at(self.sources(model, version))
 
     def latest_metrics(self) -> list[StoredWindow]:
         """The latest window of every layer of every model version, without statistics."""
@@ -2269,6 +2311,13 @@ def _newer(cols: Any, exc: Any, column: str) -> Any:
     return sa.case((exc.last_window_end > cols.last_window_end, exc[column]), else_=cols[column])
 
 
+def _stored_config(monitor: Mapping[str, float]) -> dict[str, float] | None:
+    """The ``sources.drift_config`` value of a window's account: its thresholds, validated
+    and written back in :func:`~bnwatch.drift.config_account`'s form, or ``None``."""
+    config = config_from_account(monitor)
+    return config_account(config) if config is not None else None
+
+
 def _add_sources(conn: Connection, fresh: list[tuple[WindowRecord, int]]) -> None:
     """Record each sending monitor's last window and its account of itself."""
     latest: dict[tuple[int, str], WindowRecord] = {}
@@ -2279,7 +2328,7 @@ def _add_sources(conn: Connection, fresh: list[tuple[WindowRecord, int]]) -> Non
         if key not in latest or record.end >= latest[key].end:
             latest[key] = record
     table: sa.Table = Source.__table__  # type: ignore[assignment]
-    last_fields = ("overhead_ratio", "windows_dropped", "hook_errors")
+    last_fields = ("overhead_ratio", "windows_dropped", "hook_errors", "drift_config")
     updates: dict[str, Any] = {
         "windows": lambda cols, exc: cols.windows + exc.windows,
         **{f: (lambda cols, exc, f=f: _newer(cols, exc, f)) for f in last_fields},
@@ -2300,6 +2349,7 @@ def _add_sources(conn: Connection, fresh: list[tuple[WindowRecord, int]]) -> Non
                 "overhead_ratio": _finite(monitor.get("overhead_ratio")),
                 "windows_dropped": int(monitor.get("windows_dropped", 0)),
                 "hook_errors": int(monitor.get("hook_errors", 0)),
+                "drift_config": _stored_config(monitor),
             }
         )
     _upsert(conn, table, ["model_id", "source"], rows, updates)

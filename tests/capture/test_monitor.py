@@ -20,6 +20,7 @@ import bnwatch
 from bnwatch.capture.accumulator import LayerAccumulator
 from bnwatch.capture.discovery import discover
 from bnwatch.capture.monitor import _Sampler
+from bnwatch.drift import config_account, config_from_account
 from bnwatch.errors import ConfigError, NoBatchNormError, ReferenceMismatchError
 from bnwatch.sink import MemorySink
 from tests.capture.helpers import full_watch, reference
@@ -229,6 +230,33 @@ def test_budget_is_reported() -> None:
     assert s.hook_seconds > 0 and s.model_seconds > 0
     assert math.isclose(s.overhead_ratio, s.hook_seconds / s.model_seconds)
     mon.close()
+
+
+def test_each_window_accounts_for_the_thresholds_that_decided_it() -> None:
+    """A window's flags depend on the monitor's DriftConfig: its account of itself names it,
+    so a store and every view of merged windows can judge at the same thresholds."""
+    model = small_cnn().eval()
+    config = bnwatch.DriftConfig(alpha=1e-4, min_shift=5.0, min_samples=4, warmup_samples=64)
+    sink = MemorySink()
+    with (
+        bnwatch.watch(model, store=sink, window_seconds=None, config=config) as mon,
+        torch.no_grad(),
+    ):
+        for x in inputs(3):
+            model(x)
+        mon.flush()
+    (window,) = sink.windows
+    assert config_from_account(window.monitor) == config
+    assert {k: v for k, v in window.monitor.items() if k.startswith("drift_")} == (
+        config_account(config)
+    )
+    assert {k for k in window.monitor if not k.startswith("drift_")} == {
+        "overhead_ratio",
+        "windows_dropped",
+        "hook_errors",
+        "forwards",
+        "forwards_measured",
+    }
 
 
 # -- what the report says ----------------------------------------------------------------------

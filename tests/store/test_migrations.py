@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
 from bnwatch.cli import main
+from bnwatch.drift import DriftConfig
 from bnwatch.store.engine import SchemaError, create_engine
 from bnwatch.store.migrate import current_revision, downgrade, engine_for, head_revision, upgrade
 from bnwatch.store.models import Base
@@ -106,7 +107,14 @@ def test_0007_keeps_one_open_no_data_alert_and_refuses_a_second(db_url: str) -> 
     engine = create_engine(db_url)
     try:
         upgrade(engine, "0006")
-        Repository(engine).write_windows(record_windows(1))
+        with engine.begin() as conn:  # the model version, as 0006 stored it (today's
+            # Repository writes columns of later revisions)
+            conn.execute(
+                sa.text(
+                    "INSERT INTO models (id, name, version, created_at) VALUES (1, 'cnn', '1', :t)"
+                ),
+                {"t": datetime.now(timezone.utc)},
+            )
         insert = sa.text(
             "INSERT INTO alerts (id, model_id, layer_id, kind, state, opened_at, last_seen_at, "
             "\"values\") VALUES (:id, 1, NULL, :kind, 'open', :now, :now, '{}')"
@@ -124,6 +132,46 @@ def test_0007_keeps_one_open_no_data_alert_and_refuses_a_second(db_url: str) -> 
             conn.execute(insert, {"id": 5, "kind": "no_data", "now": stamp})
         downgrade(engine, "0006")
         upgrade(engine)
+    finally:
+        engine.dispose()
+
+
+def test_0008_adds_each_sources_thresholds_and_keeps_the_sources(db_url: str) -> None:
+    engine = create_engine(db_url)
+    try:
+        upgrade(engine, "0007")
+        (record,) = record_windows(1)
+        stamp = record.end - timedelta(minutes=5)
+        with engine.begin() as conn:  # a source as 0007 stored it
+            conn.execute(
+                sa.text(
+                    "INSERT INTO models (id, name, version, created_at) VALUES (1, 'cnn', '1', :t)"
+                ),
+                {"t": stamp},
+            )
+            conn.execute(
+                sa.text(
+                    "INSERT INTO sources (id, model_id, source, first_seen, last_window_end, "
+                    "windows, overhead_ratio, windows_dropped, hook_errors) "
+                    "VALUES (1, 1, :source, :t, :t, 7, 0.01, 0, 0)"
+                ),
+                {"source": record.source, "t": stamp},
+            )
+        upgrade(engine)
+        repo = Repository(engine)
+        (source,) = repo.sources()
+        assert (source.windows, source.drift_config) == (7, None)  # it never reported any
+        assert repo.drift_config("cnn", "1") is None
+        repo.write_windows([record])
+        assert repo.drift_config("cnn", "1") == DriftConfig(warmup_samples=16, min_samples=4)
+        downgrade(engine, "0007")
+        with engine.connect() as conn:
+            columns = {c["name"] for c in sa.inspect(conn).get_columns("sources")}
+            assert conn.execute(sa.text("SELECT windows FROM sources")).scalar_one() == 8
+        assert "drift_config" not in columns
+        upgrade(engine)
+        (source,) = Repository(engine).sources()
+        assert (source.windows, source.drift_config) == (8, None)  # until its next window
     finally:
         engine.dispose()
 
