@@ -34,6 +34,7 @@ from bnwatch.store.repository import (
     RecalibrationInfo,
     RecalibrationRequest,
     Repository,
+    judged_at,
 )
 
 DATABASE_ENV = "BNWATCH_DATABASE_URL"
@@ -455,6 +456,35 @@ class ChannelView:
     observed_batch_sizes: dict[int, int]
     batch_stat_mode: bool
     small_batch_mismatch: bool
+    thresholds: Thresholds
+    """The thresholds ``range_drifted`` and ``range_gap`` were judged at."""
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """The :class:`DriftConfig` a view judges merged windows at, and where it came from."""
+
+    config: DriftConfig
+    reported: bool
+    """A source reported these thresholds (the newest that did: ``Repository.drift_config``);
+    ``False``: none did, and ``config`` is the default."""
+    sources: int
+    """Sources (monitors) of the model version."""
+    differing: tuple[str, ...]
+    """Sources whose last window was judged at other thresholds (or reported none) while
+    ``config`` was reported by another."""
+
+
+@st.cache_data(ttl=TTL_SECONDS, show_spinner=False)
+def thresholds(url: str, model: str, version: str) -> Thresholds:
+    """The thresholds the windows of ``model``/``version`` were judged at (:class:`Thresholds`):
+    the stored flags were decided at them, so a merged range judged at them agrees."""
+    sources = repository(url).sources(model, version)
+    config = judged_at(sources)
+    if config is None:
+        return Thresholds(DriftConfig(), False, len(sources), ())
+    differing = tuple(s.source for s in sources if s.drift_config != config)
+    return Thresholds(config, True, len(sources), differing)
 
 
 @st.cache_data(ttl=TTL_SECONDS, show_spinner=False, max_entries=64)
@@ -468,10 +498,12 @@ def channel_view(
     resolution_seconds: float | None,
 ) -> ChannelView | None:
     """:class:`ChannelView` of one layer, or ``None`` when it has no window in the range.
-    ``resolution_seconds=None`` skips the time axis (one bucket: the whole range)."""
+    ``resolution_seconds=None`` skips the time axis (one bucket: the whole range).  Merged
+    windows are judged at the thresholds the stored windows were (:func:`thresholds`)."""
     resolutions = (resolution_seconds, None) if resolution_seconds else (None,)
+    judged = thresholds(url, model, version)
     views = repository(url).layer_reports_at(
-        model, version, layer, resolutions=resolutions, start=start, end=end, config=DriftConfig()
+        model, version, layer, resolutions=resolutions, start=start, end=end, config=judged.config
     )
     if not views[-1]:
         return None
@@ -511,6 +543,7 @@ def channel_view(
         observed_batch_sizes={int(k): int(v) for k, v in report.batch_sizes.items()},
         batch_stat_mode=bool(report.batch_stat_mode),
         small_batch_mismatch=bool(report.small_batch_mismatch),
+        thresholds=judged,
     )
 
 

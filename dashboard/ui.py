@@ -213,3 +213,24 @@ def heatmap_figure(
         yaxis={"autorange": "reversed"},
     )
     return fig
+
+
+def thresholds_note(judged: data.Thresholds) -> str:
+    """Which thresholds a merged range was judged at, for a help text: the monitors' (and
+    whether sources disagree) or the default, when no monitor reported its own."""
+    c = judged.config
+    values = (
+        f"alpha={c.alpha:g}, channel_fdr={c.channel_fdr:g}, min_shift={c.min_shift:g}, "
+        f"min_log_ratio={c.min_log_ratio:g}, min_samples={c.min_samples}, "
+        f"min_drifted_fraction={c.min_drifted_fraction:g}"
+    )
+    if not judged.reported:
+        return f"at the default DriftConfig ({values}): no monitor reported its thresholds"
+    if not judged.differing:
+        return f"at the monitors' DriftConfig ({values})"
+    others = ", ".join(judged.differing[:3]) + (", ..." if len(judged.differing) > 3 else "")
+    return (
+        f"at the newest monitor's DriftConfig ({values}); sources disagree: "
+        f"{len(judged.differing)} of {judged.sources} last judged at other thresholds "
+        f"or reported none ({others})"
+    )

@@ -31,18 +31,18 @@ if view is None:
 a, b, c, d = st.columns(4)
 a.metric("Channels", view.channels)
 b.metric("Samples in range", f"{view.range_samples:,}")
-# the whole range merged into one window and judged again, at bnwatch's default thresholds
-# (a monitor's own DriftConfig is not stored): it can differ from the stored windows' flags
-DEFAULTS = "judged on the whole range merged, at the default DriftConfig thresholds"
+# the whole range merged into one window and judged again, at the thresholds the monitors
+# reported (those that decided the stored windows' flags), or the default when none did
+JUDGED = f"judged on the whole range merged, {ui.thresholds_note(view.thresholds)}"
 c.metric(
     "Drifted (range)",
     "yes" if view.range_drifted else "no",
-    help=f"vs {view.baseline}; {DEFAULTS}",
+    help=f"vs {view.baseline}; {JUDGED}",
 )
 d.metric(
     "Gap (range)",
     "yes" if view.range_gap else "no",
-    help=f"vs the running statistics; {DEFAULTS}",
+    help=f"vs the running statistics; {JUDGED}",
 )
 
 QUANTITIES = {

@@ -3,8 +3,10 @@ real PostgreSQL): no exception, the expected widgets and the values the seed imp
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +14,15 @@ import numpy as np
 import pandas as pd
 import pytest
 import sqlalchemy as sa
+import torch
 from streamlit.testing.v1 import AppTest
 
+import bnwatch
 import data
 import ui
+from bnwatch.drift import DriftConfig
+from bnwatch.schema import WindowRecord
+from bnwatch.sink import MemorySink
 from bnwatch.store.engine import create_engine
 from bnwatch.store.migrate import engine_for, upgrade
 from bnwatch.store.repository import Repository
@@ -23,9 +30,12 @@ from tests.dashboard.seed import (
     CLEAN_WINDOWS,
     LAYERS,
     MODEL,
+    SHIFT,
     VERSION,
     WINDOWS,
     Seeded,
+    _batch,
+    cnn,
 )
 from tests.service.helpers import Monitor
 
@@ -163,6 +173,97 @@ def test_layer_page(app: AppTest) -> None:
     assert not at.exception and metrics(at)["Channels"] == str(6 * 36)
     at.radio[0].set_value("log_r").run()
     assert not at.exception
+
+
+LOOSE = DriftConfig(min_shift=5.0, min_log_ratio=5.0)
+"""Effect-size tolerances the seed's shift of 1.5 stays under (|d| about 1.3 in layer 1)."""
+
+
+def _recorded(url: str, config: DriftConfig, source: str, windows: int) -> list[WindowRecord]:
+    """Windows of the seed's CNN, profiled on clean data and watched at ``config`` on inputs
+    shifted by ``SHIFT``, closed one minute apart until now."""
+    g = torch.Generator().manual_seed(0)
+    net = cnn()
+    with torch.inference_mode():
+        profile = bnwatch.profile(net, [_batch(g, 32) for _ in range(16)], name="m", version="v")
+    sink = MemorySink()
+    mon = bnwatch.watch(
+        net,
+        name="m",
+        version="v",
+        reference=profile,
+        store=sink,
+        window_seconds=None,
+        overhead_budget=None,
+        source=source,
+        config=config,
+    )
+    with torch.inference_mode():
+        for _ in range(windows):
+            for size in (8, 32, 16):
+                net(_batch(g, size, SHIFT))
+            mon.flush()
+    mon.close()
+    now = datetime.now(timezone.utc)
+    return [
+        dataclasses.replace(
+            r,
+            start=now - timedelta(minutes=windows - i),
+            end=now - timedelta(minutes=windows - i - 1),
+        )
+        for i, r in enumerate(sink.windows)
+    ]
+
+
+def test_the_layer_page_judges_the_range_at_the_monitors_thresholds(
+    db_url: str, app_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A monitor watching at loose tolerances stored windows that are not drifted; the page
+    judged their merged range at the default thresholds and said "Drifted: yes"."""
+    engine = engine_for(db_url)
+    repo = Repository(engine)
+    records = _recorded(db_url, LOOSE, "loose:1", 4)
+    repo.write_windows(records)
+    assert not any(r.reports["1"].drifted or r.reports["1"].gap for r in records)
+    # at the default thresholds the same range is drifted (and off the running statistics)
+    ((_, at_default),) = repo.layer_reports("m", "v", "1", resolution=None)
+    assert at_default.drifted and at_default.gap
+    monkeypatch.setenv(data.DATABASE_ENV, db_url)
+    data.clear()
+    try:
+        at = AppTest.from_file(str(app_path), default_timeout=TIMEOUT)
+        at.run()
+        at = open_page(at, "layer")
+        shown = {m.label: m for m in at.metric}
+        assert shown["Drifted (range)"].value == "no" and shown["Gap (range)"].value == "no"
+        help_text = shown["Drifted (range)"].proto.help
+        assert "at the monitors' DriftConfig" in help_text and "min_shift=5," in help_text
+        assert "disagree" not in help_text
+        # a second source, judged at the default thresholds, reported before the first's last
+        other = _recorded(db_url, DriftConfig(), "default:1", 2)
+        repo.write_windows(
+            [dataclasses.replace(r, end=r.end - timedelta(minutes=1)) for r in other]
+        )
+        data.clear()
+        at.run()
+        shown = {m.label: m for m in at.metric}
+        assert shown["Drifted (range)"].value == "no"  # the newest source's thresholds
+        help_text = shown["Gap (range)"].proto.help
+        assert "newest monitor's DriftConfig" in help_text and "min_shift=5," in help_text
+        assert "sources disagree: 1 of 2" in help_text and "default:1" in help_text
+    finally:
+        data.clear()
+        engine.dispose()
+
+
+def test_thresholds_note_says_where_the_thresholds_came_from() -> None:
+    default = ui.thresholds_note(data.Thresholds(DriftConfig(), False, 1, ()))
+    assert default.startswith("at the default DriftConfig (alpha=0.001, ")
+    assert "no monitor reported its thresholds" in default
+    agreed = ui.thresholds_note(data.Thresholds(LOOSE, True, 2, ()))
+    assert agreed.startswith("at the monitors' DriftConfig (") and "min_log_ratio=5," in agreed
+    many = ui.thresholds_note(data.Thresholds(LOOSE, True, 6, ("a", "b", "c", "d", "e")))
+    assert "5 of 6" in many and "(a, b, c, ...)" in many
 
 
 def heatmap_spec(at: AppTest) -> dict[str, Any]:
