@@ -50,7 +50,10 @@ def compact(
 
     Only whole buckets that end before the cutoff are compacted; windows already at (or
     coarser than) ``resolution`` are left alone.  With ``drop_older_than``, windows that
-    ended before ``now - drop_older_than`` are deleted first.
+    ended before ``now - drop_older_than`` are deleted first.  The merged windows' flags are
+    decided at ``config``; without one, at the thresholds each model version's monitors
+    reported (:meth:`Repository.drift_config`), else the default -- so compaction does not
+    re-judge a monitor's windows at thresholds it never used.
     """
     seconds = resolution.total_seconds()
     if not seconds > 0:
@@ -60,7 +63,6 @@ def compact(
     cutoff_ts = math.floor((now - older_than).timestamp() / seconds) * seconds
     cutoff = datetime.fromtimestamp(cutoff_ts, tz=timezone.utc)
     repo = Repository(engine)
-    cfg = config or DriftConfig()
     merged = created = 0
     with Session(engine) as conn:
         spans = conn.execute(
@@ -69,6 +71,7 @@ def compact(
             .group_by(Window.model_id)
         ).all()
     for model_id, first_end in spans:
+        cfg = config or _judged_at(repo, model_id)
         first = as_utc(first_end)
         chunk_start = math.floor(first.timestamp() / seconds) * seconds - seconds
         while chunk_start < cutoff_ts:
@@ -78,6 +81,13 @@ def compact(
             created += c
             chunk_start = chunk_end
     return CompactResult(merged, created, dropped)
+
+
+def _judged_at(repo: Repository, model_id: int) -> DriftConfig:
+    """The thresholds the windows of a model version were judged at, or the default."""
+    with Session(repo.engine) as conn:
+        model = conn.execute(sa.select(Model).where(Model.id == model_id)).scalar_one()
+    return repo.drift_config(model.name, model.version) or DriftConfig()
 
 
 def _compact_chunk(

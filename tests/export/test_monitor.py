@@ -90,6 +90,27 @@ def test_exports_what_the_store_collector_exports(
     engine.dispose()
 
 
+def test_the_thresholds_in_a_monitors_account_are_not_exported(
+    tmp_path: Path, exporter: MonitorExporter, records: list[WindowRecord]
+) -> None:
+    """A window's account names its DriftConfig (``drift_<field>``): configuration, not a
+    measurement -- neither exporter turns those keys into series, nor trips over them."""
+    assert all(k in r.monitor for r in records for k in ("drift_alpha", "drift_min_shift"))
+    for r in records:
+        exporter.write(r)
+    engine = engine_for(f"sqlite:///{tmp_path / 'store.db'}")
+    Repository(engine).write_windows(records)
+    from_store = CollectorRegistry()
+    from_store.register(StoreCollector(Repository(engine)))
+    for registry in (exporter.registry, from_store):
+        text = generate_latest(registry).decode()
+        assert "bnwatch_monitor_overhead_ratio{" in text
+        for field in ("alpha", "channel_fdr", "min_shift", "min_log_ratio", "warmup"):
+            assert field not in text
+    assert exporter.dropped == 0
+    engine.dispose()
+
+
 def test_exposition_is_promtool_clean(
     exporter: MonitorExporter, records: list[WindowRecord]
 ) -> None:

@@ -75,8 +75,10 @@ def record_windows(
     version: str = "1",
     source: str = "test:1",
     warmup_samples: int = 16,
+    config: bnwatch.DriftConfig | None = None,
 ) -> list[WindowRecord]:
-    """``windows`` closed windows of ``per_window`` batches each (all data differs)."""
+    """``windows`` closed windows of ``per_window`` batches each (all data differs), judged at
+    ``config`` (default: ``DriftConfig(warmup_samples=warmup_samples, min_samples=4)``)."""
     net = model or small_cnn()
     sink = MemorySink()
     mon = bnwatch.watch(
@@ -87,7 +89,7 @@ def record_windows(
         window_seconds=None,
         overhead_budget=None,
         source=source,
-        config=bnwatch.DriftConfig(warmup_samples=warmup_samples, min_samples=4),
+        config=config or bnwatch.DriftConfig(warmup_samples=warmup_samples, min_samples=4),
     )
     data = batches(windows * per_window, seed=seed)
     with torch.inference_mode():

@@ -84,6 +84,25 @@ def test_compacted_window_equals_the_one_window_computation(repo: Repository) ->
     assert (again.windows_merged, again.windows_created) == (0, 0)
 
 
+def test_compaction_judges_at_the_thresholds_the_monitor_reported(repo: Repository) -> None:
+    """Without a config, rolled-up windows are decided at the thresholds their monitor used
+    (they were re-judged at the default, which flags this untrained CNN's gap)."""
+    loose = bnwatch.DriftConfig(min_shift=50.0, min_log_ratio=50.0, min_samples=4)
+    records = record_windows(3, config=loose)
+    hour = NOW - timedelta(days=2, hours=3)
+    repo.write_windows([at(r, hour + timedelta(minutes=10 * i)) for i, r in enumerate(records)])
+    assert not any(r.gap for rec in records for r in rec.reports.values())
+    at_default = repo.windows("cnn", "1", resolution=3600.0, config=bnwatch.DriftConfig())
+    assert any(w.gap for w in at_default)  # what compaction stored before
+    result = compact(
+        repo.engine, older_than=timedelta(days=1), resolution=timedelta(hours=1), now=NOW
+    )
+    assert (result.windows_merged, result.windows_created) == (9, 3)
+    rolled = repo.windows("cnn", "1")
+    assert [w.resolution_seconds for w in rolled] == [3600.0] * 3
+    assert not any(w.gap or w.drifted for w in rolled)
+
+
 def test_only_whole_buckets_before_the_cutoff_are_compacted(repo: Repository) -> None:
     records = record_windows(4)
     cutoff_hour = (NOW - timedelta(days=1)).replace(minute=0)
