@@ -10,7 +10,7 @@ never reported thresholds) until their next window.
 
 Revision ID: 0008
 Revises: 0007
-Create Date: 2026-12-10 10:00:00.000000
+Create Date: 2026-12-07 01:40:00.000000
 """
 
 from __future__ import annotations
