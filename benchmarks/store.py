@@ -18,10 +18,11 @@ What is measured
       call (one transaction per call; default ``B`` = 1 and 8); the time is the sum of the
       calls.
     * ``pglz`` (PostgreSQL only; ``--no-compare-storage`` skips it) -- the repository path
-      at the largest batch size on the schema migrated down to 0005 for its timed writes
-      (array columns at TOAST's default ``STORAGE EXTENDED``) and back to head after: the
-      store as it was before migration 0006, in the same rounds as the rest, so the ratio of
-      the two rows is the effect of not compressing incompressible float blobs.
+      at the largest batch size with the array columns set back to TOAST's default ``STORAGE
+      EXTENDED`` for its timed writes (what migration 0006 changed; the rest of the schema
+      stays at head) and to ``EXTERNAL`` after: the store's storage as it was before 0006, in
+      the same rounds as the rest, so the ratio of the two rows is the effect of not
+      compressing incompressible float blobs.
     * ``driver`` -- the ceiling: the very bytes bnwatch stores for each window (53 rows of
       encoded moments and reservoir blobs, encoded before the timing) inserted by the database
       driver alone into a bare table (id, uid, layer, the two blobs; on PostgreSQL at
@@ -152,6 +153,7 @@ import argparse
 import contextlib
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import multiprocessing
 import os
@@ -184,7 +186,7 @@ from bnwatch.stats import (
     default_reservoir_rows,
 )
 from bnwatch.store.engine import create_engine
-from bnwatch.store.migrate import downgrade, engine_for, upgrade
+from bnwatch.store.migrate import engine_for
 from bnwatch.store.repository import Repository, window_row
 from bnwatch.store.writer import StoreSink
 
@@ -205,10 +207,16 @@ PGLZ = "pglz"
 DRIVER = "driver"
 """The ceiling: the same encoded bytes inserted by the DB-API driver alone into a bare table."""
 DRIVER_TABLE = "bench_driver"
-"""PostgreSQL only: the repository path on the schema migrated down to 0005 for its timed
-writes (array columns at TOAST's default ``STORAGE EXTENDED``: pglz tries every value) -- the
-store as it was before migration 0006, measured in the same rounds as the rest."""
-BEFORE_EXTERNAL_STORAGE = "0005"
+"""PostgreSQL only: the repository path with the array columns at TOAST's default ``STORAGE
+EXTENDED`` for its timed writes (pglz tries every value) -- the storage migration 0006 changed,
+measured in the same rounds as the rest.  Only the storage is set back, not the schema: a
+repository writes the head schema's columns."""
+EXTERNAL_STORAGE_MIGRATION = (
+    Path(__file__).resolve().parent.parent
+    / "migrations"
+    / "versions"
+    / "0006_uncompressed_array_storage.py"
+)
 
 DEFAULT_RECORDS = 96
 """Timed windows per path and round: three of the writer's batches of 32, so that its row is
@@ -455,14 +463,30 @@ class Meter:
         return Size(self.sqlite_path.stat().st_size + extra, rows)
 
     @contextlib.contextmanager
-    def schema_at(self, revision: str) -> Iterator[None]:
-        """The schema migrated down to ``revision`` inside, back to head after (outside any
-        timing: the storage settings apply to values written while they hold)."""
-        downgrade(self.engine, revision)
+    def pglz_storage(self) -> Iterator[None]:
+        """PostgreSQL: the array columns migration 0006 made ``STORAGE EXTERNAL`` at TOAST's
+        default ``EXTENDED`` inside, ``EXTERNAL`` again after (outside any timing: the setting
+        applies to values written while it holds).  The columns are 0006's own lists."""
+        spec = importlib.util.spec_from_file_location("migration_0006", EXTERNAL_STORAGE_MIGRATION)
+        assert spec is not None and spec.loader is not None
+        migration = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(migration)
+
+        def set_storage(storage: str, skip: frozenset[tuple[str, str]]) -> None:
+            with self.engine.begin() as conn:
+                for table, columns in migration.ARRAY_COLUMNS.items():
+                    alters = ", ".join(
+                        f"ALTER COLUMN {c} SET STORAGE {storage}"
+                        for c in columns
+                        if (table, c) not in skip
+                    )
+                    conn.execute(sa.text(f"ALTER TABLE {table} {alters}"))
+
+        set_storage("EXTENDED", migration.ALREADY_EXTERNAL)
         try:
             yield
         finally:
-            upgrade(self.engine)
+            set_storage("EXTERNAL", frozenset())
 
     def create_driver_table(self) -> None:
         """The bare table of the ``driver`` row (blob columns stored as bnwatch stores them)."""
@@ -712,11 +736,7 @@ def run_path(
         result.seconds.append(sum(calls))
         result.transaction_seconds.extend(calls)
     elif result.path in (REPOSITORY, PGLZ):
-        schema = (
-            meter.schema_at(BEFORE_EXTERNAL_STORAGE)
-            if result.path == PGLZ
-            else contextlib.nullcontext()
-        )
+        schema = meter.pglz_storage() if result.path == PGLZ else contextlib.nullcontext()
         with schema:
             before = meter.read()
             calls = time_repository(repo, records, result.batch)

@@ -20,6 +20,7 @@ import sqlalchemy as sa
 import torch
 
 from bnwatch.sink import QUEUE_BYTES, WindowQueue
+from bnwatch.store.migrate import engine_for
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # ``benchmarks`` is not an installed package
@@ -177,3 +178,38 @@ def test_replicas_are_counted_and_checked(capsys: pytest.CaptureFixture[str]) ->
         store.parse_args(["--replicas", "-1"])
     assert exit_info.value.code == 2
     assert "--replicas must be >= 0, got -1" in capsys.readouterr().err
+
+
+def test_the_pglz_row_writes_with_the_storage_before_migration_0006() -> None:
+    """The ``pglz`` row sets the array columns 0006 made ``EXTERNAL`` back to ``EXTENDED``
+    (pglz) while it writes, on the head schema, and restores them after."""
+    admin = _postgres_admin_url()
+
+    def storage(meter: store.Meter) -> dict[tuple[str, str], str]:
+        with meter.engine.connect() as conn:
+            rows = conn.execute(
+                sa.text(
+                    "SELECT c.relname, a.attname, a.attstorage FROM pg_attribute a "
+                    "JOIN pg_class c ON c.oid = a.attrelid "
+                    "WHERE c.relname IN ('windows', 'refs') "
+                    "AND a.attname IN ('moments', 'reservoir', 'mean_var')"
+                )
+            ).all()
+        return {(table, column): kind for table, column, kind in rows}
+
+    with store.postgres_database(admin) as url:
+        engine = engine_for(url)  # the head schema
+        engine.dispose()
+        meter = store.Meter("postgresql", url, None)
+        try:
+            head = storage(meter)
+            assert len(head) == 5 and set(head.values()) == {"e"}  # EXTERNAL
+            with meter.pglz_storage():
+                compressed = {k for k, kind in storage(meter).items() if kind == "x"}  # EXTENDED
+            # windows.moments was EXTERNAL from 0001 on: 0006 changed the other four
+            assert compressed == {("windows", "reservoir")} | {
+                ("refs", c) for c in ("mean_var", "moments", "reservoir")
+            }
+            assert storage(meter) == head
+        finally:
+            meter.engine.dispose()
