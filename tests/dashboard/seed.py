@@ -47,7 +47,7 @@ def cnn(seed: int = 0) -> nn.Sequential:
     ).eval()
 
 
-def _batch(g: torch.Generator, size: int, shift: float = 0.0) -> torch.Tensor:
+def image_batch(g: torch.Generator, size: int, shift: float = 0.0) -> torch.Tensor:
     return torch.randn(size, 3, 6, 6, generator=g) + shift
 
 
@@ -68,7 +68,7 @@ def seed(url: str, *, now: datetime | None = None) -> Seeded:
     net = cnn()
     with torch.inference_mode():
         profile = bnwatch.profile(
-            net, [_batch(g, 32) for _ in range(16)], name=MODEL, version=VERSION, store=url
+            net, [image_batch(g, 32) for _ in range(16)], name=MODEL, version=VERSION, store=url
         )
     sink = MemorySink()
     mon = bnwatch.watch(
@@ -89,11 +89,11 @@ def seed(url: str, *, now: datetime | None = None) -> Seeded:
             if small:
                 train_mode.train()
                 for _ in range(24):
-                    net(_batch(g, 2, SHIFT))
+                    net(image_batch(g, 2, SHIFT))
                 train_mode.eval()
             else:
                 for size in (1, 8, 32, 16):
-                    net(_batch(g, size, SHIFT if drifted else 0.0))
+                    net(image_batch(g, size, SHIFT if drifted else 0.0))
             mon.flush()
     mon.close()
 

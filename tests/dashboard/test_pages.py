@@ -34,8 +34,8 @@ from tests.dashboard.seed import (
     VERSION,
     WINDOWS,
     Seeded,
-    _batch,
     cnn,
+    image_batch,
 )
 from tests.service.helpers import Monitor
 
@@ -185,7 +185,9 @@ def _recorded(url: str, config: DriftConfig, source: str, windows: int) -> list[
     g = torch.Generator().manual_seed(0)
     net = cnn()
     with torch.inference_mode():
-        profile = bnwatch.profile(net, [_batch(g, 32) for _ in range(16)], name="m", version="v")
+        profile = bnwatch.profile(
+            net, [image_batch(g, 32) for _ in range(16)], name="m", version="v"
+        )
     sink = MemorySink()
     mon = bnwatch.watch(
         net,
@@ -201,7 +203,7 @@ def _recorded(url: str, config: DriftConfig, source: str, windows: int) -> list[
     with torch.inference_mode():
         for _ in range(windows):
             for size in (8, 32, 16):
-                net(_batch(g, size, SHIFT))
+                net(image_batch(g, size, SHIFT))
             mon.flush()
     mon.close()
     now = datetime.now(timezone.utc)
