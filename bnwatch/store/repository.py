@@ -1448,7 +1448,8 @@ class Repository:
         With ``resolution`` (a timedelta or seconds), the windows of each layer are merged
         into buckets of that length aligned to the Unix epoch -- exactly: sufficient
         statistics merge without loss, and the metrics are recomputed on the merged window
-        against the stored references (``config`` sets the thresholds).
+        against the stored references, and its flags decided at ``config`` (default: the
+        thresholds that decided the stored windows' flags, :meth:`judging`).
         """
         with Session(self.engine) as conn:
             m = self._model_row(conn, model, version)
@@ -1469,7 +1470,7 @@ class Repository:
             ],
             refs,
             _seconds(resolution),
-            config or DriftConfig(),
+            self.judging(model, version, config),
             layer_count=count,
         )
 
@@ -1544,7 +1545,8 @@ class Repository:
         config: DriftConfig | None = None,
     ) -> list[list[tuple[StoredWindow, LayerReport]]]:
         """:meth:`layer_reports` at several resolutions from one read of the windows (e.g.
-        buckets for a time axis and ``None`` for the whole range)."""
+        buckets for a time axis and ``None`` for the whole range); merged windows are judged
+        at ``config`` (default: :meth:`judging`)."""
         with Session(self.engine) as conn:
             m = self._model_row(conn, model, version)
             known = conn.execute(
@@ -1565,10 +1567,11 @@ class Repository:
             (self.to_stored(m, lr, w, True), lr, w.running_ref_id, w.baseline_ref_id)
             for w, lr in rows
         ]
+        judged = self.judging(model, version, config)
         views = []
         for resolution in resolutions:
             seconds = _seconds(resolution) if resolution is not None else _WHOLE_RANGE
-            merged = merge_groups(items, refs, seconds, config or DriftConfig(), layer_count=count)
+            merged = merge_groups(items, refs, seconds, judged, layer_count=count)
             out = [(g.window, g.report) for g in merged if g.report is not None]
             if resolution is None and out:
                 first = as_utc(min(w.start for w, _ in rows))
@@ -1967,6 +1970,12 @@ class Repository:
         default then, and say so.  When sources disagree the newest wins; compare with
         :meth:`sources` to tell."""
         return judged_at(self.sources(model, version))
+
+    def judging(self, model: str, version: str, config: DriftConfig | None = None) -> DriftConfig:
+        """The thresholds to judge ``model``/``version``'s merged windows at: ``config`` when
+        given, else those that decided its stored windows' flags (:meth:`drift_config`), else
+        the default -- so a merged range is judged as its windows were."""
+        return config or self.drift_config(model, version) or DriftConfig()
 
     def latest_metrics(self) -> list[StoredWindow]:
         """The latest window of every layer of every model version, without statistics."""

@@ -87,7 +87,7 @@ def _judged_at(repo: Repository, model_id: int) -> DriftConfig:
     """The thresholds the windows of a model version were judged at, or the default."""
     with Session(repo.engine) as conn:
         model = conn.execute(sa.select(Model).where(Model.id == model_id)).scalar_one()
-    return repo.drift_config(model.name, model.version) or DriftConfig()
+    return repo.judging(model.name, model.version)
 
 
 def _compact_chunk(

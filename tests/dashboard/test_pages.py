@@ -228,7 +228,7 @@ def test_the_layer_page_judges_the_range_at_the_monitors_thresholds(
     repo.write_windows(records)
     assert not any(r.reports["1"].drifted or r.reports["1"].gap for r in records)
     # at the default thresholds the same range is drifted (and off the running statistics)
-    ((_, at_default),) = repo.layer_reports("m", "v", "1", resolution=None)
+    ((_, at_default),) = repo.layer_reports("m", "v", "1", resolution=None, config=DriftConfig())
     assert at_default.drifted and at_default.gap
     monkeypatch.setenv(data.DATABASE_ENV, db_url)
     data.clear()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from datetime import timedelta
 from typing import Any
@@ -13,6 +14,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.engine import Engine
 
+from bnwatch.drift import DriftConfig, config_account
 from bnwatch.schema import utcnow
 from bnwatch.service.schemas import WindowMetrics
 from bnwatch.store.models import Alert, Layer, Model
@@ -82,6 +84,29 @@ def test_windows_merged_to_a_resolution(client: TestClient, stored: Monitor) -> 
         assert window["n_samples"] == 6 * 16
         assert len(window["stats"]["mean"]) == channels
         assert all(isinstance(x, float) for x in window["stats"]["var"])
+
+
+def test_merged_windows_are_judged_at_the_thresholds_the_windows_were(client: TestClient) -> None:
+    """``?resolution=`` re-judges merged windows: at the thresholds their monitor reported
+    (which decided the stored flags), else at the service's own."""
+    loose = DriftConfig(min_shift=50.0, min_log_ratio=50.0, min_samples=4, warmup_samples=16)
+    reported = [
+        dataclasses.replace(r, monitor={**r.monitor, **config_account(loose)})
+        for r in Monitor(version="reported").records(3, shift=1.0)
+    ]
+    silent = Monitor(version="silent").records(3, shift=1.0)  # an account without thresholds
+    answer = client.post(ENDPOINT, json=batch_of(reported + silent), headers=AUTH)
+    assert answer.json()["stored"] == 6
+
+    def drifted(version: str) -> list[bool]:
+        merged = client.get(
+            f"/api/v1/models/cnn/versions/{version}/windows", params={"resolution": 3600}
+        ).json()
+        assert [w["merged_from"] for w in merged] == [3] * len(LAYERS)
+        return [w["metrics"]["drifted"] for w in merged]
+
+    assert drifted("silent") == [True] * len(LAYERS)  # the service's default thresholds
+    assert drifted("reported") == [False] * len(LAYERS)
 
 
 def test_latest_windows(client: TestClient, stored: Monitor) -> None:

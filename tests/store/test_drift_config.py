@@ -102,3 +102,24 @@ def test_the_column_holds_the_account_as_sent(repo: Repository) -> None:
         stored = conn.execute(sa.text("SELECT drift_config FROM sources")).scalar_one()
     # one JSON value, readable in SQL: drift_<field> -> threshold
     assert (stored if isinstance(stored, dict) else json.loads(stored)) == config_account(RECORDED)
+
+
+def test_merged_windows_are_judged_at_the_stored_thresholds_by_default(repo: Repository) -> None:
+    """``windows(resolution=)`` and ``layer_reports`` re-judge merged windows: without a
+    ``config``, at the thresholds that decided the stored flags (they used the default, which
+    flags this untrained CNN's gap)."""
+    loose = DriftConfig(min_shift=50.0, min_log_ratio=50.0, min_samples=4)
+    records = record_windows(3, config=loose)
+    repo.write_windows(records)
+    assert not any(r.gap for rec in records for r in rec.reports.values())
+    layer = next(iter(records[0].reports))
+    at_default = DriftConfig()
+    assert any(w.gap for w in repo.windows("cnn", "1", resolution=3600.0, config=at_default))
+    assert repo.judging("cnn", "1") == loose
+    assert not any(w.gap for w in repo.windows("cnn", "1", resolution=3600.0))
+    assert not any(r.gap for _, r in repo.layer_reports("cnn", "1", layer, resolution=None))
+    # an explicit config still wins; without stored thresholds the default judges
+    assert any(
+        r.gap for _, r in repo.layer_reports("cnn", "1", layer, resolution=None, config=at_default)
+    )
+    assert repo.judging("cnn", "2") == at_default

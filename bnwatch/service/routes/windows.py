@@ -164,7 +164,8 @@ def list_windows(
             ge=1,
             le=MAX_RESOLUTION_SECONDS,
             description="merge windows into epoch-aligned buckets of this many seconds "
-            "(exactly: metrics are recomputed from the merged statistics)",
+            "(exactly: metrics are recomputed from the merged statistics, and flags decided at "
+            "the thresholds that decided the stored windows' flags)",
         ),
     ] = None,
     stats: Annotated[bool, Query(description="include per-channel mean and variances")] = False,
@@ -184,7 +185,11 @@ def list_windows(
             source=source,
             resolution=resolution,
             with_stats=stats,
-            config=settings.drift,
+            # merged buckets are judged as their windows were: at the thresholds the monitors
+            # (or this service, when it recomputes) stored, else at the service's own
+            config=(repository.drift_config(model, version) or settings.drift)
+            if resolution
+            else None,
         )
     except KeyError:  # the model version was deleted meanwhile
         raise not_found(model, version) from None
