@@ -475,6 +475,51 @@ class Thresholds:
     ``config`` was reported by another."""
 
 
+def config_text(c: DriftConfig) -> str:
+    """The thresholds of ``c`` that decide flags, as ``alpha=..., min_shift=...``."""
+    return (
+        f"alpha={c.alpha:g}, channel_fdr={c.channel_fdr:g}, min_shift={c.min_shift:g}, "
+        f"min_log_ratio={c.min_log_ratio:g}, min_samples={c.min_samples}, "
+        f"min_drifted_fraction={c.min_drifted_fraction:g}"
+    )
+
+
+@st.cache_data(ttl=TTL_SECONDS, show_spinner=False)
+def monitors(url: str, model: str, version: str) -> pd.DataFrame:
+    """The monitors (sources) of ``model``/``version`` and their last account of themselves,
+    the one that reported most recently first; ``thresholds`` is the ``DriftConfig`` their
+    last window was judged at (:func:`config_text`), or ``None`` when it carried none."""
+    rows = sorted(
+        repository(url).sources(model, version), key=lambda s: s.last_window_end, reverse=True
+    )
+    columns = [
+        "source",
+        "last_window_end",
+        "first_seen",
+        "windows",
+        "overhead_ratio",
+        "windows_dropped",
+        "hook_errors",
+        "thresholds",
+    ]
+    return pd.DataFrame(
+        [
+            (
+                s.source,
+                s.last_window_end,
+                s.first_seen,
+                s.windows,
+                s.overhead_ratio,
+                s.windows_dropped,
+                s.hook_errors,
+                None if s.drift_config is None else config_text(s.drift_config),
+            )
+            for s in rows
+        ],
+        columns=columns,
+    )
+
+
 @st.cache_data(ttl=TTL_SECONDS, show_spinner=False)
 def thresholds(url: str, model: str, version: str) -> Thresholds:
     """The thresholds the windows of ``model``/``version`` were judged at (:class:`Thresholds`):

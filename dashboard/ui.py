@@ -218,12 +218,7 @@ def heatmap_figure(
 def thresholds_note(judged: data.Thresholds) -> str:
     """Which thresholds a merged range was judged at, for a help text: the monitors' (and
     whether sources disagree) or the default, when no monitor reported its own."""
-    c = judged.config
-    values = (
-        f"alpha={c.alpha:g}, channel_fdr={c.channel_fdr:g}, min_shift={c.min_shift:g}, "
-        f"min_log_ratio={c.min_log_ratio:g}, min_samples={c.min_samples}, "
-        f"min_drifted_fraction={c.min_drifted_fraction:g}"
-    )
+    values = data.config_text(judged.config)
     if not judged.reported:
         return f"at the default DriftConfig ({values}): no monitor reported its thresholds"
     if not judged.differing:

@@ -119,3 +119,32 @@ st.dataframe(
         "end": st.column_config.DatetimeColumn("Window end", format="YYYY-MM-DD HH:mm:ss"),
     },
 )
+
+st.subheader("Monitors")
+st.caption(
+    "Every monitor (replica: `source`, by default host:pid) that sent windows of this version, "
+    "newest first, with its last account of itself: its own cost, windows it could not "
+    "deliver, errors caught in its hooks, and the DriftConfig thresholds that decided its "
+    "last window's flags (none: a monitor of a bnwatch that did not report them)."
+)
+st.dataframe(
+    data.monitors(ctx.url, ctx.model, ctx.version),
+    width="stretch",
+    hide_index=True,
+    column_config={
+        "source": "Source",
+        "last_window_end": st.column_config.DatetimeColumn(
+            "Last window end", format="YYYY-MM-DD HH:mm:ss"
+        ),
+        "first_seen": st.column_config.DatetimeColumn("First seen", format="YYYY-MM-DD HH:mm:ss"),
+        "windows": st.column_config.NumberColumn("Windows", help="windows it stored"),
+        "overhead_ratio": st.column_config.NumberColumn(
+            "Overhead", help="hook time / model time, as it reported", format="percent"
+        ),
+        "windows_dropped": st.column_config.NumberColumn(
+            "Dropped", help="windows it could not deliver"
+        ),
+        "hook_errors": st.column_config.NumberColumn("Hook errors"),
+        "thresholds": st.column_config.TextColumn("Thresholds (DriftConfig)", width="large"),
+    },
+)

@@ -97,6 +97,10 @@ def test_model_page(app: AppTest) -> None:
     assert list(table.index) == list(LAYERS)  # depth order
     assert table["drifted"].all() and table["gap"].any()
     assert table.loc["4", "batch_stat_mode"]
+    monitors = at.dataframe[1].value  # the one monitor of the story, as it reported itself
+    assert list(monitors["source"]) == ["seed:1"]
+    assert monitors.loc[0, "windows"] == WINDOWS and monitors.loc[0, "hook_errors"] == 0
+    assert monitors.loc[0, "thresholds"] == data.config_text(DriftConfig())  # watched at those
     # another metric redraws without error
     at.selectbox(key="model_metric").set_value("frac_drifted").run()
     assert not at.exception
