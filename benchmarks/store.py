@@ -152,6 +152,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import importlib.util
 import json
@@ -437,6 +438,17 @@ class Size:
     rows: int
 
 
+@functools.cache
+def _external_storage_migration() -> Any:
+    """Migration 0006's module, loaded once (its column lists are what the ``pglz`` row sets
+    back; a migration file is not an importable module name)."""
+    spec = importlib.util.spec_from_file_location("migration_0006", EXTERNAL_STORAGE_MIGRATION)
+    assert spec is not None and spec.loader is not None
+    migration = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(migration)
+    return migration
+
+
 class Meter:
     """Reads stored bytes and rows between timed sections (its own engine)."""
 
@@ -467,10 +479,7 @@ class Meter:
         """PostgreSQL: the array columns migration 0006 made ``STORAGE EXTERNAL`` at TOAST's
         default ``EXTENDED`` inside, ``EXTERNAL`` again after (outside any timing: the setting
         applies to values written while it holds).  The columns are 0006's own lists."""
-        spec = importlib.util.spec_from_file_location("migration_0006", EXTERNAL_STORAGE_MIGRATION)
-        assert spec is not None and spec.loader is not None
-        migration = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(migration)
+        migration = _external_storage_migration()
 
         def set_storage(storage: str, skip: frozenset[tuple[str, str]]) -> None:
             with self.engine.begin() as conn:

@@ -52,7 +52,7 @@ def compact(
     coarser than) ``resolution`` are left alone.  With ``drop_older_than``, windows that
     ended before ``now - drop_older_than`` are deleted first.  The merged windows' flags are
     decided at ``config``; without one, at the thresholds each model version's monitors
-    reported (:meth:`Repository.drift_config`), else the default -- so compaction does not
+    reported, else the default (:meth:`Repository.judging`) -- so compaction does not
     re-judge a monitor's windows at thresholds it never used.
     """
     seconds = resolution.total_seconds()
@@ -66,12 +66,13 @@ def compact(
     merged = created = 0
     with Session(engine) as conn:
         spans = conn.execute(
-            sa.select(Window.model_id, sa.func.min(Window.end))
+            sa.select(Window.model_id, Model.name, Model.version, sa.func.min(Window.end))
+            .join(Model, Model.id == Window.model_id)
             .where(Window.end <= cutoff, Window.resolution_seconds < seconds)
-            .group_by(Window.model_id)
+            .group_by(Window.model_id, Model.name, Model.version)
         ).all()
-    for model_id, first_end in spans:
-        cfg = config or _judged_at(repo, model_id)
+    for model_id, name, version, first_end in spans:
+        cfg = repo.judging(name, version, config)
         first = as_utc(first_end)
         chunk_start = math.floor(first.timestamp() / seconds) * seconds - seconds
         while chunk_start < cutoff_ts:
@@ -81,13 +82,6 @@ def compact(
             created += c
             chunk_start = chunk_end
     return CompactResult(merged, created, dropped)
-
-
-def _judged_at(repo: Repository, model_id: int) -> DriftConfig:
-    """The thresholds the windows of a model version were judged at, or the default."""
-    with Session(repo.engine) as conn:
-        model = conn.execute(sa.select(Model).where(Model.id == model_id)).scalar_one()
-    return repo.judging(model.name, model.version)
 
 
 def _compact_chunk(
