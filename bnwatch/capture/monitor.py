@@ -6,7 +6,9 @@ forward, whether it is measured, so all layers of a forward agree.  Hooks never 
 anything the model sees, so outputs are bit-identical with and without the monitor; every
 hook body is wrapped in ``try/except`` -- an exception is counted, logged once per layer and
 swallowed -- and in :func:`torch.compiler.disable`, so a model compiled after ``watch()``
-runs the hooks eagerly (a graph break per BN layer) instead of tracing them.
+runs the hooks eagerly (a graph break per BN layer) instead of tracing them.  A copy of the
+model (``copy.deepcopy``, ``torch.save`` of the whole model) is not watched: its hooks do
+nothing (:class:`Detached`).
 
 Cost.  The monitor times its own hooks against the forward passes that contain them.  With
 ``overhead_budget=b`` it measures a forward only while it has credit: every forward earns
@@ -416,12 +418,13 @@ class Monitor:
 
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         for idx, layer in enumerate(layers):
-            hook = _eager(functools.partial(self._bn_hook, idx))
+            hook = _Hook(_eager(self._bn_hook), idx)
             self._handles.append(layer.module.register_forward_pre_hook(hook))
         # first among the model's pre-hooks: a model that is itself a BatchNorm layer gets its
         # forward decided before its own layer hook runs
-        self._handles.append(model.register_forward_pre_hook(_eager(self._root_pre), prepend=True))
-        self._handles.append(model.register_forward_hook(_eager(self._root_post), always_call=True))
+        pre, post = _Hook(_eager(self._root_pre)), _Hook(_eager(self._root_post))
+        self._handles.append(model.register_forward_pre_hook(pre, prepend=True))
+        self._handles.append(model.register_forward_hook(post, always_call=True))
 
         _LIVE.add(self)
         self._window_start = utcnow()
@@ -819,6 +822,34 @@ def _ratio(hook: float, model: float) -> float:
 def _eager(fn: Callable[..., None]) -> Callable[..., None]:
     """``fn`` run eagerly inside ``torch.compile`` (a graph break) instead of being traced."""
     return torch.compiler.disable(fn)  # type: ignore[no-untyped-call,no-any-return]
+
+
+class _Hook(functools.partial[None]):
+    """A monitor's hook as PyTorch keeps it on a module; a copy of the module is not watched.
+
+    ``copy.deepcopy(model)`` (an EMA copy, a model to quantize) and pickling the whole model
+    (``torch.save(model)``) copy the modules' hook dictionaries.  A plain hook would make the
+    copy feed the monitor another model's activations (judged against the original's running
+    statistics), and would not pickle at all (the monitor holds threads and locks).  In the
+    copy this hook becomes :class:`Detached`, which does nothing.  A ``functools.partial``, so
+    calling it adds no Python frame to the hot path.
+    """
+
+    def __reduce__(self) -> tuple[type[Detached], tuple[()]]:
+        return (Detached, ())
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Detached:
+        return Detached()
+
+
+class Detached:
+    """What a copy of a watched module holds where the monitor's hook was: a no-op."""
+
+    def __call__(self, *args: Any) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return "<bnwatch hook of a copied module: does nothing>"
 
 
 def _tracked(module: _BatchNorm) -> int:

@@ -77,6 +77,53 @@ def test_outputs_and_gradients_are_bit_identical(mode: str) -> None:
     mon.close()
 
 
+def test_a_deep_copy_of_a_watched_model_is_not_watched() -> None:
+    """An EMA copy, a copy to quantize: its forwards are another model's, and must not reach
+    the monitor of the original (they were judged against the original's running stats)."""
+    model = small_cnn().eval()
+    mon = full_watch(model)
+    copied = copy.deepcopy(model)
+    xs = inputs(3)
+    for x in xs:
+        model(x)
+        assert torch.equal(copied(x * 5 + 3), model(x * 5 + 3))
+        model(x)
+    reports = mon.flush()
+    assert mon.stats().forwards == 9  # the copy's three forwards are not among them
+    assert reports["1"].n_batches == 9
+    with torch.no_grad():  # what layer "1" received from the watched model alone
+        conv = model.get_submodule("0")
+        received = [conv(x) for x in [x * 5 + 3 for x in xs] + xs + xs]
+    np.testing.assert_allclose(reports["1"].mean, reference(received)["mean"], rtol=1e-6)
+    assert {type(h).__name__ for m in copied.modules() for h in m._forward_pre_hooks.values()} == {
+        "Detached"
+    }
+    # the copy can be watched on its own
+    own = full_watch(copied)
+    copied(xs[0])
+    assert own.flush()["1"].n_batches == 1 and mon.stats().forwards == 9
+    own.close()
+    mon.close()
+
+
+def test_a_watched_model_can_be_saved_whole_and_the_loaded_copy_is_not_watched(
+    tmp_path: Any,
+) -> None:
+    """``torch.save(model)`` pickles the modules' hooks: the monitor's (threads, locks) must
+    not make it fail, and the loaded model reports to nobody."""
+    model = small_cnn().eval()
+    mon = full_watch(model)
+    x = inputs(1)[0]
+    path = tmp_path / "model.pt"
+    torch.save(model, path)
+    loaded = torch.load(path, weights_only=False)
+    assert torch.equal(loaded(x), model(x))
+    assert mon.stats().forwards == 1
+    torch.save(loaded, tmp_path / "again.pt")  # the placeholder hooks pickle too
+    mon.close()
+    assert bn_hooks(model) == 0
+
+
 def test_hook_exception_is_counted_logged_once_and_swallowed(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
