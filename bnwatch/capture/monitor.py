@@ -10,6 +10,12 @@ runs the hooks eagerly (a graph break per BN layer) instead of tracing them.  A 
 model (``copy.deepcopy``, ``torch.save`` of the whole model) is not watched: its hooks do
 nothing (:class:`Detached`).
 
+Forks.  A monitor's threads, its sink's writer and its database connections do not survive
+``fork()`` (gunicorn ``--preload``, ``multiprocessing`` with the fork start method).  In a
+forked child the first forward of the model logs one warning saying to call ``watch()`` in
+the process that runs the model, and removes the inherited monitor's hooks there: it never
+measures, reports or blocks in the child, and the parent's data is not reported twice.
+
 Cost.  The monitor times its own hooks against the forward passes that contain them.  With
 ``overhead_budget=b`` it measures a forward only while it has credit: every forward earns
 ``b`` times its own model time and every measured forward spends its hook time, so the
@@ -72,6 +78,18 @@ _LIVE: weakref.WeakSet[Monitor] = weakref.WeakSet()
 """Every monitor not yet garbage-collected (see :func:`watching`)."""
 _PAUSED = threading.local()
 """``monitors``: the monitors this thread's forwards are hidden from (see :func:`paused`)."""
+_FORKS = 0
+"""Forks between the interpreter's start and this process (a monitor created before the last
+one was inherited from a parent process)."""
+
+
+def _forked() -> None:
+    global _FORKS
+    _FORKS += 1
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which cannot fork
+    os.register_at_fork(after_in_child=_forked)
 
 
 def watching(modules: Iterable[nn.Module]) -> list[Monitor]:
@@ -103,7 +121,7 @@ def unwatched(model: nn.Module) -> contextlib.AbstractContextManager[None]:
 
 
 def _paused(monitor: Monitor) -> bool:
-    return monitor in getattr(_PAUSED, "monitors", ())
+    return monitor._forks != _FORKS or monitor in getattr(_PAUSED, "monitors", ())
 
 
 ROOT_HOOKS = "(model)"
@@ -427,6 +445,8 @@ class Monitor:
         self._handles.append(model.register_forward_hook(post, always_call=True))
 
         _LIVE.add(self)
+        self._forks = _FORKS
+        self._pid = os.getpid()
         self._window_start = utcnow()
         self._deadline = time.monotonic() + self.window_seconds if self.window_seconds else math.inf
         self._stop = threading.Event()
@@ -514,6 +534,8 @@ class Monitor:
     # -- hooks ---------------------------------------------------------------------------
     def _root_pre(self, module: nn.Module, args: Any) -> None:
         if _paused(self):
+            if self._forks != _FORKS:
+                self._inherited()
             return
         start = time.perf_counter()
         tl = self._tls
@@ -597,6 +619,30 @@ class Monitor:
                 exc_info=err,
             )
 
+    def _inherited(self) -> bool:
+        """In a process forked after this monitor was created: remove its hooks (this copy of
+        them, the parent's monitor is unaffected), say once what to do, return True."""
+        if self._forks == _FORKS:
+            return False
+        if not self._closed:
+            self._closed = True
+            for handle in self._handles:
+                handle.remove()
+            self._handles.clear()
+            logger.warning(
+                "bnwatch: the monitor of %s@%s was created in process %d, and this process "
+                "(%d) is a fork of it (gunicorn --preload, multiprocessing's fork start "
+                "method): its threads and its store connection did not survive the fork, so "
+                "it is detached here and measures nothing -- call bnwatch.watch() in the "
+                "process that runs the model (gunicorn: in the post_fork hook, or without "
+                "--preload)",
+                self.model_name,
+                self.version,
+                self._pid,
+                os.getpid(),
+            )
+        return True
+
     # -- windows -------------------------------------------------------------------------
     def _window_loop(self) -> None:
         while not self._stop.wait(timeout=max(0.0, self._deadline - time.monotonic())):
@@ -609,6 +655,8 @@ class Monitor:
                     self._deadline = time.monotonic() + (self.window_seconds or 60.0)
 
     def _close_window(self) -> dict[str, LayerReport]:
+        if self._inherited():  # the parent's data, and the parent's sink: not ours to report
+            return {}
         with self._flush_lock:
             end = utcnow()
             start, self._window_start = self._window_start, end
@@ -769,14 +817,15 @@ class Monitor:
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        """Closed, or inherited by a forked process (where it never measures)."""
+        return self._closed or self._forks != _FORKS
 
     def close(self, timeout: float | None = 30.0) -> dict[str, LayerReport]:
         """Remove the hooks, close the last window, and close the sink.
 
         Idempotent.  Returns the last window's reports (empty if it saw no data).
         """
-        if self._closed:
+        if self._inherited() or self._closed:
             return {}
         self._closed = True
         for handle in self._handles:

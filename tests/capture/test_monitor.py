@@ -620,6 +620,97 @@ def test_the_default_source_is_stored_whatever_the_host_name(
         engine.dispose()
 
 
+def test_a_forked_process_detaches_the_inherited_monitor_and_can_watch_on_its_own(
+    db_url: str,
+) -> None:
+    """gunicorn --preload: the model is watched in the master and forked into the workers,
+    where the monitor's threads and store connection do not exist.  The inherited monitor
+    must neither measure there in silence (nothing would ever be stored) nor report the
+    parent's data a second time: it detaches at the child's first forward, says so once, and
+    a monitor created in the child stores the child's windows under the child's source."""
+    import json
+    import os
+
+    from bnwatch.store.migrate import engine_for
+    from bnwatch.store.repository import Repository
+
+    model = small_cnn().eval()
+    options: dict[str, Any] = {
+        "name": "cnn",
+        "version": "1",
+        "store": db_url,
+        "window_seconds": None,
+        "overhead_budget": None,
+    }
+    mon = bnwatch.watch(model, **options)
+    xs = inputs(4)
+    with torch.no_grad():
+        model(xs[0])  # before the fork: the parent's, reported once, by the parent
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: answer through the pipe and never return into pytest
+        code = 1
+        try:
+            os.close(read)
+            torch.set_num_threads(1)  # torch's OpenMP pool does not survive a fork either
+            messages: list[str] = []
+            handler = logging.Handler(logging.WARNING)
+            handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
+            logging.getLogger("bnwatch").addHandler(handler)
+            with torch.no_grad():
+                model(xs[1])
+                model(xs[2])
+            child: dict[str, Any] = {
+                "closed": mon.closed,
+                "hooks": bn_hooks(model),
+                "flushed": len(mon.flush()) + len(mon.close()),
+                "warnings": sum("is a fork of it" in m for m in messages),
+            }
+            own = bnwatch.watch(model, **options)
+            with torch.no_grad():
+                model(xs[3])
+            child["batches"] = own.close()["1"].n_batches
+            child["source"] = own.source
+            os.write(write, json.dumps(child).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    deadline = time.monotonic() + 120
+    while not (ended := os.waitpid(pid, os.WNOHANG))[0] and time.monotonic() < deadline:
+        time.sleep(0.05)  # polling a child that must end by itself
+    status = ended[1]
+    if not ended[0]:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung")
+    with os.fdopen(read) as pipe:
+        child = json.loads(pipe.read() or "{}")
+    assert os.waitstatus_to_exitcode(status) == 0, child
+    assert child == {
+        "closed": True,
+        "hooks": 0,
+        "flushed": 0,
+        "warnings": 1,
+        "batches": 1,
+        "source": child["source"],
+    }
+    assert child["source"] != mon.source and child["source"].endswith(f":{pid}")
+    # the parent's monitor is untouched by its child
+    with torch.no_grad():
+        model(xs[1])
+    assert bn_hooks(model) == 4 and not mon.closed
+    assert mon.close()["1"].n_batches == 2
+    engine = engine_for(db_url, create=False)
+    try:
+        stored = Repository(engine).windows("cnn", "1", layer="1")
+    finally:
+        engine.dispose()
+    assert sorted((w.source, w.n_batches) for w in stored) == sorted(
+        [(mon.source, 2), (child["source"], 1)]
+    )
+
+
 def test_a_layer_path_longer_than_the_store_holds_fails_at_watch() -> None:
     model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
     model.add_module("b" * 501, nn.BatchNorm1d(3))
