@@ -6,7 +6,8 @@ forward, whether it is measured, so all layers of a forward agree.  Hooks never 
 anything the model sees, so outputs are bit-identical with and without the monitor; every
 hook body is wrapped in ``try/except`` -- an exception is counted, logged once per layer and
 swallowed -- and in :func:`torch.compiler.disable`, so a model compiled after ``watch()``
-runs the hooks eagerly (a graph break per BN layer) instead of tracing them.  A copy of the
+runs the hooks eagerly (a graph break per BN layer) instead of tracing them; ``torch.export``
+skips them (the exported program is not watched).  A copy of the
 model (``copy.deepcopy``, ``torch.save`` of the whole model) is not watched: its hooks do
 nothing (:class:`Detached`).
 
@@ -869,8 +870,17 @@ def _ratio(hook: float, model: float) -> float:
 
 
 def _eager(fn: Callable[..., None]) -> Callable[..., None]:
-    """``fn`` run eagerly inside ``torch.compile`` (a graph break) instead of being traced."""
-    return torch.compiler.disable(fn)  # type: ignore[no-untyped-call,no-any-return]
+    """``fn`` as a hook: run eagerly inside ``torch.compile`` (a graph break) instead of being
+    traced, and skipped while ``torch.export`` traces the model -- its fake tensors are not
+    traffic, and a strict export fails on any function the compiler must not trace."""
+    eager = torch.compiler.disable(fn)  # type: ignore[no-untyped-call]
+
+    def hook(*args: Any) -> None:
+        if torch.compiler.is_exporting():
+            return None
+        return eager(*args)  # type: ignore[no-any-return]
+
+    return hook
 
 
 class _Hook(functools.partial[None]):

@@ -382,6 +382,21 @@ def test_works_on_a_model_compiled_after_watch() -> None:
     assert mon.stats().hook_errors == {}
 
 
+@pytest.mark.parametrize("strict", [False, True])
+def test_a_watched_model_can_be_exported_and_export_is_not_traffic(strict: bool) -> None:
+    """``torch.export`` traces the model with fake tensors: the hooks must not count that as a
+    forward or fail on it (they raised on every layer), and a strict export must not fail on
+    them (it refused the compiler-disabled hooks).  The exported program is not watched."""
+    model = small_cnn().eval()
+    mon = full_watch(model)
+    x = inputs(1)[0]
+    exported = torch.export.export(model, (x,), strict=strict)
+    assert mon.stats().forwards == 0 and mon.stats().hook_errors == {}
+    assert torch.equal(exported.module()(x), model(x))
+    assert mon.flush()["1"].n_batches == 1  # the watched model's own forward, measured
+    mon.close()
+
+
 # -- discovery and arguments -----------------------------------------------------------------------
 def test_discovers_every_kind_at_any_depth_and_filters_by_name() -> None:
     model = nn.ModuleDict(
