@@ -286,6 +286,14 @@ class MonitorExporter:
                     port,
                 )
                 return None
+            if err.errno == errno.EADDRINUSE:
+                raise OSError(
+                    err.errno,
+                    f"bnwatch: cannot serve metrics on {addr}:{port}: the port is in use (by "
+                    f"another program, or another worker process of this server: set "
+                    f"{MULTIPROC_ENV} before the workers start, and they share one endpoint); "
+                    "choose another metrics_port, or 0 for any free one",
+                ) from err
             raise
         with self._lock:
             self._servers.append((server, thread))

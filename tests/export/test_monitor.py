@@ -349,3 +349,21 @@ def test_watch_serves_its_metrics_on_the_address_asked() -> None:
         mon.close()
     with pytest.raises(ConfigError, match="metrics_addr"):
         bnwatch.watch(small_cnn(), window_seconds=None, metrics_port=0, metrics_addr="")
+
+
+def test_watch_on_a_metrics_port_in_use_says_what_to_do() -> None:
+    """Several worker processes each watching with one metrics_port: the second one's plain
+    ``Address already in use`` did not say that multi-process mode shares one endpoint."""
+    import socket
+
+    from tests.store.helpers import small_cnn
+
+    net = small_cnn()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError, match="in use") as info:
+            bnwatch.watch(net, window_seconds=None, metrics_port=port)
+    assert "PROMETHEUS_MULTIPROC_DIR" in str(info.value) and "metrics_port" in str(info.value)
+    assert not any(m._forward_pre_hooks for m in net.modules())  # nothing left attached
