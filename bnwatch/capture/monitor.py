@@ -7,7 +7,7 @@ anything the model sees, so outputs are bit-identical with and without the monit
 hook body is wrapped in ``try/except`` -- an exception is counted, logged once per layer and
 swallowed -- and in :func:`torch.compiler.disable`, so a model compiled after ``watch()``
 runs the hooks eagerly (a graph break per BN layer) instead of tracing them; ``torch.export``
-skips them (the exported program is not watched).  A copy of the
+and ``torch.jit.trace`` skip them (the program they make is not watched).  A copy of the
 model (``copy.deepcopy``, ``torch.save`` of the whole model) is not watched: its hooks do
 nothing (:class:`Detached`).
 
@@ -871,12 +871,13 @@ def _ratio(hook: float, model: float) -> float:
 
 def _eager(fn: Callable[..., None]) -> Callable[..., None]:
     """``fn`` as a hook: run eagerly inside ``torch.compile`` (a graph break) instead of being
-    traced, and skipped while ``torch.export`` traces the model -- its fake tensors are not
-    traffic, and a strict export fails on any function the compiler must not trace."""
+    traced, and skipped while ``torch.export`` or ``torch.jit.trace`` traces the model -- their
+    tracing passes are not traffic, a strict export fails on any function the compiler must not
+    trace, and a TorchScript trace warned about every conversion the hook made."""
     eager = torch.compiler.disable(fn)  # type: ignore[no-untyped-call]
 
     def hook(*args: Any) -> None:
-        if torch.compiler.is_exporting():
+        if torch.compiler.is_exporting() or torch.jit.is_tracing():  # type: ignore[attr-defined,no-untyped-call]
             return None
         return eager(*args)  # type: ignore[no-any-return]
 

@@ -397,6 +397,26 @@ def test_a_watched_model_can_be_exported_and_export_is_not_traffic(strict: bool)
     mon.close()
 
 
+def test_a_watched_model_can_be_traced_and_tracing_is_not_traffic() -> None:
+    """``torch.jit.trace`` runs the model three times: twice traced (the trace and its check),
+    which the hooks counted as forwards while the tracer warned about each of their tensor
+    conversions, and once eagerly to compare."""
+    import warnings
+
+    model = small_cnn().eval()
+    mon = full_watch(model)
+    x = inputs(1)[0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        traced = torch.jit.trace(model, x)
+    tracer = [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]  # type: ignore[attr-defined]
+    # of the three, only the check's eager run of the model is a forward like any other
+    assert tracer == [] and mon.stats().forwards == 1
+    assert torch.equal(traced(x), model(x))
+    assert mon.flush()["1"].n_batches == 2
+    mon.close()
+
+
 # -- discovery and arguments -----------------------------------------------------------------------
 def test_discovers_every_kind_at_any_depth_and_filters_by_name() -> None:
     model = nn.ModuleDict(
