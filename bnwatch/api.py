@@ -6,6 +6,7 @@ points (composition layer).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -13,7 +14,8 @@ from torch import nn
 
 from bnwatch.capture import Monitor, discover
 from bnwatch.capture import profile as _profile
-from bnwatch.capture.discovery import check_layer_paths
+from bnwatch.capture.discovery import BatchNormLayer, check_layer_paths
+from bnwatch.capture.monitor import watching
 from bnwatch.drift import DriftConfig
 
 if TYPE_CHECKING:
@@ -24,6 +26,8 @@ if TYPE_CHECKING:
 from bnwatch.errors import ConfigError, check_positive_int
 from bnwatch.schema import REPORTED_STATUSES, Profile, check_name, check_text
 from bnwatch.sink import MemorySink, Sink
+
+logger = logging.getLogger("bnwatch")
 
 __all__ = ["profile", "report_recalibration", "watch"]
 
@@ -180,7 +184,11 @@ def watch(
             batch of windows stored in a database.
         source: this replica's id in stored windows: 1 to 200 characters, without control
             characters (default ``host:pid``, a host name too long for that cut to a prefix
-            and a digest).
+            and a digest).  An open monitor of this process that watches any of the same
+            layers under the same name, version and source -- the same ``watch()`` run
+            again, as a notebook cell or a reloaded module does -- is closed first (its last
+            window goes to its sink, with a warning): both would store the same traffic
+            twice, under one source.
         keep_inputs: keep copies of the last ``keep_inputs`` input samples of measured
             forwards (``mon.inputs()``; ``mon.kept_inputs()`` adds when they arrived), e.g. to
             recalibrate on recent production data.  They cost their size in memory: 1,024
@@ -284,12 +292,29 @@ def watch(
     except BaseException:
         sink.close(0)
         raise
+    # after the new monitor started: a watch() that fails leaves the old one watching
+    _replace_twins(monitor, layers)
     if recalibrate and pipeline is not None:
         from bnwatch.triggers import RecalibrateAction, Trigger, TriggerPolicy
 
         policy = recalibrate if isinstance(recalibrate, TriggerPolicy) else TriggerPolicy()
         pipeline.triggers.append(Trigger(RecalibrateAction(model, monitor), policy))
     return monitor
+
+
+def _replace_twins(monitor: Monitor, layers: Sequence[BatchNormLayer]) -> None:
+    """Close the open monitors that ``monitor`` duplicates: the same name, version and source
+    on any of its layers."""
+    ours = (monitor.model_name, monitor.version, monitor.source)
+    for twin in watching(layer.module for layer in layers):
+        if twin is not monitor and (twin.model_name, twin.version, twin.source) == ours:
+            logger.warning(
+                "bnwatch: %s@%s (source %s) was already watched by an open monitor of this "
+                "process -- watch() run again? -- closing it (its last window goes to its "
+                "sink) so that the traffic is not stored twice",
+                *ours,
+            )
+            twin.close()
 
 
 def report_recalibration(

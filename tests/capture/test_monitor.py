@@ -124,6 +124,38 @@ def test_a_watched_model_can_be_saved_whole_and_the_loaded_copy_is_not_watched(
     assert bn_hooks(model) == 0
 
 
+def test_watching_a_model_again_closes_the_monitor_it_would_duplicate(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A notebook cell or a reloaded module runs the same watch() again: two open monitors
+    of one name, version and source would store every window twice, and the first one may
+    be out of reach (its variable rebound).  The second closes it; others are left alone."""
+    model = small_cnn().eval()
+    x = inputs(1)[0]
+    first = full_watch(model)
+    model(x)
+    with caplog.at_level(logging.WARNING, logger="bnwatch"):
+        second = full_watch(model)
+    assert first.closed and not second.closed
+    assert [w.reports["1"].n_batches for w in first.sink.windows] == [1]  # type: ignore[attr-defined]
+    assert sum("already watched" in r.getMessage() for r in caplog.records) == 1
+    assert bn_hooks(model) == 4  # three layers and the root: one monitor's hooks
+    model(x)
+    assert second.flush()["1"].n_batches == 1
+    # another source or another name is another stream in the store: both stay open
+    canary = full_watch(model, source="canary")
+    other = full_watch(model, name="other")
+    assert not any(m.closed for m in (second, canary, other))
+    for mon in (second, canary, other):
+        mon.close()
+    # a watch() that fails leaves the monitor it would have replaced watching
+    kept = full_watch(model)
+    with pytest.raises(ConfigError, match="window_seconds"):
+        full_watch(model, window_seconds=-1)
+    assert not kept.closed and bn_hooks(model) == 4
+    kept.close()
+
+
 def test_hook_exception_is_counted_logged_once_and_swallowed(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
