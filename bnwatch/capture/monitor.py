@@ -435,6 +435,8 @@ class Monitor:
         if reference is not None:
             self._use_profile(reference)
 
+        self._forks = _FORKS  # read by every hook: set before the first one is added
+        self._pid = os.getpid()
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         for idx, layer in enumerate(layers):
             hook = _Hook(_eager(self._bn_hook), idx)
@@ -446,8 +448,6 @@ class Monitor:
         self._handles.append(model.register_forward_hook(post, always_call=True))
 
         _LIVE.add(self)
-        self._forks = _FORKS
-        self._pid = os.getpid()
         self._window_start = utcnow()
         self._deadline = time.monotonic() + self.window_seconds if self.window_seconds else math.inf
         self._stop = threading.Event()
@@ -893,8 +893,8 @@ class _Hook(functools.partial[None]):
     (``torch.save(model)``) copy the modules' hook dictionaries.  A plain hook would make the
     copy feed the monitor another model's activations (judged against the original's running
     statistics), and would not pickle at all (the monitor holds threads and locks).  In the
-    copy this hook becomes :class:`Detached`, which does nothing.  A ``functools.partial``, so
-    calling it adds no Python frame to the hot path.
+    copy this hook becomes :class:`Detached`, which does nothing.  A ``functools.partial``
+    (called in C): the subclass adds nothing to the cost of a call.
     """
 
     def __reduce__(self) -> tuple[type[Detached], tuple[()]]:
