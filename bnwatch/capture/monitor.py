@@ -875,8 +875,10 @@ def _eager(fn: Callable[..., None]) -> Callable[..., None]:
     tracing passes are not traffic, a strict export fails on any function the compiler must not
     trace, and a TorchScript trace warned about every conversion the hook made."""
     eager = torch.compiler.disable(fn)  # type: ignore[no-untyped-call]
-    # bound once: the checks run on every forward of every layer (~0.3 us together)
-    exporting, tracing = torch.compiler.is_exporting, torch.jit.is_tracing  # type: ignore[attr-defined]
+    # bound once: the checks run on every forward of every layer (~0.3 us together).  An
+    # older torch without torch.compiler.is_exporting runs the hooks under export as before
+    exporting = getattr(torch.compiler, "is_exporting", _never)
+    tracing = torch.jit.is_tracing  # type: ignore[attr-defined]
 
     def hook(*args: Any) -> None:
         if exporting() or tracing():  # type: ignore[no-untyped-call]
@@ -884,6 +886,10 @@ def _eager(fn: Callable[..., None]) -> Callable[..., None]:
         return eager(*args)  # type: ignore[no-any-return]
 
     return hook
+
+
+def _never() -> bool:
+    return False
 
 
 class _Hook(functools.partial[None]):
