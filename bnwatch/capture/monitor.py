@@ -435,6 +435,7 @@ class Monitor:
         if reference is not None:
             self._use_profile(reference)
 
+        _drop_detached(model)
         self._forks = _FORKS  # read by every hook: set before the first one is added
         self._pid = os.getpid()
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -886,6 +887,16 @@ def _eager(fn: Callable[..., None]) -> Callable[..., None]:
         return eager(*args)  # type: ignore[no-any-return]
 
     return hook
+
+
+def _drop_detached(model: nn.Module) -> None:
+    """Remove the no-op hooks a copy of a watched model carries (:class:`Detached`): the model
+    is watched anew, and they would only cost a call each."""
+    for module in model.modules():
+        for hooks in (module._forward_pre_hooks, module._forward_hooks):
+            for key in [k for k, hook in hooks.items() if isinstance(hook, Detached)]:
+                del hooks[key]
+                module._forward_hooks_always_called.pop(key, None)
 
 
 def _never() -> bool:

@@ -19,7 +19,7 @@ from torch import nn
 import bnwatch
 from bnwatch.capture.accumulator import LayerAccumulator
 from bnwatch.capture.discovery import discover
-from bnwatch.capture.monitor import _Sampler
+from bnwatch.capture.monitor import Detached, _Sampler
 from bnwatch.drift import config_account, config_from_account
 from bnwatch.errors import ConfigError, NoBatchNormError, ReferenceMismatchError
 from bnwatch.sink import MemorySink
@@ -122,6 +122,18 @@ def test_a_watched_model_can_be_saved_whole_and_the_loaded_copy_is_not_watched(
     torch.save(loaded, tmp_path / "again.pt")  # the placeholder hooks pickle too
     mon.close()
     assert bn_hooks(model) == 0
+    # watching the loaded model drops the placeholders: only the new monitor's hooks remain
+    assert bn_hooks(loaded) == 4 and len(loaded._forward_hooks) == 1
+    again = full_watch(loaded)
+    assert bn_hooks(loaded) == 4 and len(loaded._forward_hooks) == 1
+    assert not any(
+        isinstance(h, Detached)
+        for m in loaded.modules()
+        for h in (*m._forward_pre_hooks.values(), *m._forward_hooks.values())
+    )
+    loaded(x)
+    assert again.close()["1"].n_batches == 1
+    assert bn_hooks(loaded) == 0 and not loaded._forward_hooks_always_called
 
 
 def test_watching_a_model_again_closes_the_monitor_it_would_duplicate(
