@@ -106,6 +106,16 @@ def test_a_deep_copy_of_a_watched_model_is_not_watched() -> None:
     mon.close()
 
 
+def test_an_averaged_model_of_a_watched_model_is_not_watched() -> None:
+    """``torch.optim.swa_utils.AveragedModel`` (SWA, EMA) deep-copies the model it averages."""
+    model = small_cnn().eval()
+    mon = full_watch(model)
+    averaged = torch.optim.swa_utils.AveragedModel(model)
+    averaged(inputs(1)[0] * 5)
+    assert mon.stats().forwards == 0 and mon.flush() == {}
+    mon.close()
+
+
 def test_a_watched_model_can_be_saved_whole_and_the_loaded_copy_is_not_watched(
     tmp_path: Any,
 ) -> None:
