@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from bnwatch.triggers import AlertPipeline, Trigger, TriggerPolicy
 from bnwatch.errors import ConfigError, check_positive_int
 from bnwatch.schema import REPORTED_STATUSES, Profile, check_name, check_text
-from bnwatch.sink import MemorySink, Sink
+from bnwatch.sink import MemorySink, Sink, in_use
 
 logger = logging.getLogger("bnwatch")
 
@@ -290,7 +290,10 @@ def watch(
             reservoir=reservoir,
         )
     except BaseException:
-        sink.close(0)
+        # what watch() built goes (the exporter releases the sink behind it); a sink passed
+        # in that other monitors write to stays open for them
+        if sink is not store or not in_use(sink):
+            sink.close(0)
         raise
     # after the new monitor started: a watch() that fails leaves the old one watching
     _replace_twins(monitor, layers)

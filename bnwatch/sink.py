@@ -32,6 +32,38 @@ class Sink(Protocol):
         """Windows that could not be delivered and were dropped (counted, never silently)."""
 
 
+_USERS: dict[int, tuple[Sink, int]] = {}
+"""id(sink) -> (the sink, the monitors and exporters writing to it): see :func:`acquire`."""
+_USERS_LOCK = threading.Lock()
+
+
+def acquire(sink: Sink) -> None:
+    """Count one more writer of ``sink`` (a monitor, or an exporter in front of it): one sink
+    may serve several monitors -- one database writer for every model of a process -- and
+    :func:`release` closes it only with the last of them."""
+    with _USERS_LOCK:
+        _, users = _USERS.get(id(sink), (sink, 0))
+        _USERS[id(sink)] = (sink, users + 1)
+
+
+def release(sink: Sink, timeout: float | None = None) -> None:
+    """One writer of ``sink`` is done: close the sink (draining it, at most ``timeout``
+    seconds) if no other writer acquired it and still uses it; a sink never acquired is
+    closed."""
+    with _USERS_LOCK:
+        _, users = _USERS.pop(id(sink), (sink, 1))
+        if users > 1:
+            _USERS[id(sink)] = (sink, users - 1)
+            return
+    sink.close(timeout)
+
+
+def in_use(sink: Sink) -> bool:
+    """Whether a writer acquired ``sink`` and has not released it."""
+    with _USERS_LOCK:
+        return id(sink) in _USERS
+
+
 MEMORY_BYTES = 64 << 20
 """Default bound of :class:`MemorySink`'s history: 64 MiB of windows (:attr:`WindowRecord.nbytes`)
 -- 1,000 windows of a small model, about 11 of a ResNet-50 (5.5 MB each)."""

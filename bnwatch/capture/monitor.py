@@ -70,7 +70,7 @@ from bnwatch.schema import (
     storable_text,
     utcnow,
 )
-from bnwatch.sink import Sink
+from bnwatch.sink import Sink, acquire, release
 from bnwatch.stats import ChannelMoments, LayerStats, default_reservoir_rows
 
 logger = logging.getLogger("bnwatch")
@@ -449,6 +449,7 @@ class Monitor:
         self._handles.append(model.register_forward_hook(post, always_call=True))
 
         _LIVE.add(self)
+        acquire(sink)  # shared by several monitors, the sink is closed with the last of them
         self._window_start = utcnow()
         self._deadline = time.monotonic() + self.window_seconds if self.window_seconds else math.inf
         self._stop = threading.Event()
@@ -823,7 +824,9 @@ class Monitor:
         return self._closed or self._forks != _FORKS
 
     def close(self, timeout: float | None = 30.0) -> dict[str, LayerReport]:
-        """Remove the hooks, close the last window, and close the sink.
+        """Remove the hooks, close the last window, and close the sink -- unless another open
+        monitor writes to it too (one sink passed to several ``watch()`` calls), which then
+        closes it when it closes.
 
         Idempotent.  Returns the last window's reports (empty if it saw no data).
         """
@@ -842,7 +845,7 @@ class Monitor:
         except Exception:
             self._window_errors += 1
             logger.exception("bnwatch: closing the last window failed")
-        self._sink.close(timeout)
+        release(self._sink, timeout)
         return reports
 
     def __enter__(self) -> Monitor:

@@ -60,7 +60,7 @@ from bnwatch.errors import ConfigError
 from bnwatch.export import names
 from bnwatch.export.names import MetricSpec
 from bnwatch.schema import BATCH_SIZE_BUCKETS, LayerReport, WindowRecord
-from bnwatch.sink import Sink
+from bnwatch.sink import Sink, acquire, release
 
 __all__ = ["MULTIPROCESS_MODES", "MonitorExporter", "layer_values", "multiprocess_dir"]
 
@@ -149,6 +149,9 @@ class MonitorExporter:
 
     def __init__(self, inner: Sink | None = None, *, registry: CollectorRegistry | None = None):
         self.inner = inner
+        self._released = False
+        if inner is not None:
+            acquire(inner)  # released by close(): a sink other monitors share stays open
         self.registry = registry if registry is not None else CollectorRegistry()
         self.multiprocess_dir = multiprocess_dir()
         self._lock = threading.Lock()
@@ -190,10 +193,12 @@ class MonitorExporter:
             self.inner.write(window)
 
     def close(self, timeout: float | None = None) -> None:
-        """Close the inner sink (waiting at most ``timeout`` seconds), then stop serving."""
+        """Close the inner sink (waiting at most ``timeout`` seconds) unless other monitors
+        still write to it (:func:`bnwatch.sink.release`), then stop serving."""
         try:
-            if self.inner is not None:
-                self.inner.close(timeout)
+            if self.inner is not None and not self._released:
+                self._released = True  # once, however often close() runs
+                release(self.inner, timeout)
         finally:
             self.shutdown()
 

@@ -62,6 +62,49 @@ def test_watch_with_a_database_url_stores_every_window(db_url: str) -> None:
     assert sink.stats().written == 5
 
 
+@pytest.mark.parametrize("metrics", [False, True])
+def test_one_sink_shared_by_several_monitors_closes_with_the_last(
+    db_url: str, metrics: bool
+) -> None:
+    """One database writer for every model of a process: closing the first monitor closed
+    the sink under the others, whose later windows were dropped.  Each monitor (or the
+    metrics exporter in front of it) releases the sink; the last one closes it."""
+    sink = StoreSink(db_url)
+    nets = [small_cnn(seed) for seed in range(3)]
+    port: dict[str, int | None] = {"metrics_port": 0 if metrics else None}
+    mons = [
+        bnwatch.watch(
+            net,
+            name=f"m{i}",
+            version="1",
+            store=sink,
+            window_seconds=None,
+            overhead_budget=None,
+            **port,  # type: ignore[arg-type]
+        )
+        for i, net in enumerate(nets)
+    ]
+    xs = batches(3)
+    with torch.inference_mode():
+        for net in nets:
+            net(xs[0])
+        mons[0].close()
+        for net in nets[1:]:
+            net(xs[1])
+        mons[1].flush()
+        # a watch() that fails does not close the sink the others write to
+        with pytest.raises(bnwatch.ConfigError, match="window_seconds"):
+            bnwatch.watch(small_cnn(), name="bad", store=sink, window_seconds=-1, **port)  # type: ignore[arg-type]
+        mons[1].close()
+        nets[2](xs[2])
+    mons[2].close()
+    assert sink.stats().dropped == 0 and sink.stats().written == 3  # a window per monitor
+    assert [m.stats().windows_dropped for m in mons] == [0, 0, 0]
+    assert stored(db_url) == 3 * 3  # three layers each
+    sink.write(renamed(record_windows(1)[0]))  # the last monitor closed it
+    assert sink.dropped == 1
+
+
 def test_close_drains_the_queue(db_url: str) -> None:
     records = record_windows(1)
     sink = StoreSink(db_url, batch_size=7)
