@@ -449,7 +449,6 @@ class Monitor:
         self._handles.append(model.register_forward_hook(post, always_call=True))
 
         _LIVE.add(self)
-        acquire(sink)  # shared by several monitors, the sink is closed with the last of them
         self._window_start = utcnow()
         self._deadline = time.monotonic() + self.window_seconds if self.window_seconds else math.inf
         self._stop = threading.Event()
@@ -459,6 +458,7 @@ class Monitor:
                 target=self._window_loop, name=f"bnwatch-windows-{name}", daemon=True
             )
             self._thread.start()
+        acquire(sink)  # shared by several monitors, the sink is closed with the last of them
 
     # -- references ----------------------------------------------------------------------
     def _snapshot_running(self, layer: BatchNormLayer) -> None:
