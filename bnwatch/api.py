@@ -265,19 +265,19 @@ def watch(
             "metrics_addr", metrics_addr, "an address to listen on ('0.0.0.0': every interface)"
         )
     sink = _make_sink(store, pipeline, token=token, source=source)
+    exporter: Sink | None = None
     try:  # whatever fails from here stops what was started: the writer, the metrics server
         if metrics_port is not None:
             from bnwatch.export import MonitorExporter
 
             exporter = MonitorExporter(sink)
             exporter.serve(metrics_port, addr=metrics_addr)
-            sink = exporter
         monitor = Monitor(
             model,
             layers,
             name=name,
             version=version,
-            sink=sink,
+            sink=sink if exporter is None else exporter,
             window_seconds=window_seconds,
             reference=reference,
             sample_every=sample_every,
@@ -292,7 +292,9 @@ def watch(
     except BaseException:
         # what watch() built goes (the exporter releases the sink behind it); a sink passed
         # in that other monitors write to stays open for them
-        if sink is not store or not in_use(sink):
+        if exporter is not None:
+            exporter.close(0)
+        elif sink is not store or not in_use(sink):
             sink.close(0)
         raise
     # after the new monitor started: a watch() that fails leaves the old one watching

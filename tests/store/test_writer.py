@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -95,6 +96,11 @@ def test_one_sink_shared_by_several_monitors_closes_with_the_last(
         # a watch() that fails does not close the sink the others write to
         with pytest.raises(bnwatch.ConfigError, match="window_seconds"):
             bnwatch.watch(small_cnn(), name="bad", store=sink, window_seconds=-1, **port)  # type: ignore[arg-type]
+        with socket.socket() as taken:  # nor one whose metrics server cannot start
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            with pytest.raises(OSError, match="in use"):
+                bnwatch.watch(small_cnn(), store=sink, metrics_port=taken.getsockname()[1])
         mons[1].close()
         nets[2](xs[2])
     mons[2].close()
