@@ -860,7 +860,7 @@ class Monitor:
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else "watching"
+        state = "closed" if self.closed else "watching"
         return (
             f"<bnwatch.Monitor {self.model_name}@{self.version} {state} "
             f"{len(self._layers)} BatchNorm layers, window {self.window_seconds}s>"
