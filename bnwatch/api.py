@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from bnwatch.triggers import AlertPipeline, Trigger, TriggerPolicy
 from bnwatch.errors import ConfigError, check_positive_int
 from bnwatch.schema import REPORTED_STATUSES, Profile, check_name, check_text
-from bnwatch.sink import MemorySink, Sink, in_use
+from bnwatch.sink import MemorySink, Sink, acquire, release
 
 logger = logging.getLogger("bnwatch")
 
@@ -265,6 +265,9 @@ def watch(
             "metrics_addr", metrics_addr, "an address to listen on ('0.0.0.0': every interface)"
         )
     sink = _make_sink(store, pipeline, token=token, source=source)
+    # watch()'s own hold while it builds: a failure below releases it, which closes the sink
+    # unless other monitors write to it too
+    acquire(sink)
     exporter: Sink | None = None
     try:  # whatever fails from here stops what was started: the writer, the metrics server
         if metrics_port is not None:
@@ -290,13 +293,11 @@ def watch(
             reservoir=reservoir,
         )
     except BaseException:
-        # what watch() built goes (the exporter releases the sink behind it); a sink passed
-        # in that other monitors write to stays open for them
         if exporter is not None:
-            exporter.close(0)
-        elif sink is not store or not in_use(sink):
-            sink.close(0)
+            exporter.close(0)  # its metrics server, and its hold on the sink
+        release(sink, 0)
         raise
+    release(sink)  # the monitor (or its exporter) holds the sink now
     # after the new monitor started: a watch() that fails leaves the old one watching
     _replace_twins(monitor, layers)
     if recalibrate and pipeline is not None:

@@ -58,12 +58,6 @@ def release(sink: Sink, timeout: float | None = None) -> None:
     sink.close(timeout)
 
 
-def in_use(sink: Sink) -> bool:
-    """Whether a writer acquired ``sink`` and has not released it."""
-    with _USERS_LOCK:
-        return id(sink) in _USERS
-
-
 MEMORY_BYTES = 64 << 20
 """Default bound of :class:`MemorySink`'s history: 64 MiB of windows (:attr:`WindowRecord.nbytes`)
 -- 1,000 windows of a small model, about 11 of a ResNet-50 (5.5 MB each)."""

@@ -537,8 +537,7 @@ class Monitor:
     # -- hooks ---------------------------------------------------------------------------
     def _root_pre(self, module: nn.Module, args: Any) -> None:
         if _paused(self):
-            if self._forks != _FORKS:
-                self._inherited()
+            self._inherited()  # in a forked child: detach here, once
             return
         start = time.perf_counter()
         tl = self._tls
@@ -629,9 +628,7 @@ class Monitor:
             return False
         if not self._closed:
             self._closed = True
-            for handle in self._handles:
-                handle.remove()
-            self._handles.clear()
+            self._remove_hooks()
             logger.warning(
                 "bnwatch: the monitor of %s@%s was created in process %d, and this process "
                 "(%d) is a fork of it (gunicorn --preload, multiprocessing's fork start "
@@ -645,6 +642,11 @@ class Monitor:
                 os.getpid(),
             )
         return True
+
+    def _remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
 
     # -- windows -------------------------------------------------------------------------
     def _window_loop(self) -> None:
@@ -833,9 +835,7 @@ class Monitor:
         if self._inherited() or self._closed:
             return {}
         self._closed = True
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        self._remove_hooks()
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
