@@ -6,8 +6,10 @@ forward, whether it is measured, so all layers of a forward agree.  Hooks never 
 anything the model sees, so outputs are bit-identical with and without the monitor; every
 hook body is wrapped in ``try/except`` -- an exception is counted, logged once per layer and
 swallowed -- and in :func:`torch.compiler.disable`, so a model compiled after ``watch()``
-runs the hooks eagerly (a graph break per BN layer) instead of tracing them; ``torch.export``
-and ``torch.jit.trace`` skip them (the program they make is not watched).  A copy of the
+runs the hooks eagerly (a graph break per BN layer) instead of tracing them -- except in a
+graph that must be whole (``fullgraph=True``), which leaves them out: that compiled model runs
+unmeasured, with a warning; ``torch.export`` and ``torch.jit.trace`` skip them (the program
+they make is not watched).  A copy of the
 model (``copy.deepcopy``, ``torch.save`` of the whole model) is not watched: its hooks do
 nothing (:class:`Detached`).
 
@@ -879,13 +881,18 @@ def _eager(fn: Callable[..., None]) -> Callable[..., None]:
     tracing passes are not traffic, a strict export fails on any function the compiler must not
     trace, and a TorchScript trace warned about every conversion the hook made."""
     eager = torch.compiler.disable(fn)  # type: ignore[no-untyped-call]
+    # marked here, not where defined: importing torch._dynamo costs a second, disable() pays it
+    torch._dynamo.assume_constant_result(_whole_graph)  # type: ignore[no-untyped-call]
     # bound once: the checks run on every forward of every layer (~0.3 us together).  An
     # older torch without torch.compiler.is_exporting runs the hooks under export as before
     exporting = getattr(torch.compiler, "is_exporting", _never)
+    compiling = getattr(torch.compiler, "is_compiling", _never)
     tracing = torch.jit.is_tracing  # type: ignore[attr-defined]
 
     def hook(*args: Any) -> None:
         if exporting() or tracing():  # type: ignore[no-untyped-call]
+            return None
+        if compiling() and _whole_graph():
             return None
         return eager(*args)  # type: ignore[no-any-return]
 
@@ -904,6 +911,37 @@ def _drop_detached(model: nn.Module) -> None:
 
 def _never() -> bool:
     return False
+
+
+_whole_graph_warned = 0  # id() of the last tracer warned: once per compile, not per hook
+
+
+def _whole_graph() -> bool:
+    """Whether the graph ``torch.compile`` is tracing must be whole (``fullgraph=True``, or
+    ``error_on_graph_break``): the hooks cannot break it to run eagerly, so they are left out
+    of it -- its forwards are not measured, where the graph break made the compile fail.
+
+    Dynamo calls this once per hook while tracing (``assume_constant_result``, applied by
+    :func:`_eager`: the result is a constant of the graph), never at run time.  It reads the
+    tracer's private state; on a torch where that is not found the answer is "no", and such a
+    compile fails on the hooks as it did before."""
+    global _whole_graph_warned
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+        whole = bool(tx.one_graph or getattr(tx, "error_on_graph_break", False))
+    except Exception:  # private API: fall back to the graph break
+        return False
+    if whole and _whole_graph_warned != id(tx):
+        _whole_graph_warned = id(tx)
+        logger.warning(
+            "bnwatch: torch.compile(fullgraph=True) of a watched model: the hooks cannot run "
+            "inside a whole graph, so the compiled model's forwards are not measured (with "
+            "alerts on, no_data says so). Compile without fullgraph=True to keep watching: "
+            "the hooks then run eagerly between graphs"
+        )
+    return whole
 
 
 class _Hook(functools.partial[None]):

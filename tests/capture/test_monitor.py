@@ -436,6 +436,29 @@ def test_works_on_a_model_compiled_after_watch() -> None:
     assert mon.stats().hook_errors == {}
 
 
+def test_a_whole_graph_compile_after_watch_works_and_is_not_measured(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``torch.compile(fullgraph=True)`` cannot break the graph to run the hooks eagerly: the
+    compile failed on them.  They are left out of a whole graph, with one warning saying the
+    compiled model is not measured; the uncompiled model still is."""
+    torch.compiler.reset()  # not the graphs another test compiled for this class
+    model = small_cnn().eval()
+    xs = inputs(3)
+    want = [model(x) for x in xs]
+    mon = full_watch(model)
+    compiled = torch.compile(model, fullgraph=True)
+    with caplog.at_level(logging.WARNING, logger="bnwatch"), torch.no_grad():
+        got = [compiled(x) for x in xs]
+    for a, b in zip(want, got, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert sum("fullgraph=True" in r.getMessage() for r in caplog.records) == 1
+    assert mon.stats().forwards == 0 and mon.stats().hook_errors == {}
+    model(xs[0])
+    assert {k: r.n_batches for k, r in mon.flush().items()} == {"1": 1, "3.1": 1, "7": 1}
+    mon.close()
+
+
 @pytest.mark.parametrize("strict", [False, True])
 def test_a_watched_model_can_be_exported_and_export_is_not_traffic(strict: bool) -> None:
     """``torch.export`` traces the model with fake tensors: the hooks must not count that as a
