@@ -14,10 +14,11 @@ model (``copy.deepcopy``, ``torch.save`` of the whole model) is not watched: its
 nothing (:class:`Detached`).
 
 Forks.  A monitor's threads, its sink's writer and its database connections do not survive
-``fork()`` (gunicorn ``--preload``, ``multiprocessing`` with the fork start method).  In a
-forked child the first forward of the model logs one warning saying to call ``watch()`` in
-the process that runs the model, and removes the inherited monitor's hooks there: it never
-measures, reports or blocks in the child, and the parent's data is not reported twice.
+``fork()`` (gunicorn ``--preload``, uWSGI without ``--lazy-apps``, ``multiprocessing`` with the
+fork start method).  In a forked child the first forward of the model logs one warning saying
+to call ``watch()`` in the process that runs the model, and removes the inherited monitor's
+hooks there: it never measures, reports or blocks in the child, and the parent's data is not
+reported twice.
 
 Cost.  The monitor times its own hooks against the forward passes that contain them.  With
 ``overhead_budget=b`` it measures a forward only while it has credit: every forward earns
@@ -83,7 +84,9 @@ _PAUSED = threading.local()
 """``monitors``: the monitors this thread's forwards are hidden from (see :func:`paused`)."""
 _FORKS = 0
 """Forks between the interpreter's start and this process (a monitor created before the last
-one was inherited from a parent process)."""
+one was inherited from a parent process) -- those made through Python: uWSGI forks its
+workers in C, which runs no at-fork handler, so a monitor also compares its process id, once
+per forward."""
 
 
 def _forked() -> None:
@@ -538,7 +541,7 @@ class Monitor:
 
     # -- hooks ---------------------------------------------------------------------------
     def _root_pre(self, module: nn.Module, args: Any) -> None:
-        if _paused(self):
+        if _paused(self) or self._pid != os.getpid():
             self._inherited()  # in a forked child: detach here, once
             return
         start = time.perf_counter()
@@ -582,6 +585,8 @@ class Monitor:
             if inside:
                 measure = tl.measure and not self._closed
             else:  # a submodule called directly: no root forward to decide for us
+                if self._inherited():
+                    return
                 if not self._warned_standalone:
                     self._warned_standalone = True
                     logger.warning(
@@ -626,18 +631,19 @@ class Monitor:
     def _inherited(self) -> bool:
         """In a process forked after this monitor was created: remove its hooks (this copy of
         them, the parent's monitor is unaffected), say once what to do, return True."""
-        if self._forks == _FORKS:
+        if self._forks == _FORKS and self._pid == os.getpid():
             return False
         if not self._closed:
             self._closed = True
             self._remove_hooks()
             logger.warning(
                 "bnwatch: the monitor of %s@%s was created in process %d, and this process "
-                "(%d) is a fork of it (gunicorn --preload, multiprocessing's fork start "
-                "method): its threads and its store connection did not survive the fork, so "
-                "it is detached here and measures nothing -- call bnwatch.watch() in the "
-                "process that runs the model (gunicorn: in the post_fork hook, or without "
-                "--preload)",
+                "(%d) is a fork of it (gunicorn --preload, uWSGI without --lazy-apps, "
+                "multiprocessing's fork start method): its threads and its store connection "
+                "did not survive the fork, so it is detached here and measures nothing -- call "
+                "bnwatch.watch() in the process that runs the model (gunicorn: in the "
+                "post_fork hook, or without --preload; uWSGI: in a @postfork function, or "
+                "with --lazy-apps)",
                 self.model_name,
                 self.version,
                 self._pid,
@@ -825,7 +831,7 @@ class Monitor:
     @property
     def closed(self) -> bool:
         """Closed, or inherited by a forked process (where it never measures)."""
-        return self._closed or self._forks != _FORKS
+        return self._closed or self._forks != _FORKS or self._pid != os.getpid()
 
     def close(self, timeout: float | None = 30.0) -> dict[str, LayerReport]:
         """Remove the hooks, close the last window, and close the sink -- unless another open

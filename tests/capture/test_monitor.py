@@ -732,14 +732,25 @@ def test_the_default_source_is_stored_whatever_the_host_name(
         engine.dispose()
 
 
+def _fork_as_uwsgi_does() -> int:
+    """fork(2) called from C, as uWSGI forks its workers: Python's at-fork handlers do not run
+    (``PyDLL``: the GIL stays held across the call, as in a C caller that holds it)."""
+    import ctypes
+
+    return int(ctypes.PyDLL(None).fork())
+
+
+@pytest.mark.parametrize("fork", ["os.fork", "fork(2) from C"])
 def test_a_forked_process_detaches_the_inherited_monitor_and_can_watch_on_its_own(
-    db_url: str,
+    db_url: str, fork: str
 ) -> None:
-    """gunicorn --preload: the model is watched in the master and forked into the workers,
-    where the monitor's threads and store connection do not exist.  The inherited monitor
-    must neither measure there in silence (nothing would ever be stored) nor report the
-    parent's data a second time: it detaches at the child's first forward, says so once, and
-    a monitor created in the child stores the child's windows under the child's source."""
+    """gunicorn --preload, uWSGI without --lazy-apps: the model is watched in the master and
+    forked into the workers, where the monitor's threads and store connection do not exist.
+    The inherited monitor must neither measure there in silence (nothing would ever be stored)
+    nor report the parent's data a second time: it detaches at the child's first forward, says
+    so once, and a monitor created in the child stores the child's windows under the child's
+    source.  uWSGI forks in C, without the at-fork handlers ``os.fork`` runs: the inherited
+    monitor measured on there."""
     import json
     import os
 
@@ -759,7 +770,7 @@ def test_a_forked_process_detaches_the_inherited_monitor_and_can_watch_on_its_ow
     with torch.no_grad():
         model(xs[0])  # before the fork: the parent's, reported once, by the parent
     read, write = os.pipe()
-    pid = os.fork()
+    pid = os.fork() if fork == "os.fork" else _fork_as_uwsgi_does()
     if pid == 0:  # the child: answer through the pipe and never return into pytest
         code = 1
         try:
