@@ -218,11 +218,16 @@ class InputRing:
     A preallocated ring written with ``index_copy_``: no per-batch allocation and no
     host/device synchronization.  Inputs of another shape or dtype restart the ring.  The
     time each sample arrived is kept on the host beside it (a recalibration's lineage says
-    which production data it was estimated on).
+    which production data it was estimated on).  A forward whose first positional argument is
+    not a batch tensor (a dict, a list, keyword arguments only) is not kept, and the first one
+    says so in a warning: nothing to recalibrate on would otherwise surface only when a
+    triggered recalibration failed.
     """
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, model_name: str = "the model") -> None:
         self.capacity = capacity
+        self.model_name = model_name
+        self._warned = False
         self._lock = threading.Lock()
         self._buffer: torch.Tensor | None = None
         self._arrived = np.zeros(capacity)  # time.time() of each slot's sample
@@ -230,7 +235,25 @@ class InputRing:
         self._filled = 0
 
     def add(self, x: Any) -> None:
-        if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[0] == 0:
+        """Keep the samples of ``x``, a forward's first positional argument (``None``: the
+        forward had none)."""
+        if not isinstance(x, torch.Tensor) or x.dim() < 1:
+            if not self._warned:
+                self._warned = True
+                logger.warning(
+                    "bnwatch: keep_inputs keeps the batch tensor a model's forward takes first; "
+                    "%s was called with %s, which is not kept (a recalibration from the kept "
+                    "inputs has nothing to run on): recalibrate it with bnwatch.recalibrate on "
+                    "data of your own",
+                    self.model_name,
+                    "keyword arguments only"
+                    if x is None
+                    else "a 0-dimensional tensor"
+                    if isinstance(x, torch.Tensor)
+                    else f"a {type(x).__name__}",
+                )
+            return
+        if x.shape[0] == 0:
             return
         now = time.time()
         x = x.detach()
@@ -415,7 +438,7 @@ class Monitor:
         ]
         self._sampler = _Sampler(sample_every, overhead_budget)
         check_positive_int("keep_inputs", keep_inputs, minimum=0)
-        self._inputs = InputRing(keep_inputs) if keep_inputs else None
+        self._inputs = InputRing(keep_inputs, name) if keep_inputs else None
         self._standalone = [0] * len(layers)
         self._seen = _SeenCounters(len(layers))
         self._unreported = [(0, 0)] * len(layers)  # seen in windows that measured nothing
@@ -552,8 +575,8 @@ class Monitor:
                 tl.t0 = start
                 tl.hook_time = 0.0
                 tl.measure = (not self._closed) and self._sampler.decide()
-                if tl.measure and self._inputs is not None and args:
-                    self._inputs.add(args[0])
+                if tl.measure and self._inputs is not None:
+                    self._inputs.add(args[0] if args else None)
             tl.depth = depth + 1
             tl.hook_time += time.perf_counter() - start
         except Exception as err:  # never let monitoring break inference

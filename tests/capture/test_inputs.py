@@ -3,7 +3,9 @@ first, and when they arrived."""
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime, timezone
+from typing import Any
 
 import pytest
 import torch
@@ -61,3 +63,49 @@ def test_a_monitor_keeps_what_its_model_saw() -> None:
     assert kept is not None and inputs is not None
     assert inputs[:, 0].tolist() == [6, 7, 8, 9, 10, 11] == kept.inputs[:, 0].tolist()
     assert start <= kept.first_at <= kept.last_at <= datetime.now(timezone.utc)
+
+
+class _Dict(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3)).eval()
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        out: torch.Tensor = self.net(batch["x"])
+        return out
+
+
+class _Keywords(_Dict):
+    def forward(self, *, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        out: torch.Tensor = self.net(x)
+        return out
+
+
+@pytest.mark.parametrize(
+    ("model", "call", "said"),
+    [
+        (_Dict(), lambda m, x: m({"x": x}), "called with a dict"),
+        (_Keywords(), lambda m, x: m(x=x), "called with keyword arguments only"),
+    ],
+    ids=["dict", "keywords"],
+)
+def test_a_forward_without_a_batch_tensor_keeps_nothing_and_says_so_once(
+    model: nn.Module,
+    call: Any,
+    said: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Such inputs cannot be kept; saying so at the first forward beats a triggered
+    recalibration failing on "only 0 kept inputs" weeks later."""
+    with (
+        caplog.at_level(logging.WARNING, logger="bnwatch"),
+        bnwatch.watch(
+            model, name="multi", keep_inputs=8, overhead_budget=None, window_seconds=None
+        ) as mon,
+    ):
+        for b in range(3):
+            call(model, rows(b, b + 1, b + 2))
+        assert mon.kept_inputs() is None
+        assert mon.flush()["net.1"].n_samples == 9  # measured all the same
+    warned = [r.getMessage() for r in caplog.records if "keep_inputs" in r.getMessage()]
+    assert len(warned) == 1 and f"multi was {said}" in warned[0]
