@@ -6,7 +6,7 @@ offending data as attributes, so callers can both read the message and handle it
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 
@@ -47,16 +47,39 @@ class NoBatchNormError(BnwatchError, ValueError):
     """The model has no BatchNorm layer to watch (or the filters excluded all of them)."""
 
     def __init__(
-        self, model_type: str, include: Iterable[str] | None, exclude: Iterable[str] | None
+        self,
+        model_type: str,
+        include: Iterable[str] | None,
+        exclude: Iterable[str] | None,
+        others: Mapping[str, int] | None = None,
     ):
         self.model_type = model_type
         self.include = list(include) if include is not None else None
         self.exclude = list(exclude) if exclude is not None else None
+        self.others = dict(others or {})
         if self.include is None and self.exclude is None:
             hint = (
                 "bnwatch watches torch.nn BatchNorm1d/2d/3d and SyncBatchNorm layers; "
                 "this model has none"
             )
+            if self.others:
+                found = ", ".join(f"{n} {kind}" for kind, n in sorted(self.others.items()))
+                hint += (
+                    " -- its layers with running statistics are of other kinds, which are not "
+                    f"watched: {found}"
+                )
+                if any("Frozen" in kind for kind in self.others):
+                    hint += (
+                        " (a frozen BatchNorm, as in torchvision's and detectron2's detection "
+                        "backbones, is a fixed affine map: it never normalizes with the "
+                        "statistics of its input)"
+                    )
+            else:
+                hint += (
+                    " (a model whose BatchNorm was folded into its convolutions, by "
+                    "fuse_modules, quantization or an export, has none left: watch the "
+                    "unfused model)"
+                )
         else:
             hint = (
                 f"no BatchNorm layer matches include={self.include} exclude={self.exclude}; "

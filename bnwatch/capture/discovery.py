@@ -92,8 +92,23 @@ def discover(
             continue
         found.append(BatchNormLayer(name=qualified, module=module, depth=len(found)))
     if not found:
-        raise NoBatchNormError(type(model).__name__, inc, exc)
+        raise NoBatchNormError(type(model).__name__, inc, exc, _other_norms(model))
     return found
+
+
+def _other_norms(model: nn.Module) -> dict[str, int]:
+    """Layers that keep running statistics without being torch.nn BatchNorm layers
+    (``FrozenBatchNorm2d``, ``InstanceNorm`` with ``track_running_stats``), by class name: a
+    model with only those is told why it has nothing to watch."""
+    kinds: dict[str, int] = {}
+    for module in model.modules():
+        if not isinstance(module, _BatchNorm) and all(
+            isinstance(getattr(module, buffer, None), torch.Tensor)
+            for buffer in ("running_mean", "running_var")
+        ):
+            kind = type(module).__name__
+            kinds[kind] = kinds.get(kind, 0) + 1
+    return kinds
 
 
 def check_layer_paths(model: nn.Module, layers: Sequence[BatchNormLayer]) -> None:
