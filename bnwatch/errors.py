@@ -52,11 +52,13 @@ class NoBatchNormError(BnwatchError, ValueError):
         include: Iterable[str] | None,
         exclude: Iterable[str] | None,
         others: Mapping[str, int] | None = None,
+        per_sample: Mapping[str, int] | None = None,
     ):
         self.model_type = model_type
         self.include = list(include) if include is not None else None
         self.exclude = list(exclude) if exclude is not None else None
-        self.others = dict(others or {})
+        self.others = dict(others or {})  # kinds with running statistics: count
+        self.per_sample = dict(per_sample or {})  # kinds that store no statistics: count
         if self.include is None and self.exclude is None:
             hint = (
                 "bnwatch watches torch.nn BatchNorm1d/2d/3d and SyncBatchNorm layers; "
@@ -74,6 +76,12 @@ class NoBatchNormError(BnwatchError, ValueError):
                         "backbones, is a fixed affine map: it never normalizes with the "
                         "statistics of its input)"
                     )
+            elif self.per_sample:
+                found = ", ".join(f"{n} {kind}" for kind, n in sorted(self.per_sample.items()))
+                hint += (
+                    f" -- it normalizes with {found}, which compute their statistics from each "
+                    "input and store none: there is nothing to compare production with"
+                )
             else:
                 hint += (
                     " (a model whose BatchNorm was folded into its convolutions, by "

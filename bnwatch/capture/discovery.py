@@ -92,23 +92,33 @@ def discover(
             continue
         found.append(BatchNormLayer(name=qualified, module=module, depth=len(found)))
     if not found:
-        raise NoBatchNormError(type(model).__name__, inc, exc, _other_norms(model))
+        raise NoBatchNormError(type(model).__name__, inc, exc, *_other_norms(model))
     return found
 
 
-def _other_norms(model: nn.Module) -> dict[str, int]:
-    """Layers that keep running statistics without being torch.nn BatchNorm layers
-    (``FrozenBatchNorm2d``, ``InstanceNorm`` with ``track_running_stats``), by class name: a
-    model with only those is told why it has nothing to watch."""
-    kinds: dict[str, int] = {}
+_PER_SAMPLE_NORMS = ("LayerNorm", "GroupNorm", "RMSNorm", "InstanceNorm")
+"""Class names (and their endings) of normalization layers without stored statistics."""
+
+
+def _other_norms(model: nn.Module) -> tuple[dict[str, int], dict[str, int]]:
+    """A model's normalization layers of other kinds, by class name, so that a model without
+    BatchNorm is told why it has nothing to watch: those that keep running statistics without
+    being torch.nn BatchNorm layers (``FrozenBatchNorm2d``, ``InstanceNorm`` with
+    ``track_running_stats``), and those that keep none (``LayerNorm``, ``GroupNorm``, ...)."""
+    stored: dict[str, int] = {}
+    per_sample: dict[str, int] = {}
     for module in model.modules():
-        if not isinstance(module, _BatchNorm) and all(
+        if isinstance(module, _BatchNorm):
+            continue
+        kind = type(module).__name__
+        if all(
             isinstance(getattr(module, buffer, None), torch.Tensor)
             for buffer in ("running_mean", "running_var")
         ):
-            kind = type(module).__name__
-            kinds[kind] = kinds.get(kind, 0) + 1
-    return kinds
+            stored[kind] = stored.get(kind, 0) + 1
+        elif any(name in kind for name in _PER_SAMPLE_NORMS):
+            per_sample[kind] = per_sample.get(kind, 0) + 1
+    return stored, per_sample
 
 
 def check_layer_paths(model: nn.Module, layers: Sequence[BatchNormLayer]) -> None:

@@ -624,6 +624,10 @@ def test_model_without_batchnorm_is_a_clear_error() -> None:
         bnwatch.watch(frozen)
     assert info.value.others == {"FrozenBatchNorm2d": 2}
     assert bn_hooks(frozen) == 0
+    # a transformer or a ConvNeXt: per-sample normalization stores no statistics
+    layered = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 4), nn.LayerNorm(4))
+    with pytest.raises(NoBatchNormError, match="normalizes with 2 LayerNorm, which compute"):
+        bnwatch.watch(layered)
     with pytest.raises(ValueError, match="no BatchNorm layer matches include"):
         bnwatch.watch(small_cnn(), include="nothing*")
 
