@@ -942,7 +942,9 @@ def _never() -> bool:
     return False
 
 
-_whole_graph_warned = 0  # id() of the last tracer warned: once per compile, not per hook
+_whole_graph_warned = False
+"""Once per process: dynamo calls :func:`_whole_graph` once per hook, and compiles the root's
+hooks as frames of their own."""
 
 
 def _whole_graph() -> bool:
@@ -962,8 +964,8 @@ def _whole_graph() -> bool:
         whole = bool(tx.one_graph or getattr(tx, "error_on_graph_break", False))
     except Exception:  # private API: fall back to the graph break
         return False
-    if whole and _whole_graph_warned != id(tx):
-        _whole_graph_warned = id(tx)
+    if whole and not _whole_graph_warned:
+        _whole_graph_warned = True
         logger.warning(
             "bnwatch: torch.compile(fullgraph=True) of a watched model: the hooks cannot run "
             "inside a whole graph, so the compiled model's forwards are not measured (with "

@@ -437,12 +437,13 @@ def test_works_on_a_model_compiled_after_watch() -> None:
 
 
 def test_a_whole_graph_compile_after_watch_works_and_is_not_measured(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``torch.compile(fullgraph=True)`` cannot break the graph to run the hooks eagerly: the
     compile failed on them.  They are left out of a whole graph, with one warning saying the
     compiled model is not measured; the uncompiled model still is."""
     torch.compiler.reset()  # not the graphs another test compiled for this class
+    monkeypatch.setattr("bnwatch.capture.monitor._whole_graph_warned", False)  # once a process
     model = small_cnn().eval()
     xs = inputs(3)
     want = [model(x) for x in xs]
