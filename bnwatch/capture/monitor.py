@@ -46,7 +46,7 @@ import threading
 import time
 import weakref
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from types import TracebackType
@@ -450,6 +450,8 @@ class Monitor:
         self._latest: dict[str, LayerReport] = {}
         self._closed = False
         self._warned_standalone = False
+        self._reached = False  # a watched layer's hook has run (see _check_reached)
+        self._model_class = type(model).__name__
 
         self._running: dict[str, Reference] = {}
         self._buffers: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}
@@ -699,9 +701,11 @@ class Monitor:
                 self._deadline = time.monotonic() + self.window_seconds
             # traffic of windows in which a layer measured nothing is reported with the next
             # window that does (the counters of layer_totals stay whole)
+            forwards = self._sampler.forwards  # before take(): their layers' counts are in it
+            taken = self._seen.take()
+            self._check_reached(forwards, taken)
             seen = [
-                (b + cb, n + cn)
-                for (b, n), (cb, cn) in zip(self._seen.take(), self._unreported, strict=True)
+                (b + cb, n + cn) for (b, n), (cb, cn) in zip(taken, self._unreported, strict=True)
             ]
             collected = {
                 layer.name: acc.collect(*seen[i])
@@ -766,6 +770,29 @@ class Monitor:
                 self._windows_closed += 1
                 self._latest = reports
             return dict(reports)
+
+    def _check_reached(self, forwards: int, taken: Sequence[tuple[int, int]]) -> None:
+        """Warn once if whole forwards of the model ran and not one reached a watched layer's
+        hook: a ``torch.compile`` graph traced without the hooks is running instead -- dynamo
+        reuses the graph it compiled for another instance of the class, before ``watch()``.
+        (A forward's layer hooks run before its root post-hook counts it, so ``forwards``, read
+        before ``taken``, cannot count a forward whose layers are not in ``taken`` yet.)"""
+        if self._reached:
+            return
+        if any(batches for batches, _ in taken):
+            self._reached = True
+        elif forwards:
+            self._reached = True  # said once
+            logger.warning(
+                "bnwatch: %d forwards of %s ran since watch(), and none reached a watched "
+                "BatchNorm layer. If it runs compiled, torch.compile is reusing a graph it "
+                "traced without bnwatch's hooks, for another instance of %s compiled before "
+                "watch(): watch before compiling any instance, or call torch.compiler.reset() "
+                "after watch() and run this model first",
+                forwards,
+                self.model_name,
+                self._model_class,
+            )
 
     def _advance_warmup(self, collected: Mapping[str, LayerStats | None]) -> None:
         """Until a layer has a baseline, merge its windows into the warm-up; freeze it once

@@ -421,6 +421,7 @@ def test_warmup_baseline_then_drift() -> None:
 
 # -- torch.compile ---------------------------------------------------------------------------
 def test_works_on_a_model_compiled_after_watch() -> None:
+    torch.compiler.reset()  # not the graphs another test compiled for this class
     model = small_cnn().eval()
     xs = inputs(3)
     want = [model(x) for x in xs]
@@ -434,6 +435,57 @@ def test_works_on_a_model_compiled_after_watch() -> None:
     mon.close()
     assert {k: r.n_batches for k, r in reports.items()} == {"1": 3, "3.1": 3, "7": 3}
     assert mon.stats().hook_errors == {}
+
+
+class _Net(nn.Module):
+    """A model class of its own, as real models are (not an ``nn.Sequential``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = small_cnn()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.body(x)
+        return out
+
+
+def test_a_compiled_graph_without_the_hooks_is_reported_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """dynamo reuses the graph it compiled for one instance of a class for another: a model
+    watched after an instance of its class was compiled runs a graph without the layer hooks.
+    The monitor counted its forwards and measured nothing, without a word.  (The root's hooks
+    still run for a model class of its own; for an ``nn.Sequential`` they are in the reused
+    graph too, and the monitor sees no forward at all: only the no_data alert tells.)"""
+    torch.compiler.reset()
+    try:
+        other, model = _Net().eval(), _Net().eval()
+        x = inputs(1)[0]
+        with torch.no_grad():
+            torch.compile(other)(x)  # compiled before watch(), without hooks
+            mon = full_watch(model)
+            compiled = torch.compile(model)
+            compiled(x)
+            compiled(x)
+        with caplog.at_level(logging.WARNING, logger="bnwatch"):
+            assert mon.flush() == {} and mon.stats().forwards == 2
+            compiled(x)
+            mon.flush()
+        warned = [r.getMessage() for r in caplog.records if "none reached" in r.getMessage()]
+        assert len(warned) == 1, warned
+        assert "2 forwards of model ran" in warned[0] and "torch.compiler.reset()" in warned[0]
+        mon.close()
+        # an eager model's layers are reached: no warning
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="bnwatch"):
+            mon = full_watch(model)
+            model(x)
+            mon.flush()
+            model(x)
+            mon.close()
+        assert not any("none reached" in r.getMessage() for r in caplog.records)
+    finally:
+        torch.compiler.reset()  # this class's graphs have no hooks: not for later tests
 
 
 def test_a_whole_graph_compile_after_watch_works_and_is_not_measured(
