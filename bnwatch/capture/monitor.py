@@ -787,8 +787,9 @@ class Monitor:
                 "bnwatch: %d forwards of %s ran since watch(), and none reached a watched "
                 "BatchNorm layer. If it runs compiled, torch.compile is reusing a graph it "
                 "traced without bnwatch's hooks, for another instance of %s compiled before "
-                "watch(): watch before compiling any instance, or call torch.compiler.reset() "
-                "after watch() and run this model first",
+                "watch() (torch does not guard on module hooks by default): set "
+                "torch._dynamo.config.skip_nnmodule_hook_guards = False before the first "
+                "compile, or watch before compiling any instance",
                 forwards,
                 self.model_name,
                 self._model_class,

@@ -473,7 +473,7 @@ def test_a_compiled_graph_without_the_hooks_is_reported_once(
             mon.flush()
         warned = [r.getMessage() for r in caplog.records if "none reached" in r.getMessage()]
         assert len(warned) == 1, warned
-        assert "2 forwards of model ran" in warned[0] and "torch.compiler.reset()" in warned[0]
+        assert "2 forwards of model ran" in warned[0] and "skip_nnmodule_hook_guards" in warned[0]
         mon.close()
         # an eager model's layers are reached: no warning
         caplog.clear()
@@ -484,6 +484,18 @@ def test_a_compiled_graph_without_the_hooks_is_reported_once(
             model(x)
             mon.close()
         assert not any("none reached" in r.getMessage() for r in caplog.records)
+        # the way out the warning gives: torch's guards on module hooks, before any compile
+        torch.compiler.reset()
+        with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False), torch.no_grad():
+            other, model = _Net().eval(), _Net().eval()
+            torch.compile(other)(x)
+            mon = full_watch(model)
+            torch.compile(model)(x)
+            assert {k: r.n_batches for k, r in mon.close().items()} == {
+                "body.1": 1,
+                "body.3.1": 1,
+                "body.7": 1,
+            }
     finally:
         torch.compiler.reset()  # this class's graphs have no hooks: not for later tests
 
