@@ -453,3 +453,51 @@ def test_recalibrating_a_watched_model_in_place() -> None:
             model(data(1)[0])
         assert not any(r.running_stats_mutated for r in mon.flush().values())
     assert mon.stats().hook_errors == {}
+
+
+class _TakesADict(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(2, 3)
+        self.bn = nn.BatchNorm1d(3)
+        self.eval()
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        out: torch.Tensor = self.bn(self.linear(batch["x"] * batch["scale"]))
+        return out
+
+
+class _Wrapped(nn.Module):
+    """docs/recalibration.md's wrapper for a model whose forward takes a dict."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.inner({"x": x, "scale": torch.ones(())})
+        return out
+
+
+def test_a_model_taking_a_dict_is_recalibrated_through_a_wrapper(tmp_path: Path) -> None:
+    """What the docs say: the dict itself fails inside the model's forward; a wrapper
+    recalibrates the model's own layers, and its saved file names them by the wrapper's
+    paths."""
+    g = torch.Generator().manual_seed(0)
+    batches = [{"x": torch.randn(8, 2, generator=g) * 3 + 1} for _ in range(4)]
+    model = _TakesADict()
+    with pytest.raises(TypeError):  # the tensor alone is not what its forward takes
+        recalibrate(model, batches, input_key="x", num_samples=32, progress=False)
+    result = recalibrate(_Wrapped(model), batches, input_key="x", num_samples=32, progress=False)
+    assert result.status == "applied"
+    linear, bn = model.linear, model.bn
+    assert bn.running_mean is not None and bn.running_var is not None
+    x = torch.cat([b["x"] for b in batches]).double()
+    want = x @ linear.weight.double().T + linear.bias.double()  # what the layer received
+    torch.testing.assert_close(bn.running_mean.double(), want.mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bn.running_var.double(), want.var(0), rtol=1e-5, atol=1e-6)
+    result.save(tmp_path / "bn.pt")
+    assert sorted(torch.load(tmp_path / "bn.pt")) == [
+        "inner.bn.running_mean",
+        "inner.bn.running_var",
+    ]
