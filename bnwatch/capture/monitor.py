@@ -450,7 +450,7 @@ class Monitor:
         self._latest: dict[str, LayerReport] = {}
         self._closed = False
         self._warned_standalone = False
-        self._reached = False  # a watched layer's hook has run (see _check_reached)
+        self._reached = False  # a layer's hook has run, or we said none did (_check_reached)
         self._model_class = type(model).__name__
 
         self._running: dict[str, Reference] = {}
@@ -773,8 +773,8 @@ class Monitor:
 
     def _check_reached(self, forwards: int, taken: Sequence[tuple[int, int]]) -> None:
         """Warn once if whole forwards of the model ran and not one reached a watched layer's
-        hook: a ``torch.compile`` graph traced without the hooks is running instead -- dynamo
-        reuses the graph it compiled for another instance of the class, before ``watch()``.
+        hook.  The likely cause is a ``torch.compile`` graph traced without the hooks: dynamo
+        reuses the graph it compiled for another instance of the class before ``watch()``.
         (A forward's layer hooks run before its root post-hook counts it, so ``forwards``, read
         before ``taken``, cannot count a forward whose layers are not in ``taken`` yet.)"""
         if self._reached:
