@@ -65,10 +65,9 @@ class NoBatchNormError(BnwatchError, ValueError):
                 "this model has none"
             )
             if self.others:
-                found = ", ".join(f"{n} {kind}" for kind, n in sorted(self.others.items()))
                 hint += (
                     " -- its layers with running statistics are of other kinds, which are not "
-                    f"watched: {found}"
+                    f"watched: {_counted(self.others)}"
                 )
                 if any("Frozen" in kind for kind in self.others):
                     hint += (
@@ -77,10 +76,10 @@ class NoBatchNormError(BnwatchError, ValueError):
                         "statistics of its input)"
                     )
             elif self.per_sample:
-                found = ", ".join(f"{n} {kind}" for kind, n in sorted(self.per_sample.items()))
                 hint += (
-                    f" -- it normalizes with {found}, which compute their statistics from each "
-                    "input and store none: there is nothing to compare production with"
+                    f" -- it normalizes with {_counted(self.per_sample)}, which compute their "
+                    "statistics from each input and store none: there is nothing to compare "
+                    "production with"
                 )
             else:
                 hint += (
@@ -94,6 +93,11 @@ class NoBatchNormError(BnwatchError, ValueError):
                 "patterns are fnmatch globs on qualified module names such as 'layer1.*.bn2'"
             )
         super().__init__(f"{model_type}: nothing to watch: {hint}")
+
+
+def _counted(kinds: Mapping[str, int]) -> str:
+    """``{"LayerNorm": 2}`` as ``"2 LayerNorm"``, kinds in name order."""
+    return ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items()))
 
 
 class ReferenceMismatchError(BnwatchError, ValueError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -100,13 +101,13 @@ _PER_SAMPLE_NORMS = ("LayerNorm", "GroupNorm", "RMSNorm", "InstanceNorm")
 """Class names (and their endings) of normalization layers without stored statistics."""
 
 
-def _other_norms(model: nn.Module) -> tuple[dict[str, int], dict[str, int]]:
+def _other_norms(model: nn.Module) -> tuple[Counter[str], Counter[str]]:
     """A model's normalization layers of other kinds, by class name, so that a model without
     BatchNorm is told why it has nothing to watch: those that keep running statistics without
     being torch.nn BatchNorm layers (``FrozenBatchNorm2d``, ``InstanceNorm`` with
     ``track_running_stats``), and those that keep none (``LayerNorm``, ``GroupNorm``, ...)."""
-    stored: dict[str, int] = {}
-    per_sample: dict[str, int] = {}
+    stored: Counter[str] = Counter()
+    per_sample: Counter[str] = Counter()
     for module in model.modules():
         if isinstance(module, _BatchNorm):
             continue
@@ -115,9 +116,9 @@ def _other_norms(model: nn.Module) -> tuple[dict[str, int], dict[str, int]]:
             isinstance(getattr(module, buffer, None), torch.Tensor)
             for buffer in ("running_mean", "running_var")
         ):
-            stored[kind] = stored.get(kind, 0) + 1
+            stored[kind] += 1
         elif any(name in kind for name in _PER_SAMPLE_NORMS):
-            per_sample[kind] = per_sample.get(kind, 0) + 1
+            per_sample[kind] += 1
     return stored, per_sample
 
 

@@ -81,20 +81,6 @@ _LIVE: weakref.WeakSet[Monitor] = weakref.WeakSet()
 """Every monitor not yet garbage-collected (see :func:`watching`)."""
 _PAUSED = threading.local()
 """``monitors``: the monitors this thread's forwards are hidden from (see :func:`paused`)."""
-_FORKS = 0
-"""Forks between the interpreter's start and this process (a monitor created before the last
-one was inherited from a parent process) -- those made through Python: uWSGI forks its
-workers in C, which runs no at-fork handler, so a monitor also compares its process id, once
-per forward."""
-
-
-def _forked() -> None:
-    global _FORKS
-    _FORKS += 1
-
-
-if hasattr(os, "register_at_fork"):  # not on Windows, which cannot fork
-    os.register_at_fork(after_in_child=_forked)
 
 
 def watching(modules: Iterable[nn.Module]) -> list[Monitor]:
@@ -126,7 +112,7 @@ def unwatched(model: nn.Module) -> contextlib.AbstractContextManager[None]:
 
 
 def _paused(monitor: Monitor) -> bool:
-    return monitor._forks != _FORKS or monitor in getattr(_PAUSED, "monitors", ())
+    return monitor in getattr(_PAUSED, "monitors", ())
 
 
 ROOT_HOOKS = "(model)"
@@ -465,7 +451,8 @@ class Monitor:
             self._use_profile(reference)
 
         _drop_detached(model)
-        self._forks = _FORKS  # read by every hook: set before the first one is added
+        # read by the hooks (a fork is a new process id: os.register_at_fork would miss
+        # uWSGI's workers, forked in C): set before the first one is added
         self._pid = os.getpid()
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         for idx, layer in enumerate(layers):
@@ -565,8 +552,7 @@ class Monitor:
 
     # -- hooks ---------------------------------------------------------------------------
     def _root_pre(self, module: nn.Module, args: Any) -> None:
-        if _paused(self) or self._pid != os.getpid():
-            self._inherited()  # in a forked child: detach here, once
+        if self._inherited() or _paused(self):  # in a forked child: detach here, once
             return
         start = time.perf_counter()
         tl = self._tls
@@ -655,7 +641,7 @@ class Monitor:
     def _inherited(self) -> bool:
         """In a process forked after this monitor was created: remove its hooks (this copy of
         them, the parent's monitor is unaffected), say once what to do, return True."""
-        if self._forks == _FORKS and self._pid == os.getpid():
+        if self._pid == os.getpid():
             return False
         if not self._closed:
             self._closed = True
@@ -881,7 +867,7 @@ class Monitor:
     @property
     def closed(self) -> bool:
         """Closed, or inherited by a forked process (where it never measures)."""
-        return self._closed or self._forks != _FORKS or self._pid != os.getpid()
+        return self._closed or self._pid != os.getpid()
 
     def close(self, timeout: float | None = 30.0) -> dict[str, LayerReport]:
         """Remove the hooks, close the last window, and close the sink -- unless another open
