@@ -642,9 +642,15 @@ class LayerAccumulator:
             m = s1 / size
             v = s2 / size - m * m
             rows_ok = np.isfinite(m) & np.isfinite(v)
-            m = np.where(rows_ok, m, np.nan)
-            mean = np.nanmean(m, axis=0)
-            var = np.nanmean(np.where(rows_ok, v, np.nan), axis=0) + np.nanvar(m, axis=0)
+            # nanmean and nanvar, written out: theirs warn (through the warnings module, from
+            # the model's forward) on a channel with no finite row, where this gives NaN
+            count = rows_ok.sum(axis=0)
+            known = count > 0
+            per = np.maximum(count, 1)
+            mean = np.where(known, np.where(rows_ok, m, 0.0).sum(axis=0) / per, np.nan)
+            dev = np.where(rows_ok, m - mean, 0.0)
+            within = np.where(rows_ok, v, 0.0).sum(axis=0) / per
+            var = np.where(known, within + (dev * dev).sum(axis=0) / per, np.nan)
         self._row_size = size
         self.update_shift(mean, var, device=xs.device)
 
