@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -153,6 +154,32 @@ def test_nonfinite_values_are_counted_and_excluded(masked: bool) -> None:
     assert_rel(report.mean, finite.mean(axis=1).data, 1e-6, "mean")
     assert_rel(report.var, finite.var(axis=1).data, 1e-6, "var")
     np.testing.assert_array_equal(report.stats.moments.n, [12, 12, 11])
+
+
+def test_a_first_batch_with_a_channel_of_no_finite_value_does_not_warn() -> None:
+    """The first batch chooses the shift from its finite rows; a channel with none (every
+    value NaN) gets no shift, without numpy's "Mean of empty slice" warning out of the
+    model's forward, and the later batches are measured as usual."""
+    from bnwatch.capture.accumulator import LayerAccumulator
+
+    first = torch.randn(2, 3, 4, 4)
+    first[:, 1] = float("nan")
+    later = batches_of((3, 4, 4), [2, 2])
+    acc = LayerAccumulator("bn")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for x in [first, *later]:
+            acc.observe(x, batch_stat_mode=False)
+    stats = acc.collect()
+    assert stats is not None
+    np.testing.assert_array_equal(stats.moments.nonfinite, [0, 32, 0])
+    finite = np.ma.masked_invalid(
+        np.concatenate(
+            [d.double().numpy().transpose(1, 0, 2, 3).reshape(3, -1) for d in [first, *later]], 1
+        )
+    )
+    assert_rel(stats.moments.mean, finite.mean(axis=1).data, 1e-6, "mean")
+    assert_rel(stats.moments.var, finite.var(axis=1).data, 1e-6, "var")
 
 
 def test_masked_path_equals_fast_path() -> None:
