@@ -47,9 +47,10 @@ What is measured
     a change of statistics is a change of BatchNorm's affine map, so this is about the most
     that re-estimating statistics -- or TENT-like adaptation of the affine parameters -- can
     recover on this model with 512 images, even knowing the labels.  It is what the 60 %
-    target must be judged against.  Its fit is not the limit: on seed 0's twelve severity-2
-    cases it recovers 63.7 % with the fixed 100 steps at 0.01, 65.4 % with 300, 66.7 % with
-    300 at 0.03 and 64.4 % with 1,000 (over-fitted to the 512 images).
+    target must be judged against: the table across seeds gives each configuration's mean
+    also as a share of the bound's mean (``of bound``).  Its fit is not the limit: on seed
+    0's twelve severity-2 cases it recovers 63.7 % with the fixed 100 steps at 0.01, 65.4 %
+    with 300, 66.7 % with 300 at 0.03 and 64.4 % with 1,000 (over-fitted to the 512 images).
 
     Tried and not kept (measured on ``--seed 1`` unless said; none gained more than a point,
     most lost): recalibrating only the drifted or the earliest layers (on seed 0 every subset
@@ -839,6 +840,11 @@ def across_seeds(runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
             "per_family": families,
             "meets_target": bool(valid) and float(np.mean(valid)) >= TARGET_RECOVERED,
         }
+    bound = out["configs"].get(BOUND, {}).get("mean")
+    for c in out["configs"].values():
+        # what a configuration recovers as a share of what the labels let the same statistics
+        # recover (the issue's 60 % is of the loss; the bound shows how much of it is reachable)
+        c["of_bound"] = c["mean"] / bound if bound and c["mean"] is not None else None
     for batch in TIMING_BATCHES:
         out["timing"][str(batch)] = [
             t["ratio"]
@@ -851,15 +857,26 @@ def across_seeds(runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
 
 def format_across_seeds(across: dict[str, Any], seeds: Sequence[int]) -> str:
     cells = "".join(f"{f'seed {s}':>8}" for s in seeds)
+    bounded = any(c["of_bound"] is not None for c in across["configs"].values())
     head = (
-        f"{'configuration':<18}{cells}{'mean':>8}{'min':>7}{'max':>7}{'pooled':>8}  "
-        f"{'target':<6}" + "".join(f"{f[:11]:>12}" for f in FAMILIES)
+        f"{'configuration':<18}{cells}{'mean':>8}{'min':>7}{'max':>7}{'pooled':>8}"
+        + (f"{'of bound':>10}" if bounded else "")
+        + f"  {'target':<6}"
+        + "".join(f"{f[:11]:>12}" for f in FAMILIES)
     )
     lines = [
         f"across {len(seeds)} seeds (each trains its own model on its own split): mean recovered "
         f"share per seed; target: mean over the seeds >= {100 * TARGET_RECOVERED:.0f}%",
         "  pooled = points won back / points lost over every seed's cases; per family: mean "
         "over the seeds",
+        *(
+            [
+                f"  of bound = mean / the mean of {BOUND} (what fitting the same statistics to "
+                "the labels recovers)"
+            ]
+            if bounded
+            else []
+        ),
         head,
         "-" * len(head),
     ]
@@ -871,6 +888,7 @@ def format_across_seeds(across: dict[str, Any], seeds: Sequence[int]) -> str:
             f"{name:<18}"
             + "".join(_pct(m, 8) for m in c["per_seed"])
             + f"{_pct(c['mean'], 8)}{_pct(c['min'], 7)}{_pct(c['max'], 7)}{_pct(c['pooled'], 8)}"
+            + (_pct(c["of_bound"], 10) if bounded else "")
             + f"  {verdict:<6}"
             + "".join(_pct(c["per_family"].get(f), 12) for f in FAMILIES)
         )

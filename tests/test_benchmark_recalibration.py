@@ -211,9 +211,31 @@ def test_across_seeds_summarizes_every_seed() -> None:
     assert c["meets_target"] is True
     assert c["per_family"] == {"noise": pytest.approx(0.6), "photometric": None, "geometric": None}
     assert across["timing"] == {str(b): [1.0 + b / 1000] * 2 for b in bench.TIMING_BATCHES}
+    assert c["of_bound"] is None  # no labelled bound was run
     table = bench.format_across_seeds(across, [0, 3])
     assert "seed 0" in table and "seed 3" in table
     assert "precise 512" in table and " ok " in table
+    assert "of bound" not in table
+
+
+def test_across_seeds_gives_each_configuration_as_a_share_of_the_labelled_bound() -> None:
+    """With the bound run, every configuration's mean is also given as a share of the bound's
+    mean: how much of what the statistics can recover at all a configuration recovers."""
+    runs = {
+        0: _run({"precise 512": 0.5, bench.BOUND: 0.6}, [(0.8, 0.2, 0.9)]),
+        1: _run({"precise 512": 0.4, bench.BOUND: 0.7}, [(0.8, 0.2, 0.9)]),
+    }
+    for run in runs.values():
+        for case in run["cases"]:
+            case["methods"][bench.BOUND] = case["methods"]["precise 512"]
+    across = bench.across_seeds(runs)
+    assert across["configs"]["precise 512"]["of_bound"] == pytest.approx(0.45 / 0.65)
+    assert across["configs"][bench.BOUND]["of_bound"] == pytest.approx(1.0)
+    table = bench.format_across_seeds(across, [0, 1])
+    header = next(line for line in table.splitlines() if line.startswith("configuration"))
+    row = next(line for line in table.splitlines() if line.startswith("precise 512"))
+    assert "of bound" in header
+    assert f"{100 * 0.45 / 0.65:.1f}%" in row
 
 
 def test_several_seeds_run_one_after_the_other(
