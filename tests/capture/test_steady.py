@@ -13,8 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from bnwatch.capture.accumulator import LayerAccumulator
-from tests.capture.helpers import assert_rel, full_watch, reference
-from tests.capture.test_accuracy import RTOL, batches_of, check, run
+from tests.capture.helpers import RTOL, assert_rel, batches_of, check, full_watch, reference, run
 
 
 def _general_path(monkeypatch: pytest.MonkeyPatch) -> tuple[list[int], list[int]]:
