@@ -5,8 +5,8 @@ reduces it to two ``[N, C]`` row sums -- ``Σ (x - K)`` and ``‖x - K‖²`` ov
 positions, in the input's precision, with reductions that run at memory bandwidth -- written
 with ``out=`` into a preallocated row buffer (on the CPU, a batch of the shape the layer saw
 last goes through a fixed pair of ``[N, C]`` tensors and numpy views instead: see
-:class:`_Steady`).  When the buffer is full it is *compacted* into
-float64 sufficient statistics on the same device (:func:`bnwatch.stats.moments_from_rows` /
+:class:`_Steady`).  When the buffer is full it is *compacted* into float64 sufficient
+statistics on the same device (:func:`bnwatch.stats.moments_from_rows` /
 :func:`~bnwatch.stats.merge_moment_arrays`, the same code the host uses).  Nothing is copied
 to the host until :meth:`collect` at flush, so a CUDA model sees no per-batch host/device
 synchronization, and nothing is allocated in steady state (see :class:`_RowBuffer`).
