@@ -76,6 +76,9 @@ SCRATCH_VALUES = 1 << 21
 """Per-thread scratch for the shifted copy of a chunk of samples (8 MiB of float32): one chunk
 holds a whole batch of 8 ResNet-50 images at the largest BN input; it grows to hold one
 sample when a single sample is larger."""
+STEADY_SHAPES = 16
+"""Input shapes a layer keeps a steady plan for (:class:`_Steady`): a server that batches
+requests dynamically sends a few batch sizes, each a shape of its own."""
 SHIFT_RATIO = 64.0
 """Sum a channel around a shift ``K`` when ``(mean - K)²/var`` exceeds this (``|mean - K|/std >
 8``) in rows of up to :data:`SHIFT_ROW_ELEMENTS` elements (:func:`shift_ratio`)."""
@@ -313,8 +316,8 @@ class _WindowSample:
 
 
 class _Steady:
-    """The shape of a layer's last batch and what measuring another like it needs
-    (:meth:`LayerAccumulator.observe`): production sends a layer one shape batch after batch.
+    """A plan for measuring batches of one input shape (:meth:`LayerAccumulator.observe`):
+    production sends a layer one shape batch after batch, or a few (dynamic batching).
 
     At batch 1 the Python around the two reductions cost more than the reductions: each
     operation of a hook runs with its code and data evicted by the layer before it.  On a
@@ -325,9 +328,12 @@ class _Steady:
     its channel totals gives the usual answer (finite, near ``K``); only when it fails do the
     rows get the general path's full look (:meth:`LayerAccumulator._check_rows`).  A
     non-finite value, a renewed ``K``, a full buffer or another shape leave the rows unkept
-    and the batch to the general path.  Prepared (:meth:`LayerAccumulator._settle`) only for
-    CPU layers without a shift and without subsampling or striding, for batches that fit a
-    buffer.
+    and the batch to the general path, which prepares the plan for a new shape
+    (:meth:`LayerAccumulator._settle`) -- only for CPU layers without a shift and without
+    subsampling or striding, for batches that fit a buffer.  A layer keeps plans for up to
+    :data:`STEADY_SHAPES` shapes; their ``[N, C]`` pairs are views of one stage, grown (by
+    doubling, to at most a buffer's rows) for the largest batch, so varying batch sizes
+    allocate a few times, not per batch.
     """
 
     __slots__ = (
@@ -346,14 +352,17 @@ class _Steady:
         "total",
     )
 
-    def __init__(self, xs: Tensor, buffer: _RowBuffer, limit: np.ndarray) -> None:
+    def __init__(
+        self, xs: Tensor, buffer: _RowBuffer, limit: np.ndarray, stage: tuple[Tensor, Tensor]
+    ) -> None:
         self.shape = xs.shape
         self.dtype = xs.dtype
         self.dims = tuple(range(2, xs.dim()))
         self.size = math.prod(xs.shape[2:])
         rows = (int(xs.shape[0]), int(xs.shape[1]))
-        self.sums = _persistent(torch.empty, rows, dtype=xs.dtype)
-        self.norms = _persistent(torch.empty, rows, dtype=xs.dtype)
+        # views of the layer's stage, which every shape shares: one batch at a time uses it
+        self.sums = stage[0][: rows[0] * rows[1]].view(rows)
+        self.norms = stage[1][: rows[0] * rows[1]].view(rows)
         self.host_sums = self.sums.numpy()
         self.host_norms = self.norms.numpy()
         self.root_limit = np.sqrt(limit)  # |Σ (x - K)| beyond it: perhaps far from K
@@ -401,7 +410,8 @@ class LayerAccumulator:
         self._row_size = 1  # elements per row of the last batch (see shift_ratio)
         self._compactions = 0  # during the current batch (see observe)
         self._buffer: _RowBuffer | None = None
-        self._steady: _Steady | None = None  # see observe
+        self._plans: dict[torch.Size, _Steady] = {}  # by input shape, see _Steady
+        self._stage: tuple[Tensor, Tensor] | None = None  # their [N * C] memory
         check_positive_int("reservoir", reservoir, minimum=0)
         self._sample = _WindowSample(reservoir, self._rng) if reservoir else None
         self._reset_window()
@@ -428,10 +438,10 @@ class LayerAccumulator:
             raise ShapeError(
                 f"input of BatchNorm layer {self.name!r}", "[N, C, *S]", tuple(x.shape)
             )
-        steady = self._steady
-        if steady is not None and x.shape == steady.shape and x.dtype == steady.dtype and x.is_cpu:
+        steady = self._plans.get(x.shape)
+        if steady is not None and x.dtype == steady.dtype and x.is_cpu:
             with self._lock:
-                if self._steady is steady and self._steady_batch(x.detach(), steady):
+                if self._plans.get(x.shape) is steady and self._steady_batch(x.detach(), steady):
                     self._count(steady.shape[0], batch_stat_mode)
                     return
         n = int(x.shape[0])
@@ -491,11 +501,9 @@ class LayerAccumulator:
         return True
 
     def _settle(self, x: Tensor) -> None:
-        """After a batch took the general path: if batches like it can take the steady one
-        (:class:`_Steady`), prepare it."""
+        """After a batch took the general path: if batches of its shape can take the steady
+        one (:class:`_Steady`), prepare its plan."""
         buf = self._buffer
-        n = int(x.shape[0])
-        limit = self.max_samples_per_batch
         if (
             buf is None
             or buf.host_s1 is None  # not on the CPU
@@ -504,17 +512,34 @@ class LayerAccumulator:
             or self._shift is not None
             or self.masked
             or self.spatial_stride != 1
-            or (limit is not None and n > limit)
-            or n > buf.capacity
         ):
-            self._steady = None
+            self._plans.clear()
             return
-        steady = self._steady
-        if steady is not None and steady.buffer is buf and steady.shape == x.shape:
+        n = int(x.shape[0])
+        limit = self.max_samples_per_batch
+        if (limit is not None and n > limit) or n > buf.capacity:
+            return  # this shape is measured in pieces: the general path's
+        plan = self._plans.get(x.shape)
+        if plan is not None and plan.buffer is buf and plan.dtype == x.dtype:
             return
+        values = n * buf.channels
+        stage = self._stage
+        if stage is None or stage[0].dtype != x.dtype or stage[0].numel() < values:
+            # grown for the largest batch yet (at most a buffer's rows); the plans on the old
+            # stage would keep it alive, so they go
+            grown = values
+            if stage is not None and stage[0].dtype == x.dtype:
+                grown = min(max(values, 2 * stage[0].numel()), buf.capacity * buf.channels)
+            self._stage = stage = (
+                _persistent(torch.empty, grown, dtype=x.dtype),
+                _persistent(torch.empty, grown, dtype=x.dtype),
+            )
+            self._plans.clear()
+        if len(self._plans) >= STEADY_SHAPES:
+            self._plans.clear()
         size = math.prod(x.shape[2:])
         _, bound = self._limit(self._known_scale(buf.channels), float(n * size), size)
-        self._steady = _Steady(x.detach(), buf, bound)
+        self._plans[x.shape] = _Steady(x.detach(), buf, bound, stage)
 
     def _prepare(self, x: Tensor) -> Tensor:
         """Detach, check channels, subsample and make floating point (views where possible)."""
@@ -683,7 +708,7 @@ class LayerAccumulator:
             idx = _persistent(torch.as_tensor, np.nonzero(need)[0], dtype=torch.long, device=device)
             self._shift = _Shift(full, idx)
         self._shift_decided = True
-        self._steady = None
+        self._plans.clear()
 
     def _check_rows(
         self, buf: _RowBuffer, rows: slice, size: int
@@ -738,7 +763,7 @@ class LayerAccumulator:
         """Set (and return) the per-channel variance ``K`` is judged against (float32)."""
         self._scale = scale.astype(np.float32)
         self._limits = None
-        self._steady = None
+        self._plans.clear()  # their bounds came from the old scale
         return self._scale
 
     def _limit(self, scale: np.ndarray, count: float, size: int) -> tuple[float, np.ndarray]:

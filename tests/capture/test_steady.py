@@ -59,6 +59,30 @@ def test_batches_of_one_shape_take_the_steady_path(monkeypatch: pytest.MonkeyPat
     assert len(general) == 2 + len(filled)
 
 
+def test_varying_batch_sizes_keep_a_plan_each_on_one_stage(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dynamic batching: batch sizes 1, 3, 2, 4 in turn.  Each size takes the general path
+    once, then its own plan; the plans share one stage, grown by doubling (64 -> 192 -> 384
+    values) for the largest batch -- the sizes whose plans went with the old stage take the
+    general path once more -- and after the second round only plans run.  Exact throughout."""
+    general, compactions = _general_path(monkeypatch)
+    sizes = [1, 3, 2, 4] * 10
+    batches = batches_of((64, 5, 5), sizes)
+    acc = LayerAccumulator("bn")
+    stages: list[int] = []  # the stage's size after each batch
+    for x in batches:
+        acc.observe(x, batch_stat_mode=False)
+        assert acc._stage is not None
+        stages.append(acc._stage[0].numel())
+    filled = list(compactions)
+    stats = acc.collect()
+    assert stats is not None
+    check(stats.moments, batches)
+    assert not filled  # 100 rows fit the 512 of a buffer
+    assert general == [1, 3, 2, 4, 1, 3, 2]
+    assert len(acc._plans) == 4
+    assert stages[:4] == [64, 192, 192, 384] and set(stages[4:]) == {384}
+
+
 def test_a_nonfinite_value_in_a_steady_batch_is_counted_and_excluded(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -105,17 +129,18 @@ def _general_only(acc: LayerAccumulator) -> LayerAccumulator:
 
 @st.composite
 def _stream(draw: st.DrawFn) -> list[torch.Tensor]:
-    """Batches as production sends them: runs of one shape, batch sizes 1-3, now and then a
-    non-finite value, a jump of the mean by up to 10,000 standard deviations, or a float64
-    batch."""
+    """Batches as production sends them: runs of one shape, drawn from a few (batch sizes
+    1-3: dynamic batching), now and then a non-finite value, a jump of the mean by up to
+    10,000 standard deviations, or a float64 batch."""
     channels = draw(st.integers(1, 6))
     seed = draw(st.integers(0, 2**31 - 1))
     g = torch.Generator().manual_seed(seed)
+    shape = st.tuples(st.integers(1, 3), st.integers(1, 5), st.integers(1, 5))
+    shapes = draw(st.lists(shape, min_size=1, max_size=3))
     batches: list[torch.Tensor] = []
     offset = torch.zeros(1, channels, 1, 1, dtype=torch.float64)
-    for _ in range(draw(st.integers(1, 6))):  # runs
-        n = draw(st.integers(1, 3))
-        h, w = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    for _ in range(draw(st.integers(1, 8))):  # runs
+        n, h, w = draw(st.sampled_from(shapes))
         if draw(st.booleans()):
             jump = draw(st.sampled_from([1.0, 100.0, 1e4]))
             step = torch.randn(1, channels, 1, 1, generator=g, dtype=torch.float64)
