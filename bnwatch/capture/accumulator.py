@@ -677,11 +677,17 @@ class LayerAccumulator:
             within = np.where(rows_ok, v, 0.0).sum(axis=0) / per
             var = np.where(known, within + (dev * dev).sum(axis=0) / per, np.nan)
         self._row_size = size
-        self.update_shift(mean, var, device=xs.device)
+        self._update_shift(mean, var, device=xs.device)
 
-    def update_shift(self, mean: Any, var: Any, *, device: torch.device | None = None) -> None:
+    def update_shift(self, mean: Any, var: Any) -> None:
         """Sum the channels whose ``mean²/var`` exceeds :func:`shift_ratio` (of the rows the
-        layer's last batch gave) around ``mean`` from now on.
+        layer's last batch gave) around ``mean`` from now on: a window's mean and variance,
+        when it closes (from the window thread, while hooks may be measuring)."""
+        with self._lock:
+            self._update_shift(mean, var)
+
+    def _update_shift(self, mean: Any, var: Any, *, device: torch.device | None = None) -> None:
+        """:meth:`update_shift`, with the lock held.
 
         A variance of 0 (or one that float32 cancellation made negative) with a mean that is
         not 0 needs the shift most of all.
