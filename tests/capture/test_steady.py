@@ -175,3 +175,30 @@ def test_the_steady_path_keeps_exactly_what_the_general_path_keeps(
     assert (sizes, n) == (sizes_g, n_g)
     for a, b in zip(steady, general, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_window_shift_update_takes_the_lock() -> None:
+    """The monitor updates a layer's shift from the window thread while hooks may measure in
+    others: it must hold the accumulator's lock, under which the hooks read the shift and the
+    steady plans (which it clears: their bounds came from the old variance)."""
+    acc = LayerAccumulator("bn")
+    for x in batches_of((3, 4, 4), [2, 2]):
+        acc.observe(x, batch_stat_mode=False)
+    assert acc._plans
+    held: list[bool] = []
+
+    class Recording:
+        def __init__(self, lock: Any) -> None:
+            self.lock = lock
+
+        def __enter__(self) -> None:
+            self.lock.acquire()
+            held.append(True)
+
+        def __exit__(self, *exc: object) -> None:
+            self.lock.release()
+
+    acc._lock = Recording(acc._lock)  # type: ignore[assignment]
+    acc.update_shift(np.full(3, 1e4), np.ones(3))
+    assert held == [True]
+    assert not acc._plans and acc._shift is not None
