@@ -202,3 +202,22 @@ def test_a_window_shift_update_takes_the_lock() -> None:
     acc.update_shift(np.full(3, 1e4), np.ones(3))
     assert held == [True]
     assert not acc._plans and acc._shift is not None
+
+
+def test_a_plan_made_in_inference_mode_serves_other_modes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plans (views of the stage) made while the model ran under ``torch.inference_mode()``
+    measure batches under ``no_grad`` and with autograd on as well: no "inference tensor"
+    error, no general path, the same statistics."""
+    general, _ = _general_path(monkeypatch)
+    batches = batches_of((3, 4, 4), [2] * 6)
+    acc = LayerAccumulator("bn")
+    modes = [torch.inference_mode, torch.inference_mode, torch.no_grad, torch.enable_grad]
+    for x, mode in zip(batches, modes + modes[:2], strict=True):
+        with mode():
+            acc.observe(
+                x.requires_grad_() if mode is torch.enable_grad else x, batch_stat_mode=False
+            )
+    stats = acc.collect()
+    assert stats is not None
+    check(stats.moments, [b.detach() for b in batches])
+    assert general == [2]
