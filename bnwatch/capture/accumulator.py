@@ -79,6 +79,8 @@ sample when a single sample is larger."""
 STEADY_SHAPES = 16
 """Input shapes a layer keeps a steady plan for (:class:`_Steady`): a server that batches
 requests dynamically sends a few batch sizes, each a shape of its own."""
+RECURRING_SHAPES = 64
+"""Shapes a layer remembers having seen once, to plan for the second batch of one."""
 SHIFT_RATIO = 64.0
 """Sum a channel around a shift ``K`` when ``(mean - K)²/var`` exceeds this (``|mean - K|/std >
 8``) in rows of up to :data:`SHIFT_ROW_ELEMENTS` elements (:func:`shift_ratio`)."""
@@ -328,8 +330,9 @@ class _Steady:
     its channel totals gives the usual answer (finite, near ``K``); only when it fails do the
     rows get the general path's full look (:meth:`LayerAccumulator._check_rows`).  A
     non-finite value, a renewed ``K``, a full buffer or another shape leave the rows unkept
-    and the batch to the general path, which prepares the plan for a new shape
-    (:meth:`LayerAccumulator._settle`) -- only for CPU layers without a shift and without
+    and the batch to the general path, which prepares the plan for a shape the second time it
+    sees it (:meth:`LayerAccumulator._settle`; sequences of varying length would otherwise
+    make a plan at every batch) -- only for CPU layers without a shift and without
     subsampling or striding, for batches that fit a buffer.  A layer keeps plans for up to
     :data:`STEADY_SHAPES` shapes; their ``[N, C]`` pairs are views of one stage, grown (by
     doubling, to at most a buffer's rows) for the largest batch, so varying batch sizes
@@ -412,6 +415,7 @@ class LayerAccumulator:
         self._buffer: _RowBuffer | None = None
         self._plans: dict[torch.Size, _Steady] = {}  # by input shape, see _Steady
         self._stage: tuple[Tensor, Tensor] | None = None  # their [N * C] memory
+        self._recurring: set[torch.Size] = set()  # shapes seen: a second batch makes a plan
         check_positive_int("reservoir", reservoir, minimum=0)
         self._sample = _WindowSample(reservoir, self._rng) if reservoir else None
         self._reset_window()
@@ -521,6 +525,13 @@ class LayerAccumulator:
             return  # this shape is measured in pieces: the general path's
         plan = self._plans.get(x.shape)
         if plan is not None and plan.buffer is buf and plan.dtype == x.dtype:
+            return
+        if x.shape not in self._recurring:
+            # a plan for a shape seen once would be made at every batch of sequences whose
+            # length varies: wait for the shape to come again
+            if len(self._recurring) >= RECURRING_SHAPES:
+                self._recurring.clear()
+            self._recurring.add(x.shape)
             return
         values = n * buf.channels
         stage = self._stage
