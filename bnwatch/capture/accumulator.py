@@ -201,7 +201,10 @@ class _RowBuffer:
             if self.size == size:
                 return
             self.mark_incomplete(rows.start)
-        self.w[rows].fill_(float(size))
+        if self.host_w is not None:
+            self.host_w[rows] = size
+        else:
+            self.w[rows].fill_(float(size))
 
     def mark_incomplete(self, upto: int) -> None:
         """Rows may now differ in element counts: write ``w`` for the rows before ``upto``."""
@@ -328,7 +331,8 @@ class _Steady:
     batch of this shape and dtype on the CPU is reduced into two fixed ``[N, C]`` tensors and
     copied into the row buffer through numpy views -- squared on the way -- and one test on
     its channel totals gives the usual answer (finite, near ``K``); only when it fails do the
-    rows get the general path's full look (:meth:`LayerAccumulator._check_rows`).  A
+    rows get the general path's full look (:meth:`LayerAccumulator._check_rows`); their
+    element counts are the general path's too (:meth:`_RowBuffer.note_size`).  A
     non-finite value, a renewed ``K``, a full buffer or another shape leave the rows unkept
     and the batch to the general path, which prepares the plan for a shape the second time it
     sees it (:meth:`LayerAccumulator._settle`; sequences of varying length would otherwise
@@ -480,27 +484,23 @@ class LayerAccumulator:
         r = buf.used
         if buf is not self._buffer or r + n > buf.capacity or buf.shift is not None:
             return False
-        if buf.complete and buf.size is not None and buf.size != steady.size:
-            return False
         torch.sum(xs, steady.dims, out=steady.sums)
         torch.linalg.vector_norm(xs, 2, steady.dims, out=steady.norms)
+        rows = slice(r, r + n)
         sums = steady.host_sums
-        buf.host_s1[r : r + n] = sums  # type: ignore[index]
-        np.square(steady.host_norms, out=buf.host_s2[r : r + n])  # type: ignore[index]
+        buf.host_s1[rows] = sums  # type: ignore[index]
+        np.square(steady.host_norms, out=buf.host_s2[rows])  # type: ignore[index]
         total = sums[0] if n == 1 else np.add.reduce(sums, axis=0, out=steady.total)
         # one test for the usual answer: a non-finite value makes its channel's total
         # non-finite, which fails it, as does a mean perhaps far from K
         magnitude = np.abs(total, out=steady.magnitude)
         if not np.less_equal(magnitude, steady.root_limit, out=steady.near).all():
-            finite, renewed = self._check_rows(buf, slice(r, r + n), steady.size)
+            finite, renewed = self._check_rows(buf, rows, steady.size)
             if renewed is not None:
                 self._set_shift(renewed, xs.device)
             if not finite or renewed is not None:
                 return False  # rows past buf.used are not data
-        if buf.complete:
-            buf.size = float(steady.size)
-        else:  # rows of other sizes (or with non-finite values) came before: counts are kept
-            buf.host_w[r : r + n] = steady.size  # type: ignore[index]
+        buf.note_size(rows, steady.size)
         buf.used = r + n
         return True
 
