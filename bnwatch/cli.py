@@ -443,6 +443,13 @@ def _add_recalibrate(subparsers: Subparsers) -> None:
     )
     parser.add_argument("--layers", nargs="+", metavar="GLOB", help="only these layers")
     parser.add_argument("--input-key", help="the input's key when batches are dicts")
+    parser.add_argument(
+        "--forward",
+        metavar="PKG.MODULE:FUNCTION",
+        help="for a model that does not take one tensor: a function (model, batch) -> output "
+        "that runs it on a batch as --data yields it (e.g. model(**batch)); batches are then "
+        "used whole (default: model(input), the batch's tensor or its first element)",
+    )
     report = parser.add_argument_group(
         "reporting back",
         "finish a pending recalibration with this run's outcome (its references and lineage "
@@ -592,6 +599,9 @@ def _run_recalibrate(args: argparse.Namespace) -> int:
     if not callable(factory):
         raise ConfigError("--model", args.model, "a callable returning an nn.Module")
     data = _load_object(args.data, "--data")
+    forward = _load_object(args.forward, "--forward") if args.forward else None
+    if forward is not None and not callable(forward):
+        raise ConfigError("--forward", args.forward, "a function (model, batch) -> output")
     held_out = _load_object(args.held_out, "--held-out") if args.held_out else None
     for loaded, flag, spec in (
         (data, "--data", args.data),
@@ -629,6 +639,7 @@ def _run_recalibrate(args: argparse.Namespace) -> int:
             prior_strength=args.prior_strength,
             layers=args.layers,
             input_key=args.input_key,
+            forward=forward,
             held_out=_iterable(held_out, "--held-out", args.held_out)
             if held_out is not None
             else None,

@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from bnwatch.errors import ConfigError
+
+Forward = Callable[[Any, Any], Any]
+"""``forward(model, batch)``: runs the model on one item of the data, as the loader yields
+it (its tensors moved to the model's device), and returns the output -- for models that do
+not take one tensor, e.g. ``lambda model, batch: model(**batch)``."""
+
+
+def check_forward(forward: Any) -> None:
+    """A ``forward=`` argument is ``None`` or callable."""
+    if forward is not None and not callable(forward):
+        raise ConfigError(
+            "forward",
+            forward,
+            "a function (model, batch) -> output, e.g. lambda model, batch: model(**batch)",
+        )
 
 
 def model_input(batch: Any, input_key: str | None = None) -> Any:
@@ -33,3 +48,81 @@ def iter_inputs(data: Iterable[Any], input_key: str | None = None) -> Iterator[A
     """Model inputs of every item of ``data`` (see :func:`model_input`)."""
     for batch in data:
         yield model_input(batch, input_key)
+
+
+def count_samples(batch: Any, input_key: str | None = None) -> int:
+    """How many samples one loader item holds, when a ``forward=`` function takes it whole.
+
+    The count is the length of the item's input (as :func:`model_input` finds it): a
+    tensor's first dimension, or the length of a list or tuple of samples (a detection
+    model's list of images).  A mapping without ``input_key`` -- or a tuple whose first
+    element is one -- counts the first dimension its tensors share.
+    """
+    x = batch
+    if isinstance(x, Mapping) and input_key is not None:
+        x = model_input(x, input_key)
+    elif isinstance(x, (tuple, list)):
+        x = model_input(x)
+    if isinstance(x, Mapping):
+        lengths = {n for v in x.values() if (n := _length(v)) is not None}
+        if len(lengths) == 1:
+            return lengths.pop()
+        found = f"first dimensions {sorted(lengths)}" if lengths else "no tensor"
+        raise ConfigError(
+            "input_key",
+            None,
+            f"the key among {sorted(map(str, x))} whose first dimension counts the samples "
+            f"(the batch's tensors give {found})",
+        )
+    n = _length(x)
+    if n is None:
+        raise ConfigError(
+            "data",
+            type(x).__name__,
+            "batches whose input is a tensor [N, ...] or a list of N samples",
+        )
+    return n
+
+
+def _length(x: Any) -> int | None:
+    shape = getattr(x, "shape", None)
+    if shape is not None:
+        return int(shape[0]) if len(shape) else None
+    if isinstance(x, (tuple, list)):
+        return len(x)
+    return None
+
+
+def to_device(batch: Any, device: Any) -> Any:
+    """``batch`` with every tensor in it -- nested in tuples (named ones too), lists and
+    mappings (which come back as dicts) -- on ``device``; anything else as it is."""
+    if isinstance(batch, Mapping):
+        return {key: to_device(value, device) for key, value in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a named tuple
+        return type(batch)(*(to_device(value, device) for value in batch))
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(value, device) for value in batch)
+    if hasattr(batch, "device") and callable(getattr(batch, "to", None)):  # a tensor
+        return batch if batch.device == device else batch.to(device)
+    return batch
+
+
+def whole_batches(
+    data: Iterable[Any], input_key: str | None, num_samples: int | None, device: Any
+) -> Iterator[tuple[Any, int]]:
+    """The items of ``data`` for a ``forward=`` function, on ``device``, each with its sample
+    count (:func:`count_samples`).  Items are used whole -- a function that takes a batch as
+    it comes cannot be given a slice of it -- so the samples stop before the first item that
+    would go past ``num_samples`` (the first is always used; ``None``: no limit).  Items of
+    no sample are skipped."""
+    seen = 0
+    for item in data:
+        n = count_samples(item, input_key)
+        if n == 0:
+            continue
+        if num_samples is not None and seen and seen + n > num_samples:
+            return
+        yield (item if device is None else to_device(item, device)), n
+        seen += n
+        if num_samples is not None and seen >= num_samples:
+            return

@@ -17,7 +17,7 @@ from bnwatch.capture.accumulator import LayerAccumulator
 from bnwatch.capture.discovery import BatchNormLayer, check_layer_paths, discover
 from bnwatch.capture.monitor import unwatched
 from bnwatch.errors import ConfigError, check_positive_int
-from bnwatch.inputs import iter_inputs
+from bnwatch.inputs import Forward, check_forward, iter_inputs, whole_batches
 from bnwatch.schema import LayerProfile, Profile, utcnow
 from bnwatch.stats import Reservoir
 
@@ -35,6 +35,7 @@ def profile(
     reservoir_size: int = 512,
     num_samples: int | None = None,
     input_key: str | None = None,
+    forward: Forward | None = None,
     seed: int = 0,
 ) -> Profile:
     """Record a reference profile of every BatchNorm layer from validation data.
@@ -49,10 +50,16 @@ def profile(
     Args:
         data: an iterable of tensors, ``(inputs, labels)`` tuples or dicts (``input_key``).
         num_samples: stop after this many samples (all of ``data`` if ``None``).
+        forward: for a model that does not take one tensor, ``forward(model, batch)`` runs
+            it on a batch as ``data`` yields it (its tensors moved to the model's device),
+            e.g. ``lambda model, batch: model(**batch)``; batches are then used whole, and
+            ``num_samples`` stops before the first that would pass it (see
+            ``bnwatch.recalibrate``).
     """
     check_positive_int("reservoir_size", reservoir_size)
     if num_samples is not None:
         check_positive_int("num_samples", num_samples)
+    check_forward(forward)
     layers = discover(model, include, exclude)
     check_layer_paths(model, layers)  # a stored profile holds them: fail before any pass
     accs = [LayerAccumulator(layer.name, reservoir=reservoir_size, seed=seed) for layer in layers]
@@ -65,17 +72,22 @@ def profile(
         # a profile's passes (validation data) are not production traffic for a monitor
         # already watching the model (in this thread)
         with torch.no_grad(), unwatched(model), measuring(layers, accs):
-            for x in iter_inputs(data, input_key):
-                if not isinstance(x, torch.Tensor):
-                    raise ConfigError("data", type(x).__name__, "batches of torch tensors")
-                if num_samples is not None and seen + x.shape[0] > num_samples:
-                    x = x[: num_samples - seen]
-                if device is not None and x.device != device:
-                    x = x.to(device)
-                model(x)
-                seen += int(x.shape[0])
-                if num_samples is not None and seen >= num_samples:
-                    break
+            if forward is not None:
+                for batch, n in whole_batches(data, input_key, num_samples, device):
+                    forward(model, batch)
+                    seen += n
+            else:
+                for x in iter_inputs(data, input_key):
+                    if not isinstance(x, torch.Tensor):
+                        raise ConfigError("data", type(x).__name__, "batches of torch tensors")
+                    if num_samples is not None and seen + x.shape[0] > num_samples:
+                        x = x[: num_samples - seen]
+                    if device is not None and x.device != device:
+                        x = x.to(device)
+                    model(x)
+                    seen += int(x.shape[0])
+                    if num_samples is not None and seen >= num_samples:
+                        break
     finally:
         for module, training in modes.items():
             module.train(training)

@@ -47,7 +47,7 @@ from bnwatch.capture.accumulator import LayerAccumulator
 from bnwatch.capture.discovery import BatchNormLayer, discover
 from bnwatch.capture.monitor import unwatched
 from bnwatch.errors import BnwatchError, ConfigError, ShapeError, check_positive_int
-from bnwatch.inputs import model_input
+from bnwatch.inputs import Forward, check_forward, model_input, whole_batches
 from bnwatch.recalibration import distributed
 from bnwatch.recalibration.result import (
     BatchNormBuffers,
@@ -85,6 +85,7 @@ def recalibrate(
     prior_strength: float = 16.0,
     layers: str | Sequence[str] | None = None,
     input_key: str | None = None,
+    forward: Forward | None = None,
     min_samples: int = 16,
     held_out: Iterable[Any] | None = None,
     apply: bool | Literal["if_better"] = "if_better",
@@ -103,6 +104,14 @@ def recalibrate(
         method: ``"precise"`` or ``"mix"`` (see the module docstring).
         prior_strength: ``N`` of the ``mix`` method, in samples.
         layers: recalibrate only layers whose qualified name matches these globs.
+        input_key: the model input's key when batches are dicts.
+        forward: for a model that does not take one tensor, ``forward(model, batch)`` runs
+            it on a batch as ``data`` yields it (its tensors moved to ``device``), e.g.
+            ``lambda model, batch: model(**batch)``; a batch's samples are counted on its
+            input (a tensor's first dimension, a list's length; ``input_key`` names it in a
+            dict whose tensors do not all have the same first dimension).  Batches are then
+            used whole: the samples stop before the first batch that would pass
+            ``num_samples``.  Also used on ``held_out``.
         min_samples: fewer samples than this is an error (statistics would be noise).
         held_out: data to judge the result on, as ``data`` -- the gap between what each
             layer receives and its running statistics before and after, and the accuracy when
@@ -127,6 +136,7 @@ def recalibrate(
         raise ConfigError("method", method, f"one of {list(METHODS)}")
     check_positive_int("num_samples", num_samples)
     check_positive_int("min_samples", min_samples)
+    check_forward(forward)
     if (
         isinstance(prior_strength, bool)
         or not isinstance(prior_strength, (int, float))
@@ -152,6 +162,7 @@ def recalibrate(
             prior_strength,
             num_samples,
             input_key,
+            forward,
             target_device,
             _show_progress(progress),
         )
@@ -189,7 +200,7 @@ def recalibrate(
         updates=updates,
     )
     if held_out is not None:
-        evaluate(result, held_out, input_key=input_key, device=target_device)
+        evaluate(result, held_out, input_key=input_key, forward=forward, device=target_device)
     if apply is True or (apply == "if_better" and result.improved is not False):
         result.apply()
     elif apply == "if_better":
@@ -243,8 +254,9 @@ def _batches(
     device: torch.device,
     *,
     join_single: bool,
-) -> Iterator[torch.Tensor]:
-    """The model inputs of ``data``, cut at ``num_samples``, on ``device``.
+) -> Iterator[tuple[torch.Tensor, int]]:
+    """The model inputs of ``data``, cut at ``num_samples``, on ``device``, each with its
+    sample count.
 
     With ``join_single`` (``precise``, where BatchNorm normalizes by batch statistics, which
     one sample of a ``[1, C]`` input does not have) a batch of one sample -- a loader's last,
@@ -270,12 +282,12 @@ def _batches(
             try:
                 x = torch.cat((held, x))
             except RuntimeError:  # another sample shape: let the model say what it makes of it
-                yield held
+                yield held, 1
             held = None
         if join_single and x.shape[0] == 1:
             held = x
         elif x.shape[0]:
-            yield x
+            yield x, int(x.shape[0])
         if seen >= num_samples:
             return
 
@@ -288,6 +300,7 @@ def _measure(
     prior_strength: float,
     num_samples: int,
     input_key: str | None,
+    forward: Forward | None,
     device: torch.device,
     progress: bool,
 ) -> tuple[dict[str, ChannelMoments | None], int]:
@@ -328,20 +341,26 @@ def _measure(
             bar = tqdm(total=num_samples, unit="sample", desc=f"bnwatch recalibrate ({method})")
         # a monitor watching this model must not take these passes for production traffic
         with torch.no_grad(), unwatched(model):
-            batches = _batches(
-                data, input_key, num_samples, device, join_single=method == "precise"
+            batches = (
+                _batches(data, input_key, num_samples, device, join_single=method == "precise")
+                if forward is None
+                else whole_batches(data, input_key, num_samples, device)
             )
-            for x in batches:
-                forwarded[0] = seen + int(x.shape[0])
+            for x, n in batches:
+                forwarded[0] = seen + n
                 try:
-                    model(x)
+                    if forward is None:
+                        model(x)
+                    else:
+                        forward(model, x)
                 except (RuntimeError, ValueError) as err:
+                    got = f"{tuple(x.shape)}" if forward is None else f"a batch of {n} samples"
                     raise ShapeError(
-                        "recalibration data", "inputs the model accepts", f"{tuple(x.shape)}: {err}"
+                        "recalibration data", "inputs the model accepts", f"{got}: {err}"
                     ) from err
-                seen += int(x.shape[0])
+                seen += n
                 if bar is not None:
-                    bar.update(int(x.shape[0]))
+                    bar.update(n)
         moments = {
             layer.name: _collect(accs.get(layer.name), pooled[layer.name]) for layer in selected
         }

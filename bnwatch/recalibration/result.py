@@ -17,7 +17,7 @@ from bnwatch.capture.discovery import ROOT_NAME, BatchNormLayer
 from bnwatch.capture.monitor import unwatched, watching
 from bnwatch.capture.profile import measuring
 from bnwatch.drift import Reference, finite_mean, gaussian_kl, rms, standardized_shift
-from bnwatch.inputs import model_input
+from bnwatch.inputs import Forward, model_input, to_device
 from bnwatch.recalibration import distributed
 from bnwatch.stats import ChannelMoments
 
@@ -226,14 +226,16 @@ def evaluate(
     held_out: Iterable[Any],
     *,
     input_key: str | None = None,
+    forward: Forward | None = None,
     device: torch.device | None = None,
 ) -> None:
     """Judge ``result`` on held-out data: per-layer gap before/after, accuracy if labelled.
 
-    The model runs as deployed (its modes unchanged) once with its current statistics and
-    once with the new ones; its buffers are the current ones again afterwards.  Under
-    ``torch.distributed`` every rank judges its own held-out shard and the ranks merge what
-    they measured, so all of them reach the same judgement.
+    The model runs as deployed (its modes unchanged) -- ``model(input)``, or ``forward(model,
+    batch)`` -- once with its current statistics and once with the new ones; its buffers are
+    the current ones again afterwards.  Under ``torch.distributed`` every rank judges its own
+    held-out shard and the ranks merge what they measured, so all of them reach the same
+    judgement.
     """
     items = list(held_out)  # iterated twice
     layers = [BatchNormLayer(u.name, u.module, i) for i, u in enumerate(result.updates)]
@@ -243,10 +245,10 @@ def evaluate(
         # a monitor watching this model must not take these passes for production traffic
         with unwatched(result.model):
             try:
-                before = _HeldOut.measure(result.model, layers, items, input_key, device)
+                before = _HeldOut.measure(result.model, layers, items, input_key, forward, device)
                 buffers.restore()
                 result._write(new=True)
-                after = _HeldOut.measure(result.model, layers, items, input_key, device)
+                after = _HeldOut.measure(result.model, layers, items, input_key, forward, device)
             finally:
                 buffers.restore()
         return before, after
@@ -314,6 +316,7 @@ class _HeldOut:
         layers: list[BatchNormLayer],
         items: list[Any],
         input_key: str | None,
+        forward: Forward | None,
         device: torch.device | None,
     ) -> _HeldOut:
         accs = [LayerAccumulator(layer.name) for layer in layers]
@@ -321,10 +324,11 @@ class _HeldOut:
         labelled = True
         with torch.no_grad(), measuring(layers, accs):
             for item in items:
-                x = model_input(item, input_key)
-                if device is not None:
-                    x = x.to(device)
-                out = model(x)
+                if forward is None:
+                    x = model_input(item, input_key)
+                    out = model(x if device is None else x.to(device))
+                else:
+                    out = forward(model, item if device is None else to_device(item, device))
                 y = item[1] if isinstance(item, (tuple, list)) and len(item) > 1 else None
                 if isinstance(y, torch.Tensor) and isinstance(out, torch.Tensor) and out.dim() == 2:
                     correct += int((out.argmax(dim=1).cpu() == y.cpu()).sum())

@@ -30,3 +30,14 @@ class Models:
     """``--model tests.recalibration.cli_fixture:Models.factory``: a dotted name."""
 
     factory = staticmethod(factory)
+
+
+def dict_loader() -> list[dict[str, torch.Tensor]]:
+    """Batches as a feature store serves them: the model's input under ``image``."""
+    return [{"image": x, "weight": torch.ones(x.shape[0])} for x in data(8, shift=3.0)]
+
+
+def by_image(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``--forward``: run the model on a batch's ``image``."""
+    out: torch.Tensor = model(batch["image"] * batch["weight"][:, None, None, None])
+    return out

@@ -57,6 +57,26 @@ def test_recalibrate_writes_loadable_buffers(
     }
 
 
+def test_recalibrate_runs_a_model_through_forward(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--forward: batches of dicts, the same buffers as the tensors themselves give."""
+    common = ["recalibrate", "--model", f"{FIX}:factory", "--num-samples", "64"]
+    by_forward, plain = tmp_path / "forward.pt", tmp_path / "plain.pt"
+    argv = ["--data", f"{FIX}:dict_loader", "--forward", f"{FIX}:by_image"]
+    assert main([*common, *argv, "--out", str(by_forward)]) == 0
+    assert main([*common, "--data", f"{FIX}:loader", "--out", str(plain)]) == 0
+    got, want = torch.load(by_forward), torch.load(plain)
+    assert sorted(got) == sorted(want)
+    for key, value in want.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-6, atol=1e-7)
+    capsys.readouterr()
+    assert main([*common, *argv[:2], "--out", str(tmp_path / "x.pt")]) == 1
+    assert "input_key" in capsys.readouterr().err  # without --forward: which tensor?
+    assert main([*common, *argv[:3], f"{FIX}:not_iterable", "--out", str(plain)]) == 1
+    assert "--forward" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
