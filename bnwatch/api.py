@@ -249,6 +249,14 @@ def watch(
     if recalibrate:
         from bnwatch.triggers import MIN_KEPT_INPUTS
 
+        if all(layer.frozen for layer in layers):
+            raise ConfigError(
+                "recalibrate",
+                recalibrate,
+                "False when every watched BatchNorm layer is frozen (FrozenBatchNorm2d): "
+                "frozen layers are watched but never recalibrated",
+            )
+
         if keep_inputs < MIN_KEPT_INPUTS:
             raise ConfigError(
                 "keep_inputs",

@@ -61,20 +61,14 @@ class NoBatchNormError(BnwatchError, ValueError):
         self.per_sample = dict(per_sample or {})  # kinds that store no statistics: count
         if self.include is None and self.exclude is None:
             hint = (
-                "bnwatch watches torch.nn BatchNorm1d/2d/3d and SyncBatchNorm layers; "
-                "this model has none"
+                "bnwatch watches torch.nn BatchNorm1d/2d/3d, SyncBatchNorm and frozen "
+                "BatchNorm (FrozenBatchNorm2d) layers; this model has none"
             )
             if self.others:
                 hint += (
                     " -- its layers with running statistics are of other kinds, which are not "
                     f"watched: {_counted(self.others)}"
                 )
-                if any("Frozen" in kind for kind in self.others):
-                    hint += (
-                        " (a frozen BatchNorm, as in torchvision's and detectron2's detection "
-                        "backbones, is a fixed affine map: it never normalizes with the "
-                        "statistics of its input)"
-                    )
             elif self.per_sample:
                 hint += (
                     f" -- it normalizes with {_counted(self.per_sample)}, which compute their "

@@ -6,6 +6,7 @@ import fnmatch
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -37,6 +38,29 @@ class BatchNormLayer:
         """Class name (lazy layers report the class they became once initialized)."""
         return type(self.module).__name__
 
+    @property
+    def frozen(self) -> bool:
+        """A frozen BatchNorm (:func:`is_frozen_batchnorm`): it always normalizes with its
+        stored statistics, whatever its mode, and is not recalibrated."""
+        return is_frozen_batchnorm(self.module)
+
+
+_FROZEN_BUFFERS = ("weight", "bias", "running_mean", "running_var")
+
+
+def is_frozen_batchnorm(module: nn.Module) -> bool:
+    """Whether ``module`` is a frozen BatchNorm: ``FrozenBatchNorm2d`` of torchvision's and
+    detectron2's detection backbones (recognized by name and attributes: neither library is
+    a dependency).  Its statistics and affine parameters are buffers that no mode or
+    optimizer changes, and it always normalizes with them -- what an eval-mode BatchNorm
+    does -- so what it receives is measured and compared with them like any BatchNorm's."""
+    return (
+        not isinstance(module, _BatchNorm)
+        and "FrozenBatchNorm" in type(module).__name__
+        and all(isinstance(getattr(module, name, None), torch.Tensor) for name in _FROZEN_BUFFERS)
+        and isinstance(getattr(module, "eps", None), (int, float))
+    )
+
 
 def _patterns(argument: str, value: str | Sequence[str] | None) -> list[str] | None:
     if value is None:
@@ -55,7 +79,8 @@ def discover(
     """All BatchNorm layers of ``model`` at any depth, filtered by name.
 
     Every subclass of ``torch.nn.modules.batchnorm._BatchNorm`` counts: BatchNorm1d/2d/3d,
-    SyncBatchNorm and the Lazy variants (watched from their first forward on).  ``include``
+    SyncBatchNorm and the Lazy variants (watched from their first forward on); so do frozen
+    BatchNorm layers (:func:`is_frozen_batchnorm`).  ``include``
     and ``exclude`` are :mod:`fnmatch` globs on qualified names (``"layer1.*"``,
     ``"*.bn2"``): a layer is watched when it matches some ``include`` pattern (all layers if
     none is given) and no ``exclude`` pattern.
@@ -84,14 +109,18 @@ def discover(
     exc = _patterns("exclude", exclude)
     found: list[BatchNormLayer] = []
     for name, module in model.named_modules():
-        if not isinstance(module, _BatchNorm):
+        if not isinstance(module, _BatchNorm) and not is_frozen_batchnorm(module):
             continue
         qualified = name or ROOT_NAME
         if inc is not None and not any(fnmatch.fnmatchcase(qualified, p) for p in inc):
             continue
         if exc is not None and any(fnmatch.fnmatchcase(qualified, p) for p in exc):
             continue
-        found.append(BatchNormLayer(name=qualified, module=module, depth=len(found)))
+        # a frozen layer has every attribute of a BatchNorm that capture reads (buffers, eps,
+        # training); what it lacks (momentum, num_batches_tracked) only recalibration uses,
+        # and recalibration leaves it out
+        layer = cast(_BatchNorm, module)
+        found.append(BatchNormLayer(name=qualified, module=layer, depth=len(found)))
     if not found:
         raise NoBatchNormError(type(model).__name__, inc, exc, *_other_norms(model))
     return found
@@ -104,12 +133,12 @@ _PER_SAMPLE_NORMS = ("LayerNorm", "GroupNorm", "RMSNorm", "InstanceNorm")
 def _other_norms(model: nn.Module) -> tuple[Counter[str], Counter[str]]:
     """A model's normalization layers of other kinds, by class name, so that a model without
     BatchNorm is told why it has nothing to watch: those that keep running statistics without
-    being torch.nn BatchNorm layers (``FrozenBatchNorm2d``, ``InstanceNorm`` with
-    ``track_running_stats``), and those that keep none (``LayerNorm``, ``GroupNorm``, ...)."""
+    being BatchNorm layers (``InstanceNorm`` with ``track_running_stats``), and those that
+    keep none (``LayerNorm``, ``GroupNorm``, ...)."""
     stored: Counter[str] = Counter()
     per_sample: Counter[str] = Counter()
     for module in model.modules():
-        if isinstance(module, _BatchNorm):
+        if isinstance(module, _BatchNorm) or is_frozen_batchnorm(module):
             continue
         kind = type(module).__name__
         if all(

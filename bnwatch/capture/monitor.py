@@ -108,7 +108,7 @@ def paused(monitors: Iterable[Monitor]) -> Iterator[None]:
 def unwatched(model: nn.Module) -> contextlib.AbstractContextManager[None]:
     """:func:`paused` for every open monitor of ``model``'s BatchNorm layers: this thread's
     forwards of it (a recalibration's passes) are not production traffic."""
-    return paused(watching(m for m in model.modules() if isinstance(m, _BatchNorm)))
+    return paused(watching(model.modules()))
 
 
 def _paused(monitor: Monitor) -> bool:
@@ -390,7 +390,7 @@ class Monitor:
         check_positive_int("spatial_stride", spatial_stride)
         if reservoir is None:
             reservoir = default_reservoir_rows(
-                sum(int(getattr(layer.module, "num_features", 0) or 0) for layer in layers)
+                sum(_channels(layer.module) or 0 for layer in layers)
             )
         check_positive_int("reservoir", reservoir, minimum=0)
         if max_samples_per_batch is not None:
@@ -425,6 +425,8 @@ class Monitor:
         check_positive_int("keep_inputs", keep_inputs, minimum=0)
         self._inputs = InputRing(keep_inputs, name) if keep_inputs else None
         self._standalone = [0] * len(layers)
+        # a frozen BatchNorm normalizes with its stored statistics in train() too
+        self._frozen = [layer.frozen for layer in layers]
         self._seen = _SeenCounters(len(layers))
         self._unreported = [(0, 0)] * len(layers)  # seen in windows that measured nothing
         self._tls = threading.local()
@@ -612,7 +614,9 @@ class Monitor:
                 measure = not (self._standalone[idx] - 1) % self._sampler.every
                 measure = measure and not self._closed
             if measure:
-                batch_stat = module.training or module.running_mean is None
+                batch_stat = not self._frozen[idx] and (
+                    module.training or module.running_mean is None
+                )
                 self._accs[idx].observe(x, batch_stat_mode=batch_stat)
         except Exception as err:  # never let monitoring break inference
             self._hook_failed(idx, err)
@@ -1018,7 +1022,7 @@ class Detached:
 
 
 def _tracked(module: _BatchNorm) -> int:
-    nbt = module.num_batches_tracked
+    nbt = getattr(module, "num_batches_tracked", None)  # a frozen BatchNorm has none
     if nbt is None or isinstance(nbt, UninitializedBuffer):
         return -1
     return int(nbt.item())
@@ -1028,4 +1032,7 @@ def _channels(module: _BatchNorm) -> int | None:
     rm = module.running_mean
     if isinstance(rm, UninitializedBuffer) or isinstance(module.weight, nn.UninitializedParameter):
         return None
-    return int(module.num_features)
+    features = getattr(module, "num_features", None)
+    if features is None:  # torchvision's frozen BatchNorm: only its buffers say
+        return None if rm is None else int(rm.numel())
+    return int(features)

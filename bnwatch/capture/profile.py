@@ -124,13 +124,14 @@ def profile(
 @contextlib.contextmanager
 def measuring(layers: Sequence[BatchNormLayer], accs: Sequence[LayerAccumulator]) -> Iterator[None]:
     """Inside, everything ``layers`` receive goes to their accumulators (forward pre-hooks,
-    removed on the way out); a layer in ``train()`` counts as normalizing by batch."""
+    removed on the way out); a layer in ``train()`` counts as normalizing by batch, unless it
+    is frozen."""
 
-    def hook(acc: LayerAccumulator, module: _BatchNorm, args: Any) -> None:
-        acc.observe(args[0], batch_stat_mode=module.training)
+    def hook(acc: LayerAccumulator, frozen: bool, module: _BatchNorm, args: Any) -> None:
+        acc.observe(args[0], batch_stat_mode=module.training and not frozen)
 
     handles = [
-        layer.module.register_forward_pre_hook(functools.partial(hook, acc))
+        layer.module.register_forward_pre_hook(functools.partial(hook, acc, layer.frozen))
         for layer, acc in zip(layers, accs, strict=True)
     ]
     try:

@@ -22,7 +22,9 @@ population statistics of the recalibration data, ``n`` its samples):
     the layers below a mixed one are measured while its mix is still moving (with many small
     batches the deeper layers' estimates differ by a few percent from a layer-by-layer pass).
 
-Only the BatchNorm layers being recalibrated change mode; dropout and every other module keep
+Frozen BatchNorm layers (``FrozenBatchNorm2d``) are never recalibrated: the layers after one
+were trained on what its fixed statistics make of their input.  Only the BatchNorm layers
+being recalibrated change mode; dropout and every other module keep
 theirs (``torch.optim.swa_utils.update_bn`` switches the whole model to train mode).  Modes,
 momenta, hooks and buffers are restored even when the data raises midway.  With
 ``torch.distributed`` initialized, the sufficient statistics of all ranks are merged, so
@@ -128,6 +130,8 @@ def recalibrate(
 
     Raises:
         NoBatchNormError: the model (or ``layers``) has no BatchNorm layer.
+        ConfigError: all of them are frozen (see the module docstring), or have no running
+            statistics.
         NotEnoughDataError: fewer than ``min_samples`` samples (on all ranks together).
         ShapeError: the data does not fit the model; the model is left untouched.
         RankFailedError: another rank raised; nothing changed on this one either.
@@ -210,7 +214,23 @@ def recalibrate(
 
 # --------------------------------------------------------------------------------------------
 def _select(model: nn.Module, layers: str | Sequence[str] | None) -> list[BatchNormLayer]:
-    found = discover(model, include=layers)
+    """The layers to recalibrate: those ``layers`` matches, frozen ones left out -- the layers
+    after a frozen BatchNorm were trained on what its fixed statistics make of their input, so
+    new statistics would change what they see, not restore it."""
+    everything = discover(model, include=layers)
+    found = [layer for layer in everything if not layer.frozen]
+    if not found:
+        frozen = ", ".join(layer.name for layer in everything[:5])
+        more = f" and {len(everything) - 5} more" if len(everything) > 5 else ""
+        raise ConfigError(
+            "layers" if layers is not None else "model",
+            layers if layers is not None else type(model).__name__,
+            "BatchNorm layers that are not frozen: "
+            + ("those matched" if layers is not None else "its BatchNorm layers")
+            + f" ({frozen}{more}) are frozen BatchNorm layers (FrozenBatchNorm2d), which are "
+            "watched but not recalibrated: the layers after one were trained on what its fixed "
+            "statistics make of their input, and new statistics would change that",
+        )
     for layer in found:
         bn = layer.module
         if bn.running_mean is None or bn.running_var is None:
