@@ -379,6 +379,59 @@ def _load_object(spec: str, argument: str) -> object:
     return value
 
 
+def _add_model_options(parser: argparse.ArgumentParser, *, data_help: str) -> None:
+    """``--model``, ``--checkpoint``, ``--data``, ``--input-key`` and ``--forward``: a model and
+    its data from the user's code (``bnwatch recalibrate``, ``bnwatch profile``)."""
+    parser.add_argument(
+        "--model",
+        required=True,
+        metavar="PKG.MODULE:FACTORY",
+        help="a callable returning the nn.Module",
+    )
+    parser.add_argument("--checkpoint", metavar="PATH", help="a state_dict to load (torch.save)")
+    parser.add_argument("--data", required=True, metavar="PKG.MODULE:LOADER", help=data_help)
+    parser.add_argument("--input-key", help="the input's key when batches are dicts")
+    parser.add_argument(
+        "--forward",
+        metavar="PKG.MODULE:FUNCTION",
+        help="for a model that does not take one tensor: a function (model, batch) -> output "
+        "that runs it on a batch as --data yields it (e.g. model(**batch)); batches are then "
+        "used whole (default: model(input), the batch's tensor or its first element)",
+    )
+
+
+def _load_code(args: argparse.Namespace) -> tuple[Callable[[], Any], Any, Any]:
+    """``--model``'s factory, ``--data``'s object and ``--forward``'s function (or ``None``),
+    loaded and checked before anything runs: a wrong name is found now."""
+    from bnwatch.errors import ConfigError
+
+    factory = _load_object(args.model, "--model")
+    if not callable(factory):
+        raise ConfigError("--model", args.model, "a callable returning an nn.Module")
+    data = _load_object(args.data, "--data")
+    if not callable(data):
+        _iterable(data, "--data", args.data)  # not iterable: a wrong name, found before the run
+    forward = _load_object(args.forward, "--forward") if args.forward else None
+    if forward is not None and not callable(forward):
+        raise ConfigError("--forward", args.forward, "a function (model, batch) -> output")
+    return factory, data, forward
+
+
+def _build_model(factory: Callable[[], Any], args: argparse.Namespace) -> Any:
+    """The factory's model, with ``--checkpoint``'s weights, in eval mode."""
+    import torch
+
+    from bnwatch.errors import ConfigError
+
+    model = factory()
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError("--model", args.model, "a factory returning a torch.nn.Module")
+    if args.checkpoint:
+        state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    return model.eval()
+
+
 def _add_recalibrate(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser(
         "recalibrate",
@@ -395,19 +448,7 @@ def _add_recalibrate(subparsers: Subparsers) -> None:
         "is refused before the run.  PKG.MODULE names are imported from the current directory "
         "first, then from the installed packages.",
     )
-    parser.add_argument(
-        "--model",
-        required=True,
-        metavar="PKG.MODULE:FACTORY",
-        help="a callable returning the nn.Module",
-    )
-    parser.add_argument("--checkpoint", metavar="PATH", help="a state_dict to load (torch.save)")
-    parser.add_argument(
-        "--data",
-        required=True,
-        metavar="PKG.MODULE:LOADER",
-        help="an iterable of batches, or a callable returning one",
-    )
+    _add_model_options(parser, data_help="an iterable of batches, or a callable returning one")
     parser.add_argument(
         "--held-out",
         metavar="PKG.MODULE:LOADER",
@@ -442,14 +483,6 @@ def _add_recalibrate(subparsers: Subparsers) -> None:
         help="prior strength of --method mix, in samples (default 16)",
     )
     parser.add_argument("--layers", nargs="+", metavar="GLOB", help="only these layers")
-    parser.add_argument("--input-key", help="the input's key when batches are dicts")
-    parser.add_argument(
-        "--forward",
-        metavar="PKG.MODULE:FUNCTION",
-        help="for a model that does not take one tensor: a function (model, batch) -> output "
-        "that runs it on a batch as --data yields it (e.g. model(**batch)); batches are then "
-        "used whole (default: model(input), the batch's tensor or its first element)",
-    )
     report = parser.add_argument_group(
         "reporting back",
         "finish a pending recalibration with this run's outcome (its references and lineage "
@@ -586,8 +619,6 @@ def _check_pending(args: argparse.Namespace, target: str) -> None:
 def _run_recalibrate(args: argparse.Namespace) -> int:
     import json
 
-    import torch
-
     from bnwatch.capture.discovery import discover
     from bnwatch.errors import ConfigError, NoBatchNormError
     from bnwatch.recalibration import recalibrate
@@ -595,20 +626,10 @@ def _run_recalibrate(args: argparse.Namespace) -> int:
     target = _report_target(args)
     if target is not None:
         _check_pending(args, target)
-    factory = _load_object(args.model, "--model")
-    if not callable(factory):
-        raise ConfigError("--model", args.model, "a callable returning an nn.Module")
-    data = _load_object(args.data, "--data")
-    forward = _load_object(args.forward, "--forward") if args.forward else None
-    if forward is not None and not callable(forward):
-        raise ConfigError("--forward", args.forward, "a function (model, batch) -> output")
+    factory, data, forward = _load_code(args)
     held_out = _load_object(args.held_out, "--held-out") if args.held_out else None
-    for loaded, flag, spec in (
-        (data, "--data", args.data),
-        (held_out, "--held-out", args.held_out),
-    ):
-        if loaded is not None and not callable(loaded):
-            _iterable(loaded, flag, spec)  # not iterable: a wrong name, found before the run
+    if held_out is not None and not callable(held_out):
+        _iterable(held_out, "--held-out", args.held_out)
     _check_out_dir(args.out)  # found now, not after the run
     data_lineage = {  # which data, for the stored lineage (samples: in the result's summary)
         "source": args.data,
@@ -619,18 +640,12 @@ def _run_recalibrate(args: argparse.Namespace) -> int:
     # --model/--data name above, or --layers that match no layer, are not: fix it and run
     # again with the same --recalibration)
     try:
-        model = factory()
-        if not isinstance(model, torch.nn.Module):
-            raise ConfigError("--model", args.model, "a factory returning a torch.nn.Module")
+        model = _build_model(factory, args)
         if args.layers is not None:
             try:
                 discover(model, include=args.layers)
             except (ConfigError, NoBatchNormError) as err:
                 raise _CommandLineError(str(err)) from err
-        if args.checkpoint:
-            state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-            model.load_state_dict(state)
-        model.eval()
         result = recalibrate(
             model,
             _iterable(data, "--data", args.data),
@@ -669,6 +684,102 @@ def _run_recalibrate(args: argparse.Namespace) -> int:
         args, target, result, {"out": str(Path(args.out).resolve()), "data": data_lineage}
     ):
         return 1
+    return 0
+
+
+# --------------------------------------------------------------------------------------
+# bnwatch profile
+# --------------------------------------------------------------------------------------
+def _add_profile(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "profile",
+        help="record a model version's reference profile from validation data",
+        description="Load a model (factory + checkpoint), run it over validation data with "
+        "every BatchNorm layer measured, and store the result as the reference profile of "
+        "--name@--version: in a database (--store; default $BNWATCH_DATABASE_URL or "
+        "sqlite:///bnwatch.db), through a bnwatch service (--store http://host:port, token "
+        "from --token or $BNWATCH_API_TOKEN), and/or as a file (--out PATH.npz; load it with "
+        "bnwatch.Profile.load and pass it to bnwatch.watch(..., reference=...)).  Reports "
+        "and the dashboard judge drift against a stored profile.  Storing the same profile "
+        "again stores nothing.  PKG.MODULE names are imported from the current directory "
+        "first, then from the installed packages.",
+    )
+    _add_model_options(parser, data_help="validation batches, or a callable returning them")
+    parser.add_argument("--name", required=True, help="the model's name, as monitors report it")
+    parser.add_argument("--version", required=True, help="the model version")
+    parser.add_argument(
+        "--store",
+        default=os.environ.get(DATABASE_ENV, DEFAULT_DATABASE_URL),
+        metavar="URL",
+        help="a SQLAlchemy database URL or a bnwatch service's http(s):// URL (default: "
+        f"${DATABASE_ENV} or {DEFAULT_DATABASE_URL})",
+    )
+    parser.add_argument("--no-store", action="store_true", help="store nothing: only write --out")
+    parser.add_argument("--token", help="the service's API token (default $BNWATCH_API_TOKEN)")
+    parser.add_argument("--out", type=Path, metavar="PATH", help="also write the profile here")
+    parser.add_argument(
+        "--num-samples",
+        type=_positive_int,
+        metavar="N",
+        help="use at most N samples of --data (default: all)",
+    )
+    parser.add_argument("--include", nargs="+", metavar="GLOB", help="only these layers")
+    parser.add_argument("--exclude", nargs="+", metavar="GLOB", help="not these layers")
+    parser.add_argument(
+        "--reservoir-size",
+        type=_positive_int,
+        default=512,
+        metavar="N",
+        help="per-sample channel means kept per layer, for reports (default 512)",
+    )
+    parser.set_defaults(handler=_run_profile)
+
+
+def _run_profile(args: argparse.Namespace) -> int:
+    from bnwatch.api import profile
+    from bnwatch.errors import ConfigError
+    from bnwatch.store.engine import redacted
+
+    if args.no_store and args.out is None:
+        raise ConfigError("--no-store", True, "--out PATH too: the profile must go somewhere")
+    if args.no_store and args.token is not None:
+        raise ConfigError("--token", "<hidden>", "no --token with --no-store")
+    factory, data, forward = _load_code(args)
+    if args.out is not None:
+        _check_out_dir(args.out)
+    store = None if args.no_store else args.store
+    result = profile(
+        _build_model(factory, args),
+        _iterable(data, "--data", args.data),
+        name=args.name,
+        version=args.version,
+        store=store,
+        token=args.token,
+        include=args.include,
+        exclude=args.exclude,
+        reservoir_size=args.reservoir_size,
+        num_samples=args.num_samples,
+        input_key=args.input_key,
+        forward=forward,
+    )
+    if args.out is not None:
+        partial = args.out.with_name(f".{args.out.name}.partial")
+        try:
+            result.save(partial)
+            os.replace(partial, args.out)  # a file that is there is whole
+        finally:
+            partial.unlink(missing_ok=True)
+    samples = max((lp.stats.samples_seen for lp in result.layers.values()), default=0)
+    print(
+        f"profile of {result.name}@{result.version}: {len(result.layers)} layers, {samples} samples"
+    )
+    for name, lp in result.layers.items():
+        print(f"  {name:<40} {lp.kind:<20} {lp.stats.moments.channels:>6} channels")
+    if store is not None:
+        where = store if store.lower().startswith(("http://", "https://")) else redacted(store)
+        print(f"stored as the reference of {result.name}@{result.version} in {where}")
+    if args.out is not None:
+        print(f"wrote {args.out}")
     return 0
 
 
@@ -1013,6 +1124,7 @@ SUBCOMMANDS: tuple[Callable[[Subparsers], None], ...] = (
     _add_alerts,
     _add_report,
     _add_recalibrate,
+    _add_profile,
     _add_serve,
     _add_dashboard,
 )

@@ -16,7 +16,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from bnwatch.capture.accumulator import LayerAccumulator
 from bnwatch.capture.discovery import BatchNormLayer, check_layer_paths, discover
 from bnwatch.capture.monitor import unwatched
-from bnwatch.errors import ConfigError, check_positive_int
+from bnwatch.errors import BnwatchError, ConfigError, ShapeError, check_positive_int
 from bnwatch.inputs import Forward, check_forward, iter_inputs, whole_batches
 from bnwatch.schema import LayerProfile, Profile, utcnow
 from bnwatch.stats import Reservoir
@@ -74,7 +74,8 @@ def profile(
         with torch.no_grad(), unwatched(model), measuring(layers, accs):
             if forward is not None:
                 for batch, n in whole_batches(data, input_key, num_samples, device):
-                    forward(model, batch)
+                    with _data_errors(f"a batch of {n} samples"):
+                        forward(model, batch)
                     seen += n
             else:
                 for x in iter_inputs(data, input_key):
@@ -84,7 +85,8 @@ def profile(
                         x = x[: num_samples - seen]
                     if device is not None and x.device != device:
                         x = x.to(device)
-                    model(x)
+                    with _data_errors(f"{tuple(x.shape)}"):
+                        model(x)
                     seen += int(x.shape[0])
                     if num_samples is not None and seen >= num_samples:
                         break
@@ -119,6 +121,18 @@ def profile(
             ", ".join(unreached),
         )
     return Profile(name=name, version=version, created=utcnow(), layers=out)
+
+
+@contextlib.contextmanager
+def _data_errors(got: str) -> Iterator[None]:
+    """A model that cannot run on a batch (a shape or dtype it does not take) is the data's
+    fault: say so, with what the batch was."""
+    try:
+        yield
+    except (RuntimeError, ValueError) as err:
+        if isinstance(err, BnwatchError):
+            raise
+        raise ShapeError("profile data", "inputs the model accepts", f"{got}: {err}") from err
 
 
 @contextlib.contextmanager

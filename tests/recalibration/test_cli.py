@@ -8,6 +8,7 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -204,3 +205,76 @@ def test_models_are_found_from_the_current_directory(
     finally:
         for name in [m for m in sys.modules if m.startswith("mypkg_cli_here")]:
             del sys.modules[name]
+
+
+def test_profile_stores_the_reference_and_writes_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`bnwatch profile` stores what bnwatch.profile computes, also through --forward."""
+    import bnwatch
+    from bnwatch.schema import Profile
+    from tests.recalibration.cli_fixture import loader
+
+    url = f"sqlite:///{tmp_path / 'bnwatch.db'}"
+    out = tmp_path / "profile.npz"
+    common = ["profile", "--model", f"{FIX}:factory", "--name", "cnn", "--version", "1"]
+    assert main([*common, "--data", f"{FIX}:loader", "--store", url, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "3 layers, 64 samples" in printed and f"wrote {out}" in printed
+    want = bnwatch.profile(net(), loader(), name="cnn", version="1")
+    engine = engine_for(url, create=False)
+    try:
+        stored = Repository(engine).load_profile("cnn", "1")
+    finally:
+        engine.dispose()
+    assert stored is not None
+    for got in (stored, Profile.load(out)):
+        assert set(got.layers) == set(want.layers) == {"1", "5", "8"}
+        for name, layer in want.layers.items():
+            assert got.layers[name].stats.samples_seen == 64
+            np.testing.assert_allclose(
+                got.layers[name].stats.moments.mean, layer.stats.moments.mean, rtol=1e-12
+            )
+    assert not list(tmp_path.glob("*.partial"))
+    # batches of dicts through --forward: the same statistics, written only to --out
+    keyed = tmp_path / "keyed.npz"
+    argv = ["--data", f"{FIX}:dict_loader", "--forward", f"{FIX}:by_image", "--no-store"]
+    assert main([*common, *argv, "--out", str(keyed), "--num-samples", "32"]) == 0
+    got = Profile.load(keyed)
+    assert got.layers["1"].stats.samples_seen == 32
+    np.testing.assert_allclose(
+        got.layers["1"].stats.moments.mean,
+        bnwatch.profile(net(), loader()[:4]).layers["1"].stats.moments.mean,
+        rtol=1e-12,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--no-store"], "--out PATH too"),
+        (["--data", f"{FIX}:not_iterable"], "an iterable of batches"),
+        (["--data", f"{FIX}:wrong"], "profile data"),
+        (["--out", "/nonexistent/dir/p.npz"], "a file in an existing directory"),
+        (["--token", "t"], "token"),
+        (["--include", "nothing*"], "no BatchNorm layer matches"),
+    ],
+)
+def test_profile_errors_are_clear_and_store_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    url = f"sqlite:///{tmp_path / 'bnwatch.db'}"
+    argv = ["profile", "--model", f"{FIX}:factory", "--name", "cnn", "--version", "1"]
+    if "--data" not in args:
+        argv += ["--data", f"{FIX}:loader"]
+    assert main([*argv, "--store", url, *args]) == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "bnwatch.db").exists() or _no_profile(url)
+
+
+def _no_profile(url: str) -> bool:
+    engine = engine_for(url, create=False)
+    try:
+        return Repository(engine).load_profile("cnn", "1") is None
+    finally:
+        engine.dispose()
