@@ -278,6 +278,44 @@ def test_drift_recalibrates_in_process_and_records_everything(db_url: str) -> No
     engine.dispose()
 
 
+class _PixelValues(torch.nn.Module):
+    """A model called with keywords only, as Hugging Face vision models are
+    (``model(pixel_values=x)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body: Any = small_cnn()
+        self.eval()
+
+    def forward(self, *, pixel_values: torch.Tensor, return_dict: bool = True) -> Any:
+        logits = self.body(pixel_values)
+        return {"logits": logits} if return_dict else logits
+
+
+def test_a_model_called_with_a_keyword_is_recalibrated_as_it_was_called(db_url: str) -> None:
+    """The kept inputs remember their keyword, and the in-process recalibration calls the
+    model with it: keyword-only models are recalibrated, not failed."""
+    model = _PixelValues()
+    mon = recalibrating_monitor(model, db_url, TriggerPolicy(cooldown_seconds=0))
+    before = model.body[4].running_mean.clone()
+    with torch.no_grad():
+        for i, x in enumerate(batches(32, seed=1) + batches(96, seed=2, shift=2.5)):
+            model(pixel_values=x)
+            if i % 8 == 7:
+                mon.flush()
+    mon.close()
+    engine = engine_for(db_url)
+    try:
+        recs = Repository(engine).recalibrations()
+    finally:
+        engine.dispose()
+    assert recs, "no recalibration was triggered"
+    assert recs[-1].status == "applied", recs[-1].outcome
+    assert recs[-1].outcome is not None
+    assert recs[-1].outcome["data"]["keyword"] == "pixel_values"
+    assert not torch.equal(model.body[4].running_mean, before)
+
+
 def test_an_alert_that_persisted_recalibrates_in_process(
     db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -203,10 +203,12 @@ class InputRing:
     A preallocated ring written with ``index_copy_``: no per-batch allocation and no
     host/device synchronization.  Inputs of another shape or dtype restart the ring.  The
     time each sample arrived is kept on the host beside it (a recalibration's lineage says
-    which production data it was estimated on).  A forward whose first positional argument is
-    not a batch tensor (a dict, a list, keyword arguments only) is not kept, and the first one
-    says so in a warning: nothing to recalibrate on would otherwise surface only when a
-    triggered recalibration failed.
+    which production data it was estimated on).  The input is the forward's first positional
+    argument or, when it has none, its only tensor keyword argument (``model(pixel_values=x)``,
+    as Hugging Face models are called), whose name is kept with it (:attr:`KeptInputs.key`);
+    inputs under another name restart the ring.  A forward with neither (a dict, a list,
+    several tensor keywords) is not kept, and the first one says so in a warning: nothing to
+    recalibrate on would otherwise surface only when a triggered recalibration failed.
     """
 
     def __init__(self, capacity: int, model_name: str = "the model") -> None:
@@ -215,28 +217,33 @@ class InputRing:
         self._warned = False
         self._lock = threading.Lock()
         self._buffer: torch.Tensor | None = None
+        self._key: str | None = None  # the keyword the kept inputs were passed as
         self._arrived = np.zeros(capacity)  # time.time() of each slot's sample
         self._next = 0
         self._filled = 0
 
-    def add(self, x: Any) -> None:
+    def add_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Keep the batch input of a forward called with ``args`` and ``kwargs``."""
+        if args or not kwargs:
+            self.add(args[0] if args else None)
+            return
+        tensors = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
+        if len(tensors) == 1:
+            self.add(kwargs[tensors[0]], key=tensors[0])
+        else:
+            self._warn(f"the keyword arguments {sorted(kwargs)}, {len(tensors)} of them tensors")
+
+    def add(self, x: Any, key: str | None = None) -> None:
         """Keep the samples of ``x``, a forward's first positional argument (``None``: the
-        forward had none)."""
+        forward had none) or, with ``key``, the keyword argument of that name."""
         if not isinstance(x, torch.Tensor) or x.dim() < 1:
-            if not self._warned:
-                self._warned = True
-                logger.warning(
-                    "bnwatch: keep_inputs keeps the batch tensor a model's forward takes first; "
-                    "%s was called with %s, which is not kept (a recalibration from the kept "
-                    "inputs has nothing to run on): recalibrate it with bnwatch.recalibrate on "
-                    "data of your own",
-                    self.model_name,
-                    "keyword arguments only"
-                    if x is None
-                    else "a 0-dimensional tensor"
-                    if isinstance(x, torch.Tensor)
-                    else f"a {type(x).__name__}",
-                )
+            self._warn(
+                "no arguments"
+                if x is None
+                else "a 0-dimensional tensor"
+                if isinstance(x, torch.Tensor)
+                else f"a {type(x).__name__}"
+            )
             return
         if x.shape[0] == 0:
             return
@@ -252,11 +259,13 @@ class InputRing:
                 or buf.shape[1:] != x.shape[1:]
                 or buf.dtype != x.dtype
                 or buf.device != x.device
+                or key != self._key
             ):
                 with torch.inference_mode(False):
                     buf = self._buffer = torch.empty(
                         (self.capacity, *x.shape[1:]), dtype=x.dtype, device=x.device
                     )
+                self._key = key
                 self._next = self._filled = 0
             idx = (torch.arange(n, device=x.device) + self._next) % self.capacity
             buf.index_copy_(0, idx, x)
@@ -265,6 +274,19 @@ class InputRing:
             self._arrived[: max(end - self.capacity, 0)] = now
             self._next = (self._next + n) % self.capacity
             self._filled = min(self.capacity, self._filled + n)
+
+    def _warn(self, called_with: str) -> None:
+        if self._warned:
+            return
+        self._warned = True
+        logger.warning(
+            "bnwatch: keep_inputs keeps the batch tensor a model's forward takes first (or its "
+            "only tensor keyword argument); %s was called with %s, which is not kept (a "
+            "recalibration from the kept inputs has nothing to run on): recalibrate it with "
+            "bnwatch.recalibrate on data of your own",
+            self.model_name,
+            called_with,
+        )
 
     def snapshot(self) -> KeptInputs | None:
         with self._lock:
@@ -280,6 +302,7 @@ class InputRing:
                 inputs=inputs,
                 first_at=_utc(float(arrived.min())),
                 last_at=_utc(float(arrived.max())),
+                key=self._key,
             )
 
 
@@ -290,14 +313,21 @@ class KeptInputs:
     inputs: torch.Tensor
     first_at: datetime
     last_at: datetime
+    key: str | None = None
+    """The keyword the model was called with them as (``model(pixel_values=x)``), or ``None``
+    when they were its first positional argument."""
 
     def describe(self) -> dict[str, Any]:
-        """JSON-ready: how many were kept, and from when to when (ISO 8601, UTC)."""
-        return {
+        """JSON-ready: how many were kept, and from when to when (ISO 8601, UTC); the keyword
+        they were passed as, if any."""
+        out: dict[str, Any] = {
             "kept": int(self.inputs.shape[0]),
             "first_at": self.first_at.isoformat(),
             "last_at": self.last_at.isoformat(),
         }
+        if self.key is not None:
+            out["keyword"] = self.key
+        return out
 
 
 def _utc(seconds: float) -> datetime:
@@ -463,7 +493,7 @@ class Monitor:
         # first among the model's pre-hooks: a model that is itself a BatchNorm layer gets its
         # forward decided before its own layer hook runs
         pre, post = _Hook(_eager(self._root_pre)), _Hook(_eager(self._root_post))
-        self._handles.append(model.register_forward_pre_hook(pre, prepend=True))
+        self._handles.append(model.register_forward_pre_hook(pre, prepend=True, with_kwargs=True))
         self._handles.append(model.register_forward_hook(post, always_call=True))
 
         _LIVE.add(self)
@@ -553,7 +583,7 @@ class Monitor:
             )
 
     # -- hooks ---------------------------------------------------------------------------
-    def _root_pre(self, module: nn.Module, args: Any) -> None:
+    def _root_pre(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
         if self._inherited() or _paused(self):  # in a forked child: detach here, once
             return
         start = time.perf_counter()
@@ -565,7 +595,7 @@ class Monitor:
                 tl.hook_time = 0.0
                 tl.measure = (not self._closed) and self._sampler.decide()
                 if tl.measure and self._inputs is not None:
-                    self._inputs.add(args[0] if args else None)
+                    self._inputs.add_call(args, kwargs)
             tl.depth = depth + 1
             tl.hook_time += time.perf_counter() - start
         except Exception as err:  # never let monitoring break inference
@@ -839,7 +869,9 @@ class Monitor:
         """The most recent model inputs kept with ``keep_inputs`` (oldest first), or ``None``.
 
         They are copies taken on measured forwards -- recent production data to recalibrate
-        on: ``bnwatch.recalibrate(model, mon.inputs())``.
+        on: ``bnwatch.recalibrate(model, mon.inputs())``.  Kept from a keyword argument
+        (:attr:`KeptInputs.key`), they are recalibrated on as the model was called:
+        ``forward=lambda model, x: model(**{key: x})``.
         """
         kept = self.kept_inputs()
         return None if kept is None else kept.inputs

@@ -32,6 +32,10 @@ def hook_free_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
+def _with_keywords(model: nn.Module, batch: dict[str, Any]) -> Any:
+    return model(**batch)
+
+
 class RecalibrateAction:
     """Recalibrate in process on the monitor's kept inputs (``watch(..., keep_inputs=N)``).
 
@@ -84,17 +88,26 @@ class RecalibrateAction:
             "fit": int(fit.shape[0]),
             "held_out": int(judge.shape[0]),
         }
+        fit_batches: list[Any] = list(torch.split(fit, self.batch_size))
+        judge_batches: list[Any] = list(torch.split(judge, self.batch_size))
+        forward = None
+        if kept.key is not None:  # called as model(key=x): recalibrate it the same way
+            key = kept.key
+            fit_batches = [{key: x} for x in fit_batches]
+            judge_batches = [{key: x} for x in judge_batches]
+            forward = _with_keywords
         with self._lock:
             clone = hook_free_copy(self.model)
             result = recalibrate(
                 clone,
-                list(torch.split(fit, self.batch_size)),
+                fit_batches,
                 num_samples=int(fit.shape[0]),
                 method=method,  # type: ignore[arg-type]
                 prior_strength=self.prior_strength,
-                held_out=list(torch.split(judge, self.batch_size)),
+                held_out=judge_batches,
                 apply="if_better",
                 progress=False,
+                forward=forward,
             )
             if result.status == "applied":
                 live = result.bound_to(self.model)

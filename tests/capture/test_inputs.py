@@ -76,8 +76,10 @@ class _Dict(nn.Module):
 
 
 class _Keywords(_Dict):
-    def forward(self, *, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        out: torch.Tensor = self.net(x)
+    def forward(  # type: ignore[override]
+        self, *, x: torch.Tensor, mask: torch.Tensor | None = None, scale: float = 1.0
+    ) -> torch.Tensor:
+        out: torch.Tensor = self.net(x * scale if mask is None else x * mask)
         return out
 
 
@@ -85,9 +87,13 @@ class _Keywords(_Dict):
     ("model", "call", "said"),
     [
         (_Dict(), lambda m, x: m({"x": x}), "called with a dict"),
-        (_Keywords(), lambda m, x: m(x=x), "called with keyword arguments only"),
+        (
+            _Keywords(),
+            lambda m, x: m(x=x, mask=torch.ones_like(x)),
+            "called with the keyword arguments ['mask', 'x'], 2 of them tensors",
+        ),
     ],
-    ids=["dict", "keywords"],
+    ids=["dict", "two-tensor-keywords"],
 )
 def test_a_forward_without_a_batch_tensor_keeps_nothing_and_says_so_once(
     model: nn.Module,
@@ -109,3 +115,24 @@ def test_a_forward_without_a_batch_tensor_keeps_nothing_and_says_so_once(
         assert mon.flush()["net.1"].n_samples == 9  # measured all the same
     warned = [r.getMessage() for r in caplog.records if "keep_inputs" in r.getMessage()]
     assert len(warned) == 1 and f"multi was {said}" in warned[0]
+
+
+def test_the_only_tensor_keyword_is_kept_with_its_name() -> None:
+    """``model(pixel_values=x)``, as Hugging Face models are called: kept, with the name, and
+    a change of name (or to a positional input) restarts the ring."""
+    model = _Keywords()
+    with bnwatch.watch(model, keep_inputs=6, overhead_budget=None, window_seconds=None) as mon:
+        model(x=rows(0, 1, 2), scale=1.0)  # one tensor among the keywords
+        model(x=rows(3, 4))
+        kept = mon.kept_inputs()
+        assert kept is not None and kept.key == "x"
+        assert kept.inputs[:, 0].tolist() == [0, 1, 2, 3, 4]
+        assert kept.describe()["keyword"] == "x"
+        model.net(rows(5))  # a submodule called directly is not a forward of the model
+        kept = mon.kept_inputs()
+        assert kept is not None and kept.inputs.shape[0] == 5
+    positional = _Dict().net
+    with bnwatch.watch(positional, keep_inputs=6, overhead_budget=None) as mon:
+        positional(rows(0, 1))
+        kept = mon.kept_inputs()
+        assert kept is not None and kept.key is None and "keyword" not in kept.describe()
