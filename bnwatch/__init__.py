@@ -24,13 +24,14 @@ __version__ = "0.1.0.dev0"
 
 if TYPE_CHECKING:
     from bnwatch.alerts import AlertConfig
-    from bnwatch.api import profile, report_recalibration, watch
+    from bnwatch.api import load_profile, profile, report_recalibration, watch
     from bnwatch.capture import Monitor
     from bnwatch.recalibration import recalibrate
 
 _LAZY = {
     "watch": "bnwatch.api",
     "profile": "bnwatch.api",
+    "load_profile": "bnwatch.api",
     "report_recalibration": "bnwatch.api",
     "recalibrate": "bnwatch.recalibration",
     "Monitor": "bnwatch.capture",
@@ -62,6 +63,7 @@ __all__ = [
     "ShapeError",
     "WindowRecord",
     "__version__",
+    "load_profile",
     "profile",
     "recalibrate",
     "report_recalibration",

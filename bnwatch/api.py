@@ -1,5 +1,5 @@
-"""``bnwatch.watch``, ``bnwatch.profile`` and ``bnwatch.report_recalibration``: the public entry
-points (composition layer).
+"""``bnwatch.watch``, ``bnwatch.profile``, ``bnwatch.load_profile`` and
+``bnwatch.report_recalibration``: the public entry points (composition layer).
 
 ``watch`` picks the sink from ``store=`` so that ``bnwatch.capture`` never imports a store.
 """
@@ -23,13 +23,13 @@ if TYPE_CHECKING:
     from bnwatch.recalibration import RecalibrationResult
     from bnwatch.store.repository import RecalibrationInfo
     from bnwatch.triggers import AlertPipeline, Trigger, TriggerPolicy
-from bnwatch.errors import ConfigError, check_positive_int
+from bnwatch.errors import ConfigError, ProfileNotFoundError, check_positive_int
 from bnwatch.schema import REPORTED_STATUSES, Profile, check_name, check_text
 from bnwatch.sink import MemorySink, Sink, acquire, release
 
 logger = logging.getLogger("bnwatch")
 
-__all__ = ["profile", "report_recalibration", "watch"]
+__all__ = ["load_profile", "profile", "report_recalibration", "watch"]
 
 
 def profile(
@@ -95,6 +95,53 @@ def profile(
         finally:
             engine.dispose()
     return result
+
+
+def load_profile(store: str, name: str, version: str) -> Profile:
+    """The reference profile stored for model ``name`` version ``version`` (the newest, if it
+    was recorded more than once) -- for a monitor to judge drift against from its first
+    window: ``bnwatch.watch(model, name=..., version=...,
+    reference=bnwatch.load_profile(url, name, version))``.
+
+    Its statistics and reservoir are bit for bit what :func:`profile` recorded; the store
+    keeps no copy of the running statistics at the time (``running_mean`` is ``None``: a
+    monitor compares with the model's own), and the reservoir's capacity is its rows.
+
+    Args:
+        store: a SQLAlchemy URL, or the URL of a bnwatch service (read without a token).
+
+    Raises:
+        ProfileNotFoundError: none is stored for that model version.
+        ConfigError: ``store``, ``name`` or ``version`` is invalid.
+        bnwatch.client.ServiceError: the service was unreachable or failed.
+    """
+    check_name("name", name)
+    check_name("version", version)
+    if not isinstance(store, str) or not store.strip():
+        raise ConfigError("store", store, "a database URL or a bnwatch service's http(s):// URL")
+    if _is_service_url(store):
+        from bnwatch.client import ServiceError, fetch_profile
+
+        try:
+            return fetch_profile(store, name, version)
+        except ServiceError as err:
+            if err.status == 404:
+                raise ProfileNotFoundError(name, version, store) from err
+            raise
+    from bnwatch.store.engine import redacted
+    from bnwatch.store.migrate import engine_for
+    from bnwatch.store.repository import Repository
+
+    engine = engine_for(store, create=False)
+    try:
+        found = Repository(engine).load_profile(name, version)
+    except KeyError:
+        found = None
+    finally:
+        engine.dispose()
+    if found is None or not found.layers:
+        raise ProfileNotFoundError(name, version, redacted(store))
+    return found
 
 
 def _is_service_url(store: object) -> bool:

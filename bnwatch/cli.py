@@ -698,9 +698,10 @@ def _add_profile(subparsers: Subparsers) -> None:
         "every BatchNorm layer measured, and store the result as the reference profile of "
         "--name@--version: in a database (--store; default $BNWATCH_DATABASE_URL or "
         "sqlite:///bnwatch.db), through a bnwatch service (--store http://host:port, token "
-        "from --token or $BNWATCH_API_TOKEN), and/or as a file (--out PATH.npz; load it with "
-        "bnwatch.Profile.load and pass it to bnwatch.watch(..., reference=...)).  Reports "
-        "and the dashboard judge drift against a stored profile.  Storing the same profile "
+        "from --token or $BNWATCH_API_TOKEN), and/or as a file (--out PATH.npz, read by "
+        "bnwatch.Profile.load).  Reports and the dashboard judge drift against a stored "
+        "profile, and monitors do with bnwatch.watch(..., "
+        "reference=bnwatch.load_profile(URL, NAME, VERSION)).  Storing the same profile "
         "again stores nothing.  PKG.MODULE names are imported from the current directory "
         "first, then from the installed packages.",
     )

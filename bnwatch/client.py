@@ -72,7 +72,7 @@ from importlib import metadata
 from pathlib import Path
 from types import TracebackType
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import httpx
 from pydantic import ValidationError
@@ -89,9 +89,11 @@ from bnwatch.sink import QUEUE_BYTES, WindowQueue
 from bnwatch.wire import (
     IngestResult,
     ProfileResult,
+    WireProfile,
     from_record,
     outcome_body,
     profile_body,
+    to_profile,
 )
 
 if sys.platform != "win32":
@@ -105,6 +107,7 @@ __all__ = [
     "HttpSinkStats",
     "ServiceError",
     "default_spool_base",
+    "fetch_profile",
     "fetch_recalibration",
     "outcome_endpoint",
     "profiles_endpoint",
@@ -1252,6 +1255,38 @@ def send_profile(
             endpoint, status, detail, f"{endpoint}: {detail} (is this a bnwatch service?)"
         ) from None
     return dict(result.references)
+
+
+def fetch_profile(url: str, model: str, version: str, *, timeout: float = 60.0) -> Profile:
+    """The reference profile a bnwatch service stores for a model version (``GET
+    {url}/api/v1/models/{model}/versions/{version}/profile``; reads need no token), as
+    :func:`bnwatch.load_profile` describes it.
+
+    Raises:
+        ConfigError: ``url`` or ``timeout`` is invalid.
+        ServiceError: the service was unreachable, or answered 404 (no such model version, or
+            no profile stored for it: its message says which).
+    """
+    base = _endpoint(url)[: -len(ENDPOINT)]
+    endpoint = (
+        f"{base}/api/v1/models/{quote(model, safe='')}/versions/{quote(version, safe='')}/profile"
+    )
+    seconds = _seconds("timeout", timeout)
+    what = f"the profile of {model}@{version}"
+    response = _post_json(
+        endpoint, None, None, seconds, what=what, undone="was not read", method="GET"
+    )
+    try:
+        wire = WireProfile.model_validate(response.json())
+    except (ValueError, ValidationError) as err:
+        detail = f"HTTP {response.status_code} without a profile: {_detail(response)}"
+        raise ServiceError(
+            endpoint,
+            response.status_code,
+            detail,
+            f"{endpoint}: {detail} (is this a bnwatch service?)",
+        ) from err
+    return to_profile(wire)
 
 
 def recalibration_endpoint(url: object, recalibration_id: int) -> str:

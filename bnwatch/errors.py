@@ -123,6 +123,22 @@ class ShapeError(BnwatchError, ValueError):
         super().__init__(f"{what}: expected shape {expected}, found {found}")
 
 
+class ProfileNotFoundError(BnwatchError, LookupError):
+    """No reference profile is stored for a model version.
+
+    Attributes:
+        model, version: the model version asked for.
+    """
+
+    def __init__(self, model: str, version: str, where: str) -> None:
+        self.model = model
+        self.version = version
+        super().__init__(
+            f"no reference profile of {model}@{version} in {where}: record one from validation "
+            "data with bnwatch profile (or bnwatch.profile(..., store=...)) first"
+        )
+
+
 class RecalibrationNotFoundError(BnwatchError, LookupError):
     """No recalibration with this id is stored.
 

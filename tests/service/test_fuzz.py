@@ -59,6 +59,7 @@ def test_the_schema_documents_every_endpoint(app: FastAPI) -> None:
         "GET /api/v1/models/{model}/versions/{version}/layers",
         "GET /api/v1/models/{model}/versions/{version}/windows",
         "GET /api/v1/models/{model}/versions/{version}/windows/latest",
+        "GET /api/v1/models/{model}/versions/{version}/profile",
         "GET /api/v1/alerts",
         "GET /api/v1/recalibrations",
         "GET /api/v1/recalibrations/{recalibration_id}",

@@ -1,4 +1,5 @@
-"""Reference profiles: uploads from ``bnwatch.profile(..., store="http(s)://...")``."""
+"""Reference profiles: uploads from ``bnwatch.profile(..., store="http(s)://...")``, and the
+stored profile of a model version for ``bnwatch.load_profile``."""
 
 from __future__ import annotations
 
@@ -11,12 +12,21 @@ import numpy as np
 from fastapi import APIRouter, Request
 
 from bnwatch.schema import LayerProfile, Profile
-from bnwatch.service.deps import Authorized, StateDep
+from bnwatch.service.deps import Authorized, RepositoryDep, StateDep
+from bnwatch.service.errors import ApiError
 from bnwatch.service.ingest import ingest_profile
-from bnwatch.service.routes.common import check_content_type, ingest_responses, read_body
+from bnwatch.service.routes.common import (
+    ModelName,
+    VersionName,
+    check_content_type,
+    error_response,
+    ingest_responses,
+    not_found,
+    read_body,
+)
 from bnwatch.service.settings import MAX_PROFILE_ENV
 from bnwatch.stats import ChannelMoments, LayerStats, Reservoir
-from bnwatch.wire import ProfileResult, profile_body
+from bnwatch.wire import ProfileResult, WireProfile, profile_body
 
 router = APIRouter(tags=["profiles"])
 
@@ -82,3 +92,26 @@ async def ingest_profile_route(request: Request, state: StateDep, _: Authorized)
         functools.partial(ingest_profile, state.repository, body),
         limiter=state.ingest_limiter(),
     )
+
+
+@router.get(
+    "/api/v1/models/{model}/versions/{version}/profile",
+    response_model=WireProfile,
+    summary="The reference profile of a model version",
+    responses={404: error_response("unknown model version, or no profile stored for it")},
+)
+def read_profile(model: ModelName, version: VersionName, repository: RepositoryDep) -> Any:
+    """The newest stored reference profile of a model version, in the form ``POST
+    /api/v1/profiles`` takes: for monitors to judge drift against it
+    (``bnwatch.load_profile("http://...", model, version)``)."""
+    try:
+        profile = repository.load_profile(model, version)
+    except KeyError:
+        raise not_found(model, version) from None
+    if profile is None or not profile.layers:
+        raise ApiError(
+            404,
+            f"no reference profile of model {model!r} version {version!r} is stored (record "
+            "one with bnwatch profile, or bnwatch.profile(..., store=...))",
+        )
+    return profile_body(profile)
