@@ -1151,6 +1151,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_FLAGS = {
+    name: "--" + name.replace("_", "-")
+    for name in ("input_key", "num_samples", "prior_strength", "reservoir_size", "layers")
+}
+"""Python arguments that the commands pass on from flags of (nearly) the same name: an error
+about one names the flag."""
+
+
+def _in_flags(err: BaseException) -> str:
+    """The message of ``err``, naming the command-line flag instead of the Python argument it
+    was passed on as (``input_key=None is invalid`` -> ``--input-key is missing``...)."""
+    from bnwatch.errors import ConfigError
+
+    if isinstance(err, ConfigError) and err.argument in _FLAGS:
+        flag = _FLAGS[err.argument]
+        if err.value is None:
+            return f"{flag} is needed: expected {err.allowed}"
+        return str(ConfigError(flag, err.value, err.allowed))
+    return str(err)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``bnwatch`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code.
 
@@ -1165,7 +1186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handler(args)
     except (BnwatchError, OSError) as err:
-        print(f"{PROG} {args.command}: error: {err}", file=sys.stderr)
+        print(f"{PROG} {args.command}: error: {_in_flags(err)}", file=sys.stderr)
         return 1
     except Exception as err:
         if type(err).__module__.split(".")[0] in ("sqlalchemy", "alembic", "psycopg"):

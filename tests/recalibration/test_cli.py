@@ -73,7 +73,8 @@ def test_recalibrate_runs_a_model_through_forward(
         torch.testing.assert_close(got[key], value, rtol=1e-6, atol=1e-7)
     capsys.readouterr()
     assert main([*common, *argv[:2], "--out", str(tmp_path / "x.pt")]) == 1
-    assert "input_key" in capsys.readouterr().err  # without --forward: which tensor?
+    said = capsys.readouterr().err  # without --forward: which tensor? said in flags
+    assert "--input-key is needed: expected the key of the model input among" in said
     assert main([*common, *argv[:3], f"{FIX}:not_iterable", "--out", str(plain)]) == 1
     assert "--forward" in capsys.readouterr().err
 
