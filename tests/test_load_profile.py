@@ -62,6 +62,16 @@ def test_a_profile_stored_in_a_database_comes_back_exactly(db_url: str, tmp_path
     loaded = bnwatch.load_profile(db_url, MODEL, VERSION)
     assert watched_drift(loaded, shift=0.0) == ("profile", False)
     assert watched_drift(loaded, shift=2.0) == ("profile", True)
+    # recorded again on other data: the newest is the one read back
+    newer = bnwatch.profile(
+        tiny_model(),
+        tiny_data(seed=5, shift=2.0),
+        name=MODEL,
+        version=VERSION,
+        store=db_url,
+        reservoir_size=16,
+    )
+    assert_same(bnwatch.load_profile(db_url, MODEL, VERSION), newer)
 
 
 def test_a_profile_stored_through_a_service_comes_back_exactly(db_url: str, tmp_path: Path) -> None:
