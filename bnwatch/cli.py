@@ -455,6 +455,10 @@ def _add_recalibrate(subparsers: Subparsers) -> None:
         help="held-out batches to judge on ((inputs, labels) give accuracy)",
     )
     parser.add_argument(
+        "--label-key",
+        help="the labels' key when --held-out batches are dicts (for the accuracy)",
+    )
+    parser.add_argument(
         "--out",
         required=True,
         type=Path,
@@ -655,6 +659,7 @@ def _run_recalibrate(args: argparse.Namespace) -> int:
             layers=args.layers,
             input_key=args.input_key,
             forward=forward,
+            label_key=args.label_key,
             held_out=_iterable(held_out, "--held-out", args.held_out)
             if held_out is not None
             else None,

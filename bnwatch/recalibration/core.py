@@ -88,6 +88,7 @@ def recalibrate(
     layers: str | Sequence[str] | None = None,
     input_key: str | None = None,
     forward: Forward | None = None,
+    label_key: str | None = None,
     min_samples: int = 16,
     held_out: Iterable[Any] | None = None,
     apply: bool | Literal["if_better"] = "if_better",
@@ -114,10 +115,13 @@ def recalibrate(
             dict whose tensors do not all have the same first dimension).  Batches are then
             used whole: the samples stop before the first batch that would pass
             ``num_samples``.  Also used on ``held_out``.
+        label_key: the labels' key in ``held_out`` batches that are dicts (tuples give them
+            as their second element).
         min_samples: fewer samples than this is an error (statistics would be noise).
         held_out: data to judge the result on, as ``data`` -- the gap between what each
             layer receives and its running statistics before and after, and the accuracy when
-            it yields ``(inputs, labels)``.
+            it yields ``(inputs, labels)`` (or dicts with ``label_key``) and the model (or
+            ``forward``) returns class scores ``[N, classes]``.
         apply: ``True`` applies the new statistics, ``False`` leaves the model as it was,
             ``"if_better"`` applies them unless the held-out data shows no improvement
             (always when there is no held-out data).
@@ -204,7 +208,14 @@ def recalibrate(
         updates=updates,
     )
     if held_out is not None:
-        evaluate(result, held_out, input_key=input_key, forward=forward, device=target_device)
+        evaluate(
+            result,
+            held_out,
+            input_key=input_key,
+            forward=forward,
+            label_key=label_key,
+            device=target_device,
+        )
     if apply is True or (apply == "if_better" and result.improved is not False):
         result.apply()
     elif apply == "if_better":

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -227,6 +227,7 @@ def evaluate(
     *,
     input_key: str | None = None,
     forward: Forward | None = None,
+    label_key: str | None = None,
     device: torch.device | None = None,
 ) -> None:
     """Judge ``result`` on held-out data: per-layer gap before/after, accuracy if labelled.
@@ -245,10 +246,14 @@ def evaluate(
         # a monitor watching this model must not take these passes for production traffic
         with unwatched(result.model):
             try:
-                before = _HeldOut.measure(result.model, layers, items, input_key, forward, device)
+                before = _HeldOut.measure(
+                    result.model, layers, items, input_key, forward, label_key, device
+                )
                 buffers.restore()
                 result._write(new=True)
-                after = _HeldOut.measure(result.model, layers, items, input_key, forward, device)
+                after = _HeldOut.measure(
+                    result.model, layers, items, input_key, forward, label_key, device
+                )
             finally:
                 buffers.restore()
         return before, after
@@ -280,6 +285,16 @@ def _gap(
     kl = gaussian_kl(seen.mean, seen.var, ref.mean, ref.var, eps)
     d = standardized_shift(seen.mean, ref.mean, ref.var, eps)
     return finite_mean(kl), rms(d)
+
+
+def _labels(item: Any, label_key: str | None) -> Any:
+    """The labels of a held-out batch: a tuple's second element, or a dict's ``label_key``
+    entry (``None``: unlabelled)."""
+    if isinstance(item, Mapping):
+        return item.get(label_key) if label_key is not None else None
+    if isinstance(item, (tuple, list)) and len(item) > 1:
+        return item[1]
+    return None
 
 
 @dataclass(frozen=True)
@@ -317,6 +332,7 @@ class _HeldOut:
         items: list[Any],
         input_key: str | None,
         forward: Forward | None,
+        label_key: str | None,
         device: torch.device | None,
     ) -> _HeldOut:
         accs = [LayerAccumulator(layer.name) for layer in layers]
@@ -329,7 +345,7 @@ class _HeldOut:
                     out = model(x if device is None else x.to(device))
                 else:
                     out = forward(model, item if device is None else to_device(item, device))
-                y = item[1] if isinstance(item, (tuple, list)) and len(item) > 1 else None
+                y = _labels(item, label_key)
                 if isinstance(y, torch.Tensor) and isinstance(out, torch.Tensor) and out.dim() == 2:
                     correct += int((out.argmax(dim=1).cpu() == y.cpu()).sum())
                     total += int(y.shape[0])

@@ -41,3 +41,11 @@ def by_image(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """``--forward``: run the model on a batch's ``image``."""
     out: torch.Tensor = model(batch["image"] * batch["weight"][:, None, None, None])
     return out
+
+
+def dict_held_out() -> list[dict[str, torch.Tensor]]:
+    """``held_out`` as dicts, the labels under ``label``."""
+    return [
+        {"image": x, "weight": torch.ones(x.shape[0]), "label": torch.zeros(x.shape[0]).long()}
+        for x, _ in held_out()
+    ]

@@ -72,6 +72,20 @@ def test_recalibrate_runs_a_model_through_forward(
     for key, value in want.items():
         torch.testing.assert_close(got[key], value, rtol=1e-6, atol=1e-7)
     capsys.readouterr()
+    # held-out dicts: the accuracy from --label-key, as (inputs, labels) tuples give it
+    judged = []
+    for held in (["--held-out", f"{FIX}:held_out"], ["--held-out", f"{FIX}:dict_held_out"]):
+        extra = ["--label-key", "label"] if "dict" in held[1] else []
+        if extra:
+            held += ["--forward", f"{FIX}:by_image", "--data", f"{FIX}:dict_loader"]
+        else:
+            held += ["--data", f"{FIX}:loader"]
+        assert main([*common, *held, *extra, "--out", str(tmp_path / "judged.pt")]) == 0
+        printed = capsys.readouterr().out
+        judged.append(json.loads(printed[: printed.rindex("}") + 1]))
+    assert judged[0]["accuracy_after"] is not None
+    for key in ("accuracy_before", "accuracy_after"):
+        assert judged[1][key] == pytest.approx(judged[0][key])
     assert main([*common, *argv[:2], "--out", str(tmp_path / "x.pt")]) == 1
     said = capsys.readouterr().err  # without --forward: which tensor? said in flags
     assert "--input-key is needed: expected the key of the model input among" in said

@@ -174,6 +174,42 @@ def test_a_list_of_images_counts_its_images_and_judges_held_out_accuracy() -> No
     assert plain.accuracy_after == result.accuracy_after
 
 
+def test_held_out_dicts_give_accuracy_with_label_key() -> None:
+    """Batches as a feature store serves them, labels inside: the same judgement as tuples."""
+    model = _TakesImages()
+    xs, held = data(6, shift=3.0), data(3, seed=9, shift=3.0)
+    labels = [torch.arange(x.shape[0]) % 4 for x in held]
+    as_tuples = recalibrate(
+        model.body,
+        xs,
+        held_out=list(zip(held, labels, strict=True)),
+        apply=False,
+        progress=False,
+    )
+    as_dicts = recalibrate(
+        model.body,
+        [{"image": x} for x in xs],
+        input_key="image",
+        held_out=[{"image": x, "y": y} for x, y in zip(held, labels, strict=True)],
+        label_key="y",
+        apply=False,
+        progress=False,
+    )
+    unlabelled = recalibrate(
+        model.body,
+        [{"image": x} for x in xs],
+        forward=lambda m, b: m(b["image"]),
+        held_out=[{"image": x, "y": y} for x, y in zip(held, labels, strict=True)],
+        apply=False,
+        progress=False,
+    )
+    assert as_tuples.accuracy_after is not None and as_tuples.accuracy_before is not None
+    assert as_dicts.accuracy_before == as_tuples.accuracy_before
+    assert as_dicts.accuracy_after == as_tuples.accuracy_after
+    assert unlabelled.accuracy_after is None  # no label_key: judged by drift alone
+    assert unlabelled.improved == as_tuples.improved is not None
+
+
 def test_batches_are_used_whole() -> None:
     """A function that takes a batch as it comes cannot be given part of it: the samples stop
     before the first batch that would pass num_samples, and a first batch larger than it is
