@@ -17,6 +17,7 @@ from bnwatch.capture.discovery import ROOT_NAME, BatchNormLayer
 from bnwatch.capture.monitor import unwatched, watching
 from bnwatch.capture.profile import measuring
 from bnwatch.drift import Reference, finite_mean, gaussian_kl, rms, standardized_shift
+from bnwatch.errors import ConfigError
 from bnwatch.inputs import Forward, model_input, to_device
 from bnwatch.recalibration import distributed
 from bnwatch.stats import ChannelMoments
@@ -291,7 +292,9 @@ def _labels(item: Any, label_key: str | None) -> Any:
     """The labels of a held-out batch: a tuple's second element, or a dict's ``label_key``
     entry (``None``: unlabelled)."""
     if isinstance(item, Mapping):
-        return item.get(label_key) if label_key is not None else None
+        if label_key is not None and label_key not in item:
+            raise ConfigError("label_key", label_key, f"one of {sorted(map(str, item))}")
+        return item[label_key] if label_key is not None else None
     if isinstance(item, (tuple, list)) and len(item) > 1:
         return item[1]
     return None

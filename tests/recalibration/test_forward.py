@@ -208,6 +208,17 @@ def test_held_out_dicts_give_accuracy_with_label_key() -> None:
     assert as_dicts.accuracy_after == as_tuples.accuracy_after
     assert unlabelled.accuracy_after is None  # no label_key: judged by drift alone
     assert unlabelled.improved == as_tuples.improved is not None
+    before = buffers(model)
+    with pytest.raises(ConfigError, match=r"label_key='label' is invalid.*\['image', 'y'\]"):
+        recalibrate(
+            model.body,
+            [{"image": x} for x in xs],
+            input_key="image",
+            held_out=[{"image": x, "y": y} for x, y in zip(held, labels, strict=True)],
+            label_key="label",
+            progress=False,
+        )
+    assert all(torch.equal(v, before[k]) for k, v in buffers(model).items())
 
 
 def test_batches_are_used_whole() -> None:
