@@ -645,11 +645,19 @@ def _run_recalibrate(args: argparse.Namespace) -> int:
     # again with the same --recalibration)
     try:
         model = _build_model(factory, args)
-        if args.layers is not None:
-            try:
-                discover(model, include=args.layers)
-            except (ConfigError, NoBatchNormError) as err:
+        try:
+            chosen = discover(model, include=args.layers)
+        except (ConfigError, NoBatchNormError) as err:
+            if args.layers is None:  # a model without BatchNorm: the run says so
+                chosen = []
+            else:
                 raise _CommandLineError(str(err)) from err
+        if chosen and all(layer.frozen for layer in chosen):  # nothing it may recalibrate
+            which = "--layers matches" if args.layers is not None else "--model has"
+            raise _CommandLineError(
+                f"{which} only frozen BatchNorm layers ({', '.join(c.name for c in chosen[:5])}"
+                f"{', ...' if len(chosen) > 5 else ''}), which are watched but never recalibrated"
+            )
         result = recalibrate(
             model,
             _iterable(data, "--data", args.data),

@@ -49,3 +49,13 @@ def dict_held_out() -> list[dict[str, torch.Tensor]]:
         {"image": x, "weight": torch.ones(x.shape[0]), "label": torch.zeros(x.shape[0]).long()}
         for x, _ in held_out()
     ]
+
+
+def frozen_factory() -> nn.Module:
+    """:func:`factory`'s model with its first BatchNorm (``1``) frozen, as a detection
+    backbone's."""
+    from tests.capture.test_frozen import FrozenBatchNorm2d
+
+    model = factory()
+    model[1] = FrozenBatchNorm2d(6)
+    return model

@@ -153,6 +153,11 @@ def test_a_failing_run_is_reported_failed_and_exits_with_its_error(
     [
         (["--model", f"{FIX}:nope"], 1, "--model="),
         (["--layers", "nothing*"], 1, "no BatchNorm layer matches include"),
+        (
+            ["--model", f"{FIX}:frozen_factory", "--layers", "1"],
+            1,
+            "--layers matches only frozen BatchNorm layers (1)",
+        ),
         (["--prior-strength", "-1"], 2, "expected a finite number >= 0, got '-1'"),
         (["--prior-strength", "nan"], 2, "expected a finite number >= 0, got 'nan'"),
     ],
@@ -169,10 +174,11 @@ def test_a_command_line_mistake_is_not_a_failed_recalibration(
     """A typo is fixed and run again with the same --recalibration: it stays pending."""
     rid = repo.start_recalibration("net", "1", method="dashboard")
     args = argv(tmp_path / "bn.pt", "--recalibration", str(rid), "--db", db_url)
-    if typo[0] in args:
-        args[args.index(typo[0]) + 1] = typo[1]
-    else:
-        args += typo
+    for flag, value in zip(typo[::2], typo[1::2], strict=True):
+        if flag in args:
+            args[args.index(flag) + 1] = value
+        else:
+            args += [flag, value]
     if code == 2:  # argparse's usage error
         with pytest.raises(SystemExit) as exited:
             main(args)
