@@ -56,6 +56,6 @@ def frozen_factory() -> nn.Module:
     backbone's."""
     from tests.capture.test_frozen import FrozenBatchNorm2d
 
-    model = factory()
-    model[1] = FrozenBatchNorm2d(6)
+    model: nn.Module = net()
+    model.add_module("1", FrozenBatchNorm2d(6))  # replaces the BatchNorm2d in place
     return model
