@@ -73,7 +73,7 @@ def profile(
     """
     check_name("name", name)
     check_name("version", version)
-    service = _is_service_url(store)
+    service = is_service_url(store)
     if token is not None and not service:
         raise ConfigError("token", "<hidden>", "None unless store is an http(s):// service URL")
     if service:
@@ -119,7 +119,7 @@ def load_profile(store: str, name: str, version: str) -> Profile:
     check_name("version", version)
     if not isinstance(store, str) or not store.strip():
         raise ConfigError("store", store, "a database URL or a bnwatch service's http(s):// URL")
-    if _is_service_url(store):
+    if is_service_url(store):
         from bnwatch.client import ServiceError, fetch_profile
 
         try:
@@ -144,7 +144,8 @@ def load_profile(store: str, name: str, version: str) -> Profile:
     return found
 
 
-def _is_service_url(store: object) -> bool:
+def is_service_url(store: object) -> bool:
+    """Whether ``store`` names a bnwatch service (``http(s)://``) rather than a database."""
     return isinstance(store, str) and store.strip().lower().startswith(("http://", "https://"))
 
 
@@ -163,7 +164,7 @@ def _make_sink(
     if isinstance(store, Sink):
         return store
     if isinstance(store, str):
-        if _is_service_url(store):
+        if is_service_url(store):
             from bnwatch.client import HttpSink  # httpx only when a service is used
 
             return HttpSink(store, token=token, source=source)
@@ -275,9 +276,9 @@ def watch(
     layers = discover(model, include, exclude)
     check_layer_paths(model, layers)  # module paths are stored too: fail here
     pipeline = None
-    if token is not None and not _is_service_url(store):
+    if token is not None and not is_service_url(store):
         raise ConfigError("token", "<hidden>", "None unless store is an http(s):// service URL")
-    if _is_service_url(store):
+    if is_service_url(store):
         if triggers or recalibrate:
             raise ConfigError(
                 "store",
@@ -436,7 +437,7 @@ def report_recalibration(
             refused -- the HTTP status (404, 409, 422, ...) and the service's message say why.
     """
     check_positive_int("recalibration_id", recalibration_id)
-    service = _is_service_url(store)
+    service = is_service_url(store)
     if not isinstance(store, str) or not store.strip():
         raise ConfigError("store", store, "a database URL or a bnwatch service URL")
     if token is not None and not service:

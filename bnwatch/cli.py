@@ -625,7 +625,7 @@ def _run_recalibrate(args: argparse.Namespace) -> int:
 
     from bnwatch.capture.discovery import discover
     from bnwatch.errors import ConfigError, NoBatchNormError
-    from bnwatch.recalibration import recalibrate
+    from bnwatch.recalibration import FrozenLayersError, recalibrate
 
     target = _report_target(args)
     if target is not None:
@@ -645,19 +645,11 @@ def _run_recalibrate(args: argparse.Namespace) -> int:
     # again with the same --recalibration)
     try:
         model = _build_model(factory, args)
-        try:
-            chosen = discover(model, include=args.layers)
-        except (ConfigError, NoBatchNormError) as err:
-            if args.layers is None:  # a model without BatchNorm: the run says so
-                chosen = []
-            else:
+        if args.layers is not None:
+            try:
+                discover(model, include=args.layers)
+            except (ConfigError, NoBatchNormError) as err:
                 raise _CommandLineError(str(err)) from err
-        if chosen and all(layer.frozen for layer in chosen):  # nothing it may recalibrate
-            which = "--layers matches" if args.layers is not None else "--model has"
-            raise _CommandLineError(
-                f"{which} only frozen BatchNorm layers ({', '.join(c.name for c in chosen[:5])}"
-                f"{', ...' if len(chosen) > 5 else ''}), which are watched but never recalibrated"
-            )
         result = recalibrate(
             model,
             _iterable(data, "--data", args.data),
@@ -677,6 +669,13 @@ def _run_recalibrate(args: argparse.Namespace) -> int:
             result.save(args.out)
     except _CommandLineError:
         raise
+    except FrozenLayersError as err:  # found before any data is read: --layers or --model
+        which = "--layers matches" if args.layers is not None else "--model has"
+        frozen = ", ".join(err.frozen[:5]) + (", ..." if len(err.frozen) > 5 else "")
+        raise _CommandLineError(
+            f"{which} only frozen BatchNorm layers ({frozen}), which are watched but never "
+            "recalibrated"
+        ) from err
     except Exception as err:
         if target is not None:  # report the failure, then fail with the run's error
             error = f"{type(err).__name__}: {err}"
@@ -750,7 +749,7 @@ def _add_profile(subparsers: Subparsers) -> None:
 
 
 def _run_profile(args: argparse.Namespace) -> int:
-    from bnwatch.api import profile
+    from bnwatch.api import is_service_url, profile
     from bnwatch.errors import ConfigError
     from bnwatch.store.engine import redacted
 
@@ -790,7 +789,7 @@ def _run_profile(args: argparse.Namespace) -> int:
     for name, lp in result.layers.items():
         print(f"  {name:<40} {lp.kind:<20} {lp.stats.moments.channels:>6} channels")
     if store is not None:
-        where = store if store.lower().startswith(("http://", "https://")) else redacted(store)
+        where = store if is_service_url(store) else redacted(store)
         print(f"stored as the reference of {result.name}@{result.version} in {where}")
     if args.out is not None:
         print(f"wrote {args.out}")
@@ -1174,7 +1173,7 @@ about one names the flag."""
 
 def _in_flags(err: BaseException) -> str:
     """The message of ``err``, naming the command-line flag instead of the Python argument it
-    was passed on as (``input_key=None is invalid`` -> ``--input-key is missing``...)."""
+    was passed on as (``input_key=None is invalid`` -> ``--input-key is needed``...)."""
     from bnwatch.errors import ConfigError
 
     if isinstance(err, ConfigError) and err.argument in _FLAGS:

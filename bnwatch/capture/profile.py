@@ -74,7 +74,7 @@ def profile(
         with torch.no_grad(), unwatched(model), measuring(layers, accs):
             if forward is not None:
                 for batch, n in whole_batches(data, input_key, num_samples, device):
-                    with _data_errors(f"a batch of {n} samples"):
+                    with data_errors("profile data", f"a batch of {n} samples"):
                         forward(model, batch)
                     seen += n
             else:
@@ -85,7 +85,7 @@ def profile(
                         x = x[: num_samples - seen]
                     if device is not None and x.device != device:
                         x = x.to(device)
-                    with _data_errors(f"{tuple(x.shape)}"):
+                    with data_errors("profile data", f"{tuple(x.shape)}"):
                         model(x)
                     seen += int(x.shape[0])
                     if num_samples is not None and seen >= num_samples:
@@ -124,15 +124,15 @@ def profile(
 
 
 @contextlib.contextmanager
-def _data_errors(got: str) -> Iterator[None]:
+def data_errors(what: str, got: str) -> Iterator[None]:
     """A model that cannot run on a batch (a shape or dtype it does not take) is the data's
-    fault: say so, with what the batch was."""
+    fault: say so, naming ``what`` data and what the batch was (``got``)."""
     try:
         yield
     except (RuntimeError, ValueError) as err:
         if isinstance(err, BnwatchError):
             raise
-        raise ShapeError("profile data", "inputs the model accepts", f"{got}: {err}") from err
+        raise ShapeError(what, "inputs the model accepts", f"{got}: {err}") from err
 
 
 @contextlib.contextmanager

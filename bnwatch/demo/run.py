@@ -78,6 +78,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import bnwatch
 from bnwatch.alerts import AlertConfig
+from bnwatch.api import is_service_url
 from bnwatch.capture import Monitor
 from bnwatch.client import HttpSink, ServiceError
 from bnwatch.demo import digits
@@ -399,14 +400,10 @@ def _quiet_reported_events() -> Iterator[None]:
 # --------------------------------------------------------------------------------------
 # Where the windows go
 # --------------------------------------------------------------------------------------
-def _is_service_url(store: str) -> bool:
-    return store.strip().lower().startswith(("http://", "https://"))
-
-
 def _check_store(store: object) -> None:
     if not isinstance(store, str) or not store.strip():
         raise ConfigError("store", store, "a database URL or a bnwatch service URL")
-    if not _is_service_url(store):
+    if not is_service_url(store):
         parse_url(store, argument="store")
 
 
@@ -428,7 +425,7 @@ class _Target:
     @contextmanager
     def open(cls, store: str | None, out: Path | None) -> Iterator[_Target]:
         if store is not None:
-            service = _is_service_url(store)
+            service = is_service_url(store)
             url = store.strip().rstrip("/") if service else store
             target = cls(url, url if service else redacted(store), service)
             try:

@@ -5,12 +5,18 @@ named like the public function ``bnwatch.recalibrate`` would replace it as an at
 ``bnwatch`` once imported.
 """
 
-from bnwatch.recalibration.core import METHODS, NotEnoughDataError, recalibrate
+from bnwatch.recalibration.core import (
+    METHODS,
+    FrozenLayersError,
+    NotEnoughDataError,
+    recalibrate,
+)
 from bnwatch.recalibration.distributed import RankFailedError
 from bnwatch.recalibration.result import LayerJudgement, LayerUpdate, RecalibrationResult
 
 __all__ = [
     "METHODS",
+    "FrozenLayersError",
     "LayerJudgement",
     "LayerUpdate",
     "NotEnoughDataError",

@@ -48,6 +48,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from bnwatch.capture.accumulator import LayerAccumulator
 from bnwatch.capture.discovery import BatchNormLayer, discover
 from bnwatch.capture.monitor import unwatched
+from bnwatch.capture.profile import data_errors
 from bnwatch.errors import BnwatchError, ConfigError, ShapeError, check_positive_int
 from bnwatch.inputs import Forward, check_forward, model_input, whole_batches
 from bnwatch.recalibration import distributed
@@ -75,6 +76,28 @@ class NotEnoughDataError(BnwatchError, ValueError):
         super().__init__(
             f"recalibration saw {seen} samples but needs at least {needed}: pass more data "
             "(or lower min_samples)"
+        )
+
+
+class FrozenLayersError(ConfigError):
+    """Every layer the recalibration would take is a frozen BatchNorm, which is never
+    recalibrated (see the module docstring).
+
+    Attributes:
+        frozen: the qualified names of those layers.
+    """
+
+    def __init__(self, model: nn.Module, layers: str | Sequence[str] | None, frozen: list[str]):
+        self.frozen = frozen
+        named = ", ".join(frozen[:5]) + (f" and {len(frozen) - 5} more" if len(frozen) > 5 else "")
+        super().__init__(
+            "layers" if layers is not None else "model",
+            layers if layers is not None else type(model).__name__,
+            "BatchNorm layers that are not frozen: "
+            + ("those matched" if layers is not None else "its BatchNorm layers")
+            + f" ({named}) are frozen BatchNorm layers (FrozenBatchNorm2d), which are "
+            "watched but not recalibrated: the layers after one were trained on what its fixed "
+            "statistics make of their input, and new statistics would change that",
         )
 
 
@@ -134,8 +157,8 @@ def recalibrate(
 
     Raises:
         NoBatchNormError: the model (or ``layers``) has no BatchNorm layer.
-        ConfigError: all of them are frozen (see the module docstring), or have no running
-            statistics.
+        FrozenLayersError: all of them are frozen (see the module docstring).
+        ConfigError: some have no running statistics.
         NotEnoughDataError: fewer than ``min_samples`` samples (on all ranks together).
         ShapeError: the data does not fit the model; the model is left untouched.
         RankFailedError: another rank raised; nothing changed on this one either.
@@ -231,17 +254,7 @@ def _select(model: nn.Module, layers: str | Sequence[str] | None) -> list[BatchN
     everything = discover(model, include=layers)
     found = [layer for layer in everything if not layer.frozen]
     if not found:
-        frozen = ", ".join(layer.name for layer in everything[:5])
-        more = f" and {len(everything) - 5} more" if len(everything) > 5 else ""
-        raise ConfigError(
-            "layers" if layers is not None else "model",
-            layers if layers is not None else type(model).__name__,
-            "BatchNorm layers that are not frozen: "
-            + ("those matched" if layers is not None else "its BatchNorm layers")
-            + f" ({frozen}{more}) are frozen BatchNorm layers (FrozenBatchNorm2d), which are "
-            "watched but not recalibrated: the layers after one were trained on what its fixed "
-            "statistics make of their input, and new statistics would change that",
-        )
+        raise FrozenLayersError(model, layers, [layer.name for layer in everything])
     for layer in found:
         bn = layer.module
         if bn.running_mean is None or bn.running_var is None:
@@ -379,16 +392,12 @@ def _measure(
             )
             for x, n in batches:
                 forwarded[0] = seen + n
-                try:
+                got = f"{tuple(x.shape)}" if forward is None else f"a batch of {n} samples"
+                with data_errors("recalibration data", got):
                     if forward is None:
                         model(x)
                     else:
                         forward(model, x)
-                except (RuntimeError, ValueError) as err:
-                    got = f"{tuple(x.shape)}" if forward is None else f"a batch of {n} samples"
-                    raise ShapeError(
-                        "recalibration data", "inputs the model accepts", f"{got}: {err}"
-                    ) from err
                 seen += n
                 if bar is not None:
                     bar.update(n)

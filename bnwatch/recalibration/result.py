@@ -242,19 +242,18 @@ def evaluate(
     items = list(held_out)  # iterated twice
     layers = [BatchNormLayer(u.name, u.module, i) for i, u in enumerate(result.updates)]
 
+    def one_pass() -> _HeldOut:
+        return _HeldOut.measure(result.model, layers, items, input_key, forward, label_key, device)
+
     def measure() -> tuple[_HeldOut, _HeldOut]:
         buffers = BatchNormBuffers(result.model)
         # a monitor watching this model must not take these passes for production traffic
         with unwatched(result.model):
             try:
-                before = _HeldOut.measure(
-                    result.model, layers, items, input_key, forward, label_key, device
-                )
+                before = one_pass()
                 buffers.restore()
                 result._write(new=True)
-                after = _HeldOut.measure(
-                    result.model, layers, items, input_key, forward, label_key, device
-                )
+                after = one_pass()
             finally:
                 buffers.restore()
         return before, after

@@ -186,23 +186,14 @@ def test_held_out_dicts_give_accuracy_with_label_key() -> None:
         apply=False,
         progress=False,
     )
-    as_dicts = recalibrate(
-        model.body,
-        [{"image": x} for x in xs],
-        input_key="image",
-        held_out=[{"image": x, "y": y} for x, y in zip(held, labels, strict=True)],
-        label_key="y",
-        apply=False,
-        progress=False,
-    )
-    unlabelled = recalibrate(
-        model.body,
-        [{"image": x} for x in xs],
-        forward=lambda m, b: m(b["image"]),
-        held_out=[{"image": x, "y": y} for x, y in zip(held, labels, strict=True)],
-        apply=False,
-        progress=False,
-    )
+    keyed = [{"image": x} for x in xs]
+    held_dicts = [{"image": x, "y": y} for x, y in zip(held, labels, strict=True)]
+
+    def from_dicts(**kwargs: Any) -> Any:
+        return recalibrate(model.body, keyed, held_out=held_dicts, progress=False, **kwargs)
+
+    as_dicts = from_dicts(input_key="image", label_key="y", apply=False)
+    unlabelled = from_dicts(forward=lambda m, b: m(b["image"]), apply=False)
     assert as_tuples.accuracy_after is not None and as_tuples.accuracy_before is not None
     assert as_dicts.accuracy_before == as_tuples.accuracy_before
     assert as_dicts.accuracy_after == as_tuples.accuracy_after
@@ -210,14 +201,7 @@ def test_held_out_dicts_give_accuracy_with_label_key() -> None:
     assert unlabelled.improved == as_tuples.improved is not None
     before = buffers(model)
     with pytest.raises(ConfigError, match=r"label_key='label' is invalid.*\['image', 'y'\]"):
-        recalibrate(
-            model.body,
-            [{"image": x} for x in xs],
-            input_key="image",
-            held_out=[{"image": x, "y": y} for x, y in zip(held, labels, strict=True)],
-            label_key="label",
-            progress=False,
-        )
+        from_dicts(input_key="image", label_key="label")
     assert all(torch.equal(v, before[k]) for k, v in buffers(model).items())
 
 
