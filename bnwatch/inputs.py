@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from bnwatch.errors import ConfigError
@@ -11,6 +12,26 @@ Forward = Callable[[Any, Any], Any]
 """``forward(model, batch)``: runs the model on one item of the data, as the loader yields
 it (its tensors moved to the model's device), and returns the output -- for models that do
 not take one tensor, e.g. ``lambda model, batch: model(**batch)``."""
+
+
+@dataclass(frozen=True, eq=False)
+class ModelCall:
+    """One forward's arguments, kept whole -- ``model(*args, **kwargs)`` -- for a model that
+    is not called with one tensor (a dict, a list of images, several tensors, a tensor and
+    options).  ``samples`` is how many samples the call held.  As an item of data, a
+    ``forward=`` of :func:`replay` runs the model on it as it was called.
+    """
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    samples: int = 0
+
+
+def replay(model: Any, call: ModelCall) -> Any:
+    """``forward=`` for data of :class:`ModelCall`: ``model(*call.args, **call.kwargs)``."""
+    if not isinstance(call, ModelCall):
+        raise ConfigError("data", type(call).__name__, "ModelCall items (kept calls) to replay")
+    return model(*call.args, **call.kwargs)
 
 
 def check_forward(forward: Any) -> None:
@@ -58,6 +79,8 @@ def count_samples(batch: Any, input_key: str | None = None) -> int:
     model's list of images).  A mapping without ``input_key`` -- or a tuple whose first
     element is one -- counts the first dimension its tensors share.
     """
+    if isinstance(batch, ModelCall):
+        return batch.samples
     x = batch
     if isinstance(x, Mapping) and input_key is not None:
         x = model_input(x, input_key)
@@ -93,18 +116,26 @@ def _length(x: Any) -> int | None:
     return None
 
 
-def to_device(batch: Any, device: Any) -> Any:
-    """``batch`` with every tensor in it -- nested in tuples (named ones too), lists and
-    mappings (which come back as dicts) -- on ``device``; anything else as it is."""
+def map_tensors(batch: Any, fn: Callable[[Any], Any]) -> Any:
+    """``batch`` with ``fn`` applied to every tensor in it -- nested in tuples (named ones
+    too), lists, mappings (which come back as dicts) and :class:`ModelCall` -- and anything
+    else as it is."""
+    if isinstance(batch, ModelCall):
+        return ModelCall(map_tensors(batch.args, fn), map_tensors(batch.kwargs, fn), batch.samples)
     if isinstance(batch, Mapping):
-        return {key: to_device(value, device) for key, value in batch.items()}
+        return {key: map_tensors(value, fn) for key, value in batch.items()}
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a named tuple
-        return type(batch)(*(to_device(value, device) for value in batch))
+        return type(batch)(*(map_tensors(value, fn) for value in batch))
     if isinstance(batch, (tuple, list)):
-        return type(batch)(to_device(value, device) for value in batch)
+        return type(batch)(map_tensors(value, fn) for value in batch)
     if hasattr(batch, "device") and callable(getattr(batch, "to", None)):  # a tensor
-        return batch if batch.device == device else batch.to(device)
+        return fn(batch)
     return batch
+
+
+def to_device(batch: Any, device: Any) -> Any:
+    """``batch`` with every tensor in it on ``device`` (see :func:`map_tensors`)."""
+    return map_tensors(batch, lambda t: t if t.device == device else t.to(device))
 
 
 def whole_batches(

@@ -292,15 +292,49 @@ class _PixelValues(torch.nn.Module):
         return {"logits": logits} if return_dict else logits
 
 
-def test_a_model_called_with_a_keyword_is_recalibrated_as_it_was_called(db_url: str) -> None:
-    """The kept inputs remember their keyword, and the in-process recalibration calls the
-    model with it: keyword-only models are recalibrated, not failed."""
-    model = _PixelValues()
+class _Served(torch.nn.Module):
+    """A model served one request at a time, as a dict with an option beside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body: Any = small_cnn()
+        self.eval()
+
+    def forward(self, request: dict[str, Any], *, temperature: float = 1.0) -> Any:
+        return self.body(request["image"]) / temperature
+
+
+def _by_keyword(model: Any, x: torch.Tensor) -> None:
+    model(pixel_values=x)
+
+
+def _one_request_at_a_time(model: Any, x: torch.Tensor) -> None:
+    for sample in x.split(1):
+        model({"image": sample}, temperature=2.0)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "serve", "lineage"),
+    [
+        # the kept inputs remember their keyword, and the model is called with it
+        (_PixelValues, _by_keyword, lambda data: data["keyword"] == "pixel_values"),
+        # neither one tensor nor a batch: the calls are kept whole, joined into batches (its
+        # BatchNorm1d cannot take one sample in training mode) and replayed as they came
+        (_Served, _one_request_at_a_time, lambda data: data["calls"] == data["kept"]),
+    ],
+    ids=["keyword", "dict-per-request"],
+)
+def test_a_model_not_called_with_one_batch_tensor_is_recalibrated_as_it_was_called(
+    db_url: str, model_type: Any, serve: Any, lineage: Any
+) -> None:
+    """Keyword-only models, and models served a dict per request, are recalibrated in process
+    on their kept inputs, not failed."""
+    model = model_type()
     mon = recalibrating_monitor(model, db_url, TriggerPolicy(cooldown_seconds=0))
     before = model.body[4].running_mean.clone()
     with torch.no_grad():
         for i, x in enumerate(batches(32, seed=1) + batches(96, seed=2, shift=2.5)):
-            model(pixel_values=x)
+            serve(model, x)
             if i % 8 == 7:
                 mon.flush()
     mon.close()
@@ -312,7 +346,9 @@ def test_a_model_called_with_a_keyword_is_recalibrated_as_it_was_called(db_url: 
     assert recs, "no recalibration was triggered"
     assert recs[-1].status == "applied", recs[-1].outcome
     assert recs[-1].outcome is not None
-    assert recs[-1].outcome["data"]["keyword"] == "pixel_values"
+    data = recs[-1].outcome["data"]
+    assert lineage(data), data
+    assert data["kept"] == data["fit"] + data["held_out"] and data["held_out"] > 0
     assert not torch.equal(model.body[4].running_mean, before)
 
 

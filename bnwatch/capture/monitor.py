@@ -35,6 +35,7 @@ per-sample channel means (``LayerReport.reservoir``).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -62,6 +63,7 @@ from bnwatch.capture.accumulator import LayerAccumulator
 from bnwatch.capture.discovery import BatchNormLayer, check_layer_paths
 from bnwatch.drift import DriftConfig, Reference, assess_layer, config_account, decide
 from bnwatch.errors import ConfigError, ReferenceMismatchError, check_positive_int
+from bnwatch.inputs import Forward, ModelCall, count_samples, map_tensors, replay
 from bnwatch.schema import (
     MAX_NAME_LENGTH,
     LayerReport,
@@ -198,17 +200,21 @@ class _Sampler:
 
 
 class InputRing:
-    """The last ``capacity`` samples of the model's tensor input, on the input's device.
+    """The last ``capacity`` input samples of the model's forwards, on the input's device.
 
-    A preallocated ring written with ``index_copy_``: no per-batch allocation and no
-    host/device synchronization.  Inputs of another shape or dtype restart the ring.  The
-    time each sample arrived is kept on the host beside it (a recalibration's lineage says
-    which production data it was estimated on).  The input is the forward's first positional
-    argument or, when it has none, its only tensor keyword argument (``model(pixel_values=x)``,
-    as Hugging Face models are called), whose name is kept with it (:attr:`KeptInputs.key`);
-    inputs under another name restart the ring.  A forward with neither (a dict, a list,
-    several tensor keywords) is not kept, and the first one says so in a warning: nothing to
-    recalibrate on would otherwise surface only when a triggered recalibration failed.
+    A forward called with one tensor -- its only positional argument, or its only keyword
+    argument (``model(pixel_values=x)``, as Hugging Face models are called, whose name is
+    kept with it: :attr:`KeptInputs.key`) -- goes to a preallocated ring written with
+    ``index_copy_``: no per-batch allocation and no host/device synchronization.  Any other
+    forward (a dict, a list of images, several tensors, a tensor and options) is kept as a
+    whole call (:class:`~bnwatch.inputs.ModelCall`, its tensors copied): the most recent calls
+    whose samples add up to at most ``capacity``, so that a recalibration replays them as the
+    model was called.  A call that cannot be kept (no sample count, or more samples than the
+    ring holds) is skipped, and the first one says why in a warning: nothing to recalibrate on
+    would otherwise surface only when a triggered recalibration failed.  Inputs of another
+    kind, shape, dtype, device or keyword restart the ring.  The time each sample arrived is
+    kept on the host beside it (a recalibration's lineage says which production data it was
+    estimated on).
     """
 
     def __init__(self, capacity: int, model_name: str = "the model") -> None:
@@ -221,30 +227,23 @@ class InputRing:
         self._arrived = np.zeros(capacity)  # time.time() of each slot's sample
         self._next = 0
         self._filled = 0
+        self._calls: collections.deque[tuple[ModelCall, float]] = collections.deque()
+        self._call_samples = 0
 
     def add_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """Keep the batch input of a forward called with ``args`` and ``kwargs``."""
-        if args or not kwargs:
-            self.add(args[0] if args else None)
-            return
-        tensors = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
-        if len(tensors) == 1:
-            self.add(kwargs[tensors[0]], key=tensors[0])
+        """Keep the inputs of a forward called with ``args`` and ``kwargs``."""
+        if len(args) == 1 and not kwargs and _batch_tensor(args[0]):
+            self.add(args[0])
+        elif not args and len(kwargs) == 1 and _batch_tensor(x := next(iter(kwargs.values()))):
+            self.add(x, key=next(iter(kwargs)))
+        elif args or kwargs:
+            self._add_whole(args, kwargs)
         else:
-            self._warn(f"the keyword arguments {sorted(kwargs)}, {len(tensors)} of them tensors")
+            self._warn("no arguments")
 
-    def add(self, x: Any, key: str | None = None) -> None:
-        """Keep the samples of ``x``, a forward's first positional argument (``None``: the
-        forward had none) or, with ``key``, the keyword argument of that name."""
-        if not isinstance(x, torch.Tensor) or x.dim() < 1:
-            self._warn(
-                "no arguments"
-                if x is None
-                else "a 0-dimensional tensor"
-                if isinstance(x, torch.Tensor)
-                else f"a {type(x).__name__}"
-            )
-            return
+    def add(self, x: torch.Tensor, key: str | None = None) -> None:
+        """Keep the samples of ``x``, the forward's only argument (with ``key``: its only,
+        keyword argument of that name)."""
         if x.shape[0] == 0:
             return
         now = time.time()
@@ -267,6 +266,8 @@ class InputRing:
                     )
                 self._key = key
                 self._next = self._filled = 0
+                self._calls.clear()
+                self._call_samples = 0
             idx = (torch.arange(n, device=x.device) + self._next) % self.capacity
             buf.index_copy_(0, idx, x)
             end = self._next + n
@@ -275,21 +276,55 @@ class InputRing:
             self._next = (self._next + n) % self.capacity
             self._filled = min(self.capacity, self._filled + n)
 
+    def _add_whole(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        try:
+            n = count_samples(args if args else kwargs)  # args: as a loader item
+        except ConfigError:
+            what = f"a {type(args[0]).__name__}" if args else f"the keywords {sorted(kwargs)}"
+            self._warn(f"{what} whose samples cannot be counted")
+            return
+        if n == 0:
+            return
+        if n > self.capacity:
+            self._warn(f"{n} samples in one call, more than keep_inputs={self.capacity}")
+            return
+        now = time.time()
+        with torch.inference_mode(False):  # usable outside inference mode, as the ring is
+            call = map_tensors(ModelCall(args, kwargs, n), lambda t: t.detach().clone())
+        with self._lock:
+            if self._buffer is not None:  # the ring held single tensors: restart it
+                self._buffer = None
+                self._key = None
+                self._next = self._filled = 0
+            self._calls.append((call, now))
+            self._call_samples += n
+            while self._call_samples > self.capacity:
+                old, _ = self._calls.popleft()
+                self._call_samples -= old.samples
+
     def _warn(self, called_with: str) -> None:
         if self._warned:
             return
         self._warned = True
         logger.warning(
-            "bnwatch: keep_inputs keeps the batch tensor a model's forward takes first (or its "
-            "only tensor keyword argument); %s was called with %s, which is not kept (a "
-            "recalibration from the kept inputs has nothing to run on): recalibrate it with "
-            "bnwatch.recalibrate on data of your own",
+            "bnwatch: keep_inputs keeps the tensors a model's forward is called with, or whole "
+            "calls of at most keep_inputs samples; %s was called with %s, which is not kept "
+            "(a recalibration from the kept inputs has nothing to run on): raise keep_inputs, "
+            "or recalibrate it with bnwatch.recalibrate on data of your own",
             self.model_name,
             called_with,
         )
 
     def snapshot(self) -> KeptInputs | None:
         with self._lock:
+            if self._calls:
+                times = [t for _, t in self._calls]
+                return KeptInputs(
+                    inputs=None,
+                    first_at=_utc(min(times)),
+                    last_at=_utc(max(times)),
+                    calls=tuple(call for call, _ in self._calls),
+                )
             if self._buffer is None or self._filled == 0:
                 return None
             if self._filled < self.capacity:
@@ -306,27 +341,186 @@ class InputRing:
             )
 
 
+class _Fixed:
+    """A tensor argument that is not a batch (a mask, a table): equal by value."""
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+
+    def __eq__(self, other: object) -> bool:
+        a = self.tensor
+        b = other.tensor if isinstance(other, _Fixed) else None
+        return (
+            b is not None
+            and (a.shape, a.dtype, a.device) == (b.shape, b.dtype, b.device)
+            and torch.equal(a, b)
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def _form(x: Any, n: int) -> Any:
+    """What must match for ``x``, an argument of a call of ``n`` samples, to be joined with
+    another call's: tensors of the batch their sample shape, lists of samples nothing,
+    containers their items, anything else (other tensors too) its value."""
+    if isinstance(x, torch.Tensor):
+        if x.dim() and x.shape[0] == n:
+            return ("batch", tuple(x.shape[1:]), x.dtype, x.device)
+        return _Fixed(x)
+    if isinstance(x, list) and len(x) == n:
+        return ("samples",)
+    if isinstance(x, Mapping):
+        return (type(x), tuple((k, _form(v, n)) for k, v in x.items()))
+    if isinstance(x, (tuple, list)):
+        return (type(x), tuple(_form(v, n) for v in x))
+    return ("value", x)
+
+
+def _join(items: list[Any], counts: list[int]) -> Any:
+    """One argument from the same argument of calls of the same :func:`_form`."""
+    first = items[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(items) if first.dim() and first.shape[0] == counts[0] else first
+    if isinstance(first, list) and len(first) == counts[0]:
+        return [sample for x in items for sample in x]
+    if isinstance(first, Mapping):
+        return {k: _join([x[k] for x in items], counts) for k in first}
+    if isinstance(first, tuple) and hasattr(first, "_fields"):
+        return type(first)(*(_join(list(v), counts) for v in zip(*items, strict=True)))
+    if isinstance(first, (tuple, list)):
+        return type(first)(_join(list(v), counts) for v in zip(*items, strict=True))
+    return first
+
+
+def _join_calls(calls: Sequence[ModelCall], batch_size: int) -> list[ModelCall]:
+    """``calls`` with each run of consecutive calls of the same :func:`_form` joined into as
+    few calls of at most ``batch_size`` samples as it takes, of about equal size (65 calls of
+    one sample give 33 and 32, not 64 and a lone one that BatchNorm cannot train on)."""
+    runs: list[list[ModelCall]] = []
+    form: Any = None
+    for call in calls:
+        call_form = (_form(call.args, call.samples), _form(call.kwargs, call.samples))
+        try:
+            same = bool(runs) and bool(call_form == form)
+        except Exception:  # a value whose == is not a truth value (an array, say)
+            same = False
+        if same:
+            runs[-1].append(call)
+        else:
+            runs.append([call])
+            form = call_form
+    out: list[ModelCall] = []
+    for run in runs:
+        total = sum(c.samples for c in run)
+        size = total / math.ceil(total / batch_size)  # the groups' target size
+        group: list[ModelCall] = []
+        for call in run:
+            taken = sum(c.samples for c in group)
+            if group and (taken >= size or taken + call.samples > batch_size):
+                out.append(_joined(group))
+                group = []
+            group.append(call)
+        out.append(_joined(group))
+    return out
+
+
+def _joined(group: list[ModelCall]) -> ModelCall:
+    if len(group) == 1:
+        return group[0]
+    counts = [c.samples for c in group]
+    args = _join([c.args for c in group], counts)
+    kwargs = _join([c.kwargs for c in group], counts)
+    return ModelCall(args, kwargs, sum(counts))
+
+
+def _batch_tensor(x: Any) -> bool:
+    return isinstance(x, torch.Tensor) and x.dim() >= 1
+
+
+def _call_with_keyword(model: nn.Module, batch: dict[str, Any]) -> Any:
+    return model(**batch)
+
+
 @dataclass(frozen=True, eq=False)
 class KeptInputs:
-    """The inputs a monitor kept (``keep_inputs``), oldest first, and when they arrived."""
+    """The inputs a monitor kept (``keep_inputs``), oldest first, and when they arrived.
 
-    inputs: torch.Tensor
+    Either ``inputs``, the samples of a model called with one tensor, or ``calls``, the whole
+    calls of a model called otherwise.  :meth:`batches` and :attr:`forward` recalibrate on
+    either as the model was called: ``bnwatch.recalibrate(model, kept.batches(),
+    forward=kept.forward)``.
+    """
+
+    inputs: torch.Tensor | None
     first_at: datetime
     last_at: datetime
     key: str | None = None
-    """The keyword the model was called with them as (``model(pixel_values=x)``), or ``None``
-    when they were its first positional argument."""
+    """The keyword the model was called with ``inputs`` as (``model(pixel_values=x)``), or
+    ``None`` when they were its positional argument."""
+    calls: tuple[ModelCall, ...] = ()
+    """The kept calls (``inputs`` is ``None``), oldest first."""
+
+    @property
+    def samples(self) -> int:
+        """How many samples were kept."""
+        if self.inputs is not None:
+            return int(self.inputs.shape[0])
+        return sum(call.samples for call in self.calls)
+
+    @property
+    def forward(self) -> Forward | None:
+        """The ``forward=`` that calls the model on :meth:`batches` as it was called."""
+        if self.calls:
+            return replay
+        return None if self.key is None else _call_with_keyword
+
+    def batches(self, batch_size: int = 64) -> list[Any]:
+        """The kept inputs as data for ``recalibrate``: ``inputs`` in batches of
+        ``batch_size`` (as ``{key: batch}`` when kept from a keyword), or the calls --
+        consecutive calls of the same form joined into one of at most ``batch_size`` samples
+        (tensors of the batch concatenated, lists of samples joined, everything else equal),
+        so that a model served one sample at a time is recalibrated on batches."""
+        if self.inputs is None:
+            return _join_calls(self.calls, batch_size)
+        batches = list(torch.split(self.inputs, batch_size))
+        key = self.key
+        return batches if key is None else [{key: x} for x in batches]
+
+    def split(self, fraction: float, generator: torch.Generator) -> tuple[KeptInputs, KeptInputs]:
+        """The kept inputs shuffled by ``generator`` into two parts, the second holding about
+        ``fraction`` of the samples (samples of ``inputs``; whole calls of ``calls``: the
+        second part is empty with fewer than two calls)."""
+        if self.inputs is not None:
+            order = torch.randperm(self.samples, generator=generator)
+            cut = int(self.samples * (1 - fraction))
+            return (
+                dataclasses.replace(self, inputs=self.inputs[order[:cut]]),
+                dataclasses.replace(self, inputs=self.inputs[order[cut:]]),
+            )
+        calls = [self.calls[i] for i in torch.randperm(len(self.calls), generator=generator)]
+        target, cut, taken = self.samples * (1 - fraction), 0, 0
+        while cut < len(calls) and (cut == 0 or (taken < target and cut < len(calls) - 1)):
+            taken += calls[cut].samples
+            cut += 1
+        return (
+            dataclasses.replace(self, calls=tuple(calls[:cut])),
+            dataclasses.replace(self, calls=tuple(calls[cut:])),
+        )
 
     def describe(self) -> dict[str, Any]:
-        """JSON-ready: how many were kept, and from when to when (ISO 8601, UTC); the keyword
-        they were passed as, if any."""
+        """JSON-ready: how many samples were kept (in how many whole calls, if so), and from
+        when to when (ISO 8601, UTC); the keyword they were passed as, if any."""
         out: dict[str, Any] = {
-            "kept": int(self.inputs.shape[0]),
+            "kept": self.samples,
             "first_at": self.first_at.isoformat(),
             "last_at": self.last_at.isoformat(),
         }
         if self.key is not None:
             out["keyword"] = self.key
+        if self.calls:
+            out["calls"] = len(self.calls)
         return out
 
 
@@ -866,18 +1060,21 @@ class Monitor:
                 self._snapshot_running(layer)
 
     def inputs(self) -> torch.Tensor | None:
-        """The most recent model inputs kept with ``keep_inputs`` (oldest first), or ``None``.
+        """The most recent model inputs kept with ``keep_inputs`` (oldest first), or ``None``
+        (also when the model is called otherwise than with one tensor: see
+        :meth:`kept_inputs`).
 
         They are copies taken on measured forwards -- recent production data to recalibrate
-        on: ``bnwatch.recalibrate(model, mon.inputs())``.  Kept from a keyword argument
-        (:attr:`KeptInputs.key`), they are recalibrated on as the model was called:
-        ``forward=lambda model, x: model(**{key: x})``.
+        on: ``bnwatch.recalibrate(model, mon.inputs())``.
         """
         kept = self.kept_inputs()
         return None if kept is None else kept.inputs
 
     def kept_inputs(self) -> KeptInputs | None:
-        """:meth:`inputs` and when the oldest and the newest of them arrived, or ``None``."""
+        """What ``keep_inputs`` kept -- samples of one tensor, or whole calls -- and when the
+        oldest and the newest of them arrived, or ``None``.  ``bnwatch.recalibrate(model,
+        kept.batches(), forward=kept.forward)`` recalibrates on them as the model was called.
+        """
         return None if self._inputs is None else self._inputs.snapshot()
 
     def latest(self) -> dict[str, LayerReport]:

@@ -32,10 +32,6 @@ def hook_free_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def _with_keywords(model: nn.Module, batch: dict[str, Any]) -> Any:
-    return model(**batch)
-
-
 class RecalibrateAction:
     """Recalibrate in process on the monitor's kept inputs (``watch(..., keep_inputs=N)``).
 
@@ -69,45 +65,37 @@ class RecalibrateAction:
 
     def __call__(self, event: TriggerEvent) -> Outcome:
         kept = self.monitor.kept_inputs()
-        if kept is None or kept.inputs.shape[0] < self.min_samples:
-            count = 0 if kept is None else int(kept.inputs.shape[0])
+        if kept is None or kept.samples < self.min_samples:
+            count = 0 if kept is None else kept.samples
             # failed, not rejected: nothing was judged, and a later alert may try again
             return Outcome(
                 "failed", {"error": f"only {count} kept inputs (need {self.min_samples})"}
             )
-        inputs = kept.inputs
         # a recalibration requested by hand says its method; a triggered one uses ours
         method = event.method if event.requested and event.method in METHODS else self.method
         g = torch.Generator().manual_seed(event.recalibration_id)
-        order = torch.randperm(inputs.shape[0], generator=g)
-        cut = int(inputs.shape[0] * (1 - self.holdout))
-        fit, judge = inputs[order[:cut]], inputs[order[cut:]]
+        fit, judge = kept.split(self.holdout, g)
         data = {
             "source": "kept production inputs (watch(keep_inputs=))",
             **kept.describe(),
-            "fit": int(fit.shape[0]),
-            "held_out": int(judge.shape[0]),
+            "fit": fit.samples,
+            "held_out": judge.samples,
         }
-        fit_batches: list[Any] = list(torch.split(fit, self.batch_size))
-        judge_batches: list[Any] = list(torch.split(judge, self.batch_size))
-        forward = None
-        if kept.key is not None:  # called as model(key=x): recalibrate it the same way
-            key = kept.key
-            fit_batches = [{key: x} for x in fit_batches]
-            judge_batches = [{key: x} for x in judge_batches]
-            forward = _with_keywords
+        if not judge.samples:
+            error = "one kept call: nothing left to judge the recalibration on"
+            return Outcome("failed", {"error": error, "data": data})
         with self._lock:
             clone = hook_free_copy(self.model)
             result = recalibrate(
                 clone,
-                fit_batches,
-                num_samples=int(fit.shape[0]),
+                fit.batches(self.batch_size),
+                num_samples=fit.samples,
                 method=method,  # type: ignore[arg-type]
                 prior_strength=self.prior_strength,
-                held_out=judge_batches,
+                held_out=judge.batches(self.batch_size),
                 apply="if_better",
                 progress=False,
-                forward=forward,
+                forward=kept.forward,
             )
             if result.status == "applied":
                 live = result.bound_to(self.model)

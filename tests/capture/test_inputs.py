@@ -3,6 +3,7 @@ first, and when they arrived."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from datetime import datetime, timezone
 from typing import Any
@@ -12,13 +13,21 @@ import torch
 from torch import nn
 
 import bnwatch
-from bnwatch.capture.monitor import InputRing
+from bnwatch.capture.monitor import InputRing, KeptInputs, _join_calls
+from bnwatch.inputs import ModelCall, replay
 
 
 def rows(*values: int) -> torch.Tensor:
     """A batch of [N, 2] samples whose first column is ``values``."""
     v = torch.tensor(values, dtype=torch.float32)
     return torch.stack([v, -v], dim=1)
+
+
+def firsts(kept: KeptInputs | None) -> list[float]:
+    """The first column of the kept samples (``rows``'s values)."""
+    assert kept is not None and kept.inputs is not None
+    values: list[float] = kept.inputs[:, 0].tolist()
+    return values
 
 
 def test_the_ring_keeps_the_last_samples_oldest_first(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -29,16 +38,16 @@ def test_the_ring_keeps_the_last_samples_oldest_first(monkeypatch: pytest.Monkey
     ring.add(rows(0, 1))  # arrives at 100
     ring.add(rows(2, 3))  # 101
     kept = ring.snapshot()
-    assert kept is not None and kept.inputs[:, 0].tolist() == [0, 1, 2, 3]
+    assert firsts(kept) == [0, 1, 2, 3] and kept is not None
     assert kept.first_at == datetime.fromtimestamp(100, tz=timezone.utc)
     assert kept.last_at == datetime.fromtimestamp(101, tz=timezone.utc)
     ring.add(rows(4, 5, 6))  # 102: wraps around, 0 and 1 are gone
     kept = ring.snapshot()
-    assert kept is not None and kept.inputs[:, 0].tolist() == [2, 3, 4, 5, 6]
+    assert firsts(kept) == [2, 3, 4, 5, 6] and kept is not None
     assert kept.first_at.timestamp() == 101 and kept.last_at.timestamp() == 102
     ring.add(rows(*range(10, 17)))  # 103: more than the ring holds: its last 5
     kept = ring.snapshot()
-    assert kept is not None and kept.inputs[:, 0].tolist() == [12, 13, 14, 15, 16]
+    assert firsts(kept) == [12, 13, 14, 15, 16] and kept is not None
     assert kept.first_at.timestamp() == kept.last_at.timestamp() == 103
     assert kept.describe() == {
         "kept": 5,
@@ -47,7 +56,7 @@ def test_the_ring_keeps_the_last_samples_oldest_first(monkeypatch: pytest.Monkey
     }
     ring.add(torch.zeros(2, 3))  # 104: another sample shape restarts the ring
     kept = ring.snapshot()
-    assert kept is not None and kept.inputs.shape == (2, 3)
+    assert kept is not None and kept.samples == 2 and len(firsts(kept)) == 2
     assert kept.first_at.timestamp() == 104
 
 
@@ -61,7 +70,7 @@ def test_a_monitor_keeps_what_its_model_saw() -> None:
         kept = mon.kept_inputs()
         inputs = mon.inputs()
     assert kept is not None and inputs is not None
-    assert inputs[:, 0].tolist() == [6, 7, 8, 9, 10, 11] == kept.inputs[:, 0].tolist()
+    assert inputs[:, 0].tolist() == [6, 7, 8, 9, 10, 11] == firsts(kept)
     assert start <= kept.first_at <= kept.last_at <= datetime.now(timezone.utc)
 
 
@@ -83,38 +92,158 @@ class _Keywords(_Dict):
         return out
 
 
+class _Positional(_Dict):
+    def forward(  # type: ignore[override]
+        self, x: torch.Tensor, mask: torch.Tensor, scale: float = 1.0
+    ) -> torch.Tensor:
+        out: torch.Tensor = self.net(x * mask * scale)
+        return out
+
+
+class _Images(_Dict):
+    """Called with a list of samples, as torchvision's detection models are."""
+
+    def forward(self, images: list[torch.Tensor]) -> torch.Tensor:  # type: ignore[override]
+        out: torch.Tensor = self.net(torch.stack(images))
+        return out
+
+
+CALLS: list[Any] = [
+    pytest.param(_Dict(), lambda m, x: m({"x": x}), id="dict"),
+    pytest.param(
+        _Keywords(), lambda m, x: m(x=x, mask=torch.ones_like(x)), id="two-tensor-keywords"
+    ),
+    pytest.param(_Keywords(), lambda m, x: m(x=x, scale=0.5), id="tensor-and-option"),
+    pytest.param(
+        _Positional(), lambda m, x: m(x, torch.ones_like(x), scale=2.0), id="two-positional"
+    ),
+    pytest.param(_Images(), lambda m, x: m(list(x)), id="list-of-samples"),
+]
+
+
+@pytest.mark.parametrize(("model", "call"), CALLS)
+def test_a_forward_of_another_form_is_kept_as_a_whole_call(model: nn.Module, call: Any) -> None:
+    """Dicts, lists, several tensors, a tensor and options: the calls are kept whole (copies
+    of their tensors), as many of the most recent as hold at most keep_inputs samples, and
+    replaying one gives what the model gave."""
+    outputs = []
+    with bnwatch.watch(model, keep_inputs=8, overhead_budget=None, window_seconds=None) as mon:
+        for b in range(4):
+            x = rows(3 * b, 3 * b + 1, 3 * b + 2)
+            outputs.append(call(model, x))
+            x.fill_(-1.0)  # the caller reuses its buffer: the kept copy is not affected
+        kept = mon.kept_inputs()
+        assert mon.inputs() is None  # no single tensor to give
+    assert kept is not None and kept.inputs is None and kept.key is None
+    assert kept.samples == 6 and len(kept.calls) == 2  # 3 calls would be 9 > 8
+    assert kept.describe()["kept"] == 6 and kept.describe()["calls"] == 2
+    assert kept.forward is replay
+    with torch.no_grad():
+        for old, want in zip(kept.calls, outputs[2:], strict=True):
+            assert torch.equal(replay(model, old), want)
+
+
 @pytest.mark.parametrize(
-    ("model", "call", "said"),
+    ("call", "said"),
     [
-        (_Dict(), lambda m, x: m({"x": x}), "called with a dict"),
+        (lambda m: m(x=rows(*range(9)), scale=1.0), "9 samples in one call, more than"),
         (
-            _Keywords(),
-            lambda m, x: m(x=x, mask=torch.ones_like(x)),
-            "called with the keyword arguments ['mask', 'x'], 2 of them tensors",
+            lambda m: m(x=rows(1, 2), mask=torch.ones(3, 2)),
+            "the keywords ['mask', 'x'] whose samples cannot be counted",
         ),
     ],
-    ids=["dict", "two-tensor-keywords"],
+    ids=["more-than-keep_inputs", "uncountable"],
 )
-def test_a_forward_without_a_batch_tensor_keeps_nothing_and_says_so_once(
-    model: nn.Module,
-    call: Any,
-    said: str,
-    caplog: pytest.LogCaptureFixture,
+def test_a_call_that_cannot_be_kept_is_skipped_and_says_why_once(
+    call: Any, said: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Such inputs cannot be kept; saying so at the first forward beats a triggered
-    recalibration failing on "only 0 kept inputs" weeks later."""
+    """Saying so at the first forward beats a triggered recalibration failing on "only 0 kept
+    inputs" weeks later."""
+    model = _Keywords()
     with (
         caplog.at_level(logging.WARNING, logger="bnwatch"),
         bnwatch.watch(
             model, name="multi", keep_inputs=8, overhead_budget=None, window_seconds=None
         ) as mon,
     ):
-        for b in range(3):
-            call(model, rows(b, b + 1, b + 2))
+        for _ in range(3):
+            with contextlib.suppress(RuntimeError):  # the uncountable call may not run
+                call(model)
         assert mon.kept_inputs() is None
-        assert mon.flush()["net.1"].n_samples == 9  # measured all the same
     warned = [r.getMessage() for r in caplog.records if "keep_inputs" in r.getMessage()]
-    assert len(warned) == 1 and f"multi was {said}" in warned[0]
+    assert len(warned) == 1 and said in warned[0] and "multi was called with" in warned[0]
+
+
+def test_the_kind_of_input_changing_restarts_the_ring() -> None:
+    model = _Keywords()
+    with bnwatch.watch(model, keep_inputs=8, overhead_budget=None, window_seconds=None) as mon:
+        model(x=rows(0, 1))
+        model(x=rows(2), scale=2.0)  # a call of another form: the ring restarts
+        kept = mon.kept_inputs()
+        assert kept is not None and kept.samples == 1 and len(kept.calls) == 1
+        model(x=rows(3, 4))  # and back
+        kept = mon.kept_inputs()
+    assert kept is not None and kept.calls == () and kept.inputs is not None
+    assert kept.inputs[:, 0].tolist() == [3, 4] and kept.key == "x"
+
+
+def test_one_sample_calls_are_joined_into_batches() -> None:
+    """A model served one sample at a time: consecutive calls of the same form are joined into
+    batches (BatchNorm1d in training mode cannot take one sample), and ``precise`` on them gives
+    the population statistics of what the layer received (float64 reference)."""
+    model = _Keywords()
+    with bnwatch.watch(model, keep_inputs=32, overhead_budget=None, window_seconds=None) as mon:
+        for i in range(20):
+            model(x=rows(i), scale=1.0 if i < 18 else 2.0)  # the last two: another option
+        kept = mon.kept_inputs()
+    assert kept is not None and len(kept.calls) == 20
+    joined = kept.batches(8)
+    assert [c.samples for c in joined] == [6, 6, 6, 2]  # 18 in three, not 8, 8 and 2
+    assert [c.kwargs["scale"] for c in joined] == [1.0, 1.0, 1.0, 2.0]
+    assert joined[1].kwargs["x"][:, 0].tolist() == list(range(6, 12))
+    assert [c.samples for c in kept.batches(17)] == [9, 9, 2]
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        model.train()(x=rows(0), scale=1.0)  # what an unjoined call would meet
+    model.eval()
+    result = bnwatch.recalibrate(
+        model, joined, forward=kept.forward, num_samples=kept.samples, progress=False
+    )
+    assert result.status == "applied" and result.samples == 20
+    x = torch.cat([c.kwargs["x"] * c.kwargs["scale"] for c in joined]).double()
+    linear, bn = dict(model.net[0].named_parameters()), model.net[1]
+    got = x @ linear["weight"].double().T + linear["bias"].double()
+    torch.testing.assert_close(bn.running_mean.double(), got.mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bn.running_var.double(), got.var(0), rtol=1e-5, atol=1e-6)
+
+
+def test_joining_keeps_lists_of_samples_and_leaves_unequal_calls_apart() -> None:
+    calls = [ModelCall(([rows(i)[0]],), {"mask": torch.ones(2)}, 1) for i in range(3)] + [
+        ModelCall(([rows(9)[0]],), {"mask": torch.zeros(2)}, 1)
+    ]  # another fixed tensor
+    joined = _join_calls(calls, 64)
+    assert [c.samples for c in joined] == [3, 1]  # the mask differs in value: not joined
+    assert [t[0].item() for t in joined[0].args[0]] == [0, 1, 2]
+    assert torch.equal(joined[0].kwargs["mask"], torch.ones(2))
+    assert joined[1] is calls[3]
+    assert [c.samples for c in _join_calls(calls, 2)] == [2, 1, 1]  # at most batch_size
+    assert _join_calls([], 64) == []
+
+
+def test_split_keeps_calls_whole() -> None:
+    at = datetime.now(timezone.utc)
+    g = torch.Generator().manual_seed(0)
+    kept = KeptInputs(None, at, at, calls=tuple(ModelCall((rows(i, i),), {}, 2) for i in range(4)))
+    fit, judge = kept.split(0.25, g)
+    assert (fit.samples, judge.samples) == (6, 2)
+    assert sorted(c.args[0][0, 0].item() for c in fit.calls + judge.calls) == [0, 1, 2, 3]
+    one = KeptInputs(None, at, at, calls=kept.calls[:1])
+    fit, judge = one.split(0.25, g)
+    assert (fit.samples, judge.samples) == (2, 0)
+    tensors = KeptInputs(rows(*range(8)), at, at)
+    fit, judge = tensors.split(0.25, g)
+    assert (fit.samples, judge.samples) == (6, 2)
+    assert fit.inputs is not None and judge.inputs is not None
+    assert sorted(torch.cat([fit.inputs, judge.inputs])[:, 0].tolist()) == list(range(8))
 
 
 def test_the_only_tensor_keyword_is_kept_with_its_name() -> None:
@@ -122,15 +251,15 @@ def test_the_only_tensor_keyword_is_kept_with_its_name() -> None:
     a change of name (or to a positional input) restarts the ring."""
     model = _Keywords()
     with bnwatch.watch(model, keep_inputs=6, overhead_budget=None, window_seconds=None) as mon:
-        model(x=rows(0, 1, 2), scale=1.0)  # one tensor among the keywords
+        model(x=rows(0, 1, 2))
         model(x=rows(3, 4))
         kept = mon.kept_inputs()
         assert kept is not None and kept.key == "x"
-        assert kept.inputs[:, 0].tolist() == [0, 1, 2, 3, 4]
+        assert firsts(kept) == [0, 1, 2, 3, 4]
         assert kept.describe()["keyword"] == "x"
         model.net(rows(5))  # a submodule called directly is not a forward of the model
         kept = mon.kept_inputs()
-        assert kept is not None and kept.inputs.shape[0] == 5
+        assert kept is not None and kept.samples == 5
     positional = _Dict().net
     with bnwatch.watch(positional, keep_inputs=6, overhead_budget=None) as mon:
         positional(rows(0, 1))

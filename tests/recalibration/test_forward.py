@@ -14,7 +14,7 @@ from torch import nn
 
 import bnwatch
 from bnwatch.errors import ConfigError, ShapeError
-from bnwatch.inputs import count_samples, to_device
+from bnwatch.inputs import ModelCall, count_samples, replay, to_device
 from bnwatch.recalibration import recalibrate
 from tests.recalibration.test_recalibrate import buffers, data, net, population_reference
 
@@ -306,6 +306,19 @@ def test_count_samples() -> None:
         count_samples({"s": "text"})
     with pytest.raises(ConfigError, match="a tensor"):
         count_samples(torch.tensor(3.0))
+    assert count_samples(ModelCall((x,), {"mask": torch.zeros(2)}, 5)) == 5  # a kept call
+
+
+def test_a_kept_call_moves_to_the_device_and_replays_as_it_was_called() -> None:
+    call = ModelCall((torch.zeros(2, 3),), {"mask": torch.ones(3), "scale": 2.0}, 2)
+    moved = to_device(call, torch.device("meta"))
+    assert isinstance(moved, ModelCall) and moved.samples == 2
+    assert moved.args[0].device.type == moved.kwargs["mask"].device.type == "meta"
+    assert moved.kwargs["scale"] == 2.0
+    got = replay(lambda x, *, mask, scale: (x + mask) * scale, call)
+    assert torch.equal(got, torch.full((2, 3), 2.0))
+    with pytest.raises(ConfigError, match="ModelCall items"):
+        replay(lambda x: x, torch.zeros(2))  # type: ignore[arg-type]
 
 
 def test_to_device_moves_every_tensor_and_keeps_the_structure() -> None:
