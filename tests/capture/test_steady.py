@@ -3,6 +3,7 @@ with the fewest operations -- and exactly what the general path would have kept.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -12,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+import bnwatch
 from bnwatch.capture.accumulator import LayerAccumulator
 from tests.capture.helpers import RTOL, assert_rel, batches_of, check, full_watch, reference, run
 
@@ -104,6 +106,30 @@ def test_a_nonfinite_value_in_a_steady_batch_is_counted_and_excluded(
     assert_rel(r.mean, finite.mean(axis=1).data, 1e-6, "mean")  # type: ignore[attr-defined]
     assert_rel(r.var, finite.var(axis=1).data, 1e-6, "var")  # type: ignore[attr-defined]
     assert general == [2, 2, 2, 2]  # the first two batches and the two with a non-finite value
+
+
+@pytest.mark.parametrize("steady", [True, False], ids=["steady", "general"])
+def test_inf_minus_inf_in_a_channel_raises_no_warning_inside_the_forward(steady: bool) -> None:
+    """+inf and -inf in one channel make that channel's total NaN on the host (inf - inf): a
+    numpy warning from the hook, under ``warnings.simplefilter("error")`` (pytest's
+    ``-W error``), became a hook error and lost the very batches a ``nonfinite_activations``
+    alert is about."""
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(4, 3, 5, 5, generator=g) for _ in range(4)]
+    for x in batches[2:]:
+        x[0, 1, 0, 0], x[1, 1, 0, 0] = float("inf"), float("-inf")
+    if not steady:
+        batches = [x[: 4 - i % 2] for i, x in enumerate(batches)]  # no shape repeats twice
+    model = nn.Sequential(nn.BatchNorm2d(3)).eval()
+    with bnwatch.watch(model, overhead_budget=None, window_seconds=None) as mon:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("error")
+            for x in batches:
+                model(x)
+        r = mon.flush()["0"]
+        assert dict(mon.stats().hook_errors) == {}
+    assert r.n_samples == sum(len(x) for x in batches)
+    np.testing.assert_array_equal(r.stats.moments.nonfinite, [0, 4, 0])
 
 
 def test_a_jump_of_the_mean_within_a_window_of_steady_batches() -> None:
