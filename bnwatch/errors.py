@@ -6,6 +6,7 @@ offending data as attributes, so callers can both read the message and handle it
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -199,17 +200,29 @@ class RecalibrationBuffersError(BnwatchError, ValueError):
         super().__init__(message)
 
 
+def python_number(value: Any) -> str:
+    """What to add to a refusal of a number that is not a Python one (a numpy scalar, whose
+    type would follow it into JSON and the store): how to pass it."""
+    if isinstance(value, (bool, int, float)):
+        return ""
+    if isinstance(value, numbers.Integral):
+        return " (a Python int: pass int(value))"
+    if isinstance(value, numbers.Real):
+        return " (a Python float: pass float(value))"
+    return ""
+
+
 def check_positive_int(argument: str, value: Any, *, minimum: int = 1) -> int:
     """Return ``value`` if it is an ``int`` ≥ ``minimum``, else raise :class:`ConfigError`."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(argument, value, f"an integer >= {minimum}")
+        raise ConfigError(argument, value, f"an integer >= {minimum}{python_number(value)}")
     return value
 
 
 def check_probability(argument: str, value: Any, *, open_low: bool = True) -> float:
     """Return ``value`` as float if it lies in (0, 1) (or [0, 1) with ``open_low=False``)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(argument, value, "a number between 0 and 1")
+        raise ConfigError(argument, value, f"a number between 0 and 1{python_number(value)}")
     low_ok = value > 0 if open_low else value >= 0
     if not (low_ok and value < 1):
         bound = "(0, 1)" if open_low else "[0, 1)"
@@ -220,7 +233,7 @@ def check_probability(argument: str, value: Any, *, open_low: bool = True) -> fl
 def check_nonnegative(argument: str, value: Any) -> float:
     """Return ``value`` as float if it is a finite number ≥ 0."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ConfigError(argument, value, "a finite number >= 0")
+        raise ConfigError(argument, value, f"a finite number >= 0{python_number(value)}")
     if value == float("inf"):
         raise ConfigError(argument, value, "a finite number >= 0")
     return float(value)

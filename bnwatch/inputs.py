@@ -44,6 +44,17 @@ def check_forward(forward: Any) -> None:
         )
 
 
+def check_data(argument: str, data: Any) -> None:
+    """``data`` (or ``held_out``) is something to iterate over batches of."""
+    if isinstance(data, (str, bytes)) or not isinstance(data, Iterable):
+        raise ConfigError(
+            argument,
+            type(data).__name__,
+            "an iterable of batches: a DataLoader, a list of tensors, (inputs, labels) tuples "
+            "or dicts, or one tensor [N, ...]",
+        )
+
+
 def model_input(batch: Any, input_key: str | None = None) -> Any:
     """The model input inside one loader item.
 
@@ -76,16 +87,16 @@ def count_samples(batch: Any, input_key: str | None = None) -> int:
 
     The count is the length of the item's input (as :func:`model_input` finds it): a
     tensor's first dimension, or the length of a list or tuple of samples (a detection
-    model's list of images).  A mapping without ``input_key`` -- or a tuple whose first
-    element is one -- counts the first dimension its tensors share.
+    model's list of images).  A mapping -- alone, or first in a tuple -- counts its
+    ``input_key`` entry or, without one, the first dimension its tensors share.
     """
     if isinstance(batch, ModelCall):
         return batch.samples
     x = batch
-    if isinstance(x, Mapping) and input_key is not None:
-        x = model_input(x, input_key)
-    elif isinstance(x, (tuple, list)):
+    if isinstance(x, (tuple, list)):
         x = model_input(x)
+    if isinstance(x, Mapping) and input_key is not None:  # a dict alone, or first in a tuple
+        x = model_input(x, input_key)
     if isinstance(x, Mapping):
         lengths = {n for v in x.values() if (n := _length(v)) is not None}
         if len(lengths) == 1:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -65,6 +65,8 @@ def is_frozen_batchnorm(module: nn.Module) -> bool:
 def _patterns(argument: str, value: str | Sequence[str] | None) -> list[str] | None:
     if value is None:
         return None
+    if not isinstance(value, (str, Iterable)):
+        raise ConfigError(argument, value, "a glob pattern or a list of glob patterns")
     items = [value] if isinstance(value, str) else list(value)
     if not all(isinstance(p, str) and p for p in items):
         raise ConfigError(argument, value, "a glob pattern or a list of glob patterns")

@@ -62,7 +62,12 @@ from torch.nn.parameter import UninitializedBuffer
 from bnwatch.capture.accumulator import LayerAccumulator
 from bnwatch.capture.discovery import BatchNormLayer, check_layer_paths
 from bnwatch.drift import DriftConfig, Reference, assess_layer, config_account, decide
-from bnwatch.errors import ConfigError, ReferenceMismatchError, check_positive_int
+from bnwatch.errors import (
+    ConfigError,
+    ReferenceMismatchError,
+    check_positive_int,
+    python_number,
+)
 from bnwatch.inputs import Forward, ModelCall, count_samples, map_tensors, replay
 from bnwatch.schema import (
     MAX_NAME_LENGTH,
@@ -609,7 +614,11 @@ class Monitor:
             or not isinstance(window_seconds, (int, float))
             or not 0 < window_seconds < math.inf
         ):
-            raise ConfigError("window_seconds", window_seconds, "a number of seconds > 0, or None")
+            raise ConfigError(
+                "window_seconds",
+                window_seconds,
+                f"a number of seconds > 0, or None{python_number(window_seconds)}",
+            )
         check_positive_int("sample_every", sample_every)
         check_positive_int("spatial_stride", spatial_stride)
         if reservoir is None:

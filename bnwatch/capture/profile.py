@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -17,7 +18,7 @@ from bnwatch.capture.accumulator import LayerAccumulator
 from bnwatch.capture.discovery import BatchNormLayer, check_layer_paths, discover
 from bnwatch.capture.monitor import unwatched
 from bnwatch.errors import BnwatchError, ConfigError, ShapeError, check_positive_int
-from bnwatch.inputs import Forward, check_forward, iter_inputs, whole_batches
+from bnwatch.inputs import Forward, check_data, check_forward, iter_inputs, whole_batches
 from bnwatch.schema import LayerProfile, Profile, utcnow
 from bnwatch.stats import Reservoir
 
@@ -60,6 +61,7 @@ def profile(
     if num_samples is not None:
         check_positive_int("num_samples", num_samples)
     check_forward(forward)
+    check_data("data", data)
     layers = discover(model, include, exclude)
     check_layer_paths(model, layers)  # a stored profile holds them: fail before any pass
     accs = [LayerAccumulator(layer.name, reservoir=reservoir_size, seed=seed) for layer in layers]
@@ -137,12 +139,15 @@ def data_errors(what: str, got: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def measuring(layers: Sequence[BatchNormLayer], accs: Sequence[LayerAccumulator]) -> Iterator[None]:
-    """Inside, everything ``layers`` receive goes to their accumulators (forward pre-hooks,
-    removed on the way out); a layer in ``train()`` counts as normalizing by batch, unless it
-    is frozen."""
+    """Inside, everything ``layers`` receive in this thread goes to their accumulators
+    (forward pre-hooks, removed on the way out); a layer in ``train()`` counts as normalizing
+    by batch, unless it is frozen.  Other threads' forwards -- a model served while it is
+    profiled -- are not this data's."""
+    thread = threading.get_ident()
 
     def hook(acc: LayerAccumulator, frozen: bool, module: _BatchNorm, args: Any) -> None:
-        acc.observe(args[0], batch_stat_mode=module.training and not frozen)
+        if threading.get_ident() == thread:
+            acc.observe(args[0], batch_stat_mode=module.training and not frozen)
 
     handles = [
         layer.module.register_forward_pre_hook(functools.partial(hook, acc, layer.frozen))

@@ -50,7 +50,7 @@ from bnwatch.capture.discovery import BatchNormLayer, discover
 from bnwatch.capture.monitor import unwatched
 from bnwatch.capture.profile import data_errors
 from bnwatch.errors import BnwatchError, ConfigError, ShapeError, check_positive_int
-from bnwatch.inputs import Forward, check_forward, model_input, whole_batches
+from bnwatch.inputs import Forward, check_data, check_forward, model_input, whole_batches
 from bnwatch.recalibration import distributed
 from bnwatch.recalibration.result import (
     BatchNormBuffers,
@@ -180,6 +180,9 @@ def recalibrate(
         data = torch.split(data, TENSOR_BATCH)
     if isinstance(held_out, torch.Tensor):
         held_out = torch.split(held_out, TENSOR_BATCH)
+    check_data("data", data)
+    if held_out is not None:
+        check_data("held_out", held_out)
     selected = _select(model, layers)
     target_device = torch.device(device) if device is not None else _model_device(model)
     before = {layer.name: _buffers(layer.module) for layer in selected}

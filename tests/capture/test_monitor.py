@@ -687,6 +687,10 @@ def test_model_without_batchnorm_is_a_clear_error() -> None:
         ("max_samples_per_batch", 0),
         ("overhead_budget", 1.5),
         ("include", [3]),
+        ("include", 5),
+        ("exclude", 5),
+        ("sample_every", np.int64(2)),  # a numpy scalar would follow into JSON: int() it
+        ("window_seconds", np.float32(5)),
         ("name", ""),
         ("version", 3),
         ("store", "ftp://example.com/bnwatch"),
@@ -700,6 +704,19 @@ def test_invalid_arguments_name_the_argument(argument: str, value: object) -> No
         bnwatch.watch(small_cnn(), **{argument: value})  # type: ignore[arg-type]
     assert info.value.argument == argument
     assert argument in str(info.value)
+    if isinstance(value, np.generic):
+        assert "pass int(value)" in str(info.value) or "pass float(value)" in str(info.value)
+
+
+@pytest.mark.parametrize("call", [bnwatch.profile, bnwatch.recalibrate], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("data", [None, 5, "images/"], ids=["None", "int", "str"])
+def test_data_that_is_not_batches_names_the_argument(call: Any, data: object) -> None:
+    model = small_cnn()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ConfigError, match="expected an iterable of batches") as info:
+        call(model, data)
+    assert info.value.argument == "data"
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 @pytest.mark.parametrize(
@@ -996,6 +1013,41 @@ def test_profile_roundtrips_through_a_file(tmp_path: pytest.TempPathFactory) -> 
         assert lb.reservoir.seen == lp.reservoir.seen == 40
         assert lb.stats.batch_sizes == lp.stats.batch_sizes
         np.testing.assert_array_equal(lp.running_mean, lb.running_mean)  # type: ignore[arg-type]
+
+
+def test_profile_measures_its_own_data_while_another_thread_serves_the_model() -> None:
+    """Profiling a model that a serving thread keeps calling: the profile holds the validation
+    data only (exactly: its float64 moments), not the served traffic in between its batches."""
+    model = small_cnn().eval()
+    validation = inputs(6, seed=5)
+    served = threading.Event()
+    stop = threading.Event()
+
+    def serve() -> None:
+        with torch.no_grad():
+            while not stop.is_set():
+                model(inputs(1, seed=9)[0] + 100.0)  # traffic far from the validation data
+                served.set()
+
+    def data() -> Iterator[torch.Tensor]:
+        for x in validation:
+            served.clear()
+            assert served.wait(10), "the serving thread did not run"  # one served forward
+            yield x  # between every two batches
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        prof = bnwatch.profile(model, data())
+    finally:
+        stop.set()
+        thread.join(10)
+    with torch.no_grad():  # what the first BatchNorm receives: the first conv's output
+        want = reference([model[0](x) for x in validation])  # type: ignore[index]
+    got = prof.layers["1"].stats.moments
+    assert got.n_samples == 4 * len(validation)
+    np.testing.assert_allclose(got.mean, want["mean"], rtol=1e-6)
+    np.testing.assert_allclose(got.var, want["var"], rtol=1e-6)
 
 
 def test_profile_restores_modes_even_when_the_data_raises() -> None:

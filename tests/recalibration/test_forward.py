@@ -302,6 +302,7 @@ def test_count_samples() -> None:
     assert count_samples({"a": x, "b": torch.zeros(5), "n": torch.tensor(1), "s": "x"}) == 5
     assert count_samples(({"a": x}, torch.zeros(5))) == 5
     assert count_samples({"a": x, "b": torch.zeros(2)}, input_key="b") == 2
+    assert count_samples(({"a": x, "b": torch.zeros(2)}, x), input_key="b") == 2  # (dict, labels)
     with pytest.raises(ConfigError, match="no tensor"):
         count_samples({"s": "text"})
     with pytest.raises(ConfigError, match="a tensor"):
