@@ -87,7 +87,7 @@ def profile(
                         x = x[: num_samples - seen]
                     if device is not None and x.device != device:
                         x = x.to(device)
-                    with data_errors("profile data", f"{tuple(x.shape)}"):
+                    with data_errors("profile data", f"{tuple(x.shape)}", forward=False):
                         model(x)
                     seen += int(x.shape[0])
                     if num_samples is not None and seen >= num_samples:
@@ -126,15 +126,22 @@ def profile(
 
 
 @contextlib.contextmanager
-def data_errors(what: str, got: str) -> Iterator[None]:
+def data_errors(what: str, got: str, *, forward: bool = True) -> Iterator[None]:
     """A model that cannot run on a batch (a shape or dtype it does not take) is the data's
-    fault: say so, naming ``what`` data and what the batch was (``got``)."""
+    fault: say so, naming ``what`` data and what the batch was (``got``) -- and, when the
+    model was called with one tensor (``forward=False``), how to call it otherwise."""
     try:
         yield
     except (RuntimeError, ValueError) as err:
         if isinstance(err, BnwatchError):
             raise
-        raise ShapeError(what, "inputs the model accepts", f"{got}: {err}") from err
+        expected = "inputs the model accepts"
+        if not forward:
+            expected += (
+                " (called as model(batch); a model that takes a list, a dict or several "
+                "arguments needs forward=, --forward on the command line)"
+            )
+        raise ShapeError(what, expected, f"{got}: {err}") from err
 
 
 @contextlib.contextmanager

@@ -396,7 +396,7 @@ def _measure(
             for x, n in batches:
                 forwarded[0] = seen + n
                 got = f"{tuple(x.shape)}" if forward is None else f"a batch of {n} samples"
-                with data_errors("recalibration data", got):
+                with data_errors("recalibration data", got, forward=forward is not None):
                     if forward is None:
                         model(x)
                     else:

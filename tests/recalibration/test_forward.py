@@ -241,8 +241,9 @@ def test_bad_forward_and_bad_batches_say_what_to_fix() -> None:
     with pytest.raises(ConfigError, match="'nope'"):
         recalibrate(model, ragged, forward=call_with_dict, input_key="nope", progress=False)
     wrong = [{"x": torch.randn(8, 5), "scale": torch.tensor(1.0)} for _ in range(4)]
-    with pytest.raises(ShapeError, match="a batch of 8 samples"):
+    with pytest.raises(ShapeError, match="a batch of 8 samples") as info:
         recalibrate(model, wrong, forward=call_with_dict, progress=False)
+    assert "needs forward=" not in str(info.value)  # it was given one
     assert all(torch.equal(v, before[k]) for k, v in buffers(model).items())
 
 

@@ -221,8 +221,9 @@ def test_bad_input_leaves_the_model_untouched() -> None:
     before = buffers(model)
     with pytest.raises(NotEnoughDataError, match="saw 8 samples but needs at least 16"):
         recalibrate(model, data(1))
-    with pytest.raises(ShapeError, match="recalibration data"):
+    with pytest.raises(ShapeError, match=r"recalibration data.*needs forward=") as info:
         recalibrate(model, [torch.randn(8, 4, 5, 5)])
+    assert "(8, 4, 5, 5)" in str(info.value)
     with pytest.raises(ShapeError, match="0-dim"):
         recalibrate(model, [torch.tensor(1.0)])
     with pytest.raises(NoBatchNormError):
