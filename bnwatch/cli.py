@@ -212,30 +212,48 @@ def _add_db(subparsers: Subparsers) -> None:
 
 def _run_db_upgrade(args: argparse.Namespace) -> int:
     from bnwatch.store.engine import create_engine, redacted
-    from bnwatch.store.migrate import current_revision, upgrade
+    from bnwatch.store.migrate import check_known_revision, current_revision, upgrade
 
-    engine = create_engine(args.db, argument="--db")
+    engine = create_engine(args.db, argument="--db")  # a new database is created: intended
+    # a revision a newer bnwatch wrote: Alembic would only say it "can't locate" it
+    check_known_revision(engine, current_revision(engine))
     upgrade(engine, args.revision)
     print(f"{redacted(engine.url)}: schema at revision {current_revision(engine)}")
     return 0
 
 
 def _run_db_downgrade(args: argparse.Namespace) -> int:
-    from bnwatch.store.engine import create_engine, redacted
-    from bnwatch.store.migrate import current_revision, downgrade
+    from bnwatch.store.engine import redacted
+    from bnwatch.store.migrate import (
+        check_known_revision,
+        current_revision,
+        downgrade,
+        existing_engine,
+    )
 
-    engine = create_engine(args.db, argument="--db")
+    engine = existing_engine(args.db, argument="--db")  # a mistyped path is not created
+    current = current_revision(engine)
+    if current is None:  # Alembic would say "Relative revision -1 didn't produce 1 migrations"
+        print(f"{redacted(engine.url)}: no bnwatch schema, nothing to downgrade")
+        return 0
+    check_known_revision(engine, current)
     downgrade(engine, args.revision)
     print(f"{redacted(engine.url)}: schema at revision {current_revision(engine) or 'none'}")
     return 0
 
 
 def _run_db_current(args: argparse.Namespace) -> int:
-    from bnwatch.store.engine import create_engine, redacted
-    from bnwatch.store.migrate import current_revision, head_revision
+    from bnwatch.store.engine import redacted
+    from bnwatch.store.migrate import (
+        check_known_revision,
+        current_revision,
+        existing_engine,
+        head_revision,
+    )
 
-    engine = create_engine(args.db, argument="--db")
+    engine = existing_engine(args.db, argument="--db")  # a mistyped path is not created
     current = current_revision(engine)
+    check_known_revision(engine, current)  # not "behind": this bnwatch is
     head = head_revision()
     state = "up to date" if current == head else f"behind: run `bnwatch db upgrade` (head {head})"
     print(f"{redacted(engine.url)}: revision {current or 'none'} ({state})")

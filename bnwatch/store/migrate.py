@@ -55,6 +55,21 @@ def downgrade(engine: Engine, revision: str = "-1") -> None:
     command.downgrade(alembic_config(engine), revision)
 
 
+def check_known_revision(engine: Engine, current: str | None) -> None:
+    """Raise :class:`SchemaError` when the database is at ``current``, a revision this
+    bnwatch's migrations do not contain: a newer bnwatch wrote it, and neither reading it nor
+    migrating it (Alembic cannot locate the revision to start from) can work -- upgrading
+    bnwatch is the fix.  ``None`` (no bnwatch schema yet) is known."""
+    if current is None:
+        return
+    script = ScriptDirectory(str(migrations_dir()))
+    if current not in {rev.revision for rev in script.walk_revisions()}:
+        raise SchemaError(
+            f"{redacted(engine.url)} is at schema revision {current}, which this bnwatch "
+            "version does not know (a newer bnwatch wrote it): upgrade bnwatch"
+        )
+
+
 def ensure_schema(engine: Engine, *, create: bool = True) -> None:
     """Make sure the database has the current schema.
 
@@ -83,13 +98,7 @@ def ensure_schema(engine: Engine, *, create: bool = True) -> None:
                 raise
             logger.info("bnwatch: %s was given the schema by another process meanwhile", where)
         return
-    script = ScriptDirectory(str(migrations_dir()))
-    known = {rev.revision for rev in script.walk_revisions()}
-    if current not in known:
-        raise SchemaError(
-            f"{where} is at schema revision {current}, which this bnwatch version does not know "
-            "(a newer bnwatch wrote it): upgrade bnwatch"
-        )
+    check_known_revision(engine, current)
     raise SchemaError(
         f"{where} is at schema revision {current} but this bnwatch needs {head}: "
         f"run `bnwatch db upgrade --db {where}`"
@@ -102,15 +111,24 @@ def engine_for(url: str | URL, *, create: bool = True, argument: str = "store") 
     With ``create=False`` (readers) nothing is created: a SQLite file that does not exist is a
     :class:`SchemaError` too -- opening it would leave an empty file at a mistyped path.
     """
-    if not create:
-        parsed = parse_url(url, argument=argument)
-        file = parsed.database if parsed.get_backend_name() == "sqlite" else None
-        if file and not Path(file).exists():  # parse_url refused in-memory ones
-            raise SchemaError(
-                f"there is no database file {file!r} yet: watch a model with store="
-                f"{redacted(parsed)!r}, run `bnwatch demo`, or `bnwatch db upgrade --db "
-                f"{redacted(parsed)}`"
-            )
-    engine = create_engine(url, argument=argument)
+    if create:
+        engine = create_engine(url, argument=argument)
+    else:
+        engine = existing_engine(url, argument=argument)
     ensure_schema(engine, create=create)
     return engine
+
+
+def existing_engine(url: str | URL, *, argument: str = "store") -> Engine:
+    """An engine for a database that must exist already, whatever its schema (readers,
+    ``bnwatch db current|downgrade``): a SQLite file that does not exist is a
+    :class:`SchemaError` -- opening it would leave an empty file at a mistyped path."""
+    parsed = parse_url(url, argument=argument)
+    file = parsed.database if parsed.get_backend_name() == "sqlite" else None
+    if file and not Path(file).exists():  # parse_url refused in-memory ones
+        raise SchemaError(
+            f"there is no database file {file!r} yet: watch a model with store="
+            f"{redacted(parsed)!r}, run `bnwatch demo`, or `bnwatch db upgrade --db "
+            f"{redacted(parsed)}`"
+        )
+    return create_engine(url, argument=argument)

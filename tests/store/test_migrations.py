@@ -268,3 +268,55 @@ def test_cli_upgrade_current_downgrade(db_url: str, capsys: pytest.CaptureFixtur
     assert "revision none" in capsys.readouterr().out
     assert main(["db", "current", "--db", db_url]) == 0
     assert "behind: run `bnwatch db upgrade`" in capsys.readouterr().out
+
+
+def test_cli_on_a_database_a_newer_bnwatch_wrote_says_to_upgrade_bnwatch(
+    db_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`db current` said "behind: run `bnwatch db upgrade`" with exit 0, and `db upgrade` then
+    failed with Alembic's "Can't locate revision identified by '0099'": each db command now
+    says what `bnwatch alerts` says -- a newer bnwatch wrote it -- and leaves it as it is."""
+    engine = engine_for(db_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE alembic_version SET version_num = '0099'"))
+    for action in ("current", "upgrade", "downgrade"):
+        assert main(["db", action, "--db", db_url]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("bnwatch db: error: ")
+        assert "is at schema revision 0099, which this bnwatch version does not know" in err
+        assert err.rstrip().endswith("(a newer bnwatch wrote it): upgrade bnwatch")
+        assert current_revision(engine) == "0099"
+    engine.dispose()
+
+
+def test_cli_current_and_downgrade_create_no_database_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A mistyped SQLite path: `db current` and `db downgrade` left an empty file there
+    (downgrade then failed with "Relative revision -1 didn't produce 1 migrations").  Only
+    `db upgrade` creates a database."""
+    path = tmp_path / "typo.db"
+    url = f"sqlite:///{path}"
+    for action in ("current", "downgrade"):
+        assert main(["db", action, "--db", url]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"bnwatch db: error: there is no database file '{path}' yet")
+        assert not path.exists()
+    assert main(["db", "upgrade", "--db", url]) == 0
+    assert capsys.readouterr().out == f"{url}: schema at revision {head_revision()}\n"
+
+
+def test_cli_downgrade_of_an_empty_database_has_nothing_to_do(
+    db_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = sa.make_url(db_url)
+    if url.get_backend_name() == "sqlite":
+        Path(str(url.database)).touch()  # it exists, without bnwatch's tables
+    assert main(["db", "downgrade", "--db", db_url]) == 0
+    shown = url.render_as_string(hide_password=True)
+    assert capsys.readouterr().out == f"{shown}: no bnwatch schema, nothing to downgrade\n"
+    engine = create_engine(db_url)
+    assert current_revision(engine) is None
+    with engine.connect() as conn:
+        assert sa.inspect(conn).get_table_names() == []
+    engine.dispose()
