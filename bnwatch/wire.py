@@ -27,6 +27,7 @@ import binascii
 import json
 import math
 from collections.abc import Mapping
+from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -71,6 +72,14 @@ MAX_WINDOWS = 1000
 MAX_COUNT = 2**31 - 1
 """Most samples and batches of one window (the store's count columns hold 64 bits since
 migration 0007; more than this in one window is a broken sender, not traffic)."""
+TIME_MIN = datetime(1970, 1, 1, tzinfo=timezone.utc)
+"""Earliest start of a window (inclusive).  Monitors stamp windows with the clock of the
+host; a time before the Unix epoch is a broken clock or sender, and times near year 1 made
+bucket arithmetic (hourly reads, ``bnwatch db compact``) step before year 1."""
+TIME_MAX = datetime(9000, 1, 1, tzinfo=timezone.utc)
+"""End of the time a window may end in (exclusive): a thousand years short of Python's last
+datetime (9999-12-31), so that every bucket a read or a compaction puts a window in -- up
+to a day, a year, the whole range -- ends at a time Python can represent."""
 MAX_RESERVOIR = 1 << 16
 """Largest reservoir capacity (rows per layer and window) the wire accepts."""
 MAX_SEEN = 2**62  # the store's reservoir_seen column is 64-bit
@@ -182,12 +191,54 @@ def _is_uid(value: str) -> str:
     return value
 
 
+def measured_samples_problem(sizes: Mapping[int, int]) -> str | None:
+    """What is wrong with a batch-size histogram whose batches hold more samples, in all
+    (``sum(size * count)``), than one window may (:data:`MAX_COUNT`, the bound of
+    ``samples_seen``), or ``None``.
+
+    Each size and count fits the bound on its own, but their products did not: a window of
+    2**31-1 batches of 2**31-1 samples overflowed the store's 64-bit running total of measured
+    samples (``layer_totals.measured_samples``) -- on PostgreSQL every later window of the
+    layer failed with it, on SQLite the total silently became a float.  The sum is not
+    compared with ``samples_seen`` itself: a batch counted as seen just as one window closes
+    may be measured in it and seen in the next, so a real window can exceed it by a batch.
+    """
+    total = sum(size * count for size, count in sizes.items())  # Python ints: exact
+    if total > MAX_COUNT:
+        return (
+            f"the measured batches hold {total} samples (sum of size x count), more than the "
+            f"{MAX_COUNT} one window may hold"
+        )
+    return None
+
+
+def time_problem(name: str, value: datetime) -> str | None:
+    """What is wrong with a window's ``start`` or ``end`` (``name``) -- outside
+    [:data:`TIME_MIN`, :data:`TIME_MAX`) -- or ``None``; a naive time is UTC (as the store
+    reads it)."""
+    try:
+        utc = value.astimezone(timezone.utc) if value.tzinfo is not None else value
+        inside = TIME_MIN <= utc.replace(tzinfo=timezone.utc) < TIME_MAX
+    except OverflowError:  # an offset that takes it past year 9999 or before year 1
+        inside = False
+    if inside:
+        return None
+    return (
+        f"{name} must be from {TIME_MIN.isoformat()} to before {TIME_MAX.isoformat()}: "
+        f"{value.isoformat()} is out of range"
+    )
+
+
 def _check_batch_counts(n_batches: int, batch_stat_batches: int, sizes: dict[int, int]) -> None:
-    """A layer's batch counts agree: its batch-size histogram counts every batch once."""
+    """A layer's batch counts agree: its batch-size histogram counts every batch once, and
+    its batches hold no more samples than a window may (:func:`measured_samples_problem`)."""
     if batch_stat_batches > n_batches:
         raise ValueError("batch_stat_batches must not exceed n_batches")
     if sum(sizes.values()) != n_batches:
         raise ValueError("batch_sizes must count exactly n_batches batches")
+    problem = measured_samples_problem(sizes)
+    if problem is not None:
+        raise ValueError(f"batch_sizes: {problem}")
 
 
 class WireBaseline(BaseModel):
@@ -324,6 +375,10 @@ class WireWindow(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> WireWindow:
+        for name in ("start", "end"):
+            problem = time_problem(name, getattr(self, name))
+            if problem is not None:
+                raise ValueError(problem)
         if self.end < self.start:
             raise ValueError("end must not be before start")
         names = [layer.layer for layer in self.layers]

@@ -8,7 +8,11 @@ query or path parameter), ``null`` when no single value is at fault.  Validation
 
 A 500 never carries a traceback: the exception is logged with the request line and the
 client is told to look at the service log.  A database that is down or busy gives 503 with
-``Retry-After``, since the same request will succeed later.
+``Retry-After``, since the same request will succeed later.  A database that refuses the data
+itself -- a value out of range or too long, a constraint it breaks: what the background
+writer rejects for good (:func:`bnwatch.store.writer.refused_by_database`) -- gives 422, since
+the same request would fail the same way: a sender retrying it (the HTTP sink retries 5xx)
+would hold every later window behind it.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bnwatch.schema import SCHEMA_VERSION
+from bnwatch.store.writer import refused_by_database
 
 logger = logging.getLogger("bnwatch.service")
 
@@ -165,6 +170,23 @@ def is_database_down(err: BaseException) -> bool:
     return isinstance(err, sa_exc.DBAPIError) and bool(err.connection_invalidated)
 
 
+def _first_line(err: BaseException) -> str:
+    """The first line of what the driver said (never SQLAlchemy's statement and parameters:
+    a window's arrays)."""
+    orig = getattr(err, "orig", None) or err
+    text = str(orig).strip()
+    return text.splitlines()[0][:200] if text else type(orig).__name__
+
+
+def data_refused(err: BaseException) -> ApiError:
+    """A 422 for data the database refused for good (sending it again cannot help)."""
+    return ApiError(
+        422,
+        f"the database refused the data ({_first_line(err)}); the request changed nothing, "
+        "and sending it again would fail the same way",
+    )
+
+
 def install(app: FastAPI) -> None:
     """Render every error of ``app`` as JSON of the documented shape."""
 
@@ -194,6 +216,14 @@ def install(app: FastAPI) -> None:
                 str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc),
             )
             return database_unavailable(exc).response()
+        if isinstance(exc, sa_exc.SQLAlchemyError) and refused_by_database(exc):
+            logger.warning(
+                "bnwatch service: %s %s: the database refused the data: %s",
+                request.method,
+                request.url.path,
+                _first_line(exc),
+            )
+            return data_refused(exc).response()
         logger.error(
             "bnwatch service: %s %s failed", request.method, request.url.path, exc_info=exc
         )

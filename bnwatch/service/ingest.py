@@ -7,10 +7,11 @@ the route runs it in a worker thread, never on the event loop.
 Order of work, so that a rejected request writes nothing:
 
 1. parse and validate the whole body (422 naming the first bad field, all listed in
-   ``details``);
+   ``details``), among it the bounds the store needs: window times in
+   [:data:`~bnwatch.wire.TIME_MIN`, :data:`~bnwatch.wire.TIME_MAX`), batch sizes whose
+   batches hold at most :data:`~bnwatch.wire.MAX_COUNT` samples in all;
 2. check what the store cannot hold although the wire format allows it -- NUL characters,
-   timestamps that overflow once converted to UTC, counts beyond the store's 32-bit count
-   columns -- (422);
+   counts beyond the store's 32-bit count columns -- (422);
 3. build every window's record (:func:`~bnwatch.wire.to_record`): the metrics its monitor
    computed, or -- for windows without them, or all windows with ``Settings.recompute`` --
    recomputed with the service's :class:`~bnwatch.drift.DriftConfig`; timestamps in UTC;
@@ -66,6 +67,7 @@ from bnwatch.store.repository import (
     ChannelMismatchError,
     RecalibrationInfo,
     Repository,
+    UnstorableWindowError,
     moments_equal,
 )
 from bnwatch.wire import (
@@ -112,12 +114,9 @@ def _check_text(field: str, value: str) -> None:
 
 def check_storable(window: WireWindow, index: int) -> None:
     """Reject what the wire format admits but the store cannot hold (422 naming the field)."""
-    where = f"windows.{index}"  # model, version and source were checked by the wire format
-    for name in ("start", "end"):
-        try:
-            getattr(window, name).astimezone(timezone.utc)
-        except OverflowError:
-            raise _invalid(f"{where}.{name}", "out of range once converted to UTC") from None
+    # model, version and source were checked by the wire format, and start and end too
+    # (bnwatch.wire.time_problem: they convert to UTC, and bucket arithmetic handles them)
+    where = f"windows.{index}"
     for name in _MONITOR_COUNTS:
         value = window.monitor.get(name)
         if value is not None and not (0 <= value <= MONITOR_COUNT_MAX and value == int(value)):
@@ -239,6 +238,8 @@ class Ingestor:
             inserted = self.repository.write_windows(records)
         except ChannelMismatchError as err:
             raise self._mismatch(err, unique) from None
+        except UnstorableWindowError as err:  # the wire's checks come first: a backstop
+            raise self._unstorable(err, unique) from None
         stored = self._stored(records, layer_counts, inserted, already)
         logger.debug(
             "bnwatch service: %d window(s) received, %d stored (%d layer rows)",
@@ -281,6 +282,22 @@ class Ingestor:
             layer = next((j for j, w in enumerate(window.layers) if w.layer == err.layer), None)
             field = f"windows.{index}" + (f".layers.{layer}.channels" if layer is not None else "")
         return ApiError(409, f"{err}; nothing was stored", field=field)
+
+    @staticmethod
+    def _unstorable(
+        err: UnstorableWindowError, unique: Sequence[tuple[int, WireWindow]]
+    ) -> ApiError:
+        field = None
+        if 0 <= err.index < len(unique):
+            index, window = unique[err.index]
+            field = f"windows.{index}"
+            if err.field.startswith("layers."):  # layers.<name>.batch_sizes
+                name = err.field[len("layers.") : -len(".batch_sizes")]
+                j = next((j for j, w in enumerate(window.layers) if w.layer == name), None)
+                field += f".layers.{j}.batch_sizes" if j is not None else ""
+            else:
+                field += f".{err.field}"
+        return ApiError(422, f"{err}; nothing was stored", field=field)
 
     def _stored_uids(self, records: Sequence[WindowRecord]) -> set[str]:
         """Uids of ``records`` already stored for their model version (read before writing)."""

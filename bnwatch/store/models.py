@@ -81,9 +81,11 @@ class Ref(Base):
 
     ``kind`` is ``running`` (the stored buffers when a monitor attached), ``profile``,
     ``warmup`` (a baseline estimated from the first production windows) or ``recalibrated``.
-    ``version`` counts references of one layer and kind; ``parent_id`` and ``lineage``
-    record where a reference came from (which alert, which data, which method).  Rows are
-    deduplicated by ``digest`` (SHA-256 of the arrays).
+    ``version`` orders references of one layer and kind, the newest highest; ``parent_id``
+    and ``lineage`` record where a reference came from (which alert, which data, which
+    method).  Rows are deduplicated by ``digest`` (SHA-256 of the arrays): a profile uploaded
+    again after another one takes the next version (and its time and lineage) on its old row,
+    so the newest profile is the one uploaded last.
     """
 
     __tablename__ = "refs"

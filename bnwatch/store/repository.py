@@ -70,7 +70,7 @@ from bnwatch.store.models import (
     Source,
     Window,
 )
-from bnwatch.wire import json_ready
+from bnwatch.wire import TIME_MAX, json_ready, measured_samples_problem, time_problem
 
 logger = logging.getLogger("bnwatch")
 
@@ -106,6 +106,43 @@ class ChannelMismatchError(ShapeError):
             f"layer {layer!r} of {model}@{version} has {stored} channels in the store but the "
             f"window has {found}; a changed architecture needs a new model version",
         )
+
+
+class UnstorableWindowError(BnwatchError, ValueError):
+    """A window the store cannot hold although its record is well formed: a start or end
+    outside the times the store's bucket arithmetic handles, a batch-size histogram whose
+    batches hold more samples than a window may (it would overflow the layer's running
+    totals).  The same rules as the wire format's (:func:`bnwatch.wire.time_problem`,
+    :func:`bnwatch.wire.measured_samples_problem`), for windows that come from a monitor in
+    the same process (the :class:`~bnwatch.store.writer.StoreSink`) rather than through the
+    service.  Raised before anything is written.
+
+    Attributes: ``index`` (which record of the batch), ``field`` (``start``, ``end`` or
+    ``layers.<layer>.batch_sizes``), ``uid``.
+    """
+
+    def __init__(self, index: int, record: WindowRecord, field: str, problem: str) -> None:
+        self.index = index
+        self.field = field
+        self.uid = record.uid
+        ValueError.__init__(
+            self, f"window {record.uid} of {record.model}@{record.version}: {problem}"
+        )
+
+
+def check_storable(records: Sequence[WindowRecord]) -> None:
+    """Raise :class:`UnstorableWindowError` for the first of ``records`` the store cannot
+    hold (see there); cheap: no array is read."""
+    for index, record in enumerate(records):
+        for name in ("start", "end"):
+            problem = time_problem(name, getattr(record, name))
+            if problem is not None:
+                raise UnstorableWindowError(index, record, name, problem)
+        for name, report in record.reports.items():
+            problem = measured_samples_problem(report.stats.batch_sizes)
+            if problem is not None:
+                field = f"layers.{name}.batch_sizes"
+                raise UnstorableWindowError(index, record, field, f"{field}: {problem}")
 
 
 class NoReservoirError(BnwatchError, LookupError):
@@ -511,9 +548,12 @@ class Repository:
         Raises:
             ChannelMismatchError: a layer's channel count differs from the stored layer
                 (attribute ``index`` on the error: which record); nothing is written.
+            UnstorableWindowError: a record the store cannot hold (:func:`check_storable`;
+                ``index`` too); nothing is written.
         """
         if not records:
             return 0
+        check_storable(records)
         new = _Ids()
         with self.engine.begin() as conn:
             resolved = []
@@ -701,27 +741,36 @@ class Repository:
         parent_id: int | None = None,
         reservoir: bytes | None = None,
         reservoir_seen: int | None = None,
+        renew: bool = False,
     ) -> int:
+        """The id of the layer's reference of ``kind`` with these arrays, stored as its newest
+        version when new.  References are deduplicated by digest, so arrays stored before
+        keep their row; with ``renew`` (a profile uploaded) that row becomes the newest
+        version again, with this upload's time and lineage -- otherwise re-uploading an
+        earlier profile (P1, P2, P1) left P2 the newest, served to every monitor."""
         digest = _digest(mean_var, moments or b"", reservoir or b"")
         key = (layer_id, kind, digest)
         found = self._ids.refs.get(key) or new.refs.get(key)
-        if found is not None:
+        if found is not None and not renew:
             return found
         # the next version is counted under a lock, so that two writers (a profile uploaded
         # while a monitor stores windows) cannot both take it: on PostgreSQL the layer's row
         # (FOR NO KEY UPDATE, which window inserts referencing it do not wait for), on SQLite
-        # the file's write lock, taken before the count is read
+        # the file's write lock, taken before the versions are read
         if conn.dialect.name == "postgresql":
             conn.execute(
                 sa.select(Layer.id).where(Layer.id == layer_id).with_for_update(key_share=True)
             )
         else:
             lock_for_writing(conn)
-        version = conn.execute(
-            sa.select(sa.func.count())
-            .select_from(Ref)
-            .where(Ref.layer_id == layer_id, Ref.kind == kind)
+        # the highest, not the count: a renewed reference skips versions
+        newest = conn.execute(
+            sa.select(sa.func.coalesce(sa.func.max(Ref.version), 0)).where(
+                Ref.layer_id == layer_id, Ref.kind == kind
+            )
         ).scalar_one()
+        version = int(newest) + 1
+        now = utcnow()
         _insert_ignore(
             conn,
             Ref.__table__,  # type: ignore[arg-type]
@@ -729,9 +778,9 @@ class Repository:
                 {
                     "layer_id": layer_id,
                     "kind": kind,
-                    "version": int(version) + 1,
+                    "version": version,
                     "digest": digest,
-                    "created_at": utcnow(),
+                    "created_at": now,
                     "eps": eps,
                     "mean_var": mean_var,
                     "moments": moments,
@@ -742,11 +791,23 @@ class Repository:
                 }
             ],
         )
-        ref_id = conn.execute(
-            sa.select(Ref.id).where(
+        ref_id, stored_version = conn.execute(
+            sa.select(Ref.id, Ref.version).where(
                 Ref.layer_id == layer_id, Ref.kind == kind, Ref.digest == digest
             )
-        ).scalar_one()
+        ).one()
+        if renew and stored_version < newest:  # stored before, and another one since
+            conn.execute(
+                sa.update(Ref)
+                .where(Ref.id == ref_id)
+                .values(
+                    version=version,
+                    created_at=now,
+                    eps=eps,
+                    lineage=dict(lineage) if lineage else None,
+                    reservoir_seen=reservoir_seen,
+                )
+            )
         new.refs[key] = int(ref_id)
         return int(ref_id)
 
@@ -865,6 +926,7 @@ class Repository:
                     },
                     reservoir=encode_arrays(lp.reservoir.rows, dtype="<f4"),
                     reservoir_seen=lp.reservoir.seen,
+                    renew=True,  # the profile uploaded last is the one served
                 )
         self._ids.models.update(new.models)
         self._ids.refs.update(new.refs)
@@ -1679,11 +1741,7 @@ class Repository:
         )
         out = []
         for name, depth, b, n, samples, *values in rows:
-            begins = (
-                datetime.fromtimestamp(int(b) * width, tz=timezone.utc)
-                if seconds is not None
-                else None
-            )
+            begins = utc_from_timestamp(int(b) * width) if seconds is not None else None
             floats = [None if v is None else float(v) for v in values]
             out.append((name, depth, begins, int(n), int(samples or 0), *floats))
         return names, out
@@ -2248,8 +2306,26 @@ def _check_metric_columns(columns: Sequence[str]) -> None:
         raise ValueError(f"unknown metric columns {unknown}; known: {list(METRIC_COLUMNS)}")
 
 
-_WHOLE_RANGE = float(2**37)
-"""A bucket length (about 4,355 years from the epoch) that puts every window in one bucket."""
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_WHOLE_RANGE = (TIME_MAX - _EPOCH).total_seconds()
+"""A bucket length that puts every window the store accepts in one bucket (from the epoch to
+:data:`~bnwatch.wire.TIME_MAX`, which Python can represent: 2**37 seconds put windows after
+year 6325 in a second bucket, ending in year 10680)."""
+_FIRST_TIMESTAMP = (datetime.min.replace(tzinfo=timezone.utc) - _EPOCH).total_seconds()
+_LAST_TIMESTAMP = (datetime.max.replace(tzinfo=timezone.utc) - _EPOCH).total_seconds() - 1.0
+
+
+def utc_from_timestamp(seconds: float) -> datetime:
+    """The UTC time ``seconds`` after the epoch, clamped to the times Python represents
+    (years 1 to 9999).  Bucket boundaries are computed in seconds: a bucket of a window stored
+    before the store bounded window times (year 1, year 9999), or of a coarse resolution
+    asked for, may begin or end outside that range -- a read or a compaction then raised
+    "year 10000 is out of range" instead of answering."""
+    if seconds <= _FIRST_TIMESTAMP:
+        return datetime.min.replace(tzinfo=timezone.utc)
+    if seconds >= _LAST_TIMESTAMP:
+        return datetime.max.replace(tzinfo=timezone.utc)
+    return datetime.fromtimestamp(seconds, tz=timezone.utc)
 
 
 def _seconds(resolution: timedelta | float) -> float:
@@ -2581,8 +2657,8 @@ def merge_groups(
             version=group[0].version,
             layer=layer.name,
             source=sources.pop() if len(sources) == 1 else "*",
-            start=datetime.fromtimestamp(b * seconds, tz=timezone.utc),
-            end=datetime.fromtimestamp((b + 1) * seconds, tz=timezone.utc),
+            start=utc_from_timestamp(b * seconds),
+            end=utc_from_timestamp((b + 1) * seconds),
             resolution_seconds=seconds,
             channels=report.channels,
             n_samples=report.n_samples,

@@ -14,7 +14,7 @@ import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -24,7 +24,12 @@ from bnwatch.codec import encode_moments
 from bnwatch.drift import DriftConfig
 from bnwatch.schema import as_utc, utcnow
 from bnwatch.store.models import Layer, Model, Source, Window
-from bnwatch.store.repository import Repository, merge_groups, reservoir_columns
+from bnwatch.store.repository import (
+    Repository,
+    merge_groups,
+    reservoir_columns,
+    utc_from_timestamp,
+)
 
 CHUNK_BUCKETS = 24
 """Buckets compacted per transaction (24 one-hour buckets: a day)."""
@@ -61,7 +66,7 @@ def compact(
     now = now or utcnow()
     dropped = drop_windows(engine, older_than=drop_older_than, now=now) if drop_older_than else 0
     cutoff_ts = math.floor((now - older_than).timestamp() / seconds) * seconds
-    cutoff = datetime.fromtimestamp(cutoff_ts, tz=timezone.utc)
+    cutoff = utc_from_timestamp(cutoff_ts)
     repo = Repository(engine)
     merged = created = 0
     with Session(engine) as conn:
@@ -73,15 +78,40 @@ def compact(
         ).all()
     for model_id, name, version, first_end in spans:
         cfg = repo.judging(name, version, config)
-        first = as_utc(first_end)
-        chunk_start = math.floor(first.timestamp() / seconds) * seconds - seconds
-        while chunk_start < cutoff_ts:
+        chunk_start: float | None = _bucket_before(first_end, seconds)
+        while chunk_start is not None and chunk_start < cutoff_ts:
             chunk_end = min(chunk_start + CHUNK_BUCKETS * seconds, cutoff_ts)
             m, c = _compact_chunk(repo, model_id, chunk_start, chunk_end, seconds, cfg)
             merged += m
             created += c
-            chunk_start = chunk_end
+            # on to the next window: a gap (months without traffic, a window stored in year 1
+            # before times were bounded) is skipped, not walked a chunk at a time
+            after = _next_end(engine, model_id, chunk_end, cutoff, seconds)
+            chunk_start = None if after is None else max(chunk_end, after)
     return CompactResult(merged, created, dropped)
+
+
+def _bucket_before(end: datetime, seconds: float) -> float:
+    """The start of the chunk whose first bucket holds a window ending at ``end`` (a window
+    ending on a boundary belongs to the bucket it closes)."""
+    return math.floor(as_utc(end).timestamp() / seconds) * seconds - seconds
+
+
+def _next_end(
+    engine: Engine, model_id: int, after_ts: float, cutoff: datetime, seconds: float
+) -> float | None:
+    """:func:`_bucket_before` the first window to compact that ends after ``after_ts``
+    (``None``: there is none before the cutoff)."""
+    with Session(engine) as conn:
+        end = conn.execute(
+            sa.select(sa.func.min(Window.end)).where(
+                Window.model_id == model_id,
+                Window.end > utc_from_timestamp(after_ts),
+                Window.end <= cutoff,
+                Window.resolution_seconds < seconds,
+            )
+        ).scalar_one_or_none()
+    return None if end is None else _bucket_before(end, seconds)
 
 
 def _compact_chunk(
@@ -93,8 +123,8 @@ def _compact_chunk(
     config: DriftConfig,
 ) -> tuple[int, int]:
     """One transaction: merge the windows ending in ``(start, end]`` and replace them."""
-    start = datetime.fromtimestamp(start_ts, tz=timezone.utc)
-    end = datetime.fromtimestamp(end_ts, tz=timezone.utc)
+    start = utc_from_timestamp(start_ts)
+    end = utc_from_timestamp(end_ts)
     with Session(repo.engine) as conn, conn.begin():
         model = conn.execute(sa.select(Model).where(Model.id == model_id)).scalar_one()
         rows = conn.execute(

@@ -6,13 +6,14 @@ A daemon thread takes up to ``batch_size`` windows at a time and stores them in 
 transaction.  A database that is down at start or goes away mid-run is retried with
 exponential backoff and logged; inference is unaffected.  A window the database refuses for
 good -- a value that does not fit its column (a name longer than 200 characters, an integer
-out of range), a constraint it breaks, a channel count that differs from the stored layer's --
-is not retried: a batch it is in is split in halves, each stored in a transaction of its own,
-down to the windows refused, which are counted as ``rejected`` and logged one by one; every
-other window of the batch is stored.  ``close()`` drains the queue (waiting at most
-``timeout`` seconds), so a clean shutdown loses nothing; whatever is still undelivered when
-the timeout expires is counted as dropped and logged, and so is a window written after
-``close()``.
+out of range), a constraint it breaks, a channel count that differs from the stored layer's,
+what the repository refuses before writing (:class:`UnstorableWindowError`: a time out of
+range, more measured samples than a window may hold) -- is not retried: a batch it is in is
+split in halves, each stored in a transaction of its own, down to the windows refused, which
+are counted as ``rejected`` and logged one by one; every other window of the batch is
+stored.  ``close()`` drains the queue (waiting at most ``timeout`` seconds), so a clean
+shutdown loses nothing; whatever is still undelivered when the timeout expires is counted as
+dropped and logged, and so is a window written after ``close()``.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from bnwatch.schema import WindowRecord
 from bnwatch.sink import QUEUE_BYTES, WindowQueue
 from bnwatch.store.engine import SchemaError, parse_url, redacted
 from bnwatch.store.migrate import engine_for
-from bnwatch.store.repository import ChannelMismatchError, Repository
+from bnwatch.store.repository import ChannelMismatchError, Repository, UnstorableWindowError
 
 logger = logging.getLogger("bnwatch")
 
@@ -62,6 +63,16 @@ def _refused(err: BaseException) -> bool:
     whatever its error, pool timeouts, and :class:`SchemaError` -- those are retried."""
     if isinstance(err, SchemaError):
         return False
+    if isinstance(err, SQLAlchemyError):
+        return refused_by_database(err)
+    return True
+
+
+def refused_by_database(err: SQLAlchemyError) -> bool:
+    """Whether a database error is the database (or the driver) refusing the data itself --
+    the part of :func:`_refused` about database errors, shared with the service, which
+    answers such an error with a 422 (the HTTP sink then rejects the window instead of
+    retrying it) where this writer rejects the window."""
     if isinstance(err, DBAPIError):
         if err.connection_invalidated:
             return False
@@ -71,7 +82,7 @@ def _refused(err: BaseException) -> bool:
         return isinstance(sqlstate, str) and sqlstate[:2] in _REFUSED_SQLSTATE_CLASSES
     if isinstance(err, StatementError):  # raised before the database saw the statement
         return isinstance(err.orig, (ValueError, TypeError, OverflowError))
-    return not isinstance(err, SQLAlchemyError)
+    return False
 
 
 def _reason(err: BaseException) -> str:
@@ -343,7 +354,9 @@ class StoreSink:
         on its own, down to single windows: one refused window costs about ``2 log2(n)``
         transactions of an ``n``-window batch, and every other window is stored, with no row
         of the refused one (each attempt is one transaction, rolled back whole).  A channel-count
-        mismatch says which window it is (``index``): that one alone is taken out at once.
+        mismatch, or a window the store cannot hold (:class:`UnstorableWindowError`: a time
+        out of range, more measured samples than a window may hold), says which window it is
+        (``index``): that one alone is taken out at once.
         """
         if self._repo is None:
             engine = self._engine or engine_for(self.url, create=self._create)
@@ -353,7 +366,7 @@ class StoreSink:
             part = parts[0]
             try:
                 self._repo.write_windows(part)
-            except ChannelMismatchError as err:
+            except (ChannelMismatchError, UnstorableWindowError) as err:
                 index = getattr(err, "index", 0)
                 parts[0] = part[:index] + part[index + 1 :]
                 if not parts[0]:

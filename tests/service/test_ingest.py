@@ -207,6 +207,13 @@ def _with_moments(body: dict[str, Any], layer: int, field: str, value: float) ->
     return edited(body, f"windows.0.layers.{layer}.moments", b64(arrays))
 
 
+def _huge_batches(body: dict[str, Any], layer: int, size: int, count: int) -> dict[str, Any]:
+    """``body`` whose layer ``layer`` of window 0 measured ``count`` batches of ``size``."""
+    at = f"windows.0.layers.{layer}"
+    body = edited(body, f"{at}.batch_sizes", {str(size): count})
+    return edited(edited(body, f"{at}.n_batches", count), f"{at}.batches_seen", count)
+
+
 def _huge_blob(rows: int, cols: int) -> str:
     """A moments blob of ``rows`` constant arrays whose header claims ``cols`` channels: a
     few hundred bytes that would decode to ``rows * cols`` float64."""
@@ -292,6 +299,30 @@ REJECTED: dict[str, tuple[Callable[[dict[str, Any]], dict[str, Any]], int, str, 
         422,
         "windows.0.start",
         "out of range",
+    ),
+    "a window in year 1": (  # accepted, then hourly reads and compaction failed
+        lambda b: edited(
+            edited(b, "windows.0.start", "0001-01-01T00:00:00+00:00"),
+            "windows.0.end",
+            "0001-01-01T00:01:00+00:00",
+        ),
+        422,
+        "windows.0.start",
+        "must be from 1970-01-01T00:00:00+00:00 to before 9000-01-01T00:00:00+00:00: "
+        "0001-01-01T00:00:00+00:00 is out of range",
+    ),
+    "a window ending in year 9000": (
+        lambda b: edited(b, "windows.0.end", "9000-01-01T00:00:00+00:00"),
+        422,
+        "windows.0.end",
+        "9000-01-01T00:00:00+00:00 is out of range",
+    ),
+    "measured batches holding more samples than a window may": (  # overflowed the totals
+        lambda b: _huge_batches(b, 1, 2**31 - 1, 2**31 - 1),
+        422,
+        "windows.0.layers.1.batch_sizes",
+        "the measured batches hold 4611686014132420609 samples (sum of size x count), more "
+        "than the 2147483647 one window may hold",
     ),
     "a blob header claiming a huge shape": (  # was a MemoryError: 500, retried forever
         lambda b: edited(b, "windows.0.layers.0.moments", _huge_blob(13, 2**31)),
@@ -438,3 +469,25 @@ def test_float_precision_of_statistics_survives(client: TestClient, engine: Engi
         sent = record.reports[w.layer].stats.moments
         for a, b in zip(sent.as_arrays(), w.stats.moments.as_arrays(), strict=True):
             np.testing.assert_array_equal(a, b)
+
+
+def test_a_window_overflowing_the_totals_is_refused_and_the_next_ones_stored(
+    client: TestClient, engine: Engine
+) -> None:
+    """2**31-1 batches of 2**31-1 samples each fit the wire's bounds, but not the 64-bit total
+    of measured samples: on PostgreSQL the third such window failed with 500 (retried by the
+    HTTP sink forever, every later window queued behind it), on SQLite the total became a
+    float.  Each is refused with 422 before anything is written; the totals stay exact."""
+    mon = Monitor()
+    assert post(client, mon.body(1)).status_code == 200
+    before = row_counts(engine)
+    totals = Repository(engine).totals()
+    for _ in range(3):
+        answer = post(client, _huge_batches(mon.body(1), 0, 2**31 - 1, 2**31 - 1))
+        assert answer.status_code == 422, answer.text
+        assert error_of(answer)["field"] == "windows.0.layers.0.batch_sizes"
+    assert row_counts(engine) == before
+    assert Repository(engine).totals() == totals
+    assert post(client, mon.body(1)).json() == {"received": 1, "stored": 1, "duplicates": 0}
+    samples = {t.layer: t.measured_samples for t in Repository(engine).totals()}
+    assert samples == {t.layer: 2 * t.measured_samples for t in totals}

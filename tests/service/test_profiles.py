@@ -13,14 +13,16 @@ from typing import Any
 
 import numpy as np
 import pytest
+import sqlalchemy as sa
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy.engine import Engine
 
 from bnwatch.codec import encode_arrays
 from bnwatch.schema import Profile
+from bnwatch.store.models import Ref
 from bnwatch.store.repository import Repository
-from bnwatch.wire import profile_body
+from bnwatch.wire import WireProfile, profile_body, to_profile
 from tests.service.helpers import AUTH, TOKEN, Monitor, b64, edited, row_counts
 from tests.service.profile_helpers import (
     MODEL,
@@ -103,6 +105,43 @@ def test_sending_the_same_profile_again_stores_nothing(
     loaded = Repository(engine).load_profile(MODEL, VERSION)
     assert loaded is not None
     assert same_bits(loaded.layers["1"].reservoir.rows, other.layers["1"].reservoir.rows)
+
+
+def test_an_earlier_profile_uploaded_again_is_the_one_served(
+    client: TestClient, engine: Engine
+) -> None:
+    """P1, then P2, then P1 again: the third upload found P1's references by digest and left
+    them at their old versions, so P2 -- the highest version -- was served by GET .../profile
+    and bnwatch.load_profile.  The re-uploaded references become the newest again, with no
+    row added."""
+    p1, p2 = tiny_profile(seed=0, reservoir_size=64), tiny_profile(seed=1, reservoir_size=64)
+    first = post(client, profile_body(p1)).json()["references"]
+    post(client, profile_body(p2))
+    before = row_counts(engine)
+    again = post(client, profile_body(p1))
+    assert again.status_code == 200, again.text
+    assert again.json()["references"] == first
+    assert row_counts(engine) == before
+    assert_stored_exactly(engine, p1, first)
+
+    answer = client.get(f"/api/v1/models/{MODEL}/versions/{VERSION}/profile")
+    assert answer.status_code == 200, answer.text
+    served = to_profile(WireProfile.model_validate(answer.json()))
+    loaded = Repository(engine).load_profile(MODEL, VERSION)
+    assert loaded is not None
+    for got in (served, loaded):
+        for name, lp in p1.layers.items():
+            assert same_bits(got.layers[name].stats.moments.mean, lp.stats.moments.mean)
+            assert same_bits(got.layers[name].reservoir.rows, lp.reservoir.rows)
+    with engine.connect() as conn:
+        versions = conn.execute(
+            sa.select(Ref.id, Ref.version).where(Ref.kind == "profile").order_by(Ref.id)
+        ).all()
+    # per layer: P1 was version 1, P2 version 2; P1 uploaded again is version 3
+    assert [v for _, v in versions] == [3, 3, 2, 2]
+    assert post(client, profile_body(p1)).json()["references"] == first  # the newest already
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.max(Ref.version))).scalar_one() == 3
 
 
 def test_the_documented_example_is_accepted(client: TestClient, engine: Engine) -> None:

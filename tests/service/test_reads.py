@@ -284,6 +284,45 @@ def test_an_unavailable_database_is_503_with_retry_after(
     assert error_of(answer, 503)["message"].endswith("retry later")
 
 
+@pytest.mark.parametrize(
+    "error",
+    [
+        sa.exc.DataError("INSERT INTO layer_totals ...", {}, Exception("bigint out of range")),
+        sa.exc.IntegrityError("INSERT INTO windows ...", {}, Exception("bigint out of range")),
+        sa.exc.StatementError(  # sqlite3 binding an integer beyond 64 bits
+            "bigint out of range", "INSERT INTO windows ...", {}, OverflowError("too large")
+        ),
+    ],
+    ids=["DataError", "IntegrityError", "unbindable"],
+)
+def test_data_the_database_refuses_is_422_not_500(
+    app: FastAPI,
+    client: TestClient,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: Any,
+    error: sa.exc.StatementError,
+) -> None:
+    """A window the database refused (an out-of-range value) was a 500, which the HTTP sink
+    retries forever, every later window waiting behind it.  The background writer rejects
+    such a window for good; the service says 422, which the sink rejects too."""
+
+    def refusing(*args: Any, **kwargs: Any) -> None:
+        raise error
+
+    monkeypatch.setattr(app.state.bnwatch.repository, "write_windows", refusing)
+    with caplog.at_level(logging.WARNING, logger="bnwatch.service"):
+        answer = client.post(ENDPOINT, json=Monitor().body(1), headers=AUTH)
+    error_ = error_of(answer, 422)
+    first = str(error.orig)
+    assert error_ == {
+        "message": f"the database refused the data ({first}); the request changed nothing, "
+        "and sending it again would fail the same way",
+        "field": None,
+    }
+    assert "INSERT" not in answer.text and "Traceback" not in caplog.text
+    assert f"POST {ENDPOINT}: the database refused the data: {first}" in caplog.text
+
+
 def test_healthz(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
     from bnwatch.service.routes import health
     from bnwatch.store.migrate import head_revision

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
-from datetime import timedelta, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import numpy as np
@@ -19,7 +20,8 @@ import torch
 
 import bnwatch
 from bnwatch.codec import encode_moments
-from bnwatch.errors import ConfigError
+from bnwatch.errors import BnwatchError, ConfigError
+from bnwatch.schema import WindowRecord
 from bnwatch.sink import MemorySink
 from bnwatch.store import repository
 from bnwatch.store.engine import create_engine
@@ -28,6 +30,7 @@ from bnwatch.store.models import Window
 from bnwatch.store.repository import (
     ChannelMismatchError,
     Repository,
+    UnstorableWindowError,
     _insert_claimed,
     moments_equal,
     window_row,
@@ -388,6 +391,80 @@ def test_a_channel_mismatch_rejects_the_whole_batch(repo: Repository) -> None:
     assert "layer '1' of cnn@1 has 6 channels in the store but the window has 9" in str(err)
     assert err.index == 1  # type: ignore[attr-defined]
     assert repo.window_count() == 3  # nothing of the rejected batch was written
+
+
+M = 2**31 - 1
+
+
+def with_batch_sizes(record: WindowRecord, sizes: dict[int, int]) -> WindowRecord:
+    """A copy (fresh uid) whose second layer measured batches of ``sizes``."""
+    name = list(record.reports)[1]
+    report = record.reports[name]
+    n = sum(sizes.values())
+    stats = dataclasses.replace(report.stats, batch_sizes=sizes, n_batches=n, batches_seen=n)
+    reports = {**record.reports, name: dataclasses.replace(report, stats=stats)}
+    return renamed(record, reports=reports)
+
+
+def at(record: WindowRecord, start: str, end: str) -> WindowRecord:
+    return renamed(record, start=datetime.fromisoformat(start), end=datetime.fromisoformat(end))
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "words"),
+    [
+        (
+            lambda r: with_batch_sizes(r, {M: M}),  # each fits; 2**62 samples in all do not
+            "layers.4.batch_sizes",
+            "layers.4.batch_sizes: the measured batches hold 4611686014132420609 samples "
+            "(sum of size x count), more than the 2147483647 one window may hold",
+        ),
+        (
+            lambda r: at(r, "0001-01-01T00:00:00+00:00", "0001-01-01T00:01:00+00:00"),
+            "start",
+            "start must be from 1970-01-01T00:00:00+00:00 to before 9000-01-01T00:00:00+00:00: "
+            "0001-01-01T00:00:00+00:00 is out of range",
+        ),
+        (
+            lambda r: at(r, "8999-12-31T23:00:00+00:00", "9000-01-01T00:00:00+00:00"),
+            "end",
+            "end must be from 1970-01-01T00:00:00+00:00 to before 9000-01-01T00:00:00+00:00: "
+            "9000-01-01T00:00:00+00:00 is out of range",
+        ),
+    ],
+    ids=["measured samples", "year 1", "year 9000"],
+)
+def test_a_window_the_store_cannot_hold_is_refused_before_anything_is_written(
+    repo: Repository, change: Any, field: str, words: str
+) -> None:
+    """A window of 2**31-1 batches of 2**31-1 samples overflowed layer_totals.measured_samples
+    (PostgreSQL: every later window of the layer failed; SQLite: the total became a float);
+    windows stamped in year 1 or 9999 were stored and then broke merged reads and
+    compaction.  Windows written directly (a StoreSink) are held to the wire's rules."""
+    good = record_windows(2)
+    repo.write_windows(good[:1])
+    totals = repo.totals()
+    bad = change(good[1])
+    with pytest.raises(UnstorableWindowError) as info:
+        repo.write_windows([renamed(good[1]), bad])
+    err = info.value
+    assert isinstance(err, BnwatchError)
+    assert (err.index, err.field, err.uid) == (1, field, bad.uid)
+    assert str(err) == f"window {bad.uid} of cnn@1: {words}"
+    assert repo.window_count() == 3  # nothing of the batch was written
+    assert repo.totals() == totals
+
+
+def test_the_largest_measured_samples_a_window_may_hold_are_stored_exactly(
+    repo: Repository,
+) -> None:
+    record = with_batch_sizes(record_windows(1)[0], {M - 1: 1, 1: 1})  # 2**31-1 samples
+    repo.write_windows([record, with_batch_sizes(record, {M: 1})])
+    (totals,) = [t for t in repo.totals() if t.layer == "4"]
+    assert totals.measured_samples == 2 * M
+    assert isinstance(totals.measured_samples, int)  # not a float, on SQLite either
+    buckets: dict[int | None, int] = {b: 0 for b in (2, 4, 8, 16, 32, 64, 128, 256)}
+    assert dict(totals.batch_size_buckets) == {**buckets, 1: 1, None: 2}
 
 
 def test_time_range_and_exact_merges_to_a_coarser_resolution(repo: Repository) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import torch
 import bnwatch
 from bnwatch.cli import main
 from bnwatch.schema import WindowRecord
+from bnwatch.store import repository, rollup
 from bnwatch.store.migrate import engine_for
 from bnwatch.store.repository import Repository
 from bnwatch.store.rollup import compact
@@ -222,3 +224,46 @@ def test_cli_rejects_bad_durations(
         main(["db", "compact", "--older-than", text])
     assert info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_windows_stored_before_times_were_bounded_merge_and_compact(
+    repo: Repository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Windows stamped in year 1 and year 9999 (stored before the store bounded window times)
+    broke hourly reads ("year 10000 is out of range") and compaction ("year 0 is out of
+    range"): bucket boundaries outside Python's datetimes are clamped to them.  Compaction
+    skips the two thousand years between an ancient window and the others instead of walking
+    them a day at a time."""
+    monkeypatch.setattr(repository, "check_storable", lambda records: None)
+    first, second, third = record_windows(3)
+    ancient = at(first, datetime(1, 1, 1, tzinfo=timezone.utc), minutes=1)
+    future = at(second, datetime(9999, 12, 31, 23, tzinfo=timezone.utc), minutes=30)
+    old = at(third, NOW - timedelta(days=2, hours=3))
+    repo.write_windows([ancient, future, old])
+    hourly = repo.windows("cnn", "1", resolution=3600)
+    assert [(w.start, w.end) for w in hourly if w.layer == "1"] == [
+        (datetime(1, 1, 1, tzinfo=timezone.utc), datetime(1, 1, 1, 1, tzinfo=timezone.utc)),
+        (old.start.replace(minute=0), old.start.replace(minute=0) + timedelta(hours=1)),
+        (future.start, datetime.max.replace(tzinfo=timezone.utc)),  # clamped
+    ]
+    names, rows = repo.metric_buckets("cnn", "1", seconds=3600, columns=("kl_mean",))
+    starts = sorted(r[names.index("bucket_start")] for r in rows if r[0] == "1")
+    assert starts[1:] == [old.start.replace(minute=0), future.start]
+    assert starts[0] <= datetime(1, 1, 1, 1, tzinfo=timezone.utc)  # clamped to year 1
+
+    chunks: list[float] = []
+    compact_chunk = rollup._compact_chunk
+
+    def counted(*args: Any) -> tuple[int, int]:
+        chunks.append(args[2])
+        return compact_chunk(*args)
+
+    monkeypatch.setattr(rollup, "_compact_chunk", counted)
+    result = compact(
+        repo.engine, older_than=timedelta(days=1), resolution=timedelta(hours=1), now=NOW
+    )
+    assert (result.windows_merged, result.windows_created) == (6, 6)
+    assert len(chunks) == 2  # the chunk of year 1, then the one of two days ago
+    after = repo.windows("cnn", "1")
+    assert sorted(w.resolution_seconds for w in after) == [0.0] * 3 + [3600.0] * 6
+    assert min(w.start for w in after) == datetime(1, 1, 1, tzinfo=timezone.utc)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 import time
 from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -325,6 +327,42 @@ def test_a_window_the_database_refuses_for_good_is_rejected_and_the_rest_stored(
         (message,) = [m for m in caplog.messages if record.uid in m]
         assert "cnn@1" in message and "the value does not fit" in message
     assert len(attempts) < 20  # bisected: 3 batches and about 2 log2(4) attempts per refusal
+
+
+def test_windows_the_store_cannot_hold_are_rejected_before_any_row_is_written(
+    db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A window written through the StoreSink is held to the wire's rules: one whose batches
+    hold more samples than a window may (2**31-1 batches of 2**31-1: on PostgreSQL the running
+    total overflowed, on SQLite it silently became a float) or stamped outside [1970, 9000)
+    is rejected, with the rule it breaks, and its neighbours are stored whole."""
+    good = record_windows(4)
+    first = good[0].reports["4"]
+    m = 2**31 - 1
+    stats = dataclasses.replace(first.stats, batch_sizes={m: m}, n_batches=m, batches_seen=m)
+    reports = {**good[0].reports, "4": dataclasses.replace(first, stats=stats)}
+    huge = renamed(good[0], reports=reports)
+    ancient = renamed(
+        good[0],
+        start=datetime(1, 1, 1, tzinfo=timezone.utc),
+        end=datetime(1, 1, 1, 0, 1, tzinfo=timezone.utc),
+    )
+    stream = [good[0], huge, good[1], ancient, *good[2:]]
+    with caplog.at_level(logging.ERROR, logger="bnwatch"):
+        stats_ = write_settled(db_url, stream, batch_size=8)
+    assert (stats_.written, stats_.rejected, stats_.dropped, stats_.failures) == (4, 2, 0, 0)
+    assert stored_uids(db_url) == {r.uid: 3 for r in good}
+    (message,) = [m for m in caplog.messages if huge.uid in m]
+    assert "layers.4.batch_sizes: the measured batches hold 4611686014132420609 samples" in message
+    (message,) = [m for m in caplog.messages if ancient.uid in m]
+    assert "start must be from 1970-01-01T00:00:00+00:00" in message
+    engine = engine_for(db_url)
+    try:
+        totals = {t.layer: t for t in Repository(engine).totals()}
+    finally:
+        engine.dispose()
+    assert totals["4"].windows == 4
+    assert totals["4"].measured_samples == 4 * 16  # four windows of four batches of four
 
 
 @pytest.mark.parametrize("error", [OperationalError, InterfaceError, ProgrammingError])
