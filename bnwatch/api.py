@@ -241,10 +241,11 @@ def watch(
             forwards (``mon.kept_inputs()``, with when they arrived), e.g. to recalibrate on
             recent production data: the samples of the one tensor the forward is called with
             (positional, or ``model(pixel_values=x)``), or else the whole calls (a dict, a list
-            of images, several tensors, a tensor and options), replayed as they came and
-            joined into batches where they have the same form.  A call that cannot be kept
-            (its samples cannot be counted, or outnumber ``keep_inputs``) is skipped, and the
-            first one says so in a warning.  They cost their size in memory: 1,024
+            of images, several tensors, a tensor and options), their samples counted at the
+            first BatchNorm layer, replayed as they came and joined into batches where they
+            have the same form.  A call that cannot be kept (more samples than
+            ``keep_inputs``, or no BatchNorm layer reached) is skipped, and the first one says
+            so in a warning.  They cost their size in memory: 1,024
             ImageNet inputs (3 x 224 x 224 float32) are 617 MB.
         reservoir: per layer and window, keep a uniform sample of at most this many
             per-sample channel means (float32 ``[k, C]``; 0 keeps none; ``None``, the

@@ -127,21 +127,27 @@ def _length(x: Any) -> int | None:
     return None
 
 
-def map_tensors(batch: Any, fn: Callable[[Any], Any]) -> Any:
+def map_tensors(
+    batch: Any, fn: Callable[[Any], Any], other: Callable[[Any], Any] | None = None
+) -> Any:
     """``batch`` with ``fn`` applied to every tensor in it -- nested in tuples (named ones
-    too), lists, mappings (which come back as dicts) and :class:`ModelCall` -- and anything
-    else as it is."""
-    if isinstance(batch, ModelCall):
-        return ModelCall(map_tensors(batch.args, fn), map_tensors(batch.kwargs, fn), batch.samples)
-    if isinstance(batch, Mapping):
-        return {key: map_tensors(value, fn) for key, value in batch.items()}
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a named tuple
-        return type(batch)(*(map_tensors(value, fn) for value in batch))
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(map_tensors(value, fn) for value in batch)
-    if hasattr(batch, "device") and callable(getattr(batch, "to", None)):  # a tensor
-        return fn(batch)
-    return batch
+    too), lists, mappings (which come back as dicts) and :class:`ModelCall` -- and ``other``
+    (if given) to everything else in it, which is otherwise kept as it is."""
+
+    def walk(x: Any) -> Any:
+        if isinstance(x, ModelCall):
+            return ModelCall(walk(x.args), walk(x.kwargs), x.samples)
+        if isinstance(x, Mapping):
+            return {key: walk(value) for key, value in x.items()}
+        if isinstance(x, tuple) and hasattr(x, "_fields"):  # a named tuple
+            return type(x)(*(walk(value) for value in x))
+        if isinstance(x, (tuple, list)):
+            return type(x)(walk(value) for value in x)
+        if hasattr(x, "device") and callable(getattr(x, "to", None)):  # a tensor
+            return fn(x)
+        return x if other is None else other(x)
+
+    return walk(batch)
 
 
 def to_device(batch: Any, device: Any) -> Any:

@@ -43,6 +43,7 @@ import logging
 import math
 import os
 import socket
+import sys
 import threading
 import time
 import weakref
@@ -68,7 +69,7 @@ from bnwatch.errors import (
     check_positive_int,
     python_number,
 )
-from bnwatch.inputs import Forward, ModelCall, count_samples, map_tensors, replay
+from bnwatch.inputs import Forward, ModelCall, map_tensors, replay
 from bnwatch.schema import (
     MAX_NAME_LENGTH,
     LayerReport,
@@ -212,14 +213,17 @@ class InputRing:
     kept with it: :attr:`KeptInputs.key`) -- goes to a preallocated ring written with
     ``index_copy_``: no per-batch allocation and no host/device synchronization.  Any other
     forward (a dict, a list of images, several tensors, a tensor and options) is kept as a
-    whole call (:class:`~bnwatch.inputs.ModelCall`, its tensors copied): the most recent calls
-    whose samples add up to at most ``capacity``, so that a recalibration replays them as the
-    model was called.  A call that cannot be kept (no sample count, or more samples than the
-    ring holds) is skipped, and the first one says why in a warning: nothing to recalibrate on
-    would otherwise surface only when a triggered recalibration failed.  Inputs of another
-    kind, shape, dtype, device or keyword restart the ring.  The time each sample arrived is
-    kept on the host beside it (a recalibration's lineage says which production data it was
-    estimated on).
+    whole call (:class:`~bnwatch.inputs.ModelCall`): :meth:`add_call` copies its arguments
+    before the forward runs (:class:`PendingCall`), the forward's first BatchNorm input says
+    how many samples it held, and :meth:`commit` keeps it -- the most recent calls whose
+    samples add up to at most ``capacity``, replayed as the model was called.  A tensor
+    passed as the same object, unchanged, call after call (a table, prototypes) is copied
+    once and shared.  A call of more samples than the ring holds (or one that reached no
+    BatchNorm layer) is skipped, and the first one says why in a warning: nothing to
+    recalibrate on would otherwise surface only when a triggered recalibration failed.
+    Inputs of another kind, shape, dtype, device or keyword restart the ring.  The time each
+    sample arrived is kept on the host beside it (a recalibration's lineage says which
+    production data it was estimated on).
     """
 
     def __init__(self, capacity: int, model_name: str = "the model") -> None:
@@ -234,17 +238,22 @@ class InputRing:
         self._filled = 0
         self._calls: collections.deque[tuple[ModelCall, float]] = collections.deque()
         self._call_samples = 0
+        # the tensors of the last call copied: (the caller's, its version, our copy)
+        self._sources: list[tuple[weakref.ref[torch.Tensor], int, torch.Tensor]] = []
 
-    def add_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """Keep the inputs of a forward called with ``args`` and ``kwargs``."""
+    def add_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> PendingCall | None:
+        """Keep the inputs of a forward called with ``args`` and ``kwargs``: at once for one
+        tensor, or as the returned :class:`PendingCall` for :meth:`commit` once the forward
+        has said how many samples the call held."""
         if len(args) == 1 and not kwargs and _batch_tensor(args[0]):
             self.add(args[0])
         elif not args and len(kwargs) == 1 and _batch_tensor(x := next(iter(kwargs.values()))):
             self.add(x, key=next(iter(kwargs)))
         elif args or kwargs:
-            self._add_whole(args, kwargs)
+            return PendingCall(self._copy(args, kwargs), time.time())
         else:
             self._warn("no arguments")
+        return None
 
     def add(self, x: torch.Tensor, key: str | None = None) -> None:
         """Keep the samples of ``x``, the forward's only argument (with ``key``: its only,
@@ -281,27 +290,45 @@ class InputRing:
             self._next = (self._next + n) % self.capacity
             self._filled = min(self.capacity, self._filled + n)
 
-    def _add_whole(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        try:
-            n = count_samples(args if args else kwargs)  # args: as a loader item
-        except ConfigError:
-            what = f"a {type(args[0]).__name__}" if args else f"the keywords {sorted(kwargs)}"
-            self._warn(f"{what} whose samples cannot be counted")
+    def _copy(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> ModelCall:
+        """A copy of a call's arguments: tensors cloned (usable outside inference mode, as
+        the ring is) -- or shared with the last call's copy when passed as the same tensor,
+        unchanged -- and numpy arrays copied; options as they are."""
+        previous, sources = self._sources, []
+
+        def copy(t: torch.Tensor) -> torch.Tensor:
+            version = -1 if t.is_inference() else t._version  # inference tensors have none
+            shared = (c for r, v, c in previous if version >= 0 and v == version and r() is t)
+            kept = next(shared, None)
+            if kept is None:
+                with torch.inference_mode(False):
+                    kept = t.detach().clone()
+            if version >= 0:
+                sources.append((weakref.ref(t), version, kept))
+            return kept
+
+        call: ModelCall = map_tensors(ModelCall(args, kwargs), copy, other=_copy_array)
+        self._sources = sources
+        return call
+
+    def commit(self, pending: PendingCall) -> None:
+        """Keep a call :meth:`add_call` copied, now that its forward has run."""
+        n = pending.samples
+        if n is None:
+            self._warn("arguments that reached no BatchNorm layer")
             return
         if n == 0:
             return
         if n > self.capacity:
             self._warn(f"{n} samples in one call, more than keep_inputs={self.capacity}")
             return
-        now = time.time()
-        with torch.inference_mode(False):  # usable outside inference mode, as the ring is
-            call = map_tensors(ModelCall(args, kwargs, n), lambda t: t.detach().clone())
+        call = dataclasses.replace(pending.call, samples=n)
         with self._lock:
             if self._buffer is not None:  # the ring held single tensors: restart it
                 self._buffer = None
                 self._key = None
                 self._next = self._filled = 0
-            self._calls.append((call, now))
+            self._calls.append((call, pending.arrived))
             self._call_samples += n
             while self._call_samples > self.capacity:
                 old, _ = self._calls.popleft()
@@ -324,26 +351,51 @@ class InputRing:
         with self._lock:
             if self._calls:
                 times = [t for _, t in self._calls]
-                return KeptInputs(
-                    inputs=None,
-                    first_at=_utc(min(times)),
-                    last_at=_utc(max(times)),
-                    calls=tuple(call for call, _ in self._calls),
-                )
-            if self._buffer is None or self._filled == 0:
+                calls = [call for call, _ in self._calls]
+            elif self._buffer is None or self._filled == 0:
                 return None
-            if self._filled < self.capacity:
-                inputs = self._buffer[: self._filled].clone()
-                arrived = self._arrived[: self._filled]
             else:
-                inputs = torch.cat([self._buffer[self._next :], self._buffer[: self._next]])
-                arrived = self._arrived
-            return KeptInputs(
-                inputs=inputs,
-                first_at=_utc(float(arrived.min())),
-                last_at=_utc(float(arrived.max())),
-                key=self._key,
-            )
+                if self._filled < self.capacity:
+                    inputs = self._buffer[: self._filled].clone()
+                    arrived = self._arrived[: self._filled]
+                else:
+                    inputs = torch.cat([self._buffer[self._next :], self._buffer[: self._next]])
+                    arrived = self._arrived
+                return KeptInputs(
+                    inputs=inputs,
+                    first_at=_utc(float(arrived.min())),
+                    last_at=_utc(float(arrived.max())),
+                    key=self._key,
+                )
+        # copies, outside the lock: what a recalibration does to them (a model that changes
+        # its input in place) must not reach what is kept; a shared tensor stays shared
+        memo: dict[int, torch.Tensor] = {}
+
+        def clone(t: torch.Tensor) -> torch.Tensor:
+            if id(t) not in memo:
+                memo[id(t)] = t.clone()
+            return memo[id(t)]
+
+        return KeptInputs(
+            inputs=None,
+            first_at=_utc(min(times)),
+            last_at=_utc(max(times)),
+            calls=tuple(map_tensors(call, clone, other=_copy_array) for call in calls),
+        )
+
+
+@dataclass
+class PendingCall:
+    """A call's copied arguments, waiting for its forward to say how many samples it held
+    (the batch size of the first BatchNorm input it reached)."""
+
+    call: ModelCall
+    arrived: float
+    samples: int | None = None
+
+
+def _copy_array(value: Any) -> Any:
+    return value.copy() if isinstance(value, np.ndarray) else value
 
 
 class _Fixed:
@@ -357,10 +409,9 @@ class _Fixed:
     def __eq__(self, other: object) -> bool:
         a = self.tensor
         b = other.tensor if isinstance(other, _Fixed) else None
-        return (
-            b is not None
-            and (a.shape, a.dtype, a.device) == (b.shape, b.dtype, b.device)
-            and torch.equal(a, b)
+        return b is not None and (
+            a is b
+            or ((a.shape, a.dtype, a.device) == (b.shape, b.dtype, b.device) and torch.equal(a, b))
         )
 
     __hash__ = None  # type: ignore[assignment]
@@ -368,8 +419,9 @@ class _Fixed:
 
 def _form(x: Any, n: int) -> Any:
     """What must match for ``x``, an argument of a call of ``n`` samples, to be joined with
-    another call's: tensors of the batch their sample shape, lists of samples nothing,
-    containers their items, anything else (other tensors too) its value."""
+    another call's: tensors of the batch (first dimension ``n``) their sample shape, lists
+    of the samples (``n`` long) nothing, containers their items, anything else (other tensors
+    too) its type and value."""
     if isinstance(x, torch.Tensor):
         if x.dim() and x.shape[0] == n:
             return ("batch", tuple(x.shape[1:]), x.dtype, x.device)
@@ -380,14 +432,18 @@ def _form(x: Any, n: int) -> Any:
         return (type(x), tuple((k, _form(v, n)) for k, v in x.items()))
     if isinstance(x, (tuple, list)):
         return (type(x), tuple(_form(v, n) for v in x))
-    return ("value", x)
+    return ("value", type(x), x)
 
 
 def _join(items: list[Any], counts: list[int]) -> Any:
-    """One argument from the same argument of calls of the same :func:`_form`."""
+    """One argument from the same argument of calls of the same :func:`_form`: batches
+    concatenated -- unless the calls passed the very same tensor (shared when kept), which
+    is not a batch whose size happens to match -- lists of samples joined, the rest as the
+    first call's."""
     first = items[0]
     if isinstance(first, torch.Tensor):
-        return torch.cat(items) if first.dim() and first.shape[0] == counts[0] else first
+        batch = first.dim() and first.shape[0] == counts[0]
+        return torch.cat(items) if batch and any(x is not first for x in items) else first
     if isinstance(first, list) and len(first) == counts[0]:
         return [sample for x in items for sample in x]
     if isinstance(first, Mapping):
@@ -399,36 +455,63 @@ def _join(items: list[Any], counts: list[int]) -> Any:
     return first
 
 
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # a value whose == is not a truth value (an array, say)
+        return False
+
+
 def _join_calls(calls: Sequence[ModelCall], batch_size: int) -> list[ModelCall]:
-    """``calls`` with each run of consecutive calls of the same :func:`_form` joined into as
-    few calls of at most ``batch_size`` samples as it takes, of about equal size (65 calls of
-    one sample give 33 and 32, not 64 and a lone one that BatchNorm cannot train on)."""
-    runs: list[list[ModelCall]] = []
-    form: Any = None
+    """``calls`` grouped by :func:`_form` (in the order each form first comes), each group
+    joined into as few calls of at most ``batch_size`` samples as it takes, of about equal
+    size: 65 calls of one sample give 33 and 32, not 64 and a lone one that BatchNorm cannot
+    train on (one is left only where nothing else fits)."""
+    runs: list[tuple[Any, list[ModelCall], list[set[int]]]] = []
     for call in calls:
-        call_form = (_form(call.args, call.samples), _form(call.kwargs, call.samples))
-        try:
-            same = bool(runs) and bool(call_form == form)
-        except Exception:  # a value whose == is not a truth value (an array, say)
-            same = False
-        if same:
-            runs[-1].append(call)
+        form = (_form(call.args, call.samples), _form(call.kwargs, call.samples))
+        for f, run, shared in runs:
+            if not _same(form, f):
+                continue
+            # the same tensor object in the same place as the run's first call (a table
+            # passed again, kept once) -- in the same places as the run's other calls
+            same = _shared(run[0], call)
+            if len(run) == 1:
+                shared.append(same)
+            if same == shared[0]:
+                run.append(call)
+                break
         else:
-            runs.append([call])
-            form = call_form
+            runs.append((form, [call], []))
     out: list[ModelCall] = []
-    for run in runs:
-        total = sum(c.samples for c in run)
-        size = total / math.ceil(total / batch_size)  # the groups' target size
-        group: list[ModelCall] = []
+    for _, run, _ in runs:
+        size = (total := sum(c.samples for c in run)) / math.ceil(total / batch_size)
+        groups: list[list[ModelCall]] = [[]]
+        taken = 0
         for call in run:
-            taken = sum(c.samples for c in group)
-            if group and (taken >= size or taken + call.samples > batch_size):
-                out.append(_joined(group))
-                group = []
-            group.append(call)
-        out.append(_joined(group))
+            after = taken + call.samples
+            if groups[-1] and (after > batch_size or abs(after - size) > abs(taken - size)):
+                groups.append([])
+                taken, after = 0, call.samples
+            groups[-1].append(call)
+            taken = after
+        last, before = groups[-1], groups[-2] if len(groups) > 1 else []
+        if sum(c.samples for c in last) == 1 and before:  # a lone sample: join it, or
+            held = sum(c.samples for c in before)  # take a call over to it
+            if held + 1 <= batch_size:
+                before.extend(groups.pop())
+            elif held - before[-1].samples > 1 and before[-1].samples + 1 <= batch_size:
+                last.insert(0, before.pop())
+        out.extend(_joined(group) for group in groups)
     return out
+
+
+def _shared(a: ModelCall, b: ModelCall) -> set[int]:
+    """Where (in traversal order) two calls of one form hold the very same tensor."""
+    found: list[list[torch.Tensor]] = [[], []]
+    for call, tensors in zip((a, b), found, strict=True):
+        map_tensors(call, tensors.append)
+    return {i for i, (x, y) in enumerate(zip(*found, strict=True)) if x is y}
 
 
 def _joined(group: list[ModelCall]) -> ModelCall:
@@ -498,20 +581,20 @@ class KeptInputs:
         ``fraction`` of the samples (samples of ``inputs``; whole calls of ``calls``: the
         second part is empty with fewer than two calls)."""
         if self.inputs is not None:
-            order = torch.randperm(self.samples, generator=generator)
+            perm = torch.randperm(self.samples, generator=generator)
             cut = int(self.samples * (1 - fraction))
             return (
-                dataclasses.replace(self, inputs=self.inputs[order[:cut]]),
-                dataclasses.replace(self, inputs=self.inputs[order[cut:]]),
+                dataclasses.replace(self, inputs=self.inputs[perm[:cut]]),
+                dataclasses.replace(self, inputs=self.inputs[perm[cut:]]),
             )
-        calls = [self.calls[i] for i in torch.randperm(len(self.calls), generator=generator)]
+        order: list[int] = torch.randperm(len(self.calls), generator=generator).tolist()
         target, cut, taken = self.samples * (1 - fraction), 0, 0
-        while cut < len(calls) and (cut == 0 or (taken < target and cut < len(calls) - 1)):
-            taken += calls[cut].samples
+        while cut < len(order) and (cut == 0 or (taken < target and cut < len(order) - 1)):
+            taken += self.calls[order[cut]].samples
             cut += 1
-        return (
-            dataclasses.replace(self, calls=tuple(calls[:cut])),
-            dataclasses.replace(self, calls=tuple(calls[cut:])),
+        return (  # each part in the order the calls came
+            dataclasses.replace(self, calls=tuple(self.calls[i] for i in sorted(order[:cut]))),
+            dataclasses.replace(self, calls=tuple(self.calls[i] for i in sorted(order[cut:]))),
         )
 
     def describe(self) -> dict[str, Any]:
@@ -797,8 +880,9 @@ class Monitor:
                 tl.t0 = start
                 tl.hook_time = 0.0
                 tl.measure = (not self._closed) and self._sampler.decide()
+                tl.pending = None  # a call whose forward raised is not kept
                 if tl.measure and self._inputs is not None:
-                    self._inputs.add_call(args, kwargs)
+                    tl.pending = self._inputs.add_call(args, kwargs)
             tl.depth = depth + 1
             tl.hook_time += time.perf_counter() - start
         except Exception as err:  # never let monitoring break inference
@@ -813,6 +897,13 @@ class Monitor:
             depth = getattr(tl, "depth", 0) - 1
             tl.depth = max(depth, 0)
             if depth == 0:
+                pending = getattr(tl, "pending", None)
+                tl.pending = None
+                # called on the way out of a forward that raised too (always_call): such a
+                # call is not kept
+                failed = output is None and sys.exc_info()[1] is not None
+                if pending is not None and self._inputs is not None and not failed:
+                    self._inputs.commit(pending)
                 hook_time = tl.hook_time + (time.perf_counter() - end)
                 self._sampler.record(end - tl.t0, hook_time, tl.measure)
         except Exception as err:
@@ -827,6 +918,10 @@ class Monitor:
         try:
             x = args[0]
             self._seen.add(idx, int(x.shape[0]))
+            if inside and self._inputs is not None:
+                pending = getattr(tl, "pending", None)
+                if pending is not None and pending.samples is None:  # the call's samples
+                    pending.samples = int(x.shape[0])
             if inside:
                 measure = tl.measure and not self._closed
             else:  # a submodule called directly: no root forward to decide for us

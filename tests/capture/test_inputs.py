@@ -3,11 +3,11 @@ first, and when they arrived."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from datetime import datetime, timezone
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -86,8 +86,15 @@ class _Dict(nn.Module):
 
 class _Keywords(_Dict):
     def forward(  # type: ignore[override]
-        self, *, x: torch.Tensor, mask: torch.Tensor | None = None, scale: float = 1.0
+        self,
+        *,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        scale: float = 1.0,
+        skip: bool = False,
     ) -> torch.Tensor:
+        if skip:  # a path that reaches no BatchNorm layer
+            return x
         out: torch.Tensor = self.net(x * scale if mask is None else x * mask)
         return out
 
@@ -147,12 +154,9 @@ def test_a_forward_of_another_form_is_kept_as_a_whole_call(model: nn.Module, cal
     ("call", "said"),
     [
         (lambda m: m(x=rows(*range(9)), scale=1.0), "9 samples in one call, more than"),
-        (
-            lambda m: m(x=rows(1, 2), mask=torch.ones(3, 2)),
-            "the keywords ['mask', 'x'] whose samples cannot be counted",
-        ),
+        (lambda m: m(x=rows(1, 2), skip=True), "arguments that reached no BatchNorm layer"),
     ],
-    ids=["more-than-keep_inputs", "uncountable"],
+    ids=["more-than-keep_inputs", "no-batchnorm-reached"],
 )
 def test_a_call_that_cannot_be_kept_is_skipped_and_says_why_once(
     call: Any, said: str, caplog: pytest.LogCaptureFixture
@@ -167,11 +171,27 @@ def test_a_call_that_cannot_be_kept_is_skipped_and_says_why_once(
         ) as mon,
     ):
         for _ in range(3):
-            with contextlib.suppress(RuntimeError):  # the uncountable call may not run
-                call(model)
+            call(model)
         assert mon.kept_inputs() is None
     warned = [r.getMessage() for r in caplog.records if "keep_inputs" in r.getMessage()]
     assert len(warned) == 1 and said in warned[0] and "multi was called with" in warned[0]
+
+
+def test_a_forward_that_raises_keeps_nothing_and_raises_its_own_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    model = _Keywords()
+    with (
+        caplog.at_level(logging.WARNING, logger="bnwatch"),
+        bnwatch.watch(model, keep_inputs=8, overhead_budget=None, window_seconds=None) as mon,
+    ):
+        with pytest.raises(RuntimeError, match="must match the size"):
+            model(x=rows(1, 2), mask=torch.ones(3, 2))  # [2, 2] * [3, 2]
+        model(x=rows(3), scale=2.0)
+        kept = mon.kept_inputs()
+        assert dict(mon.stats().hook_errors) == {}
+    assert kept is not None and [c.samples for c in kept.calls] == [1]
+    assert not [r for r in caplog.records if "keep_inputs" in r.getMessage()]
 
 
 def test_the_kind_of_input_changing_restarts_the_ring() -> None:
@@ -227,6 +247,110 @@ def test_joining_keeps_lists_of_samples_and_leaves_unequal_calls_apart() -> None
     assert joined[1] is calls[3]
     assert [c.samples for c in _join_calls(calls, 2)] == [2, 1, 1]  # at most batch_size
     assert _join_calls([], 64) == []
+    sizes = [ModelCall((rows(*range(n)),), {}, n) for n in (32, 32, 1)]
+    assert [c.samples for c in _join_calls(sizes, 64)] == [32, 33]  # no lone sample
+
+
+class _Parts(_Dict):
+    """Called with a list of per-modality batches, not of samples: ``model([rgb, depth])``."""
+
+    def forward(self, parts: list[torch.Tensor], sizes: Any = None) -> torch.Tensor:  # type: ignore[override]
+        out: torch.Tensor = self.net(parts[0] + parts[1])
+        return out
+
+
+class _Table(_Dict):
+    """Called with a table passed as the same tensor every time."""
+
+    def forward(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        out: torch.Tensor = self.net(x @ table)
+        return out
+
+
+class _Frames(_Dict):
+    def forward(self, frames: list[np.ndarray]) -> torch.Tensor:  # type: ignore[override]
+        out: torch.Tensor = self.net(torch.as_tensor(np.stack(frames)))
+        return out
+
+
+def test_the_samples_of_a_call_are_what_its_first_batchnorm_received() -> None:
+    """A list of modalities holds 4 samples, not 2 (its length); keyword calls with a size
+    beside them are counted too; and the bound holds in samples."""
+    model = _Parts()
+    with bnwatch.watch(model, keep_inputs=8, overhead_budget=None, window_seconds=None) as mon:
+        for b in range(3):
+            x = rows(*range(4 * b, 4 * b + 4))
+            model([x, x], sizes=[8, 8])
+        kept = mon.kept_inputs()
+    assert kept is not None and [c.samples for c in kept.calls] == [4, 4]  # 12 > 8
+    joined = kept.batches(8)
+    assert len(joined) == 1 and joined[0].samples == 8
+    assert [p.shape for p in joined[0].args[0]] == [(8, 2), (8, 2)]  # parts, not samples
+    assert joined[0].kwargs == {"sizes": [8, 8]}
+    with torch.no_grad():
+        assert torch.equal(replay(model, joined[0])[:, 0], model.net(2 * rows(*range(4, 12)))[:, 0])
+
+
+def test_a_tensor_passed_again_is_kept_once_and_not_taken_for_a_batch() -> None:
+    """A 2 x 2 table beside calls of 2 samples: the same tensor each call is copied once and
+    shared, and joining does not concatenate it although its first dimension matches."""
+    model, table = _Table(), torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    with bnwatch.watch(model, keep_inputs=8, overhead_budget=None, window_seconds=None) as mon:
+        for b in range(3):
+            model(rows(2 * b, 2 * b + 1), table)
+        table.mul_(3.0)  # changed in place: a new version, copied anew
+        model(rows(6, 7), table)
+        kept = mon.kept_inputs()
+    assert kept is not None and len(kept.calls) == 4
+    tables = [c.args[1] for c in kept.calls]
+    assert tables[0] is tables[1] is tables[2] and tables[3] is not tables[0]  # shared
+    assert torch.equal(tables[3], 3 * tables[0])
+    joined = kept.batches(64)
+    assert [c.samples for c in joined] == [6, 2]  # the changed table is another form
+    assert joined[0].args[1].shape == (2, 2) and joined[0].args[0].shape == (6, 2)
+    replay(model, joined[0])
+
+
+def test_kept_calls_are_copies_the_caller_and_a_replay_cannot_change() -> None:
+    """numpy frames the caller reuses, a kept tensor changed in place by whoever took a
+    snapshot: later snapshots still hold what the model was called with."""
+    model, frame = _Frames(), np.zeros(2, dtype=np.float32)
+    with bnwatch.watch(model, keep_inputs=8, overhead_budget=None, window_seconds=None) as mon:
+        for b in range(3):
+            frame[:] = b  # the caller's buffer, reused
+            model([frame.copy(), frame])
+        first = mon.kept_inputs()
+        assert first is not None
+        first.calls[0].args[0][1].fill(-1.0)  # changed by the snapshot's owner
+        again = mon.kept_inputs()
+    assert again is not None
+    assert [float(c.args[0][1][0]) for c in again.calls] == [0.0, 1.0, 2.0]
+
+
+def test_options_of_another_type_are_another_form() -> None:
+    at = datetime.now(timezone.utc)
+    calls = [ModelCall((rows(i),), {"flag": v}, 1) for i, v in enumerate([1, True, 1.0, 1])]
+    joined = KeptInputs(None, at, at, calls=tuple(calls)).batches(64)
+    assert [(c.samples, type(c.kwargs["flag"])) for c in joined] == [
+        (2, int),
+        (1, bool),
+        (1, float),
+    ]
+
+
+def test_shuffled_halves_are_still_joined_by_form() -> None:
+    """The trigger's fit and held-out parts are drawn at random; their calls of one form are
+    joined wherever they lie (one-sample requests of two forms in turn)."""
+    at = datetime.now(timezone.utc)
+    calls = [ModelCall((rows(i),), {"mode": "ab"[i % 2]}, 1) for i in range(128)]
+    fit, judge = KeptInputs(None, at, at, calls=tuple(calls)).split(
+        0.25, torch.Generator().manual_seed(0)
+    )
+    assert sorted(c.samples for c in fit.batches(64)) == [45, 51]  # a form each: not 1s
+    assert [c.args[0][0, 0].item() for c in fit.calls] == sorted(
+        c.args[0][0, 0].item() for c in fit.calls
+    )  # in the order they came
+    assert min(c.samples for c in judge.batches(64)) > 1
 
 
 def test_split_keeps_calls_whole() -> None:
