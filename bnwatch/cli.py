@@ -14,8 +14,9 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import pickle
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -445,9 +446,33 @@ def _build_model(factory: Callable[[], Any], args: argparse.Namespace) -> Any:
     if not isinstance(model, torch.nn.Module):
         raise ConfigError("--model", args.model, "a factory returning a torch.nn.Module")
     if args.checkpoint:
-        state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
+        # a command-line mistake, not the run's failure: a pending recalibration stays pending
+        try:
+            state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
+            raise _CommandLineError(
+                f"--checkpoint {args.checkpoint}: not a state_dict torch.load can read "
+                f"({_first_line(err)}); save one with torch.save(model.state_dict(), PATH)"
+            ) from err
+        if not isinstance(state, Mapping):
+            raise _CommandLineError(
+                f"--checkpoint {args.checkpoint}: holds a {type(state).__name__}, not a "
+                "state_dict; save one with torch.save(model.state_dict(), PATH)"
+            )
+        try:
+            model.load_state_dict(state)
+        except (RuntimeError, TypeError, KeyError) as err:
+            text = " ".join(str(err).split())
+            raise _CommandLineError(
+                f"--checkpoint {args.checkpoint} does not fit --model {args.model}: "
+                f"{text[:600]}{'...' if len(text) > 600 else ''}"
+            ) from err
     return model.eval()
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else type(err).__name__
 
 
 def _add_recalibrate(subparsers: Subparsers) -> None:
@@ -952,7 +977,14 @@ def timestamp(text: str) -> Any:
         raise argparse.ArgumentTypeError(
             f"expected an ISO-8601 time like 2026-06-01 or 2026-06-01T12:00:00Z, got {text!r}"
         ) from None
-    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=timezone.utc)
+    if parsed.tzinfo is None:
+        return parsed.replace(tzinfo=timezone.utc)
+    try:
+        return parsed.astimezone(timezone.utc)
+    except OverflowError:  # an offset that takes it past year 9999 or before year 1
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is out of the years a time can hold in UTC (1 to 9999)"
+        ) from None
 
 
 LISTED_CHANNELS = 20

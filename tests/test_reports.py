@@ -523,9 +523,21 @@ def test_cli_names_at_most_20_drifted_channels(
     assert json.loads(out.read_text())["bnwatch"]["drifted_channels"] == list(range(wide))
 
 
-def test_cli_rejects_a_bad_time(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--from", "yesterday", "expected an ISO-8601 time"),
+        # in UTC past the calendar's ends: an OverflowError traceback before
+        ("--to", "9999-12-31T23:59:59-05:00", "out of the years a time can hold in UTC"),
+        ("--from", "0001-01-01T00:00+01:00", "out of the years a time can hold in UTC"),
+    ],
+)
+def test_cli_rejects_a_bad_time(
+    capsys: pytest.CaptureFixture[str], flag: str, value: str, message: str
+) -> None:
     what = ["--model", "m", "--version", "1", "--layer", "bn", "--out", "r.html"]
     with pytest.raises(SystemExit) as info:
-        main(["report", *what, "--from", "yesterday"])
+        main(["report", *what, flag, value])
     assert info.value.code == 2
-    assert "expected an ISO-8601 time" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and flag in err

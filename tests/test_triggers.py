@@ -46,6 +46,8 @@ def test_signatures_verify_and_reject_tampering_and_replays() -> None:
     old = sign(body, "s3cret", int(time.time()) - 3600)
     assert not verify_signature(body, old, "s3cret")
     assert not verify_signature(body, "garbage", "s3cret")
+    assert not verify_signature(body, None, "s3cret")  # headers.get() of a request without one
+    assert not verify_signature(body, header.encode(), "s3cret")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(

@@ -181,12 +181,18 @@ class Settings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Settings from ``BNWATCH_*`` environment variables (see the module docstring);
-        keyword ``overrides`` win over the environment.  An empty variable counts as unset."""
+        keyword ``overrides`` win over the environment.  An empty (or blank) variable counts
+        as unset; values are stripped of surrounding whitespace, except the webhook secret,
+        which signs exactly as set."""
         env = os.environ if environ is None else environ
 
         def get(name: str) -> str | None:
-            value = env.get(name, "").strip()
-            return value or None
+            value = env.get(name, "")
+            if not value.strip():
+                return None
+            # the secret signs as set, trailing newline and all (a Kubernetes secret read
+            # from a file has one): a receiver reading the same variable must verify it
+            return value if name == WEBHOOK_SECRET_ENV else value.strip()
 
         values: dict[str, Any] = {
             "database_url": get(DATABASE_ENV) or DEFAULT_URL,

@@ -135,7 +135,7 @@ def sign(body: bytes, secret: str, timestamp: int) -> str:
 
 def verify_signature(
     body: bytes,
-    header: str,
+    header: str | None,
     secret: str,
     *,
     tolerance_seconds: float = 300.0,
@@ -143,9 +143,12 @@ def verify_signature(
 ) -> bool:
     """Check a webhook's signature header (and that it is recent, against replays).
 
-    Any header that is not ``t=<unix seconds>,sha256=<64 hex digits>`` -- missing fields,
-    repeated ones, a time too large to be one, non-ASCII text -- is ``False``, never an error.
+    Any header that is not ``t=<unix seconds>,sha256=<64 hex digits>`` -- none at all, missing
+    fields, repeated ones, a time too large to be one, non-ASCII text -- is ``False``, never an
+    error.
     """
+    if not isinstance(header, str):  # headers.get(...) of a request without one: None
+        return False
     try:
         fields = [item.split("=", 1) for item in header.split(",")]
         parts = dict(fields)

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+import torch
 
 import bnwatch
 from bnwatch.cli import main
@@ -188,6 +189,51 @@ def test_a_command_line_mistake_is_not_a_failed_recalibration(
     assert message in capsys.readouterr().err
     assert the(repo, rid).status == "pending"
     assert main(argv(tmp_path / "bn.pt", "--recalibration", str(rid), "--db", db_url)) == 0
+    assert the(repo, rid).status == "applied"
+
+
+def _checkpoints(tmp_path: Path) -> dict[str, Path]:
+    """Files a user may give --checkpoint by mistake."""
+    other = tmp_path / "other.pt"
+    torch.save(torch.nn.Linear(3, 2).state_dict(), other)  # another architecture's
+    whole = tmp_path / "whole.pt"
+    torch.save(net(), whole)  # the pickled model, not its state_dict
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint\n")
+    listed = tmp_path / "list.pt"
+    torch.save([1, 2], listed)
+    return {"other": other, "whole": whole, "text": text, "list": listed}
+
+
+@pytest.mark.parametrize(
+    ("which", "message"),
+    [
+        ("other", "does not fit --model"),
+        ("whole", "not a state_dict torch.load can read"),
+        ("text", "not a state_dict torch.load can read"),
+        ("list", "holds a list, not a state_dict"),
+    ],
+)
+def test_a_checkpoint_that_does_not_fit_is_a_command_line_mistake(
+    db_url: str,
+    repo: Repository,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    which: str,
+    message: str,
+) -> None:
+    """One line naming --checkpoint, no traceback -- and the recalibration stays pending, to
+    be run again with the right file (it was reported failed, and then refused for good)."""
+    rid = repo.start_recalibration("net", "1", method="dashboard")
+    bad = _checkpoints(tmp_path)[which]
+    args = argv(tmp_path / "bn.pt", "--recalibration", str(rid), "--db", db_url)
+    assert main([*args, "--checkpoint", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert message in err and f"--checkpoint {bad}" in err and "Traceback" not in err
+    assert the(repo, rid).status == "pending"
+    good = tmp_path / "net.pt"
+    torch.save(net().state_dict(), good)
+    assert main([*args, "--checkpoint", str(good)]) == 0
     assert the(repo, rid).status == "applied"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from bnwatch.cli import main
 from bnwatch.errors import ConfigError
 from bnwatch.service.app import alert_hook_from_env
 from bnwatch.service.settings import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_PROFILE_BYTES, Settings
-from bnwatch.triggers import TriggerPolicy
+from bnwatch.triggers import TriggerPolicy, sign, verify_signature
 
 
 def test_from_env() -> None:
@@ -122,6 +123,20 @@ def test_trigger_settings_from_env() -> None:
     assert settings.triggers == TriggerPolicy(("drift", "no_data"), 300.0, 1.5, 7)
     assert "s3cret" not in repr(settings)
     assert "s3cret" not in str(settings)
+
+
+def test_the_webhook_secret_signs_exactly_as_set() -> None:
+    """A secret read into the variable from a file (a Kubernetes secret) ends in a newline; a
+    receiver reading the same variable verifies with it, so the service must sign with it too
+    (stripped, every webhook failed its check: HTTP 401, the recalibration failed)."""
+    raw = "hmac-s3cret-value\n"
+    settings = Settings.from_env({**WEBHOOK, "BNWATCH_WEBHOOK_SECRET": raw})
+    assert settings.webhook_secret == raw
+    body = b'{"recalibration_id": 1}'
+    header = sign(body, settings.webhook_secret, int(time.time()))
+    assert verify_signature(body, header, raw)
+    blank = Settings.from_env({"BNWATCH_WEBHOOK_SECRET": " \n"})
+    assert blank.webhook_secret is None  # blank is unset, whatever the whitespace
 
 
 @pytest.mark.parametrize(
