@@ -897,13 +897,14 @@ class Monitor:
             depth = getattr(tl, "depth", 0) - 1
             tl.depth = max(depth, 0)
             if depth == 0:
-                pending = getattr(tl, "pending", None)
-                tl.pending = None
-                # called on the way out of a forward that raised too (always_call): such a
-                # call is not kept
-                failed = output is None and sys.exc_info()[1] is not None
-                if pending is not None and self._inputs is not None and not failed:
-                    self._inputs.commit(pending)
+                ring = self._inputs
+                pending = getattr(tl, "pending", None) if ring is not None else None
+                if ring is not None and pending is not None:
+                    tl.pending = None
+                    # called on the way out of a forward that raised too (always_call): such
+                    # a call is not kept
+                    if output is not None or sys.exc_info()[1] is None:
+                        ring.commit(pending)
                 hook_time = tl.hook_time + (time.perf_counter() - end)
                 self._sampler.record(end - tl.t0, hook_time, tl.measure)
         except Exception as err:
