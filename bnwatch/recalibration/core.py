@@ -261,10 +261,11 @@ def _select(model: nn.Module, layers: str | Sequence[str] | None) -> list[BatchN
     for layer in found:
         bn = layer.module
         if bn.running_mean is None or bn.running_var is None:
-            raise ConfigError(
+            raise ConfigError(  # named by what the caller passed: layer '3' was not
                 "layers",
-                layer.name,
-                "BatchNorm layers with running statistics (track_running_stats=True)",
+                layers,
+                f"patterns matching only BatchNorm layers with running statistics: "
+                f"{layer.name!r} has none (track_running_stats=False) to recalibrate",
             )
     return found
 
@@ -373,12 +374,15 @@ def _measure(
         for layer in selected:
             bn = layer.module
             if method == "precise":
-                bn.train()  # normalize with batch statistics, as training would
+                # normalize with batch statistics, as training would -- the layer alone: a
+                # BatchNorm with children (timm's BatchNormAct2d and its drop layer) keeps
+                # theirs as they are
+                bn.training = True
                 bn.momentum = 1.0  # ... and leave them in the running buffers after each call
                 hook = _harvesting(functools.partial(accumulator, layer.name), pooled[layer.name])
                 handles.append(bn.register_forward_hook(hook))
             else:
-                bn.eval()  # normalize with the mixed statistics of this batch
+                bn.training = False  # normalize with the mixed statistics of this batch
                 source = _buffers(bn)
                 mixing = _mixing(accumulator(layer.name), bn, source, prior_strength, forwarded)
                 handles.append(bn.register_forward_pre_hook(mixing))

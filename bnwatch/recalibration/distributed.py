@@ -71,8 +71,8 @@ def exchange(compute: Callable[[], T]) -> list[T]:
         return [compute()]
     try:
         mine: _Outcome[T] = _Outcome(compute(), None)
-        failure: Exception | None = None
-    except Exception as err:
+        failure: BaseException | None = None
+    except BaseException as err:  # a KeyboardInterrupt too: the other ranks must hear of it
         mine = _Outcome(None, f"{type(err).__name__}: {err}")
         failure = err
     parts: list[_Outcome[T] | None] = [None] * torch.distributed.get_world_size()

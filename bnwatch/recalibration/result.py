@@ -15,9 +15,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from bnwatch.capture.accumulator import LayerAccumulator
 from bnwatch.capture.discovery import ROOT_NAME, BatchNormLayer
 from bnwatch.capture.monitor import unwatched, watching
-from bnwatch.capture.profile import measuring
+from bnwatch.capture.profile import data_errors, measuring
 from bnwatch.drift import Reference, finite_mean, gaussian_kl, rms, standardized_shift
-from bnwatch.errors import ConfigError
+from bnwatch.errors import ConfigError, ShapeError
 from bnwatch.inputs import Forward, model_input, to_device
 from bnwatch.recalibration import distributed
 from bnwatch.stats import ChannelMoments
@@ -100,6 +100,12 @@ class RecalibrationResult:
                 raise ValueError(f"{type(model).__name__} has no BatchNorm layer {u.name!r}")
             if target.running_mean is None or target.running_var is None:
                 raise ValueError(f"layer {u.name!r} has no running statistics")
+            if target.running_mean.shape != u.new_mean.shape:
+                raise ValueError(
+                    f"layer {u.name!r} of {type(model).__name__} has "
+                    f"{target.running_mean.numel()} channels, the recalibrated one "
+                    f"{u.new_mean.numel()}: not the same architecture"
+                )
             updates.append(
                 LayerUpdate(
                     name=u.name,
@@ -151,13 +157,21 @@ class RecalibrationResult:
             monitor.adopt_running_statistics()
 
     def _write(self, *, new: bool) -> None:
+        # every layer checked before any is written: all of them change, or none
+        for u in self.updates:
+            rm, rv = u.module.running_mean, u.module.running_var
+            if rm is None or rv is None:
+                raise ValueError(f"layer {u.name!r} lost its running statistics")
+            if rm.shape != u.new_mean.shape or rv.shape != u.new_var.shape:
+                raise ValueError(
+                    f"layer {u.name!r} now has {rm.numel()} channels, the recalibrated one "
+                    f"{u.new_mean.numel()}: nothing was written"
+                )
         with torch.no_grad():
             for u in self.updates:
                 mean, var = (u.new_mean, u.new_var) if new else (u.old_mean, u.old_var)
-                if u.module.running_mean is None or u.module.running_var is None:
-                    raise ValueError(f"layer {u.name!r} lost its running statistics")
-                u.module.running_mean.copy_(mean)
-                u.module.running_var.copy_(var)
+                u.module.running_mean.copy_(mean)  # type: ignore[union-attr]
+                u.module.running_var.copy_(var)  # type: ignore[union-attr]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Only the new BatchNorm buffers, keyed as in ``model.state_dict()``:
@@ -344,11 +358,22 @@ class _HeldOut:
             for item in items:
                 if forward is None:
                     x = model_input(item, input_key)
-                    out = model(x if device is None else x.to(device))
+                    got = f"{tuple(x.shape)}" if hasattr(x, "shape") else type(x).__name__
+                    with data_errors("held-out data", got, forward=False):
+                        out = model(x if device is None else x.to(device))
                 else:
-                    out = forward(model, item if device is None else to_device(item, device))
+                    with data_errors("held-out data", "a batch"):
+                        out = forward(model, item if device is None else to_device(item, device))
                 y = _labels(item, label_key)
                 if isinstance(y, torch.Tensor) and isinstance(out, torch.Tensor) and out.dim() == 2:
+                    if y.dim() == 2 and y.shape[1] == 1:
+                        y = y[:, 0]  # a column of labels
+                    if y.shape != out.shape[:1]:
+                        raise ShapeError(
+                            "held-out labels",
+                            f"[{out.shape[0]}] class indices (one per output row)",
+                            tuple(y.shape),
+                        )
                     correct += int((out.argmax(dim=1).cpu() == y.cpu()).sum())
                     total += int(y.shape[0])
                 else:

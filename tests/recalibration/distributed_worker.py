@@ -65,6 +65,21 @@ def main(init: str, rank: int, world: int, out: str) -> None:
             recalibrate(net(), data(1, size=6, seed=rank))
         except Exception as err:
             results["too_few"] = _error(err) | {"seen": getattr(err, "seen", None)}
+
+        def interrupted() -> Any:  # Ctrl-C in the last rank's data loader
+            yield from mine[:1]
+            raise KeyboardInterrupt
+
+        model = net()
+        try:
+            recalibrate(model, interrupted() if rank == world - 1 else mine, apply=True)
+        except KeyboardInterrupt:
+            results["interrupted"] = {"type": "KeyboardInterrupt", "rank": rank}
+        except Exception as err:
+            results["interrupted"] = _error(err)
+        results["interrupted_untouched"] = all(
+            torch.equal(v, before[k]) for k, v in buffers(model).items()
+        )
         torch.save(results, out)
     finally:
         dist.destroy_process_group()

@@ -16,7 +16,7 @@ from torch import nn
 from torch.optim.swa_utils import update_bn
 
 import bnwatch
-from bnwatch.errors import NoBatchNormError, ShapeError
+from bnwatch.errors import ConfigError, NoBatchNormError, ShapeError
 from bnwatch.recalibration import NotEnoughDataError, recalibrate
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,7 +55,7 @@ def population_reference(
     inputs: dict[str, list[torch.Tensor]] = {n: [] for n in bn_names(ref)}
     for name, m in ref.named_modules():
         if name in inputs:
-            m.train()
+            m.training = True  # the layer alone: not a drop layer inside it
             m.register_forward_pre_hook(
                 lambda mod, a, name=name: inputs[name].append(a[0].double())
             )
@@ -136,6 +136,40 @@ def test_dropout_stays_off_unlike_update_bn() -> None:
     assert not model[3].training  # dropout was never switched on
 
 
+class _BatchNormAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d shape: a BatchNorm with its activation and drop layer inside."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels)
+        self.drop = nn.Dropout(0.5)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.act(self.drop(super().forward(x)))
+        return out
+
+
+def test_a_batchnorm_with_a_drop_layer_inside_keeps_it_off() -> None:
+    """Only the BatchNorm normalizes by batch: the dropout inside it stays in eval, so the
+    next layer's statistics are the population's (float64 reference, dropout in eval)."""
+    torch.manual_seed(0)
+    inner = _BatchNormAct(6)
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), inner, nn.Conv2d(6, 5, 3), nn.BatchNorm2d(5)
+    )
+    model.eval()
+    want = population_reference(model, data(10))
+    seen: list[bool] = []
+    inner.drop.register_forward_pre_hook(lambda m, a: seen.append(m.training))
+    recalibrate(model, data(10), apply=True)
+    assert seen and not any(seen)
+    for name, (mean, var) in want.items():
+        bn: Any = model.get_submodule(name)
+        np.testing.assert_allclose(bn.running_mean.double().numpy(), mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(bn.running_var.double().numpy(), var, rtol=1e-5)
+    assert not inner.training and not inner.drop.training
+
+
 def test_mix_weights_source_and_target() -> None:
     model = net()
     xs = data(2)  # n = 16 samples
@@ -197,6 +231,72 @@ def test_apply_rollback_and_the_exported_buffers() -> None:
     _missing, unexpected = fresh.load_state_dict(result.state_dict(), strict=False)
     assert not unexpected
     assert torch.equal(fresh.get_submodule("5").running_var, changed["5.running_var"])
+
+
+def test_bound_to_another_architecture_is_refused_and_apply_writes_all_or_nothing() -> None:
+    result = recalibrate(net(), data(6), apply=False)
+    narrow = nn.Sequential(*[m for m in net()])  # the same names ...
+    narrow[8] = nn.BatchNorm1d(6)  # ... but 6 channels where the result has 4
+    with pytest.raises(ValueError, match="'8' of Sequential has 6 channels, the recalibrated"):
+        result.bound_to(narrow)
+    model = net()
+    before = buffers(model)
+    live = result.bound_to(model)
+    model[8].running_mean = torch.zeros(6)  # changed after binding: the last layer fails,
+    model[8].running_var = torch.ones(6)  # the others must not have been written
+    with pytest.raises(ValueError, match=r"'8' now has 6 channels.*nothing was written"):
+        live.apply()
+    assert all(torch.equal(v, before[k]) for k, v in buffers(model).items() if k[0] != "8")
+
+
+@pytest.mark.parametrize(
+    ("labels", "accepted"),
+    [
+        (lambda n: torch.zeros(n, 1, dtype=torch.long), True),  # a column: read as [n]
+        (lambda n: torch.zeros(1, dtype=torch.long), False),  # broadcast: 800 % accuracy
+        (lambda n: torch.zeros(n - 3, dtype=torch.long), False),
+        (lambda n: torch.zeros(n, 4), False),  # one-hot
+    ],
+    ids=["column", "one", "short", "one-hot"],
+)
+def test_held_out_labels_of_another_shape_are_refused(labels: Any, accepted: bool) -> None:
+    """Labels that do not give one class index per output row broadcast into an accuracy
+    above 100 % (or a raw torch error); they are a ShapeError, the model untouched."""
+    model = net()
+    before = buffers(model)
+    held = [(x, labels(x.shape[0])) for x in data(2, seed=9, shift=3.0)]
+    if accepted:
+        flat = [(x, y[:, 0]) for x, y in held]
+        got = recalibrate(net(), data(12, shift=3.0), held_out=held, apply=False)
+        want = recalibrate(net(), data(12, shift=3.0), held_out=flat, apply=False)
+        assert (got.accuracy_before, got.accuracy_after) == (
+            want.accuracy_before,
+            want.accuracy_after,
+        )
+        assert got.accuracy_after is not None and 0 <= got.accuracy_after <= 1
+        return
+    with pytest.raises(ShapeError, match=r"held-out labels: expected shape \[8\] class indices"):
+        recalibrate(model, data(12, shift=3.0), held_out=held)
+    assert all(torch.equal(v, before[k]) for k, v in buffers(model).items())
+
+
+def test_a_layer_without_running_statistics_is_named_and_can_be_left_out() -> None:
+    model = net()
+    model[1] = nn.BatchNorm2d(6, track_running_stats=False)  # normalizes by batch, always
+    before = buffers(model)
+    with pytest.raises(ConfigError, match=r"'1' has none \(track_running_stats=False\)") as info:
+        recalibrate(model, data(4))
+    assert info.value.argument == "layers" and info.value.value is None  # not passed: None
+    assert all(torch.equal(v, before[k]) for k, v in buffers(model).items())
+    assert recalibrate(model, data(4), layers=["5", "8"]).status == "applied"
+
+
+def test_held_out_data_the_model_cannot_take_is_a_shape_error() -> None:
+    model = net()
+    before = buffers(model)
+    with pytest.raises(ShapeError, match=r"held-out data.*\(8, 4, 5, 5\)"):
+        recalibrate(model, data(12), held_out=[torch.randn(8, 4, 5, 5)])
+    assert all(torch.equal(v, before[k]) for k, v in buffers(model).items())
 
 
 def test_held_out_judgement_applies_only_improvements() -> None:
@@ -350,6 +450,17 @@ def test_a_rank_that_fails_stops_every_rank_and_changes_nothing(
     assert first["failed"]["rank"] == len(ranks) - 1
     assert "ShapeError" in first["failed"]["message"]
     assert all(r["failed_untouched"] for r in ranks)
+
+
+def test_a_rank_interrupted_stops_every_rank_at_once(ranks: list[dict[str, Any]]) -> None:
+    """A KeyboardInterrupt is no Exception: the interrupted rank used to skip the exchange,
+    leaving the others waiting for it until the process group's timeout (30 minutes)."""
+    first, last = ranks[0], ranks[-1]
+    assert last["interrupted"] == {"type": "KeyboardInterrupt", "rank": len(ranks) - 1}
+    assert first["interrupted"]["type"] == "RankFailedError"
+    assert first["interrupted"]["rank"] == len(ranks) - 1
+    assert "KeyboardInterrupt" in first["interrupted"]["message"]
+    assert all(r["interrupted_untouched"] for r in ranks)
 
 
 def test_ranks_count_their_samples_together(ranks: list[dict[str, Any]]) -> None:
