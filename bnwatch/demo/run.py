@@ -1219,7 +1219,10 @@ def _print_summary(emit: _Emit, result: DemoResult, target: _Target, out: Path |
     if result.dashboard_command is not None:
         emit("dashboard      " + result.dashboard_command)
     elif target.service:
-        emit("dashboard      the service's dashboard (docker compose: http://127.0.0.1:8501)")
+        emit(
+            "dashboard      the service's dashboard (docker compose: http://127.0.0.1:8501; "
+            "without it: bnwatch dashboard --db <the service's database URL>)"
+        )
 
 
 def _alerts_opened(alerts: Sequence[AlertEvent]) -> str:

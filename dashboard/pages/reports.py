@@ -4,7 +4,6 @@ profile against production, shown inline and downloadable as HTML or JSON."""
 from __future__ import annotations
 
 import streamlit as st
-import streamlit.components.v1 as components
 
 import data
 import ui
@@ -44,4 +43,4 @@ left, right = st.columns(2)
 left.download_button("Download HTML", report.html, f"{stem}.html", mime="text/html")
 right.download_button("Download JSON", report.json, f"{stem}.json", mime="application/json")
 st.dataframe(report.table, hide_index=True, width="stretch")
-components.html(report.html, height=900, scrolling=True)
+st.iframe(report.html, height=900)  # Evidently's page, its scripts in the iframe

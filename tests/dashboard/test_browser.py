@@ -1,7 +1,8 @@
 """`bnwatch dashboard` in a real headless Chromium: the Overview page of a seeded database
 renders (Streamlit sends its elements over a websocket after the page loads: the test waits
 for them and for the app to finish running, it never sleeps a fixed time), shows the seeded
-model and its alerts, and the Model page draws its heatmap."""
+model and its alerts, the Model page draws its heatmap, and the Reports page shows Evidently's
+report, drawn by its scripts in an iframe."""
 
 from __future__ import annotations
 
@@ -137,6 +138,13 @@ def test_overview_renders_in_chromium(dashboard: str, tmp_path: Path) -> None:
             page.get_by_role("link", name="Model").first.click()
             page.get_by_text("Depth profile", exact=True).wait_for(timeout=60_000)
             page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)
+            assert page.locator('[data-testid="stException"]').count() == 0
+            # the Reports page embeds Evidently's page in an iframe whose scripts run: its
+            # per-channel widgets are drawn by them, not in the HTML sent
+            page.get_by_role("link", name="Reports").first.click()
+            page.get_by_text("Drift report", exact=True).wait_for(timeout=60_000)
+            report = page.frame_locator("iframe").first
+            report.get_by_text("Data drift detected", exact=False).first.wait_for(timeout=120_000)
             assert page.locator('[data-testid="stException"]').count() == 0
             assert errors == []
         finally:

@@ -414,6 +414,8 @@ def test_reports_page(app: AppTest) -> None:
     assert int(shown["Reference samples"]) > 0 and int(shown["Production samples"]) > 0
     assert int(shown["Drifted channels"]) > 0  # the seed's shift moves every channel
     assert len(at.get("download_button")) == 2
+    (frame,) = at.get("iframe")  # Evidently's page inline (st.iframe, not the deprecated
+    assert "evidently" in frame.proto.srcdoc.lower()  # components.html)
 
 
 def test_time_range_without_windows(app: AppTest) -> None:
