@@ -427,11 +427,17 @@ class _Spool:
             return evicted
 
     def remove(self, entry: _Entry) -> None:
-        """Delete a delivered (or evicted) batch."""
+        """Delete a delivered (or evicted) batch.  A file that cannot be deleted (a disk
+        remounted read-only) is forgotten all the same and logged: a later run may deliver it
+        again, which the service's unique window ids make harmless."""
         with self.lock:
             self._forget(entry)
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 entry.path.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as err:
+                logger.error("bnwatch: cannot delete spool file %s: %s", entry.path, err)
 
     def replace(self, entry: _Entry, parts: list[_Part]) -> None:
         """Replace a batch by the parts of it still to deliver, in its place in the order
@@ -773,12 +779,15 @@ class HttpSink:
         self._thread.join(None if timeout is None else max(timeout, 0.0) + grace)
         if self._thread.is_alive():  # stuck (a hung request or disk): save what we can
             self._abandoned = True
+            with self._lock:  # before _spool_queue, which counts its own windows in hand
+                in_hand, self._in_hand = self._in_hand, 0
             with self._spool.lock:
                 self._spool_queue()
-                with self._lock:
-                    in_hand, self._in_hand = self._in_hand, 0
             if in_hand:
                 self._drop(in_hand, "a request in flight did not finish before close()", "close")
+        elif self._queue.unfinished_tasks:  # a thread that ended early left windows queued
+            with contextlib.suppress(Exception), self._spool.lock:
+                self._spool_queue()
         stats = self.stats()
         if stats.spooled:
             logger.warning(
@@ -919,13 +928,21 @@ class HttpSink:
 
     # -- the thread ----------------------------------------------------------------------
     def _run(self) -> None:
+        pause = 1.0
         try:
-            self._loop()
-        except Exception:  # pragma: no cover - a bug: say so, and keep what is spooled
-            logger.exception("bnwatch: the HTTP sink's thread failed")
-            with contextlib.suppress(Exception), self._spool.lock:
-                if not self._abandoned:
-                    self._spool_queue()
+            while True:
+                try:
+                    self._loop()
+                    return
+                except Exception:  # a bug, or an error of the disk: say so, and go on
+                    logger.exception("bnwatch: the HTTP sink's thread failed; it carries on")
+                    if self._stop.is_set():  # closing: keep what is queued
+                        with contextlib.suppress(Exception), self._spool.lock:
+                            if not self._abandoned:
+                                self._spool_queue()
+                        return
+                    self._stop.wait(pause)  # not a busy loop, if it fails again at once
+                    pause = min(pause * 2, 60.0)
         finally:
             self._client.close()
             self._lock_handle.release()

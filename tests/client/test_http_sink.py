@@ -9,6 +9,7 @@ import logging
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -629,6 +630,93 @@ def test_a_queue_past_its_bytes_drops_and_counts(
         sink.close(timeout=0.2)
         stats = sink.stats()
         assert (stats.dropped, stats.spooled, stats.written) == (16, 4, 0)
+
+
+def test_a_spool_file_that_cannot_be_deleted_does_not_stop_delivery(
+    windows: Windows, spool: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A disk remounted read-only after errors: deleting a delivered spool file fails.  The
+    sink's thread died of it, and everything written afterwards stayed queued, then vanished
+    uncounted at close()."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    early, late = windows(4), windows(4)
+    sink = HttpSink(url, spool_dir=spool, batch_size=2, retry_initial=0.05, retry_max=0.2)
+    for r in early:
+        sink.write(r)
+    assert wait_for(lambda: sink.stats().spooled == 4)
+    unlink = Path.unlink
+
+    def read_only(path: Path, missing_ok: bool = False) -> None:
+        if path.parent == spool and path.suffix == ".json":
+            raise OSError(30, "Read-only file system", str(path))
+        unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", read_only)
+    with caplog.at_level(logging.ERROR, logger="bnwatch"), FakeService(port=port) as service:
+        assert wait_for(lambda: sink.stats().written == 4)
+        for r in late:
+            sink.write(r)
+        assert wait_for(lambda: sink.stats().written == 8)
+        sink.close(timeout=5)
+        assert sorted(service.stored) == sorted(r.uid for r in early + late)
+    stats = sink.stats()
+    assert (stats.written, stats.dropped, stats.spooled, stats.queued) == (8, 0, 0, 0)
+    assert any("cannot delete spool file" in r.getMessage() for r in caplog.records)
+    assert not any("thread failed" in r.getMessage() for r in caplog.records)
+
+
+@contextlib.contextmanager
+def trickling_service() -> Iterator[tuple[str, threading.Event]]:
+    """A server that answers every request with a status line and then one header byte
+    every 0.2 s, forever: each read is quick, the request never ends.  Its URL, and an event
+    set once a request arrived."""
+    stop, asked = threading.Event(), threading.Event()
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+    server.settimeout(0.2)
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.recv(1 << 16)
+                asked.set()
+                conn.sendall(b"HTTP/1.1 200 OK\r\n")
+                while not stop.wait(0.2):
+                    try:
+                        conn.sendall(b"X")
+                    except OSError:
+                        break
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}", asked
+    finally:
+        stop.set()
+        thread.join(5)
+        server.close()
+
+
+def test_close_counts_a_request_still_in_flight_as_dropped(windows: Windows, spool: Path) -> None:
+    """close() gives up on a request that never ends: its windows are counted dropped, the
+    queued ones spooled -- every window accounted for (the in-flight ones were lost uncounted:
+    spooling the queue overwrote their count)."""
+    with trickling_service() as (url, asked):
+        records = windows(12)
+        sink = HttpSink(url, spool_dir=spool, batch_size=8, timeout=0.5)
+        for r in records:
+            sink.write(r)
+        assert asked.wait(10)  # a batch is in flight, and stays so
+        sink.close(timeout=0.2)
+    stats = sink.stats()
+    assert stats.written == 0 and stats.queued == 0
+    assert stats.dropped >= 1 and stats.dropped + stats.spooled == 12
 
 
 def test_write_after_close_is_counted(windows: Windows, spool: Path) -> None:

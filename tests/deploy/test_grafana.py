@@ -251,13 +251,18 @@ def test_queries_follow_the_dashboard_variables(
 ) -> None:
     """Each selector filters on the model/version/layer variables its metric has labels for."""
     variables = variable_queries(dashboard)
-    assert list(variables) == ["model", "version", "layer"]
+    assert list(variables) == ["job", "model", "version", "layer"]
     for where, expr in queries(dashboard):
         for metric, labels in selectors(expr):
             wanted = {"model", "version", "layer"} & emitted.get(metric, set())
             assert wanted <= labels, f"{where}: {metric} is not filtered by {wanted - labels}"
             for label in wanted:
                 assert f'{label}=~"${label}"' in expr, f"{where}: {label}"
+            # one scrape job at a time: the service's /metrics and the monitors' exporters
+            # carry the same series, and a sum over both counted every sample twice
+            assert "job" in labels and 'job=~"$job"' in expr, f"{where}: {metric} has no $job"
+    (job,) = [v for v in dashboard["templating"]["list"] if v["name"] == "job"]
+    assert not job["multi"] and not job["includeAll"] and job["current"]["value"] == "bnwatch"
     for name, query in variables.items():
         selector = label_values_selector(query)
         assert selector is not None, name
