@@ -72,14 +72,18 @@ MAX_WINDOWS = 1000
 MAX_COUNT = 2**31 - 1
 """Most samples and batches of one window (the store's count columns hold 64 bits since
 migration 0007; more than this in one window is a broken sender, not traffic)."""
-TIME_MIN = datetime(1970, 1, 1, tzinfo=timezone.utc)
+TIME_MIN = datetime(1970, 1, 2, tzinfo=timezone.utc)
 """Earliest start of a window (inclusive).  Monitors stamp windows with the clock of the
-host; a time before the Unix epoch is a broken clock or sender, and times near year 1 made
-bucket arithmetic (hourly reads, ``bnwatch db compact``) step before year 1."""
-TIME_MAX = datetime(9000, 1, 1, tzinfo=timezone.utc)
-"""End of the time a window may end in (exclusive): a thousand years short of Python's last
-datetime (9999-12-31), so that every bucket a read or a compaction puts a window in -- up
-to a day, a year, the whole range -- ends at a time Python can represent."""
+host; a time before this is a broken clock or sender: times near year 1 made bucket
+arithmetic (hourly reads, ``bnwatch db compact``) step before year 1, and a day clear of the
+epoch keeps every bucket index positive, where SQLite's truncation and PostgreSQL's floor
+agree and the whole range is one bucket (a window ending on the epoch itself fell in
+another)."""
+TIME_MAX = datetime(2100, 1, 1, tzinfo=timezone.utc)
+"""End of the time a window may end in (exclusive): a broken clock past it.  Bucket
+boundaries are computed from float seconds, which hold microseconds exactly up to 2**32 s
+(year 2106): a window a microsecond past an hour, later than that, landed in the hour
+before."""
 MAX_RESERVOIR = 1 << 16
 """Largest reservoir capacity (rows per layer and window) the wire accepts."""
 MAX_SEEN = 2**62  # the store's reservoir_seen column is 64-bit

@@ -308,14 +308,14 @@ REJECTED: dict[str, tuple[Callable[[dict[str, Any]], dict[str, Any]], int, str, 
         ),
         422,
         "windows.0.start",
-        "must be from 1970-01-01T00:00:00+00:00 to before 9000-01-01T00:00:00+00:00: "
+        "must be from 1970-01-02T00:00:00+00:00 to before 2100-01-01T00:00:00+00:00: "
         "0001-01-01T00:00:00+00:00 is out of range",
     ),
-    "a window ending in year 9000": (
-        lambda b: edited(b, "windows.0.end", "9000-01-01T00:00:00+00:00"),
+    "a window ending in year 2100": (
+        lambda b: edited(b, "windows.0.end", "2100-01-01T00:00:00+00:00"),
         422,
         "windows.0.end",
-        "9000-01-01T00:00:00+00:00 is out of range",
+        "2100-01-01T00:00:00+00:00 is out of range",
     ),
     "measured batches holding more samples than a window may": (  # overflowed the totals
         lambda b: _huge_batches(b, 1, 2**31 - 1, 2**31 - 1),

@@ -422,17 +422,17 @@ def at(record: WindowRecord, start: str, end: str) -> WindowRecord:
         (
             lambda r: at(r, "0001-01-01T00:00:00+00:00", "0001-01-01T00:01:00+00:00"),
             "start",
-            "start must be from 1970-01-01T00:00:00+00:00 to before 9000-01-01T00:00:00+00:00: "
+            "start must be from 1970-01-02T00:00:00+00:00 to before 2100-01-01T00:00:00+00:00: "
             "0001-01-01T00:00:00+00:00 is out of range",
         ),
         (
-            lambda r: at(r, "8999-12-31T23:00:00+00:00", "9000-01-01T00:00:00+00:00"),
+            lambda r: at(r, "2099-12-31T23:00:00+00:00", "2100-01-01T00:00:00+00:00"),
             "end",
-            "end must be from 1970-01-01T00:00:00+00:00 to before 9000-01-01T00:00:00+00:00: "
-            "9000-01-01T00:00:00+00:00 is out of range",
+            "end must be from 1970-01-02T00:00:00+00:00 to before 2100-01-01T00:00:00+00:00: "
+            "2100-01-01T00:00:00+00:00 is out of range",
         ),
     ],
-    ids=["measured samples", "year 1", "year 9000"],
+    ids=["measured samples", "year 1", "year 2100"],
 )
 def test_a_window_the_store_cannot_hold_is_refused_before_anything_is_written(
     repo: Repository, change: Any, field: str, words: str
@@ -453,6 +453,28 @@ def test_a_window_the_store_cannot_hold_is_refused_before_anything_is_written(
     assert str(err) == f"window {bad.uid} of cnn@1: {words}"
     assert repo.window_count() == 3  # nothing of the batch was written
     assert repo.totals() == totals
+
+
+def test_windows_at_the_bounds_of_time_merge_into_one_whole_range_and_the_right_hours(
+    repo: Repository,
+) -> None:
+    """The earliest and (nearly) the latest times a window may have: the whole range is one
+    merged window (with the first bounds, a window ending on the epoch fell outside it), and a
+    window a microsecond past an hour is in that hour (past 2**32 s, float seconds lost it)."""
+    first, middle, last = record_windows(3)
+    stored = [
+        at(first, "1970-01-02T00:00:00+00:00", "1970-01-02T00:00:00+00:00"),
+        middle,
+        at(last, "2099-12-31T23:00:00+00:00", "2099-12-31T23:00:00.000001+00:00"),
+    ]
+    repo.write_windows(stored)
+    samples = sum(r.reports["4"].n_samples for r in stored)
+    ((whole,), hourly) = repo.layer_reports_at("cnn", "1", "4", resolutions=[None, 3600])
+    assert whole[1].n_samples == samples
+    latest, report = hourly[-1]
+    assert latest.start == datetime(2099, 12, 31, 23, tzinfo=timezone.utc)
+    assert latest.end == datetime(2100, 1, 1, tzinfo=timezone.utc)
+    assert report.n_samples == stored[2].reports["4"].n_samples
 
 
 def test_the_largest_measured_samples_a_window_may_hold_are_stored_exactly(

@@ -334,7 +334,7 @@ def test_windows_the_store_cannot_hold_are_rejected_before_any_row_is_written(
 ) -> None:
     """A window written through the StoreSink is held to the wire's rules: one whose batches
     hold more samples than a window may (2**31-1 batches of 2**31-1: on PostgreSQL the running
-    total overflowed, on SQLite it silently became a float) or stamped outside [1970, 9000)
+    total overflowed, on SQLite it silently became a float) or stamped outside [1970-01-02, 2100)
     is rejected, with the rule it breaks, and its neighbours are stored whole."""
     good = record_windows(4)
     first = good[0].reports["4"]
@@ -355,7 +355,7 @@ def test_windows_the_store_cannot_hold_are_rejected_before_any_row_is_written(
     (message,) = [m for m in caplog.messages if huge.uid in m]
     assert "layers.4.batch_sizes: the measured batches hold 4611686014132420609 samples" in message
     (message,) = [m for m in caplog.messages if ancient.uid in m]
-    assert "start must be from 1970-01-01T00:00:00+00:00" in message
+    assert "start must be from 1970-01-02T00:00:00+00:00" in message
     engine = engine_for(db_url)
     try:
         totals = {t.layer: t for t in Repository(engine).totals()}
