@@ -140,6 +140,19 @@ class ProfileNotFoundError(BnwatchError, LookupError):
         )
 
 
+class ProfileFileError(BnwatchError, ValueError):
+    """A file given as a reference profile is not one :meth:`bnwatch.Profile.save` wrote (or
+    it was truncated or edited): says which file and what is wrong with it.
+
+    Attributes:
+        path: the file.
+    """
+
+    def __init__(self, path: Any, problem: str) -> None:
+        self.path = path
+        super().__init__(f"profile file {path}: {problem}")
+
+
 class RecalibrationNotFoundError(BnwatchError, LookupError):
     """No recalibration with this id is stored.
 

@@ -13,6 +13,7 @@ import json
 import math
 import unicodedata
 import uuid
+import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -22,7 +23,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from bnwatch.errors import ConfigError, ShapeError
+from bnwatch.errors import ConfigError, ProfileFileError, ShapeError
 from bnwatch.stats import F64, MOMENT_FIELDS, ChannelMoments, LayerStats, Reservoir
 
 SCHEMA_VERSION = 1
@@ -444,7 +445,7 @@ class Profile:
                     "batch_stat_batches": st.batch_stat_batches,
                     "reservoir_capacity": lp.reservoir.capacity,
                     "reservoir_seen": lp.reservoir.seen,
-                    "has_running": lp.running_mean is not None,
+                    "has_running": lp.running_mean is not None and lp.running_var is not None,
                 }
             )
             arrays[f"moments_{i}"] = np.stack(st.moments.as_arrays())
@@ -460,38 +461,85 @@ class Profile:
 
     @classmethod
     def load(cls, path: str | Path) -> Profile:
-        """Read a profile written by :meth:`save`."""
-        with np.load(Path(path), allow_pickle=False) as data:
-            meta = json.loads(bytes(data["meta"]).decode())
-            if meta.get("schema_version") != SCHEMA_VERSION:
-                raise ShapeError(
-                    f"profile {path} schema_version", SCHEMA_VERSION, meta.get("schema_version")
+        """Read a profile written by :meth:`save`.
+
+        Raises:
+            FileNotFoundError: there is no such file.
+            ProfileFileError: the file is not a profile :meth:`save` wrote (another kind of
+                file, a truncated or edited one): names the file and what is wrong.
+        """
+        where = Path(path)
+        try:
+            with np.load(where, allow_pickle=False) as data:
+                return cls._from_npz(data, where)
+        except (FileNotFoundError, ProfileFileError):
+            raise
+        except ShapeError as err:
+            raise ProfileFileError(where, str(err)) from err
+        except (
+            OSError,
+            EOFError,
+            zipfile.BadZipFile,
+            ValueError,
+            TypeError,
+            KeyError,
+            AttributeError,
+            IndexError,
+        ) as err:  # a .npy, a JSON file, a truncated archive, missing or mistyped entries
+            raise ProfileFileError(
+                where, f"not a profile that Profile.save wrote ({type(err).__name__}: {err})"
+            ) from err
+
+    @classmethod
+    def _from_npz(cls, data: Any, path: Path) -> Profile:
+        meta = json.loads(bytes(data["meta"]).decode())
+        if not isinstance(meta, dict) or not isinstance(meta.get("layers"), list):
+            raise ProfileFileError(path, "its meta entry is not a profile's description")
+        if meta.get("schema_version") != SCHEMA_VERSION:
+            raise ShapeError(
+                f"profile {path} schema_version", SCHEMA_VERSION, meta.get("schema_version")
+            )
+        layers: dict[str, LayerProfile] = {}
+        for i, lm in enumerate(meta["layers"]):
+            name = lm["layer"]
+            moments = data[f"moments_{i}"]
+            if moments.ndim != 2 or moments.shape[0] != len(MOMENT_FIELDS):
+                raise ShapeError(f"layer {name} moments", "[13, C]", moments.shape)
+            if moments.dtype.kind != "f":
+                raise ShapeError(f"layer {name} moments", "float arrays", moments.dtype)
+            channels = moments.shape[1]
+            sizes = {int(k): int(v) for k, v in lm["batch_sizes"].items()}
+            if sum(sizes.values()) != int(lm["n_batches"]):
+                raise ProfileFileError(
+                    path,
+                    f"layer {name}: batch_sizes count {sum(sizes.values())} batches, "
+                    f"n_batches says {lm['n_batches']}",
                 )
-            layers: dict[str, LayerProfile] = {}
-            for i, lm in enumerate(meta["layers"]):
-                moments = data[f"moments_{i}"]
-                if moments.shape[0] != len(MOMENT_FIELDS):
-                    raise ShapeError(f"profile layer {lm['layer']}", len(MOMENT_FIELDS), moments)
-                stats = LayerStats(
-                    moments=ChannelMoments.from_arrays(list(moments)),
-                    batch_sizes={int(k): int(v) for k, v in lm["batch_sizes"].items()},
-                    n_batches=int(lm["n_batches"]),
-                    batches_seen=int(lm["batches_seen"]),
-                    samples_seen=int(lm["samples_seen"]),
-                    batch_stat_batches=int(lm["batch_stat_batches"]),
-                )
-                running = data[f"running_{i}"] if lm["has_running"] else None
-                layers[lm["layer"]] = LayerProfile(
-                    layer=lm["layer"],
-                    kind=lm["kind"],
-                    eps=float(lm["eps"]),
-                    stats=stats,
-                    reservoir=Reservoir.from_rows(
-                        data[f"reservoir_{i}"], lm["reservoir_seen"], lm["reservoir_capacity"]
-                    ),
-                    running_mean=None if running is None else running[0].astype(np.float64),
-                    running_var=None if running is None else running[1].astype(np.float64),
-                )
+            stats = LayerStats(
+                moments=ChannelMoments.from_arrays(list(moments.astype(np.float64))),
+                batch_sizes=sizes,
+                n_batches=int(lm["n_batches"]),
+                batches_seen=int(lm["batches_seen"]),
+                samples_seen=int(lm["samples_seen"]),
+                batch_stat_batches=int(lm["batch_stat_batches"]),
+            )
+            rows = data[f"reservoir_{i}"]
+            if rows.ndim != 2 or rows.shape[1] != channels:
+                raise ShapeError(f"layer {name} reservoir", f"[k, {channels}]", rows.shape)
+            running = data[f"running_{i}"] if lm["has_running"] else None
+            if running is not None and running.shape != (2, channels):
+                raise ShapeError(f"layer {name} running statistics", (2, channels), running.shape)
+            layers[name] = LayerProfile(
+                layer=name,
+                kind=lm["kind"],
+                eps=float(lm["eps"]),
+                stats=stats,
+                reservoir=Reservoir.from_rows(
+                    rows, int(lm["reservoir_seen"]), int(lm["reservoir_capacity"])
+                ),
+                running_mean=None if running is None else running[0].astype(np.float64),
+                running_var=None if running is None else running[1].astype(np.float64),
+            )
         return cls(
             name=meta["name"],
             version=meta["version"],

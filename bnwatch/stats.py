@@ -534,23 +534,14 @@ class Reservoir:
         self.seen += k
 
     def merge(self, other: Reservoir) -> Reservoir:
-        """A uniform sample of the union of both streams (neither input is modified)."""
+        """A uniform sample of the union of both streams (neither input is modified), as
+        large as the larger capacity and both samples allow: :meth:`merge_all` of the two,
+        its randomness drawn from this reservoir's generator."""
         _check_channels("merging reservoirs", self.channels, other.channels)
-        capacity = max(self.capacity, other.capacity)
-        total = self.seen + other.seen
-        out = Reservoir(capacity, self.channels)
-        out.seen = total
-        k = min(capacity, total, self.rows.shape[0] + other.rows.shape[0])
-        if k == 0:
-            return out
-        rng = self._rng
-        from_self = int(rng.hypergeometric(self.seen, other.seen, k)) if other.seen else k
-        from_self = min(from_self, self.rows.shape[0])
-        from_other = min(k - from_self, other.rows.shape[0])
-        pick_s = rng.choice(self.rows.shape[0], size=from_self, replace=False)
-        pick_o = rng.choice(other.rows.shape[0], size=from_other, replace=False)
-        out.rows = np.concatenate([self.rows[pick_s], other.rows[pick_o]])
-        return out
+        seed = int(self._rng.integers(2**63 - 1))
+        return Reservoir.merge_all(
+            [self, other], capacity=max(self.capacity, other.capacity), seed=seed
+        )
 
     @staticmethod
     def merge_all(
@@ -561,12 +552,14 @@ class Reservoir:
         Stream ``i`` saw ``seen_i`` rows and kept a uniform sample of ``k_i`` of them.  A
         sample of ``k`` rows of the union in which every row had the same chance
         ``k / total`` takes ``k·seen_i / total`` rows from stream ``i``, which must not exceed
-        ``k_i``; so ``k = min_i(k_i · total // seen_i)`` (at most ``capacity``).  The rows
-        are allocated to the streams in proportion to ``seen_i`` (largest remainders; never
-        more than a stream kept) and drawn uniformly within each: a proportionally stratified
-        sample, whose rows have equal inclusion chances -- what pooling many windows for a
-        distribution test needs (a pairwise :meth:`merge` would stop at the largest
-        capacity).  Windows of equal size give back every row they kept.
+        ``k_i``; so ``k = min_i(k_i · total // seen_i)`` (at most ``capacity``).  Stream ``i``
+        gives the floor or the ceiling of its share ``k·seen_i / total`` -- systematic
+        sampling, so that its expected count is its share exactly (rounding the same way
+        every time would leave, merge after merge, a small window's rows out of a large
+        pooled sample; and a random count from the whole union, as a hypergeometric draw,
+        could ask a stream for more rows than it kept) -- drawn uniformly within it: every row
+        of the union has the same chance.  Windows of equal size give back every row they
+        kept.
         """
         items = list(reservoirs)
         if not items:
@@ -583,14 +576,14 @@ class Reservoir:
         out.seen = total
         if k == 0:
             return out
-        share = np.array([k * r.seen / total for r in full])
-        counts = np.floor(share).astype(np.int64)
-        rest = k - int(counts.sum())
-        if rest:
-            counts[np.argsort(counts - share, kind="stable")[:rest]] += 1
-        kept = np.array([r.rows.shape[0] for r in full])
-        counts = np.minimum(counts, kept)
         rng = out._rng
+        edges = np.concatenate([[0.0], np.cumsum([r.seen for r in full], dtype=np.float64)])
+        edges *= k / edges[-1]  # stream i's share is [edges[i], edges[i+1]), k in all
+        edges[-1] = k
+        points = rng.random() + np.arange(k)  # one random start, then every 1
+        counts = np.diff(np.searchsorted(points, edges, side="left"))
+        kept = np.array([r.rows.shape[0] for r in full])
+        counts = np.minimum(counts, kept)  # only rounding could ask for more: never by much
         out.rows = np.concatenate(
             [
                 r.rows[rng.choice(r.rows.shape[0], size=c, replace=False)]

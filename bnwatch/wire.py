@@ -162,22 +162,27 @@ def decode_reservoir_rows(text: str, channels: int, limit: int) -> NDArray[np.fl
         arrays = decode_arrays(raw)
     except (binascii.Error, CodecError) as err:
         raise ValueError(f"{what}: not a base64 bnwatch array blob ({err})") from None
+    except ValueError as err:  # b64decode of non-ASCII text: name the field all the same
+        if str(err).startswith(what):
+            raise
+        raise ValueError(f"{what}: not a base64 bnwatch array blob ({err})") from None
     return arrays
 
 
-def decode_moment_blob(text: str, channels: int) -> NDArray[np.float64]:
-    """Decode and check a ``moments`` blob: the 13 :data:`MOMENT_FIELDS` arrays of
-    ``channels`` values, counts whole and non-negative (``ValueError`` naming the field)."""
-    moments = decode_blob(text, len(MOMENT_FIELDS), channels, "moments")
+def decode_moment_blob(text: str, channels: int, what: str = "moments") -> NDArray[np.float64]:
+    """Decode and check a ``moments`` blob (or another field of moments, ``what``: a
+    baseline's): the 13 :data:`MOMENT_FIELDS` arrays of ``channels`` values, counts whole and
+    non-negative (``ValueError`` naming the field)."""
+    moments = decode_blob(text, len(MOMENT_FIELDS), channels, what)
     for name in _NONNEGATIVE_FIELDS:
         if (moments[MOMENT_FIELDS.index(name)] < 0).any():
-            raise ValueError(f"moments: {name} must not be negative")
+            raise ValueError(f"{what}: {name} must not be negative")
     for name in _COUNT_FIELDS:
         values = moments[MOMENT_FIELDS.index(name)]
         if not np.array_equal(values, np.round(values)):
-            raise ValueError(f"moments: {name} must hold whole numbers")
+            raise ValueError(f"{what}: {name} must hold whole numbers")
     if (moments[MOMENT_FIELDS.index("n")] > MAX_COUNT).any():
-        raise ValueError(f"moments: n must not exceed {MAX_COUNT}")
+        raise ValueError(f"{what}: n must not exceed {MAX_COUNT}")
     return moments
 
 
@@ -348,9 +353,11 @@ class WireLayer(BaseModel):
         if self.running is not None:
             self._decoded["running"] = decode_running_blob(self.running, self.channels)
         if self.baseline is not None:
-            self._decoded["baseline"] = decode_blob(
-                self.baseline.moments, len(MOMENT_FIELDS), self.channels, "baseline.moments"
-            )
+            self._decoded["baseline"] = decode_moment_blob(  # held to the same checks:
+                self.baseline.moments,
+                self.channels,
+                "baseline.moments",  # a negative count
+            )  # made the recomputed baseline variance negative, its p-value NaN
         if self.reservoir is not None:
             r = self.reservoir
             limit = min(r.capacity, r.seen)

@@ -240,6 +240,60 @@ def test_reservoir_merge_is_uniform_over_the_union() -> None:
     assert from_a / (300 * 20) == pytest.approx(0.75, abs=0.02)
 
 
+@pytest.mark.parametrize(("cap_a", "cap_b"), [(1, 3), (10, 1), (1, 10), (8, 2)])
+def test_reservoir_merge_of_unequal_capacities_is_uniform_and_symmetric(
+    cap_a: int, cap_b: int
+) -> None:
+    """Two streams of 100 samples: half of the merged rows come from each, whichever side is
+    merged into which (with capacities 1 and 3 the first stream gave 29 %, with 10 and 1 it
+    gave 83 %: the hypergeometric count was clipped to the smaller side)."""
+    shares = []
+    for first, second in ((cap_a, cap_b), (cap_b, cap_a)):
+        from_first = rows = 0
+        for seed in range(400):
+            a = Reservoir(first, 1, seed=seed)
+            a.add(np.zeros((100, 1), dtype=np.float32))
+            b = Reservoir(second, 1, seed=seed + 1000)
+            b.add(np.ones((100, 1), dtype=np.float32))
+            merged = a.merge(b)
+            from_first += int((merged.rows == 0).sum())
+            rows += merged.rows.shape[0]
+        shares.append(from_first / rows)
+    assert shares[0] == pytest.approx(0.5, abs=0.04)
+    assert shares[1] == pytest.approx(0.5, abs=0.04)
+
+
+def test_windows_merged_one_after_another_all_count_alike() -> None:
+    """A monitor's windows pooled one at a time (a long report): the last of 40 windows is in
+    the pooled sample as often as the first (rounding each share the same way every time
+    would leave the small newcomer out, merge after merge)."""
+    hits = np.zeros(40)
+    for seed in range(300):
+        pooled = Reservoir(8, 1, seed=seed)
+        for w in range(40):
+            window = Reservoir(8, 1, seed=seed * 100 + w)
+            window.add(np.full((50, 1), float(w), dtype=np.float32))
+            pooled = pooled.merge(window)
+        hits[pooled.rows[:, 0].astype(int)] += 1
+    expected = 300 * 8 / 40  # 60 per window
+    assert np.all(np.abs(hits - expected) < 5 * np.sqrt(expected))
+    assert abs(hits[:20].sum() - hits[20:].sum()) < 0.1 * hits.sum()
+
+
+def test_reservoirs_of_a_billion_samples_merge() -> None:
+    """numpy's hypergeometric draw refuses 10**9 and more: a layer past a billion samples
+    broke every report over its range."""
+    big = Reservoir(64, 1, seed=0)
+    big.add(np.zeros((64, 1), dtype=np.float32))
+    big.seen = 3 * 10**9
+    small = Reservoir(64, 1, seed=1)
+    small.add(np.ones((64, 1), dtype=np.float32))
+    small.seen = 10**9
+    merged = big.merge(small)
+    assert merged.seen == 4 * 10**9 and merged.rows.shape == (64, 1)
+    assert int((merged.rows == 0).sum()) == 48  # 3/4 of 64, as systematic sampling gives
+
+
 def test_reservoir_rejects_bad_capacity() -> None:
     with pytest.raises(ConfigError, match="capacity"):
         Reservoir(0, 3)

@@ -88,6 +88,14 @@ def blob(arrays: np.ndarray) -> str:
             "count must not be negative",
         ),
         (lambda b: b["windows"][0]["layers"][0].update(moments="not base64!"), "moments", "base64"),
+        (  # a baseline is held to the checks of moments: a negative count made its variance
+            # negative and the recomputed p-value NaN, stored as a reference
+            lambda b: b["windows"][0]["layers"][0].update(
+                baseline={"kind": "warmup", "moments": blob(-np.ones((13, 6)))}
+            ),
+            "windows.0.layers.0",
+            "baseline.moments: count must not be negative",
+        ),
         (lambda b: b["windows"][0].update(uid="a b"), "uid", "letters, digits"),
         (
             lambda b: b["windows"][0].update(end="2020-01-01T00:00:00+00:00"),
@@ -207,6 +215,7 @@ def test_windows_without_reservoirs_stay_valid(records: list[Any]) -> None:
     ("change", "message"),
     [
         ({"rows": "not base64!"}, "reservoir.rows: not a base64 bnwatch array blob"),
+        ({"rows": "\u00e9t\u00e9"}, "reservoir.rows: not a base64 bnwatch array blob"),
         ({"rows": f32_blob(np.zeros((2, 7)))}, "got [2, 7]"),
         # the records' windows saw 16 samples with the default capacity
         ({"rows": f32_blob(np.zeros((40, 6)))}, f"expected at most {min(16, RESERVOIR)} rows"),

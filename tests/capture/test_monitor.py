@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
+import json
 import logging
 import math
+import re
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,7 +25,12 @@ from bnwatch.capture.accumulator import LayerAccumulator
 from bnwatch.capture.discovery import discover
 from bnwatch.capture.monitor import Detached, _Sampler
 from bnwatch.drift import config_account, config_from_account
-from bnwatch.errors import ConfigError, NoBatchNormError, ReferenceMismatchError
+from bnwatch.errors import (
+    ConfigError,
+    NoBatchNormError,
+    ProfileFileError,
+    ReferenceMismatchError,
+)
 from bnwatch.sink import MemorySink
 from tests.capture.helpers import full_watch, reference
 
@@ -1048,6 +1057,64 @@ def test_profile_measures_its_own_data_while_another_thread_serves_the_model() -
     assert got.n_samples == 4 * len(validation)
     np.testing.assert_allclose(got.mean, want["mean"], rtol=1e-6)
     np.testing.assert_allclose(got.var, want["var"], rtol=1e-6)
+
+
+def _edited_profile(source: Path, target: Path, **arrays: Any) -> Path:
+    """A copy of the profile file ``source`` with ``arrays`` replaced (``None``: removed)."""
+    with np.load(source, allow_pickle=False) as data:
+        content = {k: data[k] for k in data.files}
+    for key, value in arrays.items():
+        if value is None:
+            content.pop(key)
+        else:
+            content[key] = value
+    np.savez(target, **content)
+    return target
+
+
+def test_a_file_that_is_no_profile_says_which_and_why(tmp_path: Path) -> None:
+    """Truncated, edited or another kind of file: a ProfileFileError naming the file, not a
+    BadZipFile, KeyError or IndexError -- nor a profile loaded with wrong shapes."""
+    good = bnwatch.profile(small_cnn(), inputs(4), name="cnn", version="1")
+    path = good.save(tmp_path / "good.npz")
+    raw = path.read_bytes()
+    meta = json.loads(np.load(path)["meta"].tobytes())
+    (tmp_path / "cut.npz").write_bytes(raw[: len(raw) // 2])
+    (tmp_path / "text.npz").write_text('{"name": "cnn"}')
+    np.save(tmp_path / "array.npy", np.zeros(3))
+    listed = np.frombuffer(json.dumps([1]).encode(), dtype=np.uint8)
+    channels = good.layers["1"].stats.moments.channels
+    cases = {
+        "cut.npz": "not a profile that Profile.save wrote (BadZipFile",
+        "text.npz": "not a profile that Profile.save wrote",
+        "array.npy": "not a profile that Profile.save wrote",
+        "no-moments.npz": "moments_0",
+        "meta-list.npz": "its meta entry is not a profile's description",
+        "wide-reservoir.npz": f"layer 1 reservoir: expected shape [k, {channels}]",
+        "short-running.npz": f"layer 1 running statistics: expected shape (2, {channels})",
+        "flat-moments.npz": "layer 1 moments: expected shape [13, C], found (13,)",
+    }
+    _edited_profile(path, tmp_path / "no-moments.npz", moments_0=None)
+    _edited_profile(path, tmp_path / "meta-list.npz", meta=listed)
+    _edited_profile(path, tmp_path / "wide-reservoir.npz", reservoir_0=np.zeros((2, channels + 4)))
+    _edited_profile(path, tmp_path / "short-running.npz", running_0=np.zeros((1, channels)))
+    _edited_profile(path, tmp_path / "flat-moments.npz", moments_0=np.zeros(13))
+    assert meta["layers"][0]["layer"] == "1"
+    for name, words in cases.items():
+        with pytest.raises(ProfileFileError, match=re.escape(words)) as info:
+            bnwatch.Profile.load(tmp_path / name)
+        assert str(tmp_path / name) in str(info.value), name
+    with pytest.raises(FileNotFoundError):
+        bnwatch.Profile.load(tmp_path / "missing.npz")
+
+
+def test_a_profile_with_half_its_running_statistics_saves_and_loads(tmp_path: Path) -> None:
+    prof = bnwatch.profile(small_cnn(), inputs(2))
+    layer = prof.layers["1"]
+    half = dataclasses.replace(layer, running_var=None)  # saved as none: both or neither
+    path = dataclasses.replace(prof, layers={**prof.layers, "1": half}).save(tmp_path / "p.npz")
+    back = bnwatch.Profile.load(path)
+    assert back.layers["1"].running_mean is None and back.layers["3.1"].running_var is not None
 
 
 def test_profile_restores_modes_even_when_the_data_raises() -> None:
