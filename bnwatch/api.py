@@ -15,7 +15,7 @@ from torch import nn
 from bnwatch.capture import Monitor, discover
 from bnwatch.capture import profile as _profile
 from bnwatch.capture.discovery import BatchNormLayer, check_layer_paths
-from bnwatch.capture.monitor import watching
+from bnwatch.capture.monitor import default_source, watching
 from bnwatch.drift import DriftConfig
 
 if TYPE_CHECKING:
@@ -353,6 +353,7 @@ def watch(
             source=source,
             keep_inputs=keep_inputs,
             reservoir=reservoir,
+            replacing=_twins(name, version, source or default_source(), layers),
         )
     except BaseException:
         if exporter is not None:
@@ -370,12 +371,23 @@ def watch(
     return monitor
 
 
+def _twins(name: str, version: str, source: str, layers: Sequence[BatchNormLayer]) -> list[Monitor]:
+    """The open monitors a new one of ``name``, ``version`` and ``source`` on ``layers``
+    duplicates (same name, version and source on any of its layers)."""
+    ours = (name, version, source)
+    return [
+        twin
+        for twin in watching(layer.module for layer in layers)
+        if (twin.model_name, twin.version, twin.source) == ours
+    ]
+
+
 def _replace_twins(monitor: Monitor, layers: Sequence[BatchNormLayer]) -> None:
-    """Close the open monitors that ``monitor`` duplicates: the same name, version and source
-    on any of its layers."""
+    """Close the open monitors that ``monitor`` duplicates (their hooks went when its came:
+    :class:`Monitor`'s ``replacing``)."""
     ours = (monitor.model_name, monitor.version, monitor.source)
-    for twin in watching(layer.module for layer in layers):
-        if twin is not monitor and (twin.model_name, twin.version, twin.source) == ours:
+    for twin in _twins(*ours, layers):
+        if twin is not monitor:
             logger.warning(
                 "bnwatch: %s@%s (source %s) was already watched by an open monitor of this "
                 "process -- watch() run again? -- closing it (its last window goes to its "

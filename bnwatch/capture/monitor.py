@@ -35,6 +35,7 @@ per-sample channel means (``LayerReport.reservoir``).
 
 from __future__ import annotations
 
+import atexit
 import collections
 import contextlib
 import dataclasses
@@ -121,6 +122,42 @@ def unwatched(model: nn.Module) -> contextlib.AbstractContextManager[None]:
 
 def _paused(monitor: Monitor) -> bool:
     return monitor in getattr(_PAUSED, "monitors", ())
+
+
+def _window_loop(monitor: weakref.ref[Monitor], stop: threading.Event) -> None:
+    """The window thread: closes a monitor's windows on time, holding it only while it does
+    (so that a monitor nobody refers to any more is collected, and this thread ends)."""
+    wait = 0.0
+    while not stop.wait(timeout=wait):
+        mon = monitor()
+        if mon is None:
+            return
+        wait = min(mon._tick(), 1.0)  # wakes at least every second to see if it is gone
+        del mon
+
+
+def _let_go(sink: Sink, stop: threading.Event) -> None:
+    """A monitor collected without close(): stop its thread, release its sink (draining it)
+    in a thread of its own."""
+    stop.set()
+    threading.Thread(target=release, args=(sink, 30.0), name="bnwatch-release", daemon=True).start()
+
+
+_EXIT_SECONDS = 10.0
+"""How long, at most, an exiting interpreter waits for the open monitors to store their last
+windows."""
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    """An interpreter that exits with monitors open: close them, so their last windows (and
+    the windows their sinks still hold) are stored -- the threads that would have done it are
+    daemons, killed at exit -- within :data:`_EXIT_SECONDS` in all."""
+    deadline = time.monotonic() + _EXIT_SECONDS
+    for mon in list(_LIVE):
+        if not mon.closed:
+            with contextlib.suppress(Exception):
+                mon.close(timeout=max(0.0, deadline - time.monotonic()))
 
 
 ROOT_HOOKS = "(model)"
@@ -684,6 +721,7 @@ class Monitor:
         source: str | None = None,
         keep_inputs: int = 0,
         reservoir: int | None = None,
+        replacing: Sequence[Monitor] = (),
     ) -> None:
         # watch() checks these before it discovers layers or builds a sink; a Monitor built
         # directly must not accept what every write would then fail on
@@ -773,6 +811,11 @@ class Monitor:
         # uWSGI's workers, forked in C): set before the first one is added
         self._pid = os.getpid()
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        # the monitors this one replaces (watch() run again) stop measuring as this one
+        # starts -- both measuring the same forwards in between counted them twice -- and are
+        # closed by the caller once it is running (their last window goes to their sink)
+        for twin in replacing:
+            twin._remove_hooks()
         for idx, layer in enumerate(layers):
             hook = _Hook(_eager(self._bn_hook), idx)
             self._handles.append(layer.module.register_forward_pre_hook(hook))
@@ -788,11 +831,20 @@ class Monitor:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         if self.window_seconds is not None:
+            # the thread holds the monitor weakly: a monitor whose model was dropped without
+            # close() is collected, and its thread ends (it kept both alive for ever)
             self._thread = threading.Thread(
-                target=self._window_loop, name=f"bnwatch-windows-{name}", daemon=True
+                target=_window_loop,
+                args=(weakref.ref(self), self._stop),
+                name=f"bnwatch-windows-{name}",
+                daemon=True,
             )
             self._thread.start()
         acquire(sink)  # shared by several monitors, the sink is closed with the last of them
+        # collected without close(): let the sink go (in a thread of its own: a finalizer
+        # may run in a thread serving the model, which must not wait for a sink to drain)
+        self._finalizer = weakref.finalize(self, _let_go, sink, self._stop)
+        self._finalizer.atexit = False  # at exit, _close_at_exit closes it properly
 
     # -- references ----------------------------------------------------------------------
     def _snapshot_running(self, layer: BatchNormLayer) -> None:
@@ -1000,15 +1052,16 @@ class Monitor:
         self._handles.clear()
 
     # -- windows -------------------------------------------------------------------------
-    def _window_loop(self) -> None:
-        while not self._stop.wait(timeout=max(0.0, self._deadline - time.monotonic())):
-            if time.monotonic() >= self._deadline:
-                try:
-                    self._close_window()
-                except Exception:  # pragma: no cover - logged; the next window tries again
-                    self._window_errors += 1
-                    logger.exception("bnwatch: closing a window failed")
-                    self._deadline = time.monotonic() + (self.window_seconds or 60.0)
+    def _tick(self) -> float:
+        """One turn of the window thread: close the window if it is due; how long to wait."""
+        if time.monotonic() >= self._deadline:
+            try:
+                self._close_window()
+            except Exception:  # pragma: no cover - logged; the next window tries again
+                self._window_errors += 1
+                logger.exception("bnwatch: closing a window failed")
+                self._deadline = time.monotonic() + (self.window_seconds or 60.0)
+        return max(0.0, self._deadline - time.monotonic())
 
     def _close_window(self) -> dict[str, LayerReport]:
         if self._inherited():  # the parent's data, and the parent's sink: not ours to report
@@ -1219,9 +1272,30 @@ class Monitor:
         self._closed = True
         self._remove_hooks()
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+        self._finalizer.detach()  # closed now: nothing left for the collector to do
+        if self._thread is threading.current_thread():  # from a sink's write, say
+            finish = threading.Thread(
+                target=self._finish_close, args=(timeout,), name="bnwatch-close", daemon=True
+            )
+            finish.start()  # after this window, which holds the flush lock, is done
+            return {}
+        return self._finish_close(timeout)
+
+    def _finish_close(self, timeout: float | None) -> dict[str, LayerReport]:
         reports: dict[str, LayerReport] = {}
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():  # stuck in a sink's write, holding the flush lock
+                self._window_errors += 1
+                logger.error(
+                    "bnwatch: the window thread of %s@%s did not finish within %s s (a sink "
+                    "that blocks?): its last window is not closed",
+                    self.model_name,
+                    self.version,
+                    timeout,
+                )
+                release(self._sink, timeout)
+                return reports
         try:
             reports = self._close_window()
         except Exception:

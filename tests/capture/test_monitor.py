@@ -33,6 +33,7 @@ from bnwatch.errors import (
 )
 from bnwatch.sink import MemorySink
 from tests.capture.helpers import full_watch, reference
+from tests.client.conftest import wait_for
 
 
 def small_cnn(seed: int = 0) -> nn.Module:
@@ -185,6 +186,125 @@ def test_watching_a_model_again_closes_the_monitor_it_would_duplicate(
         full_watch(model, window_seconds=-1)
     assert not kept.closed and bn_hooks(model) == 4
     kept.close()
+
+
+def test_the_monitor_watched_again_stops_measuring_before_the_new_one_starts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Both measuring between the new monitor's hooks and the old one's close() counted the
+    forwards of serving threads twice (3.7 % of the samples under load)."""
+    model = small_cnn().eval()
+    first = full_watch(model)
+    hooks_then: list[int] = []
+    remove = type(first)._remove_hooks
+
+    def counting(self: Any) -> None:
+        if self is first and self._handles:
+            hooks_then.append(bn_hooks(model))
+        remove(self)
+
+    monkeypatch.setattr(type(first), "_remove_hooks", counting)
+    second = full_watch(model)
+    assert hooks_then == [4]  # the old monitor's four hooks alone: the new ones came after
+    assert first.closed and bn_hooks(model) == 4
+    second.close()
+
+
+class _CallbackSink(MemorySink):
+    """A sink that runs ``on_write`` on every window (from the monitor's window thread)."""
+
+    def __init__(self, on_write: Any) -> None:
+        super().__init__()
+        self.on_write = on_write
+        self.closes = 0
+
+    def write(self, window: Any) -> None:
+        super().write(window)
+        self.on_write()
+
+    def close(self, timeout: float | None = None) -> None:
+        self.closes += 1
+        super().close(timeout)
+
+
+def test_close_from_the_window_thread_finishes_and_releases_the_sink() -> None:
+    """A sink that closes the monitor from its write (the window thread): close() joined its
+    own thread -- RuntimeError -- and the sink was never released."""
+    model = small_cnn().eval()
+    monitors: list[bnwatch.Monitor] = []
+    sink = _CallbackSink(lambda: monitors[0].close())
+    mon = bnwatch.watch(model, store=sink, window_seconds=0.05, overhead_budget=None)
+    monitors.append(mon)
+    model(inputs(1)[0])
+    assert wait_for(lambda: sink.closes == 1)
+    assert mon.closed and bn_hooks(model) == 0
+    assert wait_for(lambda: not any(t.name.startswith("bnwatch-") for t in threading.enumerate()))
+    assert [w.reports["1"].n_batches for w in sink.windows] == [1]
+    assert mon.close() == {} and sink.closes == 1  # idempotent
+
+
+def test_close_returns_within_its_timeout_when_a_sink_blocks(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A sink whose write never returns holds the window thread: close(timeout) waited for
+    ever (and so did watch() run again, which closes the old monitor)."""
+    release = threading.Event()
+    sink = _CallbackSink(lambda: release.wait(30))
+    model = small_cnn().eval()
+    mon = bnwatch.watch(model, store=sink, window_seconds=0.05, overhead_budget=None)
+    model(inputs(1)[0])
+    assert wait_for(lambda: len(sink.windows) == 1)  # the window thread is in write()
+    started = time.monotonic()
+    with caplog.at_level(logging.ERROR, logger="bnwatch"):
+        mon.close(timeout=0.3)
+    assert time.monotonic() - started < 5
+    assert any("did not finish within 0.3 s" in r.getMessage() for r in caplog.records)
+    assert bn_hooks(model) == 0
+    release.set()
+
+
+def test_a_monitor_whose_model_is_dropped_is_collected_with_its_thread() -> None:
+    """A watched model dropped without close(): the window thread held the monitor, which
+    held the layers -- both lived, and woke, for ever."""
+    import gc
+    import weakref
+
+    model = small_cnn().eval()
+    sink = _CallbackSink(lambda: None)
+    mon = bnwatch.watch(model, name="dropped", store=sink, window_seconds=0.05)
+    model(inputs(1)[0])
+    gone = weakref.ref(mon)
+    del model, mon
+    gc.collect()
+    assert wait_for(lambda: gone() is None and sink.closes == 1)
+    assert wait_for(
+        lambda: not any(t.name == "bnwatch-windows-dropped" for t in threading.enumerate())
+    )
+
+
+def test_windows_are_stored_when_the_interpreter_exits_without_close(tmp_path: Path) -> None:
+    """The window and writer threads are daemons, killed at exit: the last window, and those
+    still queued for the writer, were lost without a word."""
+    import sqlite3
+    import subprocess
+    import sys
+
+    db = tmp_path / "exit.db"
+    script = f"""
+import torch, bnwatch
+model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3)).eval()
+mon = bnwatch.watch(model, store="sqlite:///{db}", window_seconds=60, overhead_budget=None)
+for _ in range(40):
+    model(torch.randn(5, 4))
+mon.flush()  # one window queued for the writer ...
+model(torch.randn(5, 4))  # ... and one open
+"""
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+    with sqlite3.connect(db) as conn:
+        ((windows, samples),) = conn.execute(
+            "SELECT count(*), sum(samples_seen) FROM windows"
+        ).fetchall()
+    assert (windows, samples) == (2, 205)
 
 
 def test_hook_exception_is_counted_logged_once_and_swallowed(
