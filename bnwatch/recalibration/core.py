@@ -34,6 +34,7 @@ every rank ends with identical statistics, judgement and errors
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import sys
@@ -47,7 +48,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnwatch.capture.accumulator import LayerAccumulator
 from bnwatch.capture.discovery import BatchNormLayer, discover
-from bnwatch.capture.monitor import unwatched
+from bnwatch.capture.monitor import unwatched, watching
 from bnwatch.capture.profile import data_errors
 from bnwatch.errors import BnwatchError, ConfigError, ShapeError, check_positive_int
 from bnwatch.inputs import Forward, check_data, check_forward, model_input, whole_batches
@@ -183,6 +184,13 @@ def recalibrate(
     check_data("data", data)
     if held_out is not None:
         check_data("held_out", held_out)
+    live = model
+    if watching(model.modules()):
+        # a watched model is served: its passes run on a copy -- BatchNorm layers normalizing
+        # by batch, with momentum 1, would change what every other thread's forward returns,
+        # and feed their batches into the statistics -- and the live model changes only when
+        # the result is applied
+        model = hook_free_copy(model)
     selected = _select(model, layers)
     target_device = torch.device(device) if device is not None else _model_device(model)
     before = {layer.name: _buffers(layer.module) for layer in selected}
@@ -242,6 +250,8 @@ def recalibrate(
             label_key=label_key,
             device=target_device,
         )
+    if live is not model:  # judged on the copy; applied (and rolled back) on the live model
+        result = result.bound_to(live)
     if apply is True or (apply == "if_better" and result.improved is not False):
         result.apply()
     elif apply == "if_better":
@@ -250,6 +260,18 @@ def recalibrate(
 
 
 # --------------------------------------------------------------------------------------------
+def hook_free_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` without any of its hooks (a monitor's hooks must not run, or
+    be copied, when the copy is recalibrated)."""
+    memo: dict[int, Any] = {}
+    for module in model.modules():
+        for name, value in vars(module).items():
+            hooks = name.endswith(("hooks", "hooks_with_kwargs", "hooks_always_called"))
+            if name.startswith("_") and hooks and isinstance(value, (dict, set)):
+                memo[id(value)] = type(value)()
+    return copy.deepcopy(model, memo)
+
+
 def _select(model: nn.Module, layers: str | Sequence[str] | None) -> list[BatchNormLayer]:
     """The layers to recalibrate: those ``layers`` matches, frozen ones left out -- the layers
     after a frozen BatchNorm were trained on what its fixed statistics make of their input, so

@@ -50,7 +50,8 @@ from bnwatch.triggers.core import (
 )
 
 if TYPE_CHECKING:
-    from bnwatch.triggers.recalibrate import RecalibrateAction, hook_free_copy
+    from bnwatch.recalibration.core import hook_free_copy
+    from bnwatch.triggers.recalibrate import RecalibrateAction
 
 _TORCH = frozenset({"RecalibrateAction", "hook_free_copy"})
 """Names of :mod:`bnwatch.triggers.recalibrate`, imported (with torch) on first use."""

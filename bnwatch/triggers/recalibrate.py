@@ -6,9 +6,7 @@ service's webhook triggers -- imports without torch.
 
 from __future__ import annotations
 
-import copy
 import threading
-from typing import Any
 
 import torch
 from torch import nn
@@ -16,20 +14,8 @@ from torch import nn
 from bnwatch.capture import Monitor
 from bnwatch.errors import ConfigError
 from bnwatch.recalibration import recalibrate
-from bnwatch.recalibration.core import METHODS
+from bnwatch.recalibration.core import METHODS, hook_free_copy
 from bnwatch.triggers.core import MIN_KEPT_INPUTS, Outcome, TriggerEvent
-
-
-def hook_free_copy(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` without any of its hooks (a monitor's hooks must not run, or
-    be copied, when the copy is recalibrated)."""
-    memo: dict[int, Any] = {}
-    for module in model.modules():
-        for name, value in vars(module).items():
-            hooks = name.endswith(("hooks", "hooks_with_kwargs", "hooks_always_called"))
-            if name.startswith("_") and hooks and isinstance(value, (dict, set)):
-                memo[id(value)] = type(value)()
-    return copy.deepcopy(model, memo)
 
 
 class RecalibrateAction:

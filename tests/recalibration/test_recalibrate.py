@@ -6,6 +6,7 @@ import copy
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -535,6 +536,46 @@ def test_a_model_in_train_mode_is_left_as_it_was() -> None:
         for k, v in buffers(model).items():  # the layers left out normalize by batch, too
             assert torch.equal(v, before[k]), (kwargs, k)
         assert model.training and all(m.training for m in model.modules())
+
+
+def test_a_served_model_recalibrated_in_place_serves_unchanged_until_applied() -> None:
+    """A thread serves the watched model while it is recalibrated: its answers stay those of
+    the current statistics (the passes switched the shared layers to batch statistics), the
+    new statistics are those of the data alone (served batches fed them), and the monitor
+    raises no flag -- the passes run on a copy; only apply() touches the live model."""
+    model = net()
+    x = data(1, seed=7)[0]
+    with torch.no_grad():
+        want = model(x)
+    quiet = recalibrate(net(), data(12, shift=2.0), apply=False)
+    served, differed = [0], [0]
+    stop, started = threading.Event(), threading.Event()
+
+    def serve() -> None:
+        with torch.no_grad():
+            while not stop.is_set():
+                differed[0] += int(not torch.equal(model(x), want))
+                served[0] += 1
+                started.set()
+
+    with bnwatch.watch(model, overhead_budget=None, window_seconds=None, name="net") as mon:
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        try:
+            assert started.wait(10)
+            result = recalibrate(model, data(12, shift=2.0), apply=False)
+        finally:
+            stop.set()
+            thread.join(10)
+        reports = mon.flush()
+    assert served[0] > 0 and differed[0] == 0
+    assert not any(r.running_stats_mutated or r.batch_stat_mode for r in reports.values())
+    for ours, alone in zip(result.updates, quiet.updates, strict=True):
+        assert torch.equal(ours.new_mean, alone.new_mean)
+        assert torch.equal(ours.new_var, alone.new_var)
+    assert result.model is model  # bound to the live model: apply() writes there
+    result.apply()
+    assert torch.equal(buffers(model)["1.running_mean"], quiet.updates[0].new_mean)
 
 
 def test_recalibrating_a_watched_model_in_place() -> None:
