@@ -176,6 +176,43 @@ def test_0008_adds_each_sources_thresholds_and_keeps_the_sources(db_url: str) ->
         engine.dispose()
 
 
+def test_0009_counts_the_windows_stored_before_totals_and_sources_existed(db_url: str) -> None:
+    """A database upgraded from 0001-0003 had its windows counted nowhere: 0004 created the
+    totals and sources empty.  As such a database: windows stored, their totals and sources
+    rows gone (deleted at 0008); 0009 counts them as the writer would have."""
+    engine = create_engine(db_url)
+    try:
+        upgrade(engine)
+        repo = Repository(engine)
+        records = record_windows(3)
+        repo.write_windows(records)
+        want_totals, want_sources = repo.totals(), repo.sources()
+        downgrade(engine, "0008")
+        with engine.begin() as conn:
+            conn.execute(sa.text("DELETE FROM layer_totals"))
+            conn.execute(sa.text("DELETE FROM sources"))
+        upgrade(engine)
+        repo = Repository(engine)
+        assert repo.totals() == want_totals  # every counter and batch-size bucket
+        (source,) = repo.sources()
+        (want,) = want_sources
+        assert (source.source, source.windows, source.last_window_end) == (
+            want.source,
+            3,
+            want.last_window_end,
+        )
+        assert source.first_seen == min(r.start for r in records)
+        repo.write_windows(record_windows(1, seed=9))  # and counting goes on from there
+        assert repo.window_count() == 4 * len(records[0].reports)
+        assert {t.layer: t.windows for t in repo.totals()} == {t.layer: 4 for t in want_totals}
+        downgrade(engine, "0008")  # nothing to undo: the rows stay
+        assert {t.layer: t.windows for t in Repository(engine).totals()} == {
+            t.layer: 4 for t in want_totals
+        }
+    finally:
+        engine.dispose()
+
+
 def test_a_window_counting_more_than_2_31_values_is_stored(db_url: str) -> None:
     # a convolution fed NaN input counts billions of non-finite elements within minutes:
     # PostgreSQL refused the row ("integer out of range") while SQLite stored it
