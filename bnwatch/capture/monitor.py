@@ -136,9 +136,12 @@ def _window_loop(monitor: weakref.ref[Monitor], stop: threading.Event) -> None:
         del mon
 
 
-def _let_go(sink: Sink, stop: threading.Event) -> None:
+def _let_go(sink: Sink, stop: threading.Event, pid: int) -> None:
     """A monitor collected without close(): stop its thread, release its sink (draining it)
-    in a thread of its own."""
+    in a thread of its own -- in the process that made it only: a forked child's copy of the
+    sink holds the parent's connections and queue, not its own."""
+    if os.getpid() != pid:
+        return
     stop.set()
     threading.Thread(target=release, args=(sink, 30.0), name="bnwatch-release", daemon=True).start()
 
@@ -843,7 +846,7 @@ class Monitor:
         acquire(sink)  # shared by several monitors, the sink is closed with the last of them
         # collected without close(): let the sink go (in a thread of its own: a finalizer
         # may run in a thread serving the model, which must not wait for a sink to drain)
-        self._finalizer = weakref.finalize(self, _let_go, sink, self._stop)
+        self._finalizer = weakref.finalize(self, _let_go, sink, self._stop, self._pid)
         self._finalizer.atexit = False  # at exit, _close_at_exit closes it properly
 
     # -- references ----------------------------------------------------------------------

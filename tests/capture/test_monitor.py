@@ -282,6 +282,21 @@ def test_a_monitor_whose_model_is_dropped_is_collected_with_its_thread() -> None
     )
 
 
+def test_a_forked_childs_collected_copy_does_not_release_the_parents_sink() -> None:
+    """In a forked child a monitor collected releases nothing: its sink is a copy of the
+    parent's (connections, queue), not the child's to drain."""
+    import os
+
+    from bnwatch.capture.monitor import _let_go
+
+    sink = _CallbackSink(lambda: None)
+    stop = threading.Event()
+    _let_go(sink, stop, os.getpid() + 1)  # made in another process
+    assert not stop.is_set() and sink.closes == 0
+    _let_go(sink, stop, os.getpid())
+    assert stop.is_set() and wait_for(lambda: sink.closes == 1)
+
+
 def test_windows_are_stored_when_the_interpreter_exits_without_close(tmp_path: Path) -> None:
     """The window and writer threads are daemons, killed at exit: the last window, and those
     still queued for the writer, were lost without a word."""
