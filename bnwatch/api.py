@@ -353,7 +353,7 @@ def watch(
             source=source,
             keep_inputs=keep_inputs,
             reservoir=reservoir,
-            replacing=_twins(name, version, source or default_source(), layers),
+            replacing=(twins := _twins(name, version, source or default_source(), layers)),
         )
     except BaseException:
         if exporter is not None:
@@ -362,7 +362,7 @@ def watch(
         raise
     release(sink)  # the monitor (or its exporter) holds the sink now
     # after the new monitor started: a watch() that fails leaves the old one watching
-    _replace_twins(monitor, layers)
+    _close_twins(monitor, twins)
     if recalibrate and pipeline is not None:
         from bnwatch.triggers import RecalibrateAction, Trigger, TriggerPolicy
 
@@ -382,19 +382,19 @@ def _twins(name: str, version: str, source: str, layers: Sequence[BatchNormLayer
     ]
 
 
-def _replace_twins(monitor: Monitor, layers: Sequence[BatchNormLayer]) -> None:
+def _close_twins(monitor: Monitor, twins: Sequence[Monitor]) -> None:
     """Close the open monitors that ``monitor`` duplicates (their hooks went when its came:
     :class:`Monitor`'s ``replacing``)."""
-    ours = (monitor.model_name, monitor.version, monitor.source)
-    for twin in _twins(*ours, layers):
-        if twin is not monitor:
-            logger.warning(
-                "bnwatch: %s@%s (source %s) was already watched by an open monitor of this "
-                "process -- watch() run again? -- closing it (its last window goes to its "
-                "sink) so that the traffic is not stored twice",
-                *ours,
-            )
-            twin.close()
+    for twin in twins:
+        logger.warning(
+            "bnwatch: %s@%s (source %s) was already watched by an open monitor of this "
+            "process -- watch() run again? -- closing it (its last window goes to its sink) "
+            "so that the traffic is not stored twice",
+            monitor.model_name,
+            monitor.version,
+            monitor.source,
+        )
+        twin.close()
 
 
 def report_recalibration(

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bnwatch import __version__
-from bnwatch.errors import BnwatchError
+from bnwatch.errors import BnwatchError, first_line
 
 if TYPE_CHECKING:
     Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -452,7 +452,7 @@ def _build_model(factory: Callable[[], Any], args: argparse.Namespace) -> Any:
         except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
             raise _CommandLineError(
                 f"--checkpoint {args.checkpoint}: not a state_dict torch.load can read "
-                f"({_first_line(err)}); save one with torch.save(model.state_dict(), PATH)"
+                f"({first_line(err)}); save one with torch.save(model.state_dict(), PATH)"
             ) from err
         if not isinstance(state, Mapping):
             raise _CommandLineError(
@@ -468,11 +468,6 @@ def _build_model(factory: Callable[[], Any], args: argparse.Namespace) -> Any:
                 f"{text[:600]}{'...' if len(text) > 600 else ''}"
             ) from err
     return model.eval()
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:300] if text else type(err).__name__
 
 
 def _add_recalibrate(subparsers: Subparsers) -> None:

@@ -213,6 +213,13 @@ class RecalibrationBuffersError(BnwatchError, ValueError):
         super().__init__(message)
 
 
+def first_line(err: BaseException, limit: int = 300) -> str:
+    """The first line of an error's message (at most ``limit`` characters), or its type's
+    name when it has none: what a one-line report of it shows."""
+    text = str(err).strip()
+    return text.splitlines()[0][:limit] if text else type(err).__name__
+
+
 def python_number(value: Any) -> str:
     """What to add to a refusal of a number that is not a Python one (a numpy scalar, whose
     type would follow it into JSON and the store): how to pass it."""

@@ -43,7 +43,7 @@ from pydantic import (
     model_validator,
 )
 
-from bnwatch.codec import CodecError, blob_shape, decode_arrays, encode_arrays, encode_moments
+from bnwatch.codec import blob_shape, decode_arrays, encode_arrays, encode_moments
 from bnwatch.drift import (
     DriftConfig,
     Reference,
@@ -149,24 +149,22 @@ def decode_reservoir_rows(text: str, channels: int, limit: int) -> NDArray[np.fl
     """Decode a base64 float32 codec blob of at most ``limit`` rows of ``channels`` values
     (the shape is checked from the header before anything is allocated)."""
     what = "reservoir.rows"
-    try:
+    try:  # binascii.Error, CodecError and b64decode's error on non-ASCII text: ValueErrors
         raw = base64.b64decode(text, validate=True)
         dtype, rows, cols = blob_shape(raw)
-        if cols != channels or rows > limit:
-            raise ValueError(
-                f"{what}: expected at most {limit} rows (min(capacity, seen)) of {channels} "
-                f"channels, got [{rows}, {cols}]"
-            )
-        if dtype != "<f4":
-            raise ValueError(f"{what}: expected float32 rows (dtype '<f4'), got {dtype!r}")
-        arrays = decode_arrays(raw)
-    except (binascii.Error, CodecError) as err:
+    except ValueError as err:
         raise ValueError(f"{what}: not a base64 bnwatch array blob ({err})") from None
-    except ValueError as err:  # b64decode of non-ASCII text: name the field all the same
-        if str(err).startswith(what):
-            raise
+    if cols != channels or rows > limit:
+        raise ValueError(
+            f"{what}: expected at most {limit} rows (min(capacity, seen)) of {channels} "
+            f"channels, got [{rows}, {cols}]"
+        )
+    if dtype != "<f4":
+        raise ValueError(f"{what}: expected float32 rows (dtype '<f4'), got {dtype!r}")
+    try:
+        return decode_arrays(raw)
+    except ValueError as err:
         raise ValueError(f"{what}: not a base64 bnwatch array blob ({err})") from None
-    return arrays
 
 
 def decode_moment_blob(text: str, channels: int, what: str = "moments") -> NDArray[np.float64]:

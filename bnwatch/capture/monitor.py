@@ -935,9 +935,8 @@ class Monitor:
                 tl.t0 = start
                 tl.hook_time = 0.0
                 tl.measure = (not self._closed) and self._sampler.decide()
-                tl.pending = None  # a call whose forward raised is not kept
-                if tl.measure and self._inputs is not None:
-                    tl.pending = self._inputs.add_call(args, kwargs)
+                if self._inputs is not None:  # (a call whose forward raised is not kept)
+                    tl.pending = self._inputs.add_call(args, kwargs) if tl.measure else None
             tl.depth = depth + 1
             tl.hook_time += time.perf_counter() - start
         except Exception as err:  # never let monitoring break inference

@@ -29,6 +29,7 @@ from pydantic import BaseModel
 from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from bnwatch.errors import first_line
 from bnwatch.schema import SCHEMA_VERSION
 from bnwatch.store.writer import refused_by_database
 
@@ -173,9 +174,7 @@ def is_database_down(err: BaseException) -> bool:
 def _first_line(err: BaseException) -> str:
     """The first line of what the driver said (never SQLAlchemy's statement and parameters:
     a window's arrays)."""
-    orig = getattr(err, "orig", None) or err
-    text = str(orig).strip()
-    return text.splitlines()[0][:200] if text else type(orig).__name__
+    return first_line(getattr(err, "orig", None) or err, 200)
 
 
 def data_refused(err: BaseException) -> ApiError:

@@ -26,8 +26,9 @@ delivered stays ``pending`` until its receiver reports back with
 
 Modules: :mod:`bnwatch.triggers.core` (everything above but the in-process action; imports
 without torch, so a bnwatch service runs webhook triggers) and
-:mod:`bnwatch.triggers.recalibrate` (:class:`RecalibrateAction`, :func:`hook_free_copy`:
-torch), which this package loads only when one of its names is asked for.
+:mod:`bnwatch.triggers.recalibrate` (:class:`RecalibrateAction`: torch; with
+:func:`hook_free_copy`, from :mod:`bnwatch.recalibration.core`), which this package loads only
+when one of these names is asked for.
 """
 
 from __future__ import annotations
@@ -53,13 +54,16 @@ if TYPE_CHECKING:
     from bnwatch.recalibration.core import hook_free_copy
     from bnwatch.triggers.recalibrate import RecalibrateAction
 
-_TORCH = frozenset({"RecalibrateAction", "hook_free_copy"})
-"""Names of :mod:`bnwatch.triggers.recalibrate`, imported (with torch) on first use."""
+_TORCH = {
+    "RecalibrateAction": "bnwatch.triggers.recalibrate",
+    "hook_free_copy": "bnwatch.recalibration.core",
+}
+"""Names that need torch, and their modules: imported on first use."""
 
 
 def __getattr__(name: str) -> Any:
     if name in _TORCH:
-        return getattr(importlib.import_module("bnwatch.triggers.recalibrate"), name)
+        return getattr(importlib.import_module(_TORCH[name]), name)
     raise AttributeError(f"module 'bnwatch.triggers' has no attribute {name!r}")
 
 

@@ -14,7 +14,7 @@ from torch import nn
 from bnwatch.capture import Monitor
 from bnwatch.errors import ConfigError
 from bnwatch.recalibration import recalibrate
-from bnwatch.recalibration.core import METHODS, hook_free_copy
+from bnwatch.recalibration.core import METHODS
 from bnwatch.triggers.core import MIN_KEPT_INPUTS, Outcome, TriggerEvent
 
 
@@ -71,9 +71,10 @@ class RecalibrateAction:
             error = "one kept call: nothing left to judge the recalibration on"
             return Outcome("failed", {"error": error, "data": data})
         with self._lock:
-            clone = hook_free_copy(self.model)
+            # the watched model is measured and judged on a copy, and the result bound to it:
+            # applied (and adopted by the monitor: intended, not a "mutation") only if better
             result = recalibrate(
-                clone,
+                self.model,
                 fit.batches(self.batch_size),
                 num_samples=fit.samples,
                 method=method,  # type: ignore[arg-type]
@@ -83,8 +84,4 @@ class RecalibrateAction:
                 progress=False,
                 forward=kept.forward,
             )
-            if result.status == "applied":
-                live = result.bound_to(self.model)
-                live.apply()  # and adopted by the monitor: intended, not a "mutation"
-                return Outcome("applied", {**result.summary(), "data": data}, live)
-        return Outcome("rejected", {**result.summary(), "data": data}, result)
+        return Outcome(result.status, {**result.summary(), "data": data}, result)
