@@ -20,6 +20,7 @@ from bnwatch.drift import DriftConfig
 
 if TYPE_CHECKING:
     from bnwatch.alerts import AlertConfig
+    from bnwatch.export import MonitorExporter
     from bnwatch.recalibration import RecalibrationResult
     from bnwatch.store.repository import RecalibrationInfo
     from bnwatch.triggers import AlertPipeline, Trigger, TriggerPolicy
@@ -330,13 +331,20 @@ def watch(
     # watch()'s own hold while it builds: a failure below releases it, which closes the sink
     # unless other monitors write to it too
     acquire(sink)
-    exporter: Sink | None = None
+    twins = _twins(name, version, source or default_source(), layers)
+    exporter: MonitorExporter | None = None
+    taken: list[MonitorExporter] = []  # the twins' exporters serving on metrics_port
     try:  # whatever fails from here stops what was started: the writer, the metrics server
         if metrics_port is not None:
             from bnwatch.export import MonitorExporter
 
-            exporter = MonitorExporter(sink)
-            exporter.serve(metrics_port, addr=metrics_addr)
+            # watch() run again: the new exporter goes on with the old one's metrics and,
+            # once the new monitor runs, serves on the old one's port if it is the one asked for
+            earlier = [t.sink for t in twins if isinstance(t.sink, MonitorExporter)]
+            exporter = MonitorExporter(sink, succeeding=earlier[0] if earlier else None)
+            taken = [e for e in earlier if metrics_port and e.serving(metrics_port, metrics_addr)]
+            if not taken:
+                exporter.serve(metrics_port, addr=metrics_addr)
         monitor = Monitor(
             model,
             layers,
@@ -353,7 +361,7 @@ def watch(
             source=source,
             keep_inputs=keep_inputs,
             reservoir=reservoir,
-            replacing=(twins := _twins(name, version, source or default_source(), layers)),
+            replacing=twins,
         )
     except BaseException:
         if exporter is not None:
@@ -361,6 +369,8 @@ def watch(
         release(sink, 0)
         raise
     release(sink)  # the monitor (or its exporter) holds the sink now
+    if exporter is not None:
+        exporter.take_over(taken)
     # after the new monitor started: a watch() that fails leaves the old one watching
     _close_twins(monitor, twins)
     if recalibrate and pipeline is not None:

@@ -48,7 +48,8 @@ import logging
 import math
 import os
 import threading
-from collections.abc import Mapping
+import weakref
+from collections.abc import Mapping, Sequence
 from typing import Literal
 from wsgiref.simple_server import WSGIServer
 
@@ -79,6 +80,24 @@ MULTIPROCESS_MODES: Mapping[str, GaugeMode] = {
 """How each gauge aggregates across processes in multi-process mode (see the module doc)."""
 
 _NOISE_FIELDS = {"batch_noise_d": "rms_d", "batch_noise_log_r": "rms_log_r"}
+
+_METRIC_ATTRIBUTES = (
+    "_layer",
+    "_layer_end",
+    "_samples",
+    "_windows",
+    "_batches",
+    "_nonfinite",
+    "_batch_size",
+    "_overhead",
+    "_dropped",
+    "_hook_errors",
+    "_source_end",
+)
+"""What :meth:`MonitorExporter._register` creates: the metrics a successor shares."""
+
+_open: weakref.WeakSet[MonitorExporter] = weakref.WeakSet()
+"""This process's exporters, to tell whose port a failed bind collided with."""
 
 
 def multiprocess_dir() -> str | None:
@@ -147,17 +166,43 @@ class MonitorExporter:
         ConfigError: the multi-process environment is inconsistent (:func:`multiprocess_dir`).
     """
 
-    def __init__(self, inner: Sink | None = None, *, registry: CollectorRegistry | None = None):
+    def __init__(
+        self,
+        inner: Sink | None = None,
+        *,
+        registry: CollectorRegistry | None = None,
+        succeeding: MonitorExporter | None = None,
+    ):
         self.inner = inner
         self._released = False
+        self._lock = threading.Lock()
+        self._servers: list[tuple[WSGIServer, threading.Thread, str]] = []
+        self._failed = False
+        if succeeding is not None:
+            if registry is not None:
+                raise ValueError(
+                    "registry and succeeding are exclusive: a successor shares its metrics"
+                )
+            self._share(succeeding)
+        else:
+            self.registry = registry if registry is not None else CollectorRegistry()
+            self.multiprocess_dir = multiprocess_dir()
+            self._reported: dict[tuple[str, str, str], tuple[float, float]] = {}
+            self._register()
         if inner is not None:
             acquire(inner)  # released by close(): a sink other monitors share stays open
-        self.registry = registry if registry is not None else CollectorRegistry()
-        self.multiprocess_dir = multiprocess_dir()
-        self._lock = threading.Lock()
-        self._reported: dict[tuple[str, str, str], tuple[float, float]] = {}
-        self._servers: list[tuple[WSGIServer, threading.Thread]] = []
-        self._failed = False
+        _open.add(self)
+
+    def _share(self, other: MonitorExporter) -> None:
+        """The metrics of ``other``, the exporter of the monitor this one's replaces (watch()
+        run again): counters go on from its totals instead of restarting at zero."""
+        self.registry = other.registry
+        self.multiprocess_dir = other.multiprocess_dir
+        self._reported = other._reported
+        for attr in _METRIC_ATTRIBUTES:
+            setattr(self, attr, getattr(other, attr))
+
+    def _register(self) -> None:
         reg = self.registry
         self._layer = {spec.name: _gauge(spec, reg) for spec in names.LAYER_GAUGES}
         self._layer_end = _gauge(names.LAYER_LAST_WINDOW_END, reg)
@@ -260,7 +305,7 @@ class MonitorExporter:
     def urls(self) -> list[str]:
         """Where this exporter serves its metrics (``http://addr:port/metrics``)."""
         out = []
-        for server, _ in self._servers:
+        for server, _, _ in self._servers:
             host = server.server_address[0]
             name = host.decode() if isinstance(host, bytes) else str(host)
             out.append(f"http://{name}:{server.server_port}/metrics")
@@ -291,6 +336,16 @@ class MonitorExporter:
                     port,
                 )
                 return None
+            if err.errno == errno.EADDRINUSE and any(e.serving(port) for e in list(_open)):
+                raise OSError(
+                    err.errno,
+                    f"bnwatch: cannot serve metrics on {addr}:{port}: the port is in use by an "
+                    "open monitor of this process, which serves its metrics there; close it "
+                    "first, choose another metrics_port (0: any free one), or -- the same "
+                    "model, version and source watched again -- pass the same metrics_addr, "
+                    "and the new monitor takes "
+                    "the port over",
+                ) from err
             if err.errno == errno.EADDRINUSE:
                 raise OSError(
                     err.errno,
@@ -301,14 +356,33 @@ class MonitorExporter:
                 ) from err
             raise
         with self._lock:
-            self._servers.append((server, thread))
+            self._servers.append((server, thread, addr))
         return server
+
+    def serving(self, port: int, addr: str | None = None) -> bool:
+        """Whether this exporter serves on ``port`` (as asked for: ``addr`` as passed to
+        :meth:`serve`; ``None``: any)."""
+        with self._lock:
+            return any(
+                server.server_port == port and addr in (None, asked)
+                for server, _, asked in self._servers
+            )
+
+    def take_over(self, predecessors: Sequence[MonitorExporter]) -> None:
+        """Serve what ``predecessors`` serve, which then serve nothing: the hand-over when
+        ``watch()`` runs again and the new monitor's exporter succeeds the old one's (the two
+        share their metrics, so the endpoint's counters go on)."""
+        for other in predecessors:
+            with other._lock:
+                servers, other._servers = other._servers, []
+            with self._lock:
+                self._servers.extend(servers)
 
     def shutdown(self) -> None:
         """Stop every server :meth:`serve` started (the metrics stay readable)."""
         with self._lock:
             servers, self._servers = self._servers, []
-        for server, thread in servers:
+        for server, thread, _ in servers:
             server.shutdown()
             server.server_close()
             thread.join()

@@ -261,14 +261,14 @@ MONITOR_WINDOWS_DROPPED_TOTAL = MetricSpec(
     "counter",
     SOURCE_LABELS,
     "Closed windows the monitor could not deliver to its sink and dropped, as reported by the "
-    "monitor (windows).",
+    "monitor: its running total, which restarts at zero with it (windows).",
 )
 MONITOR_HOOK_ERRORS_TOTAL = MetricSpec(
     "bnwatch_monitor_hook_errors_total",
     "counter",
     SOURCE_LABELS,
     "Exceptions caught inside the monitor's hooks (inference went on), as reported by the "
-    "monitor (errors).",
+    "monitor: its running total, which restarts at zero with it (errors).",
 )
 SOURCE_LAST_WINDOW_END = MetricSpec(
     "bnwatch_source_last_window_end_timestamp_seconds",

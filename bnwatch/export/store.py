@@ -6,7 +6,11 @@ latest window of every layer (layer-level metric columns only, no per-channel ar
 decoded), the per-layer running totals, the per-monitor accounts and the open alerts -- and
 builds metric families from them.  Nothing is cached between scrapes, so every process
 serving ``/metrics`` shows the same numbers, and counters are the store's monotonic totals
-(redelivered windows are counted once there).
+(redelivered windows are counted once there) -- except the two a monitor reports of itself,
+``bnwatch_monitor_windows_dropped_total`` and ``bnwatch_monitor_hook_errors_total``: they are
+its running totals as of its latest window, and restart at zero with the monitor under the
+same ``source``, as a process's own counters do (``rate()`` and ``increase()`` take the drop
+for a counter reset).
 
 A failed read does not fail the scrape: the collector then yields only
 ``bnwatch_store_up 0`` (1 when the reads succeeded), so the ``BnwatchStoreDown`` alert can

@@ -367,3 +367,68 @@ def test_watch_on_a_metrics_port_in_use_says_what_to_do() -> None:
             bnwatch.watch(net, window_seconds=None, metrics_port=port)
     assert "PROMETHEUS_MULTIPROC_DIR" in str(info.value) and "metrics_port" in str(info.value)
     assert not any(m._forward_pre_hooks for m in net.modules())  # nothing left attached
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _scrape(url: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return str(response.read().decode())
+
+
+def test_watch_run_again_on_a_fixed_metrics_port_takes_the_port_over() -> None:
+    """A notebook cell or a reloaded module runs ``watch(..., metrics_port=P)`` again: the old
+    monitor held P, so the new exporter's bind failed (blaming another program) and the old
+    monitor stayed open.  The new monitor now serves on P, and its counters go on."""
+    net = small_cnn()
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/metrics"
+    kwargs = dict(name="cnn", version="1", window_seconds=None, overhead_budget=None)
+    first = bnwatch.watch(net, metrics_port=port, **kwargs)  # type: ignore[arg-type]
+    with torch.no_grad():
+        net(next(iter(batches(1))))
+    first.flush()
+    assert 'bnwatch_windows_total{layer="1",model="cnn",version="1"} 1.0' in _scrape(url)
+    second = bnwatch.watch(net, metrics_port=port, **kwargs)  # type: ignore[arg-type]
+    try:
+        assert first.closed and not first.sink.serving(port)  # type: ignore[attr-defined]
+        assert second.sink.urls == [url]  # type: ignore[attr-defined]
+        with torch.no_grad():
+            net(next(iter(batches(1))))
+        second.flush()
+        assert 'bnwatch_windows_total{layer="1",model="cnn",version="1"} 2.0' in _scrape(url)
+    finally:
+        second.close()
+    with pytest.raises(urllib.error.URLError):  # closing the new one stops the server
+        _scrape(url)
+
+
+def test_watch_on_a_port_an_open_monitor_serves_says_so() -> None:
+    """Another model's open monitor of this process on the port: the error names it, not
+    "another program"; nothing of the failed watch() stays attached."""
+    port = _free_port()
+    other = bnwatch.watch(small_cnn(), name="a", window_seconds=None, metrics_port=port)
+    net = small_cnn()
+    try:
+        with pytest.raises(OSError, match="in use by an open monitor of this process"):
+            bnwatch.watch(net, name="b", window_seconds=None, metrics_port=port)
+        assert not any(m._forward_pre_hooks for m in net.modules())
+        assert other.sink.serving(port)  # type: ignore[attr-defined]
+    finally:
+        other.close()
+
+
+def test_a_successor_shares_its_predecessors_metrics() -> None:
+    first = MonitorExporter()
+    with pytest.raises(ValueError, match="exclusive"):
+        MonitorExporter(registry=CollectorRegistry(), succeeding=first)
+    second = MonitorExporter(succeeding=first)
+    assert second.registry is first.registry and second._samples is first._samples
