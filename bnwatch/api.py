@@ -15,7 +15,7 @@ from torch import nn
 from bnwatch.capture import Monitor, discover
 from bnwatch.capture import profile as _profile
 from bnwatch.capture.discovery import BatchNormLayer, check_layer_paths
-from bnwatch.capture.monitor import default_source, watching
+from bnwatch.capture.monitor import default_source, watching, watching_model
 from bnwatch.drift import DriftConfig
 
 if TYPE_CHECKING:
@@ -331,7 +331,7 @@ def watch(
     # watch()'s own hold while it builds: a failure below releases it, which closes the sink
     # unless other monitors write to it too
     acquire(sink)
-    twins = _twins(name, version, source or default_source(), layers)
+    twins = _twins(model, name, version, source or default_source(), layers)
     exporter: MonitorExporter | None = None
     taken: list[MonitorExporter] = []  # the twins' exporters serving on metrics_port
     try:  # whatever fails from here stops what was started: the writer, the metrics server
@@ -381,15 +381,15 @@ def watch(
     return monitor
 
 
-def _twins(name: str, version: str, source: str, layers: Sequence[BatchNormLayer]) -> list[Monitor]:
-    """The open monitors a new one of ``name``, ``version`` and ``source`` on ``layers``
-    duplicates (same name, version and source on any of its layers)."""
+def _twins(
+    model: nn.Module, name: str, version: str, source: str, layers: Sequence[BatchNormLayer]
+) -> list[Monitor]:
+    """The open monitors a new one of ``name``, ``version`` and ``source`` on ``model``'s
+    ``layers`` duplicates (same name, version and source on any of its layers, or on the
+    model itself: watched again after its layers were replaced)."""
     ours = (name, version, source)
-    return [
-        twin
-        for twin in watching(layer.module for layer in layers)
-        if (twin.model_name, twin.version, twin.source) == ours
-    ]
+    found = dict.fromkeys([*watching(layer.module for layer in layers), *watching_model(model)])
+    return [twin for twin in found if (twin.model_name, twin.version, twin.source) == ours]
 
 
 def _close_twins(monitor: Monitor, twins: Sequence[Monitor]) -> None:

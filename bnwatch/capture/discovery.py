@@ -110,10 +110,7 @@ def discover(
     inc = _patterns("include", include)
     exc = _patterns("exclude", exclude)
     found: list[BatchNormLayer] = []
-    for name, module in model.named_modules():
-        if not isinstance(module, _BatchNorm) and not is_frozen_batchnorm(module):
-            continue
-        qualified = name or ROOT_NAME
+    for qualified, module in batchnorm_modules(model).items():
         if inc is not None and not any(fnmatch.fnmatchcase(qualified, p) for p in inc):
             continue
         if exc is not None and any(fnmatch.fnmatchcase(qualified, p) for p in exc):
@@ -126,6 +123,15 @@ def discover(
     if not found:
         raise NoBatchNormError(type(model).__name__, inc, exc, *_other_norms(model))
     return found
+
+
+def batchnorm_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every BatchNorm layer of ``model`` (frozen ones too), unfiltered, by qualified name."""
+    return {
+        name or ROOT_NAME: module
+        for name, module in model.named_modules()
+        if isinstance(module, _BatchNorm) or is_frozen_batchnorm(module)
+    }
 
 
 _PER_SAMPLE_NORMS = ("LayerNorm", "GroupNorm", "RMSNorm", "InstanceNorm")

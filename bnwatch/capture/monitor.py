@@ -52,7 +52,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from types import TracebackType
+from types import CodeType, TracebackType
 from typing import Any
 
 import numpy as np
@@ -62,7 +62,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parameter import UninitializedBuffer
 
 from bnwatch.capture.accumulator import LayerAccumulator
-from bnwatch.capture.discovery import BatchNormLayer, check_layer_paths
+from bnwatch.capture.discovery import BatchNormLayer, batchnorm_modules, check_layer_paths
 from bnwatch.drift import DriftConfig, Reference, assess_layer, config_account, decide
 from bnwatch.errors import (
     ConfigError,
@@ -100,6 +100,11 @@ def watching(modules: Iterable[nn.Module]) -> list[Monitor]:
         for mon in list(_LIVE)
         if not mon.closed and any(id(layer.module) in wanted for layer in mon._layers)
     ]
+
+
+def watching_model(model: nn.Module) -> list[Monitor]:
+    """The open monitors whose model is ``model`` (their layers may have been replaced since)."""
+    return [mon for mon in list(_LIVE) if not mon.closed and mon._model() is model]
 
 
 @contextlib.contextmanager
@@ -797,6 +802,11 @@ class Monitor:
         self._warned_standalone = False
         self._reached = False  # a layer's hook has run, or we said none did (_check_reached)
         self._model_class = type(model).__name__
+        # to tell when the model's BatchNorm layers change after watch() (_check_layers)
+        self._model = weakref.ref(model)
+        self._names_at_watch = frozenset(batchnorm_modules(model))
+        self._layers_checked_at = 0  # forwards counted when the layers were last compared
+        self._layer_change: tuple[str, ...] = ()  # the change last warned about
 
         self._running: dict[str, Reference] = {}
         self._buffers: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}
@@ -883,6 +893,15 @@ class Monitor:
         if before is None or rm is None or rv is None:
             self._snapshot_running(layer)
             return False
+        if (rm.dtype, rm.device) != (before[0].dtype, before[0].device):
+            # model.half(), .to(torch.bfloat16), .to("cuda") after watch(): the buffers were
+            # cast or moved, not updated -- compared as cast, nothing changed
+            before = (
+                before[0].to(rm.device, rm.dtype),
+                before[1].to(rv.device, rv.dtype),
+                before[2],
+            )
+            self._buffers[layer.name] = before
         changed = (
             _tracked(module) != before[2]
             or not torch.equal(rm.detach(), before[0])
@@ -1077,6 +1096,7 @@ class Monitor:
             # window that does (the counters of layer_totals stay whole)
             forwards = self._sampler.forwards  # before take(): their layers' counts are in it
             taken = self._seen.take()
+            self._check_layers(forwards)
             self._check_reached(forwards, taken)
             seen = [
                 (b + cb, n + cn) for (b, n), (cb, cn) in zip(taken, self._unreported, strict=True)
@@ -1144,6 +1164,43 @@ class Monitor:
                 self._windows_closed += 1
                 self._latest = reports
             return dict(reports)
+
+    def _check_layers(self, forwards: int) -> None:
+        """Warn (once per change) when the model's BatchNorm layers are not those ``watch()``
+        found: replaced (``nn.SyncBatchNorm.convert_sync_batchnorm`` before DDP), removed or
+        added.  Hooks go on the layers found at ``watch()``: a replaced layer went unmeasured
+        without a word, and the only warning blamed ``torch.compile``.  Compared at the close
+        of a window in which the model ran (a walk over its modules)."""
+        if forwards == self._layers_checked_at:
+            return
+        self._layers_checked_at = forwards
+        model = self._model()
+        if model is None:
+            return
+        now = batchnorm_modules(model)
+        replaced = [
+            lay.name for lay in self._layers if now.get(lay.name, lay.module) is not lay.module
+        ]
+        removed = [lay.name for lay in self._layers if lay.name not in now]
+        added = sorted(set(now) - self._names_at_watch)
+        change = tuple(
+            f"{kind} {name}"
+            for kind, names in (("replaced", replaced), ("removed", removed), ("added", added))
+            for name in names
+        )
+        if not change or change == self._layer_change:
+            return
+        self._layer_change = change
+        self._reached = True  # no BatchNorm hook ran: this is why, not a compiled graph
+        shown = ", ".join(change[:6]) + (f" and {len(change) - 6} more" if len(change) > 6 else "")
+        logger.warning(
+            "bnwatch: the BatchNorm layers of %s changed after watch() (%s): hooks are put on "
+            "the layers found when watch() runs, so the new ones are not measured. Run "
+            "bnwatch.watch() again once the model is final (after "
+            "nn.SyncBatchNorm.convert_sync_batchnorm, say): it replaces this monitor",
+            self.model_name,
+            shown,
+        )
 
     def _check_reached(self, forwards: int, taken: Sequence[tuple[int, int]]) -> None:
         """Warn once if whole forwards of the model ran and not one reached a watched layer's
@@ -1336,7 +1393,9 @@ def _eager(fn: Callable[..., None]) -> Callable[..., None]:
     traced -- left out of a graph that must be whole, which cannot break (:func:`_whole_graph`)
     -- and skipped while ``torch.export`` or ``torch.jit.trace`` traces the model: their
     tracing passes are not traffic, a strict export fails on any function the compiler must not
-    trace, and a TorchScript trace warned about every conversion the hook made."""
+    trace, and a TorchScript trace warned about every conversion the hook made.  Calls under a
+    ``torch.func`` transform (``vmap``, ``grad``) are skipped too: the layers see per-example
+    tensors there, which no hook can read, in batches of the per-example size."""
     eager = torch.compiler.disable(fn)  # type: ignore[no-untyped-call]
     # marked here, not where defined: importing torch._dynamo costs a second, disable() pays it
     torch._dynamo.assume_constant_result(_whole_graph)  # type: ignore[no-untyped-call]
@@ -1345,15 +1404,44 @@ def _eager(fn: Callable[..., None]) -> Callable[..., None]:
     exporting = getattr(torch.compiler, "is_exporting", _never)
     compiling = getattr(torch.compiler, "is_compiling", _never)
     tracing = torch.jit.is_tracing  # type: ignore[attr-defined]
+    # inside torch.func.vmap / grad / jacrev the layers see per-example views that no hook
+    # can read (every one raised), and a batch is counted as its per-example size
+    transform = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
+    transformed = transform if transform is not None else _nothing
 
     def hook(*args: Any) -> None:
         if exporting() or tracing():  # type: ignore[no-untyped-call]
             return None
-        if compiling() and _whole_graph():
+        if compiling():
+            if _whole_graph():
+                return None
+        elif transformed() is not None:
             return None
         return eager(*args)  # type: ignore[no-any-return]
 
+    _skip_frame(hook.__code__)
     return hook
+
+
+_frames_skipped: set[CodeType] = set()
+
+
+def _skip_frame(code: CodeType) -> None:
+    """Never let ``torch.compile`` compile ``code`` as a frame of its own.
+
+    Traced inside a compiled forward, the hook wrapper breaks the graph at the eager call, and
+    dynamo then compiled the wrapper itself as a frame -- one code object for every hook, with
+    guards on each call's arguments -- and recompiled it for every hook kind and input shape:
+    the recompile limit was hit, and ``error_on_recompile`` or ``fail_on_recompile_limit_hit``
+    made the *model's* forward raise.  Skipped as a frame, the wrapper runs as plain Python
+    there; dynamo still inlines it when it traces a forward (``fullgraph`` leaves it out).
+    """
+    if code in _frames_skipped:
+        return
+    skip = getattr(getattr(torch._dynamo, "eval_frame", None), "skip_code", None)
+    if skip is not None:  # an older torch compiles the wrapper as before
+        skip(code)
+    _frames_skipped.add(code)
 
 
 def _drop_detached(model: nn.Module) -> None:
@@ -1368,6 +1456,10 @@ def _drop_detached(model: nn.Module) -> None:
 
 def _never() -> bool:
     return False
+
+
+def _nothing() -> None:
+    return None
 
 
 _whole_graph_warned = False
@@ -1442,6 +1534,8 @@ def _channels(module: _BatchNorm) -> int | None:
     rm = module.running_mean
     if isinstance(rm, UninitializedBuffer) or isinstance(module.weight, nn.UninitializedParameter):
         return None
+    if isinstance(module, nn.modules.lazy.LazyModuleMixin):  # not yet its own class again
+        return None  # (a lazy layer without weight or buffers has num_features 0 until then)
     features = getattr(module, "num_features", None)
     if features is None:  # torchvision's frozen BatchNorm: only its buffers say
         return None if rm is None else int(rm.numel())

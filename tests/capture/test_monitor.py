@@ -581,6 +581,52 @@ def test_works_on_a_model_compiled_after_watch() -> None:
     assert mon.stats().hook_errors == {}
 
 
+def test_a_compiled_watched_model_does_not_recompile_the_hooks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """dynamo compiled bnwatch's hook wrapper as a frame of its own (one code object for every
+    hook) and recompiled it for every hook and input shape: eight recompiles over seven
+    forwards hit the recompile limit, and with ``fail_on_recompile_limit_hit`` -- a setting
+    users turn on to catch silent fallbacks -- the model's forward raised."""
+    import torch._dynamo
+
+    torch.compiler.reset()
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    model = small_cnn().eval()
+    mon = full_watch(model)
+    compiled = torch.compile(model)
+    sizes = [4, 4, 6, 1, 8, 3, 12, 2, 5, 7]
+    with torch.no_grad():
+        for n in sizes:
+            compiled(torch.randn(n, 3, 12, 12))
+    reports = mon.flush()
+    mon.close()
+    torch.compiler.reset()
+    assert {k: r.n_samples for k, r in reports.items()} == dict.fromkeys(reports, sum(sizes))
+    assert set(reports) == {"1", "3.1", "7"} and mon.stats().hook_errors == {}
+
+
+def test_calls_under_torch_func_transforms_are_not_measured() -> None:
+    """``torch.func.vmap`` over a watched model made every layer's hook raise (caught and
+    counted as hook errors), counted the forwards as measured, and put each call's
+    per-example batch size into the next window's traffic."""
+    model = small_cnn().eval()
+    mon = full_watch(model)
+    x = torch.randn(5, 2, 3, 12, 12)  # 5 chunks of 2 samples
+    with torch.no_grad():
+        want = torch.stack([model(chunk) for chunk in x])
+        mon.flush()
+        got = torch.func.vmap(model)(x)
+        torch.func.grad(lambda p: model(p).sum())(x[0])
+        assert mon.stats().hook_errors == {} and mon.flush() == {}
+        model(x[0])
+    reports = mon.flush()
+    mon.close()
+    torch.testing.assert_close(got, want)
+    assert {r.stats.samples_seen for r in reports.values()} == {2}
+    assert mon.stats().hook_errors == {}
+
+
 class _Net(nn.Module):
     """A model class of its own, as real models are (not an ``nn.Sequential``)."""
 
@@ -731,6 +777,28 @@ def test_lazy_batchnorm_is_watched_from_its_first_forward() -> None:
     assert r.channels == 4 and r.n_batches == 2
 
 
+@pytest.mark.parametrize("kwargs", [{}, {"affine": False, "track_running_stats": False}])
+def test_an_unmaterialized_lazy_batchnorm_takes_a_reference_profile(
+    kwargs: dict[str, bool],
+) -> None:
+    """A lazy layer without weight or buffers (``affine=False, track_running_stats=False``)
+    has ``num_features`` 0 until its first forward: a matching profile was refused, "0
+    channels in the model but 4 in the reference profile"."""
+    ref = bnwatch.profile(
+        nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, **kwargs)).eval(),
+        inputs(2),
+        name="m",
+        version="1",
+    )
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.LazyBatchNorm2d(**kwargs)).eval()
+    mon = bnwatch.watch(model, reference=ref, window_seconds=None, overhead_budget=None)
+    with torch.no_grad():
+        model(inputs(1)[0])
+    r = mon.flush()["1"]
+    mon.close()
+    assert (r.channels, r.baseline) == (4, "profile")
+
+
 @pytest.mark.parametrize("train", [False, True])
 def test_lazy_batchnorm_first_window_reports_a_mutation_only_in_train_mode(train: bool) -> None:
     # the buffers start from their reset values when the layer materializes; a forward in
@@ -748,6 +816,28 @@ def test_lazy_batchnorm_first_window_reports_a_mutation_only_in_train_mode(train
     assert first.running_stats_mutated is train
     assert first.batch_stat_mode is train
     assert not second.running_stats_mutated
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_casting_the_model_after_watch_is_not_a_mutation(dtype: torch.dtype) -> None:
+    """``model.half()`` after watch(): the buffers were rounded by the cast, not updated, yet
+    the window reported ``running_stats_mutated`` (and the alert told the operator to reload
+    the checkpoint).  A real update after the cast still is one."""
+    model = small_cnn().eval()
+    mon = full_watch(model)
+    with torch.no_grad():
+        model(inputs(1)[0])
+        assert not any(r.running_stats_mutated for r in mon.flush().values())
+        model.to(dtype)
+        model(inputs(1)[0].to(dtype))
+        assert not any(r.running_stats_mutated for r in mon.flush().values())
+        bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+        assert bn.running_mean is not None
+        bn.running_mean.add_(1)
+        model(inputs(1)[0].to(dtype))
+        reports = mon.flush()
+    mon.close()
+    assert [name for name, r in reports.items() if r.running_stats_mutated] == ["1"]
 
 
 def test_a_mutation_in_a_window_that_measured_nothing_is_reported_with_the_next() -> None:
@@ -1402,3 +1492,33 @@ def test_scripted_and_compiled_models_are_refused_with_the_way_out() -> None:
     with pytest.raises(ConfigError, match="_orig_mod"):
         bnwatch.recalibrate(compiled, [torch.randn(16, 3, 2, 2)])
     assert bnwatch.recalibrate(compiled._orig_mod, [torch.randn(16, 3, 2, 2)]).samples == 16
+
+
+def test_layers_replaced_after_watch_are_named_and_watch_again_takes_over(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``nn.SyncBatchNorm.convert_sync_batchnorm(model)`` after watch() (the usual step before
+    DDP) replaces every layer: the next windows were empty without a word, or the one warning
+    blamed torch.compile.  The change is named, once, and watch() run again replaces the
+    monitor whose layers are gone."""
+    model = small_cnn().eval()
+    mon = full_watch(model)
+    with torch.no_grad():
+        model(inputs(1)[0])
+        assert set(mon.flush()) == {"1", "3.1", "7"}
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same root, new 2d layers
+        model.add_module("extra", nn.BatchNorm1d(6))  # run last by the Sequential
+        with caplog.at_level(logging.WARNING, logger="bnwatch"):
+            for _ in range(2):
+                model(inputs(1)[0])
+                assert mon.flush() == {}
+    changed = [r.getMessage() for r in caplog.records if "changed after watch()" in r.getMessage()]
+    assert len(changed) == 1, changed
+    assert "(replaced 1, replaced 3.1, replaced 7, added extra)" in changed[0]
+    assert not any("torch.compile" in r.getMessage() for r in caplog.records)
+    again = full_watch(model)
+    assert mon.closed
+    with torch.no_grad():
+        model(inputs(1)[0])
+    assert set(again.flush()) == {"1", "3.1", "7", "extra"}
+    again.close()
