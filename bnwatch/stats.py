@@ -338,6 +338,12 @@ class ChannelMoments:
         return int(self.n.max()) if self.channels else 0
 
     @property
+    def observed_mean(self) -> F64:
+        """Population mean over all elements, NaN where no element was seen (the ``mean``
+        field holds 0 there, which the merges need; a report must not show it as a mean)."""
+        return np.where(self.count > 0, self.mean, np.nan)
+
+    @property
     def var(self) -> F64:
         """Population variance over all elements (NaN where no element was seen)."""
         with np.errstate(invalid="ignore", divide="ignore"):

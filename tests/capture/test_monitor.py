@@ -1522,3 +1522,24 @@ def test_layers_replaced_after_watch_are_named_and_watch_again_takes_over(
         model(inputs(1)[0])
     assert set(again.flush()) == {"1", "3.1", "7", "extra"}
     again.close()
+
+
+def test_a_channel_with_no_finite_value_reports_no_mean_and_no_shift() -> None:
+    """A dead sensor (every value NaN in one channel) reported mean 0, so ``d`` = -3 and
+    ``d_rms`` 2.1 against running means of 3: a made-up shift, stored and exported.  Its
+    mean, ``d`` and ``kl`` are NaN now, as ``var`` was, and the layer's summaries are the
+    other channels'."""
+    bn = nn.BatchNorm2d(2).eval()
+    assert bn.running_mean is not None
+    bn.running_mean.fill_(3.0)
+    model = nn.Sequential(bn)
+    mon = full_watch(model)
+    x = 3.0 + torch.randn(16, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    x[:, 1] = float("nan")
+    with torch.no_grad():
+        model(x)
+    r = mon.flush()["0"]
+    mon.close()
+    assert r.nonfinite == 256 and np.isnan([r.mean[1], r.var[1], r.d[1], r.kl[1]]).all()
+    assert r.mean[0] == pytest.approx(float(x[:, 0].double().mean()), rel=1e-6)
+    assert r.d_rms == pytest.approx(abs(r.d[0]))

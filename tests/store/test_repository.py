@@ -342,13 +342,13 @@ def test_concurrent_profiles_get_distinct_versions(
 
 def test_one_layers_merged_windows_are_judged_as_among_all_layers(repo: Repository) -> None:
     # the cross-layer level is alpha / L: asked for one layer, L was 1, and this layer's gap
-    # (p = 6.6e-4, alpha / 3 = 3.3e-4) was flagged with ?layer=0 and not without
+    # (p between alpha / 3 = 3.3e-4 and alpha) was flagged with ?layer=0 and not without
     torch.manual_seed(17)
     first = torch.nn.BatchNorm1d(8)
     net = torch.nn.Sequential(first, torch.nn.BatchNorm1d(8), torch.nn.BatchNorm1d(8)).eval()
     assert first.running_mean is not None
     with torch.no_grad():
-        first.running_mean[0] = 0.195  # channel 0 of the first layer is a little off
+        first.running_mean[0] = 0.19  # channel 0 of the first layer is a little off
     sink = MemorySink()
     mon = bnwatch.watch(
         net, name="m", version="17", store=sink, window_seconds=None, overhead_budget=None
