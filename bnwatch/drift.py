@@ -118,23 +118,32 @@ def config_from_account(account: Mapping[str, Any] | None) -> DriftConfig | None
 # Effect sizes (closed forms)
 # --------------------------------------------------------------------------------------
 def standardized_shift(mean: F64, ref_mean: F64, ref_var: F64, eps: float) -> F64:
-    """Batch Renorm's ``d = (mean - μr) / sqrt(σr² + eps)``."""
-    return np.asarray((mean - ref_mean) / np.sqrt(ref_var + eps), dtype=np.float64)
+    """Batch Renorm's ``d = (mean - μr) / sqrt(σr² + eps)`` (±inf against a reference
+    variance of 0 with ``eps`` = 0)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.asarray((mean - ref_mean) / np.sqrt(ref_var + eps), dtype=np.float64)
 
 
 def log_std_ratio(var: F64, ref_var: F64, eps: float) -> F64:
     """Batch Renorm's ``log r = ½ log((var + eps) / (σr² + eps))``."""
-    return np.asarray(0.5 * np.log((var + eps) / (ref_var + eps)), dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.asarray(0.5 * np.log((var + eps) / (ref_var + eps)), dtype=np.float64)
 
 
 def gaussian_kl(mean: F64, var: F64, ref_mean: F64, ref_var: F64, eps: float) -> F64:
     """``KL(N(mean, var) ‖ N(μr, σr²))`` with ``eps`` added to both variances::
 
     KL = ½ [ log(σr²/var) + (var + (mean - μr)²) / σr² - 1 ]
+
+    Against a reference variance of 0 (``eps`` = 0, a channel dead in training) it is +inf,
+    and 0 for a window that matches it exactly.
     """
     v1 = var + eps
     v0 = ref_var + eps
-    return np.asarray(0.5 * (np.log(v0 / v1) + (v1 + (mean - ref_mean) ** 2) / v0 - 1.0))
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        kl = 0.5 * (np.log(v0 / v1) + (v1 + (mean - ref_mean) ** 2) / v0 - 1.0)
+        same = (v1 == 0) & (mean == ref_mean)
+        return np.asarray(np.where(v0 == 0, np.where(same, 0.0, np.inf), kl), dtype=np.float64)
 
 
 def gaussian_w2(mean: F64, var: F64, ref_mean: F64, ref_var: F64, eps: float) -> F64:
@@ -402,8 +411,9 @@ def shift_test(
     df = n0 - 1 if float(np.nanmax(n0, initial=0.0)) < 1000 else None
     p_mean = np.where(testable_mean, two_sided_p(skew_corrected(z, skew), df), np.nan)
     # neither law is right in both tails (see docs/statistics.md): take the larger p-value
-    ratio = (var + eps) / (ref.var + eps)
-    p_lv_f = variance_ratio_p(ratio, df_window, df_ref)
+    with np.errstate(divide="ignore", invalid="ignore"):  # a reference variance of 0, eps 0
+        ratio = (var + eps) / (ref.var + eps)
+        p_lv_f = variance_ratio_p(ratio, df_window, df_ref)
     p_lv = np.where(testable_var, np.maximum(two_sided_p(z_lv, df), p_lv_f), np.nan)
     both = np.concatenate([p_mean, p_lv])
     rejected = benjamini_hochberg(both, config.channel_fdr)

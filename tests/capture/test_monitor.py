@@ -11,6 +11,7 @@ import math
 import re
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -1543,3 +1544,21 @@ def test_a_channel_with_no_finite_value_reports_no_mean_and_no_shift() -> None:
     assert r.nonfinite == 256 and np.isnan([r.mean[1], r.var[1], r.d[1], r.kl[1]]).all()
     assert r.mean[0] == pytest.approx(float(x[:, 0].double().mean()), rel=1e-6)
     assert r.d_rms == pytest.approx(abs(r.d[0]))
+
+
+def test_a_zero_reference_variance_with_eps_zero_is_an_infinite_kl_and_no_warning() -> None:
+    """``eps=0`` and a channel whose running variance is 0 (dead in training): ``kl`` was NaN
+    where it is +inf, and numpy's divide-by-zero warning made ``flush()`` raise under
+    warnings-as-errors -- after the window was taken, so its data was lost."""
+    bn = nn.BatchNorm2d(2, eps=0.0).eval()
+    assert bn.running_var is not None
+    bn.running_var[1] = 0.0
+    model = nn.Sequential(bn)
+    mon = full_watch(model)
+    with torch.no_grad():
+        model(torch.randn(32, 2, 4, 4, generator=torch.Generator().manual_seed(0)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = mon.flush()["0"]
+    mon.close()
+    assert np.isfinite(r.kl[0]) and r.kl[1] == np.inf and np.isinf(r.d[1])
