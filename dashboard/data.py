@@ -303,10 +303,16 @@ class Span:
 
 @st.cache_data(ttl=TTL_SECONDS, show_spinner=False)
 def span(
-    url: str, model: str, version: str, start: datetime | None, end: datetime | None = None
+    url: str,
+    model: str,
+    version: str,
+    start: datetime | None,
+    end: datetime | None = None,
+    layer: str | None = None,
 ) -> Span | None:
-    """:class:`Span` of the model version's windows in ``[start, end)``, or ``None``."""
-    found = repository(url).window_span(model, version, start=start, end=end)
+    """:class:`Span` of the model version's windows in ``[start, end)`` (of one ``layer``'s,
+    when given), or ``None``."""
+    found = repository(url).window_span(model, version, start=start, end=end, layer=layer)
     return Span(*found) if found is not None else None
 
 
@@ -330,6 +336,19 @@ def buckets(
     frame = pd.DataFrame.from_records(rows, columns=list(names))
     frame["bucket_start"] = pd.to_datetime(frame["bucket_start"], utc=True)
     return frame
+
+
+@st.cache_data(ttl=TTL_SECONDS, show_spinner=False)
+def window_counts(
+    url: str, model: str, version: str, start: datetime | None, end: datetime | None = None
+) -> pd.Series:
+    """Windows per layer in ``[start, end)``, in depth order, indexed by layer; a layer
+    without any is left out.  Not every stored layer has windows: a profile records every
+    layer, a monitor given ``exclude=`` stores windows of some only."""
+    frame = buckets(url, model, version, start, end, None, ())
+    return pd.Series(
+        frame["windows"].to_numpy(dtype=int), index=list(frame["layer"]), name="windows"
+    )
 
 
 def heatmap(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
@@ -362,9 +381,12 @@ def sparkline(frame: pd.DataFrame, metric: str) -> list[float]:
 
 @st.cache_data(ttl=TTL_SECONDS, show_spinner=False)
 def latest(url: str, model: str, version: str) -> pd.DataFrame:
-    """The newest window of every layer (depth order, indexed by layer): counts, batch
-    sizes and every metric column."""
-    rows = repository(url).latest_windows(model, version)
+    """The newest window of every layer that has one (depth order, indexed by layer): its
+    depth as stored, counts, batch sizes and every metric column.  The depth is the store's,
+    not the row's position: layers without windows (``exclude=``) have no row."""
+    repo = repository(url)
+    rows = repo.latest_windows(model, version)
+    depth = {layer.name: layer.depth for layer in repo.layers(model, version)}
     frame = pd.DataFrame(
         [
             {
@@ -384,7 +406,7 @@ def latest(url: str, model: str, version: str) -> pd.DataFrame:
             frame[column] = frame[column].astype(bool)
         else:
             frame[column] = pd.to_numeric(frame[column], errors="coerce").astype(float)
-    frame.insert(1, "depth", range(len(frame)))
+    frame.insert(1, "depth", [depth[name] for name in frame["layer"]])
     return frame.set_index("layer")
 
 
@@ -393,13 +415,14 @@ def batch_size_counts(
     url: str, model: str, version: str, start: datetime | None, end: datetime | None = None
 ) -> pd.DataFrame:
     """Batches measured per batch size in ``[start, end)`` as ``batch_size``, ``batches``,
-    ``samples`` -- read from the first layer's windows (every layer sees the same batches)."""
-    repo = repository(url)
-    layers_ = repo.layers(model, version)
+    ``samples`` -- read from the windows of one layer (every layer sees the same batches):
+    the one with most windows in the range, not the first, which may have none (a monitor
+    given ``exclude=`` stores windows of some of the layers a profile recorded)."""
+    per_layer = window_counts(url, model, version, start, end)
     counts: dict[int, int] = {}
-    if layers_:
-        names, rows = repo.metric_rows(
-            model, version, start=start, end=end, layer=layers_[0].name, columns=()
+    if not per_layer.empty:
+        names, rows = repository(url).metric_rows(
+            model, version, start=start, end=end, layer=str(per_layer.idxmax()), columns=()
         )
         at = names.index("batch_sizes")
         for row in rows:

@@ -7,6 +7,8 @@ pages; :func:`current` gives a page the :class:`Context` they make.
 
 from __future__ import annotations
 
+import json
+import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -14,7 +16,9 @@ from datetime import datetime, timedelta
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+import sqlalchemy as sa
 import streamlit as st
+from sqlalchemy.exc import ArgumentError
 
 import data
 from bnwatch.store.engine import redacted
@@ -36,6 +40,33 @@ REFRESH: dict[str, int | None] = {
 _CONTEXT = "bnwatch_context"
 _LAST_RUN = "bnwatch_last_full_run"
 _LAYER = "bnwatch_layer"
+LAYER_KEY = "layer"
+"""The key of the layer pickers' select box (the Layer, Batch size and Reports pages)."""
+_MARKDOWN_PUNCTUATION = re.compile(r"([!-/:-@\[-`{-~])")
+"""Every ASCII punctuation character: CommonMark lets a backslash escape any of them."""
+
+
+def escape_markdown(text: object) -> str:
+    """``text`` as Markdown that renders as itself, for names users chose (models, versions,
+    layers, sources) put into a title, caption or message: those render Markdown, and a
+    version ``2025*06*01 `rc` \\_x`` showed as ``20250601 rc _x`` in italics and code.
+    Every ASCII punctuation character is backslash-escaped (CommonMark allows it for all of
+    them, and which ones start markup depends on where the name lands: ``#``, ``-`` or
+    ``1.`` only at the start of a line, ``$`` is LaTeX and ``:`` a colour directive in
+    Streamlit); line breaks become spaces, so a name cannot end a paragraph."""
+    flat = " ".join(str(text).splitlines())
+    return _MARKDOWN_PUNCTUATION.sub(r"\\\1", flat)
+
+
+def code_span(text: object) -> str:
+    """``text`` as an inline code span (shown verbatim, in monospace): fenced by one backtick
+    more than its longest run of backticks, so a backtick in a name cannot close the span
+    early, and padded with spaces when it starts or ends with one (CommonMark strips one
+    space from each side of such a span)."""
+    flat = " ".join(str(text).splitlines())
+    fence = "`" * (max((len(run) for run in re.findall("`+", flat)), default=0) + 1)
+    pad = " " if flat.startswith("`") or flat.endswith("`") else ""
+    return f"{fence}{pad}{flat}{pad}{fence}"
 
 
 @dataclass(frozen=True)
@@ -82,7 +113,7 @@ def sidebar(url: str, models: pd.DataFrame) -> Context:
         refresh = str(st.selectbox("Auto-refresh", list(REFRESH), index=0, key="auto_refresh"))
         if st.button("Refresh now", help="Read the database again, ignoring the cache."):
             data.clear()
-        st.caption(f"Database: `{redacted(url)}`")
+        st.caption(f"Database: {code_span(redacted(url))}")
     seconds = REFRESH[refresh]
     if seconds:
         _auto_refresh(seconds)
@@ -103,19 +134,52 @@ def _auto_refresh(seconds: int) -> None:
     tick()
 
 
-def layer_picker(layers: pd.DataFrame) -> str:
-    """A layer select box whose choice holds across pages and reruns."""
+def layer_picker(layers: pd.DataFrame, windows: pd.Series | None = None) -> str:
+    """A layer select box whose choice holds across pages and reruns.
+
+    The box has a fixed key: unkeyed, Streamlit derives a widget's id from its arguments, and
+    an ``index`` following the last choice gave it a new id after every change -- the
+    browser's next pick went to the box that was gone, and every second choice was lost.
+    The choice is kept apart from the widget (stored by its ``on_change``) and loaded into
+    the box before it is drawn: a keyed widget's id still depends on the page, and
+    Streamlit drops its state on a page that does not draw it.  Without a choice (or when
+    it is not a layer of this model version) the box starts at the first layer with
+    ``windows`` (windows per layer in the range, :func:`data.window_counts`): a profile
+    records every layer, a monitor given ``exclude=`` stores windows of some only."""
     names = list(layers["layer"])
+    counts = windows if windows is not None else pd.Series(dtype=int)
     remembered = st.session_state.get(_LAYER)
-    index = names.index(remembered) if remembered in names else 0
-    label = {r.layer: f"{r.layer} ({r.kind}, {r.channels} channels)" for r in layers.itertuples()}
-    chosen = st.selectbox("Layer", names, index=index, format_func=label.__getitem__)
+    if remembered not in names:
+        remembered = next((n for n in names if counts.get(n, 0) > 0), names[0])
+    st.session_state[LAYER_KEY] = remembered
+    none = ", no windows in this range" if windows is not None else ""
+    label = {
+        r.layer: f"{r.layer} ({r.kind}, {r.channels} channels{'' if counts.get(r.layer) else none})"
+        for r in layers.itertuples()
+    }
+    chosen = st.selectbox(
+        "Layer", names, format_func=label.__getitem__, key=LAYER_KEY, on_change=_remember_layer
+    )
     st.session_state[_LAYER] = chosen
     return str(chosen)
 
 
+def _remember_layer() -> None:
+    """Keep the layer just picked (a callback: it runs before the script, so the picker
+    loads the new choice, not the one before)."""
+    st.session_state[_LAYER] = st.session_state[LAYER_KEY]
+
+
 def getting_started(url: str, reason: str | None = None) -> None:
-    """What an empty or missing database shows instead of data."""
+    """What an empty or missing database shows instead of data.  The URL is shown with its
+    password hidden, in the code sample too (whoever sees the page need not know it): the
+    sample says to put it back."""
+    shown = redacted(url)
+    try:
+        secret = sa.make_url(url).password is not None
+    except (ArgumentError, ValueError, TypeError):  # redacted() shows no part of it
+        secret = False
+    note = "  # the password is hidden: put it back in place of ***" if secret else ""
     st.title("bnwatch")
     if reason:
         st.subheader("Cannot read this database")
@@ -124,7 +188,7 @@ def getting_started(url: str, reason: str | None = None) -> None:
         st.subheader("No monitored models here yet")
     st.markdown(
         f"""
-The dashboard reads `{redacted(url)}` and found nothing to show. To fill it:
+The dashboard reads {code_span(shown)} and found nothing to show. To fill it:
 
 1. **See it work in one command** -- trains a small CNN on scikit-learn digits and sends it
    clean, corrupted and misconfigured traffic:
@@ -136,7 +200,7 @@ The dashboard reads `{redacted(url)}` and found nothing to show. To fill it:
    ```python
    import bnwatch
    mon = bnwatch.watch(model, name="resnet50", version="2025-06-01",
-                       store="{url}")
+                       store={json.dumps(shown, ensure_ascii=False)}){note}
    ```
 3. **A database created by hand** needs the schema: `bnwatch db upgrade --db URL`.
 
@@ -145,17 +209,34 @@ Pick another database with `bnwatch dashboard --db URL` or `$BNWATCH_DATABASE_UR
     )
 
 
-def no_windows(ctx: Context) -> None:
-    if ctx.start is not None and data.span(ctx.url, ctx.model, ctx.version, None) is not None:
+def no_windows(ctx: Context, layer: str | None = None) -> None:
+    """Why a page has nothing to show, and what would help.  ``layer``: the page shows that
+    layer, which can have no windows while the version has some (a profile records every
+    layer, a monitor given ``exclude=`` stores windows of some only) -- then the message
+    is about the layer, not "no windows yet" about the version."""
+    who = f"{escape_markdown(ctx.model)} @ {escape_markdown(ctx.version)}"
+    if layer is not None and data.span(ctx.url, ctx.model, ctx.version, ctx.start, ctx.end):
+        name = f"Layer {escape_markdown(layer)} of {who}"
+        if ctx.start is not None and data.span(ctx.url, ctx.model, ctx.version, None, None, layer):
+            st.info(
+                f"{name} has no windows in the {ctx.range_label}, other layers have: "
+                "choose a longer time range in the sidebar, or another layer."
+            )
+        else:
+            st.info(
+                f"{name} has no windows, other layers have: no monitor watches this layer "
+                "(one given `watch(..., exclude=...)`, perhaps). Choose another layer."
+            )
+    elif ctx.start is not None and data.span(ctx.url, ctx.model, ctx.version, None) is not None:
         st.info(
-            f"{ctx.model} @ {ctx.version} has no windows in the {ctx.range_label}: "
+            f"{who} has no windows in the {ctx.range_label}: "
             "choose a longer time range in the sidebar."
         )
     else:  # none at all: a longer range cannot help
+        call = f"bnwatch.watch(model, name={ctx.model!r}, version={ctx.version!r}, store=...)"
         st.info(
-            f"{ctx.model} @ {ctx.version} has no windows yet (a reference profile, perhaps): "
-            f"they arrive once a model is watched with `bnwatch.watch(model, name="
-            f"{ctx.model!r}, version={ctx.version!r}, store=...)` and serves traffic."
+            f"{who} has no windows yet (a reference profile, perhaps): they arrive once a "
+            f"model is watched with {code_span(call)} and serves traffic."
         )
 
 
@@ -223,7 +304,9 @@ def thresholds_note(judged: data.Thresholds) -> str:
         return f"at the default DriftConfig ({values}): no monitor reported its thresholds"
     if not judged.differing:
         return f"at the monitors' DriftConfig ({values})"
-    others = ", ".join(judged.differing[:3]) + (", ..." if len(judged.differing) > 3 else "")
+    others = ", ".join(escape_markdown(s) for s in judged.differing[:3]) + (
+        ", ..." if len(judged.differing) > 3 else ""
+    )
     return (
         f"at the newest monitor's DriftConfig ({values}); sources disagree: "
         f"{len(judged.differing)} of {judged.sources} last judged at other thresholds "

@@ -23,7 +23,7 @@ def _label(frame: pd.DataFrame, alert_id: int) -> str:
 def _waiting(rec: RecalibrationInfo) -> str:
     because = f" because of alert #{rec.alert_id}" if rec.alert_id is not None else ""
     return (
-        f"Recalibration #{rec.id} ({rec.method}{because}) was requested at "
+        f"Recalibration #{rec.id} ({ui.escape_markdown(rec.method)}{because}) was requested at "
         f"{ui.format_time(rec.created_at)} and is still waiting to be taken: it will be carried "
         "out as requested, so a second request is not recorded. Once it is taken, you can "
         "request another."
@@ -45,7 +45,10 @@ if kinds:
 if layers:
     shown = shown[shown["layer"].isin(layers)]
 if alerts.empty:
-    st.success(f"{ctx.model} @ {ctx.version} has never raised an alert.")
+    st.success(
+        f"{ui.escape_markdown(ctx.model)} @ {ui.escape_markdown(ctx.version)} "
+        "has never raised an alert."
+    )
 else:
     st.dataframe(
         shown.drop(columns=["model", "version"]),

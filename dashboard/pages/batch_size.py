@@ -65,10 +65,12 @@ else:
 
 st.subheader("Predicted batch noise")
 layers = data.layers(ctx.url, ctx.model, ctx.version)
-layer = ui.layer_picker(layers)
+layer = ui.layer_picker(
+    layers, data.window_counts(ctx.url, ctx.model, ctx.version, ctx.start, ctx.end)
+)
 view = data.channel_view(ctx.url, ctx.model, ctx.version, layer, ctx.start, ctx.end, None)
-if view is None:
-    ui.no_windows(ctx)
+if view is None:  # this layer has none in the range, others have
+    ui.no_windows(ctx, layer)
     st.stop()
 st.caption(
     "If this layer normalized each batch with its own statistics, by how much would they "

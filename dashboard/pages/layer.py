@@ -17,15 +17,17 @@ st.title("Layer")
 if layers.empty:
     ui.no_windows(ctx)
     st.stop()
-layer = ui.layer_picker(layers)
+layer = ui.layer_picker(
+    layers, data.window_counts(ctx.url, ctx.model, ctx.version, ctx.start, ctx.end)
+)
 window_span = data.span(ctx.url, ctx.model, ctx.version, ctx.start, ctx.end)
 if window_span is None:
     ui.no_windows(ctx)
     st.stop()
 seconds = window_span.resolution
 view = data.channel_view(ctx.url, ctx.model, ctx.version, layer, ctx.start, ctx.end, seconds)
-if view is None:
-    ui.no_windows(ctx)
+if view is None:  # this layer has none in the range, others have
+    ui.no_windows(ctx, layer)
     st.stop()
 
 a, b, c, d = st.columns(4)
@@ -37,7 +39,7 @@ JUDGED = f"judged on the whole range merged, {ui.thresholds_note(view.thresholds
 c.metric(
     "Drifted (range)",
     "yes" if view.range_drifted else "no",
-    help=f"vs {view.baseline}; {JUDGED}",
+    help=f"vs {ui.escape_markdown(view.baseline)}; {JUDGED}",
 )
 d.metric(
     "Gap (range)",

@@ -10,7 +10,7 @@ import data
 import ui
 
 ctx = ui.current()
-st.title(f"Model {ctx.model} @ {ctx.version}")
+st.title(f"Model {ui.escape_markdown(ctx.model)} @ {ui.escape_markdown(ctx.version)}")
 
 window_span = data.span(ctx.url, ctx.model, ctx.version, ctx.start, ctx.end)
 if window_span is None:

@@ -23,11 +23,15 @@ layers = data.layers(ctx.url, ctx.model, ctx.version)
 if layers.empty:
     ui.no_windows(ctx)
     st.stop()
-layer = ui.layer_picker(layers)
+windows = data.window_counts(ctx.url, ctx.model, ctx.version, ctx.start, ctx.end)
+layer = ui.layer_picker(layers, windows)
+if not windows.get(layer):  # no production windows to compare with the reference
+    ui.no_windows(ctx, layer)
+    st.stop()
 try:
     report = data.drift_report(ctx.url, ctx.model, ctx.version, layer, ctx.start, ctx.end)
 except (KeyError, ValueError, BnwatchError) as err:
-    st.warning(str(err).strip("'\""))
+    st.warning(ui.escape_markdown(str(err).strip("'\"")))  # it names the model and layer
     st.stop()
 
 a, b, c = st.columns(3)

@@ -4,6 +4,7 @@ real PostgreSQL): no exception, the expected widgets and the values the seed imp
 from __future__ import annotations
 
 import dataclasses
+import html
 import json
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
@@ -15,6 +16,7 @@ import pandas as pd
 import pytest
 import sqlalchemy as sa
 import torch
+from markdown_it import MarkdownIt
 from streamlit.testing.v1 import AppTest
 
 import bnwatch
@@ -91,7 +93,7 @@ def test_overview(app: AppTest) -> None:
 
 def test_model_page(app: AppTest) -> None:
     at = open_page(app, "model")
-    assert at.title[0].value == f"Model {MODEL} @ {VERSION}"
+    assert rendered(at.title[0].value) == f"Model {MODEL} @ {VERSION}"
     assert len(at.get("plotly_chart")) == 2  # heatmap and depth profile
     table = at.dataframe[0].value
     assert list(table.index) == list(LAYERS)  # depth order
@@ -256,7 +258,8 @@ def test_the_layer_page_judges_the_range_at_the_monitors_thresholds(
         assert shown["Drifted (range)"].value == "no"  # the newest source's thresholds
         help_text = shown["Gap (range)"].proto.help
         assert "newest monitor's DriftConfig" in help_text and "min_shift=5," in help_text
-        assert "sources disagree: 1 of 2" in help_text and "default:1" in help_text
+        assert "sources disagree: 1 of 2" in help_text
+        assert "(default:1)" in rendered(help_text)  # a source's name, escaped
     finally:
         data.clear()
         engine.dispose()
@@ -463,3 +466,176 @@ def test_dashboard_never_imports_torch(app_path: Path) -> None:
     )
     subprocess.run([sys.executable, "-c", code, str(app_path.parent)], check=True)
     assert sa  # the module's imports are used
+
+
+def page_text(at: AppTest) -> str:
+    """Everything the app sent to draw the page (every element's protobuf, as text)."""
+
+    def walk(node: Any) -> Iterator[str]:
+        proto = getattr(node, "proto", None)
+        if proto is not None:
+            yield str(proto)
+        for child in getattr(node, "children", {}).values():
+            yield from walk(child)
+
+    return "\n".join([*walk(at.main), *walk(at.sidebar)])
+
+
+def test_an_unreadable_database_keeps_its_password_hidden(
+    app_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The guide redacted the URL in its text but put it in clear into its code sample."""
+    secret = "S3cretPassw0rd"
+    url = f"postgresql+psycopg://postgres:{secret}@127.0.0.1:1/bnwatch"  # nothing listens
+    monkeypatch.setenv(data.DATABASE_ENV, url)
+    at = AppTest.from_file(str(app_path), default_timeout=TIMEOUT)
+    at.run()
+    assert not at.exception
+    assert at.subheader[0].value == "Cannot read this database"
+    assert secret not in page_text(at)
+    guide = " ".join(m.value for m in at.markdown)
+    shown = "postgresql+psycopg://postgres:***@127.0.0.1:1/bnwatch"
+    assert f'store="{shown}")  # the password is hidden: put it back in place of ***' in guide
+
+
+def layer_box(at: AppTest) -> Any:
+    """The page's layer picker (its last select box: the sidebar's come first)."""
+    box = at.selectbox[-1]
+    assert box.label == "Layer"
+    return box
+
+
+def test_the_layer_picker_takes_every_choice_and_keeps_it_across_pages(app: AppTest) -> None:
+    """Unkeyed, the picker's id followed its index (the last choice): every second choice went
+    to the box that was gone and the page stayed on the previous layer."""
+    at = open_page(app, "layer")
+    channels = {"1": "8", "4": "6", "7": str(6 * 36)}
+    for layer in ("4", "7", "1", "4"):
+        layer_box(at).set_value(layer).run()
+        assert not at.exception
+        assert layer_box(at).value == layer
+        assert metrics(at)["Channels"] == channels[layer]
+    layer_box(at).set_value("7").run()
+    for page in ("batch_size", "reports", "model", "layer"):  # the choice holds across pages
+        open_page(at, page)
+        if page != "model":
+            assert layer_box(at).value == "7"
+    assert metrics(at)["Channels"] == channels["7"]
+
+
+@pytest.fixture
+def excluded(db_url: str, app_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[AppTest]:
+    """The seed's CNN profiled (every layer recorded) and watched without its first layer
+    (``exclude="1"``): five windows of layers 4 and 7, batches of 16, none of layer 1."""
+    g = torch.Generator().manual_seed(0)
+    net = cnn()
+    with torch.inference_mode():
+        profile = bnwatch.profile(
+            net, [image_batch(g, 32) for _ in range(8)], name="m", version="v", store=db_url
+        )
+        mon = bnwatch.watch(
+            net,
+            name="m",
+            version="v",
+            reference=profile,
+            store=db_url,
+            exclude="1",
+            window_seconds=None,
+            overhead_budget=None,
+        )
+        for _ in range(5):
+            net(image_batch(g, 16))
+            mon.flush()
+        mon.close()
+    monkeypatch.setenv(data.DATABASE_ENV, db_url)
+    data.clear()
+    at = AppTest.from_file(str(app_path), default_timeout=TIMEOUT)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    yield at
+    data.clear()
+
+
+def test_reads_do_not_assume_every_stored_layer_has_windows(excluded: AppTest, db_url: str) -> None:
+    """Batch sizes were read from the first layer only ("no measured batches"), and the
+    latest windows numbered their depth 0, 1, ... whatever layers had none."""
+    assert list(data.layers(db_url, "m", "v")["layer"]) == list(LAYERS)
+    assert dict(data.window_counts(db_url, "m", "v", None)) == {"4": 5, "7": 5}
+    counts = data.batch_size_counts(db_url, "m", "v", None)
+    assert counts.to_dict("records") == [{"batch_size": 16, "batches": 5, "samples": 80}]
+    latest = data.latest(db_url, "m", "v")
+    stored = data.layers(db_url, "m", "v").set_index("layer")["depth"]
+    assert list(latest.index) == ["4", "7"]
+    assert dict(latest["depth"]) == {"4": stored["4"], "7": stored["7"]} == {"4": 1, "7": 2}
+
+
+@pytest.mark.parametrize("page", ["layer", "batch_size", "reports"])
+def test_a_layer_without_windows_is_not_the_default_and_says_so(
+    excluded: AppTest, page: str
+) -> None:
+    """The pickers started at the first layer, which had no windows, and the pages then said
+    the version "has no windows yet (a reference profile, perhaps)"."""
+    at = open_page(excluded, page)
+    picker = layer_box(at)
+    assert picker.value == "4"  # the first layer with windows
+    assert picker.options[0].endswith(", no windows in this range)")
+    assert not [i for i in at.info if "no windows" in i.value]
+    if page == "batch_size":
+        assert metrics(at)["Batches"] == "5" and metrics(at)["Samples"] == "80"
+    picker.set_value("1").run()
+    assert not at.exception
+    (said,) = [i.value for i in at.info if "no windows" in i.value]
+    assert said.startswith("Layer 1 of m @ v has no windows, other layers have:")
+    assert "exclude=" in said and "yet" not in said
+
+
+MARKDOWN_NAMES = (
+    r"2025*06*01 `rc` \_x <i>",
+    "# m :a: $x$ :red[y] [l](http://x) &amp; ~~s~~",
+    "- v:smile: <b>b</b> 1. ** __u__ | a | ``",
+    "1. first",
+    "> quoted\n= line",
+)
+
+
+def rendered(markdown: str) -> str:
+    """The text a browser shows of Streamlit Markdown (CommonMark: markdown-it-py, which the
+    dev tools install through rich); any tag -- emphasis, code, a link, a heading, a list --
+    means a name turned into markup, and fails."""
+    out = MarkdownIt("commonmark").render(markdown).strip()
+    assert out.startswith("<p>") and out.endswith("</p>"), out
+    assert "<" not in out[3:-4], out
+    return html.unescape(out[3:-4])
+
+
+@pytest.mark.parametrize("name", MARKDOWN_NAMES)
+def test_escaped_markdown_renders_as_typed(name: str) -> None:
+    flat = " ".join(name.splitlines())
+    assert rendered(ui.escape_markdown(name)) == flat
+    assert rendered(f"Model {ui.escape_markdown(name)} @ x") == f"Model {flat} @ x"
+    code = MarkdownIt("commonmark").renderInline(f"run {ui.code_span(name)} now")
+    assert code == f"run <code>{html.escape(flat, quote=False)}</code> now"
+
+
+def test_names_with_markdown_characters_show_as_typed(
+    db_url: str, app_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A version ``2025*06*01 `rc` \\_x <i>`` (bnwatch.watch accepts it) was shown as
+    ``20250601 rc _x <i>``, in italics and code, in the Model page's title and messages."""
+    model, version = "my_model_v2", MARKDOWN_NAMES[0]
+    engine = engine_for(db_url)
+    Repository(engine).write_windows(Monitor(model=model, version=version).records(1))
+    monkeypatch.setenv(data.DATABASE_ENV, db_url)
+    data.clear()
+    try:
+        at = AppTest.from_file(str(app_path), default_timeout=TIMEOUT)
+        at.run()
+        at = open_page(at, "model")
+        assert rendered(at.title[0].value) == f"Model {model} @ {version}"
+        (said,) = at.info  # its one window is older than the default range, last 24 hours
+        assert rendered(said.value).startswith(f"{model} @ {version} has no windows in the ")
+        at = open_page(at, "alerts")
+        assert rendered(at.success[0].value) == f"{model} @ {version} has never raised an alert."
+    finally:
+        data.clear()
+        engine.dispose()
