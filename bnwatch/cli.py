@@ -148,10 +148,16 @@ def duration(text: str) -> timedelta:
     return timedelta(seconds=seconds)
 
 
+def _default_database_url() -> str:
+    """``$BNWATCH_DATABASE_URL``, or :data:`DEFAULT_DATABASE_URL` when it is unset or empty --
+    as the service and the dashboard read it (an empty one is not a URL to refuse as --db)."""
+    return os.environ.get(DATABASE_ENV, "").strip() or DEFAULT_DATABASE_URL
+
+
 def _add_db_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--db",
-        default=os.environ.get(DATABASE_ENV, DEFAULT_DATABASE_URL),
+        default=_default_database_url(),
         metavar="URL",
         help=f"SQLAlchemy database URL (default: ${DATABASE_ENV} or {DEFAULT_DATABASE_URL})",
     )
@@ -354,11 +360,16 @@ def _run_alerts(args: argparse.Namespace) -> int:
     if not alerts:
         print(f"no {'' if state is None else state + ' '}alerts")
         return 0
-    print(f"{'id':>5}  {'state':<9} {'kind':<22} {'model@version':<28} {'layer':<20} opened")
-    for a in alerts:
-        where = f"{a.model}@{a.version}"
+    # columns as wide as their longest entry: a cut version is one --version does not accept
+    # (and two versions cut alike print the same)
+    wheres = [f"{a.model}@{a.version}" for a in alerts]
+    layers = [a.layer or "-" for a in alerts]
+    w = max(len("model@version"), *map(len, wheres))
+    lw = max(len("layer"), *map(len, layers))
+    print(f"{'id':>5}  {'state':<9} {'kind':<22} {'model@version':<{w}} {'layer':<{lw}} opened")
+    for a, where, layer in zip(alerts, wheres, layers, strict=True):
         print(
-            f"{a.id:>5}  {a.state:<9} {a.kind:<22} {where[:28]:<28} {(a.layer or '-')[:20]:<20} "
+            f"{a.id:>5}  {a.state:<9} {a.kind:<22} {where:<{w}} {layer:<{lw}} "
             f"{a.opened_at:%Y-%m-%d %H:%M}"
         )
     return 0
@@ -442,7 +453,7 @@ def _build_model(factory: Callable[[], Any], args: argparse.Namespace) -> Any:
 
     from bnwatch.errors import ConfigError
 
-    model = factory()
+    model = _call_user_code(factory, "--model", args.model)
     if not isinstance(model, torch.nn.Module):
         raise ConfigError("--model", args.model, "a factory returning a torch.nn.Module")
     if args.checkpoint:
@@ -512,10 +523,11 @@ def _add_recalibrate(subparsers: Subparsers) -> None:
     )
     parser.add_argument(
         "--num-samples",
-        type=_positive_int,
+        type=_recalibration_samples,
         default=8192,
         metavar="N",
-        help="use at most N samples of --data (default 8192)",
+        help=f"use at most N samples of --data, N >= {RECALIBRATION_MIN_SAMPLES} (fewer give "
+        "noise, not statistics; default 8192)",
     )
     parser.add_argument(
         "--prior-strength",
@@ -562,15 +574,30 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _recalibration_samples(text: str) -> int:
+    """``recalibrate --num-samples``: refused below the samples a recalibration needs now,
+    not after the run (which would fail, and report a pending recalibration failed)."""
+    value = _non_negative_int(text)
+    if value < RECALIBRATION_MIN_SAMPLES:
+        raise argparse.ArgumentTypeError(
+            f"expected at least {RECALIBRATION_MIN_SAMPLES} samples, got {value}"
+        )
+    return value
+
+
 class _CommandLineError(BnwatchError):
     """A mistake in the command line found only once the model is built: not the run's
     failure (a pending recalibration stays pending, to be run again with the fix)."""
 
 
 def _check_out_dir(out: str | Path) -> None:
-    """``--out`` must name a file in a directory that exists: checked before a long run."""
+    """``--out`` must name a file in a directory that exists -- not a directory, which the
+    write would fail on only after the run (and, with ``--recalibration``, after reporting a
+    command-line mistake as the run's failure): checked before a long run."""
     from bnwatch.errors import ConfigError
 
+    if Path(out).is_dir():
+        raise ConfigError("--out", str(out), "a file name, not an existing directory")
     directory = Path(out).resolve().parent
     if not directory.is_dir():
         raise ConfigError(
@@ -588,13 +615,30 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _call_user_code(function: Callable[[], Any], argument: str, spec: str) -> Any:
+    """``function()`` -- the user's ``--model`` factory or ``--data``/``--held-out`` loader --
+    with what it raises as one line naming the flag: a setup mistake (weights missing on this
+    host, say), not the run's failure, so a pending recalibration stays pending."""
+    try:
+        return function()
+    except Exception as err:
+        raise _CommandLineError(
+            f"{argument} {spec} raised {type(err).__name__}: {first_line(err)}"
+        ) from err
+
+
 def _iterable(obj: object, argument: str, spec: str) -> Any:
     """A loaded ``--data``/``--held-out`` object: the iterable itself, or what calling it
-    returns."""
+    returns -- a class of iterable loaders is called (the class object itself has
+    ``__iter__`` as an attribute, but iterating it is not what was meant)."""
+    from collections.abc import Iterable
+
     from bnwatch.errors import ConfigError
 
-    value = obj() if callable(obj) and not hasattr(obj, "__iter__") else obj
-    if not hasattr(value, "__iter__"):
+    value = obj
+    if not isinstance(obj, Iterable) and callable(obj):
+        value = _call_user_code(obj, argument, spec)
+    if not isinstance(value, Iterable):
         raise ConfigError(
             argument,
             spec,
@@ -625,7 +669,7 @@ def _report_target(args: argparse.Namespace) -> str | None:
         return str(args.service)
     from bnwatch.store.engine import parse_url
 
-    url: str = args.db or os.environ.get(DATABASE_ENV) or DEFAULT_DATABASE_URL
+    url: str = args.db or _default_database_url()
     parse_url(url, argument="--db")
     return url
 
@@ -760,7 +804,7 @@ def _add_profile(subparsers: Subparsers) -> None:
     parser.add_argument("--version", required=True, help="the model version")
     parser.add_argument(
         "--store",
-        default=os.environ.get(DATABASE_ENV, DEFAULT_DATABASE_URL),
+        default=_default_database_url(),
         metavar="URL",
         help="a SQLAlchemy database URL or a bnwatch service's http(s):// URL (default: "
         f"${DATABASE_ENV} or {DEFAULT_DATABASE_URL})",
@@ -795,6 +839,10 @@ def _run_profile(args: argparse.Namespace) -> int:
         raise ConfigError("--no-store", True, "--out PATH too: the profile must go somewhere")
     if args.no_store and args.token is not None:
         raise ConfigError("--token", "<hidden>", "no --token with --no-store")
+    if args.token is not None and not args.no_store and not is_service_url(args.store):
+        raise ConfigError(
+            "--token", "<hidden>", "--store http(s)://... too (a database needs none)"
+        )
     factory, data, forward = _load_code(args)
     if args.out is not None:
         _check_out_dir(args.out)
@@ -986,6 +1034,9 @@ LISTED_CHANNELS = 20
 """``bnwatch report`` names at most this many drifted channels (the report has them all)."""
 REPORT_PLOTS = 64
 """``bnwatch report --plots`` default: :data:`bnwatch.reports.PLOTS` (not imported here: pandas)."""
+RECALIBRATION_MIN_SAMPLES = 16
+"""``bnwatch recalibrate --num-samples`` floor: :data:`bnwatch.recalibration.core.MIN_SAMPLES`,
+the default ``min_samples`` the command runs with (not imported here: torch)."""
 RECALIBRATION_METHODS = ("precise", "mix")
 """``bnwatch recalibrate --method`` choices: :data:`bnwatch.recalibration.METHODS` (not imported
 here: torch)."""
@@ -1025,7 +1076,7 @@ def _add_report(subparsers: Subparsers) -> None:
     )
     parser.add_argument(
         "--alpha",
-        type=float,
+        type=_alpha,
         default=0.05,
         help="chance of flagging any channel when none drifted (default: 0.05)",
     )
@@ -1041,6 +1092,17 @@ def _add_report(subparsers: Subparsers) -> None:
         "--out", required=True, type=Path, metavar="PATH", help="report.html or report.json"
     )
     parser.set_defaults(handler=_run_report)
+
+
+def _alpha(text: str) -> float:
+    """``--alpha``: a probability in (0, 1), refused before the database is opened."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}")
+    return value
 
 
 def _plots(text: str) -> int | None:
@@ -1064,8 +1126,8 @@ def _run_report(args: argparse.Namespace) -> int:
     from bnwatch.store.migrate import engine_for
     from bnwatch.store.repository import Repository
 
-    report_format(args.out)  # a bad suffix or directory fails before any work
-    _check_out_dir(args.out)
+    _check_out_dir(args.out)  # a directory, a missing one or a bad suffix fails before any work
+    report_format(args.out)
     if args.start is not None and args.end is not None and args.end <= args.start:
         raise ConfigError("--to", args.end.isoformat(), f"a time after --from ({args.start})")
     engine = engine_for(args.db, create=False, argument="--db")
@@ -1210,19 +1272,40 @@ def build_parser() -> argparse.ArgumentParser:
 
 _FLAGS = {
     name: "--" + name.replace("_", "-")
-    for name in ("input_key", "num_samples", "prior_strength", "reservoir_size", "layers")
-}
+    for name in (
+        "input_key",
+        "num_samples",
+        "prior_strength",
+        "reservoir_size",
+        "layers",
+        "data",
+        "held_out",
+        "label_key",
+        "token",
+        "store",
+        "alpha",
+    )
+} | {"path": "--out"}
 """Python arguments that the commands pass on from flags of (nearly) the same name: an error
 about one names the flag."""
+_COMMAND_FLAGS = {"recalibrate": {"store": "--service"}}
+"""Where a command passes an argument on from a flag of another name."""
 
 
-def _in_flags(err: BaseException) -> str:
+def _in_flags(err: BaseException, command: str | None = None) -> str:
     """The message of ``err``, naming the command-line flag instead of the Python argument it
     was passed on as (``input_key=None is invalid`` -> ``--input-key is needed``...)."""
     from bnwatch.errors import ConfigError
 
-    if isinstance(err, ConfigError) and err.argument in _FLAGS:
-        flag = _FLAGS[err.argument]
+    core = sys.modules.get("bnwatch.recalibration.core")  # loaded if it raised this
+    if core is not None and isinstance(err, core.NotEnoughDataError):  # no --min-samples
+        return (
+            f"recalibration saw {err.seen} samples but needs at least {err.needed}: pass more "
+            "data with --data"
+        )
+    flags = _FLAGS | _COMMAND_FLAGS.get(command or "", {})
+    if isinstance(err, ConfigError) and err.argument in flags:
+        flag = flags[err.argument]
         if err.value is None:
             return f"{flag} is needed: expected {err.allowed}"
         return str(ConfigError(flag, err.value, err.allowed))
@@ -1243,7 +1326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handler(args)
     except (BnwatchError, OSError) as err:
-        print(f"{PROG} {args.command}: error: {_in_flags(err)}", file=sys.stderr)
+        print(f"{PROG} {args.command}: error: {_in_flags(err, args.command)}", file=sys.stderr)
         return 1
     except Exception as err:
         if type(err).__module__.split(".")[0] in ("sqlalchemy", "alembic", "psycopg"):

@@ -144,3 +144,26 @@ def test_runs_as_a_module() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"bnwatch {bnwatch.__version__}"
+
+
+@pytest.mark.parametrize("empty", ["", "  "])
+def test_an_empty_database_variable_is_unset(
+    empty: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``BNWATCH_DATABASE_URL=`` means the default database, as the service reads it -- not a
+    ``--db=''`` the user never passed."""
+    from bnwatch.cli import DEFAULT_DATABASE_URL
+
+    monkeypatch.setenv("BNWATCH_DATABASE_URL", empty)
+    monkeypatch.chdir(tmp_path)
+    parser = build_parser()
+    for argv in (["db", "current"], ["alerts"], ["serve"], ["dashboard"]):
+        assert parser.parse_args(argv).db == DEFAULT_DATABASE_URL, argv
+    report = ["report", "--model", "m", "--version", "1", "--layer", "l", "--out", "r.html"]
+    assert parser.parse_args(report).db == DEFAULT_DATABASE_URL
+    profile = ["profile", "--model", "m:f", "--data", "m:d", "--name", "m", "--version", "1"]
+    assert parser.parse_args(profile).store == DEFAULT_DATABASE_URL
+    assert main(["db", "upgrade"]) == 0
+    assert main(["alerts"]) == 0
+    assert capsys.readouterr().out.endswith("no open alerts\n")
+    assert (tmp_path / "bnwatch.db").is_file()

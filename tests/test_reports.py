@@ -429,7 +429,10 @@ def test_cli_end_to_end_with_a_watched_model(
     [
         (["--model", "nope", "--version", "1", "--layer", "bn"], "no model nope@1 in the store"),
         (["--model", "m", "--version", "1", "--layer", "x"], "layers: bn"),
-        (["--model", "m", "--version", "1", "--layer", "bn", "--out", "r.txt"], ".html or .json"),
+        (
+            ["--model", "m", "--version", "1", "--layer", "bn", "--out", "r.txt"],
+            "--out='r.txt' is invalid: expected a file name ending in .html or .json",
+        ),
         (
             ["--model", "m", "--version", "1", "--layer", "bn", "--from", "2030-01-01"],
             "there is no window of layer 'bn' of m@1 ending in",
@@ -473,6 +476,19 @@ def test_cli_errors_exit_1_without_traceback(
     assert not list(tmp_path.glob("r.*"))
 
 
+def test_cli_refuses_an_out_that_is_a_directory(
+    drifted: Repository, sqlite_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Found before the report is computed, naming --out (the rename failed only after)."""
+    directory = tmp_path / "reports.html"
+    directory.mkdir()
+    what = ["--db", sqlite_url, "--model", "m", "--version", "1", "--layer", "bn"]
+    assert main(["report", *what, "--out", str(directory)]) == 1
+    err = capsys.readouterr().err
+    assert f"--out='{directory}' is invalid: expected a file name, not an existing directory" in err
+    assert "Traceback" not in err and not list(directory.iterdir())
+
+
 def test_cli_plots_option(
     drifted: Repository, sqlite_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -491,6 +507,21 @@ def test_cli_plots_option(
             main(["report", *what, "--plots", bad, "--out", str(tmp_path / "x.html")])
         assert info.value.code == 2
         assert "expected a number of channels >= 0 or 'all'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("alpha", ["2", "0", "1", "-0.1", "nan", "often"])
+def test_cli_alpha_out_of_range_is_a_usage_error(
+    alpha: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Refused as --alpha by argparse (exit 2), before any database is opened."""
+    db = f"sqlite:///{tmp_path / 'none.db'}"
+    what = ["--db", db, "--model", "m", "--version", "1", "--layer", "bn"]
+    with pytest.raises(SystemExit) as info:
+        main(["report", *what, "--alpha", alpha, "--out", str(tmp_path / "r.html")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --alpha: expected a number between 0 and 1, got '{alpha}'" in err
+    assert not list(tmp_path.iterdir())
 
 
 def test_channel_lists_are_cut_for_terminals_not_for_reports() -> None:

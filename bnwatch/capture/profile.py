@@ -10,6 +10,7 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -20,7 +21,7 @@ from bnwatch.capture.monitor import unwatched
 from bnwatch.errors import BnwatchError, ConfigError, ShapeError, check_positive_int
 from bnwatch.inputs import Forward, check_data, check_forward, iter_inputs, whole_batches
 from bnwatch.schema import LayerProfile, Profile, utcnow
-from bnwatch.stats import Reservoir
+from bnwatch.stats import ChannelMoments, Reservoir
 
 logger = logging.getLogger("bnwatch")
 
@@ -56,6 +57,10 @@ def profile(
             e.g. ``lambda model, batch: model(**batch)``; batches are then used whole, and
             ``num_samples`` stops before the first that would pass it (see
             ``bnwatch.recalibrate``).
+
+    Raises:
+        NonFiniteDataError: a layer received fewer than 2 finite values in some channel (its
+            inputs were NaN or infinite there): there is nothing to profile.
     """
     check_positive_int("reservoir_size", reservoir_size)
     if num_samples is not None:
@@ -104,6 +109,7 @@ def profile(
         if stats is None:  # the layer is never reached by this data (e.g. an unused branch)
             unreached.append(layer.name)
             continue
+        check_finite_values("profile data", layer.name, stats.moments)
         reservoir = stats.reservoir or Reservoir(reservoir_size, stats.moments.channels)
         rm, rv = layer.module.running_mean, layer.module.running_var
         out[layer.name] = LayerProfile(
@@ -123,6 +129,41 @@ def profile(
             ", ".join(unreached),
         )
     return Profile(name=name, version=version, created=utcnow(), layers=out)
+
+
+class NonFiniteDataError(BnwatchError, ValueError):
+    """A layer received fewer than 2 finite values in some channel: its inputs there were
+    NaN or infinite, which the statistics exclude, leaving no mean or variance to estimate
+    (a count of 0 would give mean 0 and variance 0: a profile, or running statistics, that
+    look measured but are not).
+
+    Attributes:
+        layer: the layer's qualified name.
+        channels: the channels with fewer than 2 finite values.
+        finite: the fewest finite values any channel received.
+    """
+
+    def __init__(self, what: str, layer: str, channels: list[int], finite: int) -> None:
+        self.layer = layer
+        self.channels = channels
+        self.finite = finite
+        listed = ", ".join(map(str, channels[:8])) + (", ..." if len(channels) > 8 else "")
+        super().__init__(
+            f"{what}: layer {layer!r} received fewer than 2 finite values in "
+            f"{len(channels)} channel{'s' if len(channels) > 1 else ''} ({listed}; the fewest: "
+            f"{finite}): its inputs were NaN or infinite there, so there are no statistics to "
+            "estimate; pass data on which the model computes finite values"
+        )
+
+
+def check_finite_values(what: str, layer: str, moments: ChannelMoments) -> None:
+    """Raise :class:`NonFiniteDataError` when a channel of ``layer`` counted fewer than 2
+    finite elements (``what``: whose data, for the message) -- before anything is stored or
+    applied."""
+    count = np.asarray(moments.count)
+    short = np.flatnonzero(count < 2)
+    if short.size:
+        raise NonFiniteDataError(what, layer, short.tolist(), int(count.min()))
 
 
 @contextlib.contextmanager

@@ -49,7 +49,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from bnwatch.capture.accumulator import LayerAccumulator
 from bnwatch.capture.discovery import BatchNormLayer, discover
 from bnwatch.capture.monitor import unwatched, watching
-from bnwatch.capture.profile import data_errors
+from bnwatch.capture.profile import check_finite_values, data_errors
 from bnwatch.errors import BnwatchError, ConfigError, ShapeError, check_positive_int
 from bnwatch.inputs import Forward, check_data, check_forward, model_input, whole_batches
 from bnwatch.recalibration import distributed
@@ -63,6 +63,9 @@ from bnwatch.stats import MOMENT_FIELDS, ChannelMoments
 
 TENSOR_BATCH = 64
 """Batch size for ``data`` (or ``held_out``) given as one tensor of samples."""
+
+MIN_SAMPLES = 16
+"""Default ``min_samples`` of :func:`recalibrate`: fewer samples give noise, not statistics."""
 
 Method = Literal["precise", "mix"]
 METHODS: tuple[str, ...] = ("precise", "mix")
@@ -113,7 +116,7 @@ def recalibrate(
     input_key: str | None = None,
     forward: Forward | None = None,
     label_key: str | None = None,
-    min_samples: int = 16,
+    min_samples: int = MIN_SAMPLES,
     held_out: Iterable[Any] | None = None,
     apply: bool | Literal["if_better"] = "if_better",
     progress: bool | None = None,
@@ -161,6 +164,8 @@ def recalibrate(
         FrozenLayersError: all of them are frozen (see the module docstring).
         ConfigError: some have no running statistics.
         NotEnoughDataError: fewer than ``min_samples`` samples (on all ranks together).
+        NonFiniteDataError: a layer received fewer than 2 finite values in some channel (its
+            inputs were NaN or infinite); the model is left untouched.
         ShapeError: the data does not fit the model; the model is left untouched.
         RankFailedError: another rank raised; nothing changed on this one either.
     """
@@ -220,6 +225,8 @@ def recalibrate(
                 f"layer {layer.name!r} received no data during recalibration: the model's "
                 "forward does not use it on these inputs (leave it out with layers=)"
             )
+        # all-NaN inputs are excluded, not measured: a count of 0 would write mean 0, var 0
+        check_finite_values("recalibration data", layer.name, m)
         samples = min(m.n_samples, seen)  # a layer reached twice per forward counts twice
         old_mean, old_var = before[layer.name]
         mean, var = _new_statistics(m, old_mean, old_var, method, prior_strength, samples)

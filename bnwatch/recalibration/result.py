@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +20,7 @@ from bnwatch.capture.discovery import ROOT_NAME, BatchNormLayer
 from bnwatch.capture.monitor import unwatched, watching
 from bnwatch.capture.profile import data_errors, measuring
 from bnwatch.drift import Reference, finite_mean, gaussian_kl, rms, standardized_shift
-from bnwatch.errors import ConfigError, ShapeError
+from bnwatch.errors import ConfigError, ShapeError, first_line
 from bnwatch.inputs import Forward, model_input, to_device
 from bnwatch.recalibration import distributed
 from bnwatch.stats import ChannelMoments
@@ -183,9 +186,28 @@ class RecalibrationResult:
         return out
 
     def save(self, path: str | Path) -> Path:
-        """Write :meth:`state_dict` with ``torch.save``."""
+        """Write :meth:`state_dict` with ``torch.save``, atomically: to a temporary file in
+        the same directory, renamed over ``path`` -- a write that fails midway (a full disk)
+        leaves the previous file as it was, not a truncated one that ``torch.load`` refuses.
+
+        Raises:
+            OSError: the file could not be written (torch's own write errors included).
+        """
         out = Path(path)
-        torch.save(self.state_dict(), out)
+        state = self.state_dict()
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+        os.close(fd)
+        try:
+            try:
+                torch.save(state, tmp)
+            except RuntimeError as err:  # torch's writer reports a failed write(2) this way
+                raise OSError(f"could not write {out}: {first_line(err)}") from err
+            os.chmod(tmp, 0o644)  # as a file torch.save creates (mkstemp's is 0o600)
+            os.replace(tmp, out)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
         return out
 
     def summary(self) -> dict[str, Any]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -59,3 +61,35 @@ def frozen_factory() -> nn.Module:
     model: nn.Module = net()
     model.add_module("1", FrozenBatchNorm2d(6))  # replaces the BatchNorm2d in place
     return model
+
+
+def nan_loader() -> list[torch.Tensor]:
+    """Batches without a finite value: nothing to estimate statistics from."""
+    return [torch.full_like(x, float("nan")) for x in data(4)]
+
+
+def raising_factory() -> nn.Module:
+    """A factory that fails on this host (its weights are elsewhere)."""
+    raise ValueError("no weights on this host")
+
+
+def raising_loader() -> list[torch.Tensor]:
+    raise FileNotFoundError("/data/val is not mounted")
+
+
+class LoaderClass:
+    """``--data ...:LoaderClass``: a class whose instances are iterables of batches (an
+    IterableDataset-style loader) -- called, not iterated as the class."""
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        yield from loader()
+
+
+def short_loader() -> list[torch.Tensor]:
+    """8 samples: fewer than a recalibration needs."""
+    return data(1)
+
+
+def string_loader() -> list[str]:
+    """Batches that are not tensors."""
+    return ["a", "b"]

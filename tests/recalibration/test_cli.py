@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import bnwatch
 from bnwatch.cli import RECALIBRATION_METHODS, main
 from bnwatch.recalibration import METHODS
 from bnwatch.store.migrate import engine_for
@@ -102,6 +103,9 @@ def test_recalibrate_runs_a_model_through_forward(
         (["--model", ".relative:factory"], "relative import"),
         (["--data", f"{FIX}:not_iterable"], "an iterable of batches"),
         (["--out", "/nonexistent/dir/bn.pt"], "a file in an existing directory"),
+        (["--data", f"{FIX}:nan_loader"], "layer '1' received fewer than 2 finite values"),
+        (["--out", "."], "--out='.' is invalid: expected a file name, not an existing directory"),
+        (["--data", f"{FIX}:string_loader"], "--data='str' is invalid: expected batches of"),
     ],
 )
 def test_recalibrate_errors_are_clear(
@@ -116,6 +120,43 @@ def test_recalibrate_errors_are_clear(
         argv += [flag, value]
     assert main(argv) == 1
     assert message in capsys.readouterr().err
+    assert not Path(base["--out"]).is_file()
+
+
+def test_a_failed_write_of_out_is_one_line_and_keeps_the_previous_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "bn.pt"
+    argv = ["recalibrate", "--model", f"{FIX}:factory", "--data", f"{FIX}:loader"]
+    assert main([*argv, "--out", str(out)]) == 0
+    good = out.read_bytes()
+
+    def failing(obj: object, f: str) -> None:
+        Path(f).write_bytes(b"PK")
+        raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+
+    monkeypatch.setattr(torch, "save", failing)
+    capsys.readouterr()
+    assert main([*argv, "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err == (
+        f"bnwatch recalibrate: error: could not write {out}: PytorchStreamWriter failed "
+        "writing file data/0: file write failed\n"
+    )
+    assert out.read_bytes() == good and [p.name for p in tmp_path.iterdir()] == ["bn.pt"]
+
+
+def test_a_data_class_is_called_for_its_iterable(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--data naming a class of iterable loaders: instantiated, not iterated as the class."""
+    data = ["--model", f"{FIX}:factory", "--data", f"{FIX}:LoaderClass"]
+    assert main(["recalibrate", *data, "--out", str(tmp_path / "bn.pt")]) == 0
+    assert '"samples": 64' in capsys.readouterr().out
+    out = tmp_path / "p.npz"
+    profile = ["profile", "--name", "m", "--version", "1", "--no-store", "--out", str(out)]
+    assert main([*profile, *data]) == 0
+    assert bnwatch.Profile.load(out).layers["1"].stats.samples_seen == 64
 
 
 def test_alerts_lists_and_evaluates(db_url: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -143,6 +184,32 @@ def test_alerts_lists_and_evaluates(db_url: str, capsys: pytest.CaptureFixture[s
     assert main(["alerts", "--db", db_url, "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert {a["kind"] for a in listed} >= {"no_data"}
+
+
+def test_the_alerts_table_shows_versions_whole(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two versions that share their first 28 characters (bnwatch demo's seed-0-<time>) are
+    two rows with the version --version accepts, not one cut name twice."""
+    url = f"sqlite:///{tmp_path / 'bnwatch.db'}"
+    versions = ["seed-0-20260601T120000.123456Z", "seed-0-20260601T120000.654321Z"]
+    hours_ago = timedelta(hours=2)
+    engine = engine_for(url)
+    for version in versions:
+        records = [
+            dataclasses.replace(r, start=r.start - hours_ago, end=r.end - hours_ago)
+            for r in record_windows(2, name="digits-cnn", version=version)
+        ]
+        Repository(engine).write_windows(records)
+    engine.dispose()
+    assert main(["alerts", "--db", url, "--evaluate"]) == 0
+    lines = capsys.readouterr().out.splitlines()[1:]
+    header, rows = lines[0], lines[1:]
+    shown = {row.split()[3] for row in rows}
+    assert shown == {f"digits-cnn@{v}" for v in versions}
+    start = header.index("model@version")
+    assert all(row[start:].startswith(row.split()[3] + " ") for row in rows)  # aligned
+    assert all(row[header.index("layer") - 1] == " " for row in rows)
 
 
 @pytest.mark.parametrize(
@@ -194,6 +261,40 @@ def test_alerts_reads_the_services_config_variable(
 
 def test_the_cli_offers_every_method() -> None:
     assert RECALIBRATION_METHODS == METHODS  # a copy, so that --help does not import torch
+
+
+def test_num_samples_below_the_floor_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The floor is the one the run would enforce (a copy: --help does not import torch)."""
+    import inspect
+
+    from bnwatch.cli import RECALIBRATION_MIN_SAMPLES
+    from bnwatch.recalibration import recalibrate
+    from bnwatch.recalibration.core import MIN_SAMPLES
+
+    assert RECALIBRATION_MIN_SAMPLES == MIN_SAMPLES
+    assert inspect.signature(recalibrate).parameters["min_samples"].default == MIN_SAMPLES
+    argv = ["recalibrate", "--model", f"{FIX}:factory", "--data", f"{FIX}:loader"]
+    for n in ("1", str(MIN_SAMPLES - 1)):
+        with pytest.raises(SystemExit) as exited:
+            main([*argv, "--out", str(tmp_path / "bn.pt"), "--num-samples", n])
+        assert exited.value.code == 2
+        err = capsys.readouterr().err
+        assert f"argument --num-samples: expected at least {MIN_SAMPLES} samples, got {n}" in err
+    with pytest.raises(SystemExit):
+        main(["recalibrate", "--help"])
+    assert f"N >= {MIN_SAMPLES}" in " ".join(capsys.readouterr().out.split())
+    out = tmp_path / "bn.pt"
+    assert main([*argv, "--out", str(out), "--num-samples", str(MIN_SAMPLES)]) == 0
+    # too little data is the data's fault: no advice about an option the command lacks
+    short = ["recalibrate", "--model", f"{FIX}:factory", "--data", f"{FIX}:short_loader"]
+    assert main([*short, "--out", str(tmp_path / "short.pt")]) == 1
+    err = capsys.readouterr().err
+    assert err == (
+        f"bnwatch recalibrate: error: recalibration saw 8 samples but needs at least "
+        f"{MIN_SAMPLES}: pass more data with --data\n"
+    )
 
 
 def test_models_are_found_from_the_current_directory(
@@ -271,8 +372,14 @@ def test_profile_stores_the_reference_and_writes_the_file(
         (["--data", f"{FIX}:not_iterable"], "an iterable of batches"),
         (["--data", f"{FIX}:wrong"], "profile data"),
         (["--out", "/nonexistent/dir/p.npz"], "a file in an existing directory"),
-        (["--token", "t"], "token"),
+        (["--token", "t"], "--token='<hidden>' is invalid: expected --store http(s)://"),
+        (["--store", "mysql://x/y"], "--store='mysql://x/y' is invalid"),
+        (["--data", f"{FIX}:string_loader"], "--data='str' is invalid: expected batches of"),
         (["--include", "nothing*"], "no BatchNorm layer matches"),
+        (["--data", f"{FIX}:nan_loader"], "layer '1' received fewer than 2 finite values"),
+        (["--out", "."], "--out='.' is invalid: expected a file name, not an existing directory"),
+        (["--data", f"{FIX}:raising_loader"], f"--data {FIX}:raising_loader raised FileNotFound"),
+        (["--model", f"{FIX}:raising_factory"], "raising_factory raised ValueError: no weights"),
     ],
 )
 def test_profile_errors_are_clear_and_store_nothing(

@@ -161,6 +161,23 @@ def test_a_failing_run_is_reported_failed_and_exits_with_its_error(
         ),
         (["--prior-strength", "-1"], 2, "expected a finite number >= 0, got '-1'"),
         (["--prior-strength", "nan"], 2, "expected a finite number >= 0, got 'nan'"),
+        (["--num-samples", "10"], 2, "argument --num-samples: expected at least 16 samples"),
+        (["--out", "."], 1, "--out='.' is invalid: expected a file name, not an existing dir"),
+        (
+            ["--model", f"{FIX}:raising_factory"],
+            1,
+            f"error: --model {FIX}:raising_factory raised ValueError: no weights on this host\n",
+        ),
+        (
+            ["--data", f"{FIX}:raising_loader"],
+            1,
+            f"--data {FIX}:raising_loader raised FileNotFoundError: /data/val is not mounted",
+        ),
+        (
+            ["--held-out", f"{FIX}:raising_loader"],
+            1,
+            f"--held-out {FIX}:raising_loader raised FileNotFoundError",
+        ),
     ],
 )
 def test_a_command_line_mistake_is_not_a_failed_recalibration(
@@ -243,7 +260,10 @@ def test_a_checkpoint_that_does_not_fit_is_a_command_line_mistake(
         (["--db", "sqlite:///x.db"], "--recalibration ID as well"),
         (["--service", "http://bnwatch:8000"], "--recalibration ID as well"),
         (["--recalibration", "1", "--token", "t"], "--service URL as well"),
-        (["--recalibration", "1", "--service", "ftp://bnwatch"], "http:// or https:// URL"),
+        (
+            ["--recalibration", "1", "--service", "ftp://bnwatch"],
+            "--service='ftp://bnwatch' is invalid: expected an http:// or https:// URL",
+        ),
         (["--recalibration", "1", "--db", "mysql://x/y"], "SQLite or PostgreSQL"),
     ],
 )

@@ -606,3 +606,58 @@ def test_recalibrating_a_watched_model_in_place() -> None:
             model(data(1)[0])
         assert not any(r.running_stats_mutated for r in mon.flush().values())
     assert mon.stats().hook_errors == {}
+
+
+@pytest.mark.parametrize("method", ["precise", "mix"])
+def test_data_without_finite_values_is_refused_and_the_model_left_untouched(
+    method: str,
+) -> None:
+    """All-NaN inputs are excluded from the statistics: a count of 0 must not become running
+    statistics of mean 0 and variance 0 (the model would divide by sqrt(eps))."""
+    from bnwatch.capture.profile import NonFiniteDataError
+
+    model = net()
+    before = buffers(model)
+    nan = [torch.full((8, 3, 5, 5), float("nan")) for _ in range(4)]
+    with pytest.raises(NonFiniteDataError, match=r"layer '1' received fewer than 2 finite") as e:
+        recalibrate(model, nan, method=method, apply=True)  # type: ignore[arg-type]
+    assert e.value.layer == "1" and e.value.channels == list(range(6)) and e.value.finite == 0
+    for k, v in buffers(model).items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_a_channel_without_finite_values_is_named() -> None:
+    model = nn.Sequential(nn.BatchNorm2d(3)).eval()
+    xs = data(4)
+    for x in xs:
+        x[:, 1] = float("inf")
+    from bnwatch.capture.profile import NonFiniteDataError
+
+    with pytest.raises(NonFiniteDataError, match=r"layer '0' .* in 1 channel \(1; the fewest: 0\)"):
+        recalibrate(model, xs)
+    # finite batches among non-finite ones are enough: those are measured
+    mixed = [*data(4), torch.full((8, 3, 5, 5), float("nan"))]
+    assert recalibrate(model, mixed).status == "applied"
+
+
+def test_a_failed_save_leaves_the_previous_file_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``save`` writes a temporary file and renames it: a write that fails midway (a full
+    disk) neither truncates the previous buffers nor leaves the temporary file behind, and is
+    an OSError naming the file."""
+    out = tmp_path / "bn.pt"
+    result = recalibrate(net(), data(4), apply=False)
+    result.save(out)
+    good = out.read_bytes()
+    assert torch.load(out, weights_only=True).keys() == result.state_dict().keys()
+
+    def failing(obj: object, f: str) -> None:
+        Path(f).write_bytes(good[:100])  # torch's writer got this far
+        raise RuntimeError("[enforce fail at inline_container.cc] . PytorchStreamWriter failed")
+
+    monkeypatch.setattr(torch, "save", failing)
+    with pytest.raises(OSError, match=r"could not write .*bn\.pt: \[enforce fail"):
+        result.save(out)
+    assert out.read_bytes() == good
+    assert [p.name for p in tmp_path.iterdir()] == ["bn.pt"]
