@@ -206,12 +206,24 @@ def _seconds(argument: str, value: object) -> float:
 
 
 def _token(token: str | None) -> str | None:
+    """The bearer token: ``token``, else ``$BNWATCH_API_TOKEN`` (blank counts as unset), with
+    surrounding whitespace stripped -- as the service strips its own -- since a secret read
+    from a file ends in a newline; a token still invalid names where it came from."""
+    argument = "token"
     if token is None:
-        token = os.environ.get(TOKEN_ENV) or None
-    if token is None:
-        return None
-    if not isinstance(token, str) or not token.isprintable() or any(c.isspace() for c in token):
-        raise ConfigError("token", "<hidden>", "a non-empty printable string without spaces")
+        argument = f"${TOKEN_ENV}"
+        token = os.environ.get(TOKEN_ENV, "").strip() or None
+        if token is None:
+            return None
+    elif isinstance(token, str):
+        token = token.strip()
+    if (
+        not isinstance(token, str)
+        or not token
+        or not token.isprintable()
+        or any(c.isspace() for c in token)
+    ):
+        raise ConfigError(argument, "<hidden>", "a non-empty printable string without spaces")
     return token
 
 

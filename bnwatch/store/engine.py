@@ -7,6 +7,7 @@ so several processes can write one file; PostgreSQL (``postgresql+psycopg://...`
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from typing import Any
@@ -20,6 +21,17 @@ from bnwatch.errors import BnwatchError, ConfigError
 SUPPORTED = ("sqlite", "postgresql")
 DEFAULT_URL = "sqlite:///bnwatch.db"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+PG_CONNECT_TIMEOUT_SECONDS = 3
+"""How long a PostgreSQL connection attempt may take (libpq's ``connect_timeout``, per address
+tried), unless the URL (``?connect_timeout=``) or ``$PGCONNECT_TIMEOUT`` says otherwise.
+psycopg's own default is 130 s: after a network stall the pool stayed full of attempts to a
+server that no longer answered them, and the service reported the database unreachable for
+two minutes after it was back.  Shorter than the health check's 5 s
+(``bnwatch.service.routes.health.HEALTH_TIMEOUT_SECONDS``), so that ``/healthz`` tells an
+unreachable database from a slow one."""
+POOL_TIMEOUT_SECONDS = 10.0
+"""How long a PostgreSQL read or write waits for a pooled connection before it fails (the
+service answers 503 with ``Retry-After``): SQLAlchemy's default is 30 s."""
 
 
 class SchemaError(BnwatchError, RuntimeError):
@@ -101,7 +113,9 @@ def _journal_mode_wal(cursor: Any) -> None:
 
 
 def create_engine(url: str | URL, *, argument: str = "store", **kwargs: Any) -> Engine:
-    """An engine for a supported URL (SQLite: WAL, busy timeout, foreign keys)."""
+    """An engine for a supported URL (SQLite: WAL, busy timeout, foreign keys; PostgreSQL:
+    connections checked before use, attempts bounded by :data:`PG_CONNECT_TIMEOUT_SECONDS`,
+    waits for a pooled one by :data:`POOL_TIMEOUT_SECONDS`)."""
     parsed = parse_url(url, argument=argument)
     if parsed.get_backend_name() == "sqlite":
         engine = sa.create_engine(
@@ -110,7 +124,15 @@ def create_engine(url: str | URL, *, argument: str = "store", **kwargs: Any) -> 
         sa.event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     kwargs.setdefault("pool_pre_ping", True)
-    return sa.create_engine(parsed, **kwargs)
+    kwargs.setdefault("pool_timeout", POOL_TIMEOUT_SECONDS)
+    connect_args = dict(kwargs.pop("connect_args", None) or {})
+    if not (
+        "connect_timeout" in parsed.query
+        or "connect_timeout" in connect_args
+        or os.environ.get("PGCONNECT_TIMEOUT", "").strip()
+    ):  # a timeout the user chose is theirs
+        connect_args["connect_timeout"] = PG_CONNECT_TIMEOUT_SECONDS
+    return sa.create_engine(parsed, connect_args=connect_args, **kwargs)
 
 
 def lock_for_writing(conn: Connection) -> None:

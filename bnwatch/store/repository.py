@@ -15,6 +15,7 @@ import itertools
 import json
 import logging
 import math
+import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -25,7 +26,7 @@ import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.orm import Session, undefer
+from sqlalchemy.orm import Session, defer, undefer
 from typing_extensions import Unpack
 
 from bnwatch.codec import decode_arrays, decode_moments, encode_arrays, encode_moments
@@ -88,6 +89,9 @@ POOLED_ROWS = 5000
 plenty for a two-sample test, bounded memory for any range."""
 POOL_CHUNK = 256
 """Windows decoded at a time while pooling reservoirs."""
+MERGE_CHUNK = 64
+"""Windows read at a time while merging a range to a resolution (:meth:`Repository.window_page`):
+a window of a 2,048-channel layer holds 208 KiB of statistics."""
 WARMING_UP = "warming_up"
 """The ``baseline`` of windows closed before the drift baseline existed (the warm-up)."""
 
@@ -349,7 +353,8 @@ class StoredWindow:
     """A window of one layer as stored (or merged from stored windows).
 
     ``metrics`` holds the layer-level metrics of :data:`METRIC_COLUMNS`; ``stats`` the full
-    sufficient statistics when they were asked for (``with_stats=True`` or a resolution).
+    sufficient statistics when they were asked for (``with_stats=True``, or a resolution
+    without ``with_stats=False``).
     """
 
     model: str
@@ -377,6 +382,50 @@ class StoredWindow:
         if name in metrics:
             return metrics[name]
         raise AttributeError(name)
+
+
+@dataclass(frozen=True, order=True)
+class WindowKey:
+    """Where a window stands in the order of :meth:`Repository.windows` -- layer depth, layer
+    id, end, window id -- and so the cursor of a page of windows: the next page holds the
+    windows after the last window of this one.  A merged window (one per layer and bucket)
+    has ``id`` 0.  :meth:`token` writes it as text (``depth.layer.end-in-µs.id``, URL-safe),
+    :meth:`parse` reads it back."""
+
+    depth: int
+    layer_id: int
+    end: datetime
+    id: int = 0
+
+    def token(self) -> str:
+        micros = (as_utc(self.end) - _EPOCH) // timedelta(microseconds=1)
+        return f"{self.depth}.{self.layer_id}.{micros}.{self.id}"
+
+    @classmethod
+    def parse(cls, token: str) -> WindowKey:
+        """The key :meth:`token` wrote; :class:`ValueError` for any other text."""
+        parts = token.split(".")
+        if len(parts) != 4 or not all(_KEY_PART.fullmatch(p) for p in parts):
+            raise ValueError(f"{token!r} is not a window key (depth.layer.end.id)")
+        depth, layer_id, micros, window_id = (int(p) for p in parts)
+        try:
+            end = _EPOCH + timedelta(microseconds=micros)
+        except OverflowError:
+            raise ValueError(f"{token!r} is not a window key: its time is out of range") from None
+        return cls(depth, layer_id, end, window_id)
+
+
+_KEY_PART = re.compile(r"-?[0-9]{1,19}")
+
+
+@dataclass(frozen=True, eq=False)
+class WindowPage:
+    """Windows in the order of :meth:`Repository.windows`, at most as many as asked for;
+    ``next`` is the key to pass as ``after`` for the windows that follow (``None``: there are
+    none)."""
+
+    windows: list[StoredWindow]
+    next: WindowKey | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -1502,8 +1551,11 @@ class Repository:
         end: datetime | None = None,
         source: str | None = None,
         resolution: timedelta | float | None = None,
-        with_stats: bool = False,
+        with_stats: bool | None = None,
+        reservoirs: bool = True,
         config: DriftConfig | None = None,
+        limit: int | None = None,
+        after: WindowKey | None = None,
     ) -> list[StoredWindow]:
         """Windows whose end lies in ``[start, end)``, ordered by layer depth then time.
 
@@ -1512,29 +1564,115 @@ class Repository:
         statistics merge without loss, and the metrics are recomputed on the merged window
         against the stored references, and its flags decided at ``config`` (default: the
         thresholds that decided the stored windows' flags, :meth:`judging`).
+
+        ``with_stats``: whether the windows carry their sufficient statistics (``stats``);
+        by default raw windows do not and merged windows do.  Without them the per-channel
+        blobs of raw windows are not read at all, and merged windows drop theirs once their
+        metrics are decided.  ``reservoirs=False`` leaves the reservoirs out of ``stats``
+        (they are read, and merged, only for it): nothing else needs them.  ``limit`` and
+        ``after`` read one page: :meth:`window_page`.
         """
+        return self.window_page(
+            model,
+            version,
+            layer=layer,
+            start=start,
+            end=end,
+            source=source,
+            resolution=resolution,
+            with_stats=with_stats,
+            reservoirs=reservoirs,
+            config=config,
+            limit=limit,
+            after=after,
+        ).windows
+
+    def window_page(
+        self,
+        model: str,
+        version: str,
+        *,
+        layer: str | None = None,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        source: str | None = None,
+        resolution: timedelta | float | None = None,
+        with_stats: bool | None = None,
+        reservoirs: bool = True,
+        config: DriftConfig | None = None,
+        limit: int | None = None,
+        after: WindowKey | None = None,
+    ) -> WindowPage:
+        """:meth:`windows`, at most ``limit`` of them (``None``: all), from the first after
+        the key ``after`` on; the page's ``next`` is the ``after`` of the next page.
+
+        Raw windows are read a page at a time (keyset pagination on depth, layer, end, id).
+        Merged windows are merged as the range streams in, ``MERGE_CHUNK`` rows at a time in
+        time order, one bucket at a time -- the layers of a bucket are judged together, so
+        every page merges the whole range, but memory holds one bucket's merged statistics
+        and the page, not the range.
+        """
+        if limit is not None:
+            check_positive_int("limit", limit)
+        keep = with_stats if with_stats is not None else resolution is not None
         with Session(self.engine) as conn:
             m = self._model_row(conn, model, version)
             query = self._range(
                 sa.select(Window, Layer), m, layer=layer, start=start, end=end, source=source
             )
-            if with_stats or resolution:  # merged windows merge their reservoirs too
+            if keep and reservoirs:
                 query = query.options(undefer(Window.reservoir))
-            rows = conn.execute(query.order_by(Layer.depth, Layer.id, Window.end, Window.id)).all()
-            refs = self.refs_for(conn, [w for w, _ in rows]) if resolution else {}
-            count = self._layer_count(conn, m) if layer is not None and resolution else None
-        if resolution is None:
-            return [self.to_stored(m, lr, w, with_stats) for w, lr in rows]
-        return merge_stored(
-            [
-                (self.to_stored(m, lr, w, True), lr, w.running_ref_id, w.baseline_ref_id)
-                for w, lr in rows
-            ],
-            refs,
-            _seconds(resolution),
-            self.judging(model, version, config),
-            layer_count=count,
-        )
+            elif not keep and resolution is None:  # the answer holds no per-channel value
+                query = query.options(defer(Window.moments))
+            if resolution is None:
+                if after is not None:
+                    query = query.where(_after(after))
+                query = query.order_by(Layer.depth, Layer.id, Window.end, Window.id)
+                rows = conn.execute(query if limit is None else query.limit(limit + 1)).all()
+                more = limit is not None and len(rows) > limit
+                rows = rows[:limit] if more else rows
+                page = [self.to_stored(m, lr, w, keep) for w, lr in rows]
+                last = rows[-1] if more else None
+                return WindowPage(
+                    page,
+                    WindowKey(last[1].depth, last[1].id, as_utc(last[0].end), last[0].id)
+                    if last is not None
+                    else None,
+                )
+            seconds = _seconds(resolution)
+            judged = self.judging(model, version, config)
+            count = self._layer_count(conn, m) if layer is not None else None
+            rows_in_time = conn.execute(
+                query.order_by(Window.end, Layer.depth, Layer.id, Window.id).execution_options(
+                    yield_per=MERGE_CHUNK
+                )
+            )
+            kept = _Page(limit, after)
+            refs: dict[int, Ref] = {}
+            for merged in merge_streamed(
+                (
+                    (self.to_stored(m, lr, w, True), lr, w.running_ref_id, w.baseline_ref_id)
+                    for w, lr in rows_in_time
+                ),
+                lambda ids: self._refs(conn, refs, ids),
+                seconds,
+                judged,
+                layer_count=count,
+            ):
+                window = merged.window if keep else replace(merged.window, stats=None)
+                kept.add(WindowKey(merged.layer.depth, merged.layer.id, window.end), window)
+            return kept.page()
+
+    @staticmethod
+    def _refs(conn: Session, known: dict[int, Ref], ids: Iterable[int]) -> dict[int, Ref]:
+        """``known`` (a cache of reference rows by id), with the rows of ``ids`` added."""
+        missing = sorted({i for i in ids if i not in known})
+        for i in range(0, len(missing), 500):
+            chunk = missing[i : i + 500]
+            known.update(
+                (r.id, r) for r in conn.execute(sa.select(Ref).where(Ref.id.in_(chunk))).scalars()
+            )
+        return known
 
     @staticmethod
     def _layer_count(conn: Session, model: Model) -> int:
@@ -2585,6 +2723,158 @@ class Merged:
     """The merged window's full report (per-channel arrays), once decided."""
 
 
+_NEEDS_STATS = "merging windows needs their statistics (with_stats=True)"
+
+
+@dataclass(eq=False)
+class _Group:
+    """The windows of one layer (and source) in one bucket, merged oldest first as they come
+    -- one merged :class:`LayerStats`, however many windows: what a bucket holds in memory."""
+
+    layer: Layer
+    bucket: int
+    first: StoredWindow
+    last: StoredWindow
+    stats: LayerStats
+    running_id: int | None
+    baseline_id: int | None
+    mutated: bool
+    sources: set[str] = field(default_factory=set)
+    ids: list[int] = field(default_factory=list)
+    count: int = 0
+
+    @classmethod
+    def of(
+        cls,
+        stored: StoredWindow,
+        layer: Layer,
+        bucket: int,
+        running_id: int | None,
+        baseline_id: int | None,
+    ) -> _Group:
+        if stored.stats is None:
+            raise ValueError(_NEEDS_STATS)
+        group = cls(layer, bucket, stored, stored, stored.stats, None, None, False)
+        group.note(stored, running_id, baseline_id)
+        return group
+
+    def add(self, stored: StoredWindow, running_id: int | None, baseline_id: int | None) -> None:
+        """Merge in the next window (its end at or after the last one's)."""
+        if stored.stats is None:
+            raise ValueError(_NEEDS_STATS)
+        self.stats = self.stats.merge(stored.stats)
+        self.last = stored
+        self.note(stored, running_id, baseline_id)
+
+    def note(self, stored: StoredWindow, running_id: int | None, baseline_id: int | None) -> None:
+        # judged against the newest references of the bucket (a baseline may appear mid-way)
+        if running_id is not None:
+            self.running_id = running_id
+        if baseline_id is not None:
+            self.baseline_id = baseline_id
+        self.mutated = self.mutated or bool(stored.metrics.get("running_stats_mutated"))
+        self.sources.add(stored.source)
+        if stored.id is not None:
+            self.ids.append(stored.id)
+        self.count += 1
+
+
+def _bucket(end: datetime, seconds: float) -> int:
+    """The bucket of a window ending at ``end``: the one its end falls in, or, ending exactly
+    on a boundary, the one it closes."""
+    end_ts = end.timestamp()
+    b = math.floor(end_ts / seconds)
+    return b - 1 if end_ts == b * seconds else b
+
+
+def _collect(
+    groups: dict[int, _Group],
+    stored: StoredWindow,
+    layer: Layer,
+    bucket: int,
+    running_id: int | None,
+    baseline_id: int | None,
+) -> None:
+    group = groups.get(layer.id)
+    if group is None:
+        groups[layer.id] = _Group.of(stored, layer, bucket, running_id, baseline_id)
+    else:
+        group.add(stored, running_id, baseline_id)
+
+
+def _assess(
+    group: _Group, refs: Mapping[int, Ref], seconds: float, config: DriftConfig
+) -> tuple[LayerReport, Merged]:
+    """The report of one merged group (not yet decided) and its merged window."""
+    layer, merged, b = group.layer, group.stats, group.bucket
+    running_ref = refs.get(group.running_id) if group.running_id is not None else None
+    baseline_ref = refs.get(group.baseline_id) if group.baseline_id is not None else None
+    some_ref = running_ref or baseline_ref
+    eps = some_ref.eps if some_ref is not None else 1e-5
+    baseline = reference_of(baseline_ref, baseline=True)
+    report = assess_layer(
+        layer.name,
+        layer.kind,
+        merged,
+        eps=eps,
+        running=reference_of(running_ref, baseline=False),
+        baseline=baseline,
+        baseline_kind=group.last.baseline if baseline is not None else "warming_up",
+        null=baseline.moments if baseline is not None else None,
+        depth=layer.depth,
+        running_stats_mutated=group.mutated,
+        config=config,
+    )
+    sources = set(group.sources)
+    window = StoredWindow(
+        model=group.first.model,
+        version=group.first.version,
+        layer=layer.name,
+        source=sources.pop() if len(sources) == 1 else "*",
+        start=utc_from_timestamp(b * seconds),
+        end=utc_from_timestamp((b + 1) * seconds),
+        resolution_seconds=seconds,
+        channels=report.channels,
+        n_samples=report.n_samples,
+        n_batches=merged.n_batches,
+        samples_seen=merged.samples_seen,
+        batches_seen=merged.batches_seen,
+        nonfinite=report.nonfinite,
+        batch_sizes=dict(merged.batch_sizes),
+        baseline=report.baseline,
+        metrics={},
+        stats=merged,
+        merged_from=group.count,
+    )
+    entry = Merged(window, layer, group.running_id, group.baseline_id, b, tuple(group.ids))
+    return report, entry
+
+
+def _decided(
+    groups: Iterable[_Group],
+    refs: Mapping[int, Ref],
+    seconds: float,
+    config: DriftConfig,
+    layer_count: int | None,
+) -> list[Merged]:
+    """The merged windows of one bucket (and source), all its layers decided together: the
+    cross-layer correction needs them all."""
+    entries = {f"{g.layer.name}\0{g.layer.id}": _assess(g, refs, seconds, config) for g in groups}
+    decided = decide({k: r for k, (r, _) in entries.items()}, config, layers=layer_count)
+    return [
+        Merged(
+            _with_metrics(e.window, report_metrics(decided[k])),
+            e.layer,
+            e.running_ref_id,
+            e.baseline_ref_id,
+            e.bucket,
+            e.source_ids,
+            decided[k],
+        )
+        for k, (_, e) in entries.items()
+    ]
+
+
 def merge_groups(
     items: Sequence[tuple[StoredWindow, Layer, int | None, int | None]],
     refs: Mapping[int, Ref],
@@ -2603,97 +2893,95 @@ def merge_groups(
     has when ``items`` hold only some (one layer asked for), which are then judged at the
     level they would get among all of them (:func:`bnwatch.drift.decide`).
     """
-    buckets: dict[tuple[int, str, int], list[tuple[StoredWindow, int | None, int | None]]] = (
-        defaultdict(list)
-    )
-    layers: dict[int, Layer] = {}
-    for stored, layer, running_id, baseline_id in items:
-        end_ts = stored.end.timestamp()
-        b = math.floor(end_ts / seconds)
-        if end_ts == b * seconds:
-            b -= 1
+    groups: dict[tuple[int, str], dict[int, _Group]] = defaultdict(dict)
+    # oldest first (a stable sort: windows ending at the same instant keep their order)
+    for stored, layer, running_id, baseline_id in sorted(items, key=lambda i: i[0].end):
+        b = _bucket(stored.end, seconds)
         source = stored.source if by_source else "*"
-        buckets[(b, source, layer.id)].append((stored, running_id, baseline_id))
-        layers[layer.id] = layer
-    assessed: dict[tuple[int, str], dict[tuple[Any, ...], tuple[LayerReport, Merged]]] = (
-        defaultdict(dict)
-    )
-    for key, members in buckets.items():
-        b, source, layer_id = key
-        layer = layers[layer_id]
-        members.sort(key=lambda m: m[0].end)
-        group = [m[0] for m in members]
-        # judged against the newest references of the bucket (a baseline may appear mid-way)
-        running_id = next((m[1] for m in reversed(members) if m[1] is not None), None)
-        baseline_id = next((m[2] for m in reversed(members) if m[2] is not None), None)
-        merged = group[0].stats
-        if merged is None:
-            raise ValueError("merging windows needs their statistics (with_stats=True)")
-        for g in group[1:]:
-            if g.stats is None:
-                raise ValueError("merging windows needs their statistics (with_stats=True)")
-            merged = merged.merge(g.stats)
-        running_ref = refs.get(running_id) if running_id is not None else None
-        baseline_ref = refs.get(baseline_id) if baseline_id is not None else None
-        some_ref = running_ref or baseline_ref
-        eps = some_ref.eps if some_ref is not None else 1e-5
-        baseline = reference_of(baseline_ref, baseline=True)
-        report = assess_layer(
-            layer.name,
-            layer.kind,
-            merged,
-            eps=eps,
-            running=reference_of(running_ref, baseline=False),
-            baseline=baseline,
-            baseline_kind=group[-1].baseline if baseline is not None else "warming_up",
-            null=baseline.moments if baseline is not None else None,
-            depth=layer.depth,
-            running_stats_mutated=any(g.metrics.get("running_stats_mutated") for g in group),
-            config=config,
-        )
-        sources = {g.source for g in group}
-        window = StoredWindow(
-            model=group[0].model,
-            version=group[0].version,
-            layer=layer.name,
-            source=sources.pop() if len(sources) == 1 else "*",
-            start=utc_from_timestamp(b * seconds),
-            end=utc_from_timestamp((b + 1) * seconds),
-            resolution_seconds=seconds,
-            channels=report.channels,
-            n_samples=report.n_samples,
-            n_batches=merged.n_batches,
-            samples_seen=merged.samples_seen,
-            batches_seen=merged.batches_seen,
-            nonfinite=report.nonfinite,
-            batch_sizes=dict(merged.batch_sizes),
-            baseline=report.baseline,
-            metrics={},
-            stats=merged,
-            merged_from=len(group),
-        )
-        ids = tuple(g.id for g in group if g.id is not None)
-        entry = Merged(window, layer, running_id, baseline_id, b, ids)
-        assessed[(b, source)][(layer_id,)] = (report, entry)
+        _collect(groups[(b, source)], stored, layer, b, running_id, baseline_id)
     out: list[Merged] = []
-    for bucket_key in sorted(assessed):
-        entries = assessed[bucket_key]
-        names = {k: f"{e.layer.name}\0{k}" for k, (_, e) in entries.items()}
-        decided = decide({names[k]: r for k, (r, _) in entries.items()}, config, layers=layer_count)
-        for k, (_, e) in entries.items():
-            window = _with_metrics(e.window, report_metrics(decided[names[k]]))
-            out.append(
-                Merged(
-                    window,
-                    e.layer,
-                    e.running_ref_id,
-                    e.baseline_ref_id,
-                    e.bucket,
-                    e.source_ids,
-                    decided[names[k]],
-                )
-            )
+    for key in sorted(groups):
+        out.extend(_decided(groups[key].values(), refs, seconds, config, layer_count))
     return sorted(out, key=lambda m: (m.layer.depth, m.layer.id, m.window.end, m.window.source))
+
+
+def merge_streamed(
+    items: Iterable[tuple[StoredWindow, Layer, int | None, int | None]],
+    refs: Callable[[Iterable[int]], Mapping[int, Ref]],
+    seconds: float,
+    config: DriftConfig,
+    *,
+    layer_count: int | None = None,
+) -> Iterator[Merged]:
+    """:func:`merge_groups` over all sources, of ``items`` that come in time order (by end),
+    one bucket at a time: a bucket is merged, decided and yielded (its layers in no
+    particular order) as soon as the first window of the next one comes, so memory holds
+    one bucket's merged statistics, however long the range.  ``refs(ids)`` gives the
+    reference rows of those ids (asked for once per bucket).  The merged windows are the ones
+    :func:`merge_groups` makes of the same items, bit for bit.
+    """
+    current: int | None = None
+    groups: dict[int, _Group] = {}
+
+    def flush() -> list[Merged]:
+        ids = {i for g in groups.values() for i in (g.running_id, g.baseline_id) if i is not None}
+        return _decided(groups.values(), refs(ids), seconds, config, layer_count)
+
+    for stored, layer, running_id, baseline_id in items:
+        b = _bucket(stored.end, seconds)
+        if current is not None and b != current:
+            if b < current:
+                raise ValueError("merge_streamed needs the windows in time order (by end)")
+            yield from flush()
+            groups = {}
+        current = b
+        _collect(groups, stored, layer, b, running_id, baseline_id)
+    if groups:
+        yield from flush()
+
+
+class _Page:
+    """The first ``limit`` of the windows added, in any order, whose keys are after
+    ``after``: at most twice ``limit`` of them are held at a time."""
+
+    def __init__(self, limit: int | None, after: WindowKey | None) -> None:
+        self.limit, self.after = limit, after
+        self.items: list[tuple[WindowKey, StoredWindow]] = []
+
+    def add(self, key: WindowKey, window: StoredWindow) -> None:
+        if self.after is not None and key <= self.after:
+            return
+        self.items.append((key, window))
+        if self.limit is not None and len(self.items) > 2 * (self.limit + 1):
+            self.items.sort(key=lambda item: item[0])
+            del self.items[self.limit + 1 :]
+
+    def page(self) -> WindowPage:
+        self.items.sort(key=lambda item: item[0])
+        if self.limit is None or len(self.items) <= self.limit:
+            return WindowPage([w for _, w in self.items])
+        shown = self.items[: self.limit]
+        return WindowPage([w for _, w in shown], shown[-1][0])
+
+
+def _after(key: WindowKey) -> Any:
+    """The windows after ``key`` in the order depth, layer id, end, id -- spelled out: a row
+    value comparison would leave SQLAlchemy to type the time, which SQLite compares as the
+    text the column writes."""
+    end = _to_utc(key.end)
+    return sa.or_(
+        Layer.depth > key.depth,
+        sa.and_(
+            Layer.depth == key.depth,
+            sa.or_(
+                Layer.id > key.layer_id,
+                sa.and_(
+                    Layer.id == key.layer_id,
+                    sa.or_(Window.end > end, sa.and_(Window.end == end, Window.id > key.id)),
+                ),
+            ),
+        ),
+    )
 
 
 def merge_stored(

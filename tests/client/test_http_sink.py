@@ -22,6 +22,7 @@ import bnwatch
 from bnwatch.client import ENDPOINT, HttpSink, _encode_window, _join, _spool_key
 from bnwatch.errors import ConfigError
 from bnwatch.schema import WindowRecord
+from bnwatch.service.settings import Settings
 from bnwatch.sink import Sink
 from bnwatch.wire import batch_of
 from tests.client.conftest import ROOT, free_port, python_module, wait_for
@@ -200,6 +201,64 @@ def test_the_token_comes_from_the_environment(
         assert sink.flush()
         assert service.posts()[0].authorization == "Bearer from-env"
         assert "from-env" not in repr(sink)
+
+
+@pytest.mark.parametrize("secret", ["from-env\n", "  from-env\r\n", "\tfrom-env "])
+def test_a_token_read_from_a_file_is_stripped_as_the_service_strips_it(
+    monkeypatch: pytest.MonkeyPatch,
+    windows: Windows,
+    spool: Path,
+    sinks: list[HttpSink],
+    secret: str,
+) -> None:
+    """A secret read from a file ends in a newline: the service strips
+    $BNWATCH_API_TOKEN, the client refused the same value as "not printable"."""
+    monkeypatch.setenv("BNWATCH_API_TOKEN", secret)
+    assert Settings.from_env().api_token == "from-env"
+    with FakeService(token="from-env") as service:
+        from_env = HttpSink(service.url, spool_dir=spool, **FAST)
+        sinks.append(from_env)
+        given = HttpSink(service.url, token=secret, spool_dir=spool / "given", **FAST)
+        sinks.append(given)
+        for sink in (from_env, given):
+            sink.write(windows(1)[0])
+            assert sink.flush()
+        assert [p.authorization for p in service.posts()] == ["Bearer from-env"] * 2
+
+
+def test_a_blank_token_variable_counts_as_unset(
+    monkeypatch: pytest.MonkeyPatch, spool: Path, sinks: list[HttpSink]
+) -> None:
+    monkeypatch.setenv("BNWATCH_API_TOKEN", " \n")
+    sink = HttpSink("http://h:1", spool_dir=spool)  # as the service: no token, no error
+    sinks.append(sink)
+
+
+@pytest.mark.parametrize(
+    ("given", "env", "argument"),
+    [
+        (None, "two words\n", "$BNWATCH_API_TOKEN"),
+        (None, "bell\a", "$BNWATCH_API_TOKEN"),
+        ("two words", "fine", "token"),
+        (" \n", None, "token"),
+    ],
+)
+def test_an_invalid_token_names_where_it_came_from(
+    monkeypatch: pytest.MonkeyPatch,
+    spool: Path,
+    given: str | None,
+    env: str | None,
+    argument: str,
+) -> None:
+    if env is None:
+        monkeypatch.delenv("BNWATCH_API_TOKEN", raising=False)
+    else:
+        monkeypatch.setenv("BNWATCH_API_TOKEN", env)
+    with pytest.raises(ConfigError) as info:
+        HttpSink("http://h:1", token=given, spool_dir=spool)
+    assert info.value.argument == argument
+    assert str(info.value).startswith(f"{argument}='<hidden>' is invalid")
+    assert "words" not in str(info.value) and "bell" not in str(info.value)
 
 
 # ------------------------------------------------------------------------------------------

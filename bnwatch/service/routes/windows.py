@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import base64
+import re
 from datetime import datetime, timedelta, timezone
 from typing import Annotated, Any
 
 import anyio
 import numpy as np
-from fastapi import APIRouter, Query, Request
-from pydantic import AwareDatetime
+from fastapi import APIRouter, Query, Request, Response
+from pydantic import AwareDatetime, BeforeValidator
 
 from bnwatch.codec import encode_arrays, encode_moments
 from bnwatch.schema import SCHEMA_VERSION
@@ -27,7 +28,7 @@ from bnwatch.service.routes.common import (
 )
 from bnwatch.service.schemas import WindowPublic
 from bnwatch.stats import ChannelMoments
-from bnwatch.store.repository import Repository, StoredWindow
+from bnwatch.store.repository import Repository, WindowKey
 from bnwatch.wire import IngestResult
 
 router = APIRouter(tags=["windows"])
@@ -121,6 +122,38 @@ def _utc(value: datetime | None, name: str) -> datetime | None:
         raise ApiError(422, f"{name}: out of range once converted to UTC", field=name) from None
 
 
+_SPACE_FOR_PLUS = re.compile(r"[0-9]{2}:[0-9]{2}(:[0-9]{2}([.,][0-9]+)?)? [0-9]{2}(:?[0-9]{2})?$")
+"""A time of day followed by a space and an offset without its sign: ``12:02:00 00:00``."""
+
+
+def _plus_decoded_as_space(value: Any) -> Any:
+    """Refuse a time whose ``+`` offset arrived as a space, saying why: in a URL's query a
+    ``+`` means a space, so ``?start=2026-03-01T12:02:00+00:00`` typed as is (curl, a
+    browser) reaches the service as ``12:02:00 00:00`` -- which pydantic calls "unexpected
+    extra characters"."""
+    if isinstance(value, str) and _SPACE_FOR_PLUS.search(value):
+        time, offset = value.rsplit(" ", 1)
+        raise ValueError(
+            f"{value!r} has a space where its UTC offset's sign should be: a + in a URL "
+            f"query means a space, so write + as %2B in a URL ({time}%2B{offset}), or use Z "
+            "for a time in UTC"
+        )
+    return value
+
+
+QueryTime = Annotated[AwareDatetime, BeforeValidator(_plus_decoded_as_space)]
+"""A time given as a query parameter: ISO 8601 with a zone (``Z``, or an offset whose ``+`` is
+written ``%2B``)."""
+
+TIME_HELP = "(ISO 8601 with a zone: Z, or an offset with its + written %2B in a URL)"
+
+MAX_PAGE = 1000
+"""Most windows one answer of ``GET .../windows`` holds (``limit``'s default and maximum):
+every answer is built in memory -- a window of a 2,048-channel layer with ``stats`` is
+120 KB of JSON, a page of them peaks at 0.75 GB of server memory -- and the ``Link`` header
+gives the next page."""
+
+
 def _check_exists(repository: Repository, model: str, version: str, layer: str | None) -> None:
     """404 for an unknown model version or layer."""
     try:
@@ -136,11 +169,34 @@ def _check_exists(repository: Repository, model: str, version: str, layer: str |
         )
 
 
+def _cursor(after: str | None) -> WindowKey | None:
+    if after is None:
+        return None
+    try:
+        return WindowKey.parse(after)
+    except ValueError:
+        raise ApiError(
+            422,
+            "after: not a cursor of this endpoint: take the next page's URL from the Link "
+            'header (rel="next") of the previous answer',
+            field="after",
+        ) from None
+
+
 @router.get(
     "/api/v1/models/{model}/versions/{version}/windows",
     response_model=list[WindowPublic],
-    summary="Windows of a model version",
+    summary="Windows of a model version (a page at a time)",
     responses={
+        200: {
+            "description": "the page's windows",
+            "headers": {
+                "Link": {
+                    "description": '<URL>; rel="next": the next page (absent on the last)',
+                    "schema": {"type": "string"},
+                }
+            },
+        },
         404: error_response("unknown model version or layer"),
         422: error_response("invalid parameter"),
     },
@@ -148,14 +204,16 @@ def _check_exists(repository: Repository, model: str, version: str, layer: str |
 def list_windows(
     model: ModelName,
     version: VersionName,
+    request: Request,
+    response: Response,
     repository: RepositoryDep,
     settings: SettingsDep,
     layer: Annotated[Text | None, Query(description="only this layer")] = None,
     start: Annotated[
-        AwareDatetime | None, Query(description="windows ending at or after (ISO 8601, with zone)")
+        QueryTime | None, Query(description=f"windows ending at or after this time {TIME_HELP}")
     ] = None,
     end: Annotated[
-        AwareDatetime | None, Query(description="windows ending before (ISO 8601, with zone)")
+        QueryTime | None, Query(description=f"windows ending before this time {TIME_HELP}")
     ] = None,
     source: Annotated[Text | None, Query(description="only windows of this monitor")] = None,
     resolution: Annotated[
@@ -163,20 +221,49 @@ def list_windows(
         Query(
             ge=1,
             le=MAX_RESOLUTION_SECONDS,
+            allow_inf_nan=False,
             description="merge windows into epoch-aligned buckets of this many seconds "
             "(exactly: metrics are recomputed from the merged statistics, and flags decided at "
             "the thresholds that decided the stored windows' flags)",
         ),
     ] = None,
     stats: Annotated[bool, Query(description="include per-channel mean and variances")] = False,
+    limit: Annotated[
+        int,
+        Query(
+            ge=1,
+            le=MAX_PAGE,
+            description=f"at most this many windows (at most {MAX_PAGE:,}, the default); the "
+            'Link header (rel="next") gives the next page',
+        ),
+    ] = MAX_PAGE,
+    after: Annotated[
+        str | None,
+        Query(
+            max_length=100,
+            description='where the page begins: set by the Link header\'s rel="next" URL '
+            "(a cursor, not a time)",
+        ),
+    ] = None,
 ) -> list[WindowPublic]:
-    """Windows whose end lies in ``[start, end)``, by layer depth then time."""
+    """Windows whose end lies in ``[start, end)``, by layer depth, then time, at most ``limit``
+    (1,000) per answer.
+
+    When more follow, the answer has a ``Link: <URL>; rel="next"`` header: the same query
+    with ``after=`` set to a cursor -- the last window's place in that order, not an offset:
+    windows stored while the pages are read shift nothing, none is shown twice.  With
+    ``resolution`` the pages are of merged windows; every page merges the whole range (all
+    layers of a bucket are judged together), so a coarser resolution or a narrower range
+    is cheaper than paging.  Only ``stats=true`` reads the windows' per-channel statistics
+    (merging reads them to merge them, and answers without them unless asked).
+    """
     start_utc, end_utc = _utc(start, "start"), _utc(end, "end")
     if start_utc is not None and end_utc is not None and end_utc <= start_utc:
         raise ApiError(422, "end: must be after start", field="end")
+    cursor = _cursor(after)
     _check_exists(repository, model, version, layer)
     try:
-        windows: list[StoredWindow] = repository.windows(
+        page = repository.window_page(
             model,
             version,
             layer=layer,
@@ -185,15 +272,21 @@ def list_windows(
             source=source,
             resolution=resolution,
             with_stats=stats,
+            reservoirs=False,  # no answer holds one
             # merged buckets are judged as their windows were: at the thresholds the monitors
             # (or this service, when it recomputes) stored, else at the service's own
             config=(repository.drift_config(model, version) or settings.drift)
             if resolution
             else None,
+            limit=limit,
+            after=cursor,
         )
     except KeyError:  # the model version was deleted meanwhile
         raise not_found(model, version) from None
-    return [WindowPublic.of(w, with_stats=stats) for w in windows]
+    if page.next is not None:
+        following = request.url.include_query_params(after=page.next.token())
+        response.headers["Link"] = f'<{following}>; rel="next"'
+    return [WindowPublic.of(w, with_stats=stats) for w in page.windows]
 
 
 @router.get(
