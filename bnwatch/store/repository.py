@@ -408,6 +408,13 @@ class WindowKey:
         if len(parts) != 4 or not all(_KEY_PART.fullmatch(p) for p in parts):
             raise ValueError(f"{token!r} is not a window key (depth.layer.end.id)")
         depth, layer_id, micros, window_id = (int(p) for p in parts)
+        # the columns' ranges: a key outside them reached the database (SQLite: a 500)
+        if not (
+            -(2**31) <= depth < 2**31
+            and -(2**63) <= layer_id < 2**63
+            and -(2**63) <= window_id < 2**63
+        ):
+            raise ValueError(f"{token!r} is not a window key: a part is out of range")
         try:
             end = _EPOCH + timedelta(microseconds=micros)
         except OverflowError:
