@@ -1,9 +1,14 @@
 """Alerts: rules, a persistent state machine, and the checks that drive it.
 
 An alert is about one (model, version, layer, kind) -- ``no_data`` about a whole model
-version.  It **opens** only after its condition held in the last ``open_after`` windows of the
-layer, and **resolves** only after the condition was absent from the last ``resolve_after``
-windows (hysteresis: a flapping condition does not flap the alert).  At most one alert per
+version.  It **opens** only after its condition held in the last ``open_after`` windows of
+one source (replica) of the layer, and **resolves** only after no source that still reports
+keeps it: each shows the condition in none of its last ``resolve_after`` windows
+(hysteresis: a flapping condition does not flap the alert).  Each evaluation replays, in
+``end`` order, the windows stored since the last one (a spool delivered late, a backfill), so
+an episode in the middle of a batch opens its alert as it would have live.  The layer alerts
+of a version that went silent while another version of the model reports resolve (the
+version was replaced).  At most one alert per
 key is open at a time, so repeated evaluation is idempotent; while open, the alert's
 ``values`` follow the newest window that still shows the condition.  State lives in the
 database (``alerts`` table), computed from the stored windows, so evaluators can restart, and
@@ -25,12 +30,14 @@ value is validated with an error that names the offending key.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import math
 import sys
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -221,20 +228,44 @@ def _json(value: Any) -> Any:
     return value
 
 
+_REPLAY_LIMIT = 1000  # windows per layer an engine replays at its first evaluation of a version
+
+
+def _parse_end(value: Any) -> datetime | None:
+    """A window end recorded in an alert's ``values`` (ISO text), or ``None``."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return as_utc(datetime.fromisoformat(value))
+    except ValueError:
+        return None
+
+
 class AlertEngine:
     """Evaluates the alert rules against a store and persists the alerts' state."""
 
     def __init__(self, config: AlertConfig | None = None) -> None:
         self.config = config or AlertConfig()
+        # model id -> the highest window id this engine judged: the next evaluation replays
+        # only the windows stored since (a cache; the alerts' own marks make a replay of a
+        # judged window a no-op, so a restart or another worker costs time, not alerts)
+        self._marks: dict[int, int] = {}
+        self._marks_lock = threading.Lock()
 
     # -- entry points ----------------------------------------------------------------------
     def on_stored(
         self, repository: Repository, records: Sequence[WindowRecord]
     ) -> list[AlertChange]:
-        """Evaluate the model versions that just received windows (a writer's hook)."""
+        """Evaluate the model versions that just received windows (a writer's hook).
+
+        The stored windows are replayed by their ids too: a concurrent writer may commit
+        windows with ids below those another evaluation already judged."""
+        uids: dict[tuple[str, str], set[str]] = {}
+        for r in records:
+            uids.setdefault((r.model, r.version), set()).add(r.uid)
         changes: list[AlertChange] = []
-        for model, version in sorted({(r.model, r.version) for r in records}):
-            changes.extend(self.evaluate(repository, model, version))
+        for (model, version), batch in sorted(uids.items()):
+            changes.extend(self.evaluate(repository, model, version, uids=batch))
         return changes
 
     def evaluate(
@@ -244,8 +275,14 @@ class AlertEngine:
         version: str,
         *,
         now: datetime | None = None,
+        uids: Iterable[str] = (),
     ) -> list[AlertChange]:
-        """Open, update and resolve the layer alerts of one model version (one transaction)."""
+        """Open, update and resolve the layer alerts of one model version (one transaction).
+
+        Replays, in ``end`` order, the windows stored since this engine's last evaluation of
+        the version (at its first: the newest ``_REPLAY_LIMIT`` per layer) and the windows
+        ``uids``; a window an alert was already judged on (its ``window_end`` or
+        ``resolved_window_end``) is skipped for that alert."""
         now = as_utc(now) if now is not None else utcnow()
         with Session(repository.engine) as session, session.begin():
             m = session.execute(
@@ -253,42 +290,93 @@ class AlertEngine:
             ).scalar_one_or_none()
             if m is None:
                 return []
-            _serialize(session, m.id)
-            history = self._history(session, m.id)
-            open_alerts = self._open(session, m.id)
+            model_id = m.id
+            _serialize(session, model_id)
+            open_alerts = self._open(session, model_id)
+            judged = self._judged(session, model_id)
+            with self._marks_lock:
+                mark = self._marks.get(m.id)
+            new, top = self._new_windows(session, m.id, mark, set(uids))
+            layers = {
+                row.id: (row.depth, row.name)
+                for row in session.execute(
+                    sa.select(Layer.id, Layer.depth, Layer.name).where(Layer.model_id == m.id)
+                )
+            }
             changes: list[AlertChange] = []
-            for (layer_id, layer_name), windows in history.items():
-                for kind in LAYER_KINDS:
-                    rule: Rule = getattr(self.config, kind)
-                    if not rule.enabled:
-                        # a rule turned off no longer holds its alerts open
-                        current = open_alerts.get((layer_id, kind))
-                        if current is not None:
-                            changes.append(
-                                self._resolve(current, m, layer_name, now, because="rule disabled")
-                            )
-                        continue
-                    flags = [self._condition(kind, w) for w in windows]  # newest first
-                    current = open_alerts.get((layer_id, kind))
-                    change = self._step(
-                        session, m, layer_id, layer_name, kind, rule, flags, windows, current, now
-                    )
-                    if change is not None:
-                        changes.append(change)
+            for (layer_id, kind), current in list(open_alerts.items()):
+                rule = getattr(self.config, kind) if kind in LAYER_KINDS else None
+                if layer_id is not None and rule is not None and not rule.enabled:
+                    # a rule turned off no longer holds its alerts open
+                    name = layers.get(layer_id, (0, None))[1]
+                    changes.append(self._resolve(current, m, name, now, because="rule disabled"))
+                    del open_alerts[(layer_id, kind)]
+            context = self._context(session, m.id, new)
+            for layer_id in sorted(context, key=lambda i: (layers[i][0], i)):
+                sources = context[layer_id]
+                where = {
+                    w["id"]: (src, i) for src, seq in sources.items() for i, w in enumerate(seq)
+                }
+                replay = sorted(
+                    (where[i] for i in new[layer_id] if i in where),
+                    key=lambda si: (sources[si[0]][si[1]]["end"], sources[si[0]][si[1]]["id"]),
+                )
+                for source, index in replay:
+                    for kind in LAYER_KINDS:
+                        rule = getattr(self.config, kind)
+                        if not rule.enabled:
+                            continue
+                        change = self._step(
+                            session,
+                            m,
+                            layer_id,
+                            layers[layer_id][1],
+                            kind,
+                            rule,
+                            sources,
+                            source,
+                            index,
+                            open_alerts,
+                            judged,
+                            now,
+                        )
+                        if change is not None:
+                            changes.append(change)
             self._no_data(session, m, open_alerts, now, changes)
+        if top is not None:
+            with self._marks_lock:
+                self._marks[model_id] = max(self._marks.get(model_id, top), top)
         self._log(changes)
         return changes
 
     def check_silence(
         self, repository: Repository, *, now: datetime | None = None
     ) -> list[AlertChange]:
-        """Open or resolve ``no_data`` alerts of every model version (run periodically)."""
+        """Open or resolve ``no_data`` alerts of every model version, and resolve the layer
+        alerts of versions another version replaced (run periodically)."""
         now = as_utc(now) if now is not None else utcnow()
         changes: list[AlertChange] = []
         with Session(repository.engine) as session, session.begin():
-            for m in session.execute(sa.select(Model).order_by(Model.id)).scalars():
+            last_by_model = dict(
+                session.execute(
+                    sa.select(Window.model_id, sa.func.max(Window.end)).group_by(Window.model_id)
+                ).all()
+            )
+            models = list(session.execute(sa.select(Model).order_by(Model.id)).scalars())
+            newest: dict[str, datetime] = {}
+            for m in models:
+                if m.id in last_by_model:
+                    end = as_utc(last_by_model[m.id])
+                    newest[m.name] = max(newest.get(m.name, end), end)
+            for m in models:
                 _serialize(session, m.id)
-                self._no_data(session, m, self._open(session, m.id), now, changes)
+                open_alerts = self._open(session, m.id)
+                self._no_data(session, m, open_alerts, now, changes)
+                last = last_by_model.get(m.id)
+                if last is not None:
+                    self._retire(
+                        session, m, as_utc(last), newest[m.name], open_alerts, now, changes
+                    )
         self._log(changes)
         return changes
 
@@ -306,26 +394,82 @@ class AlertEngine:
         layer_name: str,
         kind: str,
         rule: Rule,
-        flags: list[bool],
-        windows: Sequence[Mapping[str, Any]],
-        current: Alert | None,
+        sources: Mapping[str, Sequence[Mapping[str, Any]]],
+        source: str,
+        index: int,
+        open_alerts: dict[tuple[int | None, str], Alert],
+        judged: dict[tuple[int, str], datetime],
         now: datetime,
     ) -> AlertChange | None:
+        """Judge the ``index``-th window of ``source`` for one alert.
+
+        Persistence is counted per source: replicas' windows interleave, so one drifted
+        replica among clean ones never had K windows in a row of the *layer*, and two drifted
+        replicas had them in half the time."""
+        key = (layer_id, kind)
+        seq = sources[source]
+        window = seq[index]
+        end = as_utc(window["end"])
+        seen = judged.get(key)
+        if seen is not None and end < seen:
+            # judged already (a re-delivery, another worker, a restart); the window at the
+            # mark itself is judged again, harmlessly: it opened, updated or resolved the
+            # alert, and judging it again against that state changes nothing
+            return None
+        flagged = self._condition(kind, window)
+        recent = sum(
+            self._condition(kind, w)
+            for w in seq[max(0, index - self.config.history + 1) : index + 1]
+        )
+        current = open_alerts.get(key)
         if current is None:
-            if len(flags) >= rule.open_after and all(flags[: rule.open_after]):
-                values = self._values(windows[0], rule.open_after)
+            k = rule.open_after
+            if index + 1 >= k and all(
+                self._condition(kind, w) for w in seq[index - k + 1 : index + 1]
+            ):
+                values = self._values(window, k)
                 alert = self._insert(session, model.id, layer_id, kind, values, now)
+                judged[key] = end
                 if alert is not None:
+                    open_alerts[key] = alert
                     return AlertChange(
                         "opened", alert.id, kind, model.name, model.version, layer_name, values
                     )
             return None
-        if len(flags) >= rule.resolve_after and not any(flags[: rule.resolve_after]):
-            return self._resolve(current, model, layer_name, now)
-        if flags and flags[0]:
+        if flagged:
             current.last_seen_at = now
-            current.values = self._values(windows[0], sum(flags))
-        return None
+            current.values = self._values(window, recent)
+            judged[key] = end
+            return None
+        if self._kept(kind, rule, sources, end):
+            return None
+        judged[key] = end
+        del open_alerts[key]
+        return self._resolve(current, model, layer_name, now, window_end=end)
+
+    def _kept(
+        self,
+        kind: str,
+        rule: Rule,
+        sources: Mapping[str, Sequence[Mapping[str, Any]]],
+        end: datetime,
+    ) -> bool:
+        """Whether some source still keeps the alert at ``end``: it reported within
+        ``no_data_seconds`` before ``end`` and showed the condition in one of its last
+        ``resolve_after`` windows (or has fewer: not yet evidence that it cleared).  A source
+        silent that long keeps nothing -- a replica that died drifted cannot hold the alert
+        open against the clean ones that replaced it."""
+        horizon = end - timedelta(seconds=self.config.no_data_seconds)
+        for seq in sources.values():
+            ends = [as_utc(w["end"]) for w in seq]
+            last = bisect.bisect_right(ends, end) - 1
+            if last < 0 or ends[last] < horizon:
+                continue
+            if last + 1 < rule.resolve_after:
+                return True
+            if any(self._condition(kind, w) for w in seq[last - rule.resolve_after + 1 : last + 1]):
+                return True
+        return False
 
     def _no_data(
         self,
@@ -354,44 +498,175 @@ class AlertEngine:
         elif current is not None and silent <= self.config.no_data_seconds:
             changes.append(self._resolve(current, model, None, now))
 
+    def _retire(
+        self,
+        session: Session,
+        model: Model,
+        last: datetime,
+        newest_of_name: datetime,
+        open_alerts: Mapping[tuple[int | None, str], Alert],
+        now: datetime,
+        changes: list[AlertChange],
+    ) -> None:
+        """Resolve the layer alerts of a version silent for more than ``no_data_seconds``
+        while another version of the model reported after its last window: it was replaced,
+        no window can resolve them any more, and triggers would act on them for good.  A
+        version silent alone (an outage) keeps its alerts: its ``no_data`` alert says why
+        nothing changes, and they resolve by data when it is back."""
+        if (now - last).total_seconds() <= self.config.no_data_seconds or newest_of_name <= last:
+            return
+        for (layer_id, kind), alert in open_alerts.items():
+            if layer_id is None or kind not in LAYER_KINDS:
+                continue
+            layer = session.get(Layer, layer_id)
+            changes.append(
+                self._resolve(
+                    alert,
+                    model,
+                    layer.name if layer is not None else None,
+                    now,
+                    because="version replaced",
+                    window_end=last,
+                )
+            )
+
     @staticmethod
     def _resolve(
-        alert: Alert, model: Model, layer_name: str | None, now: datetime, because: str = ""
+        alert: Alert,
+        model: Model,
+        layer_name: str | None,
+        now: datetime,
+        because: str = "",
+        window_end: datetime | None = None,
     ) -> AlertChange:
         alert.state = "resolved"
         alert.resolved_at = now
+        extra: dict[str, Any] = {}
         if because:
-            alert.values = {**(alert.values or {}), "resolved_because": because}
+            extra["resolved_because"] = because
+        if window_end is not None:
+            # the replay's mark: windows up to here were judged for this alert
+            extra["resolved_window_end"] = as_utc(window_end).isoformat()
+        if extra:
+            alert.values = {**(alert.values or {}), **extra}
         return AlertChange(
             "resolved", alert.id, alert.kind, model.name, model.version, layer_name, alert.values
         )
 
     # -- storage -----------------------------------------------------------------------------
-    def _history(
-        self, session: Session, model_id: int
-    ) -> dict[tuple[int, str], list[dict[str, Any]]]:
-        """The newest ``config.history`` windows of every layer, newest first."""
+    def _new_windows(
+        self, session: Session, model_id: int, mark: int | None, uids: set[str]
+    ) -> tuple[dict[int, set[int]], int | None]:
+        """The ids of the windows to replay, by layer, and the highest window id seen.
+
+        Windows stored after ``mark`` (without one: the newest ``_REPLAY_LIMIT`` by id per
+        layer) and those of ``uids``.  Rolled-up windows are summaries of judged ones, not
+        news."""
+        raw = sa.and_(Window.model_id == model_id, Window.resolution_seconds == 0)
+        if mark is None:
+            rank = (
+                sa.func.row_number()
+                .over(partition_by=Window.layer_id, order_by=Window.id.desc())
+                .label("rank")
+            )
+            ranked = sa.select(Window.id, Window.layer_id, rank).where(raw).subquery()
+            query = sa.select(ranked.c.id, ranked.c.layer_id).where(ranked.c.rank <= _REPLAY_LIMIT)
+        else:
+            query = sa.select(Window.id, Window.layer_id).where(raw, Window.id > mark)
+        rows = list(session.execute(query).all())
+        listed = sorted(uids)
+        for start in range(0, len(listed), 500):
+            rows.extend(
+                session.execute(
+                    sa.select(Window.id, Window.layer_id).where(
+                        raw, Window.uid.in_(listed[start : start + 500])
+                    )
+                ).all()
+            )
+        new: dict[int, set[int]] = {}
+        for window_id, layer_id in rows:
+            new.setdefault(layer_id, set()).add(window_id)
+        top = max((window_id for window_id, _ in rows), default=None)
+        return new, top if mark is None or top is None else max(top, mark)
+
+    def _context(
+        self, session: Session, model_id: int, new: Mapping[int, set[int]]
+    ) -> dict[int, dict[str, list[dict[str, Any]]]]:
+        """The windows the replay judges ``new`` by, per layer and source, oldest first:
+        those that ended from ``no_data_seconds`` before the oldest new window on (the
+        sources that may keep an alert then), and the ``config.history`` before those of
+        every source."""
+        if not new:
+            return {}
+        ids = sorted({i for ids in new.values() for i in ids})
+        oldest = None
+        for start in range(0, len(ids), 500):
+            found = session.execute(
+                sa.select(sa.func.min(Window.end)).where(Window.id.in_(ids[start : start + 500]))
+            ).scalar_one_or_none()
+            if found is not None:
+                oldest = as_utc(found) if oldest is None else min(oldest, as_utc(found))
+        if oldest is None:
+            return {}
+        bound = oldest - timedelta(seconds=self.config.no_data_seconds)
         columns = [
+            Window.id,
             Window.layer_id,
+            Window.source,
             Window.end,
             *(getattr(Window, c) for c in _CONDITION_COLUMN.values()),
+            *(getattr(Window, c) for c in _VALUE_COLUMNS if c not in _CONDITION_COLUMN.values()),
         ]
-        extra = [getattr(Window, c) for c in _VALUE_COLUMNS if c not in _CONDITION_COLUMN.values()]
+        layer_ids = sorted(new)
+        recent = sa.select(*columns).where(
+            Window.model_id == model_id, Window.layer_id.in_(layer_ids), Window.end >= bound
+        )
         rank = (
             sa.func.row_number()
-            .over(partition_by=Window.layer_id, order_by=(Window.end.desc(), Window.id.desc()))
+            .over(
+                partition_by=(Window.layer_id, Window.source),
+                order_by=(Window.end.desc(), Window.id.desc()),
+            )
             .label("rank")
         )
-        ranked = sa.select(*columns, *extra, rank).where(Window.model_id == model_id).subquery()
-        rows = session.execute(
-            sa.select(ranked, Layer.name)
-            .join(Layer, Layer.id == ranked.c.layer_id)
-            .where(ranked.c.rank <= self.config.history)
-            .order_by(Layer.depth, Layer.id, ranked.c.rank)
-        ).mappings()
-        out: dict[tuple[int, str], list[dict[str, Any]]] = {}
-        for row in rows:
-            out.setdefault((row["layer_id"], row["name"]), []).append(dict(row))
+        earlier = (
+            sa.select(*columns, rank)
+            .where(Window.model_id == model_id, Window.layer_id.in_(layer_ids), Window.end < bound)
+            .subquery()
+        )
+        before = sa.select(*(earlier.c[c.key] for c in columns)).where(
+            earlier.c.rank <= self.config.history
+        )
+        out: dict[int, dict[str, list[dict[str, Any]]]] = {}
+        for row in session.execute(sa.union_all(recent, before)).mappings():
+            out.setdefault(row["layer_id"], {}).setdefault(row["source"], []).append(dict(row))
+        for sources in out.values():
+            for seq in sources.values():
+                seq.sort(key=lambda w: (as_utc(w["end"]), w["id"]))
+        return out
+
+    @staticmethod
+    def _judged(session: Session, model_id: int) -> dict[tuple[int, str], datetime]:
+        """Per (layer, kind), the newest window end its newest alert was judged on (opened,
+        updated, resolved by): the replay skips windows up to it."""
+        newest = (
+            sa.select(sa.func.max(Alert.id))
+            .where(Alert.model_id == model_id, Alert.layer_id.is_not(None))
+            .group_by(Alert.layer_id, Alert.kind)
+        )
+        out: dict[tuple[int, str], datetime] = {}
+        for alert in session.execute(sa.select(Alert).where(Alert.id.in_(newest))).scalars():
+            values = alert.values or {}
+            ends = [
+                e
+                for e in (
+                    _parse_end(values.get("window_end")),
+                    _parse_end(values.get("resolved_window_end")),
+                )
+                if e is not None
+            ]
+            if ends and alert.layer_id is not None:
+                out[(alert.layer_id, alert.kind)] = max(ends)
         return out
 
     @staticmethod
@@ -431,6 +706,8 @@ class AlertEngine:
         values = {c: _json(window.get(c)) for c in _VALUE_COLUMNS if c in window}
         values["window_end"] = _json(window["end"])
         values["windows"] = windows
+        if "source" in window:
+            values["source"] = window["source"]  # the replica that shows the condition
         return values
 
     @staticmethod

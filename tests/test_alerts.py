@@ -234,3 +234,130 @@ def test_a_watched_model_left_in_train_mode_raises_alerts_in_the_store(db_url: s
     assert ("batch_stat_mode", "4") in kinds
     assert ("running_stats_mutated", "4") in kinds
     assert not any(layer == "1" for _, layer in kinds)
+
+
+def replica(
+    template: WindowRecord, source: str, minute: int, *, drifted: bool, second: int = 0
+) -> WindowRecord:
+    """Window ``minute`` of one replica (``source``), ``second`` s after the minute."""
+    w = window(template, minute, drifted=drifted)
+    end = w.end + timedelta(seconds=second)
+    return dataclasses.replace(
+        w,
+        uid=f"{source[-1]}{minute:04d}",
+        source=source,
+        start=end - timedelta(minutes=1),
+        end=end,
+    )
+
+
+def test_one_drifted_replica_opens_the_alert_among_clean_ones(
+    repo: Repository, template: WindowRecord
+) -> None:
+    # replica a drifted, b clean, their windows interleaved: persistence is counted per
+    # source (was: per layer, so a's drifted windows were never 3 in a row -- no alert)
+    engine = AlertEngine()
+    records = []
+    for i in range(8):
+        records.append(replica(template, "r:a", i, drifted=i < 5))
+        records.append(replica(template, "r:b", i, drifted=False, second=2))
+    actions = feed(repo, engine, records)
+    assert [i for i, a in enumerate(actions) if "opened:drift:4" in a] == [4]  # a's 3rd
+    # a clean for 3 windows (5, 6, 7) and b clean: no source keeps it
+    assert [i for i, a in enumerate(actions) if "resolved:drift:4" in a] == [14]
+    (alert,) = [a for a in repo.alerts() if a.kind == "drift"]
+    assert alert.values["source"] == "r:a"
+
+
+def test_two_drifted_replicas_need_open_after_windows_each(
+    repo: Repository, template: WindowRecord
+) -> None:
+    # both drifted: three windows of the layer came in 1.5 periods (was: opened at the 3rd)
+    engine = AlertEngine()
+    records = []
+    for i in range(3):
+        records.append(replica(template, "r:a", i, drifted=True))
+        records.append(replica(template, "r:b", i, drifted=True, second=2))
+    actions = feed(repo, engine, records)
+    assert [i for i, a in enumerate(actions) if "opened:drift:4" in a] == [4]  # a's 3rd
+
+
+def test_a_replica_that_went_silent_drifted_does_not_hold_the_alert_open(
+    repo: Repository, template: WindowRecord
+) -> None:
+    engine = AlertEngine(AlertConfig(no_data_seconds=300))
+    records = [replica(template, "r:a", i, drifted=True) for i in range(3)]
+    records += [replica(template, "r:b", i, drifted=False, second=2) for i in range(3, 12)]
+    actions = feed(repo, engine, records)
+    assert "opened:drift:4" in actions[2]
+    # a's last window ended at 12:03, more than 300 s before b's window ending at 12:08:02
+    # (b clean in its last 3 windows by then): a keeps it no longer (was: open for good)
+    resolved = [i for i, a in enumerate(actions) if "resolved:drift:4" in a]
+    assert [records[i].end for i in resolved] == [T0 + timedelta(minutes=8, seconds=2)]
+
+
+def test_a_late_batch_replays_its_windows_in_order(
+    repo: Repository, template: WindowRecord
+) -> None:
+    # a spool delivered after an outage: minutes 5-14 drifted, stored and evaluated as one
+    # batch (was: only the newest 3 windows judged -- no alert for the episode)
+    engine = AlertEngine()
+    batch = [window(template, i, drifted=5 <= i < 15) for i in range(20)]
+    repo.write_windows(batch)
+    changes = engine.on_stored(repo, batch)
+    drift = [(c.action, c.values["window_end"]) for c in changes if c.kind == "drift"]
+    assert drift == [
+        ("opened", (T0 + timedelta(minutes=8)).isoformat()),  # minute 7's window: the 3rd
+        ("resolved", (T0 + timedelta(minutes=15)).isoformat()),  # the last drifted window's
+    ]
+    (alert,) = [a for a in repo.alerts() if a.kind == "drift"]
+    assert alert.values["resolved_window_end"] == (T0 + timedelta(minutes=18)).isoformat()
+    # judged windows are not judged again: a re-delivery, a fresh engine (a restart, the CLI)
+    assert engine.on_stored(repo, batch) == []
+    assert [c for c in evaluate_all(repo, AlertEngine(), now=T0) if c.kind == "drift"] == []
+    assert len([a for a in repo.alerts() if a.kind == "drift"]) == 1
+
+
+def test_evaluate_all_replays_a_backfill(repo: Repository, template: WindowRecord) -> None:
+    # `bnwatch alerts --evaluate` after a backfill: a fresh engine replays what was stored
+    repo.write_windows([window(template, i, drifted=2 <= i < 6) for i in range(12)])
+    changes = evaluate_all(repo, AlertEngine(), now=T0 + timedelta(minutes=12))
+    assert [(c.action, c.kind) for c in changes if c.kind == "drift"] == [
+        ("opened", "drift"),
+        ("resolved", "drift"),
+    ]
+
+
+def test_a_replaced_version_resolves_its_layer_alerts(
+    repo: Repository, template: WindowRecord
+) -> None:
+    from bnwatch.triggers import CallbackAction, Trigger, TriggerPolicy
+
+    engine = AlertEngine(AlertConfig(no_data_seconds=300))
+    feed(repo, engine, [window(template, i, drifted=True) for i in range(3)])
+    v2 = [
+        dataclasses.replace(window(template, i), uid=f"v{i:04d}", version="2") for i in range(3, 12)
+    ]
+    feed(repo, engine, v2)
+    sent: list[str] = []
+    trigger = Trigger(
+        CallbackAction(lambda e: sent.append(e.version)), TriggerPolicy(cooldown_seconds=60)
+    )
+    # cnn@1 silent for more than 300 s while cnn@2 reports: replaced
+    changes = engine.check_silence(repo, now=T0 + timedelta(minutes=12))
+    assert ("resolved", "drift", "1") in {(c.action, c.kind, c.version) for c in changes}
+    (alert,) = [a for a in repo.alerts(version="1") if a.kind == "drift"]
+    assert alert.state == "resolved"
+    assert alert.values["resolved_because"] == "version replaced"
+    trigger.check_open(repo, now=T0 + timedelta(minutes=12))
+    assert sent == []  # nothing acts on the retired version's alerts any more
+
+
+def test_a_silent_version_alone_keeps_its_layer_alerts(
+    repo: Repository, template: WindowRecord
+) -> None:
+    # an outage, not a replacement: the no_data alert opens, the drift alert stays
+    engine = AlertEngine(AlertConfig(no_data_seconds=300))
+    feed(repo, engine, [window(template, i, drifted=True) for i in range(3)])
+    engine.check_silence(repo, now=T0 + timedelta(hours=1))
+    assert {a.kind for a in repo.alerts(state="open")} >= {"drift", "no_data"}
