@@ -614,10 +614,14 @@ class KeptInputs:
         ``batch_size`` (as ``{key: batch}`` when kept from a keyword), or the calls --
         consecutive calls of the same form joined into one of at most ``batch_size`` samples
         (tensors of the batch concatenated, lists of samples joined, everything else equal),
-        so that a model served one sample at a time is recalibrated on batches."""
+        so that a model served one sample at a time is recalibrated on batches.  Batches are
+        of about equal size: 65 samples give 33 and 32, not 64 and a lone one that a
+        BatchNorm layer cannot normalize in training mode."""
         if self.inputs is None:
             return _join_calls(self.calls, batch_size)
-        batches = list(torch.split(self.inputs, batch_size))
+        check_positive_int("batch_size", batch_size)
+        parts = max(1, -(-self.samples // batch_size))
+        batches = list(torch.tensor_split(self.inputs, parts))
         key = self.key
         return batches if key is None else [{key: x} for x in batches]
 

@@ -14,6 +14,7 @@ from torch import nn
 
 import bnwatch
 from bnwatch.capture.monitor import InputRing, KeptInputs, _join_calls
+from bnwatch.errors import ConfigError
 from bnwatch.inputs import ModelCall, replay
 
 
@@ -205,6 +206,23 @@ def test_the_kind_of_input_changing_restarts_the_ring() -> None:
         kept = mon.kept_inputs()
     assert kept is not None and kept.calls == () and kept.inputs is not None
     assert kept.inputs[:, 0].tolist() == [3, 4] and kept.key == "x"
+
+
+@pytest.mark.parametrize("key", [None, "pixel_values"])
+def test_kept_tensors_come_in_batches_of_about_equal_size(key: str | None) -> None:
+    """65 kept samples in batches of 64 gave 64 and a lone one, which a BatchNorm layer cannot
+    normalize in training mode: a triggered recalibration whose fit part happened to be
+    64k + 1 samples failed ("Expected more than 1 value per channel")."""
+    at = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    inputs = torch.arange(65.0)[:, None]
+    got = KeptInputs(inputs, at, at, key=key).batches(64)
+    tensors = [b if key is None else b[key] for b in got]
+    assert [len(t) for t in tensors] == [33, 32]
+    assert torch.equal(torch.cat(tensors), inputs)
+    assert [len(b) for b in KeptInputs(inputs[:64], at, at).batches(64)] == [64]
+    assert [len(b) for b in KeptInputs(inputs, at, at).batches(16)] == [13] * 5
+    with pytest.raises(ConfigError, match="batch_size"):
+        KeptInputs(inputs, at, at).batches(0)
 
 
 def test_one_sample_calls_are_joined_into_batches() -> None:
