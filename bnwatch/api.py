@@ -309,6 +309,22 @@ def watch(
                 "False when every watched BatchNorm layer is frozen (FrozenBatchNorm2d): "
                 "frozen layers are watched but never recalibrated",
             )
+        # recalibration runs the whole model's BatchNorm layers in training mode, where torch
+        # refuses eps=0: every triggered recalibration would fail, on every alert
+        no_eps = [
+            layer.name
+            for layer in discover(model)
+            if not layer.frozen and not float(getattr(layer.module, "eps", 1.0)) > 0
+        ]
+        if no_eps:
+            raise ConfigError(
+                "recalibrate",
+                recalibrate,
+                f"False for a model whose BatchNorm layers {', '.join(map(repr, no_eps[:5]))}"
+                f"{', ...' if len(no_eps) > 5 else ''} have eps=0: torch cannot recalibrate "
+                "them (eps must be positive in training mode); give them a positive eps "
+                "(e.g. 1e-5, torch's default) or recalibrate without them yourself",
+            )
 
         if keep_inputs < MIN_KEPT_INPUTS:
             raise ConfigError(

@@ -45,8 +45,10 @@ matched by ``deploy/prometheus/alerts.yml``."""
 
 REPORTED_STATUSES: tuple[str, ...] = ("applied", "rejected", "failed")
 """How a recorded recalibration ends (what a report of its outcome may say)."""
-RECALIBRATION_STATUSES: tuple[str, ...] = ("pending", *REPORTED_STATUSES)
-"""Every status of a recorded recalibration: ``pending`` until it ends."""
+RECALIBRATION_STATUSES: tuple[str, ...] = ("pending", *REPORTED_STATUSES, "notified")
+"""Every status of a recorded recalibration: ``pending`` until it ends; ``notified`` for a
+trigger whose action only told someone (a callback that returned nothing), which recalibrated
+nothing."""
 
 LAYER_METRICS: tuple[str, ...] = (
     "kl_mean",

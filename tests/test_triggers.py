@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
+import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import pytest
 import torch
+from sqlalchemy import exc as sa_exc
 
 import bnwatch
 from bnwatch.alerts import AlertChange, AlertConfig, Rule
-from bnwatch.errors import ConfigError
+from bnwatch.errors import ConfigError, ShapeError
 from bnwatch.schema import utcnow
 from bnwatch.store.migrate import engine_for
 from bnwatch.store.repository import Repository
@@ -32,7 +37,7 @@ from bnwatch.triggers import (
     verify_signature,
 )
 from bnwatch.triggers import core as trigger_core
-from tests.service.webhook import Receiver, wait_for
+from tests.service.webhook import Receiver, start_server, stop_server, wait_for
 from tests.store.helpers import batches, feed, record_windows, small_cnn
 from tests.store.rows import add_alerts
 
@@ -108,6 +113,76 @@ def test_webhook_is_signed_retried_and_recorded(repo: Repository, receiver: Rece
     assert rec.outcome is not None and rec.outcome["http_status"] == 200
 
 
+def test_a_webhook_answered_too_late_is_sent_once_and_left_pending_for_its_receiver(
+    repo: Repository,
+) -> None:
+    """The request went out and the answer did not come in time: the receiver may have the
+    event, so it is not sent again, and its recalibration stays pending (with a note) for the
+    receiver's report -- not failed (which refused that report and handed the alert out
+    again)."""
+    gate = threading.Event()
+    slow = Receiver([], gate=gate)  # records each request, answers once the gate opens
+    try:
+        action = WebhookAction(slow.url, "s3cret", timeout=0.5, attempts=3)
+        ((rid, outcome),) = Trigger(action, TriggerPolicy(cooldown_seconds=0)).on_alerts(
+            repo, [drift_alert()]
+        )
+        assert len(slow.received) == 1  # sent once, not three times
+    finally:
+        slow.close()
+    assert outcome.status == "pending"
+    rec = repo.recalibration(rid)
+    assert rec.status == "pending" and rec.outcome is not None
+    assert "no answer within 0.5 s" in rec.outcome["note"]
+    # the receiver carried it out and reports: accepted
+    repo.finish_recalibration(rid, status="rejected", outcome={"by": "receiver"})
+    assert repo.recalibration(rid).status == "rejected"
+
+
+def test_a_webhook_whose_receiver_cannot_be_reached_is_retried_and_failed() -> None:
+    server, url = start_server(BaseHTTPRequestHandler)
+    stop_server(server)  # nothing listens there now: connection refused
+    outcome = WebhookAction(url, "s3cret", attempts=2)(
+        TriggerEvent(1, "cnn", "1", 1, "drift", "4", {})
+    )
+    assert outcome.status == "failed" and "ConnectError" in outcome.details["error"]
+
+
+def test_a_trickled_answer_is_cut_at_the_timeout_of_the_whole_request() -> None:
+    """httpx's timeout is per read: a receiver answering one byte every 0.2 s held the
+    trigger for 44 reads.  The whole request is limited to ``timeout``."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    done = threading.Event()
+
+    def trickle() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            for byte in b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n":
+                if done.wait(0.2):
+                    return
+                with contextlib.suppress(OSError):
+                    conn.send(bytes([byte]))
+
+    thread = threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/hook"
+    started = time.monotonic()
+    try:
+        outcome = WebhookAction(url, "s3cret", timeout=1.0)(
+            TriggerEvent(1, "cnn", "1", 1, "drift", "4", {})
+        )
+    finally:
+        done.set()
+        thread.join(5)
+        listener.close()
+    took = time.monotonic() - started
+    assert took < 3.0, f"the webhook took {took:.1f} s with timeout=1"  # 8.8 s before
+    assert outcome.status == "pending" and "no answer within 1 s" in outcome.details["note"]
+
+
 def test_policy_cooldown_daily_cap_and_kinds(repo: Repository) -> None:
     calls: list[int] = []
 
@@ -177,6 +252,33 @@ def test_finishing_with_an_outcome_json_cannot_carry_writes_nothing(repo: Reposi
     assert rec.status == "pending"
 
 
+def test_an_applied_result_whose_outcome_cannot_be_recorded_is_rolled_back(
+    repo: Repository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store blips while the applied outcome is written: the model must not keep
+    statistics the store records as failed -- they are put back, and the outcome says so."""
+    model = small_cnn()
+    before = model[4].running_mean.clone()  # type: ignore[index]
+    real = repo.finish_recalibration
+
+    def blip(rid: int, **kw: Any) -> Any:
+        if kw.get("status") == "applied":
+            raise sa_exc.OperationalError("UPDATE recalibrations", {}, Exception("server closed"))
+        return real(rid, **kw)
+
+    monkeypatch.setattr(repo, "finish_recalibration", blip)
+    applied = Trigger(
+        CallbackAction(lambda event: bnwatch.recalibrate(model, batches(8, shift=2.5)))
+    )
+    ((rid, outcome),) = applied.on_alerts(repo, [drift_alert()])
+    assert outcome.status == "failed"
+    rec = repo.recalibration(rid)
+    assert rec.status == "failed" and rec.outcome is not None
+    assert "OperationalError" in rec.outcome["error"]
+    assert rec.outcome["rolled_back"] == "the model's previous statistics were put back"
+    assert torch.equal(model[4].running_mean, before)  # type: ignore[index]
+
+
 def test_a_callback_returning_an_unfinished_result_is_failed(repo: Repository) -> None:
     model = small_cnn()
     computed = bnwatch.recalibrate(model, batches(8), apply=False)  # neither applied nor judged
@@ -200,6 +302,26 @@ def test_too_few_kept_inputs_fail_and_watch_asks_for_enough(db_url: str) -> None
     # failed, not rejected: nothing was judged, and a later alert may try again
     assert outcome.status == "failed"
     assert outcome.details == {"error": f"only 4 kept inputs (need {MIN_KEPT_INPUTS})"}
+
+
+def test_a_model_error_that_is_not_about_shapes_keeps_its_message() -> None:
+    """An eps=0 BatchNorm cannot run in training mode: that is the model's problem, said as
+    torch says it -- not a ShapeError sending the user after their data."""
+    model = small_cnn()
+    model[1].eps = 0.0  # type: ignore[index]
+    with pytest.raises((RuntimeError, ValueError), match="eps must be positive") as info:
+        bnwatch.recalibrate(model, batches(4), progress=False)
+    assert not isinstance(info.value, ShapeError)
+    with pytest.raises(ShapeError, match=r"recalibration data.*\(8, 4, 5, 5\)"):
+        bnwatch.recalibrate(small_cnn(), [torch.randn(8, 4, 5, 5)], progress=False)
+
+
+def test_watch_refuses_to_recalibrate_a_model_with_an_eps_0_batchnorm(db_url: str) -> None:
+    model = small_cnn()
+    model[1].eps = 0.0  # type: ignore[index]
+    with pytest.raises(ConfigError, match=r"recalibrate.*'1'.*eps=0.*positive eps"):
+        bnwatch.watch(model, store=db_url, keep_inputs=256, recalibrate=True)
+    bnwatch.watch(model, store=db_url, window_seconds=None).close()  # watched: fine
 
 
 def test_policy_validation_names_the_field() -> None:
@@ -278,6 +400,50 @@ def test_drift_recalibrates_in_process_and_records_everything(db_url: str) -> No
     assert len(stored) == len(ids) > 0 and all(lin["data"] == data for lin in stored)
     assert not [a for a in repo.alerts() if a.kind == "running_stats_mutated"]
     engine.dispose()
+
+
+def test_a_notification_trigger_beside_recalibrate_leaves_it_its_alert(db_url: str) -> None:
+    """``watch(triggers=[notify], recalibrate=True)``: the drift alert runs both.  The
+    notification (a callback returning None) is recorded ``notified`` -- not an ``applied``
+    recalibration -- and does not spend the alert, the cooldown or the cap of the in-process
+    recalibration, which runs and is recorded as without ``triggers=``."""
+    told: list[str] = []
+
+    def notify(event: TriggerEvent) -> None:
+        told.append(event.kind)
+
+    model = small_cnn()
+    before = model[4].running_mean.clone()  # type: ignore[index]
+    mon = bnwatch.watch(
+        model,
+        name="cnn",
+        version="1",
+        store=db_url,
+        window_seconds=None,
+        overhead_budget=None,
+        keep_inputs=256,
+        triggers=[Trigger(CallbackAction(notify), TriggerPolicy(cooldown_seconds=3600))],
+        recalibrate=TriggerPolicy(cooldown_seconds=3600),
+        alerts=AlertConfig(drift=Rule(open_after=1, resolve_after=1)),
+        config=bnwatch.DriftConfig(warmup_samples=64, min_samples=8),
+    )
+    feed(model, mon, batches(32, seed=1), every=8)
+    feed(model, mon, batches(96, seed=2, shift=2.5), every=16)
+    mon.close()
+    engine = engine_for(db_url)
+    try:
+        recs = Repository(engine).recalibrations()
+    finally:
+        engine.dispose()
+    assert told == ["drift"]
+    by_method = {r.method: r for r in recs}
+    assert len(recs) == 2 and set(by_method) == {"CallbackAction", "precise"}, recs
+    notified = by_method["CallbackAction"]
+    assert notified.status == "notified" and "references" not in (notified.outcome or {})
+    recalibrated = by_method["precise"]
+    assert recalibrated.status == "applied", recalibrated.outcome
+    assert recalibrated.alert_id == notified.alert_id
+    assert not torch.equal(model[4].running_mean, before)  # type: ignore[index]
 
 
 class _PixelValues(torch.nn.Module):

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import re
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -166,15 +167,30 @@ def check_finite_values(what: str, layer: str, moments: ChannelMoments) -> None:
         raise NonFiniteDataError(what, layer, short.tolist(), int(count.min()))
 
 
+_SHAPE_OR_DTYPE = re.compile(
+    r"shape|size|dimension|\bdim|channel|dtype|scalar type|type \(|[0-9]D input|mat[12]\b"
+    r"|must match|expected input|to have .* channels",
+    re.IGNORECASE,
+)
+"""What torch says when a model cannot take a batch's shape or dtype (``mat1 and mat2 shapes
+cannot be multiplied``, ``expected 4D input``, ``expected input[...] to have 3 channels``,
+``expected scalar type Float``, ``Input type (...) and weight type``): the data's fault."""
+
+
 @contextlib.contextmanager
 def data_errors(what: str, got: str, *, forward: bool = True) -> Iterator[None]:
     """A model that cannot run on a batch (a shape or dtype it does not take) is the data's
     fault: say so, naming ``what`` data and what the batch was (``got``) -- and, when the
-    model was called with one tensor (``forward=False``), how to call it otherwise."""
+    model was called with one tensor (``forward=False``), how to call it otherwise.
+
+    Only shape and dtype errors are: any other error of the model (a BatchNorm with
+    ``eps=0`` in training mode, a bug in its forward) is raised as it is, with its own
+    message -- relabelled "expected shape inputs the model accepts", it sent the user after
+    their data for a problem of the model."""
     try:
         yield
     except (RuntimeError, ValueError) as err:
-        if isinstance(err, BnwatchError):
+        if isinstance(err, BnwatchError) or not _SHAPE_OR_DTYPE.search(str(err)):
             raise
         expected = "inputs the model accepts"
         if not forward:

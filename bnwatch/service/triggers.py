@@ -22,7 +22,12 @@ With ``BNWATCH_WEBHOOK_URL`` and ``BNWATCH_WEBHOOK_SECRET`` set, :func:`create_a
 
 :meth:`TriggerRunner.stop` (the app's lifespan shutdown) lets the action in flight finish (up
 to ``stop_timeout`` seconds), records the events still queued as ``failed`` ("the service
-stopped before delivering it"), and joins the thread.
+stopped before delivering it"), and joins the thread.  Give the process that long to stop
+(docker-compose.yml: ``stop_grace_period: 60s``; Docker's default of 10 s kills it first).  A
+process killed anyway leaves its claims ``pending``: the periodic job of a running worker
+records them ``failed`` once they are 30 minutes old
+(:data:`~bnwatch.store.repository.ABANDONED_CLAIM_SECONDS`), and their alerts are triggered
+again after the cooldown.
 """
 
 from __future__ import annotations
@@ -45,8 +50,8 @@ logger = logging.getLogger("bnwatch.service")
 DEFAULT_QUEUE_SIZE = 256
 """Claimed events waiting for the worker, at most (each is a few hundred bytes)."""
 DEFAULT_STOP_TIMEOUT = 45.0
-"""Seconds shutdown waits for the action in flight: a webhook's 3 attempts of 10 s each, plus
-its backoff, fit."""
+"""Seconds shutdown waits for the action in flight: a webhook's 3 attempts of at most 10 s each
+(the whole request, answer included), plus its backoff, fit."""
 
 
 def webhook_host(url: str) -> str:
@@ -178,7 +183,11 @@ class TriggerRunner:
         ``persist_seconds`` > 0, and to retry a failed trigger after the cooldown), and the
         recalibrations requested by hand (the dashboard's "Request a recalibration": sent as
         ``requested`` events, outside the policy); returns how many were queued.  Never
-        raises: failures are logged."""
+        raises: failures are logged.
+
+        :meth:`Trigger.claim_open <bnwatch.triggers.Trigger.claim_open>` first records
+        ``failed`` the claims a killed process abandoned (no outcome 30 minutes after the
+        claim), so that their alerts are triggered again after the cooldown."""
         events = []
         for claim, what in (
             (self.trigger.claim_open, "triggers of the open alerts"),

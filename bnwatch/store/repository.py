@@ -1070,6 +1070,9 @@ class Repository:
         checked), so of two concurrent reports exactly one wins; the other raises
         :class:`RecalibrationStateError` and writes nothing.
 
+        ``status="notified"`` is for in-process trigger actions that only tell someone (a
+        callback that returns ``None``): nothing was recalibrated, and the trigger is done.
+
         ``status="pending"`` is for in-process actions that hand the work on (a delivered
         webhook): it records their outcome (the URL, the HTTP status) and leaves the
         recalibration pending.  When the receiver has already reported its decision -- it may
@@ -1095,11 +1098,12 @@ class Repository:
             ConfigError: an unknown ``status``, or ``buffers`` with another status than
                 ``applied``.
         """
-        if status not in ("applied", "rejected", "failed", "pending"):
+        if status not in ("applied", "rejected", "failed", "notified", "pending"):
             raise ConfigError(
                 "status",
                 status,
-                "'applied', 'rejected' or 'failed' ('pending' only to record a hand-off)",
+                "'applied', 'rejected' or 'failed' ('pending' only to record a hand-off, "
+                "'notified' for a trigger whose action only told someone)",
             )
         if buffers and status != "applied":
             raise ConfigError(
@@ -1204,7 +1208,8 @@ class Repository:
                     new,
                     lineage=json_ready(lineage),
                 )
-            record = {**outcome, "references": ref_ids}
+            # a notification recalibrated nothing: no references to list
+            record = outcome if status == "notified" else {**outcome, "references": ref_ids}
             if skipped:
                 record["skipped_layers"] = skipped
             conn.execute(sa.update(Recalibration).where(this).values(outcome=record))
@@ -1313,6 +1318,12 @@ class Repository:
     ) -> RecalibrationClaim:
         """Record a ``pending`` recalibration only if the limits allow one now -- atomically.
 
+        The limits are those of ``method`` (the trigger's: its action's method, or its class
+        name): triggers of different methods on one model version -- a notification callback
+        next to ``watch(recalibrate=True)``'s in-process recalibration -- each act on an
+        alert, each with its own cooldown and daily cap; they never use up each other's.
+        Triggers that must share them (several processes running one trigger) use one method.
+
         The checks and the insert are one transaction that holds the model version's lock, so
         that processes sharing the database (the workers of ``bnwatch serve``, several
         writers) cannot both pass the checks and both insert: on PostgreSQL the model row is
@@ -1321,13 +1332,19 @@ class Repository:
         front (``BEGIN IMMEDIATE``, waiting up to the busy timeout), which serializes every
         writer of the file.  Refused, in this order, when:
 
-        * ``alert_id`` already has a recalibration that did not fail (``alert``);
-        * ``daily_cap`` recalibrations of the model version started in the 24 hours before
-          ``now`` (``daily_cap``);
-        * its latest recalibration started less than ``cooldown_seconds`` before ``now``
-          (``cooldown``).
+        * ``alert_id`` already has a recalibration of ``method`` that did not fail
+          (``alert``);
+        * ``daily_cap`` recalibrations of ``method`` of the model version started in the 24
+          hours before ``now`` (``daily_cap``);
+        * its latest recalibration of ``method`` started less than ``cooldown_seconds``
+          before ``now`` (``cooldown``).
 
         The recalibration's ``created_at`` is ``now`` (default: the current UTC time).
+
+        A claim abandoned by its process (killed while its action ran) holds its alert until
+        :meth:`fail_abandoned_claims` records it ``failed``: :meth:`Trigger.claim_open
+        <bnwatch.triggers.Trigger.claim_open>` (a service's periodic job, a monitor's triggers
+        after each stored batch) calls it first.
 
         Most claims are refused (a service's periodic job asks again every minute for every
         open alert), so the checks are first read without any lock: a refusal found there is
@@ -1341,7 +1358,7 @@ class Repository:
             known = self._stored_model_id(conn, model, version)
             if known is not None:
                 refused, recent, last = _claim_refusal(
-                    conn, known, alert_id, cooldown_seconds, daily_cap, now
+                    conn, known, alert_id, method, cooldown_seconds, daily_cap, now
                 )
                 if refused is not None:
                     return RecalibrationClaim(None, refused, recent, last)
@@ -1349,7 +1366,7 @@ class Repository:
         with self.engine.connect() as conn:
             model_id = self._locked_model_id(conn, model, version, new)
             refused, recent, last = _claim_refusal(
-                conn, model_id, alert_id, cooldown_seconds, daily_cap, now
+                conn, model_id, alert_id, method, cooldown_seconds, daily_cap, now
             )
             rid: int | None = None
             if refused is None:
@@ -1359,6 +1376,74 @@ class Repository:
             conn.commit()
         self._ids.models.update(new.models)
         return RecalibrationClaim(rid, refused, int(recent), last)
+
+    def fail_abandoned_claims(
+        self,
+        *,
+        model: str | None = None,
+        version: str | None = None,
+        now: datetime | None = None,
+        older_than: float | None = None,
+    ) -> list[int]:
+        """Record ``failed`` the trigger claims whose action never recorded anything: still
+        ``pending`` with nothing but the claim in their outcome, ``older_than`` seconds after
+        they were claimed (:data:`ABANDONED_CLAIM_SECONDS`, 30 minutes); returns their ids.
+
+        A claim is recorded before its action runs; the action's outcome -- or, for a webhook,
+        its hand-off (the URL and the HTTP status, still ``pending``) -- replaces it.  One
+        whose process was killed meanwhile (``docker compose stop`` past its grace period, a
+        kill -9, the host going down) kept its alert from being triggered again, for good.
+        Failed, it is retried as any failed trigger is: after the cooldown.  A hand-off that
+        was recorded is never touched (its receiver reports back).  ``model``/``version``
+        restrict to one model version.  The read finds nothing almost always, and then
+        nothing is written (no lock taken).
+        """
+        now = _to_utc(now) if now is not None else utcnow()
+        if older_than is None:
+            older_than = ABANDONED_CLAIM_SECONDS
+        abandoned = sa.and_(
+            Recalibration.status == "pending",
+            Recalibration.created_at < now - timedelta(seconds=older_than),
+            Recalibration.outcome["claimed_by"].as_string() == "trigger",
+            Recalibration.outcome["references"].as_string().is_(None),
+        )
+        query = sa.select(Recalibration.id).join(Model, Model.id == Recalibration.model_id)
+        if model is not None:
+            query = query.where(Model.name == model)
+        if version is not None:
+            query = query.where(Model.version == version)
+        with self.engine.connect() as conn:
+            ids = [int(i) for i in conn.execute(query.where(abandoned)).scalars()]
+        if not ids:
+            return []
+        minutes = f"{older_than / 60:g} minute{'s' if older_than != 60 else ''}"
+        failed: list[int] = []
+        with self.engine.begin() as conn:
+            for rid in ids:
+                # the claim kept in the outcome, with why; only if still abandoned now
+                claim = conn.execute(
+                    sa.select(Recalibration.outcome).where(Recalibration.id == rid)
+                ).scalar_one()
+                record = {
+                    **(claim or {}),
+                    "error": f"abandoned: no outcome was recorded {minutes} after the claim "
+                    "(the process that claimed it stopped while its action ran)",
+                }
+                done = conn.execute(
+                    sa.update(Recalibration)
+                    .where(Recalibration.id == rid, abandoned)
+                    .values(status="failed", finished_at=now, outcome=record)
+                ).rowcount
+                if done == 1:
+                    failed.append(rid)
+        for rid in failed:
+            logger.warning(
+                "bnwatch: recalibration %d recorded failed: abandoned by the process that "
+                "claimed it (no outcome %s after the claim)",
+                rid,
+                minutes,
+            )
+        return failed
 
     def _locked_model_id(self, conn: Connection, model: str, version: str, new: _Ids) -> int:
         """The model version's id (recorded if new), with its lock held until ``conn``
@@ -2336,19 +2421,29 @@ def _json_outcome(outcome: Mapping[str, Any]) -> dict[str, Any]:
     return ready  # type: ignore[no-any-return]
 
 
+ABANDONED_CLAIM_SECONDS = 1800.0
+"""A trigger claim still without any outcome this long after it was taken was abandoned by its
+process (killed while its action ran): :meth:`Repository.fail_abandoned_claims` records it
+``failed``.  30 minutes: far more than an action takes (a webhook: 3 attempts of at most 10 s;
+an in-process recalibration: seconds to minutes), and less than the hour after which
+``BnwatchRecalibrationPending`` fires."""
+
+
 def _claim_refusal(
     conn: Connection,
     model_id: int,
     alert_id: int | None,
+    method: str,
     cooldown_seconds: float,
     daily_cap: int,
     now: datetime,
 ) -> tuple[str | None, int, datetime | None]:
-    """``(refused, recent, last_started)`` of a claim for ``alert_id`` of the model version
-    ``model_id`` at ``now``: why :meth:`Repository.claim_recalibration` refuses it (``None``:
-    it may be claimed), the recalibrations started in the 24 hours before ``now``, and when the
-    latest one started."""
-    mine = Recalibration.model_id == model_id
+    """``(refused, recent, last_started)`` of a claim by ``method`` for ``alert_id`` of the
+    model version ``model_id`` at ``now``: why :meth:`Repository.claim_recalibration` refuses
+    it (``None``: it may be claimed), the recalibrations of ``method`` started in the 24 hours
+    before ``now``, and when the latest one started.  Only ``method``'s recalibrations count:
+    another trigger's (a notification's) never hold this one back."""
+    mine = sa.and_(Recalibration.model_id == model_id, Recalibration.method == method)
     recent = int(
         conn.execute(
             sa.select(sa.func.count())
@@ -2362,7 +2457,11 @@ def _claim_refusal(
         alert_id is not None
         and conn.execute(
             sa.select(Recalibration.id)
-            .where(Recalibration.alert_id == alert_id, Recalibration.status != "failed")
+            .where(
+                Recalibration.alert_id == alert_id,
+                Recalibration.method == method,
+                Recalibration.status != "failed",
+            )
             .limit(1)
         ).first()
     ):

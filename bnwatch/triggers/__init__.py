@@ -18,9 +18,12 @@ The check and the record are one locked transaction
 (:meth:`~bnwatch.store.repository.Repository.claim_recalibration`): processes sharing a
 database -- the workers of ``bnwatch serve``, several writers -- never both start a
 recalibration of one model version inside the cooldown, nor two for one alert (unless the
-first failed).  Every trigger ends ``applied``, ``rejected`` or ``failed`` (a webhook that was
-delivered stays ``pending`` until its receiver reports back with
-:func:`bnwatch.report_recalibration`), with its outcome, in the
+first failed).  Those limits are per method (the action's ``method``, else its class name):
+a notification trigger next to the in-process recalibration does not use up its alert, its
+cooldown or its cap.  Every trigger ends ``applied``, ``rejected``, ``failed`` or
+``notified`` (a callback that returned ``None``: it told someone, nothing was recalibrated)
+-- a webhook that was delivered, or sent without an answer in time, stays ``pending`` until
+its receiver reports back with :func:`bnwatch.report_recalibration` -- with its outcome, in the
 ``recalibrations`` table; recalibrated statistics are stored as references of kind
 ``recalibrated`` with their lineage.
 

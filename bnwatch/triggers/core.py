@@ -7,11 +7,13 @@ it); the in-process :class:`~bnwatch.triggers.recalibrate.RecalibrateAction` liv
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
 import logging
 import math
+import socket
 import sys
 import threading
 import time
@@ -87,7 +89,9 @@ class TriggerEvent:
 
 @dataclass(frozen=True)
 class Outcome:
-    """How an action ended: ``applied``, ``rejected``, ``failed`` or ``pending``."""
+    """How an action ended: ``applied``, ``rejected``, ``failed``, ``pending`` (handed on: a
+    receiver reports how it ended) or ``notified`` (the action only told someone: nothing was
+    recalibrated, and nobody reports back)."""
 
     status: str
     details: Mapping[str, Any] = field(default_factory=dict)
@@ -99,8 +103,10 @@ class Action(Protocol):
 
 
 class CallbackAction:
-    """Call ``fn(event)``; it returns an :class:`Outcome`, a RecalibrationResult, or None
-    (applied).  An exception marks the trigger ``failed``."""
+    """Call ``fn(event)``; it returns an :class:`Outcome`, a RecalibrationResult, or None: a
+    notification (recorded ``notified`` -- a callback that returns nothing recalibrated
+    nothing, and was recorded ``applied`` with no statistics).  An exception marks the
+    trigger ``failed``."""
 
     def __init__(self, fn: Callable[[TriggerEvent], Outcome | RecalibrationResult | None]):
         self.fn = fn
@@ -108,7 +114,7 @@ class CallbackAction:
     def __call__(self, event: TriggerEvent) -> Outcome:
         value = self.fn(event)
         if value is None:
-            return Outcome("applied")
+            return Outcome("notified", {"callback": getattr(self.fn, "__qualname__", "callback")})
         if isinstance(value, Outcome):
             return value
         # a RecalibrationResult: its module is loaded if fn made one (no torch import here)
@@ -123,7 +129,7 @@ class CallbackAction:
             return Outcome(value.status, value.summary(), value)
         raise TypeError(
             f"the trigger callback returned a {type(value).__name__}: return an Outcome, a "
-            "bnwatch.recalibration.RecalibrationResult, or None (applied)"
+            "bnwatch.recalibration.RecalibrationResult, or None (a notification)"
         )
 
 
@@ -166,13 +172,73 @@ def verify_signature(
     return hmac.compare_digest(expected, given)
 
 
+class _Deadline:
+    """One HTTP request's whole-time limit: when it is up, the request's sockets are shut down.
+
+    httpx's ``timeout`` bounds each read, not the request: a receiver (or a proxy) that
+    trickles its answer a byte every few seconds held the trigger's worker for minutes.  This
+    watchdog learns the request's sockets from httpcore's ``trace`` extension and shuts them
+    down (``shutdown``, which wakes a thread blocked in ``recv``; ``close`` would not) once
+    ``seconds`` have passed; the request then fails at once.  The trace also says whether the
+    request's body went out (:attr:`sent`): after that the receiver may have the event, and
+    it must not be sent again.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.sent = False
+        self.expired = False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Deadline:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+
+    def trace(self, name: str, info: Mapping[str, Any]) -> None:
+        if name.endswith(".send_request_body.complete"):
+            self.sent = True
+        elif name in ("connection.connect_tcp.complete", "connection.start_tls.complete"):
+            stream = info.get("return_value")
+            sock = stream.get_extra_info("socket") if stream is not None else None
+            if sock is None:
+                return
+            with self._lock:
+                self._sockets.append(sock)
+                expired = self.expired
+            if expired:  # connected only after the time was up
+                self._cut(sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            sockets = list(self._sockets)
+        for sock in sockets:
+            self._cut(sock)
+
+    @staticmethod
+    def _cut(sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):  # already closed: nothing left to stop
+            sock.shutdown(socket.SHUT_RDWR)
+
+
 class WebhookAction:
     """POST the event as JSON to ``url``, signed with HMAC-SHA256 over a shared secret.
 
-    Retried (``attempts``, exponential backoff) on connection errors and 5xx; a 2xx leaves
-    the recalibration ``pending`` -- the receiver acts, then reports how it ended with
-    :func:`bnwatch.report_recalibration` (``POST /api/v1/recalibrations/{id}/outcome``) --
-    anything else fails it.
+    Each attempt takes at most ``timeout`` seconds in all -- connecting, sending and the
+    whole answer (a watchdog cuts the request then; httpx's own timeout is per read).  A 2xx
+    leaves the recalibration ``pending``: the receiver acts, then reports how it ended with
+    :func:`bnwatch.report_recalibration` (``POST /api/v1/recalibrations/{id}/outcome``).
+    Retried (``attempts``, exponential backoff) only when the event surely did not arrive or
+    the receiver said it failed: a connection error, an error before the request was sent, a
+    5xx.  A request that was sent but not answered in time (or whose connection broke before
+    the answer) is never sent again -- the receiver may have it and act on it -- and stays
+    ``pending`` with a note saying so: the receiver's report finishes it as usual.  Anything
+    else (a 3xx, a 4xx) fails it.
     """
 
     def __init__(self, url: str, secret: str, *, timeout: float = 10.0, attempts: int = 3):
@@ -195,11 +261,38 @@ class WebhookAction:
                 "X-Bnwatch-Signature": sign(body, self._secret, int(time.time())),
                 "X-Bnwatch-Event": "recalibration",
             }
-            try:
-                response = httpx.post(self.url, content=body, headers=headers, timeout=self.timeout)
-            except httpx.HTTPError as err:
-                last = f"{type(err).__name__}: {err}"
-            else:
+            timed_out = False
+            with _Deadline(self.timeout) as deadline:
+                try:
+                    with httpx.Client(timeout=self.timeout) as client:
+                        response = client.post(
+                            self.url,
+                            content=body,
+                            headers=headers,
+                            extensions={"trace": deadline.trace},
+                        )
+                except httpx.HTTPError as err:
+                    response = None
+                    timed_out = isinstance(err, httpx.TimeoutException)
+                    last = f"{type(err).__name__}: {err}"
+            if response is None and deadline.sent:
+                # the receiver may have it (and may act on it): never sent twice
+                why = (
+                    f"no answer within {self.timeout:g} s"
+                    if deadline.expired or timed_out
+                    else f"the connection broke before the answer ({last})"
+                )
+                return Outcome(
+                    "pending",
+                    {
+                        "webhook": self.url,
+                        "http_status": None,
+                        "note": f"sent, but {why}: the receiver may have it and reports how "
+                        "it ended; if it never does, finish it by hand (bnwatch recalibrate "
+                        "--recalibration ID)",
+                    },
+                )
+            if response is not None:
                 if 200 <= response.status_code < 300:
                     return Outcome(
                         "pending", {"webhook": self.url, "http_status": response.status_code}
@@ -207,6 +300,8 @@ class WebhookAction:
                 last = f"HTTP {response.status_code}"
                 if response.status_code < 500:
                     break
+            elif deadline.expired:
+                last = f"not sent within {self.timeout:g} s ({last})"
             if attempt + 1 < self.attempts:
                 time.sleep(delay)
                 delay *= 2
@@ -278,6 +373,11 @@ class Trigger:
        transaction, so that processes sharing a database never both act on
        one model version inside the cooldown (or twice on one alert);
     2. :meth:`run` -- the action, and its outcome recorded.
+
+    The cooldown, the daily cap and "once per alert" are the trigger's :attr:`method`'s:
+    two triggers of one monitor -- a notification callback in ``watch(triggers=[...])`` and
+    the in-process recalibration of ``recalibrate=True`` -- both act on a drift alert, and
+    neither spends the other's limits.  Processes that run the same trigger share them.
     """
 
     def __init__(self, action: Action, policy: TriggerPolicy | None = None) -> None:
@@ -339,7 +439,13 @@ class Trigger:
         version: str | None = None,
     ) -> list[TriggerEvent]:
         """:meth:`claim` the alerts of the policy's kinds that are open now (of one model
-        version, if given)."""
+        version, if given).
+
+        First, claims abandoned by a process killed while its action ran (no outcome 30
+        minutes after the claim) are recorded ``failed``
+        (:meth:`~bnwatch.store.repository.Repository.fail_abandoned_claims`): they held their
+        alerts for good, and are now retried after the cooldown as any failed trigger."""
+        repository.fail_abandoned_claims(model=model, version=version, now=now)
         events = []
         for alert in repository.alerts(state="open", model=model, version=version):
             if alert.kind not in self.policy.kinds:
@@ -480,9 +586,19 @@ class Trigger:
     def run(self, repository: Repository, event: TriggerEvent) -> Outcome:
         """Run the action for a claimed event and record its outcome.  An exception in the
         action, and an outcome the store refuses (an unknown status, details JSON cannot
-        carry, statistics that do not fit the stored layers), are recorded as ``failed``, never
-        raised: the recalibration must not stay ``pending`` after its action ran."""
+        carry, statistics that do not fit the stored layers, a store that is down), are
+        recorded as ``failed``, never raised: the recalibration must not stay ``pending`` after
+        its action ran.
+
+        An action that applied new statistics to the live model (a RecalibrationResult
+        ``applied`` in process) whose outcome cannot be recorded is rolled back first: the
+        model must never run on statistics the store says were not applied.  If even
+        ``failed`` cannot be recorded (the store is down), the error is raised and the claim
+        is left as claimed -- :meth:`Repository.claim_recalibration
+        <bnwatch.store.repository.Repository.claim_recalibration>` takes it as failed once it
+        is older than :data:`~bnwatch.store.repository.ABANDONED_CLAIM_SECONDS`."""
         rid = event.recalibration_id
+        outcome: Outcome | None = None
         try:
             outcome = self.action(event)
             buffers = None
@@ -499,10 +615,17 @@ class Trigger:
                 rid, status=outcome.status, outcome=dict(outcome.details), buffers=buffers
             )
         except (RecalibrationStateError, RecalibrationNotFoundError):
-            raise  # decided elsewhere (or deleted) meanwhile: nothing of this action to record
+            # decided elsewhere (or deleted) meanwhile: nothing of this action to record, and
+            # no statistics of it to keep in the model
+            _roll_back(outcome, rid)
+            raise
         except Exception as err:
             logger.exception("bnwatch: recalibration trigger %d failed", rid)
-            outcome = Outcome("failed", {"error": f"{type(err).__name__}: {err}"})
+            details: dict[str, Any] = {"error": f"{type(err).__name__}: {err}"}
+            rolled_back = _roll_back(outcome, rid)
+            if rolled_back is not None:
+                details["rolled_back"] = rolled_back
+            outcome = Outcome("failed", details)
             repository.finish_recalibration(rid, status="failed", outcome=dict(outcome.details))
         logger.warning(
             "bnwatch: recalibration %d of %s@%s (%s alert): %s",
@@ -513,3 +636,20 @@ class Trigger:
             outcome.status,
         )
         return outcome
+
+
+def _roll_back(outcome: Outcome | None, rid: int) -> str | None:
+    """Put back the model's statistics of an applied in-process result whose outcome could
+    not be recorded; says what happened (for the outcome), ``None`` when nothing was applied."""
+    result = outcome.result if outcome is not None else None
+    if result is None or result.status != "applied":
+        return None
+    try:
+        result.rollback()
+    except Exception as err:
+        logger.exception("bnwatch: rolling back recalibration %d failed", rid)
+        return f"failed ({type(err).__name__}: {err}): the model keeps the new statistics"
+    logger.warning(
+        "bnwatch: recalibration %d was rolled back: its outcome could not be recorded", rid
+    )
+    return "the model's previous statistics were put back"

@@ -168,6 +168,26 @@ def test_start_order(services: dict[str, Any]) -> None:
         assert set(service.get("depends_on", {})) <= SERVICES - {name}, name
 
 
+def compose_seconds(duration: str) -> float:
+    """A Compose duration (``1m30s``, ``60s``, ``500ms``) in seconds."""
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|us|s|m|h)", duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, duration
+    unit = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+    return sum(float(n) * unit[u] for n, u in parts)
+
+
+def test_stopping_the_api_leaves_its_trigger_worker_time_to_finish(
+    services: dict[str, Any],
+) -> None:
+    """``docker compose stop`` sends SIGTERM, then SIGKILL after ``stop_grace_period`` (10 s
+    by default); shutdown waits up to DEFAULT_STOP_TIMEOUT for the webhook in flight and then
+    records what is queued as failed -- killed before that, claims were left pending."""
+    from bnwatch.service.triggers import DEFAULT_STOP_TIMEOUT
+
+    grace = compose_seconds(str(services["api"].get("stop_grace_period", "10s")))
+    assert grace >= DEFAULT_STOP_TIMEOUT + 10, grace  # + uvicorn's and the lifespan's own
+
+
 def test_ports_bind_to_localhost_unless_configured(services: dict[str, Any]) -> None:
     """By design nothing listens beyond the host's loopback until BNWATCH_BIND_ADDRESS says so.
 

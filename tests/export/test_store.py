@@ -262,8 +262,8 @@ def test_recalibrations_are_counted_per_status_and_the_oldest_pending_dated(
         labels = {"model": "cnn", "version": version, "status": status}
         return registry.get_sample_value("bnwatch_recalibrations", labels)
 
-    assert [count("1", s) for s in names.RECALIBRATION_STATUSES] == [2, 0, 0, 1]
-    assert [count("2", s) for s in names.RECALIBRATION_STATUSES] == [0, 0, 0, 0]  # zero-filled
+    assert [count("1", s) for s in names.RECALIBRATION_STATUSES] == [2, 0, 0, 1, 0]
+    assert [count("2", s) for s in names.RECALIBRATION_STATUSES] == [0] * 5  # zero-filled
     oldest = registry.get_sample_value(
         names.RECALIBRATION_OLDEST_PENDING.name, {"model": "cnn", "version": "1"}
     )

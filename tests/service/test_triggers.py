@@ -290,6 +290,38 @@ def test_the_periodic_job_triggers_alerts_open_long_enough(
         receiver.close()
 
 
+def test_the_periodic_job_fails_claims_their_killed_process_abandoned(
+    engine: Engine, repo: Repository
+) -> None:
+    """A worker killed while its webhook was in flight (``docker compose stop`` past the grace
+    period) left its claim pending, holding the alert for good.  The periodic job of a running
+    service records it failed once it is 30 minutes old, so that the alert is retried."""
+    abandoned = repo.claim_recalibration(
+        "cnn",
+        "1",
+        method="WebhookAction",
+        alert_id=1,
+        cooldown_seconds=0,
+        daily_cap=10,
+        now=utcnow() - timedelta(minutes=40),
+    ).recalibration_id
+    recent = repo.claim_recalibration(
+        "cnn", "1", method="WebhookAction", alert_id=2, cooldown_seconds=0, daily_cap=10
+    ).recalibration_id  # claimed just now: its process may still be at work
+    assert abandoned is not None and recent is not None
+    receiver = Receiver()
+    try:
+        app = periodic_app(engine, receiver.url, cooldown_seconds=3600)  # nothing else claimed
+        with TestClient(app):
+            wait_for(lambda: repo.recalibration(abandoned).status != "pending", "the job")
+    finally:
+        receiver.close()
+    rec = repo.recalibration(abandoned)
+    assert rec.status == "failed" and "abandoned" in rec.outcome["error"]  # type: ignore[index]
+    assert repo.recalibration(recent).status == "pending"
+    assert receiver.received == []  # the cooldown holds the alert until its retry
+
+
 def test_the_periodic_job_sends_recalibrations_requested_by_hand(
     engine: Engine, repo: Repository
 ) -> None:
@@ -404,6 +436,9 @@ def test_a_reached_daily_cap_is_said_again_once_it_was_lifted(
     with caplog.at_level(logging.INFO, logger="bnwatch"):
         first = trigger.claim_open(repo, now=t0)
         assert len(first) == 1 and len(capped(caplog)) == 3  # the other three alerts
+        # delivered (a claim left without it for 30 minutes would be taken as abandoned)
+        handed_off = {"webhook": "http://127.0.0.1:1/hook", "http_status": 202}
+        repo.finish_recalibration(first[0].recalibration_id, status="pending", outcome=handed_off)
         caplog.clear()
         assert trigger.claim_open(repo, now=t0 + timedelta(minutes=1)) == []
         assert capped(caplog) == []  # said already

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import numpy as np
@@ -284,3 +285,55 @@ def test_of_concurrent_reports_exactly_one_wins(repo: Repository) -> None:
     winner = buffers(seed=won[0])
     for row in refs:
         assert np.array_equal(decode_arrays(row["mean_var"])[0], winner[row["name"]][0])
+
+
+def test_a_claim_abandoned_by_its_process_is_failed_and_its_alert_claimed_again(
+    repo: Repository,
+) -> None:
+    """A process killed while its action ran left the claim pending: it held its alert for
+    good.  30 minutes after the claim, without any outcome, it is recorded failed -- and the
+    alert is claimed again (after the cooldown, as any failed trigger)."""
+    t0 = datetime(2026, 6, 1, 12, 0, tzinfo=timezone.utc)
+
+    def claim(minutes: float) -> Any:
+        return repo.claim_recalibration(
+            "cnn",
+            "1",
+            method="WebhookAction",
+            alert_id=ALERT_ID,
+            cooldown_seconds=600,
+            daily_cap=10,
+            now=t0 + timedelta(minutes=minutes),
+        )
+
+    first = claim(0).recalibration_id
+    assert first is not None
+    assert claim(20).refused == "alert"  # its process may still be running the action
+    assert repo.fail_abandoned_claims(now=t0 + timedelta(minutes=29)) == []
+    assert claim(29).refused == "alert"
+    assert repo.fail_abandoned_claims(now=t0 + timedelta(minutes=31)) == [first]
+    again = claim(31)
+    assert again.refused is None and again.recalibration_id is not None
+    abandoned = repo.recalibration(first)
+    assert abandoned.status == "failed" and abandoned.outcome is not None
+    assert abandoned.outcome["error"].startswith("abandoned: no outcome was recorded 30 minutes")
+    assert abandoned.outcome["claimed_by"] == "trigger"  # the claim is kept
+    # a hand-off that was recorded (a delivered webhook) waits for its receiver: never failed
+    repo.finish_recalibration(again.recalibration_id, status="pending", outcome={"webhook": "x"})
+    assert repo.fail_abandoned_claims(now=t0 + timedelta(days=2)) == []
+    assert repo.recalibration(again.recalibration_id).status == "pending"
+
+
+def test_claims_of_different_methods_keep_their_own_limits(repo: Repository) -> None:
+    """A notification callback and an in-process recalibration on one model version: each
+    acts on the alert, with its own cooldown and cap; neither uses up the other's."""
+
+    def claim(method: str, alert_id: int | None = ALERT_ID) -> Any:
+        return repo.claim_recalibration(
+            "cnn", "1", method=method, alert_id=alert_id, cooldown_seconds=3600, daily_cap=1
+        )
+
+    assert claim("CallbackAction").refused is None
+    assert claim("precise").refused is None  # the notification did not take its alert
+    assert claim("CallbackAction").refused == "alert"
+    assert claim("precise", alert_id=None).refused == "daily_cap"
