@@ -153,6 +153,31 @@ class ProfileFileError(BnwatchError, ValueError):
         super().__init__(f"profile file {path}: {problem}")
 
 
+class NonFiniteDataError(BnwatchError, ValueError):
+    """A layer received fewer than 2 finite values in some channel: its inputs there were
+    NaN or infinite, which the statistics exclude, leaving no mean or variance to estimate
+    (a count of 0 would give mean 0 and variance 0: a profile, or running statistics, that
+    look measured but are not).
+
+    Attributes:
+        layer: the layer's qualified name.
+        channels: the channels with fewer than 2 finite values.
+        finite: the fewest finite values any channel received.
+    """
+
+    def __init__(self, what: str, layer: str, channels: list[int], finite: int) -> None:
+        self.layer = layer
+        self.channels = channels
+        self.finite = finite
+        listed = ", ".join(map(str, channels[:8])) + (", ..." if len(channels) > 8 else "")
+        super().__init__(
+            f"{what}: layer {layer!r} received fewer than 2 finite values in "
+            f"{len(channels)} channel{'s' if len(channels) > 1 else ''} ({listed}; the fewest: "
+            f"{finite}): its inputs were NaN or infinite there, so there are no statistics to "
+            "estimate; pass data on which the model computes finite values"
+        )
+
+
 class RecalibrationNotFoundError(BnwatchError, LookupError):
     """No recalibration with this id is stored.
 

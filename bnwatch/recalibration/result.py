@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +18,7 @@ from bnwatch.capture.monitor import unwatched, watching
 from bnwatch.capture.profile import data_errors, measuring
 from bnwatch.drift import Reference, finite_mean, gaussian_kl, rms, standardized_shift
 from bnwatch.errors import ConfigError, ShapeError, first_line
+from bnwatch.files import atomic_path
 from bnwatch.inputs import Forward, model_input, to_device
 from bnwatch.recalibration import distributed
 from bnwatch.stats import ChannelMoments
@@ -195,19 +193,11 @@ class RecalibrationResult:
         """
         out = Path(path)
         state = self.state_dict()
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-        os.close(fd)
-        try:
+        with atomic_path(out) as tmp:
             try:
                 torch.save(state, tmp)
             except RuntimeError as err:  # torch's writer reports a failed write(2) this way
                 raise OSError(f"could not write {out}: {first_line(err)}") from err
-            os.chmod(tmp, 0o644)  # as a file torch.save creates (mkstemp's is 0o600)
-            os.replace(tmp, out)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
         return out
 
     def summary(self) -> dict[str, Any]:

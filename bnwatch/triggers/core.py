@@ -594,9 +594,10 @@ class Trigger:
         ``applied`` in process) whose outcome cannot be recorded is rolled back first: the
         model must never run on statistics the store says were not applied.  If even
         ``failed`` cannot be recorded (the store is down), the error is raised and the claim
-        is left as claimed -- :meth:`Repository.claim_recalibration
-        <bnwatch.store.repository.Repository.claim_recalibration>` takes it as failed once it
-        is older than :data:`~bnwatch.store.repository.ABANDONED_CLAIM_SECONDS`."""
+        is left as claimed -- :meth:`Repository.fail_abandoned_claims
+        <bnwatch.store.repository.Repository.fail_abandoned_claims>` (run by
+        :meth:`claim_open`) records it failed once it is older than
+        :data:`~bnwatch.store.repository.ABANDONED_CLAIM_SECONDS`."""
         rid = event.recalibration_id
         outcome: Outcome | None = None
         try:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import bnwatch
-from bnwatch.capture.profile import NonFiniteDataError
+from bnwatch.errors import NonFiniteDataError
 from bnwatch.store.migrate import engine_for
 from bnwatch.store.repository import Repository
 

@@ -614,7 +614,7 @@ def test_data_without_finite_values_is_refused_and_the_model_left_untouched(
 ) -> None:
     """All-NaN inputs are excluded from the statistics: a count of 0 must not become running
     statistics of mean 0 and variance 0 (the model would divide by sqrt(eps))."""
-    from bnwatch.capture.profile import NonFiniteDataError
+    from bnwatch.errors import NonFiniteDataError
 
     model = net()
     before = buffers(model)
@@ -631,7 +631,7 @@ def test_a_channel_without_finite_values_is_named() -> None:
     xs = data(4)
     for x in xs:
         x[:, 1] = float("inf")
-    from bnwatch.capture.profile import NonFiniteDataError
+    from bnwatch.errors import NonFiniteDataError
 
     with pytest.raises(NonFiniteDataError, match=r"layer '0' .* in 1 channel \(1; the fewest: 0\)"):
         recalibrate(model, xs)
