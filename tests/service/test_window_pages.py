@@ -4,8 +4,12 @@ query parameters whose errors say what to fix."""
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import quote, unquote, urlsplit
 
+import anyio
+import httpx
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from bnwatch.service.routes.windows import MAX_PAGE
@@ -135,3 +139,45 @@ def test_the_openapi_description_tells_how_to_page(client: TestClient) -> None:
     assert "%2B" in parameters["start"]["description"]
     assert "Link" in operation["description"] and "limit" in operation["description"]
     assert "Link" in operation["responses"]["200"]["headers"]
+
+
+def asgi_get(app: FastAPI, url: str) -> httpx.Response:
+    """GET through httpx's ASGI transport: Starlette's TestClient decodes a path twice (its
+    ``%2532`` reaches the app as ``2``), which would hide what the Link encodes."""
+
+    async def get() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+            return await c.get(url)
+
+    return anyio.run(get)
+
+
+@pytest.mark.parametrize(
+    ("model", "version"),
+    [("分类 模型", "2025-06-01"), ("pcnt", "p%32"), ("fraud model", "v 1")],
+)
+def test_the_link_names_the_same_model_version_whatever_its_characters(
+    app: FastAPI, client: TestClient, model: str, version: str
+) -> None:
+    """The Link was built from the decoded path: a version ``p%32`` paged into version ``p2``,
+    a space made the URL invalid, and a non-Latin-1 name made the first page a 500."""
+    # the version and another whose name is what the first one's decodes to
+    decoded = unquote(version) + ("" if "%" in version else "x")
+    records = Monitor(model=model, version=version).records(3)
+    records += Monitor(model=model, version=decoded, seed=1).records(2)
+    assert client.post(ENDPOINT, json=batch_of(records), headers=AUTH).json()["stored"] == 5
+    base = f"/api/v1/models/{quote(model, safe='')}/versions/{quote(version, safe='')}/windows"
+    everything = asgi_get(app, base).json()
+    assert len(everything) == 3 * len(LAYERS)
+    walked: list[dict[str, Any]] = []
+    url: str | None = f"{base}?limit=2"
+    while url is not None:
+        answer = asgi_get(app, url)
+        assert answer.status_code == 200, answer.text
+        walked += answer.json()
+        url = answer.links["next"]["url"] if "link" in answer.headers else None
+        if url is not None:
+            assert url.isascii() and " " not in url
+            assert urlsplit(url).path == base
+    assert walked == everything
