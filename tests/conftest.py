@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # xdist already runs one worker per core (make test: -n auto); torch's and numpy's thread
@@ -39,19 +40,63 @@ def postgres_admin_url() -> str:
     return url
 
 
-@pytest.fixture
-def postgres_url() -> Iterator[str]:
-    """A fresh, empty PostgreSQL database for one test."""
+def _admin_engine() -> sa.Engine:
     admin_url = sa.make_url(postgres_admin_url()).set(drivername="postgresql+psycopg")
+    return sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+
+
+@contextmanager
+def _database(admin: sa.Engine, template: str | None = None) -> Iterator[str]:
+    """A new database (a copy of ``template``, else empty), dropped afterwards: its URL."""
     name = f"bnwatch_test_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    copy = f' TEMPLATE "{template}"' if template else ""
     with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"{copy}'))
     try:
-        yield admin_url.set(database=name).render_as_string(hide_password=False)
+        yield admin.url.set(database=name).render_as_string(hide_password=False)
     finally:
         with admin.connect() as conn:
             conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for one test."""
+    admin = _admin_engine()
+    try:
+        with _database(admin) as url:
+            yield url
+    finally:
+        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def _postgres_schema_template() -> Iterator[str]:
+    """A database at the current schema, made once per test process, that
+    :func:`migrated_postgres_url` copies: copying takes 50 ms where migrating an empty database
+    takes 150-250 ms, and 400 tests start from one."""
+    from bnwatch.store.migrate import engine_for
+
+    admin = _admin_engine()
+    try:
+        with _database(admin) as url:
+            engine_for(url).dispose()  # a template must have no connections
+            name = sa.make_url(url).database
+            assert name is not None
+            yield name
+    finally:
+        admin.dispose()
+
+
+@pytest.fixture
+def migrated_postgres_url(_postgres_schema_template: str) -> Iterator[str]:
+    """A fresh PostgreSQL database for one test, at the current schema (what opening an empty
+    one with ``engine_for`` would make first)."""
+    admin = _admin_engine()
+    try:
+        with _database(admin, template=_postgres_schema_template) as url:
+            yield url
+    finally:
         admin.dispose()
 
 
