@@ -6,13 +6,14 @@ one source (replica) of the layer, and **resolves** only after no source that st
 keeps it: each shows the condition in none of its last ``resolve_after`` windows
 (hysteresis: a flapping condition does not flap the alert).  Each evaluation replays, in
 ``end`` order, the windows stored since the last one (a spool delivered late, a backfill), so
-an episode in the middle of a batch opens its alert as it would have live.  The layer alerts
-of a version that went silent while another version of the model reports resolve (the
-version was replaced).  At most one alert per
-key is open at a time, so repeated evaluation is idempotent; while open, the alert's
-``values`` follow the newest window that still shows the condition.  State lives in the
-database (``alerts`` table), computed from the stored windows, so evaluators can restart, and
-several can run (service workers, replicas' writers) without duplicating alerts.
+an episode in the middle of a batch opens its alert as it would have live.  The alerts of a
+version that went silent while another version of the model reports resolve, its
+``no_data`` alert included, and it opens no ``no_data`` alert any more (the version was
+replaced).  At most one alert per key is open at a time, so repeated evaluation is
+idempotent; while open, the alert's ``values`` follow the newest window that still shows the
+condition.  State lives in the database (``alerts`` table), computed from the stored windows,
+so evaluators can restart, and several can run (service workers, replicas' writers) without
+duplicating alerts.
 
 Kinds and their per-window conditions:
 
@@ -22,6 +23,7 @@ Kinds and their per-window conditions:
 ``running_stats_mutated``   the stored running statistics changed while watched
 ``nonfinite_activations``   at least ``nonfinite_min`` NaN/inf values reached the layer
 ``no_data``                 a model version that reported went silent for ``no_data_seconds``
+                            (and no other version of the model reported since)
 
 Thresholds come from :class:`AlertConfig` defaults, overridable by a TOML file
 (:meth:`AlertConfig.from_toml`) and by arguments (:meth:`AlertConfig.with_overrides`); every
@@ -371,12 +373,11 @@ class AlertEngine:
             for m in models:
                 _serialize(session, m.id)
                 open_alerts = self._open(session, m.id)
-                self._no_data(session, m, open_alerts, now, changes)
                 last = last_by_model.get(m.id)
-                if last is not None:
-                    self._retire(
-                        session, m, as_utc(last), newest[m.name], open_alerts, now, changes
-                    )
+                replaced = last is not None and self._replaced(as_utc(last), newest[m.name], now)
+                self._no_data(session, m, open_alerts, now, changes, replaced=replaced)
+                if last is not None and replaced:
+                    self._retire(session, m, as_utc(last), open_alerts, now, changes)
         self._log(changes)
         return changes
 
@@ -478,7 +479,12 @@ class AlertEngine:
         open_alerts: Mapping[tuple[int | None, str], Alert],
         now: datetime,
         changes: list[AlertChange],
+        *,
+        replaced: bool = False,
     ) -> None:
+        """Open ``no_data`` for a version silent for more than ``no_data_seconds``, resolve it
+        when it reports again -- or, once another version ``replaced`` it, resolve it for good
+        (a retired version is not expected to report) and open none."""
         last = session.execute(
             sa.select(sa.func.max(Window.end)).where(Window.model_id == model.id)
         ).scalar_one_or_none()
@@ -487,7 +493,10 @@ class AlertEngine:
         silent = (now - as_utc(last)).total_seconds()
         current = open_alerts.get((None, "no_data"))
         values = {"last_window_end": as_utc(last).isoformat(), "silent_seconds": silent}
-        if current is None and silent > self.config.no_data_seconds:
+        if replaced:
+            if current is not None:
+                changes.append(self._resolve(current, model, None, now, because="version replaced"))
+        elif current is None and silent > self.config.no_data_seconds:
             alert = self._insert(session, model.id, None, "no_data", values, now)
             if alert is not None:
                 changes.append(
@@ -498,23 +507,24 @@ class AlertEngine:
         elif current is not None and silent <= self.config.no_data_seconds:
             changes.append(self._resolve(current, model, None, now))
 
+    def _replaced(self, last: datetime, newest_of_name: datetime, now: datetime) -> bool:
+        """Whether a version whose last window ended at ``last`` was replaced: silent for more
+        than ``no_data_seconds`` while another version of the model reported after it."""
+        return (now - last).total_seconds() > self.config.no_data_seconds and newest_of_name > last
+
     def _retire(
         self,
         session: Session,
         model: Model,
         last: datetime,
-        newest_of_name: datetime,
         open_alerts: Mapping[tuple[int | None, str], Alert],
         now: datetime,
         changes: list[AlertChange],
     ) -> None:
-        """Resolve the layer alerts of a version silent for more than ``no_data_seconds``
-        while another version of the model reported after its last window: it was replaced,
-        no window can resolve them any more, and triggers would act on them for good.  A
-        version silent alone (an outage) keeps its alerts: its ``no_data`` alert says why
-        nothing changes, and they resolve by data when it is back."""
-        if (now - last).total_seconds() <= self.config.no_data_seconds or newest_of_name <= last:
-            return
+        """Resolve the layer alerts of a replaced version (:meth:`_replaced`): no window can
+        resolve them any more, and triggers would act on them for good.  A version silent
+        alone (an outage) keeps its alerts: its ``no_data`` alert says why nothing changes,
+        and they resolve by data when it is back."""
         for (layer_id, kind), alert in open_alerts.items():
             if layer_id is None or kind not in LAYER_KINDS:
                 continue

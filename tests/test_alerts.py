@@ -361,3 +361,29 @@ def test_a_silent_version_alone_keeps_its_layer_alerts(
     feed(repo, engine, [window(template, i, drifted=True) for i in range(3)])
     engine.check_silence(repo, now=T0 + timedelta(hours=1))
     assert {a.kind for a in repo.alerts(state="open")} >= {"drift", "no_data"}
+
+
+def test_a_replaced_version_resolves_its_no_data_alert_and_opens_none(
+    repo: Repository, template: WindowRecord
+) -> None:
+    """A retired version's ``no_data`` alert stayed open for good, and one that had none
+    opened it once replaced: a model name showed one open ``no_data`` per past version."""
+    engine = AlertEngine(AlertConfig(no_data_seconds=300))
+    feed(repo, engine, [window(template, i) for i in range(3)])
+    # cnn@1 goes silent alone first (an outage): no_data opens
+    engine.check_silence(repo, now=T0 + timedelta(minutes=12))
+    assert [(a.kind, a.version) for a in repo.alerts(state="open")] == [("no_data", "1")]
+    # then cnn@2 reports (a deployment replaced cnn@1)
+    v2 = [
+        dataclasses.replace(window(template, i), uid=f"v{i:04d}", version="2")
+        for i in range(20, 24)
+    ]
+    feed(repo, engine, v2)
+    changes = engine.check_silence(repo, now=T0 + timedelta(minutes=25))
+    assert ("resolved", "no_data", "1") in {(c.action, c.kind, c.version) for c in changes}
+    (alert,) = repo.alerts(version="1")
+    assert alert.state == "resolved" and alert.values["resolved_because"] == "version replaced"
+    # checked again and again, the retired version opens nothing; cnn@2 going silent does
+    engine.check_silence(repo, now=T0 + timedelta(hours=2))
+    engine.check_silence(repo, now=T0 + timedelta(hours=3))
+    assert [(a.kind, a.version) for a in repo.alerts(state="open")] == [("no_data", "2")]
