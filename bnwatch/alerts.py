@@ -480,11 +480,12 @@ class AlertEngine:
         now: datetime,
         changes: list[AlertChange],
         *,
-        replaced: bool = False,
+        replaced: bool | None = None,
     ) -> None:
         """Open ``no_data`` for a version silent for more than ``no_data_seconds``, resolve it
-        when it reports again -- or, once another version ``replaced`` it, resolve it for good
-        (a retired version is not expected to report) and open none."""
+        when it reports again -- or, once another version ``replaced`` it (``None``: look it
+        up if it matters), resolve it for good (a retired version is not expected to report)
+        and open none."""
         last = session.execute(
             sa.select(sa.func.max(Window.end)).where(Window.model_id == model.id)
         ).scalar_one_or_none()
@@ -493,6 +494,14 @@ class AlertEngine:
         silent = (now - as_utc(last)).total_seconds()
         current = open_alerts.get((None, "no_data"))
         values = {"last_window_end": as_utc(last).isoformat(), "silent_seconds": silent}
+        if replaced is None and silent > self.config.no_data_seconds:
+            # a backfill of a silent version: rare, so the other versions are read only then
+            newest_of_name = session.execute(
+                sa.select(sa.func.max(Window.end))
+                .join(Model, Model.id == Window.model_id)
+                .where(Model.name == model.name)
+            ).scalar_one()
+            replaced = self._replaced(as_utc(last), as_utc(newest_of_name), now)
         if replaced:
             if current is not None:
                 changes.append(self._resolve(current, model, None, now, because="version replaced"))

@@ -387,3 +387,19 @@ def test_a_replaced_version_resolves_its_no_data_alert_and_opens_none(
     engine.check_silence(repo, now=T0 + timedelta(hours=2))
     engine.check_silence(repo, now=T0 + timedelta(hours=3))
     assert [(a.kind, a.version) for a in repo.alerts(state="open")] == [("no_data", "2")]
+
+
+def test_a_late_batch_of_a_replaced_version_opens_no_no_data_alert(
+    repo: Repository, template: WindowRecord
+) -> None:
+    engine = AlertEngine(AlertConfig(no_data_seconds=300))
+    v2 = [
+        dataclasses.replace(window(template, i), uid=f"v{i:04d}", version="2")
+        for i in range(20, 24)
+    ]
+    feed(repo, engine, v2)
+    # cnn@1's spool delivered an hour later: its windows are old, cnn@2 reported after them
+    late = [window(template, i) for i in range(3)]
+    repo.write_windows(late)
+    engine.evaluate(repo, "cnn", "1", now=T0 + timedelta(hours=1))
+    assert repo.alerts(version="1") == []
