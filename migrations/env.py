@@ -1,25 +1,45 @@
 """Alembic environment for bnwatch.
 
 Run through ``bnwatch db upgrade`` (which passes its engine in ``config.attributes``) or with
-the ``alembic`` command line: ``alembic -x url=sqlite:///bnwatch.db upgrade head``.
+the ``alembic`` command line: ``alembic -x url=sqlite:///bnwatch.db upgrade head``.  With
+``--sql`` (offline mode) nothing connects: the URL only names the dialect whose SQL is printed.
 """
 
 from __future__ import annotations
 
 from alembic import context
 
-from bnwatch.store.engine import DEFAULT_URL, create_engine
+from bnwatch.store.engine import DEFAULT_URL, create_engine, parse_url
 from bnwatch.store.models import Base
 
 config = context.config
 target_metadata = Base.metadata
 
 
+def command_line_url() -> str:
+    url: str = context.get_x_argument(as_dictionary=True).get("url", DEFAULT_URL)
+    return url
+
+
+def run_migrations_offline() -> None:
+    """Print the SQL of the migrations (``alembic upgrade ... --sql``), values inlined."""
+    url = parse_url(command_line_url(), argument="-x url")
+    context.configure(
+        url=url,
+        target_metadata=target_metadata,
+        literal_binds=True,
+        dialect_opts={"paramstyle": "named"},
+        render_as_batch=url.get_backend_name() == "sqlite",
+        compare_type=True,
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+
+
 def run_migrations() -> None:
     engine = config.attributes.get("engine")
     if engine is None:
-        url = context.get_x_argument(as_dictionary=True).get("url", DEFAULT_URL)
-        engine = create_engine(url)
+        engine = create_engine(command_line_url())
     with engine.connect() as connection:
         sqlite = connection.dialect.name == "sqlite"
         if sqlite:
@@ -45,4 +65,7 @@ def run_migrations() -> None:
             connection.commit()
 
 
-run_migrations()
+if context.is_offline_mode():
+    run_migrations_offline()
+else:
+    run_migrations()

@@ -238,5 +238,9 @@ class HealthPublic(BaseModel):
     """``GET /healthz``: the service and its database."""
 
     status: Literal["ok", "error"]
-    database: Literal["ok", "unreachable", "outdated"]
+    database: Literal["ok", "unreachable", "outdated", "newer"] = Field(
+        description="ok; unreachable; outdated: behind this service's schema (run `bnwatch db "
+        "upgrade`); newer: at a revision this service does not know, which a newer bnwatch "
+        "migrated (upgrade this service)"
+    )
     schema_revision: str | None = Field(description="the database's Alembic revision")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -55,19 +56,36 @@ def downgrade(engine: Engine, revision: str = "-1") -> None:
     command.downgrade(alembic_config(engine), revision)
 
 
+@functools.cache
+def known_revisions() -> frozenset[str]:
+    """The revisions of this bnwatch's migrations (read once: they ship with the code)."""
+    script = ScriptDirectory(str(migrations_dir()))
+    return frozenset(rev.revision for rev in script.walk_revisions())
+
+
+def is_known_revision(current: str | None) -> bool:
+    """Whether a database at ``current`` is one this bnwatch can read or migrate: ``None`` (no
+    bnwatch schema yet) or one of its revisions.  Else a newer bnwatch migrated it -- or the
+    ``alembic_version`` table there is another application's."""
+    return current is None or current in known_revisions()
+
+
 def check_known_revision(engine: Engine, current: str | None) -> None:
     """Raise :class:`SchemaError` when the database is at ``current``, a revision this
-    bnwatch's migrations do not contain: a newer bnwatch wrote it, and neither reading it nor
-    migrating it (Alembic cannot locate the revision to start from) can work -- upgrading
-    bnwatch is the fix.  ``None`` (no bnwatch schema yet) is known."""
-    if current is None:
+    bnwatch's migrations do not contain (:func:`is_known_revision`): neither reading it nor
+    migrating it (Alembic cannot locate the revision to start from) can work.  Either a newer
+    bnwatch wrote it -- upgrading bnwatch is the fix -- or another application keeps its
+    Alembic revision in the same ``alembic_version`` table -- bnwatch needs a database or a
+    schema of its own."""
+    if is_known_revision(current):
         return
-    script = ScriptDirectory(str(migrations_dir()))
-    if current not in {rev.revision for rev in script.walk_revisions()}:
-        raise SchemaError(
-            f"{redacted(engine.url)} is at schema revision {current}, which this bnwatch "
-            "version does not know (a newer bnwatch wrote it): upgrade bnwatch"
-        )
+    raise SchemaError(
+        f"{redacted(engine.url)} is at schema revision {current}, which this bnwatch version "
+        "does not know: either a newer bnwatch migrated it -- upgrade bnwatch -- or its "
+        "alembic_version table is another application's -- give bnwatch a database of its "
+        "own, or a schema (PostgreSQL: CREATE SCHEMA bnwatch, and add "
+        "?options=-csearch_path%3Dbnwatch to the URL)"
+    )
 
 
 def ensure_schema(engine: Engine, *, create: bool = True) -> None:

@@ -3,13 +3,28 @@
 Revision 0004 created ``layer_totals`` (the monotonic counters Prometheus exports as
 ``bnwatch_*_total``) and ``sources`` empty, and only windows written later added to them: a
 database upgraded from 0001-0003 counted its earlier windows nowhere, for good -- the totals
-under-counted, and the sources that sent them were not listed.  This revision adds a totals
-row for every layer that has windows but none, summed from its windows, and a sources row
-for every (model, source) that sent windows but has none (its first and last window, how many
-windows it sent; no account of itself: that came with the windows' monitors, which older
-windows lack).  A layer that already has a totals row is left alone: windows dropped by
-retention since cannot be counted again, and adding what is stored could count twice what
-was added.  Nothing to undo on downgrade: the rows are data, as if written at the time.
+under-counted, and the sources that sent them were not listed.  This revision adds what the
+writer would have added, from the windows stored:
+
+* a ``layer_totals`` row for every layer that has windows but none: its stored windows
+  (rows), their samples, batches and non-finite values summed, and their batch-size
+  histogram (the sizes of ``windows.batch_sizes``, bucketed as the writer buckets them);
+* a ``sources`` row for every (model, source) that sent windows but has none: its first
+  and last window, and how many windows it sent -- a raw window (``resolution_seconds`` 0)
+  once, whatever its layers (the writer counts a window once; its layers' rows share its
+  uid), and a compacted one (``bnwatch db compact`` existed from 0001) once per bucket, i.e.
+  per (start, end, resolution): compaction writes one row per layer with a uid of its own,
+  and does not record how many windows it merged.  This way a source's count equals the
+  ``layer_totals.windows`` of each layer that was in all its windows.  No account of itself
+  (dropped windows, hook errors: 0): that came with the windows' monitors, which older
+  windows lack.
+
+A layer (a source) that already has its row is left alone: windows dropped by retention
+since cannot be counted again, and adding what is stored could count twice what was added.
+
+Both are plain ``INSERT ... SELECT`` statements, so ``alembic upgrade --sql`` (offline mode)
+prints them for a DBA to apply, with the same result as running online.  Nothing to undo on
+downgrade: the rows are data, as if written at the time.
 
 Revision ID: 0009
 Revises: 0008
@@ -18,8 +33,6 @@ Create Date: 2026-12-07 14:10:00.000000
 
 from __future__ import annotations
 
-import json
-from collections import defaultdict
 from typing import Any
 
 import sqlalchemy as sa
@@ -31,16 +44,10 @@ branch_labels = None
 depends_on = None
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-"""The batch-size buckets of ``layer_totals`` (revision 0004's columns, fixed)."""
-COLUMNS = (
-    "windows",
-    "samples",
-    "batches",
-    "nonfinite",
-    "measured_samples",
-    *(f"batches_le_{b}" for b in BUCKETS),
-    "batches_le_inf",
-)
+"""The batch-size buckets of ``layer_totals`` (revision 0004's columns, fixed): a size goes
+to the first bucket it is at most, else to ``batches_le_inf`` (not cumulative)."""
+HISTOGRAM = ("measured_samples", *(f"batches_le_{b}" for b in BUCKETS), "batches_le_inf")
+COLUMNS = ("windows", "samples", "batches", "nonfinite", *HISTOGRAM)
 
 Time = sa.DateTime(timezone=True)
 windows = sa.table(
@@ -51,10 +58,11 @@ windows = sa.table(
     sa.column("source"),
     sa.column("start", Time),
     sa.column("end", Time),
+    sa.column("resolution_seconds"),
     sa.column("samples_seen"),
     sa.column("batches_seen"),
     sa.column("nonfinite"),
-    sa.column("batch_sizes", sa.JSON()),
+    sa.column("batch_sizes"),
 )
 layer_totals = sa.table("layer_totals", sa.column("layer_id"), *(sa.column(c) for c in COLUMNS))
 sources = sa.table(
@@ -69,68 +77,123 @@ sources = sa.table(
 )
 
 
-def _bucket(size: int) -> str:
-    return next((f"batches_le_{b}" for b in BUCKETS if size <= b), "batches_le_inf")
-
-
 def upgrade() -> None:
-    conn = op.get_bind()
-    counted = sa.select(layer_totals.c.layer_id)
-    missing = conn.execute(
-        sa.select(windows.c.layer_id).distinct().where(windows.c.layer_id.not_in(counted))
-    ).scalars()
-    for layer_id in sorted(missing):
-        acc: dict[str, int] = defaultdict(int)
-        rows = conn.execute(
-            sa.select(
-                windows.c.samples_seen,
-                windows.c.batches_seen,
-                windows.c.nonfinite,
-                windows.c.batch_sizes,
-            ).where(windows.c.layer_id == layer_id)
+    dialect = op.get_context().dialect.name
+    op.execute(_backfill_totals(dialect))
+    op.execute(_backfill_sources())
+
+
+def _uncounted() -> Any:
+    """Windows of the layers that have no totals row."""
+    return windows.c.layer_id.not_in(sa.select(layer_totals.c.layer_id))
+
+
+def _histogram(dialect: str) -> sa.Subquery:
+    """Per uncounted layer, its windows' batch sizes bucketed: ``batch_sizes`` is a JSON
+    object ``{"size": batches}`` (anything else holds no sizes)."""
+    value = windows.c.batch_sizes
+    if dialect == "postgresql":
+        is_object = sa.func.json_typeof(value) == "object"
+        entries = sa.func.json_each_text
+    else:  # SQLite (>= 3.38, or built with JSON1)
+        is_object = sa.func.json_type(value) == "object"
+        entries = sa.func.json_each
+    pairs = entries(sa.case((is_object, value))).table_valued("key", "value").alias("sizes")
+    size = sa.cast(pairs.c.key, sa.BigInteger)
+    batches = sa.cast(pairs.c.value, sa.BigInteger)
+    buckets = []
+    for i, bound in enumerate(BUCKETS):
+        within = size <= bound if i == 0 else sa.and_(size > BUCKETS[i - 1], size <= bound)
+        buckets.append(
+            sa.func.sum(sa.case((within, batches), else_=0)).label(f"batches_le_{bound}")
         )
-        for samples, batches, nonfinite, sizes in rows:
-            acc["windows"] += 1
-            acc["samples"] += int(samples)
-            acc["batches"] += int(batches)
-            acc["nonfinite"] += int(nonfinite)
-            for size, count in _sizes(sizes).items():
-                acc[_bucket(size)] += count
-                acc["measured_samples"] += size * count
-        conn.execute(
-            layer_totals.insert().values(layer_id=layer_id, **{c: acc[c] for c in COLUMNS})
-        )
-    listed = sa.select(sources.c.model_id, sources.c.source)
-    senders = conn.execute(
+    beyond = sa.func.sum(sa.case((size > BUCKETS[-1], batches), else_=0))
+    return (
         sa.select(
-            windows.c.model_id,
-            windows.c.source,
-            sa.func.min(windows.c.start),
-            sa.func.max(windows.c.end),
-            sa.func.count(sa.distinct(windows.c.uid)),
+            windows.c.layer_id,
+            sa.func.sum(size * batches).label("measured_samples"),
+            *buckets,
+            beyond.label("batches_le_inf"),
         )
-        .where(sa.tuple_(windows.c.model_id, windows.c.source).not_in(listed))
-        .group_by(windows.c.model_id, windows.c.source)
-    ).all()
-    for model_id, source, first, last, count in senders:
-        conn.execute(
-            sources.insert().values(
-                model_id=model_id,
-                source=source,
-                first_seen=first,
-                last_window_end=last,
-                windows=int(count),
-                windows_dropped=0,
-                hook_errors=0,
-            )
-        )
+        .select_from(windows.join(pairs, sa.true()))
+        .where(_uncounted())
+        .group_by(windows.c.layer_id)
+        .subquery("histogram")
+    )
 
 
-def _sizes(value: Any) -> dict[int, int]:
-    """A window's ``batch_sizes`` (JSON ``{"size": count}``) as integers."""
-    if isinstance(value, str):  # a driver that hands JSON back as text
-        value = json.loads(value)
-    return {int(k): int(v) for k, v in (value or {}).items()}
+def _backfill_totals(dialect: str) -> sa.Insert:
+    counts = (
+        sa.select(
+            windows.c.layer_id,
+            sa.func.count().label("windows"),
+            sa.func.sum(windows.c.samples_seen).label("samples"),
+            sa.func.sum(windows.c.batches_seen).label("batches"),
+            sa.func.sum(windows.c.nonfinite).label("nonfinite"),
+        )
+        .where(_uncounted())
+        .group_by(windows.c.layer_id)
+        .subquery("counts")
+    )
+    histogram = _histogram(dialect)
+    rows = sa.select(
+        counts.c.layer_id,
+        counts.c.windows,
+        counts.c.samples,
+        counts.c.batches,
+        counts.c.nonfinite,
+        *(sa.func.coalesce(histogram.c[c], 0) for c in HISTOGRAM),
+    ).select_from(counts.outerjoin(histogram, histogram.c.layer_id == counts.c.layer_id))
+    return layer_totals.insert().from_select(["layer_id", *COLUMNS], rows)
+
+
+def _backfill_sources() -> sa.Insert:
+    # one row per window the writer counted: a raw window's layers share its uid; a
+    # compacted bucket has a row (and uid) per layer, and counts once
+    raw = sa.select(
+        windows.c.model_id,
+        windows.c.source,
+        sa.func.min(windows.c.start).label("start"),
+        sa.func.max(windows.c.end).label("end"),
+    ).where(windows.c.resolution_seconds == 0)
+    raw = raw.group_by(windows.c.model_id, windows.c.source, windows.c.uid)
+    compacted = sa.select(
+        windows.c.model_id, windows.c.source, windows.c.start, windows.c.end
+    ).where(windows.c.resolution_seconds != 0)
+    compacted = compacted.group_by(
+        windows.c.model_id,
+        windows.c.source,
+        windows.c.start,
+        windows.c.end,
+        windows.c.resolution_seconds,
+    )
+    sent = sa.union_all(raw, compacted).subquery("sent")
+    listed = sa.exists().where(
+        sources.c.model_id == sent.c.model_id, sources.c.source == sent.c.source
+    )
+    rows = (
+        sa.select(
+            sent.c.model_id,
+            sent.c.source,
+            sa.func.min(sent.c.start),
+            sa.func.max(sent.c.end),
+            sa.func.count(),
+            sa.literal(0),
+            sa.literal(0),
+        )
+        .where(~listed)
+        .group_by(sent.c.model_id, sent.c.source)
+    )
+    columns = [
+        "model_id",
+        "source",
+        "first_seen",
+        "last_window_end",
+        "windows",
+        "windows_dropped",
+        "hook_errors",
+    ]
+    return sources.insert().from_select(columns, rows)
 
 
 def downgrade() -> None:

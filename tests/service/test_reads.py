@@ -386,3 +386,22 @@ def test_two_apps_have_their_own_state(make_app: Any) -> None:
     assert one.state.bnwatch is not two.state.bnwatch
     with TestClient(two) as client:
         assert client.post(ENDPOINT, json=Monitor().body(1), headers=AUTH).status_code == 401
+
+
+def test_healthz_of_a_database_a_newer_bnwatch_migrated(client: TestClient, engine: Engine) -> None:
+    """A rolling deploy: a newer bnwatch migrated the database past this service's revisions.
+    /healthz said "outdated: run `bnwatch db upgrade`", which cannot work (this bnwatch does
+    not know the revision): the database is "newer", and this service is what to upgrade."""
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE alembic_version SET version_num = '0099'"))
+    answer = client.get("/healthz")
+    assert answer.status_code == 503
+    body = answer.json()
+    assert (body["status"], body["database"], body["schema_revision"]) == (
+        "error",
+        "newer",
+        "0099",
+    )
+    message = body["error"]["message"]
+    assert "0099" in message and "upgrade this bnwatch service" in message
+    assert "bnwatch db upgrade" not in message

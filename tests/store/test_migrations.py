@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing
+import os
+import sqlite3
+import subprocess
+import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psycopg
 import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
@@ -20,6 +25,7 @@ from bnwatch.store.engine import SchemaError, create_engine
 from bnwatch.store.migrate import current_revision, downgrade, engine_for, head_revision, upgrade
 from bnwatch.store.models import Base
 from bnwatch.store.repository import Repository, moments_equal
+from bnwatch.store.rollup import compact
 from tests.store.helpers import record_windows
 
 
@@ -321,7 +327,7 @@ def test_cli_on_a_database_a_newer_bnwatch_wrote_says_to_upgrade_bnwatch(
         err = capsys.readouterr().err
         assert err.startswith("bnwatch db: error: ")
         assert "is at schema revision 0099, which this bnwatch version does not know" in err
-        assert err.rstrip().endswith("(a newer bnwatch wrote it): upgrade bnwatch")
+        assert "either a newer bnwatch migrated it -- upgrade bnwatch -- or" in err
         assert current_revision(engine) == "0099"
     engine.dispose()
 
@@ -356,4 +362,175 @@ def test_cli_downgrade_of_an_empty_database_has_nothing_to_do(
     assert current_revision(engine) is None
     with engine.connect() as conn:
         assert sa.inspect(conn).get_table_names() == []
+    engine.dispose()
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _alembic(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """The ``alembic`` command line with the repository's alembic.ini, run in ``cwd``."""
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    command = [sys.executable, "-m", "alembic", "-c", str(ROOT / "alembic.ini"), *args]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _offline_sql(cwd: Path, url: str, revisions: str) -> str:
+    """``alembic upgrade <revisions> --sql``: the SQL, printed without connecting."""
+    done = _alembic(cwd, "-x", f"url={url}", "upgrade", revisions, "--sql")
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def _offline_url(db_url: str, tmp_path: Path) -> str:
+    """A URL of ``db_url``'s dialect that cannot be connected to: offline mode must not."""
+    if sa.make_url(db_url).get_backend_name() == "sqlite":
+        return f"sqlite:///{tmp_path / 'never-created.db'}"
+    return "postgresql://nobody@127.0.0.1:1/none"
+
+
+def _apply_sql(db_url: str, sql: str) -> None:
+    """Run a script of ``alembic --sql`` as a DBA would (sqlite3, psql)."""
+    url = sa.make_url(db_url)
+    if url.get_backend_name() == "sqlite":
+        with sqlite3.connect(str(url.database)) as conn:
+            conn.executescript(sql)
+        return
+    dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(dsn, autocommit=True) as pg:
+        pg.execute(sql.encode())
+
+
+def test_alembic_command_line_works_from_any_directory(db_url: str, tmp_path: Path) -> None:
+    """``script_location = migrations`` was relative to the working directory: from anywhere
+    but the repository root the command line found no migrations."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    done = _alembic(elsewhere, "-x", f"url={db_url}", "upgrade", "head")
+    assert done.returncode == 0, done.stderr
+    done = _alembic(elsewhere, "-x", f"url={db_url}", "current")
+    assert done.returncode == 0, done.stderr
+    assert f"{head_revision()} (head)" in done.stdout
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_offline_sql_builds_the_schema_without_connecting(db_url: str, tmp_path: Path) -> None:
+    """``alembic upgrade head --sql`` connected to the database even so, and crashed at 0009
+    (``AttributeError: 'NoneType' object has no attribute 'scalars'``): the SQL it prints now
+    gives an empty database exactly the schema that ``bnwatch db upgrade`` does."""
+    offline = _offline_url(db_url, tmp_path)
+    sql = _offline_sql(tmp_path, offline, "head")
+    assert "Running upgrade 0008 -> 0009" in sql
+    assert not (tmp_path / "never-created.db").exists()
+    _apply_sql(db_url, sql)
+    engine = create_engine(db_url)
+    try:
+        assert current_revision(engine) == head_revision()
+        with engine.connect() as conn:
+            diff = compare_metadata(
+                MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata
+            )
+        assert diff == []
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("mode", ["online", "offline"])
+def test_0009_counts_a_compacted_window_once_per_bucket(
+    db_url: str, mode: str, tmp_path: Path
+) -> None:
+    """0009 counted ``sources.windows`` as distinct uids, and a compacted bucket has one uid
+    per layer: 10 windows of 3 layers compacted into one bucket were counted 3 times.  Now a
+    raw window counts once whatever its layers, and a compacted bucket once per (start, end,
+    resolution) -- how many windows it merged is not recorded; ``layer_totals.windows`` counts
+    a layer's rows.  Offline, the printed SQL does the same."""
+    engine = create_engine(db_url)
+    try:
+        upgrade(engine)
+        repo = Repository(engine)
+        repo.write_windows(record_windows(10, source="old:1"))
+        now = datetime.now(timezone.utc) + timedelta(days=2)
+        done = compact(
+            engine, older_than=timedelta(hours=1), resolution=timedelta(hours=1), now=now
+        )
+        assert done.windows_merged == 30
+        repo.write_windows(record_windows(2, seed=9, source="new:1"))  # raw, after compaction
+        want = {t.layer: t for t in repo.totals()}
+        with engine.connect() as conn:
+            buckets = conn.execute(
+                sa.text(
+                    'SELECT count(*) FROM (SELECT DISTINCT start, "end", resolution_seconds '
+                    "FROM windows WHERE resolution_seconds > 0) AS b"
+                )
+            ).scalar_one()
+            # a compacted row per layer and bucket (two where the warm-up ends, if compaction
+            # keeps warm-up windows apart): layer_totals counts rows, as for raw windows
+            compacted: dict[str, int] = dict(
+                conn.execute(
+                    sa.text(
+                        "SELECT layers.name, count(*) FROM windows JOIN layers "
+                        "ON layers.id = windows.layer_id WHERE resolution_seconds > 0 "
+                        "GROUP BY layers.name"
+                    )
+                ).all()
+            )
+        assert buckets in (1, 2)  # the ten windows may straddle an hour
+        assert set(compacted) == set(want)
+        downgrade(engine, "0008")
+        with engine.begin() as conn:  # as a database upgraded from 0001-0003 would be
+            conn.execute(sa.text("DELETE FROM layer_totals"))
+            conn.execute(sa.text("DELETE FROM sources"))
+        if mode == "online":
+            upgrade(engine)
+        else:
+            sql = _offline_sql(tmp_path, _offline_url(db_url, tmp_path), "0008:0009")
+            engine.dispose()
+            _apply_sql(db_url, sql)
+            assert current_revision(engine) == "0009"
+        repo = Repository(engine)
+        assert {s.source: s.windows for s in repo.sources()} == {"old:1": buckets, "new:1": 2}
+        totals = {t.layer: t for t in repo.totals()}
+        assert {name: t.windows for name, t in totals.items()} == {
+            name: compacted[name] + 2 for name in want
+        }
+        # every other counter and batch-size bucket as the writer counted them
+        assert {n: dataclasses.replace(t, windows=0) for n, t in totals.items()} == {
+            n: dataclasses.replace(t, windows=0) for n, t in want.items()
+        }
+    finally:
+        engine.dispose()
+
+
+def test_a_postgres_database_another_alembic_app_uses_needs_a_schema_of_its_own(
+    postgres_url: str,
+) -> None:
+    """Another application's revision in ``alembic_version`` was reported as "a newer bnwatch
+    wrote it: upgrade bnwatch".  The message now names both causes and the remedy, which
+    works: a schema of bnwatch's own through the URL's ``search_path``."""
+    engine = sa.create_engine(sa.make_url(postgres_url).set(drivername="postgresql+psycopg"))
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE alembic_version (version_num VARCHAR(32) PRIMARY KEY)"))
+        conn.execute(sa.text("INSERT INTO alembic_version VALUES ('3f2a9c1b7d4e')"))
+    with pytest.raises(SchemaError) as refused:
+        engine_for(postgres_url)
+    message = str(refused.value)
+    assert "is at schema revision 3f2a9c1b7d4e, which this bnwatch version does not know" in message
+    assert "a newer bnwatch" in message and "upgrade bnwatch" in message
+    assert "another application" in message
+    assert "?options=-csearch_path%3Dbnwatch" in message
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE SCHEMA bnwatch"))
+    own = engine_for(postgres_url + "?options=-csearch_path%3Dbnwatch")
+    try:
+        assert current_revision(own) == head_revision()
+        Repository(own).write_windows(record_windows(1))
+    finally:
+        own.dispose()
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).all() == [
+            ("3f2a9c1b7d4e",)
+        ]
+        tables = sa.inspect(conn).get_table_names(schema="bnwatch")
+        assert {"alembic_version", "windows", "sources", "layer_totals"} <= set(tables)
+        assert sa.inspect(conn).get_table_names(schema="public") == ["alembic_version"]
     engine.dispose()

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from bnwatch.service.deps import StateDep
 from bnwatch.service.errors import ErrorBody
 from bnwatch.service.schemas import HealthPublic
-from bnwatch.store.migrate import current_revision
+from bnwatch.store.migrate import current_revision, is_known_revision
 
 router = APIRouter(tags=["health"])
 logger = logging.getLogger("bnwatch.service")
@@ -33,7 +33,9 @@ class HealthError(HealthPublic):
     responses={503: {"model": HealthError, "description": "the database is not usable"}},
 )
 async def healthz(state: StateDep) -> HealthPublic | JSONResponse:
-    """200 when the database answers at the schema this service needs, else 503."""
+    """200 when the database answers at the schema this service needs, else 503: the database
+    is unreachable, outdated (behind: run ``bnwatch db upgrade``) or newer (a newer bnwatch
+    migrated it to a revision this service does not know: upgrade this service)."""
     revision: str | None = None
     problem: str | None = None
     with anyio.move_on_after(HEALTH_TIMEOUT_SECONDS) as scope:
@@ -56,14 +58,29 @@ async def healthz(state: StateDep) -> HealthPublic | JSONResponse:
         )
         return JSONResponse(body.model_dump(mode="json"), status_code=503)
     if revision != state.head_revision:
-        body = HealthError(
-            status="error",
-            database="outdated",
-            schema_revision=revision,
-            error=ErrorBody(
-                message=f"the database is at schema revision {revision or 'none'} but this "
-                f"service needs {state.head_revision}: run `bnwatch db upgrade`"
-            ),
-        )
+        # the revisions are read from the migration scripts once (then cached): not on the loop
+        known = await anyio.to_thread.run_sync(is_known_revision, revision)
+        if known:
+            body = HealthError(
+                status="error",
+                database="outdated",
+                schema_revision=revision,
+                error=ErrorBody(
+                    message=f"the database is at schema revision {revision or 'none'} but this "
+                    f"service needs {state.head_revision}: run `bnwatch db upgrade`"
+                ),
+            )
+        else:  # `bnwatch db upgrade` of this version would refuse it: it is this service
+            body = HealthError(
+                status="error",
+                database="newer",
+                schema_revision=revision,
+                error=ErrorBody(
+                    message=f"the database is at schema revision {revision}, which this "
+                    f"service's bnwatch version does not know (it needs "
+                    f"{state.head_revision}): a newer bnwatch migrated it -- upgrade this "
+                    "bnwatch service"
+                ),
+            )
         return JSONResponse(body.model_dump(mode="json"), status_code=503)
     return HealthPublic(status="ok", database="ok", schema_revision=revision)
