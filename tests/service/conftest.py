@@ -16,14 +16,11 @@ from bnwatch.store.migrate import engine_for
 from tests.service.helpers import TOKEN
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A database of each kind, at the current schema: PostgreSQL's copied from a template
-    (every app here would migrate an empty one first; copying is 4x faster)."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path_factory.mktemp('db') / 'bnwatch.db'}"
-    url: str = request.getfixturevalue("migrated_postgres_url")
-    return url
+@pytest.fixture
+def db_url(migrated_db_url: str) -> str:
+    """A database of each kind, at the current schema (every app here would migrate an empty
+    one first)."""
+    return migrated_db_url
 
 
 @pytest.fixture

@@ -22,8 +22,8 @@ RECORDED = DriftConfig(warmup_samples=16, min_samples=4)
 
 
 @pytest.fixture
-def repo(db_url: str) -> Iterator[Repository]:
-    engine = engine_for(db_url)
+def repo(migrated_db_url: str) -> Iterator[Repository]:
+    engine = engine_for(migrated_db_url)
     yield Repository(engine)
     engine.dispose()
 

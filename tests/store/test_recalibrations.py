@@ -31,9 +31,9 @@ ALERT_ID = 7
 
 
 @pytest.fixture
-def repo(db_url: str) -> Iterator[Repository]:
+def repo(migrated_db_url: str) -> Iterator[Repository]:
     """A store with the windows of one model version (three layers) and a drift alert."""
-    engine = engine_for(db_url)
+    engine = engine_for(migrated_db_url)
     repository = Repository(engine)
     repository.write_windows(record_windows(1))
     add_alerts(engine, [ALERT_ID])

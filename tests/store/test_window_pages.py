@@ -29,11 +29,11 @@ from tests.service.helpers import T0, Monitor
 
 
 @pytest.fixture
-def repo(db_url: str) -> Iterator[Repository]:
+def repo(migrated_db_url: str) -> Iterator[Repository]:
     """cnn@1: three layers; two monitors closing windows at the same instants (ties in the
     order, broken by id), one of them drifting, and a third whose windows end at an odd
     microsecond, across several two-minute and hour buckets."""
-    engine = engine_for(db_url)
+    engine = engine_for(migrated_db_url)
     repository = Repository(engine)
     repository.write_windows(Monitor(source="r1").records(5))
     repository.write_windows(Monitor(source="r2", seed=1).records(5, shift=1.0))
