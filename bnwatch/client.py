@@ -11,11 +11,13 @@ local directory (one file per batch, written atomically: temporary file, fsync, 
 delivered oldest first when the service is back; a spool file is deleted only once the
 service answered (2xx, or a rejection).  The spool is bounded in bytes: beyond
 ``spool_max_bytes`` the oldest spooled batches are deleted and their windows counted as
-``dropped`` (and logged).  A process that starts with the same spool directory delivers
-what an earlier process left.
+``dropped`` (and logged), as are the windows of spool files that vanish (a tmp cleaner
+deleting them, or the whole directory, which is then made again).  A process that starts
+with the same spool directory delivers what an earlier process left.
 
 Delivery is at least once -- a batch whose answer was lost is sent again -- and the service
-stores a window once per ``uid``, so every window is stored exactly once.
+stores a window once per ``uid``, so a window is never stored twice; windows still in memory
+or in flight when the process is killed are lost (see below).
 
 Answers of the service:
 
@@ -29,9 +31,10 @@ Answers of the service:
   counted) and probes the service with the oldest batch once every ``retry_max`` seconds, so
   a fixed token or service resumes delivery without a restart, at a cost of one request per
   ``retry_max``.
-* 408, 429, 5xx, connection errors and timeouts: retried with exponential backoff (with
-  ±20 % jitter, so replicas do not retry in lockstep after an outage; ``Retry-After`` is
-  honoured up to ``retry_max``).
+* 408, 429, 5xx (logged with what the service said), connection errors, answers that cannot
+  be read and timeouts: retried with exponential backoff (with ±20 % jitter, so replicas do
+  not retry in lockstep after an outage; ``Retry-After`` is honoured up to ``retry_max``).
+  An attempt takes at most ``timeout`` in all, however slowly the answer trickles in.
 
 The spool survives restarts and service outages, not the loss of the sending process: the
 windows in the in-memory queue (and a batch in flight) die with a killed process.
@@ -65,7 +68,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from importlib import metadata
@@ -330,23 +333,47 @@ class _Spool:
     order, and carry the window count, so a restart rebuilds the index without reading them.
     Only the sink's thread changes it (and ``close()`` once that thread is gone or stuck),
     under ``lock``.
+
+    The spool holds ``dir_lock``, the directory's lock.  Batches whose files vanish (a tmp
+    cleaner deleted them, or the whole directory) are reported to ``on_lost`` (windows, why)
+    and forgotten; a directory that vanished is made -- and locked -- again.
     """
 
-    def __init__(self, directory: Path, max_bytes: int) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        max_bytes: int,
+        dir_lock: _DirLock,
+        on_lost: Callable[[int, str], None],
+    ) -> None:
         self.directory = directory
         self.max_bytes = max_bytes
         self.lock = threading.RLock()
+        self._dir_lock = dir_lock
+        self._on_lost = on_lost
         self._entries: list[_Entry] = []
         self._bytes = 0
         self._windows = 0
         self._last_ns = 0
         self.rescan()
 
+    def release(self) -> None:
+        """Release the directory's lock (the sink is done)."""
+        self._dir_lock.release()
+
     def rescan(self) -> None:
-        """Index the files in the directory (and remove partial writes of a crash)."""
+        """Index the files in the directory (and remove partial writes of a crash); batches
+        whose files vanished are lost.  A directory that vanished is made again."""
         with self.lock:
+            try:
+                paths = list(self.directory.iterdir())
+            except FileNotFoundError:
+                if self.directory.exists():
+                    raise
+                self._restore()
+                return
             entries = []
-            for path in self.directory.iterdir():
+            for path in paths:
                 if path.name.startswith(_TMP_PREFIX):
                     with contextlib.suppress(OSError):
                         path.unlink()
@@ -360,10 +387,56 @@ class _Spool:
                     continue
                 entries.append(_Entry(match["key"], int(match["count"]), size, path))
             entries.sort(key=lambda e: e.order)
+            found = {e.path for e in entries}
+            gone = [e for e in self._entries if e.path not in found]
             self._entries = entries
             self._bytes = sum(e.size for e in entries)
             self._windows = sum(e.count for e in entries)
-            self._last_ns = max((e.order[0] for e in entries), default=0)
+            self._last_ns = max([self._last_ns, *(e.order[0] for e in entries)])
+            if gone:
+                why = f"{len(gone)} spool file(s) vanished from {self.directory}"
+                self._on_lost(sum(e.count for e in gone), why)
+
+    def forget_vanished(self) -> None:
+        """Forget the batches whose files vanished (lost), without making anything again:
+        what is left indexed is what the next run finds."""
+        with self.lock:
+            gone = [e for e in self._entries if not e.path.exists()]
+            if not gone:
+                return
+            for entry in gone:
+                self._forget(entry)
+            why = (
+                f"{len(gone)} spool file(s) vanished from {self.directory}"
+                if self.directory.is_dir()
+                else f"the spool directory {self.directory} vanished (deleted by a cleaner?)"
+            )
+            self._on_lost(sum(e.count for e in gone), why)
+
+    def _restore(self, keep: _Entry | None = None) -> None:
+        """The directory vanished (a tmp cleaner deleted it): make it again and lock it; the
+        batches indexed in it are lost -- but ``keep``, whose windows the caller holds.
+
+        Raises:
+            OSError: it cannot be made again.
+        """
+        lost = sum(e.count for e in self._entries if e is not keep)
+        self._entries, self._bytes, self._windows = [], 0, 0
+        why = f"the spool directory {self.directory} vanished (deleted by a cleaner?)"
+        try:
+            lock = _claim(self.directory)
+        except OSError as err:
+            self._on_lost(lost, f"{why} and cannot be made again ({err})")
+            raise
+        self._dir_lock.release()
+        if lock is None:  # made again, and claimed, by another sink in between
+            logger.warning(
+                "bnwatch: another HttpSink spools in %s too since it was made again",
+                self.directory,
+            )
+            lock = _DirLock(None)
+        self._dir_lock = lock
+        self._on_lost(lost, f"{why}; it was made again")
 
     @property
     def windows(self) -> int:
@@ -385,7 +458,17 @@ class _Spool:
         self._last_ns = max(time.time_ns(), self._last_ns + 1)
         return f"{self._last_ns:020d}-{os.getpid()}"
 
-    def _write(self, key: str, part: _Part) -> _Entry:
+    def _write(self, key: str, part: _Part, keep: _Entry | None = None) -> _Entry:
+        """Write a batch file (making a vanished directory again, see :meth:`_restore`)."""
+        try:
+            return self._write_file(key, part)
+        except FileNotFoundError:
+            if self.directory.is_dir():
+                raise
+        self._restore(keep)
+        return self._write_file(key, part)
+
+    def _write_file(self, key: str, part: _Part) -> _Entry:
         name = f"{key}_{part.count}w.json"
         final = self.directory / name
         tmp = self.directory / f"{_TMP_PREFIX}{name}"
@@ -456,7 +539,7 @@ class _Spool:
         (the parts first, then the original is deleted: a crash in between re-delivers)."""
         with self.lock:
             for i, part in enumerate(parts):
-                self._insert(self._write(f"{entry.key}.{i}", part))
+                self._insert(self._write(f"{entry.key}.{i}", part, keep=entry))
             self.remove(entry)
 
 
@@ -545,7 +628,9 @@ def _classify(response: httpx.Response) -> _Reply:
     if status in _INVALID:
         return _Reply(_Outcome.INVALID, f"{what}: {_detail(response)}")
     if status in _RETRY or status >= 500:
-        return _Reply(_Outcome.RETRY, what, retry_after=_retry_after(response))
+        detail = _detail(response)  # e.g. why the service cannot take windows now
+        message = f"{what}: {detail}" if detail else what
+        return _Reply(_Outcome.RETRY, message, retry_after=_retry_after(response))
     if status in (401, 403):
         hint = f"the service refused the token: check token= or {TOKEN_ENV}"
         return _Reply(_Outcome.BLOCKED, f"{what}: {hint}")
@@ -585,6 +670,66 @@ def _join(encoded: list[bytes]) -> _Part:
     return _Part(head + b",".join(encoded) + b"]}", len(encoded))
 
 
+class _Watchdog:
+    """Bounds each request's whole time: when it is up, the client's sockets are shut down.
+
+    httpx's ``timeout`` bounds each read, not the request: a service (or a proxy) trickling
+    its answer a byte every few seconds held the sink's thread -- and all delivery -- for
+    good.  The minimal equivalent of the webhooks' watchdog (``_Deadline`` in
+    :mod:`bnwatch.triggers.core`, a layer above this one) for a client whose connections
+    outlive a request: it learns the sockets of the client's connections from httpcore's
+    ``trace`` extension, and once an attempt's ``seconds`` have passed shuts them all down
+    (``shutdown`` wakes a thread blocked in ``recv``; ``close`` would not), so the request
+    fails at once.  Only the sink's thread sends, one request at a time: the sockets cut are
+    the request's, or idle ones the pool replaces.
+    """
+
+    def __init__(self) -> None:
+        self.expired = False  # the last attempt's time ran out
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def limit(self, seconds: float) -> Iterator[None]:
+        """Cut the request made inside once ``seconds`` have passed."""
+        with self._lock:
+            self.expired = False
+        timer = threading.Timer(seconds, self._expire)
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        finally:
+            timer.cancel()
+            timer.join()  # never cuts a later attempt
+
+    def trace(self, name: str, info: Mapping[str, Any]) -> None:
+        if name not in ("connection.connect_tcp.complete", "connection.start_tls.complete"):
+            return
+        stream = info.get("return_value")
+        sock = stream.get_extra_info("socket") if stream is not None else None
+        if sock is None:
+            return
+        with self._lock:
+            self._sockets = [s for s in self._sockets if s.fileno() != -1]  # open ones
+            self._sockets.append(sock)
+            expired = self.expired
+        if expired:  # connected only after the time was up
+            self._cut(sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            sockets = list(self._sockets)
+        for sock in sockets:
+            self._cut(sock)
+
+    @staticmethod
+    def _cut(sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):  # already closed: nothing left to stop
+            sock.shutdown(socket.SHUT_RDWR)
+
+
 # ------------------------------------------------------------------------------------------
 # The sink
 # ------------------------------------------------------------------------------------------
@@ -617,10 +762,14 @@ class HttpSink:
         batch_size: windows per request (at most).
         max_batch_bytes: a batch is closed once its body reaches this size (so it may exceed
             it by one window); larger bodies answered with 413 are split.
-        timeout: HTTP timeout per request (connect, read, write), seconds.
+        timeout: HTTP timeout of each attempt, seconds: of each connect, read and write,
+            and of the whole request (a watchdog cuts an answer that trickles in).
         retry_initial, retry_max: exponential backoff between failed attempts, seconds;
             ``retry_max`` is also the probe interval while the token is refused.
     """
+
+    _CLOSE_GRACE = 5.0
+    """Seconds close() waits for the thread beyond ``timeout`` + HTTP ``timeout``."""
 
     def __init__(
         self,
@@ -670,24 +819,25 @@ class HttpSink:
         self._batch_size = batch_size
         self._max_batch_bytes = max_batch_bytes
 
-        self._lock_handle, directory = self._open_spool(
+        self._lock = threading.Lock()
+        self._dropped = 0
+        self._drops_by_kind: dict[str, int] = {}
+        dir_lock, directory = self._open_spool(
             spool_dir, self.endpoint, source or storable_text(socket.gethostname())
         )
         self.spool_dir: Path = directory
         """The spool directory in use."""
         try:
-            self._spool = _Spool(directory, spool_max_bytes)
+            self._spool = _Spool(directory, spool_max_bytes, dir_lock, self._spool_lost)
         except OSError as err:
-            self._lock_handle.release()
+            dir_lock.release()
             raise ConfigError("spool_dir", str(directory), f"a readable directory ({err})") from err
 
         self._queue = WindowQueue(queue_size, queue_bytes)
         self._client = httpx.Client(headers=headers, timeout=self._timeout)
-        self._lock = threading.Lock()
+        self._watchdog = _Watchdog()
         self._written = 0
         self._duplicates = 0
-        self._dropped = 0
-        self._drops_by_kind: dict[str, int] = {}
         self._rejected = 0
         self._failures = 0
         self._failures_in_a_row = 0
@@ -777,8 +927,12 @@ class HttpSink:
         dropped -- for the next sink with this spool directory.  A sink that is backing off
         (service down, token refused) makes one more attempt at once, retries while the next
         attempt falls before the deadline, and otherwise spools and returns at once: it never
-        sleeps past the deadline.  It returns within about ``timeout`` plus one HTTP
-        ``timeout`` (a request in flight is not interrupted).  Idempotent.
+        sleeps past the deadline.  A request in flight is not interrupted, but no request
+        takes more than the HTTP ``timeout`` in all, so it returns within about ``timeout``
+        plus one HTTP ``timeout``.  Only a thread stuck where no timeout reaches (a hung
+        disk, a host name that takes long to resolve) is given up after ``timeout`` + HTTP
+        ``timeout`` + 5 s: the queued windows are then spooled from here, and those of the
+        request in flight counted as dropped.  Idempotent.
         """
         if self._closed:
             return
@@ -787,7 +941,7 @@ class HttpSink:
         with self._lock:
             self._next_attempt = 0.0  # one more attempt at once
         self._stop.set()
-        grace = self._timeout + 5.0
+        grace = self._timeout + self._CLOSE_GRACE
         self._thread.join(None if timeout is None else max(timeout, 0.0) + grace)
         if self._thread.is_alive():  # stuck (a hung request or disk): save what we can
             self._abandoned = True
@@ -863,6 +1017,23 @@ class HttpSink:
                 why,
                 dropped,
             )
+
+    def _spool_lost(self, windows: int, why: str) -> None:
+        """Spooled batches vanished (see :class:`_Spool`): their windows are dropped."""
+        if windows <= 0:  # an empty spool directory deleted: nothing lost
+            logger.warning("bnwatch: %s", why)
+            return
+        with self._lock:
+            self._drops_by_kind["vanished"] = self._drops_by_kind.get("vanished", 0) + windows
+            self._dropped += windows
+            dropped = self._dropped
+        logger.error(
+            "bnwatch: %s: %d spooled window(s) for %s lost, counted as dropped; %d dropped so far",
+            why,
+            windows,
+            self.url,
+            dropped,
+        )
 
     def _reject(self, part: _Part, reply: _Reply) -> None:
         with self._lock:
@@ -956,8 +1127,10 @@ class HttpSink:
                     self._stop.wait(pause)  # not a busy loop, if it fails again at once
                     pause = min(pause * 2, 60.0)
         finally:
+            with contextlib.suppress(Exception):  # not promised to the next run:
+                self._spool.forget_vanished()
             self._client.close()
-            self._lock_handle.release()
+            self._spool.release()
 
     def _loop(self) -> None:
         while True:
@@ -1031,10 +1204,19 @@ class HttpSink:
         try:
             if part.count == 0:
                 return
+            rest = [part]  # unless sent now: keep the order, behind what is spooled
             if self._spool.oldest() is None and self._due() and not self._stop_now():
-                rest = self._deliver([part])
-            else:
-                rest = [part]  # keep the order: behind what is spooled
+                try:
+                    rest = self._deliver([part])
+                except Exception as err:  # a bug: keep the windows (spooled, or counted dropped)
+                    logger.exception(
+                        "bnwatch: sending %d window(s) to %s failed unexpectedly (%s: %s); "
+                        "they are spooled",
+                        part.count,
+                        self.url,
+                        type(err).__name__,
+                        err,
+                    )
             if rest:
                 with self._spool.lock:
                     if not self._abandoned:
@@ -1108,13 +1290,22 @@ class HttpSink:
         return self._timeout
 
     def _post(self, part: _Part) -> _Reply:
+        """One attempt, of at most the HTTP timeout in all (see :class:`_Watchdog`)."""
+        seconds = self._request_timeout()
         try:
-            response = self._client.post(
-                self.endpoint, content=part.body, timeout=self._request_timeout()
-            )
-        except httpx.TimeoutException as err:
-            return _Reply(_Outcome.RETRY, f"timed out ({type(err).__name__})")
-        except httpx.TransportError as err:
+            with self._watchdog.limit(seconds):
+                response = self._client.post(
+                    self.endpoint,
+                    content=part.body,
+                    timeout=seconds,
+                    extensions={"trace": self._watchdog.trace},
+                )
+        except httpx.HTTPError as err:  # any: no answer, a broken one, an undecodable one
+            if self._watchdog.expired or isinstance(err, httpx.TimeoutException):
+                return _Reply(
+                    _Outcome.RETRY,
+                    f"timed out: no complete answer within {seconds:.3g} s ({type(err).__name__})",
+                )
             return _Reply(_Outcome.RETRY, f"{type(err).__name__}: {err}")
         return _classify(response)
 

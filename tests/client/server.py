@@ -3,9 +3,10 @@
 It validates bodies with the real :class:`bnwatch.wire.WindowBatch` (422 with pydantic's
 errors), checks the bearer token (401), answers 413 above ``max_bytes``, stores each window
 uid once and answers an :class:`bnwatch.wire.IngestResult`.  ``plan`` scripts answers
-(e.g. three 503s) given before the normal handling.  With ``state`` every stored uid is
-appended to a file before the answer, so a killed and restarted server still stores each
-window once -- as the real service does with its database.
+(e.g. three 503s, a 503 with its own body, or :data:`TRICKLE`) given before the normal
+handling.  With ``state`` every stored uid is appended to a file before the answer, so a
+killed and restarted server still stores each window once -- as the real service does with
+its database.
 
 In a thread: ``FakeService(...).start()``.  As a process (so a test can SIGKILL it):
 ``python -m tests.client.server --port N --state FILE [--token T]``.
@@ -43,9 +44,13 @@ class Seen:
     content_encoding: str | None
 
 
-Planned = int | tuple[int, dict[str, str]]
+Planned = int | tuple[int, dict[str, str]] | tuple[int, dict[str, str], dict[str, Any]]
+"""A status; or a status and headers; or a status, headers and the JSON answer."""
 LOSE_ANSWER = 0
 """Planned "status": store the batch, then close the connection without answering."""
+TRICKLE = -1
+"""Planned "status": answer 200 with a Content-Length, then trickle the body one byte every
+0.1 s (for 100 s at most): each read is quick, the answer never ends in time."""
 
 
 class FakeService:
@@ -66,6 +71,7 @@ class FakeService:
         self._lock = threading.Lock()
         self._state = state
         self._state_fd: int | None = None
+        self.stopped = False
         if state is not None:
             if state.exists():
                 for line in state.read_text().splitlines():
@@ -91,6 +97,7 @@ class FakeService:
         return self
 
     def stop(self) -> None:
+        self.stopped = True  # down: no answer on a connection kept alive either
         self._server.shutdown()
         self._server.server_close()
         if self._thread is not None:
@@ -133,8 +140,10 @@ class FakeService:
             planned = self.plan.popleft() if self.plan else None
         lose = planned == LOSE_ANSWER
         if planned is not None and not lose:
-            status, headers = planned if isinstance(planned, tuple) else (planned, {})
-            return status, {"detail": "planned"}, headers
+            if not isinstance(planned, tuple):
+                return planned, {"detail": "planned"}, {}
+            answer: dict[str, Any] = planned[2] if len(planned) == 3 else {"detail": "planned"}
+            return planned[0], answer, planned[1]
         if self.token is not None and authorization != f"Bearer {self.token}":
             return 401, {"detail": "invalid or missing token"}, {"WWW-Authenticate": "Bearer"}
         if self.max_bytes is not None and len(body) > self.max_bytes:
@@ -184,6 +193,9 @@ def _handler(service: FakeService) -> type[BaseHTTPRequestHandler]:
                 self._send(404, {"detail": "not found"}, {})
 
         def do_POST(self) -> None:
+            if service.stopped:
+                self.close_connection = True
+                return
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length)
             if self.path != ENDPOINT:
@@ -195,7 +207,24 @@ def _handler(service: FakeService) -> type[BaseHTTPRequestHandler]:
             if status == LOSE_ANSWER:
                 self.close_connection = True  # stored, but the answer never arrives
                 return
+            if status == TRICKLE:
+                self._trickle()
+                return
             self._send(status, answer, headers)
+
+        def _trickle(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            self.close_connection = True
+            for _ in range(1000):
+                try:
+                    self.wfile.write(b" ")
+                    self.wfile.flush()
+                except OSError:  # the client gave up
+                    return
+                time.sleep(0.1)
 
     return Handler
 

@@ -6,6 +6,7 @@ import contextlib
 import itertools
 import json
 import logging
+import shutil
 import socket
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import torch
 
@@ -26,7 +28,7 @@ from bnwatch.service.settings import Settings
 from bnwatch.sink import Sink
 from bnwatch.wire import batch_of
 from tests.client.conftest import ROOT, free_port, python_module, wait_for
-from tests.client.server import LOSE_ANSWER, FakeService
+from tests.client.server import LOSE_ANSWER, TRICKLE, FakeService
 from tests.store.helpers import batches, renamed, small_cnn
 
 Windows = Callable[[int], list[WindowRecord]]
@@ -351,6 +353,120 @@ def test_retry_after_is_honoured(
     assert second - first >= 0.95
 
 
+def test_a_retryable_answer_is_logged_with_what_the_service_said(
+    service: FakeService,
+    windows: Windows,
+    spool: Path,
+    sinks: list[HttpSink],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A service started without a token answers every batch 503 and says why; the sink
+    logged only "HTTP 503 Service Unavailable", for ever."""
+    why = "ingest is disabled because the service has no API token: set BNWATCH_API_TOKEN"
+    service.plan.append((503, {}, {"error": {"message": why, "field": None}}))
+    with caplog.at_level(logging.WARNING, logger="bnwatch"):
+        sink = HttpSink(service.url, spool_dir=spool, **FAST)
+        sinks.append(sink)
+        sink.write(windows(1)[0])
+        assert wait_for(lambda: sink.stats().written == 1)
+    last_error = sink.stats().last_error
+    assert last_error is not None and "HTTP 503" in last_error and why in last_error
+    assert any(
+        "cannot send windows" in r.getMessage() and why in r.getMessage() for r in caplog.records
+    )
+
+
+def test_an_undecodable_answer_is_retried_not_lost(
+    service: FakeService,
+    windows: Windows,
+    spool: Path,
+    sinks: list[HttpSink],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A proxy answering ``Content-Encoding: gzip`` with a body that is not gzip: httpx
+    raises DecodingError, neither a timeout nor a transport error.  It escaped, and the batch
+    in hand was lost uncounted."""
+    service.plan.extend([(503, {"Content-Encoding": "gzip"})] * 2)
+    records = windows(3)
+    with caplog.at_level(logging.WARNING, logger="bnwatch"):
+        sink = HttpSink(service.url, spool_dir=spool, **FAST)
+        sinks.append(sink)
+        for r in records:
+            sink.write(r)
+        assert sink.flush(timeout=10)
+    stats = sink.stats()
+    assert (stats.written, stats.dropped, stats.rejected, stats.spooled) == (3, 0, 0, 0)
+    assert stats.failures == 2
+    assert stats.last_error is not None and "DecodingError" in stats.last_error
+    assert sorted(service.stored) == sorted(r.uid for r in records)
+    assert not any("thread failed" in r.getMessage() for r in caplog.records)
+
+
+def test_an_unexpected_error_while_sending_keeps_the_windows(
+    service: FakeService,
+    windows: Windows,
+    spool: Path,
+    sinks: list[HttpSink],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Whatever goes wrong while a batch taken from the queue is sent (a bug, an error a
+    library does not wrap), its windows are spooled and sent again -- they vanished."""
+    sink = HttpSink(service.url, spool_dir=spool, **FAST)
+    sinks.append(sink)
+    deliver, calls = sink._deliver, []
+
+    def broken_once(parts: list[Any]) -> list[Any]:
+        calls.append(len(parts))
+        if len(calls) == 1:
+            raise RuntimeError("a bug")
+        return deliver(parts)
+
+    monkeypatch.setattr(sink, "_deliver", broken_once)
+    records = windows(3)
+    with caplog.at_level(logging.ERROR, logger="bnwatch"):
+        for r in records:
+            sink.write(r)
+        assert wait_for(lambda: sink.stats().written == 3, timeout=5)
+    stats = sink.stats()
+    assert (stats.dropped, stats.spooled, stats.queued) == (0, 0, 0)
+    assert sorted(service.stored) == sorted(r.uid for r in records)
+    assert any("RuntimeError: a bug" in r.getMessage() for r in caplog.records)
+
+
+def test_an_answer_trickled_a_byte_at_a_time_is_cut_at_the_timeout(
+    service: FakeService,
+    windows: Windows,
+    spool: Path,
+    sinks: list[HttpSink],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """httpx's timeout bounds each read, not the request: an answer trickled a byte every
+    0.1 s held the sink's thread, and all delivery, for good (windows piled up in memory,
+    nothing logged).  Each attempt now takes at most ``timeout`` in all -- on a connection
+    kept alive from an earlier request too -- and fails as a timeout: spooled, retried."""
+    sink = HttpSink(service.url, spool_dir=spool, retry_initial=0.02, retry_max=0.1, timeout=0.5)
+    sinks.append(sink)
+    first, second = windows(2)
+    sink.write(first)
+    assert wait_for(lambda: sink.stats().written == 1)  # its connection is kept alive
+    service.plan.append(TRICKLE)
+    with caplog.at_level(logging.WARNING, logger="bnwatch"):
+        sink.write(second)
+        assert wait_for(lambda: sink.stats().written == 2, timeout=5)
+    stats = sink.stats()
+    assert stats.failures == 1 and stats.dropped == 0
+    assert stats.last_error is not None and "timed out" in stats.last_error
+    trickled, again = service.posts()[-2:]
+    assert (trickled.status, again.status) == (TRICKLE, 200)
+    assert 0.4 <= again.at - trickled.at <= 0.5 + 1.0
+    assert service.stored == [first.uid, second.uid]
+    assert any(
+        "cannot send windows" in r.getMessage() and "timed out" in r.getMessage()
+        for r in caplog.records
+    )
+
+
 def test_an_invalid_window_is_rejected_counted_and_not_retried(
     service: FakeService,
     windows: Windows,
@@ -596,6 +712,99 @@ def test_one_sink_per_spool_directory(spool: Path, sinks: list[HttpSink]) -> Non
     sinks.append(HttpSink("http://127.0.0.1:1", spool_dir=spool))  # free again
 
 
+def test_a_spool_directory_deleted_while_running_is_made_again_and_its_windows_counted(
+    windows: Windows, spool: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A tmp cleaner deletes the spool directory while batches wait in it: its windows are
+    lost, and said so -- they were not counted, the sink's thread failed over and over on
+    the missing directory, nothing was delivered any more (new windows piled up in memory),
+    and close() promised the vanished windows to the next run."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    early, late = windows(4), windows(4)
+    sink = HttpSink(url, spool_dir=spool, batch_size=2, retry_initial=0.05, retry_max=0.2)
+    for r in early:
+        sink.write(r)
+    assert wait_for(lambda: sink.stats().spooled == 4)
+    shutil.rmtree(spool)
+    with caplog.at_level(logging.WARNING, logger="bnwatch"), FakeService(port=port) as service:
+        for r in late:
+            sink.write(r)
+        assert wait_for(lambda: sink.stats().written == 4, timeout=5)
+        assert service.stored == [r.uid for r in late]
+        assert (spool / ".lock").exists()  # made again, and locked again:
+        with pytest.raises(ConfigError, match="no other open HttpSink"):
+            HttpSink(url, spool_dir=spool)
+        sink.close(timeout=5)
+    stats = sink.stats()
+    assert (stats.written, stats.dropped, stats.spooled, stats.queued) == (4, 4, 0, 0)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(
+        f"spool directory {spool} vanished" in m and "4 spooled window(s)" in m for m in messages
+    )
+    assert not any("thread failed" in m or "stay spooled" in m for m in messages)
+
+
+def test_an_empty_spool_directory_deleted_is_made_again_for_the_next_outage(
+    windows: Windows, spool: Path, sinks: list[HttpSink]
+) -> None:
+    """Deleted while empty (the service up): every window of the next outage was dropped,
+    "cannot spool", since nothing made the directory again."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with FakeService(port=port):
+        sink = HttpSink(url, spool_dir=spool, retry_initial=0.05, retry_max=0.2)
+        sinks.append(sink)
+        sink.write(windows(1)[0])
+        assert wait_for(lambda: sink.stats().written == 1)
+    shutil.rmtree(spool)
+    records = windows(3)
+    for r in records:
+        sink.write(r)
+    assert wait_for(lambda: sink.stats().spooled == 3, timeout=5)
+    assert sink.stats().dropped == 0
+    assert sum(int(p.name.split("_")[1][:-6]) for p in spool_files(spool)) == 3
+    with FakeService(port=port) as service:
+        assert wait_for(lambda: sink.stats().written == 4, timeout=5)
+        assert service.stored == [r.uid for r in records]
+
+
+def test_a_spool_deleted_while_backing_off_is_not_promised_to_the_next_run(
+    windows: Windows, spool: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """close() without time to try again: the windows of the deleted spool are counted
+    dropped, not claimed to "stay spooled" for the next run."""
+    sink = HttpSink(f"http://127.0.0.1:{free_port()}", spool_dir=spool, retry_max=30.0)
+    for r in windows(3):
+        sink.write(r)
+    assert wait_for(lambda: sink.stats().spooled == 3)
+    shutil.rmtree(spool)
+    with caplog.at_level(logging.WARNING, logger="bnwatch"):
+        sink.close(timeout=0)
+    stats = sink.stats()
+    assert (stats.spooled, stats.dropped) == (0, 3)
+    assert not any("stay spooled" in r.getMessage() for r in caplog.records)
+
+
+def test_spool_files_deleted_by_hand_are_counted_dropped(
+    windows: Windows, spool: Path, sinks: list[HttpSink]
+) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    records = windows(6)
+    sink = HttpSink(url, spool_dir=spool, batch_size=2, retry_initial=0.05, retry_max=0.2)
+    sinks.append(sink)
+    for r in records:
+        sink.write(r)
+    assert wait_for(lambda: sink.stats().spooled == 6)
+    spool_files(spool)[0].unlink()  # the oldest batch: the next one the sink reads
+    with FakeService(port=port) as service:
+        assert wait_for(lambda: sink.stats().written == 4, timeout=5)
+        assert service.stored == [r.uid for r in records[2:]]
+    stats = sink.stats()
+    assert (stats.dropped, stats.spooled) == (2, 0)
+
+
 def test_default_spools_take_free_slots_and_adopt_orphans(windows: Windows) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -762,20 +971,54 @@ def trickling_service() -> Iterator[tuple[str, threading.Event]]:
         server.close()
 
 
-def test_close_counts_a_request_still_in_flight_as_dropped(windows: Windows, spool: Path) -> None:
-    """close() gives up on a request that never ends: its windows are counted dropped, the
-    queued ones spooled -- every window accounted for (the in-flight ones were lost uncounted:
-    spooling the queue overwrote their count)."""
+def test_close_cuts_a_request_that_never_ends_and_spools_its_windows(
+    windows: Windows, spool: Path
+) -> None:
+    """A request whose answer never ends is cut once it has taken ``timeout`` in all; close()
+    then spools its windows with the queued ones."""
     with trickling_service() as (url, asked):
         records = windows(12)
         sink = HttpSink(url, spool_dir=spool, batch_size=8, timeout=0.5)
         for r in records:
             sink.write(r)
         assert asked.wait(10)  # a batch is in flight, and stays so
+        started = time.monotonic()
         sink.close(timeout=0.2)
+        assert time.monotonic() - started < 0.5 + 1.0
     stats = sink.stats()
-    assert stats.written == 0 and stats.queued == 0
+    assert (stats.written, stats.queued, stats.dropped, stats.spooled) == (0, 0, 0, 12)
+    assert stats.last_error is not None and "timed out" in stats.last_error
+
+
+def test_close_counts_a_request_it_cannot_wait_for_as_dropped(
+    windows: Windows, spool: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request stuck where no timeout reaches (resolving the host name, say): close() gives
+    up on the thread; its windows are counted dropped, the queued ones spooled -- every
+    window accounted for (the in-flight ones were lost uncounted: spooling the queue
+    overwrote their count)."""
+    monkeypatch.setattr(HttpSink, "_CLOSE_GRACE", 0.1)
+    stuck, release = threading.Event(), threading.Event()
+    sink = HttpSink(f"http://127.0.0.1:{free_port()}", spool_dir=spool, batch_size=8, timeout=0.5)
+
+    def hang(*args: object, **kwargs: object) -> httpx.Response:
+        stuck.set()
+        release.wait(10)
+        raise httpx.ConnectError("released")
+
+    monkeypatch.setattr(sink._client, "post", hang)
+    records = windows(12)
+    for r in records:
+        sink.write(r)
+    assert stuck.wait(10)
+    sink.close(timeout=0.2)
+    stats = sink.stats()
+    assert (stats.written, stats.queued) == (0, 0)
     assert stats.dropped >= 1 and stats.dropped + stats.spooled == 12
+    release.set()
+    assert wait_for(lambda: not sink._thread.is_alive(), timeout=5)
+    after = sink.stats()  # the thread, released, does not count them again
+    assert (after.written, after.dropped, after.spooled) == (0, stats.dropped, stats.spooled)
 
 
 def test_write_after_close_is_counted(windows: Windows, spool: Path) -> None:
