@@ -670,18 +670,18 @@ def _join(encoded: list[bytes]) -> _Part:
     return _Part(head + b",".join(encoded) + b"]}", len(encoded))
 
 
-class _Watchdog:
-    """Bounds each request's whole time: when it is up, the client's sockets are shut down.
+class RequestWatchdog:
+    """Bounds a request's whole time: when it is up, the client's sockets are shut down.
 
-    httpx's ``timeout`` bounds each read, not the request: a service (or a proxy) trickling
-    its answer a byte every few seconds held the sink's thread -- and all delivery -- for
-    good.  The minimal equivalent of the webhooks' watchdog (``_Deadline`` in
-    :mod:`bnwatch.triggers.core`, a layer above this one) for a client whose connections
-    outlive a request: it learns the sockets of the client's connections from httpcore's
-    ``trace`` extension, and once an attempt's ``seconds`` have passed shuts them all down
-    (``shutdown`` wakes a thread blocked in ``recv``; ``close`` would not), so the request
-    fails at once.  Only the sink's thread sends, one request at a time: the sockets cut are
-    the request's, or idle ones the pool replaces.
+    httpx's ``timeout`` bounds each read, not the request: a service, a webhook receiver or a
+    proxy trickling its answer a byte every few seconds held the sending thread for good.
+    Passed as httpcore's ``trace`` extension (``extensions={"trace": watchdog.trace}``), it
+    learns the sockets of the client's connections -- kept-alive ones too, across requests --
+    and once :meth:`limit`'s ``seconds`` have passed shuts them all down (``shutdown`` wakes a
+    thread blocked in ``recv``; ``close`` would not), so the request fails at once and
+    :attr:`expired` says why.  For a client that sends one request at a time: the sockets cut
+    are the request's, or idle ones the pool replaces.  The sink and the webhook trigger
+    (:mod:`bnwatch.triggers.core`) use it.
     """
 
     def __init__(self) -> None:
@@ -835,7 +835,7 @@ class HttpSink:
 
         self._queue = WindowQueue(queue_size, queue_bytes)
         self._client = httpx.Client(headers=headers, timeout=self._timeout)
-        self._watchdog = _Watchdog()
+        self._watchdog = RequestWatchdog()
         self._written = 0
         self._duplicates = 0
         self._rejected = 0
@@ -1290,7 +1290,7 @@ class HttpSink:
         return self._timeout
 
     def _post(self, part: _Part) -> _Reply:
-        """One attempt, of at most the HTTP timeout in all (see :class:`_Watchdog`)."""
+        """One attempt, of at most the HTTP timeout in all (see :class:`RequestWatchdog`)."""
         seconds = self._request_timeout()
         try:
             with self._watchdog.limit(seconds):

@@ -13,7 +13,6 @@ import hmac
 import json
 import logging
 import math
-import socket
 import sys
 import threading
 import time
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import httpx
 
 from bnwatch.alerts import AlertChange, AlertEngine
+from bnwatch.client import RequestWatchdog
 from bnwatch.errors import (
     ConfigError,
     RecalibrationNotFoundError,
@@ -172,58 +172,29 @@ def verify_signature(
     return hmac.compare_digest(expected, given)
 
 
-class _Deadline:
-    """One HTTP request's whole-time limit: when it is up, the request's sockets are shut down.
-
-    httpx's ``timeout`` bounds each read, not the request: a receiver (or a proxy) that
-    trickles its answer a byte every few seconds held the trigger's worker for minutes.  This
-    watchdog learns the request's sockets from httpcore's ``trace`` extension and shuts them
-    down (``shutdown``, which wakes a thread blocked in ``recv``; ``close`` would not) once
-    ``seconds`` have passed; the request then fails at once.  The trace also says whether the
-    request's body went out (:attr:`sent`): after that the receiver may have the event, and
-    it must not be sent again.
-    """
+class _Deadline(RequestWatchdog):
+    """One webhook request's whole-time limit (:class:`~bnwatch.client.RequestWatchdog`), which
+    also says whether the request's body went out (:attr:`sent`): after that the receiver may
+    have the event, and it must not be sent again."""
 
     def __init__(self, seconds: float) -> None:
+        super().__init__()
         self.sent = False
-        self.expired = False
-        self._sockets: list[socket.socket] = []
-        self._lock = threading.Lock()
-        self._timer = threading.Timer(seconds, self._expire)
-        self._timer.daemon = True
+        self._seconds = seconds
+        self._limit = contextlib.ExitStack()
 
     def __enter__(self) -> _Deadline:
-        self._timer.start()
+        self._limit.enter_context(self.limit(self._seconds))
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._timer.cancel()
+        self._limit.close()
 
     def trace(self, name: str, info: Mapping[str, Any]) -> None:
         if name.endswith(".send_request_body.complete"):
             self.sent = True
-        elif name in ("connection.connect_tcp.complete", "connection.start_tls.complete"):
-            stream = info.get("return_value")
-            sock = stream.get_extra_info("socket") if stream is not None else None
-            if sock is None:
-                return
-            with self._lock:
-                self._sockets.append(sock)
-                expired = self.expired
-            if expired:  # connected only after the time was up
-                self._cut(sock)
-
-    def _expire(self) -> None:
-        with self._lock:
-            self.expired = True
-            sockets = list(self._sockets)
-        for sock in sockets:
-            self._cut(sock)
-
-    @staticmethod
-    def _cut(sock: socket.socket) -> None:
-        with contextlib.suppress(OSError):  # already closed: nothing left to stop
-            sock.shutdown(socket.SHUT_RDWR)
+        else:
+            super().trace(name, info)
 
 
 class WebhookAction:
