@@ -1146,17 +1146,28 @@ def _run_report(args: argparse.Namespace) -> int:
         engine.dispose()
     path = report.save(args.out)
     drifted = channel_list(report.drifted_channels, limit=LISTED_CHANNELS)
+    untested = len(report.untested_channels)
+    also = f", {untested} untested" if untested else ""
     print(
         f"{report.layer} of {report.model}@{report.version}: "
-        f"{len(report.drifted_channels)} of {report.channels} channels drifted ({drifted}); "
+        f"{len(report.drifted_channels)} of {report.channels} channels drifted ({drifted}){also}; "
         f"K-S per channel at alpha/C = {report.threshold:.3g}; {report.current_rows} production "
         f"rows from {report.current_windows} windows against {report.reference_rows} "
         f"{report.reference_kind} rows"
     )
+    if untested:
+        names = channel_list(report.untested_channels, limit=LISTED_CHANNELS)
+        print(
+            f"{untested} of {report.channels} channels untested ({names}): no finite value on "
+            "both sides (production and reference), so not drifted and not plotted"
+        )
     plotted = len(report.plotted_channels)
-    if plotted == 0:
+    tested = report.channels - untested
+    if plotted == 0 and tested == 0:
+        print("no channel is plotted: no channel has finite values on both sides")
+    elif plotted == 0:
         print("no channel is plotted (--plots 0); every channel is in the report's table")
-    elif plotted < report.channels:
+    elif plotted < tested:
         print(
             f"Evidently plots the {plotted} channel{'s' if plotted > 1 else ''} with the "
             "smallest p-values (--plots); every channel is in the report's table"

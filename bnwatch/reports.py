@@ -155,6 +155,8 @@ class DriftReport:
             (``shift_sd``).  A channel without a finite value on either side has a NaN p-value
             and is not drifted.
         drifted_channels: the drifted channels' indices, ascending.
+        untested_channels: the channels not tested, ascending: those without a finite value
+            on both sides (e.g. every production value NaN); not drifted, not plotted.
         alpha: the family-wise false-alarm rate across channels.
         threshold: the per-channel p-value threshold, ``alpha / C``.
         reference_kind: ``profile`` or ``warmup`` (see
@@ -175,6 +177,7 @@ class DriftReport:
     current_rows: int
     table: pd.DataFrame
     drifted_channels: list[int]
+    untested_channels: list[int] = field(default_factory=list)
     alpha: float = 0.05
     threshold: float = 0.05
     reference_kind: str = "profile"
@@ -204,6 +207,7 @@ class DriftReport:
             "alpha": self.alpha,
             "threshold": self.threshold,
             "drifted_channels": list(self.drifted_channels),
+            "untested_channels": list(self.untested_channels),
             "plotted_channels": list(self.plotted_channels),
             "description": self.description,
         }
@@ -234,6 +238,7 @@ class DriftReport:
             f"reference ({self.reference_rows} rows).</p>"
             f"<p><strong>Drifted channels ({len(self.drifted_channels)} of {self.channels}):"
             f"</strong> {_esc(drifted)}</p>"
+            f"{self._untested_html()}"
             f"<p>{_esc(self.description)}</p>"
             f"{self._unplotted_html()}"
             "</section>"
@@ -244,6 +249,16 @@ class DriftReport:
         if close < 0:
             return f"<!DOCTYPE html><html><body>{header}{body}</body></html>"
         return body[: close + 1] + header + body[close + 1 :]
+
+    def _untested_html(self) -> str:
+        """Which channels were not tested, and why (empty if every one was)."""
+        if not self.untested_channels:
+            return ""
+        return (
+            f"<p><strong>Untested channels ({len(self.untested_channels)} of {self.channels}):"
+            f"</strong> {_esc(channel_list(self.untested_channels))} -- no finite value on "
+            "both sides (production and reference): not drifted, not plotted.</p>"
+        )
 
     def _unplotted_html(self) -> str:
         """Which channels Evidently plots, and a table of the others (empty if it plots all)."""
@@ -258,9 +273,14 @@ class DriftReport:
             f"<td>{'yes' if r.drifted else 'no'}</td><td>{_fmt(r.shift_sd, '+.2f')}</td></tr>"
             for r in rest.itertuples(index=False)
         )
+        shown = (
+            f"Evidently's plots below: the {len(self.plotted_channels)} channels with the "
+            f"smallest p-values, of {self.channels}."
+            if self.plotted_channels
+            else "No channel is plotted."
+        )
         return (
-            f"<p>Evidently's plots below: the {len(self.plotted_channels)} channels with the "
-            f"smallest p-values, of {self.channels}.  The other {len(rest)}:</p>"
+            f"<p>{shown}  The other {len(rest)}:</p>"
             '<details id="bnwatch-unplotted"><summary>channels not plotted, by p-value</summary>'
             "<table><thead><tr><th>channel</th><th>p-value</th><th>drifted</th>"
             f"<th>shift (reference sd)</th></tr></thead><tbody>{rows}</tbody></table></details>"
@@ -291,7 +311,8 @@ def drift_report(
     plots: int | None = PLOTS,
 ) -> DriftReport:
     """Evidently's data-drift report of ``layer``: the reference reservoir against the
-    production reservoir of the windows whose end lies in ``[start, end)``.
+    production reservoir of the windows whose end lies in ``[start, end)`` (a naive
+    ``datetime`` is UTC, whatever the database's time zone; the report says the same).
 
     The reference is the layer's newest reference profile; without one, the warm-up windows
     that formed the drift baseline (then the production sample leaves them out).  Each
@@ -360,6 +381,7 @@ def _report(
         },
     )
     drifted = [int(c) for c in table.loc[table["drifted"], "channel"]]
+    untested = [int(c) for c in table.loc[table["p_value"].isna(), "channel"]]
     return DriftReport(
         model=current.model,
         version=current.version,
@@ -370,6 +392,7 @@ def _report(
         current_rows=int(cur_rows.shape[0]),
         table=table,
         drifted_channels=drifted,
+        untested_channels=untested,
         alpha=alpha,
         threshold=threshold,
         reference_kind=reference.kind,

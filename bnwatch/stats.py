@@ -483,9 +483,12 @@ class Reservoir:
     """A uniform random sample of at most ``capacity`` rows from a stream (Vitter's algorithm R).
 
     Used for bounded samples of per-sample channel means (reference profiles, Evidently
-    reports).  Rows are kept as float32 ``[k, C]``.  :meth:`merge` combines two reservoirs into
-    a uniform sample of the union by drawing the number of rows from each side from the
-    hypergeometric distribution of a uniform sample of the union.
+    reports).  Rows are kept as float32 ``[k, C]``.  :meth:`merge` combines two reservoirs
+    (:meth:`merge_all` many) into a sample of the union in which every row had the same
+    chance: each side gives the floor or the ceiling of its share of the rows, by systematic
+    sampling.  The merged sample holds as many rows as every side's sample allows, at most the
+    larger capacity -- fewer when one side kept few rows of many (8 rows of 10,000 merged with
+    100 of 100 keep 8).
     """
 
     def __init__(self, capacity: int, channels: int, *, seed: int | None = None) -> None:

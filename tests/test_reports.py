@@ -294,8 +294,10 @@ def test_every_channel_is_tested_and_evidently_plots_the_smallest_p_values(
     parser.feed(text)
     assert "bnwatch-summary" in parser.ids
     assert ("bnwatch-unplotted" in parser.ids) == (shown < CHANNELS)
-    if shown < CHANNELS:
+    if 0 < shown < CHANNELS:
         assert f"the {shown} channels with the smallest p-values, of {CHANNELS}" in text
+    if shown < CHANNELS:
+        assert ("No channel is plotted.  The other 20:" in text) == (shown == 0)
         assert text.count("<tr><td>") == CHANNELS - shown  # one row per channel not plotted
 
 
@@ -379,7 +381,33 @@ def test_a_channel_without_finite_values_is_not_tested(sqlite_url: str) -> None:
     assert math.isnan(report.table.loc[1, "p_value"])
     assert not report.table.loc[1, "drifted"]
     assert report.table["p_value"].drop(index=1).notna().all()
-    json.loads(report.json())  # strict JSON: NaN written as null
+    assert report.untested_channels == [1]
+    assert json.loads(report.json())["bnwatch"]["untested_channels"] == [1]  # NaN as null
+    assert "<strong>Untested channels (1 of 3):</strong> 1 -- no finite value" in report.html()
+
+
+def test_cli_a_layer_without_finite_production_values_says_nothing_was_tested(
+    sqlite_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every production value NaN: "0 of 3 channels drifted (none)", and "no channel is
+    plotted (--plots 0)" although --plots was not given."""
+    rng = np.random.default_rng(6)
+    repo = Repository(engine_for(sqlite_url))
+    try:
+        repo.write_profile(profile_of(rng.standard_normal((256, 3)), seed=6))
+        repo.write_windows(windows_of(np.full((128, 3), np.nan), seed=6))
+    finally:
+        repo.engine.dispose()
+    out = tmp_path / "r.json"
+    what = ["--db", sqlite_url, "--model", "m", "--version", "1", "--layer", "bn"]
+    assert main(["report", *what, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "0 of 3 channels drifted (none), 3 untested;" in printed
+    assert "3 of 3 channels untested (0, 1, 2): no finite value on both sides" in printed
+    assert "no channel is plotted: no channel has finite values on both sides" in printed
+    assert "--plots" not in printed
+    summary = json.loads(out.read_text())["bnwatch"]
+    assert (summary["untested_channels"], summary["plotted_channels"]) == ([0, 1, 2], [])
 
 
 # -- the command line ----------------------------------------------------------------------------

@@ -24,12 +24,19 @@ from typing import Any, Literal, TypeVar
 
 import numpy as np
 import sqlalchemy as sa
+from numpy.typing import NDArray
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, defer, undefer
 from typing_extensions import Unpack
 
-from bnwatch.codec import decode_arrays, decode_moments, encode_arrays, encode_moments
+from bnwatch.codec import (
+    blob_shape,
+    decode_arrays,
+    decode_moments,
+    encode_arrays,
+    encode_moments,
+)
 from bnwatch.drift import (
     DriftConfig,
     Reference,
@@ -59,7 +66,13 @@ from bnwatch.schema import (
     as_utc,
     utcnow,
 )
-from bnwatch.stats import DEFAULT_RESERVOIR, ChannelMoments, LayerStats, Reservoir
+from bnwatch.stats import (
+    DEFAULT_RESERVOIR,
+    ChannelMoments,
+    LayerStats,
+    Reservoir,
+    check_capacity,
+)
 from bnwatch.store.engine import lock_for_writing
 from bnwatch.store.models import (
     Alert,
@@ -165,9 +178,11 @@ class NoReservoirError(BnwatchError, LookupError):
 
 
 def _to_utc(value: datetime) -> datetime:
-    """Store every timestamp in UTC (SQLite keeps no offset: anything else would read back
-    wrong)."""
-    return value.astimezone(timezone.utc) if value.tzinfo is not None else value
+    """A time to store, or to compare with stored ones, aware and in UTC
+    (:func:`~bnwatch.schema.as_utc`): SQLite keeps no offset, and PostgreSQL would read a
+    naive one in the session's ``TimeZone`` -- a naive time is UTC, as every time bnwatch
+    reads back is."""
+    return as_utc(value)
 
 
 def _finite(value: float | None) -> float | None:
@@ -591,7 +606,12 @@ class _Ids:
 # The repository
 # --------------------------------------------------------------------------------------------
 class Repository:
-    """Reads and writes bnwatch's tables through one engine (thread-safe like the engine)."""
+    """Reads and writes bnwatch's tables through one engine (thread-safe like the engine).
+
+    Every time it takes (``start``, ``end``, ``since``, ``now``...) may have any offset; a
+    naive ``datetime`` is taken to be UTC, whatever the database's time zone.  Every time it
+    returns is aware, in UTC.
+    """
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -1649,7 +1669,8 @@ class Repository:
         limit: int | None = None,
         after: WindowKey | None = None,
     ) -> list[StoredWindow]:
-        """Windows whose end lies in ``[start, end)``, ordered by layer depth then time.
+        """Windows whose end lies in ``[start, end)`` (a naive time is UTC), ordered by layer
+        depth then time.
 
         With ``resolution`` (a timedelta or seconds), the windows of each layer are merged
         into buckets of that length aligned to the Unix epoch -- exactly: sufficient
@@ -2056,7 +2077,8 @@ class Repository:
         max_rows: int = POOLED_ROWS,
         seed: int = 0,
     ) -> StoredReservoir:
-        """One layer's reservoirs of the windows whose end lies in ``[start, end)``, pooled.
+        """One layer's reservoirs of the windows whose end lies in ``[start, end)`` (a naive
+        time is UTC), pooled.
 
         The windows' reservoirs are pooled with :meth:`Reservoir.merge_all`: every sample of
         the range had the same chance to be kept (at most ``max_rows`` rows; ``seed`` makes
@@ -2076,10 +2098,8 @@ class Repository:
                 in_range.append(Window.end >= _to_utc(start))
             if end is not None:
                 in_range.append(Window.end < _to_utc(end))
-            query = _reservoir_query(lr).where(*in_range, Window.reservoir.is_not(None))
-            if after_warmup:
-                query = query.where(Window.baseline != WARMING_UP)
-            pooled = _pool(conn, query, max_rows, seed)
+            chosen = [*in_range, Window.baseline != WARMING_UP] if after_warmup else in_range
+            pooled = _pool(conn, lr, chosen, max_rows, seed)
             if pooled is None:  # say why: no window, only warm-up ones, or no reservoirs
                 windows = sa.select(sa.func.count()).where(Window.layer_id == lr.id, *in_range)
                 total = int(conn.execute(windows).scalar_one())
@@ -2135,21 +2155,29 @@ class Repository:
                     profile = Reservoir.from_rows(rows, seen, rows.shape[0])
                     created = as_utc(ref.created_at)
                     return StoredReservoir(model, version, layer, "profile", profile, 0, created)
-            query = _reservoir_query(lr).where(
-                Window.baseline == WARMING_UP, Window.reservoir.is_not(None)
-            )
-            pooled = _pool(conn, query, max_rows, seed)
+            pooled = _pool(conn, lr, [Window.baseline == WARMING_UP], max_rows, seed)
+            if pooled is None:  # a warm-up baseline whose warm-up windows are gone?
+                windows = sa.select(sa.func.count()).where(Window.layer_id == lr.id)
+                warm = int(conn.execute(windows.where(Window.baseline == WARMING_UP)).scalar_one())
+                after = int(conn.execute(windows.where(Window.baseline == "warmup")).scalar_one())
         if pooled is None:
+            gone = (
+                "windows were judged against a warm-up baseline, but no warm-up window is left "
+                "in the store (deleted by retention, bnwatch db compact --drop-older-than, or "
+                "merged into production windows by the compaction of an earlier bnwatch): "
+                if after and not warm
+                else ""
+            )
             raise NoReservoirError(
                 model,
                 version,
                 layer,
                 "reference",
-                f"no reference reservoir for layer {layer!r} of {model}@{version}: record a "
-                f"reference profile with bnwatch.profile(model, validation_data, name={model!r}, "
-                f"version={version!r}, store=URL), or watch with bnwatch.watch(..., "
-                "reservoir=N), N > 0 (the default), and no profile, so that the warm-up "
-                "windows keep the reservoirs of the drift baseline",
+                f"no reference reservoir for layer {layer!r} of {model}@{version}: {gone}record "
+                f"a reference profile with bnwatch.profile(model, validation_data, "
+                f"name={model!r}, version={version!r}, store=URL), or watch with "
+                "bnwatch.watch(..., reservoir=N), N > 0 (the default), and no profile, so that "
+                "the warm-up windows keep the reservoirs of the drift baseline",
             )
         return StoredReservoir(model, version, layer, "warmup", *pooled)
 
@@ -2757,47 +2785,119 @@ def _loaded_reservoir(w: Window) -> Reservoir | None:
     return reservoir_from(w.reservoir, w.reservoir_seen, w.reservoir_capacity)
 
 
-def _reservoir_query(layer: Layer) -> Any:
-    """Reservoir columns of one layer's windows, oldest first."""
+_ARRAY_HEADER = len(encode_arrays(np.empty((0, 0), dtype=np.float32), dtype="<f4"))
+"""Bytes of an array blob's header, which holds its shape (:func:`bnwatch.codec.blob_shape`)."""
+
+
+def _reservoir_query(layer: Layer, *, header: bool = False) -> Any:
+    """Reservoir columns of one layer's windows, oldest first; ``header``: the first bytes of
+    each reservoir only (its shape), not its rows."""
+    blob: Any = Window.reservoir
+    if header:  # substr reads a prefix: PostgreSQL does not fetch the rest from TOAST
+        blob = sa.func.substr(Window.reservoir, 1, _ARRAY_HEADER, type_=sa.LargeBinary)
     return (
         sa.select(
-            Window.reservoir,
+            blob,
             Window.reservoir_seen,
             Window.reservoir_capacity,
             Window.start,
             Window.end,
+            Window.id,
         )
-        .where(Window.layer_id == layer.id)
+        .where(Window.layer_id == layer.id, Window.reservoir.is_not(None))
         .order_by(Window.end, Window.id)
     )
 
 
 def _pool(
-    conn: Session, query: Any, max_rows: int, seed: int
+    conn: Session, layer: Layer, where: Sequence[Any], max_rows: int, seed: int
 ) -> tuple[Reservoir, int, datetime, datetime] | None:
-    """Pool the reservoirs ``query`` yields (:func:`_reservoir_query`), ``POOL_CHUNK`` windows
-    at a time: each chunk with :meth:`Reservoir.merge_all`, then the chunks the same way --
-    every sample keeps the same chance to be kept.  Returns the pooled reservoir, the number
-    of windows and the span of their starts and ends, or ``None`` without any window."""
-    chunks: list[Reservoir] = []
+    """Pool the reservoirs of ``layer``'s windows that match ``where`` as
+    :meth:`Reservoir.merge_all` merges them all at once (at most ``max_rows`` rows), drawn
+    ``POOL_CHUNK`` windows at a time (:class:`_Systematic`): memory holds the pool and one
+    chunk, however long the range.  A first pass reads the reservoirs' shapes and counts
+    alone, which give the size of the pool.  Returns the pooled reservoir, the number of
+    windows and the span of their starts and ends, or ``None`` without any window.
+    """
+    check_capacity(max_rows)
+    limit: tuple[int, int] | None = None  # (rows, seen) of the stream that limits the size
+    total = last_id = 0
+    channels: int | None = None
+    heads = _reservoir_query(layer, header=True).where(*where)
+    for head, seen, _, _, _, wid in conn.execute(heads.execution_options(yield_per=4096)):
+        _, rows, channels = blob_shape(head)
+        seen = rows if seen is None else int(seen)  # as reservoir_from reads it
+        total += seen
+        last_id = max(last_id, wid)
+        if rows and seen and (limit is None or rows * limit[1] < limit[0] * seen):
+            limit = (rows, seen)
+    if channels is None:
+        return None
+    # the size of merge_all's sample of them all: min over streams of rows * total // seen
+    k = min(limit[0] * total // limit[1], max_rows) if limit is not None else 0
+    draw = _Systematic(k, total, seed)
     windows = 0
     first: datetime | None = None
     last: datetime | None = None
-    result = conn.execute(query.execution_options(yield_per=POOL_CHUNK))
-    for part in result.partitions():
-        items = [reservoir_from(blob, seen, capacity) for blob, seen, capacity, _, _ in part]
-        chunks.append(Reservoir.merge_all(items, capacity=max_rows, seed=seed + len(chunks)))
-        windows += len(items)
+    # the windows of the first pass: one stored since (a higher id) waits for the next read
+    query = _reservoir_query(layer).where(*where, Window.id <= last_id)
+    for part in conn.execute(query.execution_options(yield_per=POOL_CHUNK)).partitions():
+        draw.add([reservoir_from(blob, seen, capacity) for blob, seen, capacity, *_ in part])
+        windows += len(part)
         part_first = min(as_utc(row[3]) for row in part)
         part_last = max(as_utc(row[4]) for row in part)
         first = part_first if first is None else min(first, part_first)
         last = part_last if last is None else max(last, part_last)
-    if not windows or first is None or last is None:
+    if not windows or first is None or last is None:  # deleted between the passes
         return None
-    pooled = (
-        chunks[0] if len(chunks) == 1 else Reservoir.merge_all(chunks, capacity=max_rows, seed=seed)
-    )
-    return pooled, windows, first, last
+    return draw.reservoir(channels, max_rows), windows, first, last
+
+
+class _Systematic:
+    """The sample :meth:`Reservoir.merge_all` draws of many reservoirs at once, drawn a chunk
+    of them at a time, in order: its ``k`` points (one random start, then every 1, over the
+    ``total`` samples scaled to ``k``) fall into each chunk in proportion to the chunk's
+    samples, and the chunk gives as many rows, merged with :meth:`Reservoir.merge_all`.  So
+    every sample keeps the chance ``k / total`` it has in one merge of them all -- except
+    where a chunk's share, rounded up, is one row more than its reservoirs allow: it gives
+    one fewer.  A single chunk gives the rows of that one merge, bit for bit.
+
+    Merging each chunk into the pool so far would not do: every merge rounds the pool's size
+    down, and a pool smaller than its capacity carries the rounding on, merge after merge (a
+    month of daily windows and a week of minute windows kept 212 rows where one merge of
+    them all keeps 227; 40,000 windows after one of 1,000 times their samples, 8 instead of
+    88).
+    """
+
+    def __init__(self, k: int, total: int, seed: int) -> None:
+        self.k = k
+        self.total = total
+        self.seed = seed
+        self.start = float(np.random.default_rng((seed, 1)).random())
+        self.seen = 0
+        self.chunks = 0
+        self.rows: list[NDArray[np.float32]] = []
+
+    def _points(self, before: int) -> int:
+        """How many points fall before the first ``before`` samples."""
+        if not self.total:
+            return 0
+        return min(self.k, max(0, math.ceil(before * self.k / self.total - self.start)))
+
+    def add(self, chunk: Sequence[Reservoir]) -> None:
+        """Draw from the next reservoirs (the chunk's rows are not kept)."""
+        before = self.seen
+        self.seen += sum(r.seen for r in chunk)
+        want = self._points(self.seen) - self._points(before)
+        if want:
+            merged = Reservoir.merge_all(chunk, capacity=want, seed=self.seed + self.chunks)
+            self.rows.append(merged.rows)
+        self.chunks += 1
+
+    def reservoir(self, channels: int, capacity: int) -> Reservoir:
+        """The pool: the rows drawn, of all the samples seen."""
+        rows = np.concatenate(self.rows) if self.rows else np.empty((0, channels), np.float32)
+        return Reservoir.from_rows(rows, self.seen, capacity)
 
 
 def report_metrics(report: LayerReport) -> dict[str, Any]:
@@ -2988,6 +3088,7 @@ def merge_groups(
     config: DriftConfig,
     *,
     by_source: bool = False,
+    by_warmup: bool = False,
     layer_count: int | None = None,
 ) -> list[Merged]:
     """Merge windows into epoch-aligned buckets of ``seconds`` per layer (and per source when
@@ -2998,16 +3099,28 @@ def merge_groups(
     since the cross-layer correction needs them all; ``layer_count`` is how many the model version
     has when ``items`` hold only some (one layer asked for), which are then judged at the
     level they would get among all of them (:func:`bnwatch.drift.decide`).
+
+    ``by_warmup`` keeps the warm-up windows (baseline ``warming_up``) of a bucket apart from
+    the others: a bucket where the warm-up ends gives two merged windows per layer (and
+    source), one of each.  Compaction needs it: reports pool the warm-up windows'
+    reservoirs as the reference and leave them out of production, by that label, and a
+    merged window takes the label of the last window it merged.
     """
-    groups: dict[tuple[int, str], dict[int, _Group]] = defaultdict(dict)
+    groups: dict[tuple[int, str, bool], dict[int, _Group]] = defaultdict(dict)
     # oldest first (a stable sort: windows ending at the same instant keep their order)
     for stored, layer, running_id, baseline_id in sorted(items, key=lambda i: i[0].end):
         b = _bucket(stored.end, seconds)
         source = stored.source if by_source else "*"
-        _collect(groups[(b, source)], stored, layer, b, running_id, baseline_id)
+        warm = by_warmup and stored.baseline == WARMING_UP
+        _collect(groups[(b, source, warm)], stored, layer, b, running_id, baseline_id)
     out: list[Merged] = []
     for key in sorted(groups):
-        out.extend(_decided(groups[key].values(), refs, seconds, config, layer_count))
+        count = layer_count
+        b, source, warm = key
+        other = groups.get((b, source, not warm))
+        if other is not None:  # a bucket split in two: each part judged among all its layers
+            count = max(layer_count or 0, len(groups[key].keys() | other.keys()))
+        out.extend(_decided(groups[key].values(), refs, seconds, config, count))
     return sorted(out, key=lambda m: (m.layer.depth, m.layer.id, m.window.end, m.window.source))
 
 

@@ -1,11 +1,12 @@
 """Rollups and retention: ``bnwatch db compact``.
 
 Compaction merges the windows of each layer and source older than a cutoff into windows of a
-coarser resolution -- exactly, since the sufficient statistics merge without loss; their
-reservoirs of per-sample channel means merge with :meth:`~bnwatch.stats.Reservoir.merge`
-into one uniform sample of the bucket, as bounded as each window's -- and
-replaces them in the same transaction, so an interrupted run loses nothing and a re-run
-finds nothing left to do.  Retention deletes windows older than an age.
+coarser resolution (the warm-up windows of a bucket apart from the others) -- exactly, since
+the sufficient statistics merge without loss; their reservoirs of per-sample channel means
+merge with :meth:`~bnwatch.stats.Reservoir.merge` into one uniform sample of the bucket, as
+bounded as each window's -- and replaces them in the same transaction, so an interrupted run
+loses nothing and a re-run finds nothing left to do.  Retention deletes windows older than an
+age.
 """
 
 from __future__ import annotations
@@ -51,11 +52,15 @@ def compact(
     now: datetime | None = None,
     config: DriftConfig | None = None,
 ) -> CompactResult:
-    """Merge windows that ended before ``now - older_than`` into ``resolution`` buckets.
+    """Merge windows that ended before ``now - older_than`` into ``resolution`` buckets
+    (``now``: the current time; a naive one is UTC).
 
     Only whole buckets that end before the cutoff are compacted; windows already at (or
-    coarser than) ``resolution`` are left alone.  With ``drop_older_than``, windows that
-    ended before ``now - drop_older_than`` are deleted first.  The merged windows' flags are
+    coarser than) ``resolution`` are left alone.  The warm-up windows (baseline
+    ``warming_up``) of a bucket are merged apart from the others: reports pool them as the
+    reference (:meth:`Repository.reference_reservoir`) and leave them out of production.
+    With ``drop_older_than``, windows that ended before ``now - drop_older_than`` are
+    deleted first.  The merged windows' flags are
     decided at ``config``; without one, at the thresholds each model version's monitors
     reported, else the default (:meth:`Repository.judging`) -- so compaction does not
     re-judge a monitor's windows at thresholds it never used.
@@ -63,7 +68,7 @@ def compact(
     seconds = resolution.total_seconds()
     if not seconds > 0:
         raise ValueError(f"resolution must be positive, got {resolution}")
-    now = now or utcnow()
+    now = as_utc(now) if now is not None else utcnow()
     dropped = drop_windows(engine, older_than=drop_older_than, now=now) if drop_older_than else 0
     cutoff_ts = math.floor((now - older_than).timestamp() / seconds) * seconds
     cutoff = utc_from_timestamp(cutoff_ts)
@@ -146,7 +151,7 @@ def _compact_chunk(
             for w, layer in rows
         ]
         refs = repo.refs_for(conn, [w for w, _ in rows])
-        merged = merge_groups(items, refs, seconds, config, by_source=True)
+        merged = merge_groups(items, refs, seconds, config, by_source=True, by_warmup=True)
         new_rows = []
         for m in merged:
             w = m.window

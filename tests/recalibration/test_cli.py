@@ -190,16 +190,19 @@ def test_the_alerts_table_shows_versions_whole(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Two versions that share their first 28 characters (bnwatch demo's seed-0-<time>) are
-    two rows with the version --version accepts, not one cut name twice."""
+    two rows with the version --version accepts, not one cut name twice.  (Both went silent
+    at the same time -- a version silent since before the other's last window was replaced,
+    and opens no ``no_data`` alert.)"""
     url = f"sqlite:///{tmp_path / 'bnwatch.db'}"
     versions = ["seed-0-20260601T120000.123456Z", "seed-0-20260601T120000.654321Z"]
     hours_ago = timedelta(hours=2)
     engine = engine_for(url)
+    first = [
+        dataclasses.replace(r, start=r.start - hours_ago, end=r.end - hours_ago)
+        for r in record_windows(2, name="digits-cnn", version=versions[0])
+    ]
     for version in versions:
-        records = [
-            dataclasses.replace(r, start=r.start - hours_ago, end=r.end - hours_ago)
-            for r in record_windows(2, name="digits-cnn", version=version)
-        ]
+        records = [dataclasses.replace(r, version=version, uid=f"{version}-{r.uid}") for r in first]
         Repository(engine).write_windows(records)
     engine.dispose()
     assert main(["alerts", "--db", url, "--evaluate"]) == 0

@@ -17,12 +17,15 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import bnwatch
 from bnwatch.codec import encode_moments
 from bnwatch.errors import BnwatchError, ConfigError
 from bnwatch.schema import WindowRecord
 from bnwatch.sink import MemorySink
+from bnwatch.stats import Reservoir
 from bnwatch.store import repository
 from bnwatch.store.engine import create_engine
 from bnwatch.store.migrate import engine_for
@@ -286,6 +289,28 @@ def test_times_read_back_in_utc_whatever_the_databases_time_zone(postgres_url: s
         ):
             assert when.tzinfo is timezone.utc
         assert source.last_window_end == records[0].end
+    finally:
+        engine.dispose()
+
+
+def test_naive_times_are_utc_whatever_the_databases_time_zone(postgres_url: str) -> None:
+    # a naive bound went to PostgreSQL as it was, which read it in the session's time zone:
+    # New York's, 4 or 5 hours off the UTC the report then printed -- the range selected nothing
+    name = sa.make_url(postgres_url).database
+    with create_engine(postgres_url).connect() as conn:
+        conn.execute(sa.text(f"ALTER DATABASE \"{name}\" SET timezone TO 'America/New_York'"))
+        conn.commit()
+    engine = engine_for(postgres_url)
+    try:
+        repo = Repository(engine)
+        records = record_windows(3)
+        repo.write_windows(records)
+        second = records[1].end.replace(tzinfo=None)  # naive, UTC
+        later = second + timedelta(hours=1)
+        assert len(repo.windows("cnn", "1", start=second, end=later)) == 6
+        assert len(repo.windows("cnn", "1", end=second)) == 3
+        pooled = repo.production_reservoir("cnn", "1", "4", start=second)
+        assert (pooled.windows, pooled.start) == (2, records[1].start)
     finally:
         engine.dispose()
 
@@ -606,3 +631,133 @@ def test_totals_and_sources_count_each_window_once(repo: Repository) -> None:
     latest = repo.latest_metrics()
     assert [w.layer for w in latest] == ["1", "4", "7"]
     assert all(w.end == max(r.end for r in records) for w in latest)
+
+
+def wide_windows(repo: Repository, count: int, channels: int = 1024) -> list[np.ndarray]:
+    """One watched window of a ``channels``-wide layer ``0`` (model wide@1), then ``count``
+    copies of its row with reservoirs of 8 random rows of 32 samples each, whose first column
+    is the window's number (1, 2, ...); returns every stored window's reservoir rows."""
+    net = torch.nn.Sequential(torch.nn.BatchNorm1d(channels)).eval()
+    sink = MemorySink()
+    with (
+        bnwatch.watch(
+            net, name="wide", version="1", store=sink, window_seconds=None, overhead_budget=None
+        ) as mon,
+        torch.inference_mode(),
+    ):
+        net(torch.randn(16, channels))
+        mon.flush()
+    repo.write_windows(sink.windows)
+    rng = np.random.default_rng(0)
+    with repo.engine.begin() as conn:
+        (row,) = conn.execute(sa.select(Window.__table__)).mappings().all()
+        stored = repository.reservoir_from(row["reservoir"], row["reservoir_seen"], 8)
+        kept = [stored.rows]
+        copies = []
+        for i in range(1, count + 1):
+            rows = rng.standard_normal((8, channels)).astype(np.float32)
+            rows[:, 0] = i
+            kept.append(rows)
+            copy = {k: v for k, v in row.items() if k != "id"}
+            copy["uid"] = f"copy-{i}"
+            copy["end"] = row["end"] + timedelta(seconds=i)
+            copies.append(
+                {**copy, **repository.reservoir_columns(Reservoir.from_rows(rows, 32, 8))}
+            )
+        conn.execute(sa.insert(Window), copies)
+    return kept
+
+
+def test_a_long_range_is_pooled_in_bounded_memory(
+    repo: Repository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every chunk's pooled reservoir was kept until the end: 417 MiB for 39,872 windows of a
+    256-channel layer (where 5,000 rows take 5 MiB).  Now the pool and one chunk."""
+    import tracemalloc
+
+    kept = wide_windows(repo, 200)
+    monkeypatch.setattr(repository, "POOL_CHUNK", 4)  # 50 chunks of 4 windows
+
+    def pooled() -> repository.StoredReservoir:
+        return repo.production_reservoir("wide", "1", "0", max_rows=64)
+
+    pooled()  # statements compiled and cached
+    tracemalloc.start()
+    try:
+        result = pooled()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # 50 chunks kept 32 rows of 4 kB each (peak 7.3 MB); the pool and a chunk: 0.9 MB
+    assert peak < 2_000_000, peak
+    assert (result.windows, result.reservoir.seen) == (201, 16 + 200 * 32)
+    # as many rows as one merge of them all keeps, each row once, whole
+    whole = [Reservoir.from_rows(k, 16 if i == 0 else 32, 8) for i, k in enumerate(kept)]
+    assert result.reservoir.rows.shape == Reservoir.merge_all(whole, capacity=64).rows.shape
+    union = {r.tobytes() for k in kept for r in k}
+    rows = [r.tobytes() for r in result.reservoir.rows]
+    assert len(set(rows)) == len(rows) and set(rows) <= union
+
+
+def ids(window: int, n: int) -> np.ndarray:
+    """``n`` rows that say which window (first column) and which row (second) they are."""
+    return np.stack([np.full(n, window, dtype=np.float32), np.arange(n, dtype=np.float32)], axis=1)
+
+
+def drawn(reservoirs: list[Reservoir], chunk: int, capacity: int, seed: int) -> Reservoir:
+    """:class:`repository._Systematic`'s pool of ``reservoirs``, ``chunk`` at a time."""
+    total = sum(r.seen for r in reservoirs)
+    size = Reservoir.merge_all(reservoirs, capacity=capacity).rows.shape[0]
+    draw = repository._Systematic(size, total, seed)
+    for i in range(0, len(reservoirs), chunk):
+        draw.add(reservoirs[i : i + chunk])
+    return draw.reservoir(2, capacity)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    sizes=st.lists(st.tuples(st.integers(1, 8), st.integers(0, 200)), min_size=1, max_size=30),
+    chunk=st.integers(1, 8),
+    capacity=st.integers(1, 300),
+    seed=st.integers(0, 2**31),
+)
+def test_pooling_a_chunk_at_a_time_keeps_the_sample_of_one_merge(
+    sizes: list[tuple[int, int]], chunk: int, capacity: int, seed: int
+) -> None:
+    """Merging each chunk into the pool so far rounded the pool's size down merge after merge
+    (a third of these ranges kept fewer rows than one merge of them all, down to 13 of 34)."""
+    parts = []
+    for w, (keep, n) in enumerate(sizes):
+        r = Reservoir(keep, 2, seed=seed + w)
+        r.add(ids(w, n))
+        parts.append(r)
+    at_once = Reservoir.merge_all(parts, capacity=capacity, seed=seed)
+    pooled = drawn(parts, chunk, capacity, seed)
+    assert pooled.seen == at_once.seen == sum(n for _, n in sizes)
+    chunks = -(-len(parts) // chunk)
+    # at most a row fewer per chunk (a share rounded up past what its windows kept)
+    assert at_once.rows.shape[0] - chunks <= pooled.rows.shape[0] <= at_once.rows.shape[0]
+    rows = [tuple(r) for r in pooled.rows.tolist()]
+    assert len(set(rows)) == len(rows)
+    assert set(rows) <= {tuple(r) for p in parts for r in p.rows.tolist()}
+    if chunks == 1:  # one chunk: the rows of one merge, bit for bit
+        np.testing.assert_array_equal(pooled.rows, at_once.rows)
+
+
+def test_pooling_a_chunk_at_a_time_includes_every_sample_with_the_same_chance() -> None:
+    """Windows of unequal sizes, 3 at a time: each window is in the pool as often as its
+    share of the samples says (20 rows of 795 samples)."""
+    sizes = [40, 10, 120, 25, 60, 200, 15, 90, 30, 150, 50, 5]
+    hits = np.zeros(len(sizes))
+    runs = 600
+    for seed in range(runs):
+        parts = []
+        for w, n in enumerate(sizes):
+            r = Reservoir(8, 2, seed=seed * 100 + w)
+            r.add(ids(w, n))
+            parts.append(r)
+        pooled = drawn(parts, 3, 20, seed)
+        assert pooled.rows.shape[0] == 20
+        hits += np.bincount(pooled.rows[:, 0].astype(int), minlength=len(sizes))
+    expected = runs * 20 * np.array(sizes) / sum(sizes)
+    assert np.all(np.abs(hits - expected) < 5 * np.sqrt(expected)), hits / expected

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import numpy as np
 import pytest
+import sqlalchemy as sa
 import torch
 
 import bnwatch
@@ -16,7 +18,8 @@ from bnwatch.cli import main
 from bnwatch.schema import WindowRecord
 from bnwatch.store import repository, rollup
 from bnwatch.store.migrate import engine_for
-from bnwatch.store.repository import Repository
+from bnwatch.store.models import Window
+from bnwatch.store.repository import NoReservoirError, Repository
 from bnwatch.store.rollup import compact
 from tests.store.helpers import batches, record_windows, small_cnn
 
@@ -106,7 +109,7 @@ def test_compaction_judges_at_the_thresholds_the_monitor_reported(repo: Reposito
 
 
 def test_only_whole_buckets_before_the_cutoff_are_compacted(repo: Repository) -> None:
-    records = record_windows(4)
+    records = record_windows(4, warmup_samples=10**6)  # all warm-up: one window per bucket
     cutoff_hour = (NOW - timedelta(days=1)).replace(minute=0)
     spans = [
         cutoff_hour - timedelta(minutes=20),
@@ -120,6 +123,74 @@ def test_only_whole_buckets_before_the_cutoff_are_compacted(repo: Repository) ->
     )
     assert (result.windows_merged, result.windows_created) == (6, 3)
     assert repo.window_count(resolution_seconds=0.0) == 6
+
+
+def test_compaction_keeps_the_warm_up_windows_apart(repo: Repository) -> None:
+    """The bucket where the warm-up ends was merged into one window labelled as its last
+    window was: the warm-up windows in it left the report's reference and joined its
+    production sample (every warm-up window in it: no reference at all)."""
+    records = record_windows(4)  # the first window is the warm-up, the others production
+    assert [r.reports["1"].baseline for r in records] == ["warming_up"] + ["warmup"] * 3
+    hour = NOW - timedelta(days=2, hours=3)
+    starts = [
+        hour,
+        hour + timedelta(minutes=20),
+        hour + timedelta(minutes=70),
+        hour + timedelta(minutes=80),
+    ]
+    repo.write_windows([at(r, s) for r, s in zip(records, starts, strict=True)])
+    ref = repo.reference_reservoir("cnn", "1", "4")
+    prod = repo.production_reservoir("cnn", "1", "4", after_warmup=True)
+    assert (ref.kind, ref.reservoir.seen, prod.reservoir.seen) == ("warmup", 16, 48)
+
+    result = compact(
+        repo.engine, older_than=timedelta(days=1), resolution=timedelta(hours=1), now=NOW
+    )
+    # per layer: the first hour's warm-up window and production window, then the second hour
+    assert (result.windows_merged, result.windows_created) == (12, 9)
+    rolled = repo.windows("cnn", "1", layer="4")
+    assert sorted((w.start, w.baseline, w.n_samples) for w in rolled) == [
+        (hour, "warming_up", 16),
+        (hour, "warmup", 16),
+        (hour + timedelta(hours=1), "warmup", 32),
+    ]
+    assert all(w.resolution_seconds == 3600.0 for w in rolled)
+    ref = repo.reference_reservoir("cnn", "1", "4")
+    prod = repo.production_reservoir("cnn", "1", "4", after_warmup=True)
+    assert (ref.kind, ref.reservoir.seen, prod.reservoir.seen) == ("warmup", 16, 48)
+    # reads merging to a resolution still give one window per bucket, of all its samples
+    hourly = repo.windows("cnn", "1", layer="4", resolution=3600)
+    assert [(w.start, w.n_samples) for w in hourly] == [(hour, 32), (hour + timedelta(hours=1), 32)]
+    ((whole, _),) = repo.layer_reports("cnn", "1", "4", resolution=None)
+    assert whole.n_samples == 64
+    # a store compacted before (or whose warm-up retention deleted) has none left: say so
+    with repo.engine.begin() as conn:
+        conn.execute(sa.delete(Window).where(Window.baseline == "warming_up"))
+    with pytest.raises(NoReservoirError, match="no warm-up window is left in the store"):
+        repo.reference_reservoir("cnn", "1", "4")
+
+
+def test_a_naive_now_is_utc(repo: Repository, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``now.timestamp()`` of a naive ``now`` is local time: in New York the cutoff moved 4
+    hours on (June), and windows newer than ``older_than`` were compacted."""
+    records = record_windows(2, warmup_samples=10**6)
+    cutoff_hour = (NOW - timedelta(days=1)).replace(minute=0)
+    ends = [cutoff_hour - timedelta(minutes=20), cutoff_hour + timedelta(hours=2)]
+    repo.write_windows([at(r, s, minutes=5) for r, s in zip(records, ends, strict=True)])
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        result = compact(
+            repo.engine,
+            older_than=timedelta(days=1),
+            resolution=timedelta(hours=1),
+            now=NOW.replace(tzinfo=None),
+        )
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert (result.windows_merged, result.windows_created) == (3, 3)
+    assert repo.window_count(resolution_seconds=0.0) == 3
 
 
 def test_retention_drops_old_windows(repo: Repository) -> None:
