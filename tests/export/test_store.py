@@ -221,7 +221,8 @@ def test_alerts_active_counts_open_alerts_and_zero_fills_every_kind(
     template = records[-1]
     drifted = with_layers(template, {"1": {"drifted": True}, "4": {"drifted": True}})
     windows = [at_minute(drifted, i) for i in range(2)]
-    other_version = at_minute(template, 0, version="2")
+    # cnn@2's window ends with cnn@1's last: neither replaced the other
+    other_version = at_minute(template, 1, version="2")
     repo.write_windows([*windows, other_version])
     engine = AlertEngine(AlertConfig(drift=Rule(open_after=2, resolve_after=2)))
     engine.evaluate(repo, "cnn", "1", now=windows[-1].end)
