@@ -626,6 +626,7 @@ class ReportFiles:
     json: str
     table: pd.DataFrame
     drifted_channels: list[int]
+    untested_channels: list[int]
     reference_rows: int
     current_rows: int
 
@@ -649,6 +650,7 @@ def drift_report(
         json=report.json(),
         table=report.table,
         drifted_channels=list(report.drifted_channels),
+        untested_channels=list(report.untested_channels),
         reference_rows=report.reference_rows,
         current_rows=report.current_rows,
     )

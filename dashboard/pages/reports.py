@@ -40,8 +40,14 @@ b.metric("Production samples", report.current_rows)
 c.metric("Drifted channels", len(report.drifted_channels))
 if report.drifted_channels:
     st.warning("Drifted channels: " + channel_list(report.drifted_channels, limit=100))
-else:
+elif len(report.untested_channels) < len(report.table):
     st.success("No channel drifted.")
+if report.untested_channels:  # no finite value on one side: neither drifted nor clean
+    st.info(
+        f"Untested channels ({len(report.untested_channels)} of {len(report.table)}): "
+        + channel_list(report.untested_channels, limit=100)
+        + " -- no finite value in the reference or in production."
+    )
 stem = f"bnwatch-{ctx.model}-{ctx.version}-{layer}".replace("/", "_").replace(" ", "_")
 left, right = st.columns(2)
 left.download_button("Download HTML", report.html, f"{stem}.html", mime="text/html")

@@ -639,3 +639,40 @@ def test_names_with_markdown_characters_show_as_typed(
     finally:
         data.clear()
         engine.dispose()
+
+
+def test_the_reports_page_names_untested_channels(
+    app_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A channel without a finite production value was counted among the clean ones ("No
+    channel drifted." when it was the only other one)."""
+    from tests.test_reports import profile_of, windows_of
+
+    url = f"sqlite:///{tmp_path / 'bnwatch.db'}"
+    rng = np.random.default_rng(3)
+    production = rng.standard_normal((128, 3))
+    production[:, 0] += 3.0  # drifted
+    production[:, 1] = np.nan  # untested
+    repo = Repository(engine_for(url))
+    try:
+        repo.write_profile(profile_of(rng.standard_normal((256, 3)), seed=3))
+        records = windows_of(production, seed=3)
+        recent = datetime.now(timezone.utc) - timedelta(hours=1) - records[-1].end  # last 24 h
+        repo.write_windows(
+            [dataclasses.replace(r, start=r.start + recent, end=r.end + recent) for r in records]
+        )
+    finally:
+        repo.engine.dispose()
+    monkeypatch.setenv(data.DATABASE_ENV, url)
+    data.clear()
+    try:
+        at = AppTest.from_file(str(app_path), default_timeout=TIMEOUT)
+        at.run()
+        at = open_page(at, "reports")
+        assert metrics(at)["Drifted channels"] == "1"
+        assert [w.value for w in at.warning] == ["Drifted channels: 0"]
+        (untested,) = [i.value for i in at.info if "Untested" in i.value]
+        assert untested.startswith("Untested channels (1 of 3): 1 ")
+        assert not at.success
+    finally:
+        data.clear()
