@@ -23,6 +23,12 @@ T0 = datetime(2026, 6, 1, 12, 0, tzinfo=timezone.utc)
 
 
 @pytest.fixture
+def db_url(migrated_db_url: str) -> str:
+    """Each kind of database at the current schema (every test here opens it migrated)."""
+    return migrated_db_url
+
+
+@pytest.fixture
 def repo(db_url: str) -> Iterator[Repository]:
     engine = engine_for(db_url)
     yield Repository(engine)

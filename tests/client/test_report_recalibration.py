@@ -31,6 +31,12 @@ from tests.store.helpers import batches, recalibrated_references, record_windows
 
 
 @pytest.fixture
+def db_url(migrated_db_url: str) -> str:
+    """Each kind of database at the current schema (every test here opens it migrated)."""
+    return migrated_db_url
+
+
+@pytest.fixture
 def repo(db_url: str) -> Iterator[Repository]:
     """The windows of small_cnn as cnn@1 (layers "1", "4", "7")."""
     engine = engine_for(db_url)

@@ -25,6 +25,12 @@ LAYERS = ["1", "5", "8"]  # the BatchNorm layers of net()
 
 
 @pytest.fixture
+def db_url(migrated_db_url: str) -> str:
+    """Each kind of database at the current schema (every test here opens it migrated)."""
+    return migrated_db_url
+
+
+@pytest.fixture
 def repo(db_url: str) -> Iterator[Repository]:
     """A store that knows net@1's layers (from a profile)."""
     bnwatch.profile(net(), data(2), name="net", version="1", store=db_url)

@@ -21,6 +21,12 @@ ALERTS = (1, 2, 3, 4, 5)
 
 
 @pytest.fixture
+def db_url(migrated_db_url: str) -> str:
+    """Each kind of database at the current schema (every test here opens it migrated)."""
+    return migrated_db_url
+
+
+@pytest.fixture
 def repo(db_url: str) -> Iterator[Repository]:
     """A store with model version cnn@1 and open drift alerts ``ALERTS``."""
     engine = engine_for(db_url)
