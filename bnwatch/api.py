@@ -74,28 +74,48 @@ def profile(
     """
     check_name("name", name)
     check_name("version", version)
+    check_profile_store(store, token)
+    result = _profile(model, data, name=name, version=version, **kwargs)
+    if store is not None:
+        store_profile(result, store, token=token)
+    return result
+
+
+def check_profile_store(store: str | None, token: str | None) -> None:
+    """What :func:`profile` checks of ``store`` and ``token`` before the profiling pass: the
+    service URL's syntax, and that a token is there for a service (it refuses uploads
+    without one; found after the pass, the pass would be lost)."""
     service = is_service_url(store)
     if token is not None and not service:
         raise ConfigError("token", "<hidden>", "None unless store is an http(s):// service URL")
     if service:
-        from bnwatch.client import profiles_endpoint  # httpx only when a service is used
+        from bnwatch.client import TOKEN_ENV, profiles_endpoint, resolve_token
 
         profiles_endpoint(store)  # a bad URL fails now, not after the profiling pass
-    result = _profile(model, data, name=name, version=version, **kwargs)
-    if store is not None and service:
+        if resolve_token(token) is None:
+            raise ConfigError(
+                "token",
+                None,
+                f"the service's API token (token=, else ${TOKEN_ENV}): a service refuses "
+                "profile uploads without one",
+            )
+
+
+def store_profile(result: Profile, store: str, *, token: str | None = None) -> None:
+    """Store a recorded profile as :func:`profile` does with ``store``."""
+    if is_service_url(store):
         from bnwatch.client import send_profile
 
         send_profile(store, result, token=token)
-    elif store is not None:
-        from bnwatch.store.migrate import engine_for
-        from bnwatch.store.repository import Repository
+        return
+    from bnwatch.store.migrate import engine_for
+    from bnwatch.store.repository import Repository
 
-        engine = engine_for(store)
-        try:
-            Repository(engine).write_profile(result)
-        finally:
-            engine.dispose()
-    return result
+    engine = engine_for(store)
+    try:
+        Repository(engine).write_profile(result)
+    finally:
+        engine.dispose()
 
 
 def load_profile(store: str, name: str, version: str) -> Profile:

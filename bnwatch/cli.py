@@ -831,7 +831,7 @@ def _add_profile(subparsers: Subparsers) -> None:
 
 
 def _run_profile(args: argparse.Namespace) -> int:
-    from bnwatch.api import is_service_url, profile
+    from bnwatch.api import check_profile_store, is_service_url, profile, store_profile
     from bnwatch.errors import ConfigError
     from bnwatch.store.engine import redacted
 
@@ -847,13 +847,12 @@ def _run_profile(args: argparse.Namespace) -> int:
     if args.out is not None:
         _check_out_dir(args.out)
     store = None if args.no_store else args.store
+    check_profile_store(store, args.token)  # before the pass, which storing after it needs
     result = profile(
         _build_model(factory, args),
         _iterable(data, "--data", args.data),
         name=args.name,
         version=args.version,
-        store=store,
-        token=args.token,
         include=args.include,
         exclude=args.exclude,
         reservoir_size=args.reservoir_size,
@@ -861,13 +860,20 @@ def _run_profile(args: argparse.Namespace) -> int:
         input_key=args.input_key,
         forward=forward,
     )
-    if args.out is not None:
+    if args.out is not None:  # first: a store that fails then does not lose the pass
         partial = args.out.with_name(f".{args.out.name}.partial")
         try:
             result.save(partial)
             os.replace(partial, args.out)  # a file that is there is whole
         finally:
             partial.unlink(missing_ok=True)
+    if store is not None:
+        try:
+            store_profile(result, store, token=args.token)
+        except Exception:
+            if args.out is not None:
+                print(f"the profile is in {args.out} (storing it failed):", file=sys.stderr)
+            raise
     samples = max((lp.stats.samples_seen for lp in result.layers.values()), default=0)
     print(
         f"profile of {result.name}@{result.version}: {len(result.layers)} layers, {samples} samples"

@@ -208,7 +208,7 @@ def _seconds(argument: str, value: object) -> float:
     return float(value)
 
 
-def _token(token: str | None) -> str | None:
+def resolve_token(token: str | None) -> str | None:
     """The bearer token: ``token``, else ``$BNWATCH_API_TOKEN`` (blank counts as unset), with
     surrounding whitespace stripped -- as the service strips its own -- since a secret read
     from a file ends in a newline; a token still invalid names where it came from."""
@@ -806,7 +806,7 @@ class HttpSink:
             "Accept": "application/json",
             "User-Agent": _user_agent(),
         }
-        token = _token(token)
+        token = resolve_token(token)
         if token is not None:
             headers["Authorization"] = f"Bearer {token}"
         else:  # said now, not at the first 401 a window later
@@ -1454,7 +1454,7 @@ def send_profile(
     """
     endpoint = profiles_endpoint(url)
     seconds = _seconds("timeout", timeout)
-    secret = _token(token)
+    secret = resolve_token(token)
     if not isinstance(profile, Profile):
         raise ConfigError("profile", type(profile).__name__, "a Profile from bnwatch.profile()")
     if not profile.layers:
@@ -1613,7 +1613,7 @@ def send_recalibration_outcome(
     """
     endpoint = outcome_endpoint(url, recalibration_id)
     seconds = _seconds("timeout", timeout)
-    secret = _token(token)
+    secret = resolve_token(token)
     if status not in REPORTED_STATUSES:
         raise ConfigError("status", status, f"one of {list(REPORTED_STATUSES)}")
     if outcome is not None and not isinstance(outcome, Mapping):

@@ -403,3 +403,41 @@ def _no_profile(url: str) -> bool:
         return Repository(engine).load_profile("cnn", "1") is None
     finally:
         engine.dispose()
+
+
+def test_profile_refuses_a_service_without_a_token_before_the_pass(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The service refuses uploads without a token: found only after the profiling pass, the
+    pass was lost."""
+    monkeypatch.delenv("BNWATCH_API_TOKEN", raising=False)
+    monkeypatch.setattr("tests.recalibration.cli_fixture.loader", _must_not_be_read)
+    out = tmp_path / "profile.npz"
+    argv = ["profile", "--model", f"{FIX}:factory", "--name", "cnn", "--version", "1"]
+    code = main(
+        [*argv, "--data", f"{FIX}:loader", "--store", "http://127.0.0.1:1", "--out", str(out)]
+    )
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "--token" in err and "BNWATCH_API_TOKEN" in err
+    assert not out.exists()
+
+
+def _must_not_be_read() -> list[object]:
+    raise AssertionError("the data was read before the store was checked")
+
+
+def test_profile_writes_out_even_when_storing_fails(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--out was written only after storing, so a service that was down (or refused the token)
+    lost the whole pass, file included."""
+    from bnwatch.schema import Profile
+
+    out = tmp_path / "profile.npz"
+    argv = ["profile", "--model", f"{FIX}:factory", "--name", "cnn", "--version", "1"]
+    store = ["--store", "http://127.0.0.1:1", "--token", "t0ken"]  # nothing listens there
+    assert main([*argv, "--data", f"{FIX}:loader", *store, "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"the profile is in {out} (storing it failed)" in err
+    assert set(Profile.load(out).layers) == {"1", "5", "8"}
