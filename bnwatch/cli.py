@@ -1305,7 +1305,10 @@ _FLAGS = {
 } | {"path": "--out"}
 """Python arguments that the commands pass on from flags of (nearly) the same name: an error
 about one names the flag."""
-_COMMAND_FLAGS = {"recalibrate": {"store": "--service"}}
+_COMMAND_FLAGS = {
+    "recalibrate": {"store": "--service"},
+    "profile": {"name": "--name", "version": "--version"},
+}
 """Where a command passes an argument on from a flag of another name."""
 
 

@@ -441,3 +441,19 @@ def test_profile_writes_out_even_when_storing_fails(
     err = capsys.readouterr().err
     assert f"the profile is in {out} (storing it failed)" in err
     assert set(Profile.load(out).layers) == {"1", "5", "8"}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--name", "d/x"], "--name='d/x' is invalid"),
+        (["--version", "a\tb"], "--version='a\\tb' is invalid"),
+    ],
+)
+def test_profile_errors_name_the_flags(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    argv = ["profile", "--model", f"{FIX}:factory", "--data", f"{FIX}:loader", "--no-store"]
+    argv += ["--out", str(tmp_path / "p.npz"), "--name", "cnn", "--version", "1"]
+    assert main([*argv, *args]) == 1
+    assert message in capsys.readouterr().err
