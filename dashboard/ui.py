@@ -99,20 +99,24 @@ def sidebar(url: str, models: pd.DataFrame) -> Context:
     """Draw the pickers and remember the :class:`Context` they make for the pages."""
     st.session_state[_LAST_RUN] = time.monotonic()
     with st.sidebar:
-        labels = [f"{r.name} @ {r.version}" for r in models.itertuples()]
         keys = list(zip(models["name"], models["version"], strict=True))
+        labels = {key: f"{key[0]} @ {key[1]}" for key in keys}
+        # the options are the model versions themselves, not positions: the list is ordered by
+        # activity, so a position chosen on one run named another model version on the next
         chosen = st.selectbox(
             "Model version",
-            range(len(labels)),
-            format_func=lambda i: labels[i],
+            keys,
+            format_func=lambda key: labels[key],
             key="model_version",
-            help="Every model version that reported windows, newest activity first.",
+            help="Every stored model version (windows or a profile), newest activity first.",
         )
-        model, version = keys[chosen or 0]
+        model, version = chosen if chosen is not None else keys[0]
         range_label = str(st.selectbox("Time range", list(RANGES), index=2, key="time_range"))
         refresh = str(st.selectbox("Auto-refresh", list(REFRESH), index=0, key="auto_refresh"))
-        if st.button("Refresh now", help="Read the database again, ignoring the cache."):
-            data.clear()
+        # a callback runs before the rerun reads anything (app.py reads the model list first)
+        st.button(
+            "Refresh now", help="Read the database again, ignoring the cache.", on_click=data.clear
+        )
         st.caption(f"Database: {code_span(redacted(url))}")
     seconds = REFRESH[refresh]
     if seconds:
@@ -288,7 +292,8 @@ def heatmap_figure(
     )
     fig.update_layout(
         title=title,
-        height=max(280, 18 * len(table.index) + 120),
+        # 18 px a channel, at most 900 px: a 2,048-channel layer drew 37,000 px
+        height=min(900, max(280, 18 * len(table.index) + 120)),
         margin={"l": 10, "r": 10, "t": 40, "b": 10},
         xaxis_title=f"start of each {duration(bucket_seconds)} bucket (UTC)",
         yaxis={"autorange": "reversed"},

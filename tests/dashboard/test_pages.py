@@ -87,7 +87,7 @@ def test_overview(app: AppTest) -> None:
     opened = app.dataframe[1].value
     assert len(opened) == 5 and set(opened["model"]) == {MODEL}
     # the shared pickers
-    assert app.sidebar.selectbox(key="model_version").value == 0
+    assert app.sidebar.selectbox(key="model_version").value == (MODEL, VERSION)
     assert app.sidebar.selectbox(key="time_range").value == "last 24 hours"
 
 
@@ -676,3 +676,30 @@ def test_the_reports_page_names_untested_channels(
         assert not at.success
     finally:
         data.clear()
+
+
+def _sidebar_only() -> None:
+    import streamlit as st
+
+    import ui
+
+    st.write(ui.sidebar("sqlite:///unused.db", st.session_state["models"]).model)
+
+
+def test_the_chosen_model_version_stays_chosen_when_the_list_reorders() -> None:
+    """The picker kept a position in a list ordered by activity: once the other model
+    version stored a window, the pages showed it while the picker still named the chosen one
+    (and acknowledging or requesting acted on it)."""
+    models = pd.DataFrame({"name": ["a", "b"], "version": ["1", "1"]})
+    at = AppTest.from_function(_sidebar_only, default_timeout=TIMEOUT)
+    at.session_state["models"] = models
+    at.run()
+    picker = at.sidebar.selectbox(key="model_version")
+    assert picker.options == ["a @ 1", "b @ 1"]
+    picker.set_value(("b", "1")).run()
+    assert at.markdown[0].value == "b"
+    at.session_state["models"] = models.iloc[::-1]  # b reported since: it comes first
+    at.run()
+    assert at.sidebar.selectbox(key="model_version").options == ["b @ 1", "a @ 1"]
+    assert at.markdown[0].value == "b"
+    assert not at.exception
