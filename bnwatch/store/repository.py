@@ -109,19 +109,46 @@ WARMING_UP = "warming_up"
 """The ``baseline`` of windows closed before the drift baseline existed (the warm-up)."""
 
 
-class ChannelMismatchError(ShapeError):
-    """A window's channel count disagrees with the layer already stored under that name."""
+def _recorded(lineage: object) -> str | None:
+    """When the profile a ``profile`` reference was uploaded with was recorded (its lineage's
+    ``created``, which every reference of one upload shares), or ``None``."""
+    created = lineage.get("created") if isinstance(lineage, dict) else None
+    return created if isinstance(created, str) else None
 
-    def __init__(self, model: str, version: str, layer: str, stored: int, found: int) -> None:
+
+def _recorded_at(created: str | None) -> datetime | None:
+    """:func:`_recorded`'s time as an aware datetime (``None`` if absent or unreadable)."""
+    if created is None:
+        return None
+    try:
+        return as_utc(datetime.fromisoformat(created))
+    except ValueError:
+        return None
+
+
+class ChannelMismatchError(ShapeError):
+    """A window's (or a profile's: ``source="profile"``) channel count disagrees with the
+    layer already stored under that name."""
+
+    def __init__(
+        self,
+        model: str,
+        version: str,
+        layer: str,
+        stored: int,
+        found: int,
+        source: Literal["window", "profile"] = "window",
+    ) -> None:
         self.model = model
         self.version = version
         self.layer = layer
         self.stored = stored
         self.found = found
+        self.source = source
         ValueError.__init__(
             self,
             f"layer {layer!r} of {model}@{version} has {stored} channels in the store but the "
-            f"window has {found}; a changed architecture needs a new model version",
+            f"{source} has {found}; a changed architecture needs a new model version",
         )
 
 
@@ -867,12 +894,17 @@ class Repository:
                 }
             ],
         )
-        ref_id, stored_version = conn.execute(
-            sa.select(Ref.id, Ref.version).where(
+        ref_id, stored_version, stored_lineage = conn.execute(
+            sa.select(Ref.id, Ref.version, Ref.lineage).where(
                 Ref.layer_id == layer_id, Ref.kind == kind, Ref.digest == digest
             )
         ).one()
-        if renew and stored_version < newest:  # stored before, and another one since
+        uploaded = dict(lineage) if lineage else None
+        # renewed when stored before and another one since -- or when already the newest but
+        # of an earlier upload: a profile is served as the layers of its newest upload, so a
+        # layer recorded again bit for bit (a fine-tuned head, the rest unchanged) must be
+        # dated by this upload, or only the changed layers would be served
+        if renew and (stored_version < newest or stored_lineage != uploaded):
             conn.execute(
                 sa.update(Ref)
                 .where(Ref.id == ref_id)
@@ -880,7 +912,7 @@ class Repository:
                     version=version,
                     created_at=now,
                     eps=eps,
-                    lineage=dict(lineage) if lineage else None,
+                    lineage=uploaded,
                     reservoir_seen=reservoir_seen,
                 )
             )
@@ -982,7 +1014,7 @@ class Repository:
                 layer_id, channels = stored[name]
                 if channels != lp.channels:
                     raise ChannelMismatchError(
-                        profile.name, profile.version, name, channels, lp.channels
+                        profile.name, profile.version, name, channels, lp.channels, "profile"
                     )
                 m = lp.stats.moments
                 st = lp.stats
@@ -1009,30 +1041,53 @@ class Repository:
         return out
 
     def load_profile(self, model: str, version: str) -> Profile | None:
-        """The newest stored reference profile of a model version (``None`` if there is none)."""
+        """The newest stored reference profile of a model version (``None`` if there is none).
+
+        Only references a profile upload stored (:meth:`write_profile`) are profiles: they
+        carry a reservoir (possibly of no rows) and the recording's lineage.  A window judged
+        against a profile that was never stored keeps the moments it was judged against as a
+        reservoir-less ``profile`` reference (its baseline), which is no profile to serve.
+
+        The newest upload is the reference uploaded last (re-uploading an earlier profile
+        renews its references); served are that upload's layers alone -- the references
+        whose lineage holds its recording time -- each the newest of its layer, dated when
+        the profile was recorded.  A layer an earlier upload recorded and the newest did not
+        is not served with it.
+        """
         with Session(self.engine) as conn:
             m = self._model_row(conn, model, version)
+            heads = conn.execute(
+                sa.select(Ref.id, Ref.version, Ref.created_at, Ref.lineage, Layer.id)
+                .join(Layer, Layer.id == Ref.layer_id)
+                .where(
+                    Layer.model_id == m.id,
+                    Ref.kind == "profile",
+                    Ref.reservoir.is_not(None),  # stored by write_profile, not a window
+                )
+            ).all()
+            if not heads:
+                return None
+            newest = max(heads, key=lambda h: (as_utc(h[2]), h[1], h[0]))
+            upload = _recorded(newest[3])
+            chosen: dict[int, tuple[int, int]] = {}  # layer id -> (version, ref id)
+            for ref_id, ref_version, _, lineage, layer_id in heads:
+                if _recorded(lineage) == upload:
+                    chosen[layer_id] = max(chosen.get(layer_id, (-1, -1)), (ref_version, ref_id))
             rows = conn.execute(
                 sa.select(Ref, Layer)
                 .join(Layer, Layer.id == Ref.layer_id)
-                .where(Layer.model_id == m.id, Ref.kind == "profile")
-                .order_by(Layer.depth, Layer.id, Ref.version, Ref.id)
+                .where(Ref.id.in_([ref_id for _, ref_id in chosen.values()]))
+                .order_by(Layer.depth, Layer.id)
             ).all()
-        newest: dict[str, tuple[Ref, Layer]] = {}
-        for ref, layer in rows:
-            newest[layer.name] = (ref, layer)  # ordered by version: the last one wins
-        if not newest:
-            return None
         layers: dict[str, LayerProfile] = {}
-        created = None
-        for name, (ref, layer) in newest.items():
-            meta = ref.lineage or {}
+        for ref, layer in rows:
+            meta = ref.lineage if isinstance(ref.lineage, dict) else {}
             moments = decode_moments(ref.moments) if ref.moments else None
             if moments is None:
                 continue
             rows_ = decode_arrays(ref.reservoir) if ref.reservoir else np.empty((0, layer.channels))
-            layers[name] = LayerProfile(
-                layer=name,
+            layers[layer.name] = LayerProfile(
+                layer=layer.name,
                 kind=layer.kind,
                 eps=ref.eps,
                 stats=LayerStats(
@@ -1048,8 +1103,8 @@ class Repository:
                 running_mean=None,
                 running_var=None,
             )
-            created = created or as_utc(ref.created_at)
-        return Profile(name=model, version=version, created=created or utcnow(), layers=layers)
+        created = _recorded_at(upload) or as_utc(newest[2])
+        return Profile(name=model, version=version, created=created, layers=layers)
 
     # -- recalibrations ----------------------------------------------------------------------
     def start_recalibration(

@@ -8,18 +8,21 @@ import copy
 import dataclasses
 import json
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import numpy as np
 import pytest
 import sqlalchemy as sa
+import torch
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy.engine import Engine
 
+import bnwatch
 from bnwatch.codec import encode_arrays
 from bnwatch.schema import Profile
+from bnwatch.sink import MemorySink
 from bnwatch.store.models import Ref
 from bnwatch.store.repository import Repository
 from bnwatch.wire import WireProfile, profile_body, to_profile
@@ -29,6 +32,8 @@ from tests.service.profile_helpers import (
     VERSION,
     assert_stored_exactly,
     same_bits,
+    tiny_data,
+    tiny_model,
     tiny_profile,
 )
 
@@ -142,6 +147,72 @@ def test_an_earlier_profile_uploaded_again_is_the_one_served(
     assert post(client, profile_body(p1)).json()["references"] == first  # the newest already
     with engine.connect() as conn:
         assert conn.execute(sa.select(sa.func.max(Ref.version))).scalar_one() == 3
+
+
+def judged_windows(reference: Profile, version: str) -> list[Any]:
+    """Two windows of the tiny model judged against ``reference`` (which is not stored)."""
+    net = tiny_model().eval()
+    sink = MemorySink()
+    mon = bnwatch.watch(
+        net,
+        name=MODEL,
+        version=version,
+        reference=reference,
+        store=sink,
+        window_seconds=None,
+        overhead_budget=None,
+    )
+    with torch.inference_mode():
+        for seed in (5, 6):
+            for x in tiny_data(2, seed=seed):
+                net(x)
+            assert all(r.baseline == "profile" for r in mon.flush().values())
+    mon.close()
+    return sink.windows
+
+
+def test_get_serves_the_newest_upload_alone_dated_when_recorded(
+    client: TestClient, engine: Engine
+) -> None:
+    """GET .../profile served the newest `profile` reference of each layer on its own: after
+    a profile re-recorded with fewer layers, the new layer with the old others; after windows
+    judged against a profile never stored, their reservoir-less baseline (and 200, not 404,
+    for a version with no profile stored); and the upload's time as `created`."""
+    recorded_at = datetime(2025, 6, 1, 12, 0, 0, 123456, tzinfo=timezone.utc)
+    p1 = dataclasses.replace(tiny_profile(), created=recorded_at)
+    p2 = bnwatch.profile(
+        tiny_model(seed=1), tiny_data(seed=1), name=MODEL, version=VERSION, include="1"
+    )
+    assert list(p2.layers) == ["1"]
+    for p in (p1, p2):
+        assert post(client, profile_body(p)).status_code == 200
+    unstored = tiny_profile(seed=2, shift=0.5)
+    Repository(engine).write_windows(
+        judged_windows(unstored, VERSION) + judged_windows(unstored, "2")
+    )
+
+    answer = client.get(f"/api/v1/models/{MODEL}/versions/{VERSION}/profile")
+    assert answer.status_code == 200, answer.text
+    served = to_profile(WireProfile.model_validate(answer.json()))
+    assert list(served.layers) == ["1"]
+    assert same_bits(served.layers["1"].stats.moments.mean, p2.layers["1"].stats.moments.mean)
+    assert same_bits(served.layers["1"].reservoir.rows, p2.layers["1"].reservoir.rows)
+    assert served.created == p2.created
+
+    assert post(client, profile_body(p1)).status_code == 200  # the newest upload again
+    served = to_profile(
+        WireProfile.model_validate(
+            client.get(f"/api/v1/models/{MODEL}/versions/{VERSION}/profile").json()
+        )
+    )
+    assert list(served.layers) == list(p1.layers)
+    for name, lp in p1.layers.items():
+        assert same_bits(served.layers[name].reservoir.rows, lp.reservoir.rows)
+    assert served.created == recorded_at
+
+    answer = client.get(f"/api/v1/models/{MODEL}/versions/2/profile")
+    assert answer.status_code == 404, answer.text
+    assert "no reference profile" in error_of(answer)["message"]
 
 
 def test_the_documented_example_is_accepted(client: TestClient, engine: Engine) -> None:
