@@ -204,6 +204,12 @@ class NoReservoirError(BnwatchError, LookupError):
         super().__init__(message)
 
 
+_WARMING_UP_LAST = sa.case((Window.baseline == "warming_up", 1), else_=0)
+"""Of windows ending together, the judged one first: compaction splits a bucket where the
+warm-up ended into a warm-up and a judged window with the same end, and a layer's latest
+window is the judged one."""
+
+
 def _to_utc(value: datetime) -> datetime:
     """A time to store, or to compare with stored ones, aware and in UTC
     (:func:`~bnwatch.schema.as_utc`): SQLite keeps no offset, and PostgreSQL would read a
@@ -1694,7 +1700,7 @@ class Repository:
                     latest,
                     sa.and_(latest.c.layer_id == Window.layer_id, latest.c.end == Window.end),
                 )
-                .order_by(Layer.depth, Layer.id, Window.id.desc())
+                .order_by(Layer.depth, Layer.id, _WARMING_UP_LAST, Window.id.desc())
             )
             if with_stats:
                 query = query.options(undefer(Window.reservoir))
@@ -2364,7 +2370,14 @@ class Repository:
                     latest,
                     sa.and_(latest.c.layer_id == Window.layer_id, latest.c.end == Window.end),
                 )
-                .order_by(Model.name, Model.version, Layer.depth, Layer.id, Window.id.desc())
+                .order_by(
+                    Model.name,
+                    Model.version,
+                    Layer.depth,
+                    Layer.id,
+                    _WARMING_UP_LAST,
+                    Window.id.desc(),
+                )
             ).all()
         seen: set[int] = set()
         out = []

@@ -338,3 +338,20 @@ def test_windows_stored_before_times_were_bounded_merge_and_compact(
     after = repo.windows("cnn", "1")
     assert sorted(w.resolution_seconds for w in after) == [0.0] * 3 + [3600.0] * 6
     assert min(w.start for w in after) == datetime(1, 1, 1, tzinfo=timezone.utc)
+
+
+def test_the_latest_window_of_a_split_bucket_is_the_judged_one(repo: Repository) -> None:
+    """Both halves of a split bucket end together, and the warm-up half (inserted second) was
+    every layer's latest window: the dashboard's overview said "gap" instead of "drift", and
+    the exporter and ``/windows/latest`` served it."""
+    records = record_windows(2)  # a warm-up window, then a judged one
+    hour = NOW - timedelta(days=2, hours=3)
+    starts = [hour, hour + timedelta(minutes=20)]
+    repo.write_windows([at(r, s) for r, s in zip(records, starts, strict=True)])
+    compact(repo.engine, older_than=timedelta(days=1), resolution=timedelta(hours=1), now=NOW)
+    assert sorted(w.baseline for w in repo.windows("cnn", "1", layer="4")) == [
+        "warming_up",
+        "warmup",
+    ]
+    assert {w.baseline for w in repo.latest_windows("cnn", "1")} == {"warmup"}
+    assert {w.baseline for w in repo.latest_metrics()} == {"warmup"}
