@@ -1421,7 +1421,8 @@ def _post_json(
             endpoint,
             status,
             detail,
-            f"{endpoint} refused {what}: HTTP {status} {response.reason_phrase}: {detail}{hint}",
+            f"{what} {undone}: {endpoint} answered HTTP {status} {response.reason_phrase}: "
+            f"{detail}{hint}",
         )
     return response
 
