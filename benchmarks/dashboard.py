@@ -169,7 +169,7 @@ def time_pages(url: str, widest: str, repeats: int) -> dict[str, dict[str, float
             at.session_state["bnwatch_layer"] = widest
             at.run()
             at.sidebar.selectbox(key="time_range").set_value("last 30 days").run()
-            at.switch_page(f"pages/{page}.py")
+            at.switch_page(f"views/{page}.py")
             data.clear()
             for bucket in (cold, warm):
                 started = time.perf_counter()

@@ -33,14 +33,14 @@ if models is None or models.empty:
 # st.navigation, a fresh server lost the first change to one (it snapped back)
 page = st.navigation(
     [
-        st.Page("pages/overview.py", title="Overview", icon=":material/dashboard:", default=True),
-        st.Page("pages/model.py", title="Model", icon=":material/stacks:"),
-        st.Page("pages/layer.py", title="Layer", icon=":material/view_column:"),
-        st.Page("pages/batch_size.py", title="Batch size", icon=":material/bar_chart:"),
+        st.Page("views/overview.py", title="Overview", icon=":material/dashboard:", default=True),
+        st.Page("views/model.py", title="Model", icon=":material/stacks:"),
+        st.Page("views/layer.py", title="Layer", icon=":material/view_column:"),
+        st.Page("views/batch_size.py", title="Batch size", icon=":material/bar_chart:"),
         st.Page(
-            "pages/alerts.py", title="Alerts and recalibrations", icon=":material/notifications:"
+            "views/alerts.py", title="Alerts and recalibrations", icon=":material/notifications:"
         ),
-        st.Page("pages/reports.py", title="Reports", icon=":material/description:"),
+        st.Page("views/reports.py", title="Reports", icon=":material/description:"),
     ]
 )
 ui.sidebar(url, models)

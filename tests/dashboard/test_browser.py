@@ -149,3 +149,28 @@ def test_overview_renders_in_chromium(dashboard: str, tmp_path: Path) -> None:
             assert errors == []
         finally:
             browser.close()
+
+
+def test_a_page_opened_by_its_url_on_a_fresh_server_renders(dashboard: str) -> None:
+    """A bookmark or a tab left open across a restart: the first visit to ``/model`` said
+    "Open the dashboard through its entry script" and listed the raw page files, for every
+    visitor until one opened ``/`` (Streamlit auto-discovered a ``pages/`` directory until
+    ``st.navigation`` had run once)."""
+    executable = chromium()
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(f"{dashboard}/model")
+            page.get_by_text(f"Model {MODEL} @ {VERSION}", exact=False).first.wait_for(
+                timeout=60_000
+            )
+            page.wait_for_function(
+                "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')",
+                timeout=60_000,
+            )
+            assert "entry script" not in page.inner_text("body")
+            assert page.locator('[data-testid="stException"]').count() == 0
+        finally:
+            browser.close()

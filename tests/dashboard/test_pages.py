@@ -56,7 +56,7 @@ def app(seeded: Seeded, app_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iter
 
 
 def open_page(at: AppTest, page: str) -> AppTest:
-    at.switch_page(f"pages/{page}.py")
+    at.switch_page(f"views/{page}.py")
     at.run()
     assert not at.exception, [e.value for e in at.exception]
     return at
@@ -175,7 +175,7 @@ def test_layer_page(app: AppTest) -> None:
     assert len(top) == 8
     z = top["z (vs baseline)"].abs().to_numpy()
     assert (z[:-1] >= z[1:]).all()  # most drifting first
-    at.selectbox[-1].set_value("7").run()  # the page's layer picker
+    at.main.selectbox[-1].set_value("7").run()  # the page's layer picker
     assert not at.exception and metrics(at)["Channels"] == str(6 * 36)
     at.radio[0].set_value("log_r").run()
     assert not at.exception
@@ -349,14 +349,14 @@ def test_alerts_page_acknowledges_and_requests(app: AppTest, seeded: Seeded) -> 
     assert set(at.dataframe[0].value["kind"]) == {"drift"}
 
     target = int(alerts["id"].iloc[0])
-    at.selectbox[-3].set_value(target)  # the acknowledge form's alert
-    at.button[-2].click().run()  # "Acknowledge"
+    at.main.selectbox[-3].set_value(target)  # the acknowledge form's alert
+    at.main.button[-2].click().run()  # "Acknowledge"
     assert not at.exception
     repo = data.repository(seeded.url)
     acked = {a.id for a in repo.alerts() if a.acknowledged_at is not None}
     assert target in acked
 
-    at.button[-1].click().run()  # "Request recalibration" (method precise)
+    at.main.button[-1].click().run()  # "Request recalibration" (method precise)
     assert not at.exception
     statuses = sorted(r.status for r in repo.recalibrations(model=MODEL, version=VERSION))
     assert statuses == ["applied", "pending"]
@@ -500,7 +500,7 @@ def test_an_unreadable_database_keeps_its_password_hidden(
 
 def layer_box(at: AppTest) -> Any:
     """The page's layer picker (its last select box: the sidebar's come first)."""
-    box = at.selectbox[-1]
+    box = at.main.selectbox[-1]
     assert box.label == "Layer"
     return box
 
