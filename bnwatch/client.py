@@ -1004,11 +1004,7 @@ class HttpSink:
         """Count lost windows; log the first loss of each ``kind`` and every 100th after."""
         if windows <= 0:
             return
-        with self._lock:
-            before = self._drops_by_kind.get(kind, 0)
-            self._drops_by_kind[kind] = before + windows
-            self._dropped += windows
-            dropped = self._dropped
+        before, dropped = self._count_dropped(windows, kind)
         if before == 0 or before // _DROP_LOG_EVERY != (before + windows) // _DROP_LOG_EVERY:
             logger.warning(
                 "bnwatch: %d window(s) for %s dropped (%s); %d dropped so far",
@@ -1018,15 +1014,21 @@ class HttpSink:
                 dropped,
             )
 
+    def _count_dropped(self, windows: int, kind: str) -> tuple[int, int]:
+        """Count ``windows`` lost as ``kind``: the kind's count before, and all dropped since
+        the start."""
+        with self._lock:
+            before = self._drops_by_kind.get(kind, 0)
+            self._drops_by_kind[kind] = before + windows
+            self._dropped += windows
+            return before, self._dropped
+
     def _spool_lost(self, windows: int, why: str) -> None:
         """Spooled batches vanished (see :class:`_Spool`): their windows are dropped."""
         if windows <= 0:  # an empty spool directory deleted: nothing lost
             logger.warning("bnwatch: %s", why)
             return
-        with self._lock:
-            self._drops_by_kind["vanished"] = self._drops_by_kind.get("vanished", 0) + windows
-            self._dropped += windows
-            dropped = self._dropped
+        _, dropped = self._count_dropped(windows, "vanished")
         logger.error(
             "bnwatch: %s: %d spooled window(s) for %s lost, counted as dropped; %d dropped so far",
             why,

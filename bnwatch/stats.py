@@ -578,9 +578,7 @@ class Reservoir:
             _check_channels("merging reservoirs", channels, r.channels)
         full = [r for r in items if r.seen > 0 and r.rows.shape[0] > 0]
         total = sum(r.seen for r in items)
-        k = min((r.rows.shape[0] * total // r.seen for r in full), default=0)
-        if capacity is not None:
-            k = min(k, check_capacity(capacity))
+        k = merged_size([(r.rows.shape[0], r.seen) for r in items], capacity)
         out = Reservoir(max(1, capacity or k), channels, seed=seed)
         out.seen = total
         if k == 0:
@@ -600,6 +598,16 @@ class Reservoir:
             ]
         )
         return out
+
+
+def merged_size(kept_and_seen: Iterable[tuple[int, int]], capacity: int | None = None) -> int:
+    """The size of :meth:`Reservoir.merge_all`'s sample of streams that each kept ``k_i`` of
+    the ``seen_i`` rows they saw: ``min_i(k_i · total // seen_i)`` over the streams that kept
+    and saw rows (``total`` over all of them), at most ``capacity``; 0 when none did."""
+    pairs = list(kept_and_seen)
+    total = sum(seen for _, seen in pairs)
+    k = min((kept * total // seen for kept, seen in pairs if kept and seen), default=0)
+    return k if capacity is None else min(k, check_capacity(capacity))
 
 
 def check_capacity(capacity: Any) -> int:

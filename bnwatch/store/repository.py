@@ -72,6 +72,7 @@ from bnwatch.stats import (
     LayerStats,
     Reservoir,
     check_capacity,
+    merged_size,
 )
 from bnwatch.store.engine import lock_for_writing
 from bnwatch.store.models import (
@@ -2888,22 +2889,17 @@ def _pool(
     windows and the span of their starts and ends, or ``None`` without any window.
     """
     check_capacity(max_rows)
-    limit: tuple[int, int] | None = None  # (rows, seen) of the stream that limits the size
-    total = last_id = 0
+    sizes: list[tuple[int, int]] = []  # (rows kept, rows seen) per window: two ints each
+    last_id = 0
     channels: int | None = None
     heads = _reservoir_query(layer, header=True).where(*where)
     for head, seen, _, _, _, wid in conn.execute(heads.execution_options(yield_per=4096)):
         _, rows, channels = blob_shape(head)
-        seen = rows if seen is None else int(seen)  # as reservoir_from reads it
-        total += seen
+        sizes.append((rows, rows if seen is None else int(seen)))  # as reservoir_from reads it
         last_id = max(last_id, wid)
-        if rows and seen and (limit is None or rows * limit[1] < limit[0] * seen):
-            limit = (rows, seen)
     if channels is None:
         return None
-    # the size of merge_all's sample of them all: min over streams of rows * total // seen
-    k = min(limit[0] * total // limit[1], max_rows) if limit is not None else 0
-    draw = _Systematic(k, total, seed)
+    draw = _Systematic(merged_size(sizes, max_rows), sum(seen for _, seen in sizes), seed)
     windows = 0
     first: datetime | None = None
     last: datetime | None = None

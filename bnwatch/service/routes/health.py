@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Literal
 
 import anyio
 from fastapi import APIRouter
@@ -61,26 +62,23 @@ async def healthz(state: StateDep) -> HealthPublic | JSONResponse:
         # the revisions are read from the migration scripts once (then cached): not on the loop
         known = await anyio.to_thread.run_sync(is_known_revision, revision)
         if known:
-            body = HealthError(
-                status="error",
-                database="outdated",
-                schema_revision=revision,
-                error=ErrorBody(
-                    message=f"the database is at schema revision {revision or 'none'} but this "
-                    f"service needs {state.head_revision}: run `bnwatch db upgrade`"
-                ),
+            state_of_database: Literal["outdated", "newer"] = "outdated"
+            message = (
+                f"the database is at schema revision {revision or 'none'} but this service "
+                f"needs {state.head_revision}: run `bnwatch db upgrade`"
             )
         else:  # `bnwatch db upgrade` of this version would refuse it: it is this service
-            body = HealthError(
-                status="error",
-                database="newer",
-                schema_revision=revision,
-                error=ErrorBody(
-                    message=f"the database is at schema revision {revision}, which this "
-                    f"service's bnwatch version does not know (it needs "
-                    f"{state.head_revision}): a newer bnwatch migrated it -- upgrade this "
-                    "bnwatch service"
-                ),
+            state_of_database = "newer"
+            message = (
+                f"the database is at schema revision {revision}, which this service's bnwatch "
+                f"version does not know (it needs {state.head_revision}): a newer bnwatch "
+                "migrated it -- upgrade this bnwatch service"
             )
+        body = HealthError(
+            status="error",
+            database=state_of_database,
+            schema_revision=revision,
+            error=ErrorBody(message=message),
+        )
         return JSONResponse(body.model_dump(mode="json"), status_code=503)
     return HealthPublic(status="ok", database="ok", schema_revision=revision)
