@@ -6,11 +6,14 @@ files; ``bnwatch report`` end to end; errors that say what to do."""
 from __future__ import annotations
 
 import html.parser
+import itertools
 import json
 import math
+import random
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -19,6 +22,7 @@ from scipy import stats as scipy_stats
 from torch import nn
 
 import bnwatch
+from bnwatch.capture import accumulator
 from bnwatch.cli import REPORT_PLOTS, main
 from bnwatch.drift import DriftConfig, Reference, assess_layer, decide
 from bnwatch.errors import ConfigError
@@ -412,10 +416,24 @@ def test_cli_a_layer_without_finite_production_values_says_nothing_was_tested(
 
 # -- the command line ----------------------------------------------------------------------------
 def test_cli_end_to_end_with_a_watched_model(
-    sqlite_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    sqlite_url: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A real profile and monitor (BatchNorm1d: the per-sample means are the inputs), stored
     by the background writer; ``bnwatch report`` writes both formats."""
+    # the monitor's reservoirs keep 8 of each window's 64 rows, drawn from fresh entropy:
+    # seeded here, so that the 7 unshifted channels' tests at alpha 0.001 cannot raise a
+    # false alarm once in a few hundred runs (100 seeds measured: none did)
+    seeds = itertools.count()
+    monkeypatch.setattr(
+        accumulator,
+        "random",
+        SimpleNamespace(
+            Random=lambda seed=None: random.Random(next(seeds) if seed is None else seed)
+        ),
+    )
     net = nn.Sequential(nn.BatchNorm1d(8)).eval()
     gen = torch.Generator().manual_seed(0)
     clean = [torch.randn(64, 8, generator=gen) for _ in range(8)]
