@@ -300,8 +300,8 @@ RECALIBRATIONS = MetricSpec(
     "bnwatch_recalibrations",
     "gauge",
     RECALIBRATION_LABELS,
-    "Recalibrations of the model version in the store with this status (pending, applied, "
-    "rejected, failed), a dimensionless count; 0 for a status with none.",
+    f"Recalibrations of the model version in the store with this status "
+    f"({', '.join(RECALIBRATION_STATUSES)}), a dimensionless count; 0 for a status with none.",
 )
 
 RECALIBRATION_OLDEST_PENDING = MetricSpec(
