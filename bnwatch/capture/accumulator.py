@@ -136,6 +136,18 @@ def _scratch_for(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devic
     return view
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _float32(values: np.ndarray) -> np.ndarray:
+    """``values`` as float32, those beyond its range (a diverged model's variance, 1e40) at
+    its largest: the cast would overflow to inf -- and warn, from the window's close (with
+    warnings as errors, the window was lost)."""
+    with np.errstate(invalid="ignore"):
+        clipped: np.ndarray = np.clip(values, -_FLOAT32_MAX, _FLOAT32_MAX).astype(np.float32)
+    return clipped
+
+
 class _Shift:
     """Per-channel shift ``K``: ``full`` is ``[C]`` (0 where no shift is needed); ``idx`` lists
     the channels that need it and ``sel`` their ``K``.  Only those channels are copied and
@@ -730,7 +742,7 @@ class LayerAccumulator:
             self._shift = None
         else:
             # float32 K is exact in float64 too, so one K serves both input precisions
-            full = _persistent(torch.as_tensor, k.astype(np.float32), device=device)
+            full = _persistent(torch.as_tensor, _float32(k), device=device)
             idx = _persistent(torch.as_tensor, np.nonzero(need)[0], dtype=torch.long, device=device)
             self._shift = _Shift(full, idx)
         self._shift_decided = True
@@ -816,7 +828,7 @@ class LayerAccumulator:
 
     def _set_scale(self, scale: np.ndarray) -> np.ndarray:
         """Set (and return) the per-channel variance ``K`` is judged against (float32)."""
-        self._scale = scale.astype(np.float32)
+        self._scale = _float32(scale)
         self._limits = None
         self._plans.clear()  # their bounds came from the old scale
         return self._scale

@@ -52,7 +52,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from types import CodeType, TracebackType
+from types import CodeType, FrameType, TracebackType
 from typing import Any
 
 import numpy as np
@@ -166,6 +166,8 @@ def _close_at_exit() -> None:
         if not mon.closed:
             with contextlib.suppress(Exception):
                 mon.close(timeout=max(0.0, deadline - time.monotonic()))
+    for mon in list(_LIVE):  # windows closing in threads of their own (Monitor._close_apart)
+        mon._join_apart(deadline)
 
 
 ROOT_HOOKS = "(model)"
@@ -256,7 +258,11 @@ class InputRing:
     A forward called with one tensor -- its only positional argument, or its only keyword
     argument (``model(pixel_values=x)``, as Hugging Face models are called, whose name is
     kept with it: :attr:`KeptInputs.key`) -- goes to a preallocated ring written with
-    ``index_copy_``: no per-batch allocation and no host/device synchronization.  Any other
+    ``index_copy_``: no per-batch allocation and no host/device synchronization.  Its samples
+    are copied before the forward runs (the forward may change its input in place) into a
+    spare buffer of the batch's size, reused (:class:`PendingSamples`), and enter the ring
+    when it has run (:meth:`commit`): a forward that raises -- a malformed request, a NaN input
+    a model refuses -- is not kept, and does not restart the ring with its shape.  Any other
     forward (a dict, a list of images, several tensors, a tensor and options) is kept as a
     whole call (:class:`~bnwatch.inputs.ModelCall`): :meth:`add_call` copies its arguments
     before the forward runs (:class:`PendingCall`), the forward's first BatchNorm input says
@@ -283,33 +289,70 @@ class InputRing:
         self._filled = 0
         self._calls: collections.deque[tuple[ModelCall, float]] = collections.deque()
         self._call_samples = 0
+        self._spares: list[torch.Tensor] = []  # for PendingSamples, reused
         # the tensors of the last call copied: (the caller's, its version, our copy)
         self._sources: list[tuple[weakref.ref[torch.Tensor], int, torch.Tensor]] = []
 
-    def add_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> PendingCall | None:
-        """Keep the inputs of a forward called with ``args`` and ``kwargs``: at once for one
-        tensor, or as the returned :class:`PendingCall` for :meth:`commit` once the forward
-        has said how many samples the call held."""
+    def add_call(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> PendingCall | PendingSamples | None:
+        """Copy the inputs of a forward called with ``args`` and ``kwargs``, before it runs:
+        :meth:`commit` keeps the copy once the forward has run (and, for a whole call, said how
+        many samples it held); :meth:`discard` forgets it when the forward raised."""
         if len(args) == 1 and not kwargs and _batch_tensor(args[0]):
-            self.add(args[0])
-        elif not args and len(kwargs) == 1 and _batch_tensor(x := next(iter(kwargs.values()))):
-            self.add(x, key=next(iter(kwargs)))
-        elif args or kwargs:
+            return self._stage(args[0])
+        if not args and len(kwargs) == 1 and _batch_tensor(x := next(iter(kwargs.values()))):
+            return self._stage(x, key=next(iter(kwargs)))
+        if args or kwargs:
             return PendingCall(self._copy(args, kwargs), time.time())
-        else:
-            self._warn("no arguments")
+        self._warn("no arguments")
         return None
 
     def add(self, x: torch.Tensor, key: str | None = None) -> None:
         """Keep the samples of ``x``, the forward's only argument (with ``key``: its only,
-        keyword argument of that name)."""
+        keyword argument of that name): :meth:`add_call` and :meth:`commit` in one."""
+        staged = self._stage(x, key)
+        if staged is not None:
+            self.commit(staged)
+
+    def _stage(self, x: torch.Tensor, key: str | None = None) -> PendingSamples | None:
+        """A copy of the samples of ``x`` (its last ``capacity``), in a spare buffer."""
         if x.shape[0] == 0:
-            return
+            return None
         now = time.time()
         x = x.detach()
         if x.shape[0] > self.capacity:
             x = x[-self.capacity :]
         n = int(x.shape[0])
+        with self._lock:
+            spare = self._spares.pop() if self._spares else None
+        if (
+            spare is None
+            or spare.shape[0] < n
+            or spare.shape[1:] != x.shape[1:]
+            or spare.dtype != x.dtype
+            or spare.device != x.device
+        ):
+            with torch.inference_mode(False):
+                spare = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        spare.narrow(0, 0, n).copy_(x)
+        return PendingSamples(spare, n, key, now)
+
+    def discard(self, pending: PendingCall | PendingSamples) -> None:
+        """Forget the copy of a call whose forward raised."""
+        if isinstance(pending, PendingSamples):
+            self._reuse(pending.rows)
+
+    def _reuse(self, spare: torch.Tensor) -> None:
+        with self._lock:
+            if len(self._spares) < _SPARE_BUFFERS:
+                self._spares.append(spare)
+
+    def _keep_samples(self, staged: PendingSamples) -> None:
+        """Put the samples :meth:`_stage` copied into the ring (restarted for another kind of
+        input)."""
+        n, key, now = staged.samples, staged.key, staged.arrived
+        x = staged.rows.narrow(0, 0, n)
         with self._lock:
             buf = self._buffer
             if (
@@ -334,6 +377,7 @@ class InputRing:
             self._arrived[: max(end - self.capacity, 0)] = now
             self._next = (self._next + n) % self.capacity
             self._filled = min(self.capacity, self._filled + n)
+        self._reuse(staged.rows)
 
     def _copy(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> ModelCall:
         """A copy of a call's arguments: tensors cloned (usable outside inference mode, as
@@ -356,8 +400,11 @@ class InputRing:
         self._sources = sources
         return call
 
-    def commit(self, pending: PendingCall) -> None:
-        """Keep a call :meth:`add_call` copied, now that its forward has run."""
+    def commit(self, pending: PendingCall | PendingSamples) -> None:
+        """Keep what :meth:`add_call` copied, now that its forward has run."""
+        if isinstance(pending, PendingSamples):
+            self._keep_samples(pending)
+            return
         n = pending.samples
         if n is None:
             self._warn("arguments that reached no BatchNorm layer")
@@ -427,6 +474,22 @@ class InputRing:
             last_at=_utc(max(times)),
             calls=tuple(map_tensors(call, clone, other=_copy_array) for call in calls),
         )
+
+
+_SPARE_BUFFERS = 8
+"""Spare buffers an :class:`InputRing` keeps for the copies of forwards in flight (one per
+thread running the model at once; more are allocated, and dropped)."""
+
+
+@dataclass
+class PendingSamples:
+    """The samples of a forward called with one tensor, copied before it runs into the first
+    ``samples`` rows of ``rows`` (a spare buffer, reused), waiting for it to succeed."""
+
+    rows: torch.Tensor
+    samples: int
+    key: str | None
+    arrived: float
 
 
 @dataclass
@@ -799,6 +862,7 @@ class Monitor:
         self._errors: Counter[str] = Counter()
         self._error_lock = threading.Lock()
         self._flush_lock = threading.Lock()
+        self._apart: list[threading.Thread] = []  # closing windows for a thread that cannot
         self._windows_closed = 0
         self._window_errors = 0
         self._latest: dict[str, LayerReport] = {}
@@ -823,7 +887,7 @@ class Monitor:
         if reference is not None:
             self._use_profile(reference)
 
-        _drop_detached(model)
+        drop_detached(model)
         # read by the hooks (a fork is a new process id: os.register_at_fork would miss
         # uWSGI's workers, forked in C): set before the first one is added
         self._pid = os.getpid()
@@ -954,6 +1018,10 @@ class Monitor:
         tl = self._tls
         try:
             depth = getattr(tl, "depth", 0)
+            if depth and not _forward_running(module):
+                # left by a forward that a BaseException ended (KeyboardInterrupt, SystemExit,
+                # gevent.Timeout): torch runs _root_post only on an Exception
+                depth = 0
             if depth == 0:
                 tl.t0 = start
                 tl.hook_time = 0.0
@@ -982,6 +1050,8 @@ class Monitor:
                     # a call is not kept
                     if output is not None or sys.exc_info()[1] is None:
                         ring.commit(pending)
+                    else:
+                        ring.discard(pending)
                 hook_time = tl.hook_time + (time.perf_counter() - end)
                 self._sampler.record(end - tl.t0, hook_time, tl.measure)
         except Exception as err:
@@ -1005,6 +1075,11 @@ class Monitor:
             else:  # a submodule called directly: no root forward to decide for us
                 if self._inherited():
                     return
+                if getattr(tl, "depth", None) is None:  # no watched forward in this thread yet
+                    model = self._model()
+                    if model is not None and _forward_running(model, _CALL_IMPL):
+                        return  # one that began before watch() (run again while serving)
+                    tl.depth = 0  # not one: this thread calls layers on their own
                 if not self._warned_standalone:
                     self._warned_standalone = True
                     logger.warning(
@@ -1109,10 +1184,10 @@ class Monitor:
                 layer.name: acc.collect(*seen[i])
                 for i, (layer, acc) in enumerate(zip(self._layers, self._accs, strict=True))
             }
-            self._unreported = [
-                counts if (stats is None or stats.n_batches == 0) else (0, 0)
-                for counts, stats in zip(seen, collected.values(), strict=True)
-            ]
+            self._unreported = []
+            for counts, (name, stats) in zip(seen, list(collected.items()), strict=True):
+                collected[name], carried = _seen_in_full(stats, counts)
+                self._unreported.append(carried)
             assessed: dict[str, LayerReport] = {}
             for layer in self._layers:
                 stats = collected[layer.name]
@@ -1141,10 +1216,13 @@ class Monitor:
                 )
             reports = decide(assessed, self.config)
             self._advance_warmup(collected)
-            for layer, acc in zip(self._layers, self._accs, strict=True):
+            for idx, (layer, acc) in enumerate(zip(self._layers, self._accs, strict=True)):
                 stats = collected[layer.name]
                 if stats is not None and stats.moments.n_samples:
-                    acc.update_shift(stats.moments.mean, stats.moments.var)
+                    try:  # for the windows to come: this one is reported whatever happens
+                        acc.update_shift(stats.moments.mean, stats.moments.var)
+                    except Exception as err:
+                        self._hook_failed(idx, err)
             if reports:
                 own = self.stats()
                 record = WindowRecord(
@@ -1261,8 +1339,23 @@ class Monitor:
         return self._sink
 
     def flush(self) -> dict[str, LayerReport]:
-        """Close the current window now and return its reports (layer name -> report)."""
+        """Close the current window now and return its reports (layer name -> report).
+
+        Called where this thread holds the locks a window's close takes -- from a signal
+        handler that interrupted a forward of the watched model, or a sink's write -- the
+        window is closed by a thread of its own once they are released, and nothing is
+        returned (:meth:`_close_apart`)."""
+        if self._holding():
+            self._close_apart(self._flush_logged)
+            return {}
         return self._close_window()
+
+    def _flush_logged(self) -> None:
+        try:
+            self._close_window()
+        except Exception:
+            self._window_errors += 1
+            logger.exception("bnwatch: closing a window failed")
 
     def adopt_running_statistics(self, change: Callable[[], object] | None = None) -> None:
         """Take the layers' current running statistics as the new reference of the
@@ -1328,7 +1421,11 @@ class Monitor:
         monitor writes to it too (one sink passed to several ``watch()`` calls), which then
         closes it when it closes.
 
-        Idempotent.  Returns the last window's reports (empty if it saw no data).
+        Idempotent.  Returns the last window's reports (empty if it saw no data).  Called
+        where this thread holds locks that closing takes -- the window thread (a sink's write),
+        or a signal handler (SIGTERM in a server's worker) that interrupted a forward of the
+        watched model or a window's close -- it returns at once, and a thread of its own closes
+        the last window and the sink once they are released (:meth:`_close_apart`).
         """
         if self._inherited() or self._closed:
             return {}
@@ -1336,13 +1433,39 @@ class Monitor:
         self._remove_hooks()
         self._stop.set()
         self._finalizer.detach()  # closed now: nothing left for the collector to do
-        if self._thread is threading.current_thread():  # from a sink's write, say
-            finish = threading.Thread(
-                target=self._finish_close, args=(timeout,), name="bnwatch-close", daemon=True
-            )
-            finish.start()  # after this window, which holds the flush lock, is done
+        if self._thread is threading.current_thread() or self._holding():
+            self._close_apart(self._finish_close, timeout)
             return {}
         return self._finish_close(timeout)
+
+    def _holding(self) -> bool:
+        """Whether this thread runs inside a monitor's hook, or a method that holds a lock
+        closing a window takes (the flush lock, the error count's): it may hold one -- an
+        accumulator's, in a hook -- and would wait for itself for ever.  A signal handler runs
+        on top of the frames it interrupted, so the stack says; looked at here, not marked in
+        the hooks, which run for every layer of every forward."""
+        holding = {Monitor._close_window.__code__, Monitor.stats.__code__}
+        holding.add(Monitor.adopt_running_statistics.__code__)
+        frame: FrameType | None = sys._getframe(1)
+        while frame is not None:
+            if frame.f_code in _frames_skipped or frame.f_code in holding:
+                return True
+            frame = frame.f_back
+        return False
+
+    def _close_apart(self, target: Callable[..., object], *args: object) -> None:
+        """Run ``target`` (closing a window) in a thread of its own: it starts at once and waits
+        for the locks this thread holds, which it cannot wait for.  A signal handler that exits
+        the process next is covered: an interpreter's exit waits for it
+        (:func:`_close_at_exit`, within its time)."""
+        apart = threading.Thread(target=target, args=args, name="bnwatch-close", daemon=True)
+        self._apart = [t for t in self._apart if t.is_alive()] + [apart]
+        apart.start()
+
+    def _join_apart(self, deadline: float) -> None:
+        """Wait, until ``deadline`` (``time.monotonic()``), for :meth:`_close_apart`'s threads."""
+        for apart in list(self._apart):
+            apart.join(max(0.0, deadline - time.monotonic()))
 
     def _finish_close(self, timeout: float | None) -> dict[str, LayerReport]:
         reports: dict[str, LayerReport] = {}
@@ -1384,6 +1507,27 @@ class Monitor:
             f"<bnwatch.Monitor {self.model_name}@{self.version} {state} "
             f"{len(self._layers)} BatchNorm layers, window {self.window_seconds}s>"
         )
+
+
+def _seen_in_full(
+    stats: LayerStats | None, seen: tuple[int, int]
+) -> tuple[LayerStats | None, tuple[int, int]]:
+    """A layer's window with at least the batches and samples it measured as seen, and the
+    (batches, samples) carried to the next window.
+
+    A window that measured nothing is not reported: what it saw is carried.  A forward in
+    flight as the window closes is counted as seen after the counters were read and may be
+    measured before the window is collected: it is reported as seen with the window that
+    measured it (the store's totals had fewer samples seen than measured), and taken off the
+    next window's count, which holds it (a negative carry)."""
+    if stats is None or stats.n_batches == 0:
+        return stats, seen
+    measured = (stats.n_batches, sum(size * count for size, count in stats.batch_sizes.items()))
+    if seen[0] >= measured[0] and seen[1] >= measured[1]:
+        return stats, (0, 0)
+    shown = (max(seen[0], measured[0]), max(seen[1], measured[1]))
+    stats = dataclasses.replace(stats, batches_seen=shown[0], samples_seen=shown[1])
+    return stats, (seen[0] - shown[0], seen[1] - shown[1])
 
 
 def _ratio(hook: float, model: float) -> float:
@@ -1448,14 +1592,16 @@ def _skip_frame(code: CodeType) -> None:
     _frames_skipped.add(code)
 
 
-def _drop_detached(model: nn.Module) -> None:
+def drop_detached(model: nn.Module) -> None:
     """Remove the no-op hooks a copy of a watched model carries (:class:`Detached`): the model
-    is watched anew, and they would only cost a call each."""
+    is watched anew (or recalibrated), and they would only cost a call each."""
     for module in model.modules():
         for hooks in (module._forward_pre_hooks, module._forward_hooks):
             for key in [k for k, hook in hooks.items() if isinstance(hook, Detached)]:
                 del hooks[key]
                 module._forward_hooks_always_called.pop(key, None)
+                module._forward_pre_hooks_with_kwargs.pop(key, None)
+                module._forward_hooks_with_kwargs.pop(key, None)
 
 
 def _never() -> bool:
@@ -1464,6 +1610,32 @@ def _never() -> bool:
 
 def _nothing() -> None:
     return None
+
+
+_CALL_IMPL = nn.Module._call_impl.__code__
+
+
+def _forward_running(model: nn.Module, also: CodeType | None = None) -> bool:
+    """Whether a forward of ``model`` runs in this thread outside the module call whose hook
+    calls this.  A look at the stack, taken only where the forward depth cannot say: in a root
+    pre-hook at a depth above 0 (a model that calls itself -- or a forward that a BaseException
+    ended, which left the depth behind), in a BatchNorm hook of a thread that has not run a
+    watched forward (a forward that began before ``watch()``).  torch's frame that calls a
+    module's hooks holds the module as ``self``, and so does that of an outer forward of the
+    model -- or, with ``also=_call_impl``'s code, its ``_call_impl`` when it began without
+    hooks."""
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None and frame.f_code not in _frames_skipped:  # to the hook's wrapper
+        frame = frame.f_back
+    if frame is None or (caller := frame.f_back) is None:
+        return True  # called otherwise than thought: as before
+    codes = (caller.f_code, also)
+    outer = caller.f_back
+    while outer is not None:
+        if outer.f_code in codes and outer.f_locals.get("self") is model:
+            return True
+        outer = outer.f_back
+    return False
 
 
 _whole_graph_warned = False

@@ -315,6 +315,13 @@ class StoreSink:
                     with self._lock:  # close() gave up: count the batch in hand as dropped
                         self._dropped += in_hand
                     self._done(in_hand)
+                    logger.error(
+                        "bnwatch: %d window(s) could not be stored in %s before close() timed "
+                        "out (%s)",
+                        in_hand,
+                        redacted(self.url),
+                        self._last_error,
+                    )
                     return
                 backoff = min(backoff * 2, self._retry_max)
                 continue

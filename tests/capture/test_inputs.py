@@ -4,6 +4,7 @@ first, and when they arrived."""
 from __future__ import annotations
 
 import logging
+import math
 from datetime import datetime, timezone
 from typing import Any
 
@@ -193,6 +194,40 @@ def test_a_forward_that_raises_keeps_nothing_and_raises_its_own_error(
         assert dict(mon.stats().hook_errors) == {}
     assert kept is not None and [c.samples for c in kept.calls] == [1]
     assert not [r for r in caplog.records if "keep_inputs" in r.getMessage()]
+
+
+class _Refuses(nn.Module):
+    """Refuses (ValueError) a batch whose BatchNorm output holds a NaN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3)).eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.net(x)
+        if out.isnan().any():
+            raise ValueError("invalid request")
+        return out
+
+
+def test_a_forward_of_one_tensor_that_raises_is_not_kept_and_restarts_nothing() -> None:
+    """A forward called with one tensor was kept before it ran: the NaN input the model
+    refused was kept, and one malformed request (another feature count, which the model's
+    first layer refuses) restarted the ring with its shape -- the kept inputs became that one
+    request, and a recalibration on them had nothing to run on."""
+    model = _Refuses()
+    with bnwatch.watch(model, keep_inputs=6, overhead_budget=None, window_seconds=None) as mon:
+        model(rows(0, 1))
+        with pytest.raises(ValueError, match="invalid request"):
+            model(rows(2, 3) * math.nan)
+        with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+            model(torch.zeros(2, 5))
+        x = rows(4, 5)
+        model(x)
+        x.fill_(-1.0)  # the caller reuses its buffer: what was kept is a copy
+        model(rows(6, 7, 8))  # wraps around
+        kept = mon.kept_inputs()
+    assert firsts(kept) == [1, 4, 5, 6, 7, 8]
 
 
 def test_the_kind_of_input_changing_restarts_the_ring() -> None:

@@ -211,6 +211,51 @@ def test_the_monitor_watched_again_stops_measuring_before_the_new_one_starts(
     second.close()
 
 
+class _Held(nn.Module):
+    """Waits between its BatchNorm layers, when told to, until released."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(3)
+        self.bn2 = nn.BatchNorm2d(3)
+        self.hold = False
+        self.inside = threading.Event()
+        self.release = threading.Event()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn1(x)
+        if self.hold:
+            self.inside.set()
+            self.release.wait(30)
+        out: torch.Tensor = self.bn2(y)
+        return out
+
+
+def test_watch_run_again_while_a_forward_runs_does_not_take_it_for_direct_calls(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The new monitor's layer hooks ran in the forwards in flight, which its root pre-hook
+    had not seen begin: it warned that the layers ran outside a forward of the model, and
+    measured them as direct calls of the layers."""
+    model = _Held().eval()
+    full_watch(model)
+    x = torch.randn(2, 3, 4, 4)
+    model.hold = True
+    serving = threading.Thread(target=model, args=(x,), daemon=True)
+    serving.start()
+    assert model.inside.wait(30)
+    with caplog.at_level(logging.WARNING, logger="bnwatch"):
+        second = full_watch(model)  # replaces the first
+        model.release.set()
+        serving.join(timeout=30)
+    assert not serving.is_alive()
+    assert "ran outside a forward" not in caplog.text
+    model.hold = False
+    model(x)
+    assert {name: r.n_batches for name, r in second.flush().items()} == {"bn1": 1, "bn2": 1}
+    second.close()
+
+
 class _CallbackSink(MemorySink):
     """A sink that runs ``on_write`` on every window (from the monitor's window thread)."""
 
@@ -262,6 +307,102 @@ def test_close_returns_within_its_timeout_when_a_sink_blocks(
     assert any("did not finish within 0.3 s" in r.getMessage() for r in caplog.records)
     assert bn_hooks(model) == 0
     release.set()
+
+
+@pytest.mark.parametrize("call", ["close", "flush"])
+def test_close_or_flush_from_a_signal_handler_inside_a_hook_neither_hangs_nor_loses_the_window(
+    call: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SIGTERM handler (a gunicorn or TorchServe worker's graceful shutdown) runs close() or
+    flush() in the thread it interrupts -- here inside a layer's hook, in its accumulator,
+    whose lock the window's close takes: the process hung for ever.  The handler then exits
+    (SystemExit), as handlers do; the window is still delivered, and an exiting interpreter
+    waits for it."""
+    model = small_cnn().eval()
+    sink = _CallbackSink(lambda: None)
+    mon = bnwatch.watch(model, store=sink, window_seconds=None, overhead_budget=None)
+    for x in inputs(2):
+        model(x)
+    acc = mon._accs[0]
+    reduce = acc._reduce
+
+    def interrupted(xs: torch.Tensor) -> None:  # the signal lands with the lock held
+        reduce(xs)
+        assert getattr(mon, call)() == {}  # the handler
+        raise SystemExit(0)
+
+    monkeypatch.setattr(acc, "_reduce", interrupted)
+    exited = threading.Event()
+
+    def serve() -> None:
+        try:
+            model(torch.randn(5, 3, 8, 8))  # another batch size: the general path
+        except SystemExit:
+            exited.set()
+
+    worker = threading.Thread(target=serve, daemon=True)
+    worker.start()
+    worker.join(timeout=20)
+    assert exited.is_set(), f"{call}() from inside a hook waited for a lock its thread held"
+    mon._join_apart(time.monotonic() + 20)  # as an exiting interpreter does (_close_at_exit)
+    assert sink.closes == (call == "close")
+    (window,) = sink.windows  # the interrupted batch is not in it: its rows were dropped
+    assert {name: r.n_batches for name, r in window.reports.items()} == {"1": 2, "3.1": 2, "7": 2}
+    mon.close()
+    assert sink.closes == 1 and len(sink.windows) == 1
+
+
+class _Interruptible(nn.Module):
+    """Raises ``interrupt`` between its BatchNorm layers, when set; calls itself once on its
+    output when ``again``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(3)
+        self.bn2 = nn.BatchNorm2d(3)
+        self.interrupt: type[BaseException] | None = None
+
+    def forward(self, x: torch.Tensor, again: bool = False) -> torch.Tensor:
+        y = self.bn1(x)
+        if self.interrupt is not None:
+            raise self.interrupt
+        out: torch.Tensor = self.bn2(y)
+        return self(out) if again else out
+
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, SystemExit])
+def test_a_forward_ended_by_a_base_exception_leaves_the_next_ones_watched(
+    interrupt: type[BaseException],
+) -> None:
+    """torch runs an always-called forward hook on an Exception only: a forward ended by a
+    KeyboardInterrupt (a notebook), a SystemExit (a signal handler) or a gevent.Timeout left
+    its thread's forward depth at 1, and the thread's later forwards went uncounted, measured
+    outside the budget (or never), their inputs never kept."""
+    model = _Interruptible().eval()
+    mon = full_watch(model, keep_inputs=16, sample_every=2)
+    x = torch.randn(2, 3, 4, 4)
+    model(x)  # measured
+    model.interrupt = interrupt
+    with pytest.raises(interrupt):
+        model(x)  # not measured (one in two), and not counted
+    model.interrupt = None
+    for _ in range(4):
+        model(x)  # the second and the fourth measured
+    kept = mon.kept_inputs()
+    assert kept is not None and kept.samples == 6  # the measured forwards'
+    model(x, again=True)  # measured, and its call of itself with it: one forward
+    stats = mon.stats()
+    assert (stats.forwards, stats.forwards_measured) == (6, 4)
+    reports = mon.flush()
+    assert (reports["bn1"].n_batches, reports["bn2"].n_batches) == (5, 5)
+    model.interrupt = interrupt
+    with pytest.raises(interrupt):
+        model(x)  # measured: its first layer's batch is
+    model.interrupt = None
+    model(x)  # not measured: the interrupted one took its turn
+    model(x)
+    assert mon.flush()["bn2"].n_batches == 1 and mon.stats().forwards == 8
+    mon.close()
 
 
 def test_a_monitor_whose_model_is_dropped_is_collected_with_its_thread() -> None:
@@ -878,6 +1019,41 @@ def test_traffic_of_a_window_that_measured_nothing_is_counted_with_the_next() ->
     for name in emitted[0]:
         assert sum(w[name].stats.batches_seen for w in emitted if w) == forwards
         assert sum(w[name].stats.samples_seen for w in emitted if w) == forwards * 4
+
+
+def test_a_forward_in_flight_as_a_window_closes_is_seen_where_it_is_measured(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A forward of another thread counted as seen just after the window read the counters,
+    and measured just before it collected the layers, was reported as measured in that window
+    and as seen in the next: a window measured more samples than it saw, and when the next
+    measured nothing (the last, on close) the store's totals kept it so (764 seen, 784
+    measured)."""
+    model = small_cnn().eval()
+    mon = full_watch(model)
+    x = inputs(1)[0]
+    model(x)
+    take = mon._seen.take
+
+    def take_then_forward() -> list[tuple[int, int]]:
+        counts = take()
+        monkeypatch.setattr(mon._seen, "take", take)  # once
+        worker = threading.Thread(target=model, args=(x,))
+        worker.start()
+        worker.join(timeout=30)
+        return counts
+
+    monkeypatch.setattr(mon._seen, "take", take_then_forward)
+    windows = [mon.flush(), mon.flush()]
+    model(x)
+    windows.append(mon.flush())
+    mon.close()
+    assert [bool(w) for w in windows] == [True, False, True]
+    for name in ("1", "3.1", "7"):
+        for w in (windows[0], windows[2]):
+            assert w[name].stats.batches_seen >= w[name].n_batches
+            assert w[name].stats.samples_seen >= w[name].n_samples
+        assert [w[name].stats.batches_seen for w in windows if w] == [2, 1]
 
 
 def test_profiling_a_watched_model_is_not_production_traffic() -> None:
@@ -1562,3 +1738,41 @@ def test_a_zero_reference_variance_with_eps_zero_is_an_infinite_kl_and_no_warnin
         r = mon.flush()["0"]
     mon.close()
     assert np.isfinite(r.kl[0]) and r.kl[1] == np.inf and np.isinf(r.d[1])
+
+
+def test_a_variance_beyond_float32_is_reported_without_a_warning() -> None:
+    """A diverged model (std 1e20: variance 1e40, beyond float32): the window's close cast it
+    to float32 for the next windows' shift, which overflowed and warned -- under
+    warnings-as-errors, after the window was taken, so it was lost."""
+    model = nn.Sequential(nn.BatchNorm1d(4), nn.Linear(4, 4), nn.BatchNorm1d(4)).eval()
+    sink = MemorySink()
+    mon = bnwatch.watch(model, store=sink, window_seconds=None, overhead_budget=None)
+    g = torch.Generator().manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for scale in (1.0, 1e20, 1.0):
+            with torch.no_grad():
+                model(torch.randn(8, 4, generator=g) * scale)
+            assert set(mon.flush()) == {"0", "2"}
+    mon.close()
+    assert len(sink.windows) == 3 and mon.stats().hook_errors == {}
+    assert sink.windows[1].reports["0"].var.min() > 1e38
+
+
+def test_a_failure_preparing_the_next_windows_does_not_lose_this_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The shift for the windows to come is set from a window's statistics before the window
+    goes to the sink: an error there lost the window."""
+
+    def fails(self: LayerAccumulator, mean: Any, var: Any) -> None:
+        raise RuntimeError("simulated")
+
+    monkeypatch.setattr(LayerAccumulator, "update_shift", fails)
+    model = small_cnn().eval()
+    sink = MemorySink()
+    mon = bnwatch.watch(model, store=sink, window_seconds=None, overhead_budget=None)
+    model(inputs(1)[0])
+    assert set(mon.flush()) == {"1", "3.1", "7"}
+    mon.close()
+    assert len(sink.windows) == 1 and mon.stats().hook_errors == {"1": 1, "3.1": 1, "7": 1}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -441,6 +442,27 @@ def test_a_window_written_after_close_is_dropped_and_counted(
     assert sink.flush(timeout=5)
     sink.close()  # idempotent
     assert stored(db_url) == 3
+
+
+def test_windows_in_hand_when_close_gives_up_are_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The batch the writer held when close()'s timeout expired (the database away) was
+    counted as dropped without a word; only what was still queued was logged."""
+    records = record_windows(1)
+    sink = StoreSink("postgresql://nobody@127.0.0.1:1/none", batch_size=10, retry_initial=5.0)
+    for _ in range(3):
+        sink.write(renamed(records[0]))
+    assert wait_for(lambda: sink.stats().failures >= 1)  # one or more of them in hand
+    with caplog.at_level(logging.ERROR, logger="bnwatch"):
+        sink.close(timeout=0.2)
+    assert sink.stats().dropped == 3
+    said = [
+        re.match(r"bnwatch: (\d+) window\(s\) could not be stored in postgresql://", m)
+        for m in caplog.messages
+        if "before close() timed out" in m
+    ]
+    assert sum(int(m.group(1)) for m in said if m is not None) == 3
 
 
 def test_flush_after_a_close_that_gave_up_returns_at_once() -> None:
