@@ -298,6 +298,7 @@ def watch(
         check_text("source", source)
     layers = discover(model, include, exclude)
     check_layer_paths(model, layers)  # module paths are stored too: fail here
+    triggers = _check_triggers(triggers)
     pipeline = None
     if token is not None and not is_service_url(store):
         raise ConfigError("token", "<hidden>", "None unless store is an http(s):// service URL")
@@ -329,12 +330,26 @@ def watch(
                 "False when every watched BatchNorm layer is frozen (FrozenBatchNorm2d): "
                 "frozen layers are watched but never recalibrated",
             )
-        # recalibration runs the whole model's BatchNorm layers in training mode, where torch
-        # refuses eps=0: every triggered recalibration would fail, on every alert
-        no_eps = [
-            layer.name
+        # what a triggered recalibrate() takes (layers=None): the model's BatchNorm layers
+        # that are not frozen and have running statistics (the others it leaves out)
+        recalibrated = [
+            layer
             for layer in discover(model)
-            if not layer.frozen and not float(getattr(layer.module, "eps", 1.0)) > 0
+            if not layer.frozen
+            and getattr(layer.module, "running_mean", None) is not None
+            and getattr(layer.module, "running_var", None) is not None
+        ]
+        if not recalibrated:
+            raise ConfigError(
+                "recalibrate",
+                recalibrate,
+                "False for a model whose BatchNorm layers are all frozen or without running "
+                "statistics (track_running_stats=False): it has none to recalibrate",
+            )
+        # recalibration runs those layers in training mode, where torch refuses eps=0: every
+        # triggered recalibration would fail, on every alert
+        no_eps = [
+            layer.name for layer in recalibrated if not float(getattr(layer.module, "eps", 1.0)) > 0
         ]
         if no_eps:
             raise ConfigError(
@@ -415,6 +430,29 @@ def watch(
         policy = recalibrate if isinstance(recalibrate, TriggerPolicy) else TriggerPolicy()
         pipeline.triggers.append(Trigger(RecalibrateAction(model, monitor), policy))
     return monitor
+
+
+def _check_triggers(triggers: Sequence[Trigger]) -> tuple[Trigger, ...]:
+    """``watch(triggers=)``: :class:`bnwatch.triggers.Trigger` objects only.  An action
+    given as it is (a ``CallbackAction``, a ``WebhookAction``) would fail after every stored
+    batch, and never act."""
+    if not triggers:
+        return ()
+    from bnwatch.triggers import Trigger
+
+    wrong: object = triggers  # one trigger (or action), not in a list
+    if not isinstance(triggers, Trigger) and isinstance(triggers, Iterable):
+        given = list(triggers)
+        wrong = next((t for t in given if not isinstance(t, Trigger)), None)
+        if wrong is None:
+            return tuple(given)
+    raise ConfigError(
+        "triggers",
+        type(wrong).__name__,
+        "a list of bnwatch.triggers.Trigger objects: wrap an action in one, with the "
+        "policy of when it acts, e.g. triggers=[Trigger(CallbackAction(fn), "
+        "TriggerPolicy(...))]",
+    )
 
 
 def _twins(

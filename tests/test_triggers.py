@@ -324,6 +324,76 @@ def test_watch_refuses_to_recalibrate_a_model_with_an_eps_0_batchnorm(db_url: st
     bnwatch.watch(model, store=db_url, window_seconds=None).close()  # watched: fine
 
 
+def test_watch_recalibrates_a_model_with_a_layer_without_running_statistics(
+    db_url: str,
+) -> None:
+    """Such a layer is left out of a triggered recalibration (every one failed on it, and
+    spent the daily cap); only a model with no layer left to recalibrate is refused."""
+    model: Any = small_cnn()
+    model[4] = torch.nn.BatchNorm2d(4, track_running_stats=False)
+    mon = recalibrating_monitor(model, db_url, TriggerPolicy(cooldown_seconds=0))
+    feed(model, mon, batches(32, seed=1), every=8)
+    feed(model, mon, batches(48, seed=2, shift=2.5), every=16)
+    mon.close()
+    engine = engine_for(db_url)
+    try:
+        recs = Repository(engine).recalibrations()
+    finally:
+        engine.dispose()
+    assert recs and recs[-1].status == "applied", recs
+    assert recs[-1].outcome is not None
+    assert recs[-1].outcome["left_out"] == {
+        "4": "no running statistics (track_running_stats=False)"
+    }
+    model[1] = torch.nn.BatchNorm2d(6, track_running_stats=False)
+    model[7] = torch.nn.BatchNorm1d(5, track_running_stats=False)
+    with pytest.raises(ConfigError, match=r"recalibrate.*track_running_stats=False.*none to"):
+        bnwatch.watch(model, store=db_url, keep_inputs=256, recalibrate=True)
+
+
+def test_watch_refuses_actions_given_as_triggers(db_url: str) -> None:
+    """An action passed as a trigger failed after every stored batch, never ran, and kept
+    ``recalibrate=True``'s trigger from running too."""
+    action = CallbackAction(lambda event: None)
+    for given in ([action], action, [Trigger(action), WebhookAction("http://x", "s")]):
+        with pytest.raises(ConfigError, match=r"triggers=.*wrap an action.*Trigger\(Callback"):
+            bnwatch.watch(small_cnn(), store=db_url, triggers=given)  # type: ignore[arg-type]
+
+
+class _Recording(Trigger):
+    """A trigger that notes the alerts it was given, or raises on them."""
+
+    def __init__(self, fail: bool) -> None:
+        super().__init__(CallbackAction(lambda event: None))
+        self.fail = fail
+        self.given: list[Any] = []
+
+    def on_alerts(self, repository: Any, changes: Any, *, now: Any = None) -> Any:
+        if self.fail:
+            raise AttributeError("broken")
+        self.given.append(changes)
+        return []
+
+    def check_open(self, *args: Any, **kwargs: Any) -> Any:
+        return []
+
+    def claim_requested(self, *args: Any, **kwargs: Any) -> Any:
+        return []
+
+
+def test_a_trigger_that_raises_does_not_stop_the_others(caplog: pytest.LogCaptureFixture) -> None:
+    class _Engine:
+        def on_stored(self, repository: Any, records: Any) -> list[Any]:
+            return ["change"]
+
+    broken, working = _Recording(fail=True), _Recording(fail=False)
+    pipeline = trigger_core.AlertPipeline(_Engine(), [broken, working])  # type: ignore[arg-type]
+    record = type("Record", (), {"model": "cnn", "version": "1"})()
+    pipeline.on_stored(None, [record])  # type: ignore[arg-type]
+    assert working.given == [["change"]]
+    assert "trigger CallbackAction failed" in caplog.text and "broken" in caplog.text
+
+
 def test_policy_validation_names_the_field() -> None:
     with pytest.raises(ConfigError, match="kinds"):
         TriggerPolicy(kinds=("weather",))

@@ -38,7 +38,7 @@ import copy
 import functools
 import math
 import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from typing import Any, Literal
 
 import numpy as np
@@ -48,10 +48,17 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnwatch.capture.accumulator import LayerAccumulator
 from bnwatch.capture.discovery import BatchNormLayer, discover
-from bnwatch.capture.monitor import unwatched, watching
+from bnwatch.capture.monitor import drop_detached, unwatched, watching
 from bnwatch.capture.profile import check_finite_values, data_errors
 from bnwatch.errors import BnwatchError, ConfigError, ShapeError, check_positive_int
-from bnwatch.inputs import Forward, check_data, check_forward, model_input, whole_batches
+from bnwatch.inputs import (
+    Forward,
+    check_data,
+    check_forward,
+    count_samples,
+    model_input,
+    whole_batches,
+)
 from bnwatch.recalibration import distributed
 from bnwatch.recalibration.result import (
     BatchNormBuffers,
@@ -66,6 +73,12 @@ TENSOR_BATCH = 64
 
 MIN_SAMPLES = 16
 """Default ``min_samples`` of :func:`recalibrate`: fewer samples give noise, not statistics."""
+
+FROZEN = "frozen"
+"""Why a frozen BatchNorm layer is left out (:attr:`RecalibrationResult.left_out`)."""
+
+NO_RUNNING_STATISTICS = "no running statistics (track_running_stats=False)"
+"""Why a BatchNorm layer without running statistics is left out."""
 
 Method = Literal["precise", "mix"]
 METHODS: tuple[str, ...] = ("precise", "mix")
@@ -156,53 +169,58 @@ def recalibrate(
         device: move inputs there (default: the device of the model's first parameter).
 
     Under ``torch.distributed`` every rank calls this with its own shard of ``data`` (and of
-    ``held_out``, if any rank passes it, then every rank must, even an empty one) and the same
-    other arguments; all ranks end with the same statistics, judgement and status.
+    ``held_out``, if any rank passes it, then every rank must, even an empty one: else every
+    rank raises ``ConfigError``) and the same other arguments; all ranks end with the same
+    statistics, judgement and status, or errors: a rank whose arguments are refused raises its
+    error, and the others :class:`RankFailedError` at once.
 
     Raises:
         NoBatchNormError: the model (or ``layers``) has no BatchNorm layer.
         FrozenLayersError: all of them are frozen (see the module docstring).
-        ConfigError: some have no running statistics.
+        ConfigError: ``layers`` matches a layer without running statistics
+            (``track_running_stats=False``), or no layer with them is left (with
+            ``layers=None`` those without are left out, as frozen layers are: see
+            ``result.left_out``).
         NotEnoughDataError: fewer than ``min_samples`` samples (on all ranks together).
         NonFiniteDataError: a layer received fewer than 2 finite values in some channel (its
             inputs were NaN or infinite); the model is left untouched.
         ShapeError: the data does not fit the model; the model is left untouched.
         RankFailedError: another rank raised; nothing changed on this one either.
     """
-    if method not in METHODS:
-        raise ConfigError("method", method, f"one of {list(METHODS)}")
-    check_positive_int("num_samples", num_samples)
-    check_positive_int("min_samples", min_samples)
-    check_forward(forward)
-    if (
-        isinstance(prior_strength, bool)
-        or not isinstance(prior_strength, (int, float))
-        or not (0 <= prior_strength < math.inf)
-    ):
-        raise ConfigError("prior_strength", prior_strength, "a number of samples >= 0")
-    if apply not in (True, False, "if_better"):
-        raise ConfigError("apply", apply, "True, False or 'if_better'")
     if isinstance(data, torch.Tensor):
         data = torch.split(data, TENSOR_BATCH)
     if isinstance(held_out, torch.Tensor):
         held_out = torch.split(held_out, TENSOR_BATCH)
-    check_data("data", data)
-    if held_out is not None:
-        check_data("held_out", held_out)
     live = model
-    if watching(model.modules()):
-        # a watched model is served: its passes run on a copy -- BatchNorm layers normalizing
-        # by batch, with momentum 1, would change what every other thread's forward returns,
-        # and feed their batches into the statistics -- and the live model changes only when
-        # the result is applied
-        model = hook_free_copy(model)
-    selected = _select(model, layers)
-    target_device = torch.device(device) if device is not None else _model_device(model)
-    before = {layer.name: _buffers(layer.module) for layer in selected}
-    # each rank measures its shard; every rank merges all of them, in rank order
-    parts = distributed.exchange(
-        lambda: _measure(
-            model,
+    # what this rank prepared: the model measured (a copy of a watched one), its layers
+    local: dict[str, Any] = {}
+
+    def prepare_and_measure() -> tuple[dict[str, ChannelMoments | None], int, bool]:
+        # the arguments are checked inside the first exchange: a rank whose arguments are
+        # wrong (its data None) raises its error, and the others RankFailedError at once --
+        # checked before it, they waited in the exchange until the process group's timeout
+        _check_arguments(method, num_samples, min_samples, forward, prior_strength, apply)
+        check_data("data", data)
+        if held_out is not None:
+            check_data("held_out", held_out)
+        measured = live
+        if watching(live.modules()):
+            # a watched model is served: its passes run on a copy -- BatchNorm layers
+            # normalizing by batch, with momentum 1, would change what every other thread's
+            # forward returns, and feed their batches into the statistics -- and the live
+            # model changes only when the result is applied
+            measured = hook_free_copy(live)
+        selected, left_out = _select(measured, layers)
+        target_device = torch.device(device) if device is not None else _model_device(measured)
+        local.update(
+            model=measured,
+            selected=selected,
+            left_out=left_out,
+            device=target_device,
+            before={layer.name: _buffers(layer.module) for layer in selected},
+        )
+        moments, seen = _measure(
+            measured,
             selected,
             data,
             method,
@@ -213,13 +231,24 @@ def recalibrate(
             target_device,
             _show_progress(progress),
         )
-    )
-    seen = sum(samples for _, samples in parts)
+        return moments, seen, held_out is not None
+
+    # each rank measures its shard; every rank merges all of them, in rank order
+    parts = distributed.exchange(prepare_and_measure)
+    if len({judged for _, _, judged in parts}) > 1:  # the judgement is a collective too
+        raise ConfigError(
+            "held_out",
+            "passed on some ranks only",
+            "held-out data on every rank (an empty shard where a rank has none) or on none",
+        )
+    model, selected, before = local["model"], local["selected"], local["before"]
+    target_device = local["device"]
+    seen = sum(samples for _, samples, _ in parts)
     if seen < min_samples:
         raise NotEnoughDataError(seen, min_samples)
     updates = []
     for layer in selected:
-        m = ChannelMoments.merge_present(moments[layer.name] for moments, _ in parts)
+        m = ChannelMoments.merge_present(moments[layer.name] for moments, _, _ in parts)
         if m is None:
             raise BnwatchError(
                 f"layer {layer.name!r} received no data during recalibration: the model's "
@@ -247,6 +276,7 @@ def recalibrate(
         prior_strength=prior_strength if method == "mix" else None,
         samples=seen,
         updates=updates,
+        left_out=local["left_out"],
     )
     if held_out is not None:
         evaluate(
@@ -266,37 +296,88 @@ def recalibrate(
     return result
 
 
+def _check_arguments(
+    method: str,
+    num_samples: int,
+    min_samples: int,
+    forward: Forward | None,
+    prior_strength: float,
+    apply: bool | str,
+) -> None:
+    if method not in METHODS:
+        raise ConfigError("method", method, f"one of {list(METHODS)}")
+    check_positive_int("num_samples", num_samples)
+    check_positive_int("min_samples", min_samples)
+    check_forward(forward)
+    if (
+        isinstance(prior_strength, bool)
+        or not isinstance(prior_strength, (int, float))
+        or not (0 <= prior_strength < math.inf)
+    ):
+        raise ConfigError("prior_strength", prior_strength, "a number of samples >= 0")
+    if apply not in (True, False, "if_better"):
+        raise ConfigError("apply", apply, "True, False or 'if_better'")
+
+
 # --------------------------------------------------------------------------------------------
 def hook_free_copy(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` without any of its hooks (a monitor's hooks must not run, or
-    be copied, when the copy is recalibrated)."""
-    memo: dict[int, Any] = {}
-    for module in model.modules():
-        for name, value in vars(module).items():
-            hooks = name.endswith(("hooks", "hooks_with_kwargs", "hooks_always_called"))
-            if name.startswith("_") and hooks and isinstance(value, (dict, set)):
-                memo[id(value)] = type(value)()
-    return copy.deepcopy(model, memo)
+    """A deep copy of ``model`` without the hooks of bnwatch's monitors, with its own hooks.
+
+    The copy is what a recalibration of a served model measures and judges: its forwards must
+    not reach a monitor -- they are not production traffic, and no monitor must measure
+    another model's activations against the live model's running statistics -- and a monitor
+    (threads, locks) does not copy.  Every monitor's hook copies as a no-op
+    (:class:`~bnwatch.capture.monitor.Detached`, whichever monitor put it there), which is
+    then removed.  The model's other hooks -- input preprocessing in a forward pre-hook, say
+    -- are part of what it computes: they are copied as ``copy.deepcopy`` copies them, so the
+    copy computes what the model serves (global hooks, ``register_module_forward_hook``, run
+    on every module anyway).
+    """
+    copied = copy.deepcopy(model)
+    drop_detached(copied)
+    return copied
 
 
-def _select(model: nn.Module, layers: str | Sequence[str] | None) -> list[BatchNormLayer]:
-    """The layers to recalibrate: those ``layers`` matches, frozen ones left out -- the layers
-    after a frozen BatchNorm were trained on what its fixed statistics make of their input, so
-    new statistics would change what they see, not restore it."""
+def _select(
+    model: nn.Module, layers: str | Sequence[str] | None
+) -> tuple[list[BatchNormLayer], dict[str, str]]:
+    """The layers to recalibrate, and those left out with why.
+
+    Frozen layers are left out -- the layers after a frozen BatchNorm were trained on what its
+    fixed statistics make of their input, so new statistics would change what they see, not
+    restore it -- and so, with ``layers=None``, are layers without running statistics
+    (``track_running_stats=False``: they normalize by batch, always).  Patterns in
+    ``layers`` that match such a layer are an error: it was asked for and cannot be.
+    """
     everything = discover(model, include=layers)
     found = [layer for layer in everything if not layer.frozen]
     if not found:
         raise FrozenLayersError(model, layers, [layer.name for layer in everything])
+    left_out = {layer.name: FROZEN for layer in everything if layer.frozen}
+    kept = []
     for layer in found:
         bn = layer.module
-        if bn.running_mean is None or bn.running_var is None:
+        if bn.running_mean is not None and bn.running_var is not None:
+            kept.append(layer)
+        elif layers is not None:
             raise ConfigError(  # named by what the caller passed: layer '3' was not
                 "layers",
                 layers,
                 f"patterns matching only BatchNorm layers with running statistics: "
                 f"{layer.name!r} has none (track_running_stats=False) to recalibrate",
             )
-    return found
+        else:
+            left_out[layer.name] = NO_RUNNING_STATISTICS
+    if not kept:
+        raise ConfigError(
+            "model",
+            type(model).__name__,
+            "a model with BatchNorm layers to recalibrate: "
+            + ", ".join(f"{name!r} ({why})" for name, why in list(left_out.items())[:5])
+            + (f" and {len(left_out) - 5} more" if len(left_out) > 5 else "")
+            + " are left out, and no other BatchNorm layer is left",
+        )
+    return kept, left_out
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -322,6 +403,20 @@ def _buffers(bn: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _show_progress(progress: bool | None) -> bool:
     return sys.stderr.isatty() if progress is None else progress
+
+
+def _samples_in(data: Iterable[Any], input_key: str | None) -> int | float:
+    """The samples ``data`` holds, when that is known without iterating it (a list or tuple
+    of batches, a DataLoader of a sized dataset); else infinity."""
+    dataset = getattr(data, "dataset", None)
+    if isinstance(data, torch.utils.data.DataLoader) and isinstance(dataset, Sized):
+        return len(dataset)
+    if isinstance(data, (list, tuple)):
+        try:
+            return sum(count_samples(item, input_key) for item in data)
+        except (ConfigError, TypeError):  # what the pass makes of such an item, it will say
+            return math.inf
+    return math.inf
 
 
 def _batches(
@@ -418,7 +513,11 @@ def _measure(
         if progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=num_samples, unit="sample", desc=f"bnwatch recalibrate ({method})")
+            bar = tqdm(
+                total=min(num_samples, _samples_in(data, input_key)),
+                unit="sample",
+                desc=f"bnwatch recalibrate ({method})",
+            )
         # a monitor watching this model must not take these passes for production traffic
         with torch.no_grad(), unwatched(model):
             batches = (
@@ -442,6 +541,9 @@ def _measure(
         }
     finally:
         if bar is not None:
+            if bar.total != seen:  # the data ended first, or a batch was used whole, or left
+                bar.total = seen
+                bar.refresh()
             bar.close()
         for handle in handles:
             handle.remove()

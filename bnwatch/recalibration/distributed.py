@@ -6,9 +6,10 @@ the mergeable moments and counts each measured, or the error that stopped it -- 
 rank ends with bitwise identical statistics, the same held-out judgement (and so the same
 ``apply="if_better"`` decision), or the same error:
 
-* a rank whose data raised (the wrong shape, a bad item) raises its own error, and every
-  other rank raises :class:`RankFailedError` naming it -- instead of waiting in a collective
-  for a rank that will never arrive;
+* a rank whose arguments were refused (its ``data`` None) or whose data raised (the wrong
+  shape, a bad item) raises its own error, and every other rank raises
+  :class:`RankFailedError` naming it -- instead of waiting in a collective for a rank that
+  will never arrive;
 * a rank with an empty shard, or one that never reached some layer, contributes nothing
   for it; only a layer that no rank saw is an error.
 

@@ -26,7 +26,11 @@ from bnwatch.stats import ChannelMoments
 
 @dataclass
 class LayerUpdate:
-    """New running statistics for one layer (and the ones they replace)."""
+    """New running statistics for one layer, and the statistics it had when it was
+    recalibrated (``old_mean``, ``old_var``: what the held-out data was judged against, the
+    "before" of the judgement -- not necessarily what :meth:`RecalibrationResult.rollback`
+    puts back, which is what the layer held just before :meth:`~RecalibrationResult.apply`).
+    """
 
     name: str
     module: _BatchNorm
@@ -59,6 +63,9 @@ class RecalibrationResult:
 
     ``status`` is ``pending`` (computed, not applied), ``applied``, ``rejected`` (held-out data
     showed no improvement; not applied) or ``rolled_back``.
+
+    ``left_out`` names the BatchNorm layers that were not recalibrated, with why: frozen
+    layers and, unless ``layers=`` named them, layers without running statistics.
     """
 
     model: nn.Module
@@ -70,6 +77,11 @@ class RecalibrationResult:
     layers: dict[str, LayerJudgement] = field(default_factory=dict)
     accuracy_before: float | None = None
     accuracy_after: float | None = None
+    left_out: dict[str, str] = field(default_factory=dict)
+    # what apply() replaced, per update: running mean, running var, num_batches_tracked
+    _replaced: list[list[torch.Tensor]] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     # -- the judgement -----------------------------------------------------------------------
     @property
@@ -92,7 +104,8 @@ class RecalibrationResult:
 
     def bound_to(self, model: nn.Module) -> RecalibrationResult:
         """The same new statistics for another instance of the architecture (e.g. the live
-        model when a copy was recalibrated); its current buffers become the rollback point."""
+        model when a copy was recalibrated), judged as this one was (``old_mean``/``old_var``
+        stay the statistics it was judged against); not applied yet."""
         modules = dict(model.named_modules())
         updates = []
         for u in self.updates:
@@ -111,8 +124,8 @@ class RecalibrationResult:
                 LayerUpdate(
                     name=u.name,
                     module=target,
-                    old_mean=target.running_mean.detach().clone(),
-                    old_var=target.running_var.detach().clone(),
+                    old_mean=u.old_mean.to(target.running_mean.device),
+                    old_var=u.old_var.to(target.running_var.device),
                     new_mean=u.new_mean.to(target.running_mean.device),
                     new_var=u.new_var.to(target.running_var.device),
                     samples=u.samples,
@@ -128,11 +141,17 @@ class RecalibrationResult:
             layers=dict(self.layers),
             accuracy_before=self.accuracy_before,
             accuracy_after=self.accuracy_after,
+            left_out=dict(self.left_out),
         )
 
     # -- buffers -----------------------------------------------------------------------------
     def apply(self) -> None:
         """Write the new statistics into the model.
+
+        The layers' buffers as they are just before (running statistics and
+        ``num_batches_tracked``) are what :meth:`rollback` puts back -- not those the result
+        was computed from: a checkpoint loaded, or another recalibration applied, since
+        :func:`~bnwatch.recalibrate` ran is what the model returns to.
 
         A monitor watching the model takes them as its new train/inference reference at once
         (:meth:`~bnwatch.capture.Monitor.adopt_running_statistics`): a change made on purpose
@@ -142,23 +161,33 @@ class RecalibrationResult:
         self.status = "applied"
 
     def rollback(self) -> None:
-        """Put back the statistics the model had before (adopted by its monitors, as
-        :meth:`apply`)."""
+        """Put back the buffers the model had just before the last :meth:`apply` (adopted by
+        its monitors, as :meth:`apply`).
+
+        Raises:
+            ValueError: the result was not applied (or was rolled back already).
+        """
+        if self._replaced is None:
+            raise ValueError(
+                f"nothing to roll back: the result is {self.status}, and rollback() puts back "
+                "what apply() replaced"
+            )
         self._adopted(new=False)
         self.status = "rolled_back"
 
     def _adopted(self, *, new: bool) -> None:
+        write = self._replace if new else self._put_back
         monitors = watching(u.module for u in self.updates)
         if not monitors:
-            self._write(new=new)
+            write()
             return
         first, *rest = monitors  # the write happens once, under the first one's window lock
-        first.adopt_running_statistics(lambda: self._write(new=new))
+        first.adopt_running_statistics(write)
         for monitor in rest:
             monitor.adopt_running_statistics()
 
-    def _write(self, *, new: bool) -> None:
-        # every layer checked before any is written: all of them change, or none
+    def _check_layers(self) -> None:
+        """Every layer checked before any is written: all of them change, or none."""
         for u in self.updates:
             rm, rv = u.module.running_mean, u.module.running_var
             if rm is None or rv is None:
@@ -168,11 +197,32 @@ class RecalibrationResult:
                     f"layer {u.name!r} now has {rm.numel()} channels, the recalibrated one "
                     f"{u.new_mean.numel()}: nothing was written"
                 )
+
+    def _write(self) -> None:
+        """Write the new statistics into the layers (a held-out pass, or :meth:`apply`)."""
+        self._check_layers()
         with torch.no_grad():
             for u in self.updates:
-                mean, var = (u.new_mean, u.new_var) if new else (u.old_mean, u.old_var)
-                u.module.running_mean.copy_(mean)  # type: ignore[union-attr]
-                u.module.running_var.copy_(var)  # type: ignore[union-attr]
+                u.module.running_mean.copy_(u.new_mean)  # type: ignore[union-attr]
+                u.module.running_var.copy_(u.new_var)  # type: ignore[union-attr]
+
+    def _replace(self) -> None:
+        """:meth:`apply`'s write: keep the layers' buffers as they are, then write."""
+        self._check_layers()
+        replaced = [[b.detach().clone() for b in _layer_buffers(u.module)] for u in self.updates]
+        self._write()
+        self._replaced = replaced
+
+    def _put_back(self) -> None:
+        """:meth:`rollback`'s write: the buffers :meth:`apply` replaced."""
+        self._check_layers()
+        if self._replaced is None:  # pragma: no cover - rollback() checks first
+            raise ValueError("nothing to roll back")
+        with torch.no_grad():
+            for u, saved in zip(self.updates, self._replaced, strict=True):
+                for buffer, value in zip(_layer_buffers(u.module), saved, strict=True):
+                    buffer.copy_(value)
+        self._replaced = None
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Only the new BatchNorm buffers, keyed as in ``model.state_dict()``:
@@ -208,6 +258,7 @@ class RecalibrationResult:
             "samples": self.samples,
             "status": self.status,
             "layers": [u.name for u in self.updates],
+            "left_out": dict(self.left_out),
             "kl_before": self.kl_before,
             "kl_after": self.kl_after,
             "improved": self.improved,
@@ -225,6 +276,11 @@ class RecalibrationResult:
         }
 
 
+def _layer_buffers(bn: _BatchNorm) -> list[torch.Tensor]:
+    """A layer's running statistics and ``num_batches_tracked`` (those it has)."""
+    return [b for b in (bn.running_mean, bn.running_var, bn.num_batches_tracked) if b is not None]
+
+
 class BatchNormBuffers:
     """The running statistics (and ``num_batches_tracked``) of every BatchNorm layer of a
     model, as they are now; :meth:`restore` puts them back.
@@ -238,8 +294,7 @@ class BatchNormBuffers:
             (buffer, buffer.detach().clone())
             for module in model.modules()
             if isinstance(module, _BatchNorm)
-            for buffer in (module.running_mean, module.running_var, module.num_batches_tracked)
-            if buffer is not None
+            for buffer in _layer_buffers(module)
         ]
 
     def restore(self) -> None:
@@ -278,7 +333,7 @@ def evaluate(
             try:
                 before = one_pass()
                 buffers.restore()
-                result._write(new=True)
+                result._write()
                 after = one_pass()
             finally:
                 buffers.restore()

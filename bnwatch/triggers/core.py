@@ -290,16 +290,33 @@ class AlertPipeline:
         self.triggers: list[Trigger] = list(triggers)
 
     def on_stored(self, repository: Repository, records: Sequence[WindowRecord]) -> None:
+        """Evaluate the alerts, then run each trigger on them; a trigger that raises is
+        logged and the others still run (one broken trigger must not silence the rest)."""
         changes = self.engine.on_stored(repository, records)
         versions = sorted({(r.model, r.version) for r in records})
         for trigger in self.triggers:
-            trigger.on_alerts(repository, changes)
-            for model, version in versions:
-                # the open alerts whose time has come (persist_seconds, a cooldown that
-                # ended), as a service's periodic job does, and what was requested
-                trigger.check_open(repository, model=model, version=version)
-                for event in trigger.claim_requested(repository, model=model, version=version):
-                    trigger.run(repository, event)
+            try:
+                self._run_trigger(trigger, repository, changes, versions)
+            except Exception:
+                logger.exception(
+                    "bnwatch: trigger %s failed; the other triggers still run",
+                    getattr(trigger, "method", type(trigger).__name__),
+                )
+
+    @staticmethod
+    def _run_trigger(
+        trigger: Trigger,
+        repository: Repository,
+        changes: Sequence[AlertChange],
+        versions: Sequence[tuple[str, str]],
+    ) -> None:
+        trigger.on_alerts(repository, changes)
+        for model, version in versions:
+            # the open alerts whose time has come (persist_seconds, a cooldown that ended),
+            # as a service's periodic job does, and what was requested
+            trigger.check_open(repository, model=model, version=version)
+            for event in trigger.claim_requested(repository, model=model, version=version):
+                trigger.run(repository, event)
 
 
 @dataclass(frozen=True)

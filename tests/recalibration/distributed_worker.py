@@ -6,12 +6,19 @@ same process group, one after the other, and what each rank ended with is saved 
 * ``judged``: shards as above, and a held-out shard per rank that, judged alone, would make
   the ranks disagree (``apply="if_better"``);
 * ``failed``: the last rank's data has the wrong shape;
-* ``too_few``: 12 samples in all, fewer than ``min_samples=16``.
+* ``too_few``: 12 samples in all, fewer than ``min_samples=16``;
+* ``bad_argument``: the last rank passes ``data=None`` (refused before any pass);
+* ``held_out_some``: only the first rank passes held-out data.
+
+The scenarios whose failure left a rank waiting come last: a rank that waits in a collective
+its peer skipped would match the peer's next one.
 """
 
 from __future__ import annotations
 
 import sys
+import time
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -26,7 +33,9 @@ def _error(err: Exception) -> dict[str, Any]:
 
 
 def main(init: str, rank: int, world: int, out: str) -> None:
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    dist.init_process_group(
+        "gloo", init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=60)
+    )
     results: dict[str, Any] = {}
     try:
         mine = data(12)[rank::world]
@@ -80,6 +89,16 @@ def main(init: str, rank: int, world: int, out: str) -> None:
         results["interrupted_untouched"] = all(
             torch.equal(v, before[k]) for k, v in buffers(model).items()
         )
+
+        for name, args in (
+            ("bad_argument", {"data": None if rank == world - 1 else mine}),
+            ("held_out_some", {"data": mine, "held_out": held_out_shards()[0] if rank else None}),
+        ):
+            start = time.monotonic()
+            try:
+                recalibrate(net(), **args)  # type: ignore[arg-type]
+            except Exception as err:
+                results[name] = _error(err) | {"seconds": time.monotonic() - start}
         torch.save(results, out)
     finally:
         dist.destroy_process_group()

@@ -19,6 +19,7 @@ from torch.optim.swa_utils import update_bn
 import bnwatch
 from bnwatch.errors import ConfigError, NoBatchNormError, ShapeError
 from bnwatch.recalibration import NotEnoughDataError, recalibrate
+from bnwatch.recalibration.core import hook_free_copy
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -234,6 +235,36 @@ def test_apply_rollback_and_the_exported_buffers() -> None:
     assert torch.equal(fresh.get_submodule("5").running_var, changed["5.running_var"])
 
 
+@pytest.mark.parametrize("watched", [False, True], ids=["unwatched", "watched"])
+def test_rollback_puts_back_what_apply_replaced_not_what_was_recalibrated(watched: bool) -> None:
+    """A result applied after the model changed (another recalibration applied, a checkpoint
+    loaded) rolls back to that change, ``num_batches_tracked`` included -- it went back to the
+    buffers from when recalibrate() ran, silently undoing the change.  ``old_mean``/
+    ``old_var`` stay what the result was judged against."""
+    model = net()
+    original = buffers(model)
+    mon = bnwatch.watch(model, window_seconds=None, name="net") if watched else None
+    try:
+        pending = recalibrate(model, data(6), apply=False)
+        recalibrate(model, data(6, shift=3.0), apply=True)  # a change made since
+        model[5].num_batches_tracked.fill_(7)
+        changed = buffers(model)
+        pending.apply()
+        assert not torch.equal(buffers(model)["1.running_mean"], changed["1.running_mean"])
+        pending.rollback()
+        assert pending.status == "rolled_back"
+        for k, v in buffers(model).items():
+            assert torch.equal(v, changed[k]), k
+        assert torch.equal(pending.updates[0].old_mean, original["1.running_mean"])
+        with pytest.raises(ValueError, match="nothing to roll back"):
+            pending.rollback()  # rolled back already
+        with pytest.raises(ValueError, match="nothing to roll back: the result is pending"):
+            recalibrate(model, data(6), apply=False).rollback()
+    finally:
+        if mon is not None:
+            mon.close()
+
+
 def test_bound_to_another_architecture_is_refused_and_apply_writes_all_or_nothing() -> None:
     result = recalibrate(net(), data(6), apply=False)
     narrow = nn.Sequential(*[m for m in net()])  # the same names ...
@@ -281,15 +312,28 @@ def test_held_out_labels_of_another_shape_are_refused(labels: Any, accepted: boo
     assert all(torch.equal(v, before[k]) for k, v in buffers(model).items())
 
 
-def test_a_layer_without_running_statistics_is_named_and_can_be_left_out() -> None:
+def test_a_layer_without_running_statistics_is_left_out_unless_it_is_asked_for() -> None:
+    """``layers=None`` leaves out a ``track_running_stats=False`` layer, as a frozen one, and
+    says so (it refused the whole model, and with it every triggered recalibration); naming it
+    in ``layers=`` is an error; a model with no layer left to recalibrate is refused."""
     model = net()
     model[1] = nn.BatchNorm2d(6, track_running_stats=False)  # normalizes by batch, always
     before = buffers(model)
-    with pytest.raises(ConfigError, match=r"'1' has none \(track_running_stats=False\)") as info:
-        recalibrate(model, data(4))
-    assert info.value.argument == "layers" and info.value.value is None  # not passed: None
+    for asked in (["1", "8"], "*"):
+        with pytest.raises(ConfigError, match=r"'1' has none \(track_running_stats=False\)") as e:
+            recalibrate(model, data(4), layers=asked)
+        assert e.value.argument == "layers" and e.value.value == asked
     assert all(torch.equal(v, before[k]) for k, v in buffers(model).items())
-    assert recalibrate(model, data(4), layers=["5", "8"]).status == "applied"
+    result = recalibrate(model, data(4))
+    assert result.status == "applied"
+    assert [u.name for u in result.updates] == ["5", "8"]
+    assert result.left_out == {"1": "no running statistics (track_running_stats=False)"}
+    assert result.summary()["left_out"] == result.left_out
+    assert recalibrate(model, data(4), layers=["5", "8"]).left_out == {}
+    alone = nn.Sequential(nn.BatchNorm2d(3, track_running_stats=False))
+    with pytest.raises(ConfigError, match=r"'0' \(no running statistics.*no other") as e:
+        recalibrate(alone, data(4))
+    assert e.value.argument == "model"
 
 
 def test_held_out_data_the_model_cannot_take_is_a_shape_error() -> None:
@@ -464,6 +508,23 @@ def test_a_rank_interrupted_stops_every_rank_at_once(ranks: list[dict[str, Any]]
     assert all(r["interrupted_untouched"] for r in ranks)
 
 
+def test_a_rank_whose_arguments_are_refused_stops_every_rank_at_once(
+    ranks: list[dict[str, Any]],
+) -> None:
+    """Arguments were checked before the first exchange: a rank that refused its data raised
+    alone, and the others waited for it until the process group's timeout."""
+    first, last = ranks[0], ranks[-1]
+    assert last["bad_argument"]["type"] == "ConfigError"
+    assert "data='NoneType' is invalid" in last["bad_argument"]["message"]
+    assert first["bad_argument"]["type"] == "RankFailedError"
+    assert first["bad_argument"]["rank"] == len(ranks) - 1
+    assert "ConfigError: data='NoneType'" in first["bad_argument"]["message"]
+    for r in ranks:
+        assert r["bad_argument"]["seconds"] < 30  # the worker's process group waits 60 s
+        assert r["held_out_some"]["type"] == "ConfigError"  # every rank judges, or none
+        assert "held_out=" in r["held_out_some"]["message"]
+
+
 def test_ranks_count_their_samples_together(ranks: list[dict[str, Any]]) -> None:
     for r in ranks:  # 6 samples each: 12 in all, fewer than min_samples=16 on every rank
         assert r["too_few"]["type"] == "NotEnoughDataError"
@@ -606,6 +667,54 @@ def test_recalibrating_a_watched_model_in_place() -> None:
             model(data(1)[0])
         assert not any(r.running_stats_mutated for r in mon.flush().values())
     assert mon.stats().hook_errors == {}
+
+
+def test_a_watched_model_is_recalibrated_with_its_own_hooks_and_without_the_monitors() -> None:
+    """A model whose own forward pre-hook is part of what it serves (input preprocessing) is
+    measured and judged with it whether or not monitors watch it -- the copy a watched model
+    is recalibrated on dropped every hook, so its statistics were those of inputs it never
+    sees -- while no monitor's hook (of either monitor) is copied."""
+    seen: list[int] = []
+
+    def make() -> Any:
+        model = net()
+        model.register_forward_pre_hook(lambda m, args: (args[0] * 3.0 - 1.0,))
+        model[4].register_forward_hook(lambda m, args, out: seen.append(out.shape[0]))
+        return model
+
+    held = [(x, torch.zeros(x.shape[0], dtype=torch.long)) for x in data(2, seed=9, shift=2.0)]
+    alone = recalibrate(make(), data(6, shift=2.0), held_out=held, apply=False)
+    model = make()
+    with (
+        bnwatch.watch(model, window_seconds=None, name="net") as mon,
+        bnwatch.watch(model, window_seconds=None, name="net", version="2") as other,
+    ):
+        copied = hook_free_copy(model)
+        hooks = [
+            h
+            for m in copied.modules()
+            for h in (*m._forward_pre_hooks.values(), *m._forward_hooks.values())
+        ]
+        assert len(hooks) == 2  # the model's own two, none of the monitors'
+        assert not copied._forward_pre_hooks_with_kwargs  # the root pre-hook's, gone with it
+        seen.clear()
+        watched = recalibrate(model, data(6, shift=2.0), held_out=held, apply=False)
+        assert seen  # the model's forward hook ran on the copy
+        assert mon.flush() == {} and other.flush() == {}
+    for a, b in zip(alone.updates, watched.updates, strict=True):
+        assert torch.equal(a.new_mean, b.new_mean) and torch.equal(a.new_var, b.new_var), a.name
+    assert (watched.kl_before, watched.kl_after) == (alone.kl_before, alone.kl_after)
+    assert watched.accuracy_after == alone.accuracy_after
+    assert len(model._forward_pre_hooks) == 1  # the live model keeps its own hook
+
+
+def test_the_progress_bar_ends_at_the_samples_used(capsys: pytest.CaptureFixture[str]) -> None:
+    """With fewer samples than ``num_samples`` the bar ended at, say, 24/8192."""
+    recalibrate(net(), data(3), num_samples=8192, progress=True, apply=False)
+    bar = capsys.readouterr().err
+    assert "8192" not in bar and "24/24" in bar.rsplit("\r", 1)[-1]  # a list: known at once
+    recalibrate(net(), iter(data(3)), num_samples=8192, progress=True, apply=False)
+    assert "24/24" in capsys.readouterr().err.rsplit("\r", 1)[-1]  # closed at what it saw
 
 
 @pytest.mark.parametrize("method", ["precise", "mix"])
