@@ -88,6 +88,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/detection.py
 	$(BIN)/python benchmarks/ingest.py
 	$(BIN)/python benchmarks/dashboard.py
+	$(BIN)/python benchmarks/dashboard_reads.py
 	$(BIN)/python benchmarks/reports.py
 
 constraints: $(STAMP)

@@ -117,10 +117,7 @@ def models(url: str) -> pd.DataFrame:
         [(a.model, a.version, a.kind) for a in repo.alerts(state="open")],
         columns=["name", "version", "kind"],
     )
-    latest = pd.DataFrame(
-        [(w.model, w.version, bool(w.drifted), bool(w.gap)) for w in repo.latest_metrics()],
-        columns=["name", "version", "drifted", "gap"],
-    )
+    latest = latest_flags(url)
     out = []
     for m in rows:
         mine = open_alerts[(open_alerts.name == m.name) & (open_alerts.version == m.version)]
@@ -160,6 +157,19 @@ def models(url: str) -> pd.DataFrame:
         "created_at",
     ]
     return pd.DataFrame(out, columns=columns)
+
+
+@st.cache_data(ttl=TTL_SECONDS, show_spinner=False)
+def latest_flags(url: str) -> pd.DataFrame:
+    """The newest window of every layer of every model version, in one query: ``name``,
+    ``version``, ``layer``, and whether it ``drifted`` and found a ``gap``."""
+    return pd.DataFrame(
+        [
+            (w.model, w.version, w.layer, bool(w.drifted), bool(w.gap))
+            for w in repository(url).latest_metrics()
+        ],
+        columns=["name", "version", "layer", "drifted", "gap"],
+    )
 
 
 @st.cache_data(ttl=TTL_SECONDS, show_spinner=False)
@@ -411,6 +421,39 @@ def latest(url: str, model: str, version: str) -> pd.DataFrame:
 
 
 @st.cache_data(ttl=TTL_SECONDS, show_spinner=False)
+def overview(url: str, start: datetime | None, end: datetime | None = None) -> pd.DataFrame:
+    """Per model version (indexed by ``name`` and ``version``, every stored one): ``drift``,
+    its :func:`sparkline` of ``drift_d_rms`` over ``[start, end)`` at its :class:`Span`'s
+    resolution (empty without windows there), and ``drifted_layers``, how many layers'
+    newest windows drifted (what :func:`latest` says of each version).  A fixed number of
+    queries for all versions together, not a few per version: the Overview lists them all."""
+    repo = repository(url)
+    spans = {key: Span(*found) for key, found in repo.window_spans(start=start, end=end).items()}
+    maxima = repo.metric_maxima(
+        "drift_d_rms",
+        {key: s.resolution for key, s in spans.items()},
+        start=start,
+        end=end,
+    )
+    latest = latest_flags(url)
+    drifted = latest[latest["drifted"].astype(bool)].groupby(["name", "version"]).size()
+    stored = models(url)
+    keys = list(zip(stored["name"], stored["version"], strict=True))
+    return pd.DataFrame(
+        {
+            "drift": [
+                [math.nan if v is None else v for _, v in maxima.get(key, [])] for key in keys
+            ],
+            "drifted_layers": [int(drifted.get(key, 0)) for key in keys],
+        },
+        index=pd.MultiIndex.from_arrays(
+            [list(stored["name"]), list(stored["version"])], names=["name", "version"]
+        ),
+        columns=["drift", "drifted_layers"],
+    )
+
+
+@st.cache_data(ttl=TTL_SECONDS, show_spinner=False)
 def batch_size_counts(
     url: str, model: str, version: str, start: datetime | None, end: datetime | None = None
 ) -> pd.DataFrame:
@@ -421,13 +464,9 @@ def batch_size_counts(
     per_layer = window_counts(url, model, version, start, end)
     counts: dict[int, int] = {}
     if not per_layer.empty:
-        names, rows = repository(url).metric_rows(
-            model, version, start=start, end=end, layer=str(per_layer.idxmax()), columns=()
+        counts = repository(url).batch_size_counts(
+            model, version, layer=str(per_layer.idxmax()), start=start, end=end
         )
-        at = names.index("batch_sizes")
-        for row in rows:
-            for size, n in (row[at] or {}).items():
-                counts[int(size)] = counts.get(int(size), 0) + int(n)
     out = pd.DataFrame(sorted(counts.items()), columns=["batch_size", "batches"])
     out["samples"] = out["batch_size"] * out["batches"]
     return out

@@ -157,7 +157,8 @@ def test_a_drift_alert_is_recalibrated_by_a_webhook_receiver_and_reported_back(
             assert lineage == {
                 "recalibration_id": rid,
                 "alert_id": alert.id,
-                "method": "WebhookAction",
+                "method": result.method,  # what ran; the webhook requested it
+                "requested": "WebhookAction",
                 "samples": result.samples,
                 "data": DATA,
             }

@@ -106,6 +106,8 @@ POOL_CHUNK = 256
 MERGE_CHUNK = 64
 """Windows read at a time while merging a range to a resolution (:meth:`Repository.window_page`):
 a window of a 2,048-channel layer holds 208 KiB of statistics."""
+COUNT_CHUNK = 2000
+"""Rows read at a time while summing over a range (:meth:`Repository.batch_size_counts`)."""
 WARMING_UP = "warming_up"
 """The ``baseline`` of windows closed before the drift baseline existed (the warm-up)."""
 
@@ -1140,8 +1142,12 @@ class Repository:
         """Close a pending recalibration: ``applied``, ``rejected`` or ``failed``, with its outcome.
 
         ``buffers`` (layer -> (running_mean, running_var, eps); only with ``applied``) are
-        stored as references of kind ``recalibrated``, each with its lineage: the
-        recalibration, its alert, its method, ``outcome["samples"]`` and ``outcome["data"]``
+        stored as references of kind ``recalibrated``, the newest version of their layer (also
+        when the same statistics were stored before), each with its lineage: the
+        recalibration, its alert, the method that ran (``outcome["method"]``, else the
+        recalibration's), how it was ``requested`` (the recalibration's method: a trigger's
+        action, or what a request named), ``outcome["prior_strength"]`` when there is one,
+        ``outcome["samples"]`` and ``outcome["data"]``
         (what the statistics were estimated on, as the caller describes it: the monitor's
         kept inputs and when they arrived, ``bnwatch recalibrate``'s ``--data``).  The
         outcome is stored with ``references`` (layer -> reference id) added.
@@ -1268,12 +1274,19 @@ class Repository:
             if claimed != 1:  # finished concurrently since the read above
                 now = conn.execute(sa.select(Recalibration.status).where(this)).scalar_one()
                 raise RecalibrationStateError(recalibration_id, str(now))
+            # the method that ran (a result's summary says it: a request for "precise" may be
+            # answered with --method mix) and how the recalibration was asked for (the
+            # trigger's action, or the method a request named)
+            ran = outcome.get("method")
             lineage = {
                 "recalibration_id": recalibration_id,
                 "alert_id": rec.alert_id,
-                "method": rec.method,
+                "method": ran if isinstance(ran, str) and ran else rec.method,
+                "requested": rec.method,
                 "samples": outcome.get("samples"),
             }
+            if outcome.get("prior_strength") is not None:
+                lineage["prior_strength"] = outcome["prior_strength"]
             if outcome.get("data") is not None:
                 lineage["data"] = outcome["data"]
             ref_ids: dict[str, int] = {}
@@ -1289,6 +1302,9 @@ class Repository:
                     None,
                     new,
                     lineage=json_ready(lineage),
+                    # statistics applied again (A, B, then A) are the newest version once more,
+                    # with this recalibration's lineage: else B stayed the newest
+                    renew=True,
                 )
             # a notification recalibrated nothing: no references to list
             record = outcome if status == "notified" else {**outcome, "references": ref_ids}
@@ -1705,6 +1721,8 @@ class Repository:
             )
             if with_stats:
                 query = query.options(undefer(Window.reservoir))
+            else:  # the answer holds no per-channel value
+                query = query.options(defer(Window.moments))
             rows = conn.execute(query).all()
         seen: set[int] = set()
         out = []
@@ -1874,12 +1892,7 @@ class Repository:
         query = query.join(Layer, Layer.id == Window.layer_id).where(Window.model_id == model.id)
         if layer is not None:
             query = query.where(Layer.name == layer)
-        # bounds in UTC, as stored: SQLite compares the wall-clock text, so an instant with
-        # another offset would select the wrong windows there (PostgreSQL converts)
-        if start is not None:
-            query = query.where(Window.end >= _to_utc(start))
-        if end is not None:
-            query = query.where(Window.end < _to_utc(end))
+        query = query.where(*_time_bounds(start, end))
         if source is not None:
             query = query.where(Window.source == source)
         return query
@@ -1921,7 +1934,15 @@ class Repository:
     ) -> list[list[tuple[StoredWindow, LayerReport]]]:
         """:meth:`layer_reports` at several resolutions from one read of the windows (e.g.
         buckets for a time axis and ``None`` for the whole range); merged windows are judged
-        at ``config`` (default: :meth:`judging`)."""
+        at ``config`` (default: :meth:`judging`).
+
+        The windows stream in time order, ``MERGE_CHUNK`` rows at a time, into one
+        :class:`StreamedMerge` per resolution, so memory holds one bucket's merged statistics
+        per resolution and the merged windows made so far, not the range: the whole range is
+        one bucket, merged as its windows come.  The result is :func:`merge_groups`' of all
+        the windows at once, bit for bit.
+        """
+        judged = self.judging(model, version, config)
         with Session(self.engine) as conn:
             m = self._model_row(conn, model, version)
             known = conn.execute(
@@ -1934,25 +1955,42 @@ class Repository:
                 raise KeyError(
                     f"no layer {layer!r} in {model}@{version}; layers: {', '.join(names)}"
                 )
-            query = self._range(sa.select(Window, Layer), m, layer=layer, start=start, end=end)
-            rows = conn.execute(query.order_by(Window.end, Window.id)).all()
-            refs = self.refs_for(conn, [w for w, _ in rows])
             count = self._layer_count(conn, m)
-        items = [
-            (self.to_stored(m, lr, w, True), lr, w.running_ref_id, w.baseline_ref_id)
-            for w, lr in rows
-        ]
-        judged = self.judging(model, version, config)
+            refs: dict[int, Ref] = {}
+
+            def refs_of(ids: Iterable[int]) -> dict[int, Ref]:
+                return self._refs(conn, refs, ids)
+
+            mergers = [
+                StreamedMerge(
+                    refs_of,
+                    _seconds(resolution) if resolution is not None else _WHOLE_RANGE,
+                    judged,
+                    layer_count=count,
+                )
+                for resolution in resolutions
+            ]
+            merged: list[list[Merged]] = [[] for _ in resolutions]
+            first: datetime | None = None
+            last: datetime | None = None
+            query = self._range(sa.select(Window, Layer), m, layer=layer, start=start, end=end)
+            rows = conn.execute(
+                query.order_by(Window.end, Window.id).execution_options(yield_per=MERGE_CHUNK)
+            )
+            for w, lr in rows:
+                stored = self.to_stored(m, lr, w, True)
+                for merging, out in zip(mergers, merged, strict=True):
+                    out += merging.add(stored, lr, w.running_ref_id, w.baseline_ref_id)
+                first = stored.start if first is None else min(first, stored.start)
+                last = stored.end if last is None else max(last, stored.end)
+            for merging, out in zip(mergers, merged, strict=True):
+                out += merging.close()
         views = []
-        for resolution in resolutions:
-            seconds = _seconds(resolution) if resolution is not None else _WHOLE_RANGE
-            merged = merge_groups(items, refs, seconds, judged, layer_count=count)
-            out = [(g.window, g.report) for g in merged if g.report is not None]
-            if resolution is None and out:
-                first = as_utc(min(w.start for w, _ in rows))
-                last = as_utc(max(w.end for w, _ in rows))
-                out = [(replace(w, start=first, end=last), r) for w, r in out]
-            views.append(out)
+        for resolution, out in zip(resolutions, merged, strict=True):
+            view = [(g.window, g.report) for g in out if g.report is not None]
+            if resolution is None and view and first is not None and last is not None:
+                view = [(replace(w, start=first, end=last), r) for w, r in view]
+            views.append(view)
         return views
 
     def window_span(
@@ -1967,7 +2005,8 @@ class Repository:
         """``(first start, last end, rows, newest window's length in seconds)`` of the
         windows in ``[start, end)`` (one row per layer and window), or ``None`` when there
         are none -- what a time axis needs to choose its resolution (the newest windows are
-        the finest: compaction only coarsens old ones)."""
+        the finest: compaction only coarsens old ones; of windows ending together, the
+        shortest)."""
         with Session(self.engine) as conn:
             m = self._model_row(conn, model, version)
             query = self._range(
@@ -1986,7 +2025,7 @@ class Repository:
                 return None
             latest = conn.execute(
                 self._range(sa.select(Window.start, Window.end), m, layer=layer, end=end)
-                .order_by(Window.end.desc())
+                .order_by(Window.end.desc(), Window.start.desc())
                 .limit(1)
             ).one()
         shortest = (as_utc(latest[1]) - as_utc(latest[0])).total_seconds()
@@ -2015,13 +2054,7 @@ class Repository:
         """
         _check_metric_columns(columns)
         width = _seconds(seconds) if seconds is not None else _WHOLE_RANGE
-        if self.engine.dialect.name == "sqlite":
-            epoch: Any = (sa.func.julianday(Window.end) - 2440587.5) * 86400.0
-            bucket: Any = sa.cast((epoch - 1e-3) / width, sa.Integer)
-        else:
-            epoch = sa.extract("epoch", Window.end)
-            bucket = sa.cast(sa.func.floor((epoch - 1e-3) / width), sa.BigInteger)
-        bucket = bucket.label("bucket")
+        bucket = _bucket_expression(self.engine, width)
         aggregates: list[Any] = []
         for c in columns:
             col: Any = getattr(Window, c)
@@ -2058,6 +2091,105 @@ class Repository:
             floats = [None if v is None else float(v) for v in values]
             out.append((name, depth, begins, int(n), int(samples or 0), *floats))
         return names, out
+
+    def window_spans(
+        self, *, start: datetime | None = None, end: datetime | None = None
+    ) -> dict[tuple[str, str], tuple[datetime, datetime, int, float]]:
+        """:meth:`window_span` of every model version with windows in ``[start, end)``, by
+        ``(name, version)``, in one query whatever the number of versions (a version without
+        any is left out).  Of the newest windows of a version (those ending last), the
+        shortest gives the length, as in :meth:`window_span`."""
+        bounds = _time_bounds(start, end)
+        ranges = (
+            sa.select(
+                Window.model_id,
+                sa.func.min(Window.start).label("first"),
+                sa.func.max(Window.end).label("last"),
+                sa.func.count().label("rows"),
+            )
+            .where(*bounds)
+            .group_by(Window.model_id)
+            .subquery()
+        )
+        # the newest window before ``end``, whatever ``start`` (as window_span reads it)
+        newest = (
+            sa.select(Window.model_id, sa.func.max(Window.end).label("end"))
+            .where(*_time_bounds(None, end))
+            .group_by(Window.model_id)
+            .subquery()
+        )
+        shortest = (
+            sa.select(Window.model_id, newest.c.end, sa.func.max(Window.start).label("start"))
+            .join(newest, sa.and_(newest.c.model_id == Window.model_id, newest.c.end == Window.end))
+            .group_by(Window.model_id, newest.c.end)
+            .subquery()
+        )
+        query = (
+            sa.select(
+                Model.name,
+                Model.version,
+                ranges.c.first,
+                ranges.c.last,
+                ranges.c.rows,
+                shortest.c.start,
+                shortest.c.end,
+            )
+            .join(ranges, ranges.c.model_id == Model.id)
+            .join(shortest, shortest.c.model_id == Model.id)
+        )
+        with Session(self.engine) as conn:
+            rows = conn.execute(query).all()
+        out = {}
+        for name, version, first, last, count, newest_start, newest_end in rows:
+            length = (as_utc(newest_end) - as_utc(newest_start)).total_seconds()
+            out[(name, version)] = (as_utc(first), as_utc(last), int(count), max(length, 1e-3))
+        return out
+
+    def metric_maxima(
+        self,
+        column: str,
+        seconds: Mapping[tuple[str, str], float],
+        *,
+        start: datetime | None = None,
+        end: datetime | None = None,
+    ) -> dict[tuple[str, str], list[tuple[datetime, float | None]]]:
+        """The largest ``column`` over all layers per epoch-aligned time bucket, in time order,
+        of every model version of ``seconds`` (``(name, version)`` -> its bucket length), in
+        one query whatever the number of versions -- the drift sparklines of many versions.
+        A bucket is :meth:`metric_buckets`' (of the same length) and its value the largest of
+        that method's ``max_<column>`` over the layers (``None`` where no window has one; a
+        flag as 0/1); a version without windows in ``[start, end)`` gets an empty list."""
+        _check_metric_columns([column])
+        with Session(self.engine) as conn:
+            ids = {
+                (name, version): i
+                for i, name, version in conn.execute(
+                    sa.select(Model.id, Model.name, Model.version)
+                ).all()
+                if (name, version) in seconds
+            }
+            out: dict[tuple[str, str], list[tuple[datetime, float | None]]] = {
+                key: [] for key in seconds
+            }
+            if not ids:
+                return out
+            widths = {i: _seconds(seconds[key]) for key, i in ids.items()}
+            width: Any = sa.case(widths, value=Window.model_id)
+            col: Any = getattr(Window, column)
+            value = sa.cast(col, sa.Integer) if column in FLAG_METRICS else col
+            bucket = _bucket_expression(self.engine, width)
+            query = (
+                sa.select(Window.model_id, bucket, sa.func.max(value))
+                .where(Window.model_id.in_(list(widths)), *_time_bounds(start, end))
+                .group_by(Window.model_id, bucket)
+                .order_by(Window.model_id, bucket)
+            )
+            rows = conn.execute(query).all()
+        keys = {i: key for key, i in ids.items()}
+        for model_id, b, top in rows:
+            begins = utc_from_timestamp(int(b) * widths[model_id])
+            out[keys[model_id]].append((begins, None if top is None else float(top)))
+        return out
 
     def metric_rows(
         self,
@@ -2108,6 +2240,28 @@ class Repository:
             values[at_end] = as_utc(values[at_end])
             out.append(tuple(values))
         return names, out
+
+    def batch_size_counts(
+        self,
+        model: str,
+        version: str,
+        *,
+        layer: str,
+        start: datetime | None = None,
+        end: datetime | None = None,
+    ) -> dict[int, int]:
+        """Batches measured per batch size in ``layer``'s windows whose end lies in ``[start,
+        end)``, summed as the windows stream in (``COUNT_CHUNK`` rows at a time, no array
+        read): a range of any length in the memory of one chunk."""
+        counts: dict[int, int] = {}
+        with Session(self.engine) as conn:
+            m = self._model_row(conn, model, version)
+            query = self._range(sa.select(Window.batch_sizes), m, layer=layer, start=start, end=end)
+            rows = conn.execute(query.execution_options(yield_per=COUNT_CHUNK))
+            for (sizes,) in rows:
+                for size, n in (sizes or {}).items():
+                    counts[int(size)] = counts.get(int(size), 0) + int(n)
+        return counts
 
     # -- reservoirs ------------------------------------------------------------------------
     @staticmethod
@@ -2379,6 +2533,7 @@ class Repository:
                     _WARMING_UP_LAST,
                     Window.id.desc(),
                 )
+                .options(defer(Window.moments))  # no per-channel value: the metrics only
             ).all()
         seen: set[int] = set()
         out = []
@@ -2667,6 +2822,31 @@ def utc_from_timestamp(seconds: float) -> datetime:
     if seconds >= _LAST_TIMESTAMP:
         return datetime.max.replace(tzinfo=timezone.utc)
     return datetime.fromtimestamp(seconds, tz=timezone.utc)
+
+
+def _time_bounds(start: datetime | None, end: datetime | None) -> list[Any]:
+    """The conditions on ``windows`` that its end lies in ``[start, end)``: bounds in UTC, as
+    stored -- SQLite compares the wall-clock text, so an instant with another offset would
+    select the wrong windows there (PostgreSQL converts)."""
+    bounds = []
+    if start is not None:
+        bounds.append(Window.end >= _to_utc(start))
+    if end is not None:
+        bounds.append(Window.end < _to_utc(end))
+    return bounds
+
+
+def _bucket_expression(engine: Engine, width: Any) -> Any:
+    """The epoch-aligned time bucket of ``width`` seconds (a number or an SQL expression) that
+    a window's end falls in, computed by the database (labelled ``bucket``): within a
+    millisecond, as floating point allows."""
+    if engine.dialect.name == "sqlite":
+        epoch: Any = (sa.func.julianday(Window.end) - 2440587.5) * 86400.0
+        bucket: Any = sa.cast((epoch - 1e-3) / width, sa.Integer)
+    else:
+        epoch = sa.extract("epoch", Window.end)
+        bucket = sa.cast(sa.func.floor((epoch - 1e-3) / width), sa.BigInteger)
+    return bucket.label("bucket")
 
 
 def _seconds(resolution: timedelta | float) -> float:
@@ -3203,24 +3383,60 @@ def merge_streamed(
     reference rows of those ids (asked for once per bucket).  The merged windows are the ones
     :func:`merge_groups` makes of the same items, bit for bit.
     """
-    current: int | None = None
-    groups: dict[int, _Group] = {}
+    merging = StreamedMerge(refs, seconds, config, layer_count=layer_count)
+    for item in items:
+        yield from merging.add(*item)
+    yield from merging.close()
 
-    def flush() -> list[Merged]:
-        ids = {i for g in groups.values() for i in (g.running_id, g.baseline_id) if i is not None}
-        return _decided(groups.values(), refs(ids), seconds, config, layer_count)
 
-    for stored, layer, running_id, baseline_id in items:
-        b = _bucket(stored.end, seconds)
-        if current is not None and b != current:
-            if b < current:
+class StreamedMerge:
+    """:func:`merge_streamed` fed one window at a time: what merges one stream of windows at
+    several resolutions at once (each its own ``StreamedMerge``, all fed the same windows).
+
+    :meth:`add` takes the next window (its end at or after the last one's) and returns the
+    buckets it completed, merged and decided; :meth:`close` returns the last one.
+    """
+
+    def __init__(
+        self,
+        refs: Callable[[Iterable[int]], Mapping[int, Ref]],
+        seconds: float,
+        config: DriftConfig,
+        *,
+        layer_count: int | None = None,
+    ) -> None:
+        self.refs, self.seconds, self.config = refs, seconds, config
+        self.layer_count = layer_count
+        self.current: int | None = None
+        self.groups: dict[int, _Group] = {}
+
+    def add(
+        self,
+        stored: StoredWindow,
+        layer: Layer,
+        running_id: int | None,
+        baseline_id: int | None,
+    ) -> list[Merged]:
+        """Merge in the next window; the buckets before its own, once it begins a new one."""
+        b = _bucket(stored.end, self.seconds)
+        done: list[Merged] = []
+        if self.current is not None and b != self.current:
+            if b < self.current:
                 raise ValueError("merge_streamed needs the windows in time order (by end)")
-            yield from flush()
-            groups = {}
-        current = b
-        _collect(groups, stored, layer, b, running_id, baseline_id)
-    if groups:
-        yield from flush()
+            done = self.close()
+        self.current = b
+        _collect(self.groups, stored, layer, b, running_id, baseline_id)
+        return done
+
+    def close(self) -> list[Merged]:
+        """The bucket merged so far, decided (nothing, when no window came since)."""
+        if not self.groups:
+            return []
+        groups, self.groups = self.groups, {}
+        ids = {i for g in groups.values() for i in (g.running_id, g.baseline_id) if i is not None}
+        return _decided(
+            groups.values(), self.refs(ids), self.seconds, self.config, self.layer_count
+        )
 
 
 class _Page:

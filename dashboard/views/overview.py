@@ -18,28 +18,19 @@ models = data.models(ctx.url).copy()
 open_alerts = data.alerts(ctx.url)
 open_alerts = open_alerts[open_alerts.state == "open"]
 
-total, alerting, drifting = len(models), int((models.status == "alert").sum()), 0
+total, alerting = len(models), int((models.status == "alert").sum())
+# every version's sparkline and drifted layers in a few queries, not a few per version
+per_version = data.overview(ctx.url, ctx.start, ctx.end)
 sparks: list[list[float]] = []
 drift_now: list[int] = []
 for row in models.itertuples():
-    window_span = data.span(ctx.url, row.name, row.version, ctx.start, ctx.end)
-    if window_span is None:
+    if (row.name, row.version) in per_version.index:
+        sparks.append(per_version.at[(row.name, row.version), "drift"])
+        drift_now.append(int(per_version.at[(row.name, row.version), "drifted_layers"]))
+    else:  # stored since the cached read: shown on the next one
         sparks.append([])
-    else:
-        frame = data.buckets(
-            ctx.url,
-            row.name,
-            row.version,
-            ctx.start,
-            ctx.end,
-            window_span.resolution,
-            ("drift_d_rms",),
-        )
-        sparks.append(data.sparkline(frame, "drift_d_rms"))
-    latest = data.latest(ctx.url, row.name, row.version)
-    drifted = int(latest["drifted"].sum()) if len(latest) else 0
-    drifting += drifted > 0
-    drift_now.append(drifted)
+        drift_now.append(0)
+drifting = sum(drifted > 0 for drifted in drift_now)
 models["drift"] = sparks
 models["drifted_layers"] = drift_now
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,6 +48,17 @@ def seeded(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
             url = request.getfixturevalue("_postgres_database")
         _SEEDED[backend] = seed(url)
     return _SEEDED[backend]
+
+
+@pytest.fixture(autouse=True)
+def _main_module_kept() -> Iterator[None]:
+    """Streamlit's ``AppTest`` runs the entry script as ``__main__`` and leaves it there: a
+    process started by ``spawn`` later in the same pytest(-xdist) worker then ran the dashboard
+    instead of its target (tests/store/test_migrations.py's two processes hung)."""
+    main = sys.modules.get("__main__")
+    yield
+    if main is not None:
+        sys.modules["__main__"] = main
 
 
 @pytest.fixture

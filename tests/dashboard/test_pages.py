@@ -40,6 +40,7 @@ from tests.dashboard.seed import (
     image_batch,
 )
 from tests.service.helpers import Monitor
+from tests.store.helpers import record_windows
 
 TIMEOUT = 60
 
@@ -89,6 +90,90 @@ def test_overview(app: AppTest) -> None:
     # the shared pickers
     assert app.sidebar.selectbox(key="model_version").value == (MODEL, VERSION)
     assert app.sidebar.selectbox(key="time_range").value == "last 24 hours"
+
+
+def add_versions(url: str, first: int, count: int, now: datetime) -> None:
+    """``count`` more model versions with windows of the last hours: every other one drifting,
+    every third also a version whose drift is undefined at first (still warming up)."""
+    repo = Repository(engine_for(url))
+    for i in range(first, first + count):
+        monitor = Monitor(model=f"m{i}", source="r1", seed=i, start=now - timedelta(hours=3))
+        repo.write_windows(monitor.records(3 + i % 4, shift=1.0 if i % 2 else 0.0))
+        if i % 3 == 0:
+            begins = now - timedelta(hours=2)
+            warm = record_windows(3, name=f"m{i}", version="warm", seed=i)
+            repo.write_windows(
+                [
+                    dataclasses.replace(
+                        r,
+                        start=begins + timedelta(minutes=k),
+                        end=begins + timedelta(minutes=k + 1),
+                    )
+                    for k, r in enumerate(warm)
+                ]
+            )
+    repo.engine.dispose()
+
+
+def overview_read_per_version(url: str, start: datetime | None) -> pd.DataFrame:
+    """The Overview's drift sparkline and drifted layers of every version as it read them:
+    a span, buckets and the latest windows, each version on its own."""
+    rows = []
+    for m in data.models(url).itertuples():
+        found = data.span(url, m.name, m.version, start, None)
+        spark = []
+        if found is not None:
+            frame = data.buckets(
+                url, m.name, m.version, start, None, found.resolution, ("drift_d_rms",)
+            )
+            spark = data.sparkline(frame, "drift_d_rms")
+        latest = data.latest(url, m.name, m.version)
+        rows.append((spark, int(latest["drifted"].sum()) if len(latest) else 0))
+    return pd.DataFrame(rows, columns=["drift", "drifted_layers"])
+
+
+def test_the_overview_reads_every_version_in_a_fixed_number_of_queries(
+    db_url: str, app_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Overview asked about each model version on its own (span, buckets, latest: about
+    four queries apiece, 8 s cold for 300 versions on PostgreSQL).  It asks the same few
+    questions however many versions there are, and shows what each version's reads say."""
+    now = datetime.now(timezone.utc)
+    add_versions(db_url, 0, 2, now)
+    monkeypatch.setenv(data.DATABASE_ENV, db_url)
+    data.clear()
+    at = AppTest.from_file(str(app_path), default_timeout=TIMEOUT)
+    at.run()  # opens the database (and checks its schema) once
+    assert not at.exception, [e.value for e in at.exception]
+    statements: list[str] = []
+
+    def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        statements.append(statement)
+
+    engine = data.repository(db_url).engine
+    sa.event.listen(engine, "before_cursor_execute", count)
+    queries, versions = [], []
+    try:
+        for first, more in ((2, 0), (2, 4)):
+            add_versions(db_url, first, more, now)
+            data.clear()
+            statements.clear()
+            at.run()
+            assert not at.exception, [e.value for e in at.exception]
+            queries.append(len(statements))
+            shown = at.dataframe[0].value
+            versions.append(len(shown))
+            read = overview_read_per_version(db_url, data.since(timedelta(days=1)))
+            assert list(shown["drifted_layers"]) == list(read["drifted_layers"])
+            assert 0 < sum(shown["drifted_layers"]) < sum(shown["layers"])
+            for got, want in zip(shown["drift"], read["drift"], strict=True):
+                assert np.array_equal(np.array(got, float), np.array(want, float), equal_nan=True)
+            assert any(np.isnan(v).any() for v in map(np.array, shown["drift"]))
+            assert metrics(at)["Drifting now"] == str(sum(shown["drifted_layers"] > 0))
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", count)
+        data.clear()
+    assert versions == [3, 8] and queries[0] == queries[1]
 
 
 def test_model_page(app: AppTest) -> None:

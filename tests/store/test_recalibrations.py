@@ -103,9 +103,50 @@ def test_a_report_stores_recalibrated_references_with_their_lineage(repo: Reposi
             "recalibration_id": rid,
             "alert_id": ALERT_ID,
             "method": "WebhookAction",
+            "requested": "WebhookAction",
             "samples": 512,
             "data": {"source": "recent traffic", "first_at": "2026-06-01T00:00:00+00:00"},
         }
+
+
+def test_the_lineage_names_the_method_that_ran_and_how_it_was_requested(repo: Repository) -> None:
+    """A request for ``precise`` answered with ``bnwatch recalibrate --method mix``: the
+    lineage says ``mix`` and its prior strength, and that ``precise`` was requested."""
+    rid = repo.start_recalibration("cnn", "1", method="precise", alert_id=ALERT_ID)
+    outcome = {"method": "mix", "prior_strength": 16.0, "samples": 64}
+    repo.finish_recalibration(rid, status="applied", outcome=outcome, buffers=buffers())
+    for row in recalibrated_refs(repo):
+        assert lineage_of(row) == {
+            "recalibration_id": rid,
+            "alert_id": ALERT_ID,
+            "method": "mix",
+            "requested": "precise",
+            "prior_strength": 16.0,
+            "samples": 64,
+        }
+
+
+def test_statistics_applied_again_are_the_newest_with_their_own_lineage(
+    repo: Repository,
+) -> None:
+    """A, then B, then A again: A is the newest ``recalibrated`` version of every layer, and
+    its lineage names the third recalibration (deduplicated by digest, A keeps its row)."""
+    a, b = buffers(seed=1), buffers(seed=2)
+    rids = []
+    for stats in (a, b, a):
+        rid = repo.start_recalibration("cnn", "1", method="precise")
+        repo.finish_recalibration(rid, status="applied", outcome={"samples": 64}, buffers=stats)
+        rids.append(rid)
+    rows = recalibrated_refs(repo)
+    assert len(rows) == 2 * len(CHANNELS)  # A and B, once each
+    for name in CHANNELS:
+        newest = max((r for r in rows if r["name"] == name), key=lambda r: r["version"])
+        assert np.array_equal(decode_arrays(newest["mean_var"])[0], a[name][0])
+        assert lineage_of(newest)["recalibration_id"] == rids[2]
+        assert newest["version"] == 3
+    assert repo.recalibration(rids[2]).outcome["references"] == {  # type: ignore[index]
+        r["name"]: r["id"] for r in rows if lineage_of(r)["recalibration_id"] == rids[2]
+    }
 
 
 def test_an_unknown_recalibration_is_a_lookup_error(repo: Repository) -> None:
