@@ -888,6 +888,15 @@ class Monitor:
             self._use_profile(reference)
 
         drop_detached(model)
+        # a monitor of this model inherited from the process this one was forked from is
+        # detached quietly: watching again in the child (gunicorn's post_fork hook) is what
+        # its warning at the first forward would ask for
+        ours = {id(layer.module) for layer in layers}
+        for other in list(_LIVE):
+            if other._pid != os.getpid() and (
+                other._model() is model or any(id(lay.module) in ours for lay in other._layers)
+            ):
+                other._detach()
         # read by the hooks (a fork is a new process id: os.register_at_fork would miss
         # uWSGI's workers, forked in C): set before the first one is added
         self._pid = os.getpid()
@@ -1128,9 +1137,7 @@ class Monitor:
         them, the parent's monitor is unaffected), say once what to do, return True."""
         if self._pid == os.getpid():
             return False
-        if not self._closed:
-            self._closed = True
-            self._remove_hooks()
+        if self._detach():
             logger.warning(
                 "bnwatch: the monitor of %s@%s was created in process %d, and this process "
                 "(%d) is a fork of it (gunicorn --preload, uWSGI without --lazy-apps, "
@@ -1144,6 +1151,15 @@ class Monitor:
                 self._pid,
                 os.getpid(),
             )
+        return True
+
+    def _detach(self) -> bool:
+        """Close an inherited copy (in a forked process) by removing its hooks; whether it
+        was still open."""
+        if self._closed:
+            return False
+        self._closed = True
+        self._remove_hooks()
         return True
 
     def _remove_hooks(self) -> None:

@@ -1243,6 +1243,59 @@ def _fork_as_uwsgi_does() -> int:
     return int(ctypes.PyDLL(None).fork())
 
 
+def test_watching_again_in_a_forked_process_detaches_the_inherited_monitor_quietly() -> None:
+    """gunicorn's ``post_fork`` hook runs ``watch()`` in the worker before its first forward,
+    as the fork warning advises: the inherited monitor's hooks go then, without the warning
+    (it said to do exactly this), and the child's monitor measures alone."""
+    import json
+    import os
+
+    model = small_cnn().eval()
+    options: dict[str, Any] = {"name": "cnn", "version": "1", "window_seconds": None}
+    mon = bnwatch.watch(model, overhead_budget=None, **options)
+    xs = inputs(2)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: answer through the pipe and never return into pytest
+        code = 1
+        try:
+            os.close(read)
+            torch.set_num_threads(1)  # torch's OpenMP pool does not survive a fork
+            messages: list[str] = []
+            handler = logging.Handler(logging.WARNING)
+            handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
+            logging.getLogger("bnwatch").addHandler(handler)
+            own = bnwatch.watch(model, overhead_budget=None, **options)
+            with torch.no_grad():
+                model(xs[0])
+            child = {
+                "hooks": bn_hooks(model),
+                "inherited_closed": mon.closed and "closed" in repr(mon),
+                "batches": own.close()["1"].n_batches,
+                "fork_warnings": sum("is a fork of it" in m for m in messages),
+            }
+            os.write(write, json.dumps(child).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    deadline = time.monotonic() + 120
+    while not (ended := os.waitpid(pid, os.WNOHANG))[0] and time.monotonic() < deadline:
+        time.sleep(0.05)  # polling a child that must end by itself
+    if not ended[0]:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung")
+    with os.fdopen(read) as pipe:
+        child = json.loads(pipe.read() or "{}")
+    assert os.waitstatus_to_exitcode(ended[1]) == 0, child
+    assert child == {"hooks": 4, "inherited_closed": True, "batches": 1, "fork_warnings": 0}
+    with torch.no_grad():  # the parent's monitor is untouched by its child
+        model(xs[1])
+    assert bn_hooks(model) == 4 and not mon.closed
+    assert mon.close()["1"].n_batches == 1
+
+
 @pytest.mark.parametrize("fork", ["os.fork", "fork(2) from C"])
 def test_a_forked_process_detaches_the_inherited_monitor_and_can_watch_on_its_own(
     db_url: str, fork: str
