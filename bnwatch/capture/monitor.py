@@ -888,18 +888,18 @@ class Monitor:
             self._use_profile(reference)
 
         drop_detached(model)
+        # read by the hooks (a fork is a new process id: os.register_at_fork would miss
+        # uWSGI's workers, forked in C): set before the first one is added
+        self._pid = os.getpid()
         # a monitor of this model inherited from the process this one was forked from is
         # detached quietly: watching again in the child (gunicorn's post_fork hook) is what
         # its warning at the first forward would ask for
         ours = {id(layer.module) for layer in layers}
         for other in list(_LIVE):
-            if other._pid != os.getpid() and (
+            if other._pid != self._pid and (
                 other._model() is model or any(id(lay.module) in ours for lay in other._layers)
             ):
                 other._detach()
-        # read by the hooks (a fork is a new process id: os.register_at_fork would miss
-        # uWSGI's workers, forked in C): set before the first one is added
-        self._pid = os.getpid()
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         # the monitors this one replaces (watch() run again) stop measuring as this one
         # starts -- both measuring the same forwards in between counted them twice -- and are
