@@ -1243,19 +1243,14 @@ def _fork_as_uwsgi_does() -> int:
     return int(ctypes.PyDLL(None).fork())
 
 
-def test_watching_again_in_a_forked_process_detaches_the_inherited_monitor_quietly() -> None:
-    """gunicorn's ``post_fork`` hook runs ``watch()`` in the worker before its first forward,
-    as the fork warning advises: the inherited monitor's hooks go then, without the warning
-    (it said to do exactly this), and the child's monitor measures alone."""
-    import json
+def _in_a_forked_child(work: Any, fork: Any = None) -> tuple[int, dict[str, Any]]:
+    """Run ``work(messages)`` in a forked child (``fork``: ``os.fork`` by default) and return
+    the child's pid and the dict ``work`` returned; ``messages`` collects the child's bnwatch
+    warnings.  The child never returns into pytest; one that hangs is killed, a test failure."""
     import os
 
-    model = small_cnn().eval()
-    options: dict[str, Any] = {"name": "cnn", "version": "1", "window_seconds": None}
-    mon = bnwatch.watch(model, overhead_budget=None, **options)
-    xs = inputs(2)
     read, write = os.pipe()
-    pid = os.fork()
+    pid = (fork or os.fork)()
     if pid == 0:  # the child: answer through the pipe and never return into pytest
         code = 1
         try:
@@ -1265,16 +1260,7 @@ def test_watching_again_in_a_forked_process_detaches_the_inherited_monitor_quiet
             handler = logging.Handler(logging.WARNING)
             handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
             logging.getLogger("bnwatch").addHandler(handler)
-            own = bnwatch.watch(model, overhead_budget=None, **options)
-            with torch.no_grad():
-                model(xs[0])
-            child = {
-                "hooks": bn_hooks(model),
-                "inherited_closed": mon.closed and "closed" in repr(mon),
-                "batches": own.close()["1"].n_batches,
-                "fork_warnings": sum("is a fork of it" in m for m in messages),
-            }
-            os.write(write, json.dumps(child).encode())
+            os.write(write, json.dumps(work(messages)).encode())
             code = 0
         finally:
             os._exit(code)
@@ -1287,8 +1273,32 @@ def test_watching_again_in_a_forked_process_detaches_the_inherited_monitor_quiet
         os.waitpid(pid, 0)
         pytest.fail("the forked child hung")
     with os.fdopen(read) as pipe:
-        child = json.loads(pipe.read() or "{}")
+        child: dict[str, Any] = json.loads(pipe.read() or "{}")
     assert os.waitstatus_to_exitcode(ended[1]) == 0, child
+    return pid, child
+
+
+def test_watching_again_in_a_forked_process_detaches_the_inherited_monitor_quietly() -> None:
+    """gunicorn's ``post_fork`` hook runs ``watch()`` in the worker before its first forward,
+    as the fork warning advises: the inherited monitor's hooks go then, without the warning
+    (it said to do exactly this), and the child's monitor measures alone."""
+    model = small_cnn().eval()
+    options: dict[str, Any] = {"name": "cnn", "version": "1", "window_seconds": None}
+    mon = bnwatch.watch(model, overhead_budget=None, **options)
+    xs = inputs(2)
+
+    def in_child(messages: list[str]) -> dict[str, Any]:
+        own = bnwatch.watch(model, overhead_budget=None, **options)
+        with torch.no_grad():
+            model(xs[0])
+        return {
+            "hooks": bn_hooks(model),
+            "inherited_closed": mon.closed and "closed" in repr(mon),
+            "batches": own.close()["1"].n_batches,
+            "fork_warnings": sum("is a fork of it" in m for m in messages),
+        }
+
+    _, child = _in_a_forked_child(in_child)
     assert child == {"hooks": 4, "inherited_closed": True, "batches": 1, "fork_warnings": 0}
     with torch.no_grad():  # the parent's monitor is untouched by its child
         model(xs[1])
@@ -1307,8 +1317,6 @@ def test_a_forked_process_detaches_the_inherited_monitor_and_can_watch_on_its_ow
     so once, and a monitor created in the child stores the child's windows under the child's
     source.  uWSGI forks in C, without the at-fork handlers ``os.fork`` runs: the inherited
     monitor measured on there."""
-    import json
-    import os
 
     from bnwatch.store.migrate import engine_for
     from bnwatch.store.repository import Repository
@@ -1325,47 +1333,25 @@ def test_a_forked_process_detaches_the_inherited_monitor_and_can_watch_on_its_ow
     xs = inputs(4)
     with torch.no_grad():
         model(xs[0])  # before the fork: the parent's, reported once, by the parent
-    read, write = os.pipe()
-    pid = os.fork() if fork == "os.fork" else _fork_as_uwsgi_does()
-    if pid == 0:  # the child: answer through the pipe and never return into pytest
-        code = 1
-        try:
-            os.close(read)
-            torch.set_num_threads(1)  # torch's OpenMP pool does not survive a fork either
-            messages: list[str] = []
-            handler = logging.Handler(logging.WARNING)
-            handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
-            logging.getLogger("bnwatch").addHandler(handler)
-            with torch.no_grad():
-                model(xs[1])
-                model(xs[2])
-            child: dict[str, Any] = {
-                "closed": mon.closed and "closed" in repr(mon),
-                "hooks": bn_hooks(model),
-                "flushed": len(mon.flush()) + len(mon.close()),
-                "warnings": sum("is a fork of it" in m for m in messages),
-            }
-            own = bnwatch.watch(model, **options)
-            with torch.no_grad():
-                model(xs[3])
-            child["batches"] = own.close()["1"].n_batches
-            child["source"] = own.source
-            os.write(write, json.dumps(child).encode())
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(write)
-    deadline = time.monotonic() + 120
-    while not (ended := os.waitpid(pid, os.WNOHANG))[0] and time.monotonic() < deadline:
-        time.sleep(0.05)  # polling a child that must end by itself
-    status = ended[1]
-    if not ended[0]:
-        os.kill(pid, 9)
-        os.waitpid(pid, 0)
-        pytest.fail("the forked child hung")
-    with os.fdopen(read) as pipe:
-        child = json.loads(pipe.read() or "{}")
-    assert os.waitstatus_to_exitcode(status) == 0, child
+
+    def in_child(messages: list[str]) -> dict[str, Any]:
+        with torch.no_grad():
+            model(xs[1])
+            model(xs[2])
+        child: dict[str, Any] = {
+            "closed": mon.closed and "closed" in repr(mon),
+            "hooks": bn_hooks(model),
+            "flushed": len(mon.flush()) + len(mon.close()),
+            "warnings": sum("is a fork of it" in m for m in messages),
+        }
+        own = bnwatch.watch(model, **options)
+        with torch.no_grad():
+            model(xs[3])
+        child["batches"] = own.close()["1"].n_batches
+        child["source"] = own.source
+        return child
+
+    pid, child = _in_a_forked_child(in_child, None if fork == "os.fork" else _fork_as_uwsgi_does)
     assert child == {
         "closed": True,
         "hooks": 0,
