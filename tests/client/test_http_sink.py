@@ -280,7 +280,8 @@ def test_503s_are_retried_until_delivered(
         sinks.append(sink)
         for r in records:
             sink.write(r)
-        assert wait_for(lambda: sink.stats().written == 3)
+        # a delivered batch is counted written before its spool file is deleted: wait for both
+        assert wait_for(lambda: (s := sink.stats()).written == 3 and s.spooled == 0)
     stats = sink.stats()
     assert stats.failures == 3
     assert stats.last_error is not None and "503" in stats.last_error
