@@ -29,6 +29,22 @@ server that no longer answered them, and the service reported the database unrea
 two minutes after it was back.  Shorter than the health check's 5 s
 (``bnwatch.service.routes.health.HEALTH_TIMEOUT_SECONDS``), so that ``/healthz`` tells an
 unreachable database from a slow one."""
+PG_TCP_SETTINGS: dict[str, int] = {
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,
+}
+"""libpq's TCP settings for PostgreSQL connections, each unless the URL or ``connect_args``
+sets it.  A pooled connection whose path died silently (a NAT or load balancer forgetting an
+idle connection, a failover, a conntrack flush) otherwise hangs the first statement sent on it
+-- ``pool_pre_ping``'s too -- until the kernel gives up, about 15 minutes by default; the
+service's four ingest threads each held one, and every ingest waited behind them while reads,
+on fresh connections, worked.  Keepalives (a probe after 30 s idle, three more 10 s apart)
+find a dead idle connection within a minute and keep NAT entries alive; ``tcp_user_timeout``
+(ms) fails a statement whose bytes go unacknowledged for 30 s.  Neither limits how long a
+query may run on a server that answers."""
 POOL_TIMEOUT_SECONDS = 10.0
 """How long a PostgreSQL read or write waits for a pooled connection before it fails (the
 service answers 503 with ``Retry-After``): SQLAlchemy's default is 30 s."""
@@ -115,7 +131,8 @@ def _journal_mode_wal(cursor: Any) -> None:
 def create_engine(url: str | URL, *, argument: str = "store", **kwargs: Any) -> Engine:
     """An engine for a supported URL (SQLite: WAL, busy timeout, foreign keys; PostgreSQL:
     connections checked before use, attempts bounded by :data:`PG_CONNECT_TIMEOUT_SECONDS`,
-    waits for a pooled one by :data:`POOL_TIMEOUT_SECONDS`)."""
+    dead connections found by :data:`PG_TCP_SETTINGS`, waits for a pooled one bounded by
+    :data:`POOL_TIMEOUT_SECONDS`)."""
     parsed = parse_url(url, argument=argument)
     if parsed.get_backend_name() == "sqlite":
         engine = sa.create_engine(
@@ -132,6 +149,9 @@ def create_engine(url: str | URL, *, argument: str = "store", **kwargs: Any) -> 
         or os.environ.get("PGCONNECT_TIMEOUT", "").strip()
     ):  # a timeout the user chose is theirs
         connect_args["connect_timeout"] = PG_CONNECT_TIMEOUT_SECONDS
+    for key, value in PG_TCP_SETTINGS.items():
+        if key not in parsed.query:
+            connect_args.setdefault(key, value)
     return sa.create_engine(parsed, connect_args=connect_args, **kwargs)
 
 
