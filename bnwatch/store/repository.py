@@ -674,15 +674,27 @@ class Repository:
                 layer_ids = self._layer_ids(conn, model_id, record, new, index)
                 resolved.append((record, model_id, layer_ids))
             fresh = self._not_stored(conn, resolved)
-            # references first: no query can run on the connection once COPY has begun
-            planned: list[list[tuple[LayerReport, int, int | None, int | None]]] = []
-            for record, _, layer_ids in fresh:
-                planned.append([])
-                for name, report in record.reports.items():
-                    layer_id = layer_ids[name]
-                    running = self._running_ref(conn, layer_id, report, new)
-                    baseline = self._baseline_ref(conn, layer_id, report, new)
-                    planned[-1].append((report, layer_id, running, baseline))
+            # references first: no query can run on the connection once COPY has begun; in
+            # layer-id order (see _ref_id), whatever order the records list their layers in
+            todo = sorted(
+                (layer_ids[name], i, name)
+                for i, (record, _, layer_ids) in enumerate(fresh)
+                for name in record.reports
+            )
+            refs: dict[tuple[int, str], tuple[int | None, int | None]] = {}
+            for layer_id, i, name in todo:
+                report = fresh[i][0].reports[name]
+                refs[i, name] = (
+                    self._running_ref(conn, layer_id, report, new),
+                    self._baseline_ref(conn, layer_id, report, new),
+                )
+            planned: list[list[tuple[LayerReport, int, int | None, int | None]]] = [
+                [
+                    (report, layer_ids[name], *refs[i, name])
+                    for name, report in record.reports.items()
+                ]
+                for i, (record, _, layer_ids) in enumerate(fresh)
+            ]
 
             def row(i: int, k: int) -> dict[str, Any]:
                 """The ``windows`` row of record ``i``'s ``k``-th layer (encoded when made)."""
@@ -868,7 +880,10 @@ class Repository:
         # the next version is counted under a lock, so that two writers (a profile uploaded
         # while a monitor stores windows) cannot both take it: on PostgreSQL the layer's row
         # (FOR NO KEY UPDATE, which window inserts referencing it do not wait for), on SQLite
-        # the file's write lock, taken before the versions are read
+        # the file's write lock, taken before the versions are read.  Writers of several
+        # layers' references call this in layer-id order: two profiles listing the same layers
+        # in different orders, uploaded at once, each held a row the other waited for, and
+        # PostgreSQL aborted one (DeadlockDetected, a 503)
         if conn.dialect.name == "postgresql":
             conn.execute(
                 sa.select(Layer.id).where(Layer.id == layer_id).with_for_update(key_share=True)
@@ -997,7 +1012,6 @@ class Repository:
     def write_profile(self, profile: Profile) -> dict[str, int]:
         """Store a reference profile (kind ``profile``); returns layer name -> reference id."""
         new = _Ids()
-        out: dict[str, int] = {}
         with self.engine.begin() as conn:
             model_id = self._model_id(conn, profile.name, profile.version, new)
             missing = [
@@ -1020,14 +1034,16 @@ class Repository:
                 ).all()
             )
             for name, lp in profile.layers.items():
-                layer_id, channels = stored[name]
-                if channels != lp.channels:
+                if stored[name][1] != lp.channels:
                     raise ChannelMismatchError(
-                        profile.name, profile.version, name, channels, lp.channels, "profile"
+                        profile.name, profile.version, name, stored[name][1], lp.channels, "profile"
                     )
+            ids: dict[str, int] = {}
+            for name, lp in sorted(profile.layers.items(), key=lambda kv: stored[kv[0]][0]):
+                layer_id = stored[name][0]  # in layer-id order: see _ref_id
                 m = lp.stats.moments
                 st = lp.stats
-                out[name] = self._ref_id(
+                ids[name] = self._ref_id(
                     conn,
                     layer_id,
                     "profile",
@@ -1045,6 +1061,7 @@ class Repository:
                     reservoir_seen=lp.reservoir.seen,
                     renew=True,  # the profile uploaded last is the one served
                 )
+            out = {name: ids[name] for name in profile.layers}
         self._ids.models.update(new.models)
         self._ids.refs.update(new.refs)
         return out
@@ -1290,9 +1307,9 @@ class Repository:
             if outcome.get("data") is not None:
                 lineage["data"] = outcome["data"]
             ref_ids: dict[str, int] = {}
-            for name, (mean, var, eps) in arrays.items():
-                if name not in stored:
-                    continue
+            for name, (mean, var, eps) in sorted(  # in layer-id order: see _ref_id
+                ((n, a) for n, a in arrays.items() if n in stored), key=lambda na: stored[na[0]][0]
+            ):
                 ref_ids[name] = self._ref_id(
                     conn,
                     stored[name][0],
