@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -68,7 +69,10 @@ def profile(
         ConfigError: an argument is invalid, or a layer's module path is one the store cannot
             hold, as :func:`watch` refuses it (checked before any data is read).
         bnwatch.client.ServiceError: the service was unreachable or refused the profile
-            (the HTTP status and the service's message say why).
+            (the HTTP status and the service's message say why; an unreachable or unhealthy
+            service is found before any data is read).
+        sqlalchemy.exc.SQLAlchemyError, SchemaError: a database ``store`` cannot be opened
+            (found before any data is read) or written.
         bnwatch.store.repository.ChannelMismatchError: a database ``store`` holds a layer of
             that name with another channel count.
     """
@@ -82,14 +86,18 @@ def profile(
 
 
 def check_profile_store(store: str | None, token: str | None) -> None:
-    """What :func:`profile` checks of ``store`` and ``token`` before the profiling pass: the
-    service URL's syntax, and that a token is there for a service (it refuses uploads
-    without one; found after the pass, the pass would be lost)."""
+    """What :func:`profile` checks of ``store`` and ``token`` before the profiling pass, which
+    a store found unusable after it would lose: a database is opened (created with the schema
+    if empty, as storing would); a service must answer ``/healthz`` and have a token to give
+    it (it refuses uploads without one; whether the token is right shows only on upload).  A
+    SQLite file that does not exist yet is not created here: its folder must be writable."""
     service = is_service_url(store)
     if token is not None and not service:
         raise ConfigError("token", "<hidden>", "None unless store is an http(s):// service URL")
+    if store is None:
+        return
     if service:
-        from bnwatch.client import TOKEN_ENV, profiles_endpoint, resolve_token
+        from bnwatch.client import TOKEN_ENV, check_service, profiles_endpoint, resolve_token
 
         profiles_endpoint(store)  # a bad URL fails now, not after the profiling pass
         if resolve_token(token) is None:
@@ -99,6 +107,19 @@ def check_profile_store(store: str | None, token: str | None) -> None:
                 f"the service's API token (token=, else ${TOKEN_ENV}): a service refuses "
                 "profile uploads without one",
             )
+        check_service(store, what="the profile", undone="would not be stored")
+        return
+    from bnwatch.store.engine import parse_url
+    from bnwatch.store.migrate import engine_for
+
+    parsed = parse_url(store)
+    file = parsed.database if parsed.get_backend_name() == "sqlite" else None
+    if file and not os.path.exists(file):  # created by storing; not by a run that fails
+        folder = os.path.dirname(os.path.abspath(file))
+        if not os.access(folder, os.W_OK):
+            raise ConfigError("store", store, f"a SQLite file in a folder you can write ({folder})")
+        return
+    engine_for(store).dispose()
 
 
 def store_profile(result: Profile, store: str, *, token: str | None = None) -> None:

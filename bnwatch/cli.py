@@ -796,8 +796,10 @@ def _add_profile(subparsers: Subparsers) -> None:
         "bnwatch.Profile.load).  Reports and the dashboard judge drift against a stored "
         "profile, and monitors do with bnwatch.watch(..., "
         "reference=bnwatch.load_profile(URL, NAME, VERSION)).  Storing the same profile "
-        "again stores nothing.  PKG.MODULE names are imported from the current directory "
-        "first, then from the installed packages.",
+        "again stores nothing.  The store is checked before the pass (the database opened, the "
+        "service's /healthz); if storing fails after it, the profile is kept in --out or a "
+        "temporary file, whose path is printed.  PKG.MODULE names are imported from the "
+        "current directory first, then from the installed packages.",
     )
     _add_model_options(parser, data_help="validation batches, or a callable returning them")
     parser.add_argument("--name", required=True, help="the model's name, as monitors report it")
@@ -828,6 +830,19 @@ def _add_profile(subparsers: Subparsers) -> None:
         help="per-sample channel means kept per layer, for reports (default 512)",
     )
     parser.set_defaults(handler=_run_profile)
+
+
+def _keep_unstored(result: Any) -> Path | None:
+    """Save a profile that could not be stored (and has no ``--out``) to a temporary file: its
+    path, or ``None`` if that fails too."""
+    import tempfile
+
+    try:
+        fd, name = tempfile.mkstemp(prefix="bnwatch-profile-", suffix=".npz")
+        os.close(fd)
+        return Path(result.save(name))
+    except Exception:  # the store's error is the one to report
+        return None
 
 
 def _run_profile(args: argparse.Namespace) -> int:
@@ -871,8 +886,9 @@ def _run_profile(args: argparse.Namespace) -> int:
         try:
             store_profile(result, store, token=args.token)
         except Exception:
-            if args.out is not None:
-                print(f"the profile is in {args.out} (storing it failed):", file=sys.stderr)
+            kept = args.out if args.out is not None else _keep_unstored(result)
+            if kept is not None:  # the pass is not lost: Profile.load reads it back
+                print(f"the profile is in {kept} (storing it failed):", file=sys.stderr)
             raise
     samples = max((lp.stats.samples_seen for lp in result.layers.values()), default=0)
     print(

@@ -1480,6 +1480,18 @@ def send_profile(
     return dict(result.references)
 
 
+def check_service(url: str, *, what: str, undone: str, timeout: float = 10.0) -> None:
+    """That the bnwatch service at ``url`` answers ``GET /healthz`` with its database up --
+    checked before work whose result only it can take (a profiling pass).
+
+    Raises:
+        ConfigError: ``url`` is not a service URL.
+        ServiceError: unreachable, or unhealthy (saying that ``what`` ``undone``).
+    """
+    base = _endpoint(url)[: -len(ENDPOINT)]
+    _post_json(f"{base}/healthz", None, None, timeout, what=what, undone=undone, method="GET")
+
+
 def fetch_profile(url: str, model: str, version: str, *, timeout: float = 60.0) -> Profile:
     """The reference profile a bnwatch service stores for a model version (``GET
     {url}/api/v1/models/{model}/versions/{version}/profile``; reads need no token), as

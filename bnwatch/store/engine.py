@@ -73,13 +73,24 @@ def parse_url(url: str | URL, *, argument: str = "store") -> URL:
     if backend == "postgresql" and parsed.get_driver_name() in ("psycopg2", "postgresql"):
         parsed = parsed.set(drivername="postgresql+psycopg")
     try:
-        parsed.get_dialect()
-    except Exception as err:  # sqlalchemy.exc.NoSuchModuleError, ImportError of the driver
+        dialect = parsed.get_dialect()
+    except Exception as err:  # sqlalchemy.exc.NoSuchModuleError
         raise ConfigError(
             argument,
             url,
             f"a URL whose driver is installed ({parsed.drivername!r} is not: for PostgreSQL "
             "use postgresql:// or postgresql+psycopg://)",
+        ) from err
+    try:
+        # the driver module itself: SQLAlchemy imports it only at the first connection, which
+        # for a monitor is its writer thread's, after watch() has returned
+        dialect.import_dbapi()
+    except ImportError as err:
+        raise ConfigError(
+            argument,
+            url,
+            f"a URL whose driver is installed ({err.name or err}: missing; for PostgreSQL "
+            'pip install "psycopg[binary]", which bnwatch depends on)',
         ) from err
     if backend == "sqlite" and (
         parsed.database in (None, "", ":memory:")
@@ -89,6 +100,14 @@ def parse_url(url: str | URL, *, argument: str = "store") -> URL:
         # an in-memory database lives in one connection: every thread of the writer, the
         # service and the alert engine would see its own empty one, and all is lost at exit
         raise ConfigError(argument, url, "a SQLite file path, e.g. sqlite:///bnwatch.db")
+    if backend == "sqlite" and not str(parsed.database).startswith("file:"):
+        folder = os.path.dirname(os.path.abspath(str(parsed.database)))
+        if not os.path.isdir(folder):  # SQLite says only "unable to open database file"
+            raise ConfigError(
+                argument,
+                redacted(parsed),
+                f"a SQLite file in a folder that exists ({folder} does not: create it first)",
+            )
     return parsed
 
 

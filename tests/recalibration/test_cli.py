@@ -427,20 +427,49 @@ def _must_not_be_read() -> list[object]:
     raise AssertionError("the data was read before the store was checked")
 
 
-def test_profile_writes_out_even_when_storing_fails(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize("out", [True, False])
+def test_profile_keeps_the_pass_when_storing_fails(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    out: bool,
 ) -> None:
-    """--out was written only after storing, so a service that was down (or refused the token)
-    lost the whole pass, file included."""
+    """--out was written only after storing, so a service that refused the token lost the
+    whole pass, file included; without --out the pass was lost anyway."""
     from bnwatch.schema import Profile
+    from tests.client.server import FakeService
 
-    out = tmp_path / "profile.npz"
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # tempfile's folder, if it was not used yet
+    monkeypatch.setattr("tempfile.tempdir", None)
+    path = tmp_path / "profile.npz"
     argv = ["profile", "--model", f"{FIX}:factory", "--name", "cnn", "--version", "1"]
-    store = ["--store", "http://127.0.0.1:1", "--token", "t0ken"]  # nothing listens there
-    assert main([*argv, "--data", f"{FIX}:loader", *store, "--out", str(out)]) == 1
+    argv += ["--data", f"{FIX}:loader", *(["--out", str(path)] if out else [])]
+    with FakeService(token="right") as service:  # healthy; refuses the upload
+        assert main([*argv, "--store", service.url, "--token", "wrong"]) == 1
     err = capsys.readouterr().err
-    assert f"the profile is in {out} (storing it failed)" in err
-    assert set(Profile.load(out).layers) == {"1", "5", "8"}
+    assert "the profile of cnn@1 was not stored" in err
+    kept = path if out else next(tmp_path.glob("bnwatch-profile-*.npz"))
+    assert f"the profile is in {kept} (storing it failed)" in err
+    assert set(Profile.load(kept).layers) == {"1", "5", "8"}
+
+
+def test_profile_checks_the_store_before_the_pass(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only the URL's syntax was checked: a store that could not be used was found after the
+    profiling pass (minutes, on a real validation set), which was then lost."""
+    monkeypatch.setattr("tests.recalibration.cli_fixture.loader", _must_not_be_read)
+    argv = ["profile", "--model", f"{FIX}:factory", "--name", "cnn", "--version", "1"]
+    argv += ["--data", f"{FIX}:loader"]
+    not_a_database = tmp_path / "bnwatch.db"
+    not_a_database.write_text("not a database\n")
+    assert main([*argv, "--store", f"sqlite:///{not_a_database}"]) == 1
+    assert "file is not a database" in capsys.readouterr().err
+    assert not_a_database.read_text() == "not a database\n"
+    store = ["--store", "http://127.0.0.1:1", "--token", "t0ken"]  # nothing listens there
+    assert main([*argv, *store]) == 1
+    err = capsys.readouterr().err
+    assert "the profile would not be stored: cannot reach http://127.0.0.1:1/healthz" in err
 
 
 @pytest.mark.parametrize(

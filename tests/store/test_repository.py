@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -569,6 +570,22 @@ def test_unusable_store_urls_fail_at_watch(url: object) -> None:
     with pytest.raises(ConfigError) as info:
         bnwatch.watch(small_cnn(), store=url)  # type: ignore[arg-type]
     assert info.value.argument == "store"
+
+
+def test_a_sqlite_file_in_a_missing_folder_fails_at_watch(tmp_path: Path) -> None:
+    # accepted before: the writer thread then retried "unable to open database file" until
+    # close() gave up 30 s later and dropped the window
+    missing = tmp_path / "no" / "such"
+    with pytest.raises(ConfigError, match=f"{missing} does not: create it first"):
+        bnwatch.watch(small_cnn(), store=f"sqlite:///{missing / 'bnwatch.db'}")
+    assert not missing.parent.exists()
+
+
+def test_a_missing_driver_fails_at_watch(monkeypatch: pytest.MonkeyPatch) -> None:
+    # accepted before: each window then logged a traceback from the writer thread
+    monkeypatch.setitem(sys.modules, "psycopg", None)
+    with pytest.raises(ConfigError, match=r"psycopg: missing.*pip install \"psycopg\[binary\]\""):
+        bnwatch.watch(small_cnn(), store="postgresql://bnwatch@db.invalid/bnwatch")
 
 
 def test_the_query_layer_imports_without_torch() -> None:
