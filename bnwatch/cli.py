@@ -314,6 +314,16 @@ def _add_alerts(subparsers: Subparsers) -> None:
     parser.set_defaults(handler=_run_alerts)
 
 
+def _check_model_stored(repo: Any, model: str | None, version: str | None) -> None:
+    """Refuse a --model/--version that names no stored model version, listing those stored."""
+    stored = [(m.name, m.version) for m in repo.models()]
+    if any((model in (None, n)) and (version in (None, v)) for n, v in stored):
+        return
+    named = f"{model or '*'}@{version}" if version is not None else str(model)
+    listed = ", ".join(f"{n}@{v}" for n, v in stored) or "(none: the store is empty)"
+    raise _CommandLineError(f"no model {named} in the store; models: {listed}")
+
+
 def _run_alerts(args: argparse.Namespace) -> int:
     import json
 
@@ -333,6 +343,8 @@ def _run_alerts(args: argparse.Namespace) -> int:
             )
         state = None if args.state == "all" else args.state
         alerts = repo.alerts(model=args.model, version=args.version, state=state)
+        if not alerts and (args.model is not None or args.version is not None):
+            _check_model_stored(repo, args.model, args.version)  # a typo is not "no alerts"
     finally:
         engine.dispose()
     if args.json:
@@ -389,6 +401,14 @@ def _load_object(spec: str, argument: str) -> object:
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ConfigError(argument, spec, "pkg.module:name")
+    if module_name.endswith(".py") or "/" in module_name or os.sep in module_name:
+        dotted = module_name.removesuffix(".py").strip("./").replace("/", ".")
+        raise ConfigError(
+            argument,
+            spec,
+            f"a module name, not a file path: e.g. {dotted}:{attr} (modules are imported from "
+            "the current directory first)",
+        )
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
@@ -730,7 +750,17 @@ def _run_recalibrate(args: argparse.Namespace) -> int:
         if args.layers is not None:
             try:
                 discover(model, include=args.layers)
-            except (ConfigError, NoBatchNormError) as err:
+            except NoBatchNormError as err:
+                if err.include is None:  # the model has none at all: the message says why
+                    raise _CommandLineError(str(err)) from err
+                names = [layer.name for layer in discover(model)]
+                shown = ", ".join(names[:10]) + (f" ... ({len(names)})" if len(names) > 10 else "")
+                raise _CommandLineError(
+                    f"--layers {' '.join(args.layers)}: no BatchNorm layer of "
+                    f"{type(model).__name__} matches (fnmatch globs on qualified module names; "
+                    f"its BatchNorm layers: {shown})"
+                ) from err
+            except ConfigError as err:
                 raise _CommandLineError(str(err)) from err
         result = recalibrate(
             model,

@@ -184,6 +184,14 @@ def test_alerts_lists_and_evaluates(db_url: str, capsys: pytest.CaptureFixture[s
     assert main(["alerts", "--db", db_url, "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert {a["kind"] for a in listed} >= {"no_data"}
+    # a typo in --model or --version is not "no alerts"
+    (stored,) = {f"{r.model}@{r.version}" for r in records}
+    model, version = stored.split("@")
+    for typo in (["--model", model + "x"], ["--model", model, "--version", version + "x"]):
+        assert main(["alerts", "--db", db_url, *typo]) == 1
+        assert f"in the store; models: {stored}" in capsys.readouterr().err
+    assert main(["alerts", "--db", db_url, "--model", model, "--state", "resolved"]) == 0
+    assert "no resolved alerts" in capsys.readouterr().out
 
 
 def test_the_alerts_table_shows_versions_whole(

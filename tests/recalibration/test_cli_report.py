@@ -159,7 +159,12 @@ def test_a_failing_run_is_reported_failed_and_exits_with_its_error(
     ("typo", "code", "message"),
     [
         (["--model", f"{FIX}:nope"], 1, "--model="),
-        (["--layers", "nothing*"], 1, "no BatchNorm layer matches include"),
+        (["--model", "mymodel.py:build"], 1, "not a file path: e.g. mymodel:build"),
+        (
+            ["--layers", "nothing*"],
+            1,
+            "--layers nothing*: no BatchNorm layer of Sequential matches",
+        ),
         (
             ["--model", f"{FIX}:frozen_factory", "--layers", "1"],
             1,
