@@ -481,7 +481,7 @@ def test_cli_end_to_end_with_a_watched_model(
         ),
         (
             ["--model", "m", "--version", "1", "--layer", "bn", "--from", "2030-01-01"],
-            "there is no window of layer 'bn' of m@1 ending in",
+            "there is no window of layer 'bn' of m@1 ending at or after 2030-01-01",
         ),
         (  # found before the report is computed, naming the directory, not a temporary file
             ["--model", "m", "--version", "1", "--layer", "bn", "--out", "nodir/r.html"],

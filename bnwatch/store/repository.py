@@ -2338,7 +2338,14 @@ class Repository:
                 total = int(conn.execute(windows).scalar_one())
                 warm = int(conn.execute(windows.where(Window.baseline == WARMING_UP)).scalar_one())
         if pooled is None:
-            span = "" if start is None and end is None else f" ending in [{start}, {end})"
+            if start is None and end is None:
+                span = ""
+            elif end is None:
+                span = f" ending at or after {start}"
+            elif start is None:
+                span = f" ending before {end}"
+            else:
+                span = f" ending in [{start}, {end})"
             where = f"layer {layer!r} of {model}@{version}{span}"
             if total == 0:
                 why = f"there is no window of {where}: none was stored (yet) in this range"

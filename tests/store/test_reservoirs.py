@@ -174,8 +174,12 @@ def test_production_reservoir_pools_the_range(repo: Repository) -> None:
     assert bounded.reservoir.rows.shape == (10, 4) and bounded.reservoir.seen == 80
     again = repo.production_reservoir("cnn", "1", "4", max_rows=10)
     np.testing.assert_array_equal(bounded.reservoir.rows, again.reservoir.rows)  # seeded
-    with pytest.raises(NoReservoirError, match=r"ending in \["):
+    with pytest.raises(NoReservoirError, match=r"ending at or after 20.*: none was stored"):
         repo.production_reservoir("cnn", "1", "4", start=NOW + timedelta(days=1))
+    with pytest.raises(NoReservoirError, match=r"ending before 20.*: none was stored"):
+        repo.production_reservoir("cnn", "1", "4", end=NOW - timedelta(days=1))
+    with pytest.raises(NoReservoirError, match=r"ending in \[20.*, 20.*\): none was stored"):
+        repo.production_reservoir("cnn", "1", "4", start=NOW, end=NOW + timedelta(seconds=1))
     with pytest.raises(KeyError, match=r"no layer 'nope' in cnn@1; layers: 1, 4, 7"):
         repo.production_reservoir("cnn", "1", "nope")
     with pytest.raises(KeyError, match="no model"):
