@@ -166,8 +166,11 @@ def test_a_queue_past_its_bytes_drops_and_counts(caplog: pytest.LogCaptureFixtur
 def test_a_database_down_at_start_is_retried_until_it_comes(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    folder = tmp_path / "not-yet"
-    url = f"sqlite:///{folder / 'bnwatch.db'}"
+    # a folder where the file should be: SQLite cannot open it ("unable to open database
+    # file") until it is gone.  (A missing folder is refused at once: a mistyped path.)
+    blocked = tmp_path / "bnwatch.db"
+    blocked.mkdir()
+    url = f"sqlite:///{blocked}"
     records = record_windows(3)
     with caplog.at_level(logging.WARNING, logger="bnwatch"):
         sink = StoreSink(url, retry_initial=0.05, retry_max=0.2)
@@ -175,7 +178,7 @@ def test_a_database_down_at_start_is_retried_until_it_comes(
             sink.write(r)
         assert wait_for(lambda: sink.stats().failures >= 2)
     assert any("cannot store windows" in r.getMessage() for r in caplog.records)
-    folder.mkdir()  # the "database" comes up
+    blocked.rmdir()  # the "database" comes up
     assert wait_for(lambda: sink.stats().written == 3)
     sink.close()
     assert stored(url) == 9
