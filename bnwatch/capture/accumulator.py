@@ -453,7 +453,9 @@ class LayerAccumulator:
 
     # -- the hot path --------------------------------------------------------------------
     def observe(self, x: Tensor, *, batch_stat_mode: bool) -> None:
-        """Measure a batch: reduce it into the row buffer."""
+        """Measure a batch: reduce it into the row buffer.  A batch is counted
+        (``n_batches``, ``batch_sizes``) if and only if this returns: one that raises is not,
+        and neither is an empty batch."""
         if x.dim() < 2:
             raise ShapeError(
                 f"input of BatchNorm layer {self.name!r}", "[N, C, *S]", tuple(x.shape)
@@ -475,6 +477,7 @@ class LayerAccumulator:
             self._compactions = 0
             try:
                 self._reduce(self._prepare(x))
+                self._settle(x)
             except BaseException:
                 # rows reserved for this batch but never (fully) written must not be compacted
                 # as data: drop them -- unless a compaction already took some of them in
@@ -482,8 +485,9 @@ class LayerAccumulator:
                 if buf is not None and self._compactions == 0:
                     buf.used = used if buf is before else 0
                 raise
+            # last: a batch is counted as measured only if observe() returns (the monitor
+            # counts a batch whose observe() raised as seen and not measured)
             self._count(n, batch_stat_mode)
-            self._settle(x)
 
     def _count(self, n: int, batch_stat_mode: bool) -> None:
         self._n_batches += 1

@@ -100,13 +100,7 @@ def discover(
             "before torch.jit.script/trace (and script a watched model only after close())",
         )
     if _compiled(model):
-        raise ConfigError(
-            "model",
-            f"{type(model).__name__} (compiled)",
-            "a module not compiled yet: a graph torch.compile traced without bnwatch's hooks "
-            "never calls them -- compile after bnwatch.watch(model), which works; profile or "
-            "recalibrate the uncompiled module (an OptimizedModule's _orig_mod)",
-        )
+        raise ConfigError("model", f"{type(model).__name__} (compiled)", _uncompiled(model))
     inc = _patterns("include", include)
     exc = _patterns("exclude", exclude)
     found: list[BatchNormLayer] = []
@@ -122,7 +116,32 @@ def discover(
         found.append(BatchNormLayer(name=qualified, module=layer, depth=len(found)))
     if not found:
         raise NoBatchNormError(type(model).__name__, inc, exc, *_other_norms(model))
+    check_materialized(model, found)
     return found
+
+
+def check_materialized(model: nn.Module, layers: Sequence[BatchNormLayer]) -> None:
+    """Refuse layers whose tensors are on the ``meta`` device (a model built under
+    ``torch.device("meta")`` or an empty-weights context, to be loaded later): they hold no
+    values, so there are no running statistics to compare with -- reading them raised torch's
+    ``Tensor.item() cannot be called on meta tensors`` from inside ``watch()``.
+
+    Raises:
+        ConfigError: naming the first such layer and how to materialize the model.
+    """
+    for layer in layers:
+        module = layer.module
+        tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        if any(t.is_meta for t in tensors):
+            raise ConfigError(
+                "model",
+                f"{type(model).__name__} (on the meta device)",
+                f"a model whose tensors hold values: BatchNorm layer {layer.name!r} (and maybe "
+                "others) has tensors on the meta device, without data or running statistics. "
+                "Materialize the model before bnwatch.watch(), profile() or recalibrate(): "
+                "model.to_empty(device=...) and then model.load_state_dict(weights), or "
+                "model.load_state_dict(weights, assign=True)",
+            )
 
 
 def batchnorm_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -178,6 +197,30 @@ def check_layer_paths(model: nn.Module, layers: Sequence[BatchNormLayer]) -> Non
                 f"BatchNorm layers whose module paths the store can hold ({problem}: "
                 f"{layer.name[:100]!r}...); leave the layer out with exclude=",
             )
+
+
+def _uncompiled(model: nn.Module) -> str:
+    """What to pass instead of a compiled ``model`` (see :func:`_compiled`): the way out
+    differs for ``torch.compile``'s wrapper, which keeps the uncompiled module, and for a
+    module compiled in place, which has no uncompiled one."""
+    why = (
+        "a module not compiled yet: a graph torch.compile traced without bnwatch's hooks "
+        "never calls them -- compile after bnwatch.watch(model), which works; "
+    )
+    if type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod"):
+        return why + (
+            "profile or recalibrate the uncompiled module (this OptimizedModule's _orig_mod)"
+        )
+    where = next(
+        (name for name, m in model.named_modules() if getattr(m, "_compiled_call_impl", None)),
+        "",
+    )
+    compiled = f"model.{where}.compile()" if where else "model.compile()"
+    return why + (
+        f"{compiled} compiled it in place, so there is no uncompiled module to pass: call it "
+        "after bnwatch.watch(model), and profile or recalibrate the model before compiling it "
+        "(or a new instance with the same weights)"
+    )
 
 
 def _compiled(model: nn.Module) -> bool:

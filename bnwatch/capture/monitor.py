@@ -62,7 +62,12 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parameter import UninitializedBuffer
 
 from bnwatch.capture.accumulator import LayerAccumulator
-from bnwatch.capture.discovery import BatchNormLayer, batchnorm_modules, check_layer_paths
+from bnwatch.capture.discovery import (
+    BatchNormLayer,
+    batchnorm_modules,
+    check_layer_paths,
+    check_materialized,
+)
 from bnwatch.drift import DriftConfig, Reference, assess_layer, config_account, decide
 from bnwatch.errors import (
     ConfigError,
@@ -192,7 +197,10 @@ class MonitorStats:
 
     Attributes:
         forwards: forward passes of the model while watched.
-        forwards_measured: of those, the ones whose BN inputs were measured.
+        forwards_measured: of those, the ones whose BN inputs were measured: chosen to be
+            (``sample_every``, ``overhead_budget``) and reaching a watched layer's hook -- a
+            forward of a graph compiled without the hooks (``torch.compile(fullgraph=True)``)
+            measures nothing and is not counted.
         hook_seconds: time spent inside bnwatch's hooks.
         model_seconds: time of the watched forward passes excluding ``hook_seconds``.
         overhead_ratio: ``hook_seconds / model_seconds`` (NaN when hooks ran but no model
@@ -729,11 +737,14 @@ def _utc(seconds: float) -> datetime:
 
 
 class _SeenCounters:
-    """Batches and samples that passed through each layer, measured or not, counted without a
-    lock: every thread increments its own cumulative counters, and a window takes the
-    difference of the totals (the window thread never writes to them).  The counters of
-    threads that ended are folded into one total, so a server with a thread per request does
-    not keep one pair per request it ever served."""
+    """Batches and samples that passed through each layer and were not measured, counted
+    without a lock: every thread increments its own cumulative counters, and a window takes
+    the difference of the totals (the window thread never writes to them).  A measured batch
+    is counted by its layer's accumulator instead, which a window collects: each batch is
+    counted once, in one place, so it is seen in the window that measured it, whatever the
+    window thread and the serving threads interleave (see :meth:`Monitor._close_window`).
+    The counters of threads that ended are folded into one total, so a server with a thread
+    per request does not keep one pair per request it ever served."""
 
     def __init__(self, layers: int) -> None:
         self._layers = layers
@@ -805,6 +816,7 @@ class Monitor:
         if source is not None:
             check_text("source", source)
         check_layer_paths(model, layers)
+        check_materialized(model, layers)
         if window_seconds is not None and (
             isinstance(window_seconds, bool)
             or not isinstance(window_seconds, (int, float))
@@ -869,6 +881,9 @@ class Monitor:
         self._closed = False
         self._warned_standalone = False
         self._reached = False  # a layer's hook has run, or we said none did (_check_reached)
+        # whole graphs compiled after watch() leave the hooks out, and say so (_whole_graph)
+        self._whole_graphs_at_watch = _whole_graphs
+        self._whole_graph_warned_at_watch = _whole_graph_warned
         self._model_class = type(model).__name__
         # to tell when the model's BatchNorm layers change after watch() (_check_layers)
         self._model = weakref.ref(model)
@@ -935,6 +950,40 @@ class Monitor:
         # may run in a thread serving the model, which must not wait for a sink to drain)
         self._finalizer = weakref.finalize(self, _let_go, sink, self._stop, self._pid)
         self._finalizer.atexit = False  # at exit, _close_at_exit closes it properly
+        self._warn_training(layers)
+        if (url := self.metrics_url) is not None:  # metrics_port=0: the port it picked
+            logger.info("bnwatch: metrics of %s@%s are served on %s", name, version, url)
+
+    def _warn_training(self, layers: Sequence[BatchNormLayer]) -> None:
+        """Warn once, at attach, if watched layers are in training mode: a model left in
+        ``train()`` is a mistake every report flags (``batch_stat_mode``), but only a user who
+        reads the reports learns it.  Frozen layers are left out (they ignore the mode), and so
+        are layers without running statistics (``track_running_stats=False``): they normalize
+        by batch statistics in ``eval()`` too, by design, and ``eval()`` would not change it."""
+        training = [
+            layer.name
+            for layer in layers
+            if layer.module.training
+            and not layer.frozen
+            and getattr(layer.module, "running_mean", None) is not None
+        ]
+        if not training:
+            return
+        shown = ", ".join(training[:5]) + (
+            f" and {len(training) - 5} more" if len(training) > 5 else ""
+        )
+        logger.warning(
+            "bnwatch: %d of the %d watched BatchNorm layers of %s are in training mode (%s): "
+            "they normalize each batch by its own statistics, so an output depends on the "
+            "rest of its batch, and every forward updates their running statistics with "
+            "production data. For inference call model.eval() (before or after watch()); if "
+            "the model is meant to train while watched, this is expected (reports flag "
+            "batch_stat_mode)",
+            len(training),
+            len(layers),
+            self.model_name,
+            shown,
+        )
 
     # -- references ----------------------------------------------------------------------
     def _snapshot_running(self, layer: BatchNormLayer) -> None:
@@ -1039,6 +1088,8 @@ class Monitor:
                     tl.pending = self._inputs.add_call(args, kwargs) if tl.measure else None
             tl.depth = depth + 1
             tl.hook_time += time.perf_counter() - start
+            if depth == 0:  # every layer hook adds to it: unchanged at the end, none ran
+                tl.before_layers = tl.hook_time
         except Exception as err:  # never let monitoring break inference
             self._hook_failed(None, err)
 
@@ -1061,8 +1112,11 @@ class Monitor:
                         ring.commit(pending)
                     else:
                         ring.discard(pending)
+                # measured if a layer's hook ran: a graph compiled without them (fullgraph=True)
+                # runs the root's hooks alone, and measures nothing
+                measured = tl.measure and tl.hook_time != tl.before_layers
                 hook_time = tl.hook_time + (time.perf_counter() - end)
-                self._sampler.record(end - tl.t0, hook_time, tl.measure)
+                self._sampler.record(end - tl.t0, hook_time, measured)
         except Exception as err:
             self._hook_failed(None, err)
 
@@ -1074,11 +1128,11 @@ class Monitor:
         inside = getattr(tl, "depth", 0) > 0
         try:
             x = args[0]
-            self._seen.add(idx, int(x.shape[0]))
+            n = int(x.shape[0])
             if inside and self._inputs is not None:
                 pending = getattr(tl, "pending", None)
                 if pending is not None and pending.samples is None:  # the call's samples
-                    pending.samples = int(x.shape[0])
+                    pending.samples = n
             if inside:
                 measure = tl.measure and not self._closed
             else:  # a submodule called directly: no root forward to decide for us
@@ -1103,11 +1157,17 @@ class Monitor:
                 self._standalone[idx] += 1
                 measure = not (self._standalone[idx] - 1) % self._sampler.every
                 measure = measure and not self._closed
-            if measure:
+            if measure and n:
                 batch_stat = not self._frozen[idx] and (
                     module.training or module.running_mean is None
                 )
-                self._accs[idx].observe(x, batch_stat_mode=batch_stat)
+                try:  # counted as measured by the accumulator, as seen if it fails
+                    self._accs[idx].observe(x, batch_stat_mode=batch_stat)
+                except Exception:
+                    self._seen.add(idx, n)
+                    raise
+            else:
+                self._seen.add(idx, n)
         except Exception as err:  # never let monitoring break inference
             self._hook_failed(idx, err)
         finally:
@@ -1187,23 +1247,36 @@ class Monitor:
             start, self._window_start = self._window_start, end
             if self.window_seconds is not None:
                 self._deadline = time.monotonic() + self.window_seconds
-            # traffic of windows in which a layer measured nothing is reported with the next
-            # window that does (the counters of layer_totals stay whole)
-            forwards = self._sampler.forwards  # before take(): their layers' counts are in it
-            taken = self._seen.take()
-            self._check_layers(forwards)
-            self._check_reached(forwards, taken)
-            seen = [
-                (b + cb, n + cn) for (b, n), (cb, cn) in zip(taken, self._unreported, strict=True)
-            ]
+            # a layer's batches are counted once: as measured by its accumulator (collected
+            # here), or as not measured by the counters (taken here), so a forward running as
+            # the window closes is seen in the window that measures it, and the totals are
+            # exact.  Unmeasured traffic of windows in which a layer measured nothing is
+            # reported with the next window that does (the counters of layer_totals stay whole;
+            # what follows the last window that measured anything has none, at close)
+            forwards = self._sampler.forwards  # first: their layers' counts are in both below
+            unmeasured = self._seen.take()
             collected = {
-                layer.name: acc.collect(*seen[i])
-                for i, (layer, acc) in enumerate(zip(self._layers, self._accs, strict=True))
+                layer.name: acc.collect()
+                for layer, acc in zip(self._layers, self._accs, strict=True)
             }
+            self._check_layers(forwards)
+            reached = any(b for b, _ in unmeasured) or any(
+                stats is not None and stats.n_batches for stats in collected.values()
+            )
+            self._check_reached(forwards, reached)
+            carried = [
+                (b + cb, n + cn)
+                for (b, n), (cb, cn) in zip(unmeasured, self._unreported, strict=True)
+            ]
             self._unreported = []
-            for counts, (name, stats) in zip(seen, list(collected.items()), strict=True):
-                collected[name], carried = _seen_in_full(stats, counts)
-                self._unreported.append(carried)
+            for (b, n), (name, stats) in zip(carried, list(collected.items()), strict=True):
+                if stats is None or stats.n_batches == 0:  # not reported: carried
+                    self._unreported.append((b, n))
+                    continue
+                collected[name] = dataclasses.replace(
+                    stats, batches_seen=stats.batches_seen + b, samples_seen=stats.samples_seen + n
+                )
+                self._unreported.append((0, 0))
             assessed: dict[str, LayerReport] = {}
             for layer in self._layers:
                 stats = collected[layer.name]
@@ -1300,16 +1373,28 @@ class Monitor:
             shown,
         )
 
-    def _check_reached(self, forwards: int, taken: Sequence[tuple[int, int]]) -> None:
+    def _check_reached(self, forwards: int, reached: bool) -> None:
         """Warn once if whole forwards of the model ran and not one reached a watched layer's
-        hook.  The likely cause is a ``torch.compile`` graph traced without the hooks: dynamo
-        reuses the graph it compiled for another instance of the class before ``watch()``.
-        (A forward's layer hooks run before its root post-hook counts it, so ``forwards``, read
-        before ``taken``, cannot count a forward whose layers are not in ``taken`` yet.)"""
+        hook (``reached``: a layer's batch was counted in this window).  The likely cause is a
+        ``torch.compile`` graph traced without the hooks: one that must be whole
+        (``fullgraph=True``, :func:`_whole_graph` warned when it was traced), or one that
+        dynamo reuses, compiled for another instance of the class before ``watch()``.  (A
+        forward's layer hooks run before its root post-hook counts it, so ``forwards``, read
+        before the layers' counts, cannot count a forward whose layers are not in them yet.)"""
         if self._reached:
             return
-        if any(batches for batches, _ in taken):
+        if reached:
             self._reached = True
+        elif forwards and _whole_graphs > self._whole_graphs_at_watch:
+            self._reached = True  # a whole graph was traced since watch(): that is why
+            if self._whole_graph_warned_at_watch:  # said for another model: say it for this
+                logger.warning(
+                    "bnwatch: %d forwards of %s ran since watch(), and none reached a watched "
+                    "BatchNorm layer: %s",
+                    forwards,
+                    self.model_name,
+                    _WHOLE_GRAPH_WARNING,
+                )
         elif forwards:
             self._reached = True  # said once
             logger.warning(
@@ -1353,6 +1438,15 @@ class Monitor:
     @property
     def sink(self) -> Sink:
         return self._sink
+
+    @property
+    def metrics_url(self) -> str | None:
+        """Where this monitor's Prometheus metrics are served (``watch(metrics_port=...)``):
+        ``http://addr:port/metrics``, with the port actually bound (``metrics_port=0`` picks a
+        free one); ``None`` when none is served -- no ``metrics_port``, the monitor closed, or
+        another process of a multi-process server serves them on that port."""
+        urls = getattr(self._sink, "urls", None)  # a MonitorExporter (capture imports no export)
+        return urls[0] if urls else None
 
     def flush(self) -> dict[str, LayerReport]:
         """Close the current window now and return its reports (layer name -> report).
@@ -1519,31 +1613,12 @@ class Monitor:
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "watching"
+        seconds = self.window_seconds
+        windows = "windows on flush()" if seconds is None else f"window {seconds:g} s"
         return (
             f"<bnwatch.Monitor {self.model_name}@{self.version} {state} "
-            f"{len(self._layers)} BatchNorm layers, window {self.window_seconds}s>"
+            f"{len(self._layers)} BatchNorm layers, {windows}>"
         )
-
-
-def _seen_in_full(
-    stats: LayerStats | None, seen: tuple[int, int]
-) -> tuple[LayerStats | None, tuple[int, int]]:
-    """A layer's window with at least the batches and samples it measured as seen, and the
-    (batches, samples) carried to the next window.
-
-    A window that measured nothing is not reported: what it saw is carried.  A forward in
-    flight as the window closes is counted as seen after the counters were read and may be
-    measured before the window is collected: it is reported as seen with the window that
-    measured it (the store's totals had fewer samples seen than measured), and taken off the
-    next window's count, which holds it (a negative carry)."""
-    if stats is None or stats.n_batches == 0:
-        return stats, seen
-    measured = (stats.n_batches, sum(size * count for size, count in stats.batch_sizes.items()))
-    if seen[0] >= measured[0] and seen[1] >= measured[1]:
-        return stats, (0, 0)
-    shown = (max(seen[0], measured[0]), max(seen[1], measured[1]))
-    stats = dataclasses.replace(stats, batches_seen=shown[0], samples_seen=shown[1])
-    return stats, (seen[0] - shown[0], seen[1] - shown[1])
 
 
 def _ratio(hook: float, model: float) -> float:
@@ -1657,6 +1732,16 @@ def _forward_running(model: nn.Module, also: CodeType | None = None) -> bool:
 _whole_graph_warned = False
 """Once per process: dynamo calls :func:`_whole_graph` once per hook, and compiles the root's
 hooks as frames of their own."""
+_whole_graphs = 0
+"""Hooks :func:`_whole_graph` left out of whole graphs in this process (at trace time): a
+monitor whose model then ran and reached no layer knows why (:meth:`Monitor._check_reached`)
+instead of blaming a graph reused from another instance."""
+_WHOLE_GRAPH_WARNING = (
+    "torch.compile(fullgraph=True) of a watched model: the hooks cannot run inside a whole "
+    "graph, so the compiled model's forwards are not measured (with alerts on, no_data says "
+    "so). Compile without fullgraph=True to keep watching: the hooks then run eagerly between "
+    "graphs"
+)
 
 
 def _whole_graph() -> bool:
@@ -1668,7 +1753,7 @@ def _whole_graph() -> bool:
     :func:`_eager`: the result is a constant of the graph), never at run time.  It reads the
     tracer's private state; on a torch where that is not found the answer is "no", and such a
     compile fails on the hooks as it did before."""
-    global _whole_graph_warned
+    global _whole_graph_warned, _whole_graphs
     try:
         from torch._dynamo.symbolic_convert import InstructionTranslator
 
@@ -1676,14 +1761,11 @@ def _whole_graph() -> bool:
         whole = bool(tx.one_graph or getattr(tx, "error_on_graph_break", False))
     except Exception:  # private API: fall back to the graph break
         return False
-    if whole and not _whole_graph_warned:
-        _whole_graph_warned = True
-        logger.warning(
-            "bnwatch: torch.compile(fullgraph=True) of a watched model: the hooks cannot run "
-            "inside a whole graph, so the compiled model's forwards are not measured (with "
-            "alerts on, no_data says so). Compile without fullgraph=True to keep watching: "
-            "the hooks then run eagerly between graphs"
-        )
+    if whole:
+        _whole_graphs += 1
+        if not _whole_graph_warned:
+            _whole_graph_warned = True
+            logger.warning("bnwatch: %s", _WHOLE_GRAPH_WARNING)
     return whole
 
 

@@ -666,6 +666,37 @@ def test_train_mode_reports_batch_stat_mode_and_mutated_running_stats() -> None:
     assert not reports["1"].batch_stat_mode and not reports["1"].running_stats_mutated
 
 
+def test_watching_a_model_in_training_mode_warns_once_naming_the_layers(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A model left in ``train()`` normalizes by batch statistics and rewrites its running
+    statistics: only the reports' ``batch_stat_mode`` said so, which a user without a store
+    never reads.  Layers that ignore the mode (frozen) or always normalize by batch
+    (``track_running_stats=False``) are not named: ``eval()`` would not change them."""
+    wide = nn.Sequential(*(nn.BatchNorm1d(4) for _ in range(7)))
+    with caplog.at_level(logging.WARNING, logger="bnwatch"):
+        mon = full_watch(wide.train())
+        for _ in range(2):
+            wide(torch.randn(8, 4))
+        mon.close()
+    warned = [r.getMessage() for r in caplog.records if "training mode" in r.getMessage()]
+    assert len(warned) == 1, warned
+    assert "7 of the 7 watched BatchNorm layers" in warned[0]
+    assert "(0, 1, 2, 3, 4 and 2 more)" in warned[0] and "model.eval()" in warned[0]
+    caplog.clear()
+    mixed = nn.Sequential(
+        nn.BatchNorm1d(4).eval(), nn.BatchNorm1d(4, track_running_stats=False), nn.BatchNorm1d(4)
+    )
+    mixed[2].train()
+    with caplog.at_level(logging.WARNING, logger="bnwatch"):
+        full_watch(mixed).close()
+        full_watch(small_cnn().eval()).close()
+        full_watch(nn.Sequential(nn.BatchNorm1d(4, track_running_stats=False)).train()).close()
+    warned = [r.getMessage() for r in caplog.records if "training mode" in r.getMessage()]
+    assert len(warned) == 1 and "1 of the 3 watched BatchNorm layers" in warned[0], warned
+    assert "(2)" in warned[0]
+
+
 def test_running_reference_is_the_attach_snapshot() -> None:
     model = small_cnn().eval()
     bn = model[1]  # type: ignore[index]
@@ -854,6 +885,47 @@ def test_a_whole_graph_compile_after_watch_works_and_is_not_measured(
     model(xs[0])
     assert {k: r.n_batches for k, r in mon.flush().items()} == {"1": 1, "3.1": 1, "7": 1}
     mon.close()
+
+
+@pytest.mark.parametrize("warned_before", [False, True])
+def test_a_whole_graph_compile_of_a_model_class_of_its_own_is_diagnosed_once(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, warned_before: bool
+) -> None:
+    """For a model class of its own, the root's hooks run outside a ``fullgraph=True`` graph
+    (the layer hooks are left out of it): the monitor counted its forwards as measured
+    (``forwards_measured=2``, nothing measured), and at the window's close warned a second
+    time, that a graph compiled for another instance before ``watch()`` was reused -- none
+    was, and its advice (``skip_nnmodule_hook_guards``) was wrong.  When the process's one
+    fullgraph warning was given for another model before, the close says it for this one."""
+    torch.compiler.reset()
+    monkeypatch.setattr("bnwatch.capture.monitor._whole_graph_warned", warned_before)
+    try:
+        model = _Net().eval()
+        x = inputs(1)[0]
+        with caplog.at_level(logging.WARNING, logger="bnwatch"), torch.no_grad():
+            mon = full_watch(model)
+            compiled = torch.compile(model, fullgraph=True)
+            compiled(x)
+            compiled(x)
+            assert mon.flush() == {}
+            compiled(x)
+            mon.flush()
+        messages = [r.getMessage() for r in caplog.records]
+        assert sum("fullgraph=True" in m for m in messages) == 1, messages
+        assert not any("skip_nnmodule_hook_guards" in m for m in messages), messages
+        if warned_before:
+            assert any("2 forwards of model ran" in m and "fullgraph" in m for m in messages)
+        stats = mon.stats()
+        assert (stats.forwards, stats.forwards_measured) == (3, 0)
+        model(x)  # the uncompiled model is measured, and counted so
+        assert {k: r.n_batches for k, r in mon.close().items()} == {
+            "body.1": 1,
+            "body.3.1": 1,
+            "body.7": 1,
+        }
+        assert mon.stats().forwards_measured == 1
+    finally:
+        torch.compiler.reset()  # this class's graphs have no hooks: not for later tests
 
 
 @pytest.mark.parametrize("strict", [False, True])
@@ -1054,6 +1126,45 @@ def test_a_forward_in_flight_as_a_window_closes_is_seen_where_it_is_measured(
             assert w[name].stats.batches_seen >= w[name].n_batches
             assert w[name].stats.samples_seen >= w[name].n_samples
         assert [w[name].stats.batches_seen for w in windows if w] == [2, 1]
+
+
+def test_a_forward_seen_before_a_window_closes_and_measured_after_is_counted_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A forward of another thread counted as seen just before the window read the counters,
+    and measured just after it collected the layers, was reported as seen in that window and,
+    as the next window measured more than it had counted, as seen in the next one too: that
+    window's seen count was raised to what it measured and the difference carried as a
+    negative count -- lost when the window was the last (close()), so the store's totals
+    over-counted (16,255 samples seen of 16,252 served, two serving threads)."""
+    model = small_cnn().eval()
+    mon = full_watch(model)
+    x = inputs(1)[0]
+    model(x)
+    acc = mon._accs[0]  # layer "1", the first a forward reaches
+    observe = acc.observe
+    inside, release = threading.Event(), threading.Event()
+
+    def observe_late(*args: Any, **kwargs: Any) -> None:
+        if threading.current_thread() is worker:
+            inside.set()  # counted as seen: the window closes before it is measured
+            release.wait(timeout=30)
+        observe(*args, **kwargs)
+
+    monkeypatch.setattr(acc, "observe", observe_late)
+    worker = threading.Thread(target=model, args=(x,))
+    worker.start()
+    assert inside.wait(timeout=30)
+    windows = [mon.flush()]
+    release.set()
+    worker.join(timeout=30)
+    windows.append(mon.close())
+    for name in ("1", "3.1", "7"):
+        for w in windows:
+            assert w[name].stats.batches_seen >= w[name].n_batches
+            assert w[name].stats.samples_seen >= w[name].n_samples
+        assert sum(w[name].stats.batches_seen for w in windows) == 2, name
+        assert sum(w[name].stats.samples_seen for w in windows) == 2 * len(x), name
 
 
 def test_profiling_a_watched_model_is_not_production_traffic() -> None:
@@ -1708,6 +1819,66 @@ def test_scripted_and_compiled_models_are_refused_with_the_way_out() -> None:
     with pytest.raises(ConfigError, match="_orig_mod"):
         bnwatch.recalibrate(compiled, [torch.randn(16, 3, 2, 2)])
     assert bnwatch.recalibrate(compiled._orig_mod, [torch.randn(16, 3, 2, 2)]).samples == 16
+
+
+def test_the_repr_of_a_monitor_without_timed_windows_reads_well() -> None:
+    mon = full_watch(small_cnn().eval())
+    assert "windows on flush()" in repr(mon) and "None" not in repr(mon)
+    mon.close()
+    mon = bnwatch.watch(small_cnn().eval(), window_seconds=30)
+    assert repr(mon).endswith("3 BatchNorm layers, window 30 s>")
+    mon.close()
+
+
+def test_a_model_compiled_in_place_is_refused_with_a_way_out_that_exists() -> None:
+    """``model.compile()`` compiles the module itself: the advice to pass "an
+    OptimizedModule's _orig_mod" named a module that does not exist there."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Sequential(nn.BatchNorm2d(4))).eval()
+    model.compile()
+    with pytest.raises(ConfigError, match=r"model\.compile\(\) compiled it in place") as err:
+        bnwatch.watch(model)
+    assert "_orig_mod" not in str(err.value)
+    part = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Sequential(nn.BatchNorm2d(4))).eval()
+    part[1].compile()
+    with pytest.raises(ConfigError, match=r"model\.1\.compile\(\) compiled it in place"):
+        bnwatch.recalibrate(part, [torch.randn(16, 3, 2, 2)])
+
+
+def test_a_model_on_the_meta_device_is_refused_with_how_to_materialize_it() -> None:
+    """``watch()`` of a model built on the meta device raised torch's ``Tensor.item() cannot
+    be called on meta tensors`` from inside the monitor."""
+    with torch.device("meta"):
+        model = small_cnn().eval()
+    with pytest.raises(ConfigError, match="meta device") as err:
+        bnwatch.watch(model)
+    assert "'1'" in str(err.value) and "to_empty" in str(err.value)
+    with pytest.raises(ConfigError, match="meta device"):
+        bnwatch.profile(model, [torch.randn(4, 3, 8, 8)])
+    model.to_empty(device="cpu").load_state_dict(small_cnn().state_dict())
+    mon = full_watch(model)  # materialized: watched
+    model(inputs(1)[0])
+    assert set(mon.close()) == {"1", "3.1", "7"}
+
+
+def test_the_metrics_url_says_which_port_metrics_port_0_picked(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    model = small_cnn().eval()
+    with caplog.at_level(logging.INFO, logger="bnwatch"):
+        mon = full_watch(model, metrics_port=0)
+    url = mon.metrics_url
+    assert url is not None and re.fullmatch(r"http://127\.0\.0\.1:\d+/metrics", url), url
+    assert not url.endswith(":0/metrics")
+    assert any(url in r.getMessage() for r in caplog.records if r.levelno == logging.INFO)
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=10) as response:
+        assert b"bnwatch_" in response.read()
+    mon.close()
+    assert mon.metrics_url is None
+    plain = full_watch(model)
+    assert plain.metrics_url is None
+    plain.close()
 
 
 def test_layers_replaced_after_watch_are_named_and_watch_again_takes_over(
