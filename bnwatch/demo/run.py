@@ -488,7 +488,7 @@ class _Target:
         """(id, kind, layer, state) of every alert of the demo's model version, oldest
         first."""
         if self.service:
-            answer = self._get("/api/v1/alerts", model=MODEL_NAME, version=version)
+            answer = self._get_pages("/api/v1/alerts", model=MODEL_NAME, version=version)
             rows = [(int(a["id"]), str(a["kind"]), a.get("layer"), str(a["state"])) for a in answer]
         else:
             infos = self.repository.alerts(model=MODEL_NAME, version=version)
@@ -527,6 +527,21 @@ class _Target:
         except httpx.HTTPError as err:
             raise DemoStoreError(f"reading {path} from {self.url} failed: {err}") from err
         return answer.json()
+
+    def _get_pages(self, path: str, **params: str) -> list[Any]:
+        """Every page of a paged list (``GET /api/v1/alerts``), following its ``Link``
+        headers (``rel="next"``)."""
+        rows: list[Any] = []
+        url: str | None = f"{self.url}{path}"
+        while url is not None:
+            try:
+                answer = httpx.get(url, params=params or None, timeout=10.0)
+                answer.raise_for_status()
+            except httpx.HTTPError as err:
+                raise DemoStoreError(f"reading {path} from {self.url} failed: {err}") from err
+            rows += answer.json()
+            url, params = answer.links.get("next", {}).get("url"), {}
+        return rows
 
 
 def _replace_database(tmp: Path, final: Path) -> None:

@@ -237,6 +237,11 @@ class Alert(Base):
             postgresql_where=text("kind = 'no_data' AND state = 'open'"),
             sqlite_where=text("kind = 'no_data' AND state = 'open'"),
         ),
+        # the newest alert of each layer and kind (the alert engine, at every stored batch),
+        # and the alerts of a model version; and the list of alerts, newest first, a page at
+        # a time (migration 0010)
+        Index("ix_alerts_newest", "model_id", "layer_id", "kind", "id"),
+        Index("ix_alerts_opened", "opened_at", "id"),
     )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True)

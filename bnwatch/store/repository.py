@@ -486,6 +486,55 @@ class WindowPage:
     next: WindowKey | None = None
 
 
+@dataclass(frozen=True, order=True)
+class NewestKey:
+    """Where an alert or a recalibration stands in its list, newest first -- its time
+    (``opened_at``, ``created_at``), then its id, both descending -- and so the cursor of a
+    page of them: the next page holds the rows after (older than) this one.  :meth:`token`
+    writes it as text (``time-in-µs.id``, URL-safe), :meth:`parse` reads it back."""
+
+    at: datetime
+    id: int
+
+    def token(self) -> str:
+        micros = (as_utc(self.at) - _EPOCH) // timedelta(microseconds=1)
+        return f"{micros}.{self.id}"
+
+    @classmethod
+    def parse(cls, token: str) -> NewestKey:
+        """The key :meth:`token` wrote; :class:`ValueError` for any other text."""
+        parts = token.split(".")
+        if len(parts) != 2 or not all(_KEY_PART.fullmatch(p) for p in parts):
+            raise ValueError(f"{token!r} is not a list key (time.id)")
+        micros, row_id = (int(p) for p in parts)
+        if not -(2**63) <= row_id < 2**63:  # the column's range (SQLite: a 500 beyond it)
+            raise ValueError(f"{token!r} is not a list key: its id is out of range")
+        try:
+            at = _EPOCH + timedelta(microseconds=micros)
+        except OverflowError:
+            raise ValueError(f"{token!r} is not a list key: its time is out of range") from None
+        return cls(at, row_id)
+
+
+@dataclass(frozen=True, eq=False)
+class AlertPage:
+    """Alerts in the order of :meth:`Repository.alerts` (newest first), at most as many as
+    asked for; ``next`` is the key to pass as ``after`` for the alerts that follow (``None``:
+    there are none)."""
+
+    alerts: list[AlertInfo]
+    next: NewestKey | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class RecalibrationPage:
+    """Recalibrations in the order of :meth:`Repository.recalibrations` (newest first), at
+    most as many as asked for; ``next`` as :class:`AlertPage`'s."""
+
+    recalibrations: list[RecalibrationInfo]
+    next: NewestKey | None = None
+
+
 @dataclass(frozen=True, eq=False)
 class StoredReservoir:
     """A reservoir of one layer's per-sample channel means, read from the store.
@@ -2581,9 +2630,36 @@ class Repository:
         version: str | None = None,
         state: str | None = None,
         alert_id: int | None = None,
+        acknowledged: bool | None = None,
     ) -> list[AlertInfo]:
-        """Alerts, newest first, optionally of one model version and state (or the one alert
-        ``alert_id``)."""
+        """Alerts, newest first (by ``opened_at``, then id), optionally of one model version
+        and state (or the one alert ``alert_id``); ``acknowledged``: only those whose
+        ``acknowledged_at`` is set (``True``) or not (``False``).  All of them: a page at a
+        time is :meth:`alert_page`."""
+        return self.alert_page(
+            model=model,
+            version=version,
+            state=state,
+            alert_id=alert_id,
+            acknowledged=acknowledged,
+        ).alerts
+
+    def alert_page(
+        self,
+        *,
+        model: str | None = None,
+        version: str | None = None,
+        state: str | None = None,
+        alert_id: int | None = None,
+        acknowledged: bool | None = None,
+        limit: int | None = None,
+        after: NewestKey | None = None,
+    ) -> AlertPage:
+        """:meth:`alerts`, at most ``limit`` of them (``None``: all), from the first after
+        the key ``after`` on (keyset pagination on ``opened_at`` and id, newest first); the
+        page's ``next`` is the ``after`` of the next page."""
+        if limit is not None:
+            check_positive_int("limit", limit)
         with Session(self.engine) as conn:
             query = (
                 sa.select(Alert, Model, Layer.name)
@@ -2598,8 +2674,19 @@ class Repository:
                 query = query.where(Alert.state == state)
             if alert_id is not None:
                 query = query.where(Alert.id == alert_id)
-            rows = conn.execute(query.order_by(Alert.opened_at.desc(), Alert.id.desc())).all()
-        return [
+            if acknowledged is not None:
+                query = query.where(
+                    Alert.acknowledged_at.is_not(None)
+                    if acknowledged
+                    else Alert.acknowledged_at.is_(None)
+                )
+            if after is not None:
+                query = query.where(_older(Alert.opened_at, Alert.id, after))
+            query = query.order_by(Alert.opened_at.desc(), Alert.id.desc())
+            rows = conn.execute(query if limit is None else query.limit(limit + 1)).all()
+        more = limit is not None and len(rows) > limit
+        rows = rows[:limit] if more else rows
+        alerts = [
             AlertInfo(
                 id=a.id,
                 model=m.name,
@@ -2615,6 +2702,8 @@ class Repository:
             )
             for a, m, lname in rows
         ]
+        last = alerts[-1] if more else None
+        return AlertPage(alerts, NewestKey(last.opened_at, last.id) if last else None)
 
     def acknowledge_alert(self, alert_id: int) -> bool:
         """Mark an alert as seen by a person (it stays open until its condition clears).
@@ -2671,15 +2760,37 @@ class Repository:
     def recalibrations(
         self, *, model: str | None = None, version: str | None = None
     ) -> list[RecalibrationInfo]:
-        """Recalibrations, newest first."""
+        """Recalibrations, newest first (by ``created_at``, then id).  All of them: a page at
+        a time is :meth:`recalibration_page`."""
+        return self.recalibration_page(model=model, version=version).recalibrations
+
+    def recalibration_page(
+        self,
+        *,
+        model: str | None = None,
+        version: str | None = None,
+        limit: int | None = None,
+        after: NewestKey | None = None,
+    ) -> RecalibrationPage:
+        """:meth:`recalibrations`, at most ``limit`` of them (``None``: all), from the first
+        after the key ``after`` on (keyset pagination on ``created_at`` and id, newest first);
+        the page's ``next`` is the ``after`` of the next page."""
+        if limit is not None:
+            check_positive_int("limit", limit)
         query = _recalibration_select()
         if model is not None:
             query = query.where(Model.name == model)
         if version is not None:
             query = query.where(Model.version == version)
+        if after is not None:
+            query = query.where(_older(Recalibration.created_at, Recalibration.id, after))
+        query = query.order_by(Recalibration.created_at.desc(), Recalibration.id.desc())
         with self.engine.connect() as conn:
-            rows = conn.execute(query.order_by(Recalibration.created_at.desc())).all()
-        return [_recalibration_of(row) for row in rows]
+            rows = conn.execute(query if limit is None else query.limit(limit + 1)).all()
+        more = limit is not None and len(rows) > limit
+        page = [_recalibration_of(row) for row in (rows[:limit] if more else rows)]
+        last = page[-1] if more else None
+        return RecalibrationPage(page, NewestKey(last.created_at, last.id) if last else None)
 
 
 def _json_outcome(outcome: Mapping[str, Any]) -> dict[str, Any]:
@@ -3485,6 +3596,13 @@ class _Page:
             return WindowPage([w for _, w in self.items])
         shown = self.items[: self.limit]
         return WindowPage([w for _, w in shown], shown[-1][0])
+
+
+def _older(at: Any, row_id: Any, key: NewestKey) -> Any:
+    """The rows after ``key`` in the order newest first (time, then id, both descending) --
+    spelled out, as :func:`_after`."""
+    time = _to_utc(key.at)
+    return sa.or_(at < time, sa.and_(at == time, row_id < key.id))
 
 
 def _after(key: WindowKey) -> Any:

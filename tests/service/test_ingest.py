@@ -491,3 +491,57 @@ def test_a_window_overflowing_the_totals_is_refused_and_the_next_ones_stored(
     assert post(client, mon.body(1)).json() == {"received": 1, "stored": 1, "duplicates": 0}
     samples = {t.layer: t.measured_samples for t in Repository(engine).totals()}
     assert samples == {t.layer: 2 * t.measured_samples for t in totals}
+
+
+@pytest.mark.parametrize("path", [ENDPOINT, "/api/v1/profiles", "/api/v1/recalibrations/1/outcome"])
+def test_a_client_gone_mid_body_is_one_info_line_not_a_500(
+    client: TestClient, engine: Engine, caplog: pytest.LogCaptureFixture, path: str
+) -> None:
+    """A sender that disconnects while its body streams in (its timeout, a dropped
+    connection) was answered 500 and logged as two ERROR tracebacks (the catch-all handler's
+    and the server's) for each such request: Starlette's ``ClientDisconnect`` reached the
+    catch-all handler.  Now it is one INFO line, nothing is stored, and the answer (which no
+    client reads) is a 400 of the documented shape."""
+    head = b'{"schema_version": 1, "windows": [' + b" " * 1000
+    events: list[dict[str, Any]] = [
+        {"type": "http.request", "body": head, "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return events.pop(0) if events else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope: dict[str, Any] = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [
+            (b"host", b"testserver"),
+            (b"authorization", AUTH["Authorization"].encode()),
+            (b"content-type", b"application/json"),
+            (b"content-length", b"100000"),
+        ],
+        "client": ("127.0.0.1", 5000),
+        "server": ("testserver", 80),
+        "state": {},
+    }
+    assert client.portal is not None
+    with caplog.at_level(logging.DEBUG):
+        client.portal.call(client.app, scope, receive, send)  # type: ignore[call-arg, arg-type]
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+    (line,) = [r for r in caplog.records if "disconnected" in r.getMessage()]
+    assert line.levelno == logging.INFO and line.exc_info is None
+    assert path in line.getMessage()
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 400
+    assert json.loads(sent[1]["body"])["error"]["message"].startswith("the client disconnected")
+    assert row_counts(engine)["windows"] == 0

@@ -18,7 +18,9 @@ import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from sqlalchemy.orm import Session
 
+from bnwatch.alerts import AlertEngine
 from bnwatch.cli import main
 from bnwatch.drift import DriftConfig
 from bnwatch.store.engine import SchemaError, create_engine
@@ -215,6 +217,77 @@ def test_0009_counts_the_windows_stored_before_totals_and_sources_existed(db_url
         assert {t.layer: t.windows for t in Repository(engine).totals()} == {
             t.layer: 4 for t in want_totals
         }
+    finally:
+        engine.dispose()
+
+
+def _alert_indexes(engine: sa.Engine) -> set[str]:
+    return {str(ix["name"]) for ix in sa.inspect(engine).get_indexes("alerts")}
+
+
+def test_0010_indexes_alerts_and_downgrades(db_url: str) -> None:
+    """The alerts table had only partial indexes (of open alerts): 0010 adds one for the newest
+    alert of each layer and kind and one for the list newest first; down and up again."""
+    engine = engine_for(db_url)
+    try:
+        assert {"ix_alerts_newest", "ix_alerts_opened"} <= _alert_indexes(engine)
+        downgrade(engine, "0009")
+        assert not {"ix_alerts_newest", "ix_alerts_opened"} & _alert_indexes(engine)
+        upgrade(engine)
+        assert {"ix_alerts_newest", "ix_alerts_opened"} <= _alert_indexes(engine)
+    finally:
+        engine.dispose()
+
+
+def test_postgres_reads_a_long_alert_history_by_its_indexes(postgres_url: str) -> None:
+    """A year of alerts of one model version (here 24,000): the alert engine's look-up of the
+    newest alert of each layer and kind, at every stored batch, read all of them (no index on
+    ``model_id``), as did each page of ``GET /api/v1/alerts`` (sorted whole).  The plans of
+    the statements the code runs now use 0010's indexes, and read no table in full."""
+    engine = engine_for(postgres_url)
+    try:
+        repo = Repository(engine)
+        repo.write_windows(record_windows(1))
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text(
+                    "INSERT INTO alerts (model_id, layer_id, kind, state, opened_at, "
+                    "last_seen_at, resolved_at, values) "
+                    "SELECT l.model_id, l.id, k.kind, 'resolved', "
+                    "now() - (g || ' minutes')::interval, now(), now(), "
+                    "json_build_object('window_end', now()::text) "
+                    "FROM layers l, (VALUES ('drift'), ('batch_stat_mode')) k(kind), "
+                    "generate_series(1, 4000) g"
+                )
+            )
+            conn.execute(sa.text("ANALYZE"))
+            model_id = conn.execute(sa.text("SELECT id FROM models")).scalar_one()
+        statements: list[tuple[str, Any]] = []
+
+        def seen(conn: Any, cursor: Any, statement: str, params: Any, *args: Any) -> None:
+            if "alerts" in statement:
+                statements.append((statement, params))
+
+        sa.event.listen(engine, "before_cursor_execute", seen)
+        with Session(engine) as session:
+            judged = AlertEngine._judged(session, model_id)
+        page = repo.alert_page(model="cnn", limit=10)
+        repo.alert_page(limit=10, after=page.next)
+        sa.event.remove(engine, "before_cursor_execute", seen)
+        assert len(judged) == 6 and len(page.alerts) == 10  # 3 layers x 2 kinds
+        plans = []
+        with engine.connect() as conn:
+            raw = conn.connection.dbapi_connection
+            assert raw is not None
+            for statement, params in statements:
+                cursor = raw.cursor()
+                cursor.execute("EXPLAIN " + statement, params)
+                plans.append("\n".join(row[0] for row in cursor.fetchall()))
+                cursor.close()
+        assert len(plans) == 3  # the newest alerts (one statement); two pages
+        assert "ix_alerts_newest" in plans[0]
+        assert all("ix_alerts_opened" in plan for plan in plans[1:])
+        assert not any("Seq Scan on alerts" in plan for plan in plans), plans
     finally:
         engine.dispose()
 

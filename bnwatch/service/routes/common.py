@@ -1,15 +1,20 @@
-"""Parameters and answers shared by the routes, and the request bodies of ingest (JSON,
-uncompressed, bounded: :func:`check_content_type`, :func:`read_body`)."""
+"""Parameters and answers shared by the routes -- among them the paging of lists (``limit``,
+and a ``Link`` header whose ``rel="next"`` URL carries a keyset cursor, ``after=``) -- and the
+request bodies of ingest (JSON, uncompressed, bounded: :func:`check_content_type`,
+:func:`read_body`)."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any
+from urllib.parse import quote
 
-from fastapi import Path, Request
+from fastapi import Path, Query, Request, Response
 from pydantic import StringConstraints
+from starlette.datastructures import URL
 
 from bnwatch.service.errors import ApiError, ErrorResponse
 from bnwatch.service.settings import MAX_BODY_ENV
+from bnwatch.store.repository import NewestKey
 
 _NO_NUL = r"^[^\x00]+$"
 _JSON_TYPES = ("application/json",)
@@ -36,6 +41,79 @@ def not_found(model: str, version: str) -> ApiError:
 def error_response(description: str) -> dict[str, Any]:
     """An error answer of the OpenAPI ``responses`` of a route."""
     return {"model": ErrorResponse, "description": description}
+
+
+MAX_LIST_PAGE = 1000
+"""Most alerts or recalibrations one answer of ``GET /api/v1/alerts`` or ``GET
+/api/v1/recalibrations`` holds (``limit``'s default and maximum, as for windows): a long
+history -- a year of alerts of a 60-layer model, 300,000 of them -- was read, built and
+serialized in one answer (145 MB, a minute); the ``Link`` header gives the next page."""
+
+PageLimit = Annotated[
+    int,
+    Query(
+        ge=1,
+        le=MAX_LIST_PAGE,
+        description=f"at most this many (at most {MAX_LIST_PAGE:,}, the default); the Link "
+        'header (rel="next") gives the next page',
+    ),
+]
+PageAfter = Annotated[
+    str | None,
+    Query(
+        max_length=100,
+        description='where the page begins: set by the Link header\'s rel="next" URL (a '
+        "cursor, not a time)",
+    ),
+]
+
+
+def paged_answer(description: str) -> dict[str, Any]:
+    """The 200 answer of the OpenAPI ``responses`` of a paged list, with its ``Link`` header."""
+    return {
+        "description": description,
+        "headers": {
+            "Link": {
+                "description": '<URL>; rel="next": the next page (absent on the last)',
+                "schema": {"type": "string"},
+            }
+        },
+    }
+
+
+def newest_key(after: str | None) -> NewestKey | None:
+    """The cursor ``after=`` of a list newest first (422 for text no ``Link`` header wrote)."""
+    if after is None:
+        return None
+    try:
+        return NewestKey.parse(after)
+    except ValueError:
+        raise ApiError(
+            422,
+            "after: not a cursor of this endpoint: take the next page's URL from the Link "
+            'header (rel="next") of the previous answer',
+            field="after",
+        ) from None
+
+
+def this_url(request: Request) -> URL:
+    """The request's URL with its path parameters percent-encoded again.
+
+    ``request.url`` holds the *decoded* path: a version ``p%32`` would come back as ``p2``
+    (another version), a space would make the URL invalid and a non-Latin-1 name could not be
+    sent in a header at all."""
+    route = request.scope["route"]
+    quoted = {name: quote(str(value), safe="") for name, value in request.path_params.items()}
+    path = request.scope.get("root_path", "") + route.url_path_for(route.name, **quoted)
+    return request.url.replace(path=path)
+
+
+def link_next(request: Request, response: Response, after: str | None) -> None:
+    """Set the answer's ``Link: <URL>; rel="next"`` header: the same query with ``after=``
+    set to ``after``, the next page's cursor (no header for ``None``: the last page)."""
+    if after is not None:
+        following = this_url(request).include_query_params(after=after)
+        response.headers["Link"] = f'<{following}>; rel="next"'
 
 
 def ingest_responses(body: str) -> dict[int | str, dict[str, Any]]:

@@ -8,13 +8,24 @@ import functools
 from typing import Annotated, Any
 
 import anyio
-from fastapi import APIRouter, Path, Query, Request
+from fastapi import APIRouter, Path, Query, Request, Response
 
 from bnwatch.errors import RecalibrationNotFoundError
 from bnwatch.service.deps import Authorized, RepositoryDep, StateDep
 from bnwatch.service.errors import ApiError
 from bnwatch.service.ingest import ingest_outcome
-from bnwatch.service.routes.common import Text, check_content_type, error_response, read_body
+from bnwatch.service.routes.common import (
+    MAX_LIST_PAGE,
+    PageAfter,
+    PageLimit,
+    Text,
+    check_content_type,
+    error_response,
+    link_next,
+    newest_key,
+    paged_answer,
+    read_body,
+)
 from bnwatch.service.schemas import RecalibrationPublic
 from bnwatch.service.settings import MAX_BODY_ENV
 from bnwatch.wire import outcome_body
@@ -37,18 +48,34 @@ RecalibrationId = Annotated[
 
 
 @router.get(
-    "/api/v1/recalibrations", response_model=list[RecalibrationPublic], summary="Recalibrations"
+    "/api/v1/recalibrations",
+    response_model=list[RecalibrationPublic],
+    summary="Recalibrations (a page at a time)",
+    responses={
+        200: paged_answer("the page's recalibrations"),
+        422: error_response("invalid parameter"),
+    },
 )
 def list_recalibrations(
+    request: Request,
+    response: Response,
     repository: RepositoryDep,
     model: Annotated[Text | None, Query(description="only this model")] = None,
     version: Annotated[Text | None, Query(description="only this version")] = None,
+    limit: PageLimit = MAX_LIST_PAGE,
+    after: PageAfter = None,
 ) -> list[RecalibrationPublic]:
-    """Recalibrations, newest first (an unknown model or version gives an empty list)."""
-    return [
-        RecalibrationPublic.of(info)
-        for info in repository.recalibrations(model=model, version=version)
-    ]
+    """Recalibrations, newest first (by ``created_at``, then id), at most ``limit`` (1,000)
+    per answer (an unknown model or version gives an empty list).
+
+    When more follow, the answer has a ``Link: <URL>; rel="next"`` header: the same query
+    with ``after=`` set to a cursor (the last recalibration's place in that order), as for
+    ``GET /api/v1/alerts``.
+    """
+    cursor = newest_key(after)
+    page = repository.recalibration_page(model=model, version=version, limit=limit, after=cursor)
+    link_next(request, response, page.next.token() if page.next is not None else None)
+    return [RecalibrationPublic.of(info) for info in page.recalibrations]
 
 
 @router.get(

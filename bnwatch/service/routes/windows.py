@@ -6,13 +6,11 @@ import base64
 import re
 from datetime import datetime, timedelta, timezone
 from typing import Annotated, Any
-from urllib.parse import quote
 
 import anyio
 import numpy as np
 from fastapi import APIRouter, Query, Request, Response
 from pydantic import AwareDatetime, BeforeValidator
-from starlette.datastructures import URL
 
 from bnwatch.codec import encode_arrays, encode_moments
 from bnwatch.schema import SCHEMA_VERSION
@@ -27,6 +25,7 @@ from bnwatch.service.routes.common import (
     ingest_responses,
     not_found,
     read_body,
+    this_url,
 )
 from bnwatch.service.schemas import WindowPublic
 from bnwatch.stats import ChannelMoments
@@ -171,18 +170,6 @@ def _check_exists(repository: Repository, model: str, version: str, layer: str |
         )
 
 
-def _this_url(request: Request) -> URL:
-    """The request's URL with its path parameters percent-encoded again.
-
-    ``request.url`` holds the *decoded* path: a version ``p%32`` would come back as ``p2``
-    (another version), a space would make the URL invalid and a non-Latin-1 name could not be
-    sent in a header at all."""
-    route = request.scope["route"]
-    quoted = {name: quote(str(value), safe="") for name, value in request.path_params.items()}
-    path = request.scope.get("root_path", "") + route.url_path_for(route.name, **quoted)
-    return request.url.replace(path=path)
-
-
 def _cursor(after: str | None) -> WindowKey | None:
     if after is None:
         return None
@@ -298,7 +285,7 @@ def list_windows(
     except KeyError:  # the model version was deleted meanwhile
         raise not_found(model, version) from None
     if page.next is not None:
-        following = _this_url(request).include_query_params(after=page.next.token())
+        following = this_url(request).include_query_params(after=page.next.token())
         response.headers["Link"] = f'<{following}>; rel="next"'
     return [WindowPublic.of(w, with_stats=stats) for w in page.windows]
 
