@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import socket
 import threading
 import time
@@ -137,6 +138,69 @@ def test_a_webhook_answered_too_late_is_sent_once_and_left_pending_for_its_recei
     # the receiver carried it out and reports: accepted
     repo.finish_recalibration(rid, status="rejected", outcome={"by": "receiver"})
     assert repo.recalibration(rid).status == "rejected"
+
+
+def test_a_receiver_that_reported_then_answered_5xx_gets_the_event_once(
+    repo: Repository, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A receiver reports how the recalibration ended, then its HTTP answer is a 5xx (a proxy
+    timing out, a crash after the report).  The webhook was sent again twice -- the receiver
+    got the event of a recalibration it had decided three times, its later reports refused --
+    and :meth:`Trigger.run` raised ``RecalibrationStateError`` although the store was right.
+    Now a retry first asks whether the recalibration is still pending: sent once, and the
+    receiver's decision stands, said at INFO."""
+    received: list[int] = []
+
+    class Reporting(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            event = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            received.append(event["recalibration_id"])
+            repo.finish_recalibration(
+                event["recalibration_id"], status="rejected", outcome={"by": "receiver"}
+            )
+            self.send_response(502)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server, url = start_server(Reporting)
+    try:
+        trigger = Trigger(
+            WebhookAction(url, "s3cret", attempts=3), TriggerPolicy(cooldown_seconds=0)
+        )
+        with caplog.at_level(logging.DEBUG, logger="bnwatch"):
+            ((rid, outcome),) = trigger.on_alerts(repo, [drift_alert()])
+    finally:
+        stop_server(server)
+    assert received == [rid]  # once: not re-sent after the receiver's report
+    assert (outcome.status, outcome.details["by"]) == ("rejected", "receiver")
+    rec = repo.recalibration(rid)
+    assert rec.status == "rejected" and rec.outcome is not None and rec.outcome["by"] == "receiver"
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+    (said,) = [r for r in caplog.records if "decided elsewhere" in r.getMessage()]
+    assert said.levelno == logging.INFO and said.exc_info is None
+
+
+def test_an_action_whose_recalibration_was_decided_meanwhile_keeps_that_decision(
+    repo: Repository, caplog: pytest.LogCaptureFixture
+) -> None:
+    """In process too: a callback whose recalibration someone else finished while it ran
+    (``bnwatch recalibrate --recalibration ID``) is not recorded, and nothing is raised."""
+
+    def meanwhile(event: TriggerEvent) -> Outcome:
+        assert event.still_pending is not None and event.still_pending()
+        repo.finish_recalibration(event.recalibration_id, status="failed", outcome={"by": "hand"})
+        assert not event.still_pending()
+        return Outcome("applied", {"by": "callback"})
+
+    trigger = Trigger(CallbackAction(meanwhile), TriggerPolicy(cooldown_seconds=0))
+    with caplog.at_level(logging.INFO, logger="bnwatch"):
+        ((rid, outcome),) = trigger.on_alerts(repo, [drift_alert()])
+    assert outcome.status == "failed" and outcome.details["by"] == "hand"
+    assert repo.recalibration(rid).status == "failed"
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert "decided elsewhere meanwhile (failed" in caplog.text
 
 
 def test_a_webhook_whose_receiver_cannot_be_reached_is_retried_and_failed() -> None:

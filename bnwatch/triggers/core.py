@@ -8,6 +8,7 @@ it); the in-process :class:`~bnwatch.triggers.recalibrate.RecalibrateAction` liv
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import hmac
 import json
@@ -17,7 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -56,6 +57,11 @@ class TriggerEvent:
     <bnwatch.store.repository.Repository.request_recalibration>`): ``method`` is the method asked
     for, and the alert (``alert_id``, ``kind``, ``layer``, ``values``) is the one the request
     names -- ``alert_id`` ``None`` and ``kind`` ``"request"`` when it names none.
+
+    ``still_pending``, set by :meth:`Trigger.run`, says whether the recalibration is still
+    ``pending`` in the store now: an action that would act again (a webhook's retry) asks it
+    first, since a receiver may have reported how it ended meanwhile.  ``None`` when the
+    event is not run by a trigger; it is not part of :meth:`to_json`.
     """
 
     recalibration_id: int
@@ -67,6 +73,7 @@ class TriggerEvent:
     values: Mapping[str, Any]
     requested: bool = False
     method: str | None = None
+    still_pending: Callable[[], bool] | None = field(default=None, compare=False, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         alert = None
@@ -209,7 +216,10 @@ class WebhookAction:
     5xx.  A request that was sent but not answered in time (or whose connection broke before
     the answer) is never sent again -- the receiver may have it and act on it -- and stays
     ``pending`` with a note saying so: the receiver's report finishes it as usual.  Anything
-    else (a 3xx, a 4xx) fails it.
+    else (a 3xx, a 4xx) fails it.  Before each retry the action asks the event whether the
+    recalibration is still pending (:attr:`TriggerEvent.still_pending`): a receiver that
+    reported how it ended and then answered 5xx (a proxy's timeout, a crash after its report)
+    is not sent the event again.
     """
 
     def __init__(self, url: str, secret: str, *, timeout: float = 10.0, attempts: int = 3):
@@ -227,6 +237,17 @@ class WebhookAction:
         delay = 0.5
         last: str = ""
         for attempt in range(self.attempts):
+            if attempt > 0 and event.still_pending is not None and not event.still_pending():
+                # decided meanwhile (the receiver reported, then answered 5xx): the store keeps
+                # that decision, and the receiver must not get the event again
+                return Outcome(
+                    "failed",
+                    {
+                        "webhook": self.url,
+                        "error": last,
+                        "note": "not sent again: the recalibration was decided meanwhile",
+                    },
+                )
             headers = {
                 "Content-Type": "application/json",
                 "X-Bnwatch-Signature": sign(body, self._secret, int(time.time())),
@@ -585,8 +606,16 @@ class Trigger:
         is left as claimed -- :meth:`Repository.fail_abandoned_claims
         <bnwatch.store.repository.Repository.fail_abandoned_claims>` (run by
         :meth:`claim_open`) records it failed once it is older than
-        :data:`~bnwatch.store.repository.ABANDONED_CLAIM_SECONDS`."""
+        :data:`~bnwatch.store.repository.ABANDONED_CLAIM_SECONDS`.
+
+        A recalibration decided elsewhere while the action ran (its receiver's report, ``bnwatch
+        recalibrate --recalibration ID``) keeps that decision: the action's outcome is not
+        recorded (an applied in-process result is rolled back), the fact is logged at INFO, and
+        the stored outcome is returned.  The action learns it too, through the event's
+        :attr:`~TriggerEvent.still_pending` (a webhook does not retry then)."""
         rid = event.recalibration_id
+        if event.still_pending is None:
+            event = replace(event, still_pending=functools.partial(_still_pending, repository, rid))
         outcome: Outcome | None = None
         try:
             outcome = self.action(event)
@@ -603,11 +632,15 @@ class Trigger:
             repository.finish_recalibration(
                 rid, status=outcome.status, outcome=dict(outcome.details), buffers=buffers
             )
-        except (RecalibrationStateError, RecalibrationNotFoundError):
-            # decided elsewhere (or deleted) meanwhile: nothing of this action to record, and
-            # no statistics of it to keep in the model
+        except RecalibrationNotFoundError:
+            # deleted meanwhile (its model version): no statistics of it to keep in the model
             _roll_back(outcome, rid)
             raise
+        except RecalibrationStateError as err:
+            # decided elsewhere meanwhile: nothing of this action to record, and no statistics
+            # of it to keep in the model
+            _roll_back(outcome, rid)
+            return _decided_elsewhere(repository, event, err, outcome)
         except Exception as err:
             logger.exception("bnwatch: recalibration trigger %d failed", rid)
             details: dict[str, Any] = {"error": f"{type(err).__name__}: {err}"}
@@ -615,7 +648,10 @@ class Trigger:
             if rolled_back is not None:
                 details["rolled_back"] = rolled_back
             outcome = Outcome("failed", details)
-            repository.finish_recalibration(rid, status="failed", outcome=dict(outcome.details))
+            try:
+                repository.finish_recalibration(rid, status="failed", outcome=dict(outcome.details))
+            except RecalibrationStateError as decided:
+                return _decided_elsewhere(repository, event, decided, outcome)
         logger.warning(
             "bnwatch: recalibration %d of %s@%s (%s alert): %s",
             rid,
@@ -625,6 +661,44 @@ class Trigger:
             outcome.status,
         )
         return outcome
+
+
+def _still_pending(repository: Repository, rid: int) -> bool:
+    """Whether the recalibration ``rid`` is still ``pending`` in the store (``True`` when the
+    store cannot say: the action then does what it did before it could ask)."""
+    try:
+        return repository.recalibration(rid).status == "pending"
+    except RecalibrationNotFoundError:
+        return False
+    except Exception as err:
+        logger.debug("bnwatch: reading recalibration %d's status failed: %s", rid, err)
+        return True
+
+
+def _decided_elsewhere(
+    repository: Repository,
+    event: TriggerEvent,
+    err: RecalibrationStateError,
+    outcome: Outcome | None,
+) -> Outcome:
+    """The stored outcome of a recalibration decided while its action ran, logged at INFO: a
+    benign race (a receiver that reported, then answered 5xx), not an error."""
+    logger.info(
+        "bnwatch: recalibration %d of %s@%s (%s alert) was decided elsewhere meanwhile (%s, "
+        "e.g. its receiver's report): that decision stands; this trigger's outcome (%s) is not "
+        "recorded",
+        event.recalibration_id,
+        event.model,
+        event.version,
+        event.kind,
+        err.status,
+        outcome.status if outcome is not None else "none",
+    )
+    try:
+        stored = repository.recalibration(event.recalibration_id)
+    except Exception:
+        return Outcome(err.status)
+    return Outcome(stored.status, dict(stored.outcome or {}))
 
 
 def _roll_back(outcome: Outcome | None, rid: int) -> str | None:

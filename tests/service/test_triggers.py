@@ -7,8 +7,11 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
+from http.server import BaseHTTPRequestHandler
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -26,7 +29,7 @@ from bnwatch.store.repository import RecalibrationInfo, Repository
 from bnwatch.triggers import Trigger, TriggerPolicy, WebhookAction, verify_signature
 from tests.export.helpers import check_exposition
 from tests.service.helpers import AUTH, ENDPOINT, TOKEN, Monitor
-from tests.service.webhook import Receiver, wait_for
+from tests.service.webhook import Receiver, start_server, stop_server, wait_for
 from tests.store.rows import add_alerts
 
 SECRET = "webhook-s3cret-for-tests"
@@ -126,6 +129,46 @@ def test_a_failing_webhook_marks_the_recalibration_failed(
         assert len(receiver.received) == 3  # every attempt made, none more
     finally:
         receiver.close()
+
+
+def test_a_receiver_that_reported_then_answered_5xx_is_not_an_error(
+    make_app: Callable[..., FastAPI], engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The receiver reports its outcome, then answers the webhook 502: the worker sent the
+    event twice more and logged "recording the outcome of recalibration N failed" at ERROR
+    with a traceback, although the stored status was the receiver's.  Now: sent once, the
+    report stands, one INFO line."""
+    received: list[int] = []
+
+    class Reporting(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            event = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            received.append(event["recalibration_id"])
+            Repository(engine).finish_recalibration(
+                event["recalibration_id"], status="rejected", outcome={"why": "no better"}
+            )
+            self.send_response(502)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server, url = start_server(Reporting)
+    try:
+        mon = Monitor()
+        with caplog.at_level(logging.INFO), TestClient(drift_app(make_app, url)) as client:
+            assert client.post(ENDPOINT, json=mon.body(6), headers=AUTH).status_code == 200
+            answer = client.post(ENDPOINT, json=mon.body(6, shift=3.0), headers=AUTH)
+            assert answer.status_code == 200
+            wait_for(lambda: "decided elsewhere" in caplog.text, "the worker's INFO line")
+            time.sleep(2.0)  # the retries' backoff (0.5 s, 1 s): none is sent
+        (rec,) = recalibrations(engine)
+    finally:
+        stop_server(server)
+    assert received == [rec.id]
+    assert rec.status == "rejected" and rec.outcome is not None
+    assert rec.outcome["why"] == "no better"
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
 def test_without_a_webhook_there_are_no_triggers(
