@@ -28,6 +28,7 @@ from sqlalchemy import (
     MetaData,
     String,
     UniqueConstraint,
+    false,
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -164,6 +165,28 @@ class Window(Base):
     small_batch_mismatch: Mapped[bool] = mapped_column(Boolean)
     batch_noise_d: Mapped[float | None] = mapped_column(Float)
     batch_noise_log_r: Mapped[float | None] = mapped_column(Float)
+    # a rollup whose merged windows' uids are in ``compacted_windows`` (made since migration
+    # 0011): a late window is refused only if its uid is there.  False for raw windows and for
+    # rollups made before, whose windows left no uid: any window ending in one is refused.
+    merged_uids: Mapped[bool] = mapped_column(Boolean, server_default=false())
+
+
+class CompactedWindow(Base):
+    """The uid of a window that compaction merged into a rollup -- one row per window (all
+    its layers share the uid), written in the transaction that merged it -- so that a
+    re-delivery of it is refused while a late window that was never stored is kept
+    (:meth:`Repository._not_stored <bnwatch.store.repository.Repository._not_stored>`).
+    ``end`` is the end of the rollup holding it (moved on when that rollup is merged into a
+    coarser one): retention deletes the row with the rollup."""
+
+    __tablename__ = "compacted_windows"
+    __table_args__ = (Index("ix_compacted_windows_end", "end"),)
+
+    model_id: Mapped[int] = mapped_column(
+        ForeignKey("models.id", ondelete="CASCADE"), primary_key=True
+    )
+    uid: Mapped[str] = mapped_column(String(32), primary_key=True)
+    end: Mapped[datetime]
 
 
 class LayerTotal(Base):

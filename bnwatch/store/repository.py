@@ -77,6 +77,7 @@ from bnwatch.stats import (
 from bnwatch.store.engine import lock_for_writing
 from bnwatch.store.models import (
     Alert,
+    CompactedWindow,
     Layer,
     LayerTotal,
     Model,
@@ -156,7 +157,9 @@ class ChannelMismatchError(ShapeError):
 
 
 class UnstorableWindowError(BnwatchError, ValueError):
-    """A window the store cannot hold although its record is well formed: a start or end
+    """A window the store cannot hold although its record is well formed: a model name,
+    version, source, uid, layer name or kind longer than its column (``VARCHAR(n)``, which
+    SQLite would store and PostgreSQL refuse), a start or end
     outside the times the store's bucket arithmetic handles, a batch-size histogram whose
     batches hold more samples than a window may (it would overflow the layer's running
     totals).  The same rules as the wire format's (:func:`bnwatch.wire.time_problem`,
@@ -164,7 +167,8 @@ class UnstorableWindowError(BnwatchError, ValueError):
     the same process (the :class:`~bnwatch.store.writer.StoreSink`) rather than through the
     service.  Raised before anything is written.
 
-    Attributes: ``index`` (which record of the batch), ``field`` (``start``, ``end`` or
+    Attributes: ``index`` (which record of the batch), ``field`` (``model``, ``version``,
+    ``source``, ``uid``, ``layers.<layer>``, ``start``, ``end`` or
     ``layers.<layer>.batch_sizes``), ``uid``.
     """
 
@@ -177,10 +181,41 @@ class UnstorableWindowError(BnwatchError, ValueError):
         )
 
 
+_LENGTH_LIMITS: tuple[tuple[str, str, Any], ...] = (
+    ("model", "model name", Model.name),
+    ("version", "model version", Model.version),
+    ("source", "source", Window.source),
+    ("uid", "uid", Window.uid),
+)
+"""Text fields of a record and the columns that hold them: their lengths are the limits."""
+
+
+def _too_long(what: str, value: str, column: Any) -> str | None:
+    """Why ``value`` does not fit ``column`` (``VARCHAR(n)``: PostgreSQL refuses a longer one,
+    SQLite stores it -- a store then holds what the other refuses), or ``None``."""
+    limit = int(column.type.length)
+    if len(value) <= limit:
+        return None
+    return (
+        f"{what} is {len(value)} characters long; the store holds at most {limit}: "
+        f"shorten the {what}"
+    )
+
+
 def check_storable(records: Sequence[WindowRecord]) -> None:
     """Raise :class:`UnstorableWindowError` for the first of ``records`` the store cannot
     hold (see there); cheap: no array is read."""
     for index, record in enumerate(records):
+        for field_name, what, column in _LENGTH_LIMITS:
+            problem = _too_long(what, getattr(record, field_name), column)
+            if problem is not None:
+                raise UnstorableWindowError(index, record, field_name, problem)
+        for name, report in record.reports.items():
+            problem = _too_long("layer name", name, Layer.name) or _too_long(
+                "layer kind", report.kind, Layer.kind
+            )
+            if problem is not None:
+                raise UnstorableWindowError(index, record, f"layers.{name}", problem)
         for name in ("start", "end"):
             problem = time_problem(name, getattr(record, name))
             if problem is not None:
@@ -687,6 +722,17 @@ class _Ids:
     by_identity: dict[tuple[int, str, int], tuple[int, object]] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class WrittenWindows:
+    """What :meth:`Repository.store_windows` did: ``windows`` stored, ``duplicates`` (the
+    other records: already stored or merged, repeated in the batch, or stored by a concurrent
+    writer) and the layer ``rows`` inserted."""
+
+    windows: int
+    duplicates: int
+    rows: int
+
+
 # --------------------------------------------------------------------------------------------
 # The repository
 # --------------------------------------------------------------------------------------------
@@ -712,8 +758,16 @@ class Repository:
             UnstorableWindowError: a record the store cannot hold (:func:`check_storable`;
                 ``index`` too); nothing is written.
         """
+        return self.store_windows(records).rows
+
+    def store_windows(self, records: Sequence[WindowRecord]) -> WrittenWindows:
+        """:meth:`write_windows`, telling windows from rows: how many of ``records`` this
+        transaction stored (claimed), the rest being duplicates -- stored before, merged by
+        compaction, repeated in ``records``, or stored meanwhile by a concurrent writer.  What
+        a writer that counts windows needs (rows / layers is wrong when records differ in
+        their layers).  Raises what :meth:`write_windows` raises."""
         if not records:
-            return 0
+            return WrittenWindows(0, 0, 0)
         check_storable(records)
         new = _Ids()
         with self.engine.begin() as conn:
@@ -772,7 +826,7 @@ class Repository:
         self._ids.by_identity.update(new.by_identity)
         while len(self._ids.by_identity) > IDENTITY_CACHE:  # the oldest go first
             del self._ids.by_identity[next(iter(self._ids.by_identity))]
-        return inserted
+        return WrittenWindows(len(mine), len(records) - len(mine), inserted)
 
     @staticmethod
     def _not_stored(
@@ -780,10 +834,14 @@ class Repository:
     ) -> list[tuple[WindowRecord, int, dict[str, int]]]:
         """The records whose windows are not stored yet (a retried delivery is a no-op).
 
-        A window is stored when its uid is, or -- once compaction merged it away -- when a
-        rolled-up window of its layer and source covers its end: a re-delivery that late (a
+        A window is stored when its uid is, or -- once compaction merged it away -- when
+        compaction recorded its uid (``compacted_windows``): a re-delivery that late (a
         spooled batch whose answer was lost, sent again after a restart) would otherwise count
-        its samples twice.
+        its samples twice.  A window never stored whose end falls in a rollup (spooled during
+        an outage, delivered after its hour was compacted) is new: it is stored raw, and the
+        next compaction merges it into that rollup.  Rollups made before migration 0011 left
+        no uids (``merged_uids`` false): a window ending in one of its layer and source is
+        taken for one merged into it, as it was then.
         """
         layer_ids = {i for _, _, ids in resolved for i in ids.values()}
         uids = {r.uid for r, _, _ in resolved}
@@ -796,12 +854,22 @@ class Repository:
                 .distinct()
             ).scalars()
         )
+        model_ids = {model_id for _, model_id, _ in resolved}
+        merged = {
+            (int(model_id), str(uid))
+            for model_id, uid in conn.execute(
+                sa.select(CompactedWindow.model_id, CompactedWindow.uid).where(
+                    CompactedWindow.model_id.in_(model_ids), CompactedWindow.uid.in_(uids)
+                )
+            )
+        }
         ends = [_to_utc(r.end) for r, _, _ in resolved]
         rolled: dict[tuple[int, str], list[tuple[datetime, datetime]]] = defaultdict(list)
         for layer_id, source, start, end in conn.execute(
             sa.select(Window.layer_id, Window.source, Window.start, Window.end).where(
                 Window.layer_id.in_(layer_ids),
                 Window.resolution_seconds > 0,
+                Window.merged_uids.is_(False),  # made before 0011: no uids to tell by
                 Window.end >= min(ends),
                 Window.start < max(ends),
             )
@@ -820,7 +888,12 @@ class Repository:
         out = []
         for item in resolved:
             uid = item[0].uid
-            if uid not in stored and uid not in seen and not compacted(item[0], item[2]):
+            if (
+                uid not in stored
+                and uid not in seen
+                and (item[1], uid) not in merged
+                and not compacted(item[0], item[2])
+            ):
                 seen.add(uid)
                 out.append(item)
         return out

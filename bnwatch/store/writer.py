@@ -5,15 +5,16 @@ queue, or -- when the queue is full -- drops it and counts it (``dropped``), nev
 A daemon thread takes up to ``batch_size`` windows at a time and stores them in one
 transaction.  A database that is down at start or goes away mid-run is retried with
 exponential backoff and logged; inference is unaffected.  A window the database refuses for
-good -- a value that does not fit its column (a name longer than 200 characters, an integer
-out of range), a constraint it breaks, a channel count that differs from the stored layer's,
-what the repository refuses before writing (:class:`UnstorableWindowError`: a time out of
+good -- a value that does not fit its column (an integer out of range), a constraint it
+breaks, a channel count that differs from the stored layer's, what the repository refuses
+before writing (:class:`UnstorableWindowError`: a name longer than its column, a time out of
 range, more measured samples than a window may hold) -- is not retried: a batch it is in is
 split in halves, each stored in a transaction of its own, down to the windows refused, which
 are counted as ``rejected`` and logged one by one; every other window of the batch is
 stored.  ``close()`` drains the queue (waiting at most ``timeout`` seconds), so a clean
 shutdown loses nothing; whatever is still undelivered when the timeout expires is counted as
-dropped and logged, and so is a window written after ``close()``.
+dropped and logged, and so is a window written after ``close()``.  A window the store had
+already (written twice, delivered again) is counted as a duplicate, not as written.
 """
 
 from __future__ import annotations
@@ -98,9 +99,12 @@ def _reason(err: BaseException) -> str:
 
 @dataclass(frozen=True)
 class WriterStats:
-    """What the writer has done: windows written, queued, dropped (queue full, not delivered
-    by close, or written after it), rejected (refused for good: a channel-count mismatch, a
-    value the database cannot hold), failed attempts (the database away; 0 once it is back)."""
+    """What the writer has done: windows written (stored by it), duplicates (delivered but
+    stored already: a window written twice, a re-delivery of one stored or compacted, one a
+    concurrent writer stored first -- ``written + duplicates`` counts every window
+    delivered, as the HTTP sink's do), queued, dropped (queue full, not delivered by close,
+    or written after it), rejected (refused for good: a channel-count mismatch, a value the
+    database cannot hold), failed attempts (the database away; 0 once it is back)."""
 
     written: int
     queued: int
@@ -108,6 +112,7 @@ class WriterStats:
     rejected: int
     failures: int
     last_error: str | None
+    duplicates: int = 0
 
 
 class StoreSink:
@@ -153,6 +158,7 @@ class StoreSink:
         self._repo: Repository | None = None
         self._lock = threading.Lock()
         self._written = 0
+        self._duplicates = 0
         self._dropped = 0
         self._rejected = 0
         self._failures = 0
@@ -227,6 +233,7 @@ class StoreSink:
                 rejected=self._rejected,
                 failures=self._failures,
                 last_error=self._last_error,
+                duplicates=self._duplicates,
             )
 
     def flush(self, timeout: float = 30.0) -> bool:
@@ -372,7 +379,7 @@ class StoreSink:
         while parts:
             part = parts[0]
             try:
-                self._repo.write_windows(part)
+                done = self._repo.store_windows(part)
             except (ChannelMismatchError, UnstorableWindowError) as err:
                 index = getattr(err, "index", 0)
                 parts[0] = part[:index] + part[index + 1 :]
@@ -393,8 +400,9 @@ class StoreSink:
                     self._done(1)
                 continue
             parts.popleft()
-            with self._lock:
-                self._written += len(part)
+            with self._lock:  # what the store claimed: a duplicate was not written
+                self._written += done.windows
+                self._duplicates += done.duplicates
                 if self._failures:
                     logger.info("bnwatch: the store at %s is back", redacted(self.url))
                     self._failures = 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import uuid
 from datetime import timedelta
 from pathlib import Path
 
@@ -210,7 +211,7 @@ def test_the_alerts_table_shows_versions_whole(
         for r in record_windows(2, name="digits-cnn", version=versions[0])
     ]
     for version in versions:
-        records = [dataclasses.replace(r, version=version, uid=f"{version}-{r.uid}") for r in first]
+        records = [dataclasses.replace(r, version=version, uid=uuid.uuid4().hex) for r in first]
         Repository(engine).write_windows(records)
     engine.dispose()
     assert main(["alerts", "--db", url, "--evaluate"]) == 0

@@ -26,7 +26,7 @@ from sqlalchemy.exc import (
 import bnwatch
 from bnwatch.schema import WindowRecord
 from bnwatch.store.migrate import engine_for
-from bnwatch.store.repository import Repository, moments_equal
+from bnwatch.store.repository import Repository, WrittenWindows, moments_equal
 from bnwatch.store.writer import StoreSink, WriterStats
 from tests.store.helpers import batches, record_windows, renamed, small_cnn
 
@@ -296,15 +296,15 @@ def poisoning(
     batch holding a window whose uid is in ``poisoned``; returns the sizes of the batches
     attempted."""
     attempts: list[int] = []
-    write_windows = Repository.write_windows
+    store_windows = Repository.store_windows  # what the sink calls
 
-    def refusing(self: Repository, records: Sequence[WindowRecord]) -> int:
+    def refusing(self: Repository, records: Sequence[WindowRecord]) -> WrittenWindows:
         attempts.append(len(records))
         if any(r.uid in poisoned for r in records):
             raise error("INSERT INTO windows ...", None, Exception("the value does not fit"))
-        return write_windows(self, records)
+        return store_windows(self, records)
 
-    monkeypatch.setattr(Repository, "write_windows", refusing)
+    monkeypatch.setattr(Repository, "store_windows", refusing)
     return attempts
 
 
@@ -378,14 +378,14 @@ def test_a_database_error_that_is_not_the_windows_fault_is_retried(
     url = f"sqlite:///{tmp_path / 'bnwatch.db'}"
     records = record_windows(3)
     failing = [True]
-    write_windows = Repository.write_windows
+    store_windows = Repository.store_windows  # what the sink calls
 
-    def flaky(self: Repository, records: Sequence[WindowRecord]) -> int:
+    def flaky(self: Repository, records: Sequence[WindowRecord]) -> WrittenWindows:
         if failing[0]:
             raise error("INSERT INTO windows ...", None, Exception("the database is away"))
-        return write_windows(self, records)
+        return store_windows(self, records)
 
-    monkeypatch.setattr(Repository, "write_windows", flaky)
+    monkeypatch.setattr(Repository, "store_windows", flaky)
     sink = StoreSink(url, retry_initial=0.05, retry_max=0.2)
     for record in records:
         sink.write(record)
@@ -400,8 +400,9 @@ def test_a_database_error_that_is_not_the_windows_fault_is_retried(
 def test_windows_postgresql_refuses_are_rejected_whole_and_the_rest_stored(
     postgres_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Real refusals: a model name longer than VARCHAR(200) (StringDataRightTruncation) and a
-    count of non-finite values past what the column holds (NumericValueOutOfRange; 2**63 is
+    """Refusals: a model name longer than VARCHAR(200) (PostgreSQL's StringDataRightTruncation
+    before the store checked lengths: now refused before writing, as on SQLite) and a real one,
+    a count of non-finite values past what the column holds (NumericValueOutOfRange; 2**63 is
     past BIGINT too), the latter in a window of a new model, refused once its model and layer
     rows are in: the transaction leaves none of them behind.  The windows around them are
     stored whole."""
@@ -415,7 +416,7 @@ def test_windows_postgresql_refuses_are_rejected_whole_and_the_rest_stored(
         stats = write_settled(postgres_url, stream, batch_size=8)
     assert (stats.written, stats.rejected, stats.dropped, stats.failures) == (6, 2, 0, 0)
     assert stored_uids(postgres_url) == {r.uid: 3 for r in good}
-    for record, error in [(long_name, "StringDataRightTruncation"), (overflow, "OutOfRange")]:
+    for record, error in [(long_name, "model name is 201 characters"), (overflow, "OutOfRange")]:
         (message,) = [m for m in caplog.messages if record.uid in m]
         assert error in message
     engine = engine_for(postgres_url)
