@@ -9,7 +9,7 @@ layer and kind; ``ix_alerts_opened`` (opened_at, id) reads a page of the list in
 
 Revision ID: 0010
 Revises: 0009
-Create Date: 2026-12-20 10:00:00.000000
+Create Date: 2026-12-08 00:20:00.000000
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ rollups.
 
 Revision ID: 0011
 Revises: 0010
-Create Date: 2026-12-21 10:00:00.000000
+Create Date: 2026-12-08 00:30:00.000000
 """
 
 from __future__ import annotations
