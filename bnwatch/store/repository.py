@@ -484,8 +484,7 @@ class WindowKey:
     id: int = 0
 
     def token(self) -> str:
-        micros = (as_utc(self.end) - _EPOCH) // timedelta(microseconds=1)
-        return f"{self.depth}.{self.layer_id}.{micros}.{self.id}"
+        return f"{self.depth}.{self.layer_id}.{_micros(self.end)}.{self.id}"
 
     @classmethod
     def parse(cls, token: str) -> WindowKey:
@@ -501,14 +500,23 @@ class WindowKey:
             and -(2**63) <= window_id < 2**63
         ):
             raise ValueError(f"{token!r} is not a window key: a part is out of range")
-        try:
-            end = _EPOCH + timedelta(microseconds=micros)
-        except OverflowError:
-            raise ValueError(f"{token!r} is not a window key: its time is out of range") from None
-        return cls(depth, layer_id, end, window_id)
+        return cls(depth, layer_id, _from_micros(micros, token, "a window key"), window_id)
 
 
 _KEY_PART = re.compile(r"-?[0-9]{1,19}")
+
+
+def _micros(at: datetime) -> int:
+    """A cursor's time: microseconds since the epoch (exact, unlike a float)."""
+    return (as_utc(at) - _EPOCH) // timedelta(microseconds=1)
+
+
+def _from_micros(micros: int, token: str, what: str) -> datetime:
+    """The time :func:`_micros` wrote in ``token``; :class:`ValueError` if out of range."""
+    try:
+        return _EPOCH + timedelta(microseconds=micros)
+    except OverflowError:
+        raise ValueError(f"{token!r} is not {what}: its time is out of range") from None
 
 
 @dataclass(frozen=True, eq=False)
@@ -532,8 +540,7 @@ class NewestKey:
     id: int
 
     def token(self) -> str:
-        micros = (as_utc(self.at) - _EPOCH) // timedelta(microseconds=1)
-        return f"{micros}.{self.id}"
+        return f"{_micros(self.at)}.{self.id}"
 
     @classmethod
     def parse(cls, token: str) -> NewestKey:
@@ -544,11 +551,7 @@ class NewestKey:
         micros, row_id = (int(p) for p in parts)
         if not -(2**63) <= row_id < 2**63:  # the column's range (SQLite: a 500 beyond it)
             raise ValueError(f"{token!r} is not a list key: its id is out of range")
-        try:
-            at = _EPOCH + timedelta(microseconds=micros)
-        except OverflowError:
-            raise ValueError(f"{token!r} is not a list key: its time is out of range") from None
-        return cls(at, row_id)
+        return cls(_from_micros(micros, token, "a list key"), row_id)
 
 
 @dataclass(frozen=True, eq=False)

@@ -14,10 +14,11 @@ from bnwatch.service.routes.common import (
     Text,
     error_response,
     link_next,
-    newest_key,
     paged_answer,
+    parse_cursor,
 )
 from bnwatch.service.schemas import AlertPublic, AlertState
+from bnwatch.store.repository import NewestKey
 
 router = APIRouter(tags=["alerts"])
 
@@ -57,7 +58,7 @@ def list_alerts(
     ``acknowledged`` is not a stored state (acknowledging an alert sets ``acknowledged_at``
     and leaves it open): it selects the open alerts whose ``acknowledged_at`` is set.
     """
-    cursor = newest_key(after)
+    cursor = parse_cursor(after, NewestKey.parse)
     page = repository.alert_page(
         model=model,
         version=version,

@@ -5,7 +5,8 @@ request bodies of ingest (JSON, uncompressed, bounded: :func:`check_content_type
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
 from urllib.parse import quote
 
 from fastapi import Path, Query, Request, Response
@@ -14,7 +15,8 @@ from starlette.datastructures import URL
 
 from bnwatch.service.errors import ApiError, ErrorResponse
 from bnwatch.service.settings import MAX_BODY_ENV
-from bnwatch.store.repository import NewestKey
+
+Key = TypeVar("Key")
 
 _NO_NUL = r"^[^\x00]+$"
 _JSON_TYPES = ("application/json",)
@@ -81,12 +83,13 @@ def paged_answer(description: str) -> dict[str, Any]:
     }
 
 
-def newest_key(after: str | None) -> NewestKey | None:
-    """The cursor ``after=`` of a list newest first (422 for text no ``Link`` header wrote)."""
+def parse_cursor(after: str | None, parse: Callable[[str], Key]) -> Key | None:
+    """The cursor ``after=`` of a paged list, read by ``parse`` (``WindowKey.parse``,
+    ``NewestKey.parse``); 422 for text no ``Link`` header wrote."""
     if after is None:
         return None
     try:
-        return NewestKey.parse(after)
+        return parse(after)
     except ValueError:
         raise ApiError(
             422,

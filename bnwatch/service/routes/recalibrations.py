@@ -22,12 +22,13 @@ from bnwatch.service.routes.common import (
     check_content_type,
     error_response,
     link_next,
-    newest_key,
     paged_answer,
+    parse_cursor,
     read_body,
 )
 from bnwatch.service.schemas import RecalibrationPublic
 from bnwatch.service.settings import MAX_BODY_ENV
+from bnwatch.store.repository import NewestKey
 from bnwatch.wire import outcome_body
 
 router = APIRouter(tags=["recalibrations"])
@@ -72,7 +73,7 @@ def list_recalibrations(
     with ``after=`` set to a cursor (the last recalibration's place in that order), as for
     ``GET /api/v1/alerts``.
     """
-    cursor = newest_key(after)
+    cursor = parse_cursor(after, NewestKey.parse)
     page = repository.recalibration_page(model=model, version=version, limit=limit, after=cursor)
     link_next(request, response, page.next.token() if page.next is not None else None)
     return [RecalibrationPublic.of(info) for info in page.recalibrations]

@@ -24,6 +24,7 @@ from bnwatch.service.routes.common import (
     error_response,
     ingest_responses,
     not_found,
+    parse_cursor,
     read_body,
     this_url,
 )
@@ -170,20 +171,6 @@ def _check_exists(repository: Repository, model: str, version: str, layer: str |
         )
 
 
-def _cursor(after: str | None) -> WindowKey | None:
-    if after is None:
-        return None
-    try:
-        return WindowKey.parse(after)
-    except ValueError:
-        raise ApiError(
-            422,
-            "after: not a cursor of this endpoint: take the next page's URL from the Link "
-            'header (rel="next") of the previous answer',
-            field="after",
-        ) from None
-
-
 @router.get(
     "/api/v1/models/{model}/versions/{version}/windows",
     response_model=list[WindowPublic],
@@ -261,7 +248,7 @@ def list_windows(
     start_utc, end_utc = _utc(start, "start"), _utc(end, "end")
     if start_utc is not None and end_utc is not None and end_utc <= start_utc:
         raise ApiError(422, "end: must be after start", field="end")
-    cursor = _cursor(after)
+    cursor = parse_cursor(after, WindowKey.parse)
     _check_exists(repository, model, version, layer)
     try:
         page = repository.window_page(
