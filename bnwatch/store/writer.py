@@ -86,6 +86,26 @@ def refused_by_database(err: SQLAlchemyError) -> bool:
     return False
 
 
+_NEEDS_A_FIX: tuple[tuple[tuple[str, ...], str], ...] = (
+    (('database "', "does not exist"), "create that database, or fix the URL's database name"),
+    (('role "', "does not exist"), "create that role, or fix the URL's user"),
+    (("password authentication failed",), "fix the URL's user or password"),
+    (("no password supplied",), "put the password in the URL or in ~/.pgpass"),
+    (("unable to open database file",), "the path must be a file this process can write"),
+    (("file is not a database",), "the URL names a file that is not a SQLite database"),
+    (("attempt to write a readonly database",), "the file and its folder must be writable"),
+)
+"""Database errors that no retry will cure until someone changes something: the retried
+window waits for that fix, so the log says what it is, at ERROR (others, a server restarting,
+a lock, are expected to pass)."""
+
+
+def _fix_for(message: str) -> str | None:
+    """What to change for a database error that waits on a fix (:data:`_NEEDS_A_FIX`)."""
+    lowered = message.lower()
+    return next((fix for texts, fix in _NEEDS_A_FIX if all(t in lowered for t in texts)), None)
+
+
 def _reason(err: BaseException) -> str:
     """What the database said, in one line: the driver's error and the first line of its
     message, without SQLAlchemy's statement and parameters (a window's arrays)."""
@@ -419,10 +439,13 @@ class StoreSink:
             failures = self._failures
             self._last_error = str(err).splitlines()[0] if str(err) else repr(err)
         if failures == 1 or failures % 10 == 0:
-            logger.warning(
-                "bnwatch: cannot store windows in %s (%s); retrying in %.1f s, %d queued",
+            fix = _fix_for(self._last_error)
+            logger.log(
+                logging.WARNING if fix is None else logging.ERROR,
+                "bnwatch: cannot store windows in %s (%s%s); retrying in %.1f s, %d queued",
                 redacted(self.url),
                 self._last_error,
+                "" if fix is None else f": {fix}",
                 backoff,
                 self._queue.qsize(),
             )

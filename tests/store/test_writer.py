@@ -177,14 +177,19 @@ def test_a_database_down_at_start_is_retried_until_it_comes(
         for r in records:
             sink.write(r)
         assert wait_for(lambda: sink.stats().failures >= 2)
-    assert any("cannot store windows" in r.getMessage() for r in caplog.records)
+    # an error that waits on someone's fix is an ERROR saying what it is
+    said = [r for r in caplog.records if "cannot store windows" in r.getMessage()]
+    assert said[0].levelno == logging.ERROR
+    assert "unable to open database file: the path must be a file" in said[0].getMessage()
     blocked.rmdir()  # the "database" comes up
     assert wait_for(lambda: sink.stats().written == 3)
     sink.close()
     assert stored(url) == 9
 
 
-def test_postgres_created_late_and_connections_killed_mid_run(postgres_url: str) -> None:
+def test_postgres_created_late_and_connections_killed_mid_run(
+    postgres_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
     admin = sa.create_engine(
         sa.make_url(postgres_url).set(database="postgres", drivername="postgresql+psycopg"),
         isolation_level="AUTOCOMMIT",
@@ -193,10 +198,14 @@ def test_postgres_created_late_and_connections_killed_mid_run(postgres_url: str)
     with admin.connect() as conn:
         conn.execute(sa.text(f'DROP DATABASE "{name}" WITH (FORCE)'))
     records = record_windows(1)
-    sink = StoreSink(postgres_url, retry_initial=0.05, retry_max=0.2, batch_size=4)
-    for _ in range(20):
-        sink.write(renamed(records[0]))
-    assert wait_for(lambda: sink.stats().failures >= 1)
+    with caplog.at_level(logging.WARNING, logger="bnwatch"):
+        sink = StoreSink(postgres_url, retry_initial=0.05, retry_max=0.2, batch_size=4)
+        for _ in range(20):
+            sink.write(renamed(records[0]))
+        assert wait_for(lambda: sink.stats().failures >= 1)
+    said = [r for r in caplog.records if "cannot store windows" in r.getMessage()]
+    assert said[0].levelno == logging.ERROR
+    assert "create that database, or fix the URL's database name" in said[0].getMessage()
     with admin.connect() as conn:
         conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
     assert wait_for(lambda: sink.stats().written == 20)
