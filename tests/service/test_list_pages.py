@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from bnwatch.service.routes.common import MAX_LIST_PAGE
+from bnwatch.service.routes.common import MAX_PAGE
 from bnwatch.store.models import Alert, Model, Recalibration
 from bnwatch.wire import batch_of
 from tests.service.helpers import AUTH, ENDPOINT, Monitor
@@ -86,7 +86,7 @@ def test_limit_is_honoured_and_the_link_header_gives_the_next_page(
     """``?limit=10`` was silently ignored; now the pages, walked, are the whole list in its
     order (newest first, then by id) -- with the filters kept from page to page."""
     everything = client.get(path).json()
-    assert len(everything) == 30 <= MAX_LIST_PAGE
+    assert len(everything) == 30 <= MAX_PAGE
     assert client.get(path).headers.get("link") is None
     keys = [(row[at], row["id"]) for row in everything]
     assert keys == sorted(keys, reverse=True)
@@ -124,7 +124,7 @@ def test_a_row_added_while_paging_shifts_nothing(
 
 @pytest.mark.parametrize("path", LISTS)
 def test_the_limit_and_the_cursor_are_checked(client: TestClient, stored: None, path: str) -> None:
-    for limit in ("0", str(MAX_LIST_PAGE + 1), "ten"):
+    for limit in ("0", str(MAX_PAGE + 1), "ten"):
         answer = client.get(path, params={"limit": limit})
         assert answer.status_code == 422
         assert answer.json()["error"]["field"] == "limit"
@@ -139,8 +139,8 @@ def test_the_limit_and_the_cursor_are_checked(client: TestClient, stored: None, 
 def test_the_openapi_description_tells_how_to_page(client: TestClient, path: str) -> None:
     schema = client.get("/openapi.json").json()["paths"][path]["get"]
     params = {p["name"]: p for p in schema["parameters"]}
-    assert params["limit"]["schema"]["maximum"] == MAX_LIST_PAGE
-    assert params["limit"]["schema"]["default"] == MAX_LIST_PAGE
+    assert params["limit"]["schema"]["maximum"] == MAX_PAGE
+    assert params["limit"]["schema"]["default"] == MAX_PAGE
     assert "after" in params
     assert "Link" in schema["responses"]["200"]["headers"]
     assert 'rel="next"' in schema["description"]

@@ -12,7 +12,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from bnwatch.service.routes.windows import MAX_PAGE
+from bnwatch.service.routes.common import MAX_PAGE
 from bnwatch.wire import batch_of
 from tests.service.helpers import AUTH, ENDPOINT, LAYERS, Monitor
 

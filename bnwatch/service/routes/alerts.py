@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query, Request, Response
 
 from bnwatch.service.deps import RepositoryDep
 from bnwatch.service.routes.common import (
-    MAX_LIST_PAGE,
+    MAX_PAGE,
     PageAfter,
     PageLimit,
     Text,
@@ -45,7 +45,7 @@ def list_alerts(
             "alerts a person has acknowledged: acknowledged_at is set)"
         ),
     ] = None,
-    limit: PageLimit = MAX_LIST_PAGE,
+    limit: PageLimit = MAX_PAGE,
     after: PageAfter = None,
 ) -> list[AlertPublic]:
     """Alerts, newest first (by ``opened_at``, then id), at most ``limit`` (1,000) per answer
@@ -67,5 +67,5 @@ def list_alerts(
         limit=limit,
         after=cursor,
     )
-    link_next(request, response, page.next.token() if page.next is not None else None)
+    link_next(request, response, page.next)
     return [AlertPublic.of(info) for info in page.alerts]

@@ -6,7 +6,7 @@ request bodies of ingest (JSON, uncompressed, bounded: :func:`check_content_type
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Protocol, TypeVar
 from urllib.parse import quote
 
 from fastapi import Path, Query, Request, Response
@@ -45,18 +45,19 @@ def error_response(description: str) -> dict[str, Any]:
     return {"model": ErrorResponse, "description": description}
 
 
-MAX_LIST_PAGE = 1000
-"""Most alerts or recalibrations one answer of ``GET /api/v1/alerts`` or ``GET
-/api/v1/recalibrations`` holds (``limit``'s default and maximum, as for windows): a long
-history -- a year of alerts of a 60-layer model, 300,000 of them -- was read, built and
-serialized in one answer (145 MB, a minute); the ``Link`` header gives the next page."""
+MAX_PAGE = 1000
+"""Most rows one answer of a paged list holds (``limit``'s default and maximum): windows --
+every answer is built in memory, and a window of a 2,048-channel layer with ``stats`` is 120 KB
+of JSON, a page of them peaks at 0.75 GB of server memory -- and alerts and recalibrations
+(a year of alerts of a 60-layer model, 300,000 of them, was one answer of 145 MB, a minute);
+the ``Link`` header gives the next page."""
 
 PageLimit = Annotated[
     int,
     Query(
         ge=1,
-        le=MAX_LIST_PAGE,
-        description=f"at most this many (at most {MAX_LIST_PAGE:,}, the default); the Link "
+        le=MAX_PAGE,
+        description=f"at most this many (at most {MAX_PAGE:,}, the default); the Link "
         'header (rel="next") gives the next page',
     ),
 ]
@@ -111,11 +112,15 @@ def this_url(request: Request) -> URL:
     return request.url.replace(path=path)
 
 
-def link_next(request: Request, response: Response, after: str | None) -> None:
+class _Cursor(Protocol):
+    def token(self) -> str: ...
+
+
+def link_next(request: Request, response: Response, after: _Cursor | None) -> None:
     """Set the answer's ``Link: <URL>; rel="next"`` header: the same query with ``after=``
-    set to ``after``, the next page's cursor (no header for ``None``: the last page)."""
+    set to the next page's cursor (no header for ``None``: the last page)."""
     if after is not None:
-        following = this_url(request).include_query_params(after=after)
+        following = this_url(request).include_query_params(after=after.token())
         response.headers["Link"] = f'<{following}>; rel="next"'
 
 

@@ -15,7 +15,7 @@ from bnwatch.service.deps import Authorized, RepositoryDep, StateDep
 from bnwatch.service.errors import ApiError
 from bnwatch.service.ingest import ingest_outcome
 from bnwatch.service.routes.common import (
-    MAX_LIST_PAGE,
+    MAX_PAGE,
     PageAfter,
     PageLimit,
     Text,
@@ -63,7 +63,7 @@ def list_recalibrations(
     repository: RepositoryDep,
     model: Annotated[Text | None, Query(description="only this model")] = None,
     version: Annotated[Text | None, Query(description="only this version")] = None,
-    limit: PageLimit = MAX_LIST_PAGE,
+    limit: PageLimit = MAX_PAGE,
     after: PageAfter = None,
 ) -> list[RecalibrationPublic]:
     """Recalibrations, newest first (by ``created_at``, then id), at most ``limit`` (1,000)
@@ -75,7 +75,7 @@ def list_recalibrations(
     """
     cursor = parse_cursor(after, NewestKey.parse)
     page = repository.recalibration_page(model=model, version=version, limit=limit, after=cursor)
-    link_next(request, response, page.next.token() if page.next is not None else None)
+    link_next(request, response, page.next)
     return [RecalibrationPublic.of(info) for info in page.recalibrations]
 
 

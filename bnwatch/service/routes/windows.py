@@ -17,16 +17,19 @@ from bnwatch.schema import SCHEMA_VERSION
 from bnwatch.service.deps import Authorized, RepositoryDep, SettingsDep, StateDep
 from bnwatch.service.errors import ApiError
 from bnwatch.service.routes.common import (
+    MAX_PAGE,
     ModelName,
+    PageAfter,
     Text,
     VersionName,
     check_content_type,
     error_response,
     ingest_responses,
+    link_next,
     not_found,
+    paged_answer,
     parse_cursor,
     read_body,
-    this_url,
 )
 from bnwatch.service.schemas import WindowPublic
 from bnwatch.stats import ChannelMoments
@@ -149,12 +152,6 @@ written ``%2B``)."""
 
 TIME_HELP = "(ISO 8601 with a zone: Z, or an offset with its + written %2B in a URL)"
 
-MAX_PAGE = 1000
-"""Most windows one answer of ``GET .../windows`` holds (``limit``'s default and maximum):
-every answer is built in memory -- a window of a 2,048-channel layer with ``stats`` is
-120 KB of JSON, a page of them peaks at 0.75 GB of server memory -- and the ``Link`` header
-gives the next page."""
-
 
 def _check_exists(repository: Repository, model: str, version: str, layer: str | None) -> None:
     """404 for an unknown model version or layer."""
@@ -176,15 +173,7 @@ def _check_exists(repository: Repository, model: str, version: str, layer: str |
     response_model=list[WindowPublic],
     summary="Windows of a model version (a page at a time)",
     responses={
-        200: {
-            "description": "the page's windows",
-            "headers": {
-                "Link": {
-                    "description": '<URL>; rel="next": the next page (absent on the last)',
-                    "schema": {"type": "string"},
-                }
-            },
-        },
+        200: paged_answer("the page's windows"),
         404: error_response("unknown model version or layer"),
         422: error_response("invalid parameter"),
     },
@@ -225,14 +214,7 @@ def list_windows(
             'Link header (rel="next") gives the next page',
         ),
     ] = MAX_PAGE,
-    after: Annotated[
-        str | None,
-        Query(
-            max_length=100,
-            description='where the page begins: set by the Link header\'s rel="next" URL '
-            "(a cursor, not a time)",
-        ),
-    ] = None,
+    after: PageAfter = None,
 ) -> list[WindowPublic]:
     """Windows whose end lies in ``[start, end)``, by layer depth, then time, at most ``limit``
     (1,000) per answer.
@@ -271,9 +253,7 @@ def list_windows(
         )
     except KeyError:  # the model version was deleted meanwhile
         raise not_found(model, version) from None
-    if page.next is not None:
-        following = this_url(request).include_query_params(after=page.next.token())
-        response.headers["Link"] = f'<{following}>; rel="next"'
+    link_next(request, response, page.next)
     return [WindowPublic.of(w, with_stats=stats) for w in page.windows]
 
 
