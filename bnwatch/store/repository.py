@@ -506,6 +506,15 @@ class WindowKey:
 _KEY_PART = re.compile(r"-?[0-9]{1,19}")
 
 
+def _one_page(conn: Connection | Session, query: Any, limit: int | None) -> tuple[list[Any], bool]:
+    """The rows of ``query``, at most ``limit`` (``None``: all), and whether more follow (one
+    row more is read to tell)."""
+    if limit is None:
+        return list(conn.execute(query).all()), False
+    rows = list(conn.execute(query.limit(limit + 1)).all())
+    return rows[:limit], len(rows) > limit
+
+
 def _micros(at: datetime) -> int:
     """A cursor's time: microseconds since the epoch (exact, unlike a float)."""
     return (as_utc(at) - _EPOCH) // timedelta(microseconds=1)
@@ -1963,9 +1972,7 @@ class Repository:
                 if after is not None:
                     query = query.where(_after(after))
                 query = query.order_by(Layer.depth, Layer.id, Window.end, Window.id)
-                rows = conn.execute(query if limit is None else query.limit(limit + 1)).all()
-                more = limit is not None and len(rows) > limit
-                rows = rows[:limit] if more else rows
+                rows, more = _one_page(conn, query, limit)
                 page = [self.to_stored(m, lr, w, keep) for w, lr in rows]
                 last = rows[-1] if more else None
                 return WindowPage(
@@ -2759,9 +2766,7 @@ class Repository:
             if after is not None:
                 query = query.where(_older(Alert.opened_at, Alert.id, after))
             query = query.order_by(Alert.opened_at.desc(), Alert.id.desc())
-            rows = conn.execute(query if limit is None else query.limit(limit + 1)).all()
-        more = limit is not None and len(rows) > limit
-        rows = rows[:limit] if more else rows
+            rows, more = _one_page(conn, query, limit)
         alerts = [
             AlertInfo(
                 id=a.id,
@@ -2862,9 +2867,8 @@ class Repository:
             query = query.where(_older(Recalibration.created_at, Recalibration.id, after))
         query = query.order_by(Recalibration.created_at.desc(), Recalibration.id.desc())
         with self.engine.connect() as conn:
-            rows = conn.execute(query if limit is None else query.limit(limit + 1)).all()
-        more = limit is not None and len(rows) > limit
-        page = [_recalibration_of(row) for row in (rows[:limit] if more else rows)]
+            rows, more = _one_page(conn, query, limit)
+        page = [_recalibration_of(row) for row in rows]
         last = page[-1] if more else None
         return RecalibrationPage(page, NewestKey(last.created_at, last.id) if last else None)
 
